@@ -1,0 +1,32 @@
+# The two Quick start commands of README.md live here; both bootstrap what they need.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+MODEL   ?= smollm2-135m
+PROMPT  ?= The capital of France is
+
+.PHONY: demo test venv models host-deps clean
+
+$(STAMP): pyproject.toml tools/bootstrap.sh
+	bash tools/bootstrap.sh $(PY) $(VENV)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/ukgpu models pull $(MODEL)
+
+host-deps:
+	bash tools/host_deps.sh
+
+# Command 1: the main job on the embedded default model.
+demo: $(STAMP) host-deps
+	$(BIN)/ukgpu demo -m $(MODEL) -p "$(PROMPT)"
+
+# Command 2: the whole test suite.
+test: $(STAMP) host-deps models
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""PCI enumeration, the VFIO ioctl layer, the CUDA driver layer and the CUDA backend."""

@@ -1,0 +1,1 @@
+"""GGUF loading, ggml quant formats, tokenizer and the CPU reference forward pass."""

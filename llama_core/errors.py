@@ -1,0 +1,24 @@
+"""Typed errors shared by every part of ukgpu.
+
+Each error's message says what went wrong *and* what to do about it.
+"""
+
+
+class UkgpuError(Exception):
+    """Base class: anything ukgpu raises on purpose."""
+
+
+class GGUFError(UkgpuError):
+    """A GGUF file is corrupt, truncated or uses something we do not support."""
+
+
+class TokenizerError(UkgpuError):
+    """The vocabulary in a GGUF file cannot be used."""
+
+
+class ModelNotFoundError(UkgpuError):
+    """A model name or path does not resolve to a file."""
+
+
+class PullError(UkgpuError):
+    """Fetching a registry-packaged model failed (network, hash, disk)."""

@@ -1,0 +1,1 @@
+"""GPU kernels written in Python, their generator, and the generated PTX/cubin artifacts."""

@@ -1,0 +1,1 @@
+"""The ukgpu command line."""

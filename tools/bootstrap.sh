@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install ukgpu with everything the
+# tests need.  Idempotent; called by `make` (see README's Quick start).
+set -euo pipefail
+PY=${1:-python3}
+VENV=${2:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# CPU build of torch: only the Triton interpreter (kernel tests without a GPU) uses it.
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[dev,kernels,gpu]"
