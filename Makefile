@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml tools/bootstrap.sh
 
 venv: $(STAMP)
 
+TEST_MODELS := smollm2-135m qwen2.5-coder-0.5b
+
 models: $(STAMP)
-	$(BIN)/ukgpu models pull $(MODEL)
+	for m in $(TEST_MODELS); do $(BIN)/ukgpu models pull $$m || exit 1; done
 
 host-deps:
 	bash tools/host_deps.sh
