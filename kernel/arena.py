@@ -10,9 +10,11 @@ instead of the kernel's OOM killer later.
     arena.free(k)
     arena.used, arena.peak, arena.largest_free()
 
-`Arena.alloc(shape, dtype) -> np.ndarray` matches the allocator callable the
-CPU backend takes for its KV cache (`alloc(shape, dtype)`).  Like `np.empty`,
-the memory is not cleared (fresh pages read as zero; `zeros()` clears).
+`Arena.alloc(shape, dtype) -> np.ndarray` is the allocator callable the CPU
+backend takes for its KV cache (`llama_core.backend.Allocator`: a zeroed
+array).  Only bytes that were handed out before are cleared: the mapping's
+never-touched pages already read as zero, so a big first allocation commits no
+memory until it is written.  `empty()` skips the clearing.
 Every block starts on a 64-byte boundary (a cache line, and enough for any
 SIMD load).  Placement is first fit over an offset-ordered free list; freeing
 merges with free neighbours, so alloc/free in any order cannot leak space.
@@ -80,9 +82,17 @@ class Arena:
         self._lock = threading.Lock()
         self.used = 0
         self.peak = 0
+        self._touched = 0  # bytes past this were never handed out: still zero
 
     def alloc(self, shape: tuple[int, ...] | int, dtype=np.float32) -> np.ndarray:
-        """An uninitialised C-contiguous array of `shape`/`dtype` inside the arena."""
+        """A zeroed C-contiguous array of `shape`/`dtype` inside the arena."""
+        out = self.empty(shape, dtype)
+        offset = out.ctypes.data - self._base
+        self._bytes[offset:min(offset + out.nbytes, self._touched)] = 0
+        return out
+
+    def empty(self, shape: tuple[int, ...] | int, dtype=np.float32) -> np.ndarray:
+        """Like `alloc`, but the contents are whatever the block held before."""
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -92,14 +102,10 @@ class Arena:
             if offset is None:
                 raise ArenaExhausted(self._exhausted_message(need, shape, dtype))
             self._live[offset] = need
+            self._touched = max(self._touched, offset + need)
             self.used += need
             self.peak = max(self.peak, self.used)
         return self._bytes[offset:offset + nbytes].view(dtype).reshape(shape)
-
-    def zeros(self, shape: tuple[int, ...] | int, dtype=np.float32) -> np.ndarray:
-        out = self.alloc(shape, dtype)
-        out.fill(0)
-        return out
 
     def free(self, array: np.ndarray) -> None:
         """Return a block obtained from `alloc` (the array itself, not a slice of it)."""

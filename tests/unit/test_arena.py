@@ -40,14 +40,20 @@ def test_alloc_returns_aligned_writable_views_of_the_arena():
     assert arena.used == 3 * 64  # 60, 7 and 32 bytes, each rounded up to 64
 
 
-def test_zeros_clears_reused_memory():
+def test_alloc_clears_reused_memory_and_empty_does_not():
     arena = Arena(4096)
     a = arena.alloc(16, np.float32)
     a[:] = 7
     arena.free(a)
-    z = arena.zeros(16, np.float32)
+    z = arena.alloc(16, np.float32)
     assert z.ctypes.data == a.ctypes.data
     assert not z.any()
+    z[:] = 5
+    arena.free(z)
+    e = arena.empty(16, np.float32)
+    assert (e == 5).all()
+    fresh = arena.alloc(64, np.float32)  # never handed out before: zero without clearing
+    assert not fresh.any()
 
 
 def test_usage_and_peak():
