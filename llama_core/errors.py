@@ -22,3 +22,7 @@ class ModelNotFoundError(UkgpuError):
 
 class PullError(UkgpuError):
     """Fetching a registry-packaged model failed (network, hash, disk)."""
+
+
+class QuantError(UkgpuError):
+    """A ggml tensor format is unsupported, or raw data does not fit its block layout."""
