@@ -37,9 +37,10 @@ MAX_DIMS = 4
 MAX_ARRAY_LEN = 1 << 24  # 16M elements: 100x the largest vocabulary seen
 MAX_NESTING = 2
 
-# GGUF value type -> (struct format, size); 8 = string, 9 = array
+# GGUF value type -> struct format / numpy dtype of the scalar types; 8 = string, 9 = array
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NP_SCALARS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NP_SCALARS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1",
+               10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 
 
@@ -109,7 +110,9 @@ class _Cursor:
     def array(self, what: str, depth: int) -> list:
         itype = self.scalar("I", what)
         n = self.scalar("Q", what)
-        smallest = struct.calcsize("<" + _SCALARS[itype]) if itype in _SCALARS else 8 if itype in (_STRING, _ARRAY) else 1
+        if itype not in _SCALARS and itype not in (_STRING, _ARRAY):
+            raise self.fail(f"{what} is an array of unknown value type {itype}")
+        smallest = struct.calcsize("<" + _SCALARS[itype]) if itype in _SCALARS else 8  # string/array: a u64 length
         if n > MAX_ARRAY_LEN or n * smallest > self.size - self.pos:
             raise self.fail(f"{what} claims {n} array elements, more than the file can hold")
         if itype in _NP_SCALARS:

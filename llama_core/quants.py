@@ -96,7 +96,8 @@ def _pack(cls: type[QuantFormat], n: int, **arrays: np.ndarray) -> np.ndarray:
     """Assemble blocks uint8[n, block_bytes] from per-field arrays."""
     out = np.empty((n, cls.block_bytes), dtype=np.uint8)
     for f in cls.fields:
-        out[:, f.offset : f.offset + f.size] = np.ascontiguousarray(arrays[f.name], dtype=f.dtype).view(np.uint8).reshape(n, f.size)
+        field = np.ascontiguousarray(arrays[f.name], dtype=f.dtype)
+        out[:, f.offset : f.offset + f.size] = field.view(np.uint8).reshape(n, f.size)
     return out
 
 
@@ -244,7 +245,8 @@ class Q2_K(QuantFormat):
     """16 sub-blocks of 16; e = d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[e // 16], q = _crumbs."""
 
     qtype = T.Q2_K
-    fields = (Field("scales", 0, 16, "u1"), Field("qs", 16, 64, "u1"), Field("d", 80, 2, "<f2"), Field("dmin", 82, 2, "<f2"))
+    fields = (Field("scales", 0, 16, "u1"), Field("qs", 16, 64, "u1"),
+              Field("d", 80, 2, "<f2"), Field("dmin", 82, 2, "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -264,7 +266,8 @@ class Q3_K(QuantFormat):
     """
 
     qtype = T.Q3_K
-    fields = (Field("hmask", 0, 32, "u1"), Field("qs", 32, 64, "u1"), Field("scales", 96, 12, "u1"), Field("d", 108, 2, "<f2"))
+    fields = (Field("hmask", 0, 32, "u1"), Field("qs", 32, 64, "u1"),
+              Field("scales", 96, 12, "u1"), Field("d", 108, 2, "<f2"))
 
     @classmethod
     def scales6(cls, blocks: np.ndarray) -> np.ndarray:
@@ -302,7 +305,8 @@ class Q4_K(QuantFormat):
     """8 sub-blocks of 32; e = d * sc[s] * q - dmin * min[s] (sc/min from _scale_min_k4, q from _k4_nibbles)."""
 
     qtype = T.Q4_K
-    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"), Field("scales", 4, 12, "u1"), Field("qs", 16, 128, "u1"))
+    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"),
+              Field("scales", 4, 12, "u1"), Field("qs", 16, 128, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -353,7 +357,8 @@ class Q6_K(QuantFormat):
     """
 
     qtype = T.Q6_K
-    fields = (Field("ql", 0, 128, "u1"), Field("qh", 128, 64, "u1"), Field("scales", 192, 16, "i1"), Field("d", 208, 2, "<f2"))
+    fields = (Field("ql", 0, 128, "u1"), Field("qh", 128, 64, "u1"),
+              Field("scales", 192, 16, "i1"), Field("d", 208, 2, "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -404,7 +409,9 @@ def _sizes(qtype: T) -> tuple[int, int]:
         return BLOCK_SIZES[T(qtype)]
     except (KeyError, ValueError):
         supported = ", ".join(t.name for t in BLOCK_SIZES)
-        raise QuantError(f"ggml type {qtype!r} is not supported (supported: {supported}); use a model quantized to one of them") from None
+        raise QuantError(
+            f"ggml type {qtype!r} is not supported (supported: {supported}); use a model quantized to one of them"
+        ) from None
 
 
 def dequantize(raw: np.ndarray, qtype: T, n_elements: int) -> np.ndarray:
@@ -412,7 +419,8 @@ def dequantize(raw: np.ndarray, qtype: T, n_elements: int) -> np.ndarray:
     elems, nbytes = _sizes(qtype)
     n_blocks = n_elements // elems
     if n_elements % elems or raw.size != n_blocks * nbytes:
-        raise QuantError(f"{n_elements} {T(qtype).name} elements need {n_elements // elems * nbytes} bytes in whole blocks, got {raw.size}")
+        need = n_elements // elems * nbytes
+        raise QuantError(f"{n_elements} {T(qtype).name} elements need {need} bytes in whole blocks, got {raw.size}")
     blocks = raw.reshape(n_blocks, nbytes)
     fmt = FORMATS[T(qtype)]
     out = np.empty((n_blocks, elems), dtype=np.float32)
@@ -427,11 +435,11 @@ def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     nbytes = row_bytes(qtype, values.shape[-1])
     fmt = FORMATS[qtype]
-    if fmt.quantize_blocks.__func__ is QuantFormat.quantize_blocks.__func__:
+    if "quantize_blocks" not in vars(fmt):  # no quantizer here: use gguf-py's
         try:
             raw = _gguf_quants.quantize(values, qtype)
         except NotImplementedError:
-            raise QuantError(f"no {qtype.name} quantizer here or in gguf-py: quantize to Q4_K or Q6_K instead") from None
+            raise QuantError(f"no {qtype.name} quantizer here or in gguf-py: use Q4_K or Q6_K instead") from None
         return raw.view(np.uint8).reshape(*values.shape[:-1], nbytes)
     blocks = fmt.quantize_blocks(values.reshape(-1, fmt.block_elems))
     return blocks.reshape(*values.shape[:-1], nbytes)
