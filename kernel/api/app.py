@@ -1,0 +1,247 @@
+"""The Starlette application: routes, body limits, error shapes, engine loading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import engine_facts, generation, openapi, schema
+from .errors import ApiError, bad_request, model_failed, model_loading
+from .limits import ApiLimits
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .validate import validate
+
+log = logging.getLogger(__name__)
+
+
+class EngineHost:
+    """The engine, its scheduler and what the schemas need to know; loads in the background."""
+
+    def __init__(self, engine_or_loader: Any, limits: ApiLimits, model_id: str,
+                 metrics: Metrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.facts = schema.ModelFacts(model_id)
+        self.engine: Any = None
+        self.scheduler: Scheduler | None = None
+        self.failure: str | None = None
+        if hasattr(engine_or_loader, "step"):
+            self._attach(engine_or_loader)
+        else:
+            threading.Thread(target=self._load, args=(engine_or_loader,),
+                             name="ukgpu-model-load", daemon=True).start()
+
+    def _load(self, loader: Callable[[], Any]) -> None:
+        try:
+            self._attach(loader())
+        except Exception as exc:  # reported by /health and every generation request
+            log.exception("model load failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+
+    def _attach(self, engine: Any) -> None:
+        n_slots = self.limits.n_slots or engine_facts.slot_count(engine)
+        scheduler = Scheduler(engine, n_slots, self.limits.max_queue, self.metrics)
+        scheduler.start()
+        self.facts = engine_facts.model_facts(engine, self.facts.model_id)
+        self.engine, self.scheduler = engine, scheduler
+
+    @property
+    def status(self) -> str:
+        return "ready" if self.scheduler else ("failed" if self.failure else "loading")
+
+    def require_ready(self) -> Scheduler:
+        if self.scheduler is None:
+            raise model_failed(self.failure) if self.failure else model_loading()
+        return self.scheduler
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+
+def _endpoint(handler):
+    """Turn ApiError into its OpenAI-shaped response and anything else into a 500."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+        except Exception as exc:
+            log.exception("unexpected error on %s", request.url.path)
+            err = ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error")
+            return JSONResponse(err.body(), 500)
+
+    return wrapped
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The JSON object in the body; 413 as soon as the body is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"The body is not valid JSON ({exc}); send a JSON object.",
+                          code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"The body is {size} bytes or more; this server accepts at most {limit}. "
+                    "Send a shorter prompt.", code="body_too_large")
+
+
+def create_app(engine_or_loader: Any, limits: ApiLimits | None = None, *,
+               model_id: str = "ukgpu", arena: Any = None) -> Starlette:
+    """The API around an `Engine`, or around a zero-argument loader that returns one.
+
+    With a loader the server answers at once: /health says "loading" (503) until
+    the engine is ready.  `arena` (kernel.arena.Arena) adds its usage to /metrics.
+    """
+    limits = limits or ApiLimits()
+    metrics = Metrics()
+    host = EngineHost(engine_or_loader, limits, model_id, metrics)
+    routes = _routes(host, arena)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        host.close()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error},
+                    lifespan=lifespan)
+    app.state.host = host
+    return _CountRequests(app, metrics, {r.path for r in routes})
+
+
+def _routes(host: EngineHost, arena: Any) -> list[Route]:
+    limits = host.limits
+
+    async def generate(request: Request, kind: generation.Kind) -> Response:
+        body = await read_json(request, limits.max_body_bytes)
+        scheduler = host.require_ready()
+        if isinstance(body.get("model"), str) and body["model"] != host.facts.model_id:
+            raise ApiError(404, f"The model '{body['model']}' does not exist here; this server "
+                           f"serves '{host.facts.model_id}' (see GET /v1/models).",
+                           param="model", code="model_not_found")
+        request_schema = (schema.chat_request if kind.chat else schema.completion_request)
+        body = validate(request_schema(host.facts, limits), body)
+        ids = await run_in_threadpool(generation.prompt_ids, host.engine, kind, body, host.facts)
+        job_args = dict(
+            prompt_ids=ids, params=engine_facts.sampling_params(body),
+            max_tokens=generation.max_new_tokens(kind, body, len(ids), host.facts, limits),
+            stop=generation.stop_list(body))
+        gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args)
+        if body["stream"]:
+            return gen.stream(bool((body.get("stream_options") or {}).get("include_usage")))
+        return await gen.respond(request)
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, generation.COMPLETION)
+
+    async def chat(request: Request) -> Response:
+        return await generate(request, generation.CHAT)
+
+    async def models(request: Request) -> Response:
+        card = {"id": host.facts.model_id, "object": "model", "created": 0, "owned_by": "ukgpu"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        status = host.status
+        return JSONResponse({"status": status}, 200 if status == "ready" else 503)
+
+    async def metrics(request: Request) -> Response:
+        scheduler = host.scheduler
+        gauges = {
+            "ukgpu_queue_depth": ("Requests waiting for a slot.",
+                                  scheduler.queue_depth if scheduler else 0),
+            "ukgpu_active_slots": ("Sequences being generated.",
+                                   scheduler.active_slots if scheduler else 0),
+            "ukgpu_slots": ("Parallel sequence slots.", scheduler.n_slots if scheduler else 0),
+        }
+        text = host.metrics.render(gauges, arena)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def tokenize(request: Request) -> Response:
+        body = validate(schema.tokenize_request(limits), await read_json(request, limits.max_body_bytes))
+        host.require_ready()
+        ids = await run_in_threadpool(host.engine.tokenizer.encode, body["content"],
+                                      add_special=body["add_special"])
+        return JSONResponse({"tokens": [int(i) for i in ids]})
+
+    async def detokenize(request: Request) -> Response:
+        raw = await read_json(request, limits.max_body_bytes)
+        host.require_ready()
+        body = validate(schema.detokenize_request(host.facts), raw)
+        text = await run_in_threadpool(host.engine.tokenizer.decode, body["tokens"])
+        return JSONResponse({"content": text})
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi.build(host.facts, limits))
+
+    table = [
+        ("/v1/completions", completions, ["POST"]),
+        ("/v1/chat/completions", chat, ["POST"]),
+        ("/v1/models", models, ["GET"]),
+        ("/health", health, ["GET"]),
+        ("/metrics", metrics, ["GET"]),
+        ("/tokenize", tokenize, ["POST"]),
+        ("/detokenize", detokenize, ["POST"]),
+        ("/openapi.json", openapi_json, ["GET"]),
+    ]
+    return [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in table]
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}. "
+                   "See GET /openapi.json for the endpoints.", type=kind)
+    return JSONResponse(err.body(), exc.status_code, headers=exc.headers)
+
+
+class _CountRequests:
+    """ASGI wrapper counting responses by path and status for /metrics."""
+
+    def __init__(self, app: Starlette, metrics: Metrics, paths: set[str]) -> None:
+        self.app = app
+        self.state = app.state
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send=counting_send)

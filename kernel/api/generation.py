@@ -1,0 +1,204 @@
+"""/v1/completions and /v1/chat/completions: request -> job -> JSON or server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from . import engine_facts
+from .errors import ApiError, bad_request, error_body
+from .schema import ModelFacts, max_tokens_cap
+from .scheduler import Failed, Finished, Job, Scheduler
+
+_DISCONNECTED = object()  # queue item: the client went away
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the completion and the chat flavours."""
+
+    chat: bool
+    id_prefix: str
+    object_name: str
+    chunk_object: str
+
+
+COMPLETION = Kind(False, "cmpl-", "text_completion", "text_completion")
+CHAT = Kind(True, "chatcmpl-", "chat.completion", "chat.completion.chunk")
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+def prompt_ids(engine: Any, kind: Kind, body: dict, facts: ModelFacts) -> list[int]:
+    """Token ids of the prompt, checked against the context size."""
+    if kind.chat:
+        text = engine_facts.render_chat(engine, [_plain_message(m) for m in body["messages"]])
+        ids = list(engine.tokenizer.encode(text, add_special=True, parse_special=True))
+        param = "messages"
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and isinstance(prompt[0], int):
+            ids = list(prompt)
+        else:
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            ids = list(engine.tokenizer.encode(text, add_special=True))
+        param = "prompt"
+    if not ids:
+        raise bad_request(f"'{param}' encodes to no tokens; send some text.", param, "empty_prompt")
+    if len(ids) >= facts.n_ctx:
+        raise bad_request(
+            f"The prompt is {len(ids)} tokens but the context holds {facts.n_ctx} "
+            "(including at least one generated token); shorten it or restart with a larger --ctx.",
+            param, "context_length_exceeded")
+    return ids
+
+
+def _plain_message(message: dict) -> dict:
+    content = message["content"]
+    if isinstance(content, list):
+        content = "".join(part["text"] for part in content)
+    return {"role": message["role"], "content": content}
+
+
+def max_new_tokens(kind: Kind, body: dict, n_prompt: int, facts, limits) -> int:
+    """Requested max_tokens (or the default), clipped to the room left in the context."""
+    room = facts.n_ctx - n_prompt
+    asked = body.get("max_completion_tokens") if kind.chat else None
+    asked = asked if asked is not None else body.get("max_tokens")
+    if asked is None:
+        asked = max_tokens_cap(facts, limits) if kind.chat else limits.default_max_tokens
+    return max(1, min(asked, room))
+
+
+def stop_list(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+class Generation:
+    """One request's life: submit, then gather (non-streaming) or stream its events."""
+
+    def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict) -> None:
+        self.scheduler = scheduler
+        self.kind = kind
+        self.model_id = model_id
+        self.id = kind.id_prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.job = Job(deliver=lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
+                       **job_args)
+        self.n_prompt = len(self.job.prompt_ids)
+        scheduler.submit(self.job)
+
+    async def _items(self) -> AsyncIterator[object]:
+        """Engine output in order until the job ends; cancels the job if the consumer stops."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is _DISCONNECTED:
+                    return
+                yield item
+                if isinstance(item, (Finished, Failed)):
+                    return
+        finally:
+            self.scheduler.cancel(self.job)
+
+    async def respond(self, request: Request) -> JSONResponse:
+        watcher = asyncio.create_task(self._watch_disconnect(request))
+        outcome = Outcome()
+        try:
+            async for item in self._items():
+                if isinstance(item, Failed):
+                    raise engine_failure(item.error)
+                self._absorb(outcome, item)
+        finally:
+            watcher.cancel()
+        if outcome.finish_reason is None:  # the client left; nobody reads this
+            return JSONResponse(error_body("client disconnected", "client_closed"), 499)
+        return JSONResponse(self._result(outcome))
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait(_DISCONNECTED)
+
+    def _absorb(self, outcome: Outcome, item: object) -> str:
+        """Fold events into `outcome`; returns the new text."""
+        if isinstance(item, Finished):
+            outcome.finish_reason = "length" if item.finish_reason == "length" else "stop"
+            return ""
+        new = "".join(e.text for e in item)
+        outcome.text += new
+        outcome.completion_tokens += sum(1 for e in item if e.token_id is not None)
+        return new
+
+    def _usage(self, outcome: Outcome) -> dict:
+        done = outcome.completion_tokens
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": done,
+                "total_tokens": self.n_prompt + done}
+
+    def _envelope(self, object_name: str, choice: dict) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created,
+                "model": self.model_id, "choices": [choice]}
+
+    def _result(self, outcome: Outcome) -> dict:
+        choice: dict = {"index": 0, "finish_reason": outcome.finish_reason}
+        if self.kind.chat:
+            choice["message"] = {"role": "assistant", "content": outcome.text}
+        else:
+            choice.update(text=outcome.text, logprobs=None)
+        return {**self._envelope(self.kind.object_name, choice), "usage": self._usage(outcome)}
+
+    def stream(self, include_usage: bool) -> StreamingResponse:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(self._sse(include_usage), media_type="text/event-stream",
+                                 headers=headers)
+
+    async def _sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+        outcome = Outcome()
+        if self.kind.chat:
+            yield _event(self._chunk({"role": "assistant", "content": ""}, None))
+        async for item in self._items():
+            if isinstance(item, Failed):
+                yield _event(engine_failure(item.error).body())
+                break
+            new = self._absorb(outcome, item)
+            if new or outcome.finish_reason:
+                yield _event(self._chunk(new, outcome.finish_reason))
+        if include_usage and outcome.finish_reason:
+            yield _event({**self._envelope(self.kind.chunk_object, {}), "choices": [],
+                          "usage": self._usage(outcome)})
+        yield b"data: [DONE]\n\n"
+
+    def _chunk(self, delta: str | dict, finish_reason: str | None) -> dict:
+        choice: dict = {"index": 0, "finish_reason": finish_reason}
+        if self.kind.chat:
+            choice["delta"] = delta if isinstance(delta, dict) else (
+                {"content": delta} if delta else {})
+        else:
+            choice.update(text=delta, logprobs=None)
+        return self._envelope(self.kind.chunk_object, choice)
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def engine_failure(exc: BaseException) -> ApiError:
+    return ApiError(500, f"The engine failed on this request: {type(exc).__name__}: {exc}",
+                    type="server_error", code="engine_error")

@@ -1,0 +1,80 @@
+"""Server counters and their Prometheus text exposition (format 0.0.4)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Callable
+
+_RATE_WINDOW_S = 10.0
+
+
+class Metrics:
+    """Thread-safe counters; the scheduler thread and the event loop both write here."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.requests: Counter[tuple[str, int]] = Counter()  # (path, status) -> count
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) inside the rate window
+
+    def count_request(self, path: str, status: int) -> None:
+        with self._lock:
+            self.requests[(path, status)] += 1
+
+    def count_prompt(self, n_tokens: int) -> None:
+        with self._lock:
+            self.prompt_tokens += n_tokens
+
+    def count_generated(self, n_tokens: int) -> None:
+        now = self._clock()
+        with self._lock:
+            self.generated_tokens += n_tokens
+            self._recent.append((now, n_tokens))
+            self._trim(now)
+
+    def tokens_per_second(self) -> float:
+        now = self._clock()
+        with self._lock:
+            self._trim(now)
+            return sum(n for _, n in self._recent) / _RATE_WINDOW_S
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - _RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def render(self, gauges: dict[str, tuple[str, float]], arena: Any = None) -> str:
+        """Prometheus text; `gauges` maps name -> (help, value)."""
+        with self._lock:
+            requests = sorted(self.requests.items())
+            prompt, generated = self.prompt_tokens, self.generated_tokens
+        lines = ["# HELP ukgpu_requests_total HTTP requests by path and status.",
+                 "# TYPE ukgpu_requests_total counter"]
+        for (path, status), n in requests:
+            lines.append(f'ukgpu_requests_total{{path="{path}",status="{status}"}} {n}')
+        lines += _metric("ukgpu_prompt_tokens_total", "counter", "Prompt tokens processed.", prompt)
+        lines += _metric("ukgpu_generated_tokens_total", "counter", "Tokens generated.", generated)
+        lines += _metric("ukgpu_tokens_per_second", "gauge",
+                         f"Generated tokens per second over the last {_RATE_WINDOW_S:g} s.",
+                         self.tokens_per_second())
+        for name, (help_text, value) in gauges.items():
+            lines += _metric(name, "gauge", help_text, value)
+        lines += _arena_lines(arena)
+        return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+
+
+def _arena_lines(arena: Any) -> list[str]:
+    """One gauge per entry of `arena.stats()` (kernel.arena.Arena: size, used, peak, blocks, ...)."""
+    if arena is None:
+        return []
+    lines: list[str] = []
+    for key, value in sorted(arena.stats().items()):
+        lines += _metric(f"ukgpu_arena_{key}", "gauge", f"Host arena: {key.replace('_', ' ')}.", value)
+    return lines

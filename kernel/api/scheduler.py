@@ -1,0 +1,149 @@
+"""One thread owns the engine and interleaves every active sequence, one step each in turn.
+
+Requests wait in a bounded queue until a slot is free.  Each `Job` hands its
+results to the asyncio side through `deliver`, a thread-safe callback; a job
+whose client went away is cancelled and its slot freed before its next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import queue_full
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Sent once when a job ends normally (its last events carried the finish reason)."""
+
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Sent once when the engine raised on this job."""
+
+    error: BaseException
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_ids: list[int]
+    params: Any  # llama_core.sampling.SamplingParams
+    max_tokens: int
+    stop: list[str]
+    deliver: Callable[[object], None]  # list[TokenEvent] | Finished | Failed; must not block
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    seq: Any = None  # the engine's Sequence once started
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Metrics) -> None:
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.engine = engine
+        self.n_slots = n_slots
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._pending: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ukgpu-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self._active)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises a 429 `ApiError` when the queue is full."""
+        with self._wake:
+            if len(self._pending) >= self.max_queue:
+                raise queue_full(self.max_queue)
+            self._pending.append(job)
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            admitted = self._admit()
+            if admitted is None:
+                return
+            for job in admitted:
+                self._start(job)
+            for job in list(self._active):
+                self._step(job)
+
+    def _admit(self) -> list[Job] | None:
+        """Wait for work; move queued jobs into free slots. None means stop."""
+        with self._wake:
+            while not self._stopping and not self._pending and not self._active:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            self._pending = deque(j for j in self._pending if not j.cancelled.is_set())
+            admitted = []
+            while self._pending and len(self._active) + len(admitted) < self.n_slots:
+                admitted.append(self._pending.popleft())
+            return admitted
+
+    def _start(self, job: Job) -> None:
+        try:
+            job.seq = self.engine.start(job.prompt_ids, job.params, job.max_tokens, job.stop)
+        except Exception as exc:  # the engine refused this request; others go on
+            job.deliver(Failed(exc))
+            return
+        self.metrics.count_prompt(len(job.prompt_ids))
+        self._active.append(job)
+
+    def _step(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._retire(job)
+            return
+        try:
+            events = self.engine.step(job.seq)
+        except Exception as exc:
+            self._retire(job)
+            job.deliver(Failed(exc))
+            return
+        self.metrics.count_generated(sum(1 for e in events if e.token_id is not None))
+        if events:
+            job.deliver(events)
+        reason = next((e.finish_reason for e in events if e.finish_reason), None)
+        if reason is not None:
+            self._retire(job)
+            job.deliver(Finished(reason))
+
+    def _retire(self, job: Job) -> None:
+        self._active.remove(job)
+        try:
+            self.engine.release(job.seq)
+        except Exception:  # a failed release must not stop the other sequences
+            log.exception("engine.release failed; the slot may stay busy")
