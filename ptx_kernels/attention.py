@@ -1,0 +1,114 @@
+"""Causal attention with GQA over a float16 KV cache (online softmax, float32 accumulation).
+
+KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `store_rows_f16`.
+
+- prefill: queries q (T, Hq, D) f32 at positions start..start+T-1 of one sequence, keys 0..start+T-1
+  of that sequence (k/v point at its slot).  Grid (cdiv(T, BLOCK_M), Hq); each program walks key
+  blocks up to its last query's position; QK^T and PV on f16 tensor cores.  Out (T, Hq, D) f32.
+- decode: one query per batch row b, q (B, Hq, D) f32; slot `slots[b]` and key count `lens[b]`
+  (current token included) are read on the device, so the launch can live in a CUDA graph.
+  Grid (B, Hq).  Out (B, Hq, D) f32.
+Limits: Hq % Hkv == 0; head_dim is a constexpr (64 or 128); lens[b] >= 1.
+Reference: `reference.attention`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import KernelSpec
+
+
+@triton.jit
+def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // (Hq // Hkv)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) query rows
+    d = tl.arange(0, HEAD_DIM)
+    q_ok = rm < T
+    q = tl.load(q_ptr + (rm[:, None] * Hq + h) * HEAD_DIM + d[None, :], mask=q_ok[:, None], other=0)
+    q = (q * scale).to(tl.float16)  # (BM, D)
+    q_pos = start + rm
+    m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    n_keys = start + tl.minimum(T, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, n_keys, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)  # (BN,) key positions
+        kv_off = (rn[:, None] * Hkv + kvh) * HEAD_DIM + d[None, :]
+        kv_ok = rn[:, None] < n_keys
+        k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0)  # (BN, D) f16
+        s = tl.dot(q, tl.trans(k))  # (BM, BN)
+        s = tl.where(rn[None, :] <= q_pos[:, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + (rm[:, None] * Hq + h) * HEAD_DIM + d[None, :], out, mask=q_ok[:, None])
+
+
+@triton.jit
+def attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slots_ptr, lens_ptr, n_ctx, Hq, Hkv, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // (Hq // Hkv)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (b * Hq + h) * HEAD_DIM + d) * scale  # (D,)
+    n_keys = tl.load(lens_ptr + b)
+    base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros((HEAD_DIM,), tl.float32)
+    for s0 in range(0, n_keys, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
+        s_ok = rs < n_keys
+        kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)  # (BS, D)
+        s = tl.where(s_ok, tl.sum(q[None, :] * k, axis=1), -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = tl.load(v_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    tl.store(o_ptr + (b * Hq + h) * HEAD_DIM + d, acc / l_i)
+
+
+def specs() -> list[KernelSpec]:
+    out = []
+    for hd in (64, 128):
+        out.append(KernelSpec(
+            name=f"attn_prefill_d{hd}", family="attention", fn="attn_prefill_kernel",
+            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("out", "*fp32"),
+                    ("T", "i32"), ("start", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32")),
+            constexprs={"HEAD_DIM": hd, "BLOCK_M": 64, "BLOCK_N": 64},
+            grid=("cdiv(T, 64)", "Hq", "1"), sizes={},
+            limits=("T >= 1", "start >= 0", "Hkv >= 1", "Hq % Hkv == 0"),
+            reference="reference.attention", num_warps=4, num_stages=2,
+            aligned=("q", "k_cache", "v_cache", "out"),
+            doc=f"causal GQA prefill, head_dim {hd}: q (T, Hq, {hd}) over the slot's cache rows",
+            deps=("spec",),
+        ))
+        out.append(KernelSpec(
+            name=f"attn_decode_d{hd}", family="attention", fn="attn_decode_kernel",
+            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("out", "*fp32"),
+                    ("slots", "*i32"), ("lens", "*i32"), ("n_ctx", "i32"), ("Hq", "i32"),
+                    ("Hkv", "i32"), ("scale", "fp32")),
+            constexprs={"HEAD_DIM": hd, "BLOCK_S": 64},
+            grid=("B", "Hq", "1"), sizes={"B": "batch rows (sequences)"},
+            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", "n_ctx >= 1"),
+            reference="reference.attention", num_warps=4, num_stages=1,
+            aligned=("q", "k_cache", "v_cache", "out"),
+            doc=f"GQA decode, head_dim {hd}: one query per row over cache slot slots[b], lens[b] keys",
+            deps=("spec",),
+        ))
+    return out

@@ -1,0 +1,26 @@
+"""Every shipped kernel configuration: the union of the family files' `specs()`."""
+
+from __future__ import annotations
+
+import importlib
+
+from .spec import KernelSpec
+
+FAMILIES = ("matvec", "gemm", "embedding", "rmsnorm", "rope", "attention", "elementwise")
+
+
+def family_module(family: str):
+    return importlib.import_module(f"ukgpu.ptx_kernels.{family}")
+
+
+def all_specs() -> list[KernelSpec]:
+    specs = [s for fam in FAMILIES for s in family_module(fam).specs()]
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"duplicate kernel entry names: {sorted(dupes)}")
+    return specs
+
+
+def kernel_fn(spec: KernelSpec):
+    return getattr(family_module(spec.family), spec.fn)

@@ -1,0 +1,192 @@
+"""Launch descriptions from a manifest alone (no CUDA, no Triton import: runs on any machine).
+
+    m = Manifests.load()                       # build/sm_80 + build/sm_90a manifests
+    art = m.select("matvec_q4_k_b1", (9, 0))   # exact cubin for sm_90a, else PTX
+    launch = m.entry("matvec_q4_k_b1").launch({"w_q": dptr, ..., "N": 4096, "K": 4096, "B": 1})
+    launch.grid, launch.block, launch.shared_bytes, launch.ctypes_args()
+
+`launch` checks every limit and alignment the kernel was compiled for and appends the hidden
+trailing scratch pointers (0: every shipped kernel has zero-sized scratch).
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ukgpu.llama_core.errors import UkgpuError
+
+BUILD_DIR = Path(__file__).resolve().parent / "build"
+TARGETS = ("sm_90a", "sm_80")  # preference order when several fit
+
+
+class KernelManifestError(UkgpuError):
+    """The kernel manifest is missing, inconsistent, or a launch breaks a kernel's limits."""
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+           ast.Gt: operator.gt, ast.GtE: operator.ge}
+_FUNCS = {"cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+
+
+def _eval(node: ast.AST, env: dict[str, int]):
+    if isinstance(node, ast.Expression):
+        return _eval(node.body, env)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in env:
+            raise KernelManifestError(f"size {node.id!r} is needed (pass it in the launch values)")
+        return int(env[node.id])
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval(node.left, env), _eval(node.right, env))
+    if isinstance(node, ast.Compare):
+        left, ok = _eval(node.left, env), True
+        for op, right in zip(node.ops, node.comparators):
+            r = _eval(right, env)
+            ok = ok and _CMPOPS[type(op)](left, r)
+            left = r
+        return ok
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
+        return _FUNCS[node.func.id](*(_eval(a, env) for a in node.args))
+    raise KernelManifestError(f"unsupported expression element {ast.dump(node)}")
+
+
+def evaluate(expr: str, env: dict[str, int]):
+    """Evaluate a grid or limit expression (ints, names, + - * // %, comparisons, cdiv/min/max)."""
+    return _eval(ast.parse(expr, mode="eval"), env)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # triton type: "*fp32", "i32", "fp32", ...
+    hidden: bool
+    divisibility: int  # 16 where the kernel was compiled assuming it (bytes for pointers)
+    unused: bool
+
+    @property
+    def is_pointer(self) -> bool:
+        return self.type.startswith("*")
+
+
+@dataclass(frozen=True)
+class Launch:
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    args: tuple[tuple[str, int | float], ...]  # (triton type, value) in parameter order
+
+    def ctypes_args(self) -> tuple[tuple, tuple]:
+        """(values, ctypes types) as cuda-python's cuLaunchKernel takes `kernelParams`."""
+        types = tuple(ctypes.c_void_p if t.startswith("*") else
+                      ctypes.c_int32 if t == "i32" else ctypes.c_float for t, _ in self.args)
+        return tuple(v for _, v in self.args), types
+
+
+@dataclass(frozen=True)
+class Artifact:
+    target: str  # "sm_90a" | "sm_80"
+    kind: str  # "cubin" | "ptx"
+    path: Path
+
+
+class Entry:
+    """One kernel configuration as a manifest records it."""
+
+    def __init__(self, data: dict, build_dir: Path):
+        self.data = data
+        self.name: str = data["name"]
+        self.kernel_name: str = data["kernel_name"]
+        self.params = tuple(Param(p["name"], p["type"], p["hidden"], p["divisibility"], p["unused"])
+                            for p in data["params"])
+        self.block = (data["threads_per_block"], 1, 1)
+        self.shared_bytes: int = data["shared_bytes"]
+        self.grid_exprs: list[str] = data["grid"]
+        self.limits: list[str] = data["limits"]
+        self.constexprs: dict = data["constexprs"]
+        self.build_dir = build_dir
+
+    def grid(self, values: dict) -> tuple[int, int, int]:
+        g = tuple(evaluate(e, values) for e in self.grid_exprs)
+        if min(g) < 1:
+            raise KernelManifestError(f"{self.name}: empty grid {g} for {values}")
+        return g  # type: ignore[return-value]
+
+    def check(self, values: dict) -> None:
+        bad = [lim for lim in self.limits if not evaluate(lim, values)]
+        for p in self.params:
+            if not p.hidden and p.divisibility and values.get(p.name, 0) % p.divisibility:
+                bad.append(f"{p.name} % {p.divisibility} == 0 (got {values[p.name]})")
+        if bad:
+            raise KernelManifestError(f"{self.name}: launch breaks the kernel's limits: {'; '.join(bad)}")
+
+    def launch(self, values: dict) -> Launch:
+        """values: every visible param by name (device pointers as ints) plus grid-only sizes."""
+        missing = [p.name for p in self.params if not p.hidden and p.name not in values and not p.unused]
+        if missing:
+            raise KernelManifestError(f"{self.name}: missing launch values {missing}")
+        self.check(values)
+        args = tuple((p.type, 0 if p.hidden else values.get(p.name, 0)) for p in self.params)
+        return Launch(self.grid(values), self.block, self.shared_bytes, args)
+
+
+class Manifests:
+    """The per-target manifests of one build directory."""
+
+    def __init__(self, per_target: dict[str, dict], build_dir: Path):
+        self.per_target = per_target
+        self.build_dir = build_dir
+
+    @classmethod
+    def load(cls, build_dir: Path | str = BUILD_DIR) -> "Manifests":
+        build_dir = Path(build_dir)
+        found = {}
+        for target in TARGETS:
+            path = build_dir / target / "manifest.json"
+            if path.exists():
+                found[target] = json.loads(path.read_text())
+        if not found:
+            raise KernelManifestError(f"no manifest under {build_dir}: run `ukgpu ptx build`")
+        return cls(found, build_dir)
+
+    def names(self) -> list[str]:
+        return sorted({e for m in self.per_target.values() for e in m["entries"]})
+
+    def entry(self, name: str, target: str | None = None) -> Entry:
+        for t in ([target] if target else list(self.per_target)):
+            entries = self.per_target.get(t, {}).get("entries", {})
+            if name in entries:
+                return Entry(entries[name], self.build_dir / t)
+        raise KernelManifestError(f"no kernel entry {name!r}; known: {', '.join(self.names()[:8])}...")
+
+    def select(self, name: str, cc: tuple[int, int]) -> Artifact:
+        """Exact cubin for the device's compute capability, else PTX the driver can JIT."""
+        options = []
+        for target, man in self.per_target.items():
+            ent = man["entries"].get(name)
+            if ent is None:
+                continue
+            arch = man["arch"]  # e.g. [9, 0]
+            arts = ent["artifacts"]
+            if "cubin" in arts and tuple(arch) == tuple(cc):
+                options.append((0, target, "cubin", arts["cubin"]["file"]))
+            if "ptx" in arts and _ptx_runs_on(target, tuple(arch), tuple(cc)):
+                options.append((1 if target.endswith("a") else 2, target, "ptx", arts["ptx"]["file"]))
+        if not options:
+            raise KernelManifestError(
+                f"no artifact of {name!r} runs on compute capability {cc[0]}.{cc[1]}: "
+                f"builds exist for {', '.join(self.per_target)} (needs sm_80 or newer)")
+        _, target, kind, file = min(options)
+        return Artifact(target, kind, self.build_dir / target / file)
+
+
+def _ptx_runs_on(target: str, arch: tuple[int, int], cc: tuple[int, int]) -> bool:
+    """Arch-specific ("a") PTX runs only on its exact arch; plain PTX on that arch or newer."""
+    return cc == arch if target.endswith("a") else cc >= arch

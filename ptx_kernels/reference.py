@@ -1,0 +1,119 @@
+"""numpy references for every kernel family (float64 math unless stated), plus random test data.
+
+Each kernel file points at its reference here; the interpreter tests (tests/unit/ptx) and the GPU
+tests (tests/gpu/test_ptx_gpu.py) compare the kernels against these functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .repack import FORMATS, Repacked, dequantize_repacked, get_format, repack
+
+# Byte offsets of the float16 scale fields inside each ggml block, for `random_weight`.
+_F16_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q8_0": (0,),
+    "Q4_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def random_weight(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random raw GGUF bytes of an (n_rows, n_cols) weight: every quant bit pattern, sane scales."""
+    fmt = get_format(qtype)
+    if fmt.kind == "float":
+        vals = rng.standard_normal((n_rows, n_cols)).astype(np.float16 if qtype == "F16" else np.float32)
+        return vals.view(np.uint8).reshape(-1)
+    nb = n_rows * n_cols // fmt.block_elems
+    raw = rng.integers(0, 256, (nb, fmt.block_bytes), dtype=np.uint8)
+    for off in _F16_FIELDS[qtype]:
+        scale = (rng.uniform(0.2, 1.0, nb) * 2.0 ** rng.integers(-9, -5, nb)).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
+    return raw.reshape(-1)
+
+
+def random_repacked(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator) -> Repacked:
+    return repack(random_weight(qtype, n_rows, n_cols, rng), qtype, n_rows, n_cols)
+
+
+QTYPES = tuple(FORMATS)
+
+
+def matvec(w: Repacked, x: np.ndarray) -> np.ndarray:
+    """x (B, K) -> y (B, N) = x @ W.T  (also the reference of the prefill GEMM)."""
+    return (x.astype(np.float64) @ dequantize_repacked(w).astype(np.float64).T)
+
+
+def embedding(w: Repacked, ids: np.ndarray) -> np.ndarray:
+    """ids (T,) -> (T, K) float32 rows of the dequantized table."""
+    return dequantize_repacked(w)[ids]
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (M, D), weight (D,) -> (M, D)"""
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
+def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
+    """x (T, H, D), pos (T,) -> rotated (T, H, D).  NORM rotates pairs (2i, 2i+1), NEOX (i, i+D/2)."""
+    t, h, d = x.shape
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,)
+    ang = pos.astype(np.float64)[:, None, None] * inv  # (T, 1, D/2)
+    cos, sin = np.cos(ang), np.sin(ang)
+    x = x.astype(np.float64)
+    a, b = (x[..., : d // 2], x[..., d // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = np.empty_like(x)
+    if neox:
+        out[..., : d // 2], out[..., d // 2 :] = ra, rb
+    else:
+        out[..., 0::2], out[..., 1::2] = ra, rb
+    return out
+
+
+def _softmax_rows(s: np.ndarray) -> np.ndarray:
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float) -> np.ndarray:
+    """Causal GQA attention of queries at positions q_pos over keys 0..S-1.
+
+    q (T, Hq, D), k/v (S, Hkv, D) -> (T, Hq, D); query t sees keys 0..q_pos[t].
+    """
+    t, hq, d = q.shape
+    s_len, hkv, _ = k.shape
+    grp = hq // hkv
+    out = np.zeros((t, hq, d))
+    for h in range(hq):
+        kh, vh = k[:, h // grp].astype(np.float64), v[:, h // grp].astype(np.float64)  # (S, D)
+        scores = q[:, h].astype(np.float64) @ kh.T * scale  # (T, S)
+        scores[np.arange(s_len)[None, :] > q_pos[:, None]] = -np.inf
+        out[:, h] = _softmax_rows(scores) @ vh
+    return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = gate.astype(np.float64)
+    return g / (1.0 + np.exp(-g)) * up
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64) + b
+
+
+def argmax(logits: np.ndarray) -> np.ndarray:
+    """(B, V) -> (B,) int32, first index of the maximum."""
+    return logits.argmax(-1).astype(np.int32)
+
+
+def store_rows(dst: np.ndarray, src: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """dst (R, W) float16, src (T, W) float32, rows (T,) -> dst with dst[rows[t]] = src[t]."""
+    out = dst.copy()
+    out[rows] = src.astype(np.float16)
+    return out
