@@ -1,0 +1,88 @@
+"""PID 1 of the VFIO test guest (build.py prepends the `#!` line).
+
+Mounts /proc, /sys and /dev, loads the VFIO modules, binds the edu device to
+vfio-pci with `ukgpu.gpu.vfio_host`, runs `edu_check.run`, prints one line
+`UKGPU_VFIO_RESULT <json>` and powers off.  Any exception becomes a result
+with "error" set, so the host test always has something to parse.
+"""
+
+import ctypes
+import json
+import os
+import sys
+import time
+import traceback
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+SYS_FINIT_MODULE = 313  # x86_64
+RB_POWER_OFF = 0x4321FEDC
+MODULES = "/lib/vfio-modules"
+EDU_IDS = ("0x1234", "0x11e8")
+
+
+def mount(source: str, target: str, fstype: str) -> None:
+    if LIBC.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {fstype} on {target}")
+
+
+def load_modules() -> list[str]:
+    loaded = []
+    for name in sorted(os.listdir(MODULES)):
+        fd = os.open(os.path.join(MODULES, name), os.O_RDONLY)
+        try:
+            if LIBC.syscall(SYS_FINIT_MODULE, fd, b"", 0) != 0:
+                raise OSError(ctypes.get_errno(), f"finit_module {name}")
+        finally:
+            os.close(fd)
+        loaded.append(name)
+    return loaded
+
+
+def find_edu() -> str:
+    root = "/sys/bus/pci/devices"
+    for bdf in sorted(os.listdir(root)):
+        ids = tuple(open(f"{root}/{bdf}/{f}").read().strip() for f in ("vendor", "device"))
+        if ids == EDU_IDS:
+            return bdf
+    raise RuntimeError("no edu device (1234:11e8): start QEMU with -device edu")
+
+
+def wait_for(path: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def main() -> dict:
+    t0 = time.monotonic()
+    mount("proc", "/proc", "proc")
+    mount("sysfs", "/sys", "sysfs")
+    mount("devtmpfs", "/dev", "devtmpfs")
+    sys.path.insert(0, "/opt")
+    from ukgpu.gpu.vfio_host import VfioHost
+    import edu_check
+
+    result = {"modules": load_modules()}
+    bdf = find_edu()
+    host = VfioHost("/sys", "/proc")
+    plan = host.plan_bind(bdf)
+    result["bind_writes"] = [str(w) for w in plan.writes]
+    plan.apply()
+    result["driver_after_bind"] = host.bus.device(bdf).driver
+    group = host.bus.device(bdf).iommu_group
+    wait_for(f"/dev/vfio/{group}")
+    result["setup_s"] = round(time.monotonic() - t0, 3)
+    result.update(edu_check.run(bdf))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        outcome = main()
+    except BaseException as exc:  # report everything: the host test parses this line
+        outcome = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    print("UKGPU_VFIO_RESULT " + json.dumps(outcome), flush=True)
+    os.sync()
+    LIBC.reboot(RB_POWER_OFF)
