@@ -33,7 +33,7 @@ def _num(lo: float, hi: float, default: float, **extra) -> dict:
 
 
 def _text(limits: ApiLimits, **extra) -> dict:
-    schema = {"type": "string", **extra}
+    schema = {"type": "string", "minLength": 1, **extra}
     if limits.max_prompt_chars is not None:
         schema["maxLength"] = limits.max_prompt_chars
     return schema
@@ -41,7 +41,10 @@ def _text(limits: ApiLimits, **extra) -> dict:
 
 def _token_ids(facts: ModelFacts) -> dict:
     item = _int(0, facts.vocab_size - 1 if facts.vocab_size else None)
-    return {"type": "array", "items": item, "minItems": 1}
+    schema = {"type": "array", "items": item, "minItems": 1}
+    if facts.n_ctx is not None:
+        schema["maxItems"] = facts.n_ctx - 1  # room for one generated token
+    return schema
 
 
 def max_tokens_cap(facts: ModelFacts, limits: ApiLimits) -> int | None:
@@ -125,12 +128,12 @@ def tokenize_request(limits: ApiLimits) -> dict:
         "type": "object",
         "required": ["content"],
         "properties": {
-            "content": _text(limits),
+            "content": _text(limits, minLength=0),
             "add_special": {"type": "boolean", "default": False},
         },
     }
 
 
 def detokenize_request(facts: ModelFacts) -> dict:
-    ids = {**_token_ids(facts), "minItems": 0}
+    ids = {"type": "array", "items": _token_ids(facts)["items"]}
     return {"type": "object", "required": ["tokens"], "properties": {"tokens": ids}}

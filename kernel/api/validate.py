@@ -18,7 +18,8 @@ _PY_TYPES = {
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),  # JSON Schema: 1.0 is an integer
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "null": lambda v: v is None,
 }
@@ -33,6 +34,8 @@ def validate(schema: dict, value: Any, path: str = "") -> Any:
         names = [types] if isinstance(types, str) else types
         if not any(_PY_TYPES[name](value) for name in names):
             _fail(schema, path, f"must be of type {' or '.join(names)}, got {_json_type(value)}")
+        if isinstance(value, float) and "integer" in names and "number" not in names:
+            value = int(value)
     if "enum" in schema and value not in schema["enum"]:
         _fail(schema, path, f"must be one of {schema['enum']}, got {value!r}")
     if isinstance(value, dict):

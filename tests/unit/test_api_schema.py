@@ -94,3 +94,9 @@ def test_any_json_either_validates_or_raises_a_400(body):
         validate(COMPLETION, body)
     except ApiError as err:
         assert err.status == 400 and err.message
+
+
+def test_integral_floats_count_as_integers():
+    out = validate(COMPLETION, {"model": "m", "prompt": [1.0, 2], "max_tokens": 4.0})
+    assert out["max_tokens"] == 4 and isinstance(out["max_tokens"], int)
+    assert out["prompt"] == [1, 2] and all(isinstance(i, int) for i in out["prompt"])
