@@ -1,5 +1,9 @@
 """Interpreter mode for the kernel tests: TRITON_INTERPRET must be set before triton is imported,
-so it is set here, at collection of this folder, and checked."""
+so it is set here, at collection of this folder, and checked.
+
+`run_spec(name, arrays, values)` launches one shipped configuration exactly as the manifest will
+describe it (same constexprs, same grid expressions, limits asserted) on CPU torch tensors.
+"""
 
 import os
 import sys
@@ -9,3 +13,39 @@ os.environ["TRITON_INTERPRET"] = "1"
 if "ukgpu.ptx_kernels.matvec" in sys.modules:  # a kernel module was imported compiled-mode first
     raise RuntimeError("run tests/unit/ptx in its own pytest process: kernels were imported "
                        "before TRITON_INTERPRET=1 could be set")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ukgpu.ptx_kernels.catalog import all_specs, kernel_fn  # noqa: E402
+from ukgpu.ptx_kernels.loader import evaluate  # noqa: E402
+
+SPECS = {s.name: s for s in all_specs()}
+
+
+def run_spec(name: str, arrays: dict, values: dict, aliases: dict | None = None) -> dict:
+    """arrays: pointer params (numpy; outputs are returned as numpy after the run);
+    values: int/float params and grid sizes; aliases: param -> array name it shares memory with.
+    Unused pointer params may be omitted."""
+    spec = SPECS[name]
+    for lim in spec.limits:
+        assert evaluate(lim, values), f"test shape breaks {name} limit {lim}: {values}"
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    tensors.update({k: tensors[v] for k, v in (aliases or {}).items()})
+    dummy = torch.zeros(1, dtype=torch.float32)
+    args = []
+    for pname, ptype in spec.params:
+        if ptype.startswith("*"):
+            assert pname in tensors or pname in spec.unused, f"{name}: array {pname} missing"
+            args.append(tensors.get(pname, dummy))
+        else:
+            args.append(values[pname])
+    grid = tuple(evaluate(e, values) for e in spec.grid)
+    kernel_fn(spec)[grid](*args, **spec.constexprs)
+    return {k: t.numpy() for k, t in tensors.items()}
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
