@@ -148,3 +148,25 @@ def test_bad_ids_and_inputs_raise():
     with pytest.raises(TokenizerError, match="takes a str"):
         tok.encode(b"bytes")  # type: ignore[arg-type]
     assert tok.decode(tok.encode("\ud800x", add_special=False)) == "?x"  # lone surrogate
+
+
+def test_cli_tokenize_ids_and_decode(capsys):
+    from pathlib import Path
+
+    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.tools.cli import main
+
+    path = str(Path(__file__).resolve().parent.parent / "data" / "vocab" / "ggml-vocab-llama-spm.gguf")
+    tok = Tokenizer.from_gguf(open_gguf(path))
+    expected = tok.encode("Hello</s> wörld", parse_special=True)
+    assert main(["tokenize", "-m", path, "Hello</s> wörld"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[0]) for line in lines] == expected
+    assert lines[0].split(None, 1)[1] == "'<s>'" and "'</s>'" in lines[2]
+    assert main(["tokenize", "-m", path, "--ids", "--no-special", "Hello</s>"]) == 0
+    plain = [int(x) for x in capsys.readouterr().out.split()]
+    assert plain == tok.encode("Hello</s>", add_special=False) and tok.eos_id not in plain
+    assert main(["tokenize", "-m", path, "--decode", *map(str, expected)]) == 0
+    # SentencePiece prefixes a space to text after a special token; with specials shown,
+    # the first piece is "<s>" so the prefix space of "▁Hello" stays too
+    assert capsys.readouterr().out == "<s> Hello</s>  wörld\n"
