@@ -101,6 +101,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     "default": ("[{P}$+<=>^~|]+", _GPT2, "[{N}]+", "[0-9][0-9][0-9]"),
 }
 
+
 @dataclass(frozen=True)
 class PreConfig:
     """How one `tokenizer.ggml.pre` value tokenizes and detokenizes."""
@@ -113,24 +114,21 @@ class PreConfig:
 
 _LLAMA3 = PreConfig("llama3", ignore_merges=True, add_bos=True)
 
+# Each family is checked against llama.cpp on a real vocabulary (tests/data/vocab)
+# except "default", the fallback for BPE files converted without a pre-tokenizer name.
 PRE_TOKENIZERS: dict[str, PreConfig] = {
     "default": PreConfig("default"),
     "gpt-2": PreConfig("gpt2"),
     "phi-2": PreConfig("gpt2"),
     "mpt": PreConfig("gpt2"),
-    "olmo": PreConfig("gpt2"),
     "llama3": _LLAMA3,
     "llama-v3": _LLAMA3,
     "llama-bpe": _LLAMA3,
     "falcon3": _LLAMA3,
-    "dbrx": PreConfig("llama3"),
-    "smaug-bpe": PreConfig("llama3"),
     "qwen2": PreConfig("qwen2", clean_spaces=False),
     "deepseek-r1-qwen": PreConfig("qwen2", clean_spaces=False),
-    "stablelm2": PreConfig("qwen2"),
     "starcoder": PreConfig("starcoder"),
     "refact": PreConfig("starcoder"),
-    "codeshell": PreConfig("starcoder"),
     "smollm": PreConfig("starcoder", clean_spaces=False),
     "falcon": PreConfig("falcon"),
     "deepseek-coder": PreConfig("deepseek-coder", clean_spaces=False),
