@@ -1,0 +1,38 @@
+"""The generator is deterministic and reproduces the committed artifacts byte for byte.
+
+Runs `ukgpu ptx build --only ...` in subprocesses (Triton compiles there, never in this
+interpreter, whose kernel tests need TRITON_INTERPRET=1).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from ukgpu.ptx_kernels.loader import BUILD_DIR
+
+ONLY = ["rmsnorm_f32", "matvec_q4_k_b1", "attn_decode_d64"]
+
+
+def _build(out):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "ukgpu.tools.cli", "ptx", "build", "--out", str(out),
+                    "--only", *ONLY], check=True, env=env, capture_output=True, timeout=600)
+
+
+def test_two_builds_are_identical_and_match_the_committed_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _build(a)
+    _build(b)
+    for target in ("sm_80", "sm_90a"):
+        files = sorted(p.name for p in (a / target).iterdir())
+        assert files == sorted(p.name for p in (b / target).iterdir())
+        assert len(files) == len(ONLY) * (2 if target == "sm_90a" else 1) + 1
+        for name in files:
+            assert (a / target / name).read_bytes() == (b / target / name).read_bytes(), name
+        committed = json.loads((BUILD_DIR / target / "manifest.json").read_text())["entries"]
+        fresh = json.loads((a / target / "manifest.json").read_text())["entries"]
+        for name in ONLY:
+            assert fresh[name] == committed[name], f"{target}/{name}: rebuild differs: run `ukgpu ptx build`"
+            for art in fresh[name]["artifacts"].values():
+                assert (a / target / art["file"]).read_bytes() == (BUILD_DIR / target / art["file"]).read_bytes()

@@ -1,0 +1,60 @@
+"""The device weight layout (ptx_kernels/repack.py) is lossless: bit-exact vs gguf-py's dequantize."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ukgpu.ptx_kernels.reference import QTYPES, random_weight
+from ukgpu.ptx_kernels.repack import FORMATS, RepackError, dequantize_repacked, repack
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", [(1, 256), (5, 768)])
+def test_repack_is_bit_exact(qtype, shape):
+    rng = np.random.default_rng(len(qtype) * 1000 + shape[1])
+    n, k = shape
+    raw = random_weight(qtype, n, k, rng)
+    want = dequantize(raw.reshape(n, -1), GGMLQuantizationType[qtype]).astype(np.float32)
+    got = dequantize_repacked(repack(raw, qtype, n, k))
+    assert got.shape == (n, k)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_plane_shapes_and_dtypes_match_the_documented_layout(qtype):
+    fmt = FORMATS[qtype]
+    n, k = 3, 512
+    r = repack(random_weight(qtype, n, k, np.random.default_rng(1)), qtype, n, k)
+    if fmt.kind == "nibble":
+        assert r.q.dtype == np.uint8 and r.q.shape == (n, k // 2)
+    elif fmt.kind == "int8":
+        assert r.q.dtype == np.int8 and r.q.shape == (n, k)
+    else:
+        assert r.q.dtype == np.dtype(qtype.lower().replace("f", "float")) and r.q.shape == (n, k)
+        assert r.s is None and r.m is None
+        return
+    assert r.s.dtype == np.dtype(fmt.scale_dtype) and r.s.shape == (n, k // fmt.group)
+    assert (r.m is not None) == fmt.has_min
+    if fmt.has_min:
+        assert r.m.dtype == r.s.dtype and r.m.shape == r.s.shape
+    assert all(p.flags.c_contiguous for p in r.planes().values())
+
+
+def test_nibble_order_low_is_element_i_high_is_element_i_plus_16():
+    # Q4_1 block with d=1, m=0: values are the raw nibbles
+    block = np.zeros(20, np.uint8)
+    block[0:2] = np.array([1.0], np.float16).view(np.uint8)
+    block[4:20] = np.arange(16, dtype=np.uint8) | ((15 - np.arange(16, dtype=np.uint8)) << 4)
+    w = dequantize_repacked(repack(block, "Q4_1", 1, 32))[0]
+    np.testing.assert_array_equal(w[:16], np.arange(16))
+    np.testing.assert_array_equal(w[16:], 15 - np.arange(16))
+
+
+def test_wrong_sizes_and_types_raise_clear_errors():
+    with pytest.raises(RepackError, match="multiple of 256"):
+        repack(np.zeros(144, np.uint8), "Q4_K", 1, 128)
+    with pytest.raises(RepackError, match="needs 288 bytes"):
+        repack(np.zeros(144, np.uint8), "Q4_K", 2, 256)
+    with pytest.raises(RepackError, match="supported"):
+        repack(np.zeros(10, np.uint8), "IQ2_XS", 1, 256)
