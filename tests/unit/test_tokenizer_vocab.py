@@ -120,3 +120,21 @@ def test_golden_cases_match_llama_cpp(vocab):
 def test_vocab_facts_match_llama_cpp(vocab):
     name, tok = vocab
     check_vocab_facts(tok, golden(name))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-spm"])
+def test_decode_inverts_encode_on_arbitrary_text(name):
+    """Byte-level BPE without space cleaning and SentencePiece with byte fallback lose nothing."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = Tokenizer.from_gguf(open_gguf(VOCAB_DIR / f"ggml-vocab-{name}.gguf"))
+    text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=40)
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(text)
+    def round_trip(s):
+        assert tok.decode(tok.encode(s, add_special=False)) == s
+        assert tok.decode(tok.encode(s, add_special=True)) == s
+
+    round_trip()
