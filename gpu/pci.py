@@ -83,10 +83,11 @@ def parse_resource(text: str) -> list[Bar]:
 class PciIds:
     """Vendor and device names from a pci.ids file, or hex ids when none is installed."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, search: tuple[str, ...] = PCI_IDS_PATHS):
+        """Load `path`, or else the first installed file of `search` (none: hex ids only)."""
         self.vendors: dict[int, str] = {}
         self.devices: dict[tuple[int, int], str] = {}
-        path = path or next((p for p in PCI_IDS_PATHS if os.path.isfile(p)), None)
+        path = path or next((p for p in search if os.path.isfile(p)), None)
         if path:
             self._load(Path(path))
 

@@ -111,10 +111,13 @@ class Container:
             raise VfioError(f"{path} is missing: load the VFIO driver (`modprobe vfio-pci`)")
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.mappings: list[DmaMapping] = []
-        self.api_version = _ioctl(self.fd, abi.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
-        if self.api_version != abi.VFIO_API_VERSION:
+        try:
+            self.api_version = _ioctl(self.fd, abi.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
+            if self.api_version != abi.VFIO_API_VERSION:
+                raise VfioError(f"unknown VFIO API version {self.api_version}: this kernel is not supported")
+        except VfioError:
             self.close()
-            raise VfioError(f"unknown VFIO API version {self.api_version}: this kernel is not supported")
+            raise
 
     def check_extension(self, ext: int) -> bool:
         return _ioctl(self.fd, abi.VFIO_CHECK_EXTENSION, ext, "VFIO_CHECK_EXTENSION") > 0

@@ -18,7 +18,8 @@ from .pci import PciBus, PciDevice, PciIds, human_size, normalize_bdf
 from .vfio import VfioError
 
 VFIO_DRIVER = "vfio-pci"
-_GPU_DRIVERS = {"nvidia", "nouveau", "amdgpu", "radeon", "i915", "xe"}
+# Base classes whose devices, while bound, carry the host's own disks, network or buses.
+_HOST_CLASSES = {0x01: "a storage controller", 0x02: "a network controller", 0x0C: "a serial bus controller"}
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class CheckReport:
         d = self.device
         out = [f"{d.bdf} {d.vendor_id:04x}:{d.device_id:04x} class {d.class_code:06x} "
                f"{d.vendor_name} {d.device_name}".rstrip(),
-               f"  driver: {d.driver or '(none)'}   NUMA node: {d.numa_node}",
-               f"  IOMMU: {'on' if self.iommu_enabled else 'OFF'}   group: {d.iommu_group}"]
+               f"  driver: {d.driver or '(none)'}   NUMA node: {'-' if d.numa_node is None else d.numa_node}",
+               f"  IOMMU: {'on' if self.iommu_enabled else 'OFF'}   group: {'-' if d.iommu_group is None else d.iommu_group}"]
         for bdf, drv in self.group_members.items():
             out.append(f"    member {bdf}: {drv or '(no driver)'}")
         out += [f"  {bar.describe()}" for bar in d.bars]
@@ -120,6 +121,10 @@ class VfioHost:
         if dev.class_code >> 8 == 0x0604:
             reasons.append(f"{dev.bdf} is a PCI bridge: pass through the devices behind it instead")
         folder = self._dev_dir(dev.bdf)
+        if dev.driver and dev.driver != VFIO_DRIVER:
+            serving = self._host_interfaces(folder) or _HOST_CLASSES.get(dev.class_code >> 16)
+            if serving:
+                reasons.append(f"{dev.bdf} ({dev.driver}) serves the host: {serving}")
         if (folder / "boot_vga").is_file() and (folder / "boot_vga").read_text().strip() == "1":
             reasons.append(f"{dev.bdf} is the boot VGA device (the host console uses it)")
         nodes = self._device_nodes(dev)
@@ -127,6 +132,13 @@ class VfioHost:
         for node, pids in sorted(holders.items()):
             reasons.append(f"{node} is open by pid {', '.join(map(str, pids))}: stop those processes first")
         return reasons
+
+    @staticmethod
+    def _host_interfaces(folder: Path) -> str:
+        """Network interfaces or block devices the host made from this device ('' if none)."""
+        found = [f"{kind} {p.name}" for kind in ("net", "block") for pattern in (kind, f"*/{kind}")
+                 for d in folder.glob(pattern) for p in sorted(d.iterdir())]
+        return ", ".join(found)
 
     def _device_nodes(self, dev: PciDevice) -> set[str]:
         """Device files that belong to this PCI device (or, for nvidia, to every NVIDIA GPU)."""
@@ -161,6 +173,9 @@ class VfioHost:
         if dev.driver == VFIO_DRIVER:
             plan.notes.append(f"{dev.bdf} is already bound to {VFIO_DRIVER}: nothing to do")
             return plan
+        if dev.iommu_group is None:
+            raise VfioError(f"{dev.bdf} has no IOMMU group, so vfio-pci could not use it: enable the IOMMU "
+                            f"(intel_iommu=on or amd_iommu=on) and reboot first")
         reasons = self.in_use_reasons(dev)
         if reasons:
             raise VfioError(f"refusing to unbind {dev.bdf} from {dev.driver}: " + "; ".join(reasons))

@@ -18,6 +18,8 @@ SYS_FINIT_MODULE = 313  # x86_64
 RB_POWER_OFF = 0x4321FEDC
 MODULES = "/lib/vfio-modules"
 EDU_IDS = ("0x1234", "0x11e8")
+SYSFS_ATTRS = ("config", "resource", "vendor", "device", "class", "revision", "subsystem_vendor",
+               "subsystem_device", "numa_node")
 
 
 def mount(source: str, target: str, fstype: str) -> None:
@@ -55,6 +57,23 @@ def wait_for(path: str, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def sysfs_facts() -> dict:
+    """Every PCI device's sysfs attributes (base64) and links, for tests/data/sysfs/record.py."""
+    import base64
+    root, facts = "/sys/bus/pci/devices", {}
+    for bdf in sorted(os.listdir(root)):
+        entry = {"attrs": {}, "links": {}}
+        for attr in SYSFS_ATTRS:
+            path = f"{root}/{bdf}/{attr}"
+            if os.path.isfile(path):
+                entry["attrs"][attr] = base64.b64encode(open(path, "rb").read()).decode()
+        for link in ("driver", "iommu_group"):
+            if os.path.islink(f"{root}/{bdf}/{link}"):
+                entry["links"][link] = os.path.basename(os.readlink(f"{root}/{bdf}/{link}"))
+        facts[bdf] = entry
+    return facts
+
+
 def main() -> dict:
     t0 = time.monotonic()
     mount("proc", "/proc", "proc")
@@ -74,6 +93,7 @@ def main() -> dict:
     group = host.bus.device(bdf).iommu_group
     wait_for(f"/dev/vfio/{group}")
     result["setup_s"] = round(time.monotonic() - t0, 3)
+    result["sysfs"] = sysfs_facts()
     result.update(edu_check.run(bdf))
     return result
 

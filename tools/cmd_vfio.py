@@ -1,0 +1,68 @@
+"""`ukgpu vfio check|bind|unbind|qemu-args BDF`: prepare a host device for VFIO passthrough.
+
+bind/unbind print the sysfs writes they would make and act only with --yes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ukgpu.gpu.passthrough import qemu_vfio_args
+from ukgpu.gpu.pci import normalize_bdf
+from ukgpu.gpu.vfio_host import Plan, VfioHost
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("vfio", help="check, bind or unbind a PCI device for VFIO passthrough")
+    verbs = parser.add_subparsers(dest="vfio_command", metavar="ACTION")
+    verbs.required = True
+    for name, helptext, func in (
+            ("check", "IOMMU, group members and drivers, BARs, the MMIO window QEMU needs", _check),
+            ("bind", "bind the device to vfio-pci (dry run unless --yes)", _bind),
+            ("unbind", "give the device back to its host driver (dry run unless --yes)", _unbind),
+            ("qemu-args", "QEMU arguments that pass the device through (q35)", _qemu_args)):
+        verb = verbs.add_parser(name, help=helptext)
+        verb.add_argument("bdf", type=normalize_bdf, help="PCI address, e.g. 0000:01:00.0")
+        if name in ("bind", "unbind"):
+            verb.add_argument("--yes", action="store_true", help="perform the writes (default: print them)")
+        verb.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+        verb.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+        verb.set_defaults(func=func)
+
+
+def _host(args: argparse.Namespace) -> VfioHost:
+    return VfioHost(args.sysfs, args.proc)
+
+
+def _check(args: argparse.Namespace) -> int:
+    report = _host(args).check(args.bdf)
+    print("\n".join(report.lines()))
+    return 1 if report.problems else 0
+
+
+def _run_plan(plan: Plan, yes: bool, verb: str) -> int:
+    for note in plan.notes:
+        print(f"note: {note}")
+    if plan.others:
+        print(f"the IOMMU group also holds {', '.join(plan.others)}: {verb} them too before using VFIO")
+    for write in plan.writes:
+        print(("writing: " if yes else "would write: ") + str(write))
+    if not yes:
+        if plan.writes:
+            print("dry run: nothing changed; add --yes to perform these writes")
+        return 0
+    plan.apply()
+    return 0
+
+
+def _bind(args: argparse.Namespace) -> int:
+    return _run_plan(_host(args).plan_bind(args.bdf), args.yes, "bind")
+
+
+def _unbind(args: argparse.Namespace) -> int:
+    return _run_plan(_host(args).plan_unbind(args.bdf), args.yes, "unbind")
+
+
+def _qemu_args(args: argparse.Namespace) -> int:
+    print(" ".join(qemu_vfio_args(args.bdf, args.sysfs)))
+    return 0
