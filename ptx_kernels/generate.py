@@ -105,8 +105,10 @@ def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
 
 def versions() -> dict:
     import triton
+    from triton import knobs
 
-    return {"triton": triton.__version__, "python": platform.python_version()}
+    return {"triton": triton.__version__, "python": platform.python_version(),
+            "cubin_ptxas": f"CUDA {knobs.nvidia.ptxas.version} (bundled with triton)"}
 
 
 def build_target(target: Target, specs: list[KernelSpec], out_dir: Path) -> dict:

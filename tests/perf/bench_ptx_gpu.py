@@ -1,0 +1,116 @@
+"""Benchmark the shipped kernel artifacts on a GPU (not collected by pytest; run it directly).
+
+    python tests/perf/bench_ptx_gpu.py [--json out.json] [--ptx-target sm_80]
+
+Measures, in one process and one CUDA context:
+- device copy bandwidth: cuMemcpyDtoD of 1 GiB (GB/s counts read + write bytes);
+- decode mat-vec GB/s (bytes of the repacked weight planes + x + y per call) for Q4_K and Q8_0 at
+  4096x4096, 8960x1536 and 1536x8960, batch 1 (b1) and 8 (b8), as a fraction of copy bandwidth;
+- prefill GEMM TFLOP/s (2*M*N*K per call) for F16, Q8_0 and Q4_K weights at 2048^3 and
+  M=512 x 8960x1536, next to torch.matmul (fp16, cuBLAS) on the same shapes when torch has CUDA.
+Timings are CUDA-event means over repeated launches after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from ukgpu.ptx_kernels import reference as R
+from ukgpu.ptx_kernels.cuda_launch import CudaRunner
+
+MATVEC_SHAPES = [(4096, 4096), (8960, 1536), (1536, 8960)]  # (N, K)
+GEMM_SHAPES = [(2048, 2048, 2048), (512, 8960, 1536)]  # (M, N, K)
+
+
+def copy_bandwidth(run: CudaRunner, nbytes: int = 1 << 30) -> float:
+    a, b = run.empty(nbytes), run.empty(nbytes)
+    ms = run.time_ms(lambda: run.copy(b, a, nbytes), iters=10)
+    return 2 * nbytes / ms / 1e6  # GB/s
+
+
+def bench_matvec(run: CudaRunner, qtype: str, n: int, k: int, batch: int, rng) -> dict:
+    w = R.random_repacked(qtype, n, k, rng)
+    planes = {f"w_{p}": run.upload(a) for p, a in w.planes().items()}
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    version = "b1" if batch == 1 else "b8"
+    vals = planes | {"x": run.upload(x), "y": run.empty(batch * n * 4), "N": n, "K": k, "B": batch}
+    name = f"matvec_{qtype.lower()}_{version}"
+    ms = run.time_ms(lambda: run.launch(name, vals), iters=200, warmup=20)
+    nbytes = sum(a.nbytes for a in w.planes().values()) + x.nbytes + batch * n * 4
+    return {"kernel": name, "N": n, "K": k, "B": batch, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
+            "artifact": run.loaded_kinds[name]}
+
+
+def bench_gemm(run: CudaRunner, qtype: str, m: int, n: int, k: int, rng) -> dict:
+    w = R.random_repacked(qtype, n, k, rng)
+    planes = {f"w_{p}": run.upload(a) for p, a in w.planes().items()}
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    vals = planes | {"x": run.upload(x), "y": run.empty(m * n * 4), "M": m, "N": n, "K": k}
+    name = f"gemm_{qtype.lower()}"
+    ms = run.time_ms(lambda: run.launch(name, vals), iters=20)
+    return {"kernel": name, "M": m, "N": n, "K": k, "us": ms * 1e3,
+            "TFLOP/s": 2 * m * n * k / ms / 1e9, "artifact": run.loaded_kinds[name]}
+
+
+def bench_torch(m: int, n: int, k: int) -> dict | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        torch.matmul(a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        torch.matmul(a, b)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / 20
+    return {"kernel": "torch.matmul fp16", "M": m, "N": n, "K": k, "us": ms * 1e3,
+            "TFLOP/s": 2 * m * n * k / ms / 1e9}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--ptx-target", help="force that target's PTX (e.g. sm_80) instead of the cubin")
+    args = ap.parse_args(argv)
+    run = CudaRunner(ptx_target=args.ptx_target)
+    rng = np.random.default_rng(0)
+    copy = copy_bandwidth(run)
+    print(f"device cc {run.cc[0]}.{run.cc[1]}; cuMemcpyDtoD {copy:.0f} GB/s (read + write)")
+    results = {"cc": list(run.cc), "copy_GBps": copy, "matvec": [], "gemm": []}
+    print("| kernel | N x K | B | us | GB/s | of copy | artifact |\n|---|---|---|---|---|---|---|")
+    for qtype in ("Q4_K", "Q8_0"):
+        for n, k in MATVEC_SHAPES:
+            for batch in (1, 8):
+                r = bench_matvec(run, qtype, n, k, batch, rng)
+                results["matvec"].append(r)
+                print(f"| {r['kernel']} | {n}x{k} | {batch} | {r['us']:.1f} | {r['GB/s']:.0f} | "
+                      f"{r['GB/s'] / copy:.0%} | {r['artifact']} |")
+                run.free_all()
+    print("\n| kernel | M x N x K | us | TFLOP/s | artifact |\n|---|---|---|---|---|")
+    for m, n, k in GEMM_SHAPES:
+        rows = [bench_gemm(run, q, m, n, k, rng) for q in ("F16", "Q8_0", "Q4_K")]
+        rows.append(bench_torch(m, n, k))
+        for r in filter(None, rows):
+            results["gemm"].append(r)
+            print(f"| {r['kernel']} | {m}x{n}x{k} | {r['us']:.1f} | {r['TFLOP/s']:.1f} | "
+                  f"{r.get('artifact', 'cuBLAS')} |")
+        run.free_all()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
