@@ -133,7 +133,7 @@ def candidate(name: str) -> Pkg:
         pkg = _show(name)
     if pkg is None:
         raise DebError(f"apt does not know the package {name!r}: check its name and that the "
-                       "Debian 'main' sources are configured (apt-cache policy {name})")
+                       f"Debian 'main' sources are configured (apt-cache policy {name})")
     return pkg
 
 
