@@ -1,0 +1,155 @@
+"""numpy emulation of every manifest kernel, for `fake_driver.FakeDriver`.
+
+Each emulator reads its arguments (by manifest parameter name) and the launch grid, computes the
+kernel's result with the references of `ptx_kernels.reference` in host memory that stands for
+device memory, and writes it where the real kernel would.  It checks the layout contracts a real
+kernel silently assumes (sizes, positions inside the cache), so a backend that packs arguments
+wrongly fails here rather than producing plausible numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ukgpu.ptx_kernels import reference as ref
+from ukgpu.ptx_kernels.repack import FORMATS, Repacked, dequantize_repacked
+
+Mem = Any  # FakeDriver: .view(ptr, dtype, count) -> writable numpy view
+
+
+class EmulationError(Exception):
+    """A launch whose arguments a real kernel would misread (becomes CUDA_ERROR_ILLEGAL_ADDRESS)."""
+
+
+def _planes(mem: Mem, a: dict, qtype: str, rows: int, k: int) -> Repacked:
+    fmt = FORMATS[qtype]
+    if fmt.kind == "float":
+        dt = np.float16 if qtype == "F16" else np.float32
+        return Repacked(qtype, rows, k, mem.view(a["w_q"], dt, rows * k).reshape(rows, k), None, None)
+    qdt, qcols = (np.uint8, k // 2) if fmt.kind == "nibble" else (np.int8, k)
+    q = mem.view(a["w_q"], qdt, rows * qcols).reshape(rows, qcols)
+    ng = k // fmt.group
+    s = mem.view(a["w_s"], fmt.scale_dtype, rows * ng).reshape(rows, ng)
+    m = mem.view(a["w_m"], fmt.scale_dtype, rows * ng).reshape(rows, ng) if fmt.has_min else None
+    return Repacked(qtype, rows, k, q, s, m)
+
+
+def _weight(mem: Mem, a: dict, qtype: str, n: int, k: int) -> np.ndarray:
+    """float32 (N, K), cached until a copy writes into the planes' address range."""
+    planes = [a[p] for p in ("w_q", "w_s", "w_m") if a.get(p)]
+    key = (min(planes), max(planes) + 1, qtype, n, k)  # (start, end) first: see FakeDriver._written
+    if key not in mem.weight_cache:
+        mem.weight_cache[key] = dequantize_repacked(_planes(mem, a, qtype, n, k))
+    return mem.weight_cache[key]
+
+
+def matmul(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    rows = a["B"] if "B" in a else a["M"]
+    if e["family"] == "matvec" and not 1 <= rows <= 8:
+        raise EmulationError(f"{e['name']}: B={rows} outside 1..8")
+    n, k = a["N"], a["K"]
+    x = mem.view(a["x"], np.float32, rows * k).reshape(rows, k)
+    y = x @ _weight(mem, a, e["qtype"], n, k).T  # float32: the fake checks plumbing, not rounding
+    mem.view(a["y"], np.float32, rows * n)[:] = y.reshape(-1)
+
+
+def embedding(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    t, k = grid[0], a["K"]
+    ids = mem.view(a["ids"], np.int32, t).astype(np.int64)
+    table = _planes(mem, a, e["qtype"], int(ids.max()) + 1, k)
+    sub = Repacked(table.qtype, t, k, table.q[ids],
+                   None if table.s is None else table.s[ids], None if table.m is None else table.m[ids])
+    mem.view(a["out"], np.float32, t * k)[:] = dequantize_repacked(sub).reshape(-1)
+
+
+def rmsnorm(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    m, d = grid[0], a["D"]
+    x = mem.view(a["x"], np.float32, m * d).reshape(m, d)
+    w = mem.view(a["weight"], np.float32, d)
+    mem.view(a["y"], np.float32, m * d)[:] = ref.rmsnorm(x, w, a["eps"]).reshape(-1)
+
+
+def rope(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    t, h = grid[0], grid[1]
+    d = e["constexprs"]["HEAD_DIM"]
+    sx, sy = a["stride_x"], a["stride_y"]
+    x = mem.view(a["x"], np.float32, (t - 1) * sx + h * d)
+    rows = np.stack([x[i * sx:i * sx + h * d] for i in range(t)]).reshape(t, h, d)
+    pos = mem.view(a["pos"], np.int32, t).copy()
+    out = ref.rope(rows, pos, 2.0 ** a["log2_base"], bool(e["constexprs"]["NEOX"]))
+    y = mem.view(a["y"], np.float32, (t - 1) * sy + h * d)
+    for i in range(t):
+        y[i * sy:i * sy + h * d] = out[i].reshape(-1)
+
+
+def attn_prefill(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    d = e["constexprs"]["HEAD_DIM"]
+    t, start, hq, hkv = a["T"], a["start"], a["Hq"], a["Hkv"]
+    s = start + t
+    q = mem.view(a["q"], np.float32, t * hq * d).reshape(t, hq, d)
+    k = mem.view(a["k_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
+    v = mem.view(a["v_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
+    out = ref.attention(q, k, v, start + np.arange(t), a["scale"])
+    mem.view(a["out"], np.float32, t * hq * d)[:] = out.reshape(-1)
+
+
+def attn_decode(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    d = e["constexprs"]["HEAD_DIM"]
+    b, hq, hkv, n_ctx = grid[0], a["Hq"], a["Hkv"], a["n_ctx"]
+    slots = mem.view(a["slots"], np.int32, b)
+    lens = mem.view(a["lens"], np.int32, b)
+    q = mem.view(a["q"], np.float32, b * hq * d).reshape(b, hq, d)
+    out = mem.view(a["out"], np.float32, b * hq * d).reshape(b, hq, d)
+    row_bytes = hkv * d * 2
+    for i in range(b):
+        n = int(lens[i])
+        if not 1 <= n <= n_ctx:
+            raise EmulationError(f"{e['name']}: lens[{i}]={n} outside 1..n_ctx={n_ctx}")
+        base = a["k_cache"] + int(slots[i]) * n_ctx * row_bytes
+        vbase = a["v_cache"] + int(slots[i]) * n_ctx * row_bytes
+        k = mem.view(base, np.float16, n * hkv * d).reshape(n, hkv, d)
+        v = mem.view(vbase, np.float16, n * hkv * d).reshape(n, hkv, d)
+        out[i] = ref.attention(q[i:i + 1], k, v, np.array([n - 1]), a["scale"])[0]
+
+
+def swiglu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    n = a["n"]
+    g, u = mem.view(a["gate"], np.float32, n), mem.view(a["up"], np.float32, n)
+    mem.view(a["out"], np.float32, n)[:] = ref.swiglu(g, u)
+
+
+def add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    n = a["n"]
+    x, y = mem.view(a["a"], np.float32, n), mem.view(a["b"], np.float32, n)
+    mem.view(a["out"], np.float32, n)[:] = ref.add(x, y)
+
+
+def argmax(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    b, v = grid[0], a["V"]
+    logits = mem.view(a["logits"], np.float32, b * v).reshape(b, v)
+    mem.view(a["out"], np.int32, b)[:] = ref.argmax(logits)
+
+
+def store_rows(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    t, w = grid[0], a["W"]
+    src = mem.view(a["src"], np.float32, t * w).reshape(t, w)
+    rows = mem.view(a["rows"], np.int32, t)
+    for i in range(t):
+        mem.view(a["dst"] + int(rows[i]) * w * 2, np.float16, w)[:] = src[i].astype(np.float16)
+
+
+EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
+    "matvec": matmul, "gemm": matmul, "embedding": embedding, "rmsnorm": rmsnorm, "rope": rope,
+    "attn_prefill": attn_prefill, "attn_decode": attn_decode, "swiglu": swiglu, "add": add,
+    "argmax": argmax, "store_rows": store_rows,
+}
+
+
+def emulator(entry: dict) -> Callable[[Mem, dict, dict, tuple], None]:
+    name = entry["name"]
+    for prefix in sorted(EMULATORS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return EMULATORS[prefix]
+    raise EmulationError(f"no emulation for kernel entry {name!r}")

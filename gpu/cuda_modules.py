@@ -1,0 +1,98 @@
+"""Kernel modules from the `ptx_kernels` manifests, loaded and launched as the manifest says.
+
+`KernelSet.function(name)` picks the artifact for the device (the cubin built for its exact
+architecture, else PTX the driver JITs; `ptx_kernels.loader.Manifests.select`), loads it once,
+and raises the dynamic shared memory limit when the kernel needs more than 48 KiB.  A PTX JIT
+failure carries the JIT's error log.  `launch(name, values)` packs the arguments in the
+manifest's parameter order (hidden trailing scratch pointers = 0), checks the kernel's limits and
+launches on the context's stream: nothing about a kernel is written down twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ukgpu.ptx_kernels.loader import Artifact, Entry, Manifests
+
+from .cuda import CudaContext, CudaError
+
+STATIC_SHARED_LIMIT = 48 * 1024
+JIT_LOG_BYTES = 8192
+
+
+@dataclass
+class LoadedKernel:
+    entry: Entry
+    artifact: Artifact
+    function: Any
+
+
+def _read_image(art: Artifact) -> bytes:
+    try:
+        data = art.path.read_bytes()
+    except OSError as exc:
+        raise CudaError("read kernel image", "KERNEL_FILE_MISSING",
+                        f"{art.path} is missing: run `ukgpu ptx build`", detail=str(exc)) from exc
+    return data + b"\0" if art.kind == "ptx" else data  # PTX must be NUL-terminated
+
+
+class KernelSet:
+    """Loaded kernels of one device, by manifest entry name."""
+
+    def __init__(self, ctx: CudaContext, manifests: Manifests | None = None):
+        self.ctx = ctx
+        self.cu = ctx.cu
+        self.manifests = manifests or Manifests.load()
+        self.loaded: dict[str, LoadedKernel] = {}
+
+    def kernel(self, name: str) -> LoadedKernel:
+        if name not in self.loaded:
+            self.loaded[name] = self._load(name)
+        return self.loaded[name]
+
+    def preload(self, names: list[str]) -> None:
+        for name in names:
+            self.kernel(name)
+
+    def _load(self, name: str) -> LoadedKernel:
+        art = self.manifests.select(name, self.ctx.info.cc)
+        entry = self.manifests.entry(name, art.target)
+        image = _read_image(art)
+        module = self._load_ptx(image, art) if art.kind == "ptx" else self.cu.cuModuleLoadData(image)
+        fn = self.cu.cuModuleGetFunction(module, entry.kernel_name.encode())
+        if entry.shared_bytes > STATIC_SHARED_LIMIT:
+            attr = self.cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            self.cu.cuFuncSetAttribute(fn, attr, entry.shared_bytes)
+        return LoadedKernel(entry, art, fn)
+
+    def _load_ptx(self, image: bytes, art: Artifact) -> Any:
+        """JIT the PTX with an error log buffer, so a failure says what ptxas said."""
+        opt = self.cu.CUjit_option
+        log = bytearray(JIT_LOG_BYTES)
+        try:
+            return self.cu.cuModuleLoadDataEx(
+                image, 2, [opt.CU_JIT_ERROR_LOG_BUFFER, opt.CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES],
+                [log, JIT_LOG_BYTES])
+        except CudaError as exc:
+            text = bytes(log).split(b"\0", 1)[0].decode(errors="replace").strip()
+            raise CudaError(exc.call, exc.name, exc.hint,
+                            detail=f"{art.path.name}" + (f"; JIT log: {text[:600]}" if text else "")
+                            ) from exc
+
+    def launch(self, name: str, values: dict, stream: Any = None) -> None:
+        """Launch entry `name` with `values` (every visible param by name + grid-only sizes)."""
+        k = self.kernel(name)
+        launch = k.entry.launch(values)
+        try:
+            self.cu.cuLaunchKernel(k.function, *launch.grid, *launch.block, launch.shared_bytes,
+                                   stream if stream is not None else self.ctx.stream,
+                                   launch.ctypes_args(), 0)
+        except CudaError as exc:
+            raise CudaError(exc.call, exc.name, exc.hint,
+                            detail=f"kernel {name}, grid {launch.grid}") from exc
+
+    def describe(self) -> list[dict]:
+        """What was loaded: entry, target, cubin or PTX."""
+        return [{"entry": n, "target": k.artifact.target, "kind": k.artifact.kind}
+                for n, k in sorted(self.loaded.items())]
