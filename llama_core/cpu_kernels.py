@@ -200,7 +200,7 @@ def _slab_matmul(x: np.ndarray, pw: PreparedWeight, dequant_slab) -> np.ndarray:
         r1 = min(n_out, r0 + step)
         slab = buf[: r1 - r0]
         dequant_slab(r0, slab)
-        np.matmul(x, slab.T, out=y[:, r0:r1])
+        y[:, r0:r1] = x @ slab.T  # (a strided `out=` would bypass BLAS)
     return y
 
 
