@@ -35,11 +35,28 @@ class VfioError(UkgpuError):
 
 
 def _ioctl(fd: int, request: int, arg=0, what: str = "") -> int:
-    """ioctl returning the kernel's return value (arg: an int or a mutable ctypes buffer)."""
+    """ioctl returning the kernel's return value.
+
+    `arg` is an int or a *mutable* buffer (ctypes struct, bytearray): the kernel
+    fills it in place.  With an immutable `bytes` argument fcntl would return a
+    copy of the buffer instead of the return value (a file descriptor, say).
+    """
     try:
-        return fcntl.ioctl(fd, request, arg, True) if not isinstance(arg, int) else fcntl.ioctl(fd, request, arg)
+        return fcntl.ioctl(fd, request, arg, True)
     except OSError as exc:
         raise VfioError(f"{what or hex(request)} failed: {os.strerror(exc.errno)} (errno {exc.errno})") from exc
+
+
+def _release(steps) -> None:
+    """Run every release step even if some fail; re-raise the first failure afterwards."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:  # keep releasing: a leaked fd pins the device
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -214,11 +231,9 @@ class Group:
     def close(self) -> None:
         if self.fd < 0:
             return
-        if self.container is not None:
-            fcntl.ioctl(self.fd, abi.VFIO_GROUP_UNSET_CONTAINER, 0)
-            self.container = None
-        os.close(self.fd)
-        self.fd = -1
+        fd, container, self.fd, self.container = self.fd, self.container, -1, None
+        steps = [lambda: _ioctl(fd, abi.VFIO_GROUP_UNSET_CONTAINER, 0, "VFIO_GROUP_UNSET_CONTAINER")]
+        _release((steps if container is not None else []) + [lambda: os.close(fd)])
 
 
 # ---------------------------------------------------------------- device
@@ -341,15 +356,16 @@ class Device:
         _ioctl(self.fd, abi.VFIO_DEVICE_GET_IRQ_INFO, info, f"VFIO_DEVICE_GET_IRQ_INFO {index}")
         return IrqInfo(index, info.flags, info.count)
 
-    def irq_eventfd(self, index: int = abi.VFIO_PCI_MSI_IRQ_INDEX) -> IrqEventfd:
-        """Route vector 0 of IRQ `index` (INTx/MSI/MSI-X) to a new eventfd."""
+    def irq_eventfd(self, index: int = abi.VFIO_PCI_MSI_IRQ_INDEX, vector: int = 0) -> IrqEventfd:
+        """Route one vector of IRQ `index` (INTx/MSI/MSI-X) to a new eventfd."""
         info = self.irq_info(index)
-        if info.count == 0 or not info.flags & abi.VFIO_IRQ_INFO_EVENTFD:
-            raise VfioError(f"{self.bdf} has no eventfd-capable {abi.IRQ_INDEX_NAMES.get(index, index)} interrupt")
+        name = abi.IRQ_INDEX_NAMES.get(index, index)
+        if vector >= info.count or not info.flags & abi.VFIO_IRQ_INFO_EVENTFD:
+            raise VfioError(f"{self.bdf} has no eventfd-capable {name} vector {vector} ({info.count} vectors)")
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         req = abi.vfio_irq_set_eventfd(
             flags=abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
-            index=index, start=0, count=1, fd=efd)
+            index=index, start=vector, count=1, fd=efd)
         try:
             _ioctl(self.fd, abi.VFIO_DEVICE_SET_IRQS, req, "VFIO_DEVICE_SET_IRQS")
         except VfioError:
@@ -370,17 +386,20 @@ class Device:
         _ioctl(self.fd, abi.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
 
     def close(self) -> None:
+        """Disable IRQs and close their eventfds, unmap BARs, close the device fd."""
         if self.fd < 0:
             return
-        for index, irq in reversed(self._irqs):
-            self._disable_irq(index)
-            os.close(irq.fd)
-        self._irqs.clear()
-        for mapping in reversed(self._maps):
-            mapping.close()
-        self._maps.clear()
-        os.close(self.fd)
-        self.fd = -1
+        indexes = list(dict.fromkeys(index for index, _ in reversed(self._irqs)))
+        steps = [lambda index=index: self._disable_irq(index) for index in indexes]  # once per index
+        steps += [lambda fd=irq.fd: os.close(fd) for _, irq in reversed(self._irqs)]
+        steps += [m.close for m in reversed(self._maps)]
+        fd = self.fd
+        steps.append(lambda: os.close(fd))
+        self._irqs, self._maps = [], []
+        try:
+            _release(steps)
+        finally:
+            self.fd = -1
 
 
 # ---------------------------------------------------------------- session
@@ -404,12 +423,13 @@ class VfioSession:
             raise
 
     def close(self) -> None:
-        if self.device is not None:
-            self.device.close()
-        self.container.unmap_all()
+        """Device first (quiesces it: vfio-pci resets it on release), then DMA maps, group, container."""
+        steps = [self.device.close] if self.device is not None else []
+        steps.append(self.container.unmap_all)
         if self.group is not None:
-            self.group.close()
-        self.container.close()
+            steps.append(self.group.close)
+        steps.append(self.container.close)
+        _release(steps)
 
     def __enter__(self) -> "VfioSession":
         return self

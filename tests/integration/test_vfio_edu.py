@@ -77,6 +77,12 @@ def test_guest_ran_every_step(guest):
     assert r["closed"] is True, guest.why("the VFIO session did not close")
 
 
+def test_session_releases_everything(guest):
+    r = guest.result
+    assert r.get("leaked_fds") == [], guest.why("file descriptors left open after the session closed")
+    assert r.get("reopen_id_register") == EDU_ID, guest.why("a second session could not open the device")
+
+
 def test_bind_through_driver_override(guest):
     r = guest.result
     bdf = r.get("bdf", "?")

@@ -92,3 +92,15 @@ def test_eventfd_counts_and_times_out():
     os.eventfd_write(efd, 1)
     assert irq.wait(1.0) == 3 and irq.wait(0) == 0
     os.close(efd)
+
+
+def test_release_runs_every_step_and_reraises_the_first_failure():
+    ran = []
+
+    def fail(name):
+        ran.append(name)
+        raise VfioError(name)
+
+    with pytest.raises(VfioError, match="first"):
+        vfio._release([lambda: fail("first"), lambda: ran.append("middle"), lambda: fail("last")])
+    assert ran == ["first", "middle", "last"]

@@ -11,7 +11,6 @@ inside the VM that receives it (nvidia driver, no IOMMU groups).
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 from tree import HERE
 

@@ -64,6 +64,7 @@ def step(result: dict, name: str, fn) -> None:
 
 def run(bdf: str) -> dict:
     r: dict = {"bdf": bdf}
+    fds_before = set(os.listdir("/proc/self/fd"))
     with open_device(bdf) as s:
         dev, bar = s.device, None
         r["api_version"] = s.container.api_version
@@ -96,6 +97,10 @@ def run(bdf: str) -> dict:
         step(r, "irq", lambda: _irq_check(r, dev, bar))
         step(r, "reset", lambda: _reset_check(r, dev))
     r["closed"] = True
+    r["leaked_fds"] = sorted(set(os.listdir("/proc/self/fd")) - fds_before)
+    # A second session only works if the first released the group and container.
+    with open_device(bdf) as again:
+        r["reopen_id_register"] = again.device.map_bar(0).read32(REG_ID)
     return r
 
 
