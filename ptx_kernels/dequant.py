@@ -27,7 +27,8 @@ def weight_params(qtype: str) -> tuple[tuple[str, str], ...]:
 
 def weight_constexprs(qtype: str) -> dict:
     fmt = FORMATS[qtype]
-    return {"KIND": KIND_CODES[fmt.kind], "HAS_MIN": fmt.has_min, "GROUP": max(fmt.group, 1)}
+    # float weights have no scales: GROUP only sets the run length the mat-vec loads at once
+    return {"KIND": KIND_CODES[fmt.kind], "HAS_MIN": fmt.has_min, "GROUP": fmt.group or 32}
 
 
 def unused_planes(qtype: str) -> tuple[str, ...]:
