@@ -1,0 +1,158 @@
+"""The guest init steps that run on the host: command line, arena sizing, manifest checks, admin."""
+
+import asyncio
+import hashlib
+import json
+import threading
+
+import pytest
+
+from ukgpu.kernel import manifest
+from ukgpu.kernel.init import BootConfig, DEFAULT_NET, arena_size, parse_ip, with_admin
+from ukgpu.kernel.init_sys import InitError, NetConfig
+from ukgpu.kernel.manifest import ManifestError
+
+
+def test_cmdline_defaults_and_keys():
+    cfg = BootConfig.parse("console=ttyS0 panic=-1 quiet ukgpu.manifest=ABC123 ukgpu.arena=2G "
+                           "ukgpu.port=9000 ukgpu.ctx=512 ukgpu.slots=3 ukgpu.backend=cpu "
+                           "ukgpu.model=/dev/vda ukgpu.future=1")
+    assert cfg.manifest_sha256 == "abc123"
+    assert cfg.arena == "2G" and cfg.port == 9000 and cfg.ctx == 512 and cfg.slots == 3
+    assert cfg.backend == "cpu" and cfg.model == "/dev/vda" and cfg.verify == "full"
+    assert cfg.net == DEFAULT_NET
+    assert cfg.extra == {"future": "1"}
+    assert BootConfig.parse("console=ttyS0").manifest_sha256 is None
+
+
+@pytest.mark.parametrize("word", ["ukgpu.port=0", "ukgpu.ctx=lots", "ukgpu.backend=tpu",
+                                  "ukgpu.verify=maybe", "ip=dhcp", "ip=10.0.2.300"])
+def test_cmdline_rejects_bad_values_naming_the_word(word):
+    with pytest.raises(InitError, match=word.replace(".", r"\.")):
+        BootConfig.parse(f"console=ttyS0 {word}")
+
+
+def test_ip_kernel_syntax():
+    assert parse_ip("192.168.7.2::192.168.7.1:255.255.0.0::eth1:off") == \
+        NetConfig("192.168.7.2/16", "192.168.7.1", "eth1")
+    assert parse_ip("10.1.2.3") == NetConfig("10.1.2.3/24", None, "eth0")
+    assert parse_ip("off") is None
+    assert BootConfig.parse("ip=none").net is None
+
+
+def test_arena_size_explicit_or_from_kv_cache():
+    cfg = BootConfig(ctx=2048, slots=2)
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 -> K+V float32 for 2 slots of 2048
+    kv = 2 * 30 * 2048 * 3 * 64 * 4 * 2
+    assert arena_size(cfg, 30, 3, 64) == kv + kv // 4 + (64 << 20)
+    cfg.slots = 4
+    assert arena_size(cfg, 30, 3, 64) > kv * 2
+    assert arena_size(BootConfig(arena="1.5G"), 30, 3, 64) == 3 << 29
+
+
+def _image_tree(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/tool").write_bytes(b"\x7fELF tool")
+    (root / "models").mkdir()
+    (root / "models/m.gguf").write_bytes(b"GGUF" + bytes(4096))
+    (root / "bin").symlink_to("usr/bin")
+    files = {f"/{p.relative_to(root).as_posix()}": manifest.digests(p)
+             for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+    doc = {"format": manifest.FORMAT, "files": files, "links": {"/bin": "usr/bin"}}
+    raw = manifest.dumps(doc)
+    (root / "etc/ukgpu").mkdir(parents=True)
+    (root / "etc/ukgpu/manifest.json").write_bytes(raw)
+    return root, doc, hashlib.sha256(raw).hexdigest()
+
+
+def test_manifest_load_checks_the_digest_from_the_command_line(tmp_path):
+    root, doc, digest = _image_tree(tmp_path)
+    path = root / "etc/ukgpu/manifest.json"
+    assert manifest.load(path, digest) == doc
+    with pytest.raises(ManifestError, match="differs from ukgpu.manifest"):
+        manifest.load(path, "0" * 64)
+    with pytest.raises(ManifestError, match="ukgpu.manifest="):
+        manifest.load(path, None)
+    doc["format"] = "other/9"
+    path.write_bytes(manifest.dumps(doc))
+    with pytest.raises(ManifestError, match="format"):
+        manifest.load(path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def test_verify_passes_an_intact_tree_and_names_every_kind_of_tampering(tmp_path):
+    root, doc, _ = _image_tree(tmp_path)
+    assert manifest.verify(doc, str(root)) == []
+    (root / "usr/bin/tool").write_bytes(b"\x7fELF tooL")  # same size, other content
+    (root / "models/m.gguf").write_bytes(b"GGUF")
+    (root / "usr/bin/extra").write_bytes(b"planted")
+    (root / "bin").unlink()
+    (root / "bin").symlink_to("/tmp")
+    problems = manifest.verify(doc, str(root))
+    assert "/usr/bin/tool: content differs (BLAKE2b mismatch)" in problems
+    assert "/models/m.gguf: size 4 != 4100" in problems
+    assert "/usr/bin/extra: not in the manifest" in problems
+    assert "/bin: symlink points to /tmp, not usr/bin" in problems
+    (root / "usr/bin/tool").unlink()
+    assert "/usr/bin/tool: missing" in manifest.verify(doc, str(root))
+
+
+def test_verify_skip_checks_size_only_and_verify_one_hashes(tmp_path):
+    root, doc, _ = _image_tree(tmp_path)
+    blob = root / "models/m.gguf"
+    blob.write_bytes(b"GGUF" + bytes(4095) + b"\x01")
+    assert manifest.verify(doc, str(root), skip=("/models/m.gguf",)) == []
+    assert "BLAKE2b" in manifest.verify_one(doc, "/models/m.gguf", str(root))
+
+
+def test_runtime_dirs_are_not_reported_as_unlisted(tmp_path):
+    root, doc, _ = _image_tree(tmp_path)
+    (root / "proc/1").mkdir(parents=True)
+    (root / "proc/1/status").write_text("x")
+    (root / "tmp").mkdir()
+    (root / "tmp/scratch").write_text("x")
+    assert manifest.verify(doc, str(root)) == []
+
+
+class _Guest:
+    def __init__(self):
+        self.reasons = []
+        self.done = threading.Event()
+
+    def shutdown(self, reason):
+        self.reasons.append(reason)
+        self.done.set()
+
+
+def _call(app, method, path):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_admin_poweroff_answers_then_shuts_down_and_passes_other_paths():
+    seen = []
+
+    async def api(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guest = _Guest()
+    app = with_admin(api, guest)
+    assert _call(app, "GET", "/health")[0]["status"] == 200 and seen == ["/health"]
+    assert _call(app, "GET", "/admin/poweroff")[0]["status"] == 405
+    assert not guest.reasons
+    sent = _call(app, "POST", "/admin/poweroff")
+    assert sent[0]["status"] == 202
+    assert json.loads(sent[1]["body"]) == {"status": "powering off"}
+    assert guest.done.wait(5) and guest.reasons == ["POST /admin/poweroff"]
+    assert seen == ["/health"]
