@@ -12,7 +12,7 @@ from ukgpu.gpu.pci import PciBus, PciError, PciIds, cuda_ordinal, normalize_bdf,
 from ukgpu.gpu.pci_config import ConfigError, parse_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))
-import tree  # noqa: E402
+import sysfs_tree as tree  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 NO_IDS = PciIds(search=())  # hex names, whatever the machine has installed

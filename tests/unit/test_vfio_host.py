@@ -16,7 +16,7 @@ from ukgpu.gpu.vfio_host import VfioHost
 from ukgpu.tools.cli import main
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))
-import tree  # noqa: E402
+import sysfs_tree as tree  # noqa: E402
 
 GPU = "0000:00:06.0"
 GiB, MiB = 1 << 30, 1 << 20

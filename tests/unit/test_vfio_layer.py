@@ -16,7 +16,7 @@ from ukgpu.gpu.vfio import Container, Group, IrqEventfd, Mmio, RegionInfo, VfioE
 from ukgpu.llama_core.errors import UkgpuError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))
-import tree  # noqa: E402
+import sysfs_tree as tree  # noqa: E402
 
 
 def open_fds() -> set[str]:

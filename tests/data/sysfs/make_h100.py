@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from tree import HERE
+from sysfs_tree import HERE
 
 BDF = "0000_00_06.0"
 GiB, MiB = 1 << 30, 1 << 20

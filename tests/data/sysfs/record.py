@@ -1,4 +1,4 @@
-"""Record a machine's PCI sysfs facts into tests/data/sysfs/<name>/ (see tree.py for the format).
+"""Record a machine's PCI sysfs facts into tests/data/sysfs/<name>/ (see sysfs_tree.py for the format).
 
     python tests/data/sysfs/record.py dev-vm                              # this machine's /sys
     python tests/data/sysfs/record.py --from-guest-log serial.log qemu-edu  # the VFIO test guest's
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tree import ATTRS, HERE
+from sysfs_tree import ATTRS, HERE
 
 
 def record(name: str, sysfs: Path = Path("/sys")) -> Path:
