@@ -106,7 +106,7 @@ class CudaBackend(Backend):
         self.capturing = False  # ops read token/position from `step` instead of uploading
         self.captured_output: DeviceBuffer | None = None
         self._forward_id = 0
-        self._positions: dict[tuple[int, int, int], DeviceBuffer] = {}
+        self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's device words
         self.graphs = DecodeGraphs(self)
 
     @classmethod
@@ -165,7 +165,7 @@ class CudaBackend(Backend):
         from ukgpu.llama_core.quants import dequantize
 
         data = np.asarray(view.data)
-        vec = (data.view(np.float32) if qtype == "F32" else dequantize(data, qtype, shape[0]))
+        vec = data.view(np.float32) if qtype == "F32" else dequantize(data, view.qtype, shape[0])
         vec = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1)
         w = DeviceWeight(view.name, qtype, shape, {}, vec=self.upload(vec, "weights"))
         if view.name.endswith(".bias"):
@@ -189,7 +189,7 @@ class CudaBackend(Backend):
         return self._keep(self._upload_act(np.asarray(tokens, dtype=np.int32).reshape(-1)))
 
     def _keep(self, buf: DeviceBuffer) -> int:
-        self._positions[(self._forward_id, -1, id(buf))] = buf
+        self._live[(self._forward_id, -1, id(buf))] = buf
         return buf.ptr
 
     def _pos_lens(self, start_pos: int, n: int) -> tuple[int, int]:
@@ -197,19 +197,18 @@ class CudaBackend(Backend):
         if self.capturing:
             return self.step.pos, self.step.lens
         key = (self._forward_id, start_pos, n)
-        if key not in self._positions:
+        if key not in self._live:
             words = np.zeros(-(-n // 4) * 4 + 8, dtype=np.int32)
             words[:n] = np.arange(start_pos, start_pos + n)
-            words[-(8):-4] = start_pos + n  # lens at a 16-byte aligned offset, then slot 0
-            words[-4:] = 0
-            self._positions[key] = self._upload_act(words)
-        buf = self._positions[key]
+            words[-8] = start_pos + n  # lens at a 16-byte aligned offset, then slot 0 at +16
+            self._live[key] = self._upload_act(words)
+        buf = self._live[key]
         return buf.ptr, buf.ptr + (buf.size - 8) * 4
 
     # --- ops ---------------------------------------------------------------------
     def embedding(self, table: DeviceWeight, tokens: np.ndarray) -> DeviceBuffer:
         self._forward_id += 1  # every forward pass starts here
-        self._positions.clear()
+        self._live.clear()
         n, k = len(np.asarray(tokens).reshape(-1)), table.shape[1]
         out = self.new((n, k))
         self.launch(f"embedding_{table.tag}", **table.planes, ids=self._ids(tokens), out=out.ptr,
@@ -306,3 +305,17 @@ class CudaBackend(Backend):
 
     def usage(self) -> str:
         return self.arena.usage()
+
+
+def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:
+    """(ok, reason): can this machine run the CUDA backend?  See `cuda_select.probe`."""
+    from .cuda_select import probe as _probe
+
+    return _probe(device, driver)
+
+
+def select_backend(kind: str = "auto", gguf: Any = None, **kw: Any) -> tuple[Backend, str]:
+    """(backend, one line saying which and why); see `cuda_select.select_backend`."""
+    from .cuda_select import select_backend as _select
+
+    return _select(kind, gguf, **kw)
