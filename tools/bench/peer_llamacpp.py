@@ -1,0 +1,54 @@
+"""llama.cpp timings through llama-cpp-python, run by whichever interpreter has it.
+
+This file is executed as a script (`PYTHON peer_llamacpp.py < request.json`) by
+an interpreter that may not have ukgpu installed, so it imports only the
+standard library, numpy and llama_cpp.  It times exactly what `backend_run`
+times: pp = one `eval` of the prompt ids into an empty cache, ttft = that plus
+picking the first token from the last logits, tg = n_gen single-token `eval`s
+from an empty cache; one warm-up, then the repeats.  It prints one JSON object:
+{"version", "n_threads", "pp": [s...], "ttft": [s...], "tg": [s...], "peak_rss_mib"}.
+"""
+
+import json
+import resource
+import sys
+import time
+
+
+def main() -> int:
+    req = json.load(sys.stdin)  # {"model", "prompt": [ids], "n_gen", "repeats", "warmup", "n_threads"}
+    import llama_cpp
+    import numpy as np
+
+    prompt = [int(t) for t in req["prompt"]]
+    n_ctx = max(len(prompt), req["n_gen"]) + 1
+    llm = llama_cpp.Llama(req["model"], n_ctx=n_ctx, n_batch=max(len(prompt), 1), n_ubatch=max(len(prompt), 1),
+                          n_threads=req["n_threads"], n_threads_batch=req["n_threads"], verbose=False)
+    n_vocab = llm.n_vocab()
+    pp, ttft, tg = [], [], []
+    for i in range(req["warmup"] + req["repeats"]):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))  # last position
+        int(np.argmax(logits))
+        t2 = time.perf_counter()
+        llm.reset()
+        t3 = time.perf_counter()
+        for pos in range(req["n_gen"]):
+            llm.eval([prompt[pos % len(prompt)]])
+        t4 = time.perf_counter()
+        if i >= req["warmup"]:
+            pp.append(t1 - t0)
+            ttft.append(t2 - t0)
+            tg.append(t4 - t3)
+        print(f"llama.cpp run {i + 1}/{req['warmup'] + req['repeats']}", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"version": llama_cpp.__version__, "n_threads": req["n_threads"], "pp": pp,
+                      "ttft": ttft, "tg": tg, "peak_rss_mib": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
