@@ -51,6 +51,8 @@ class GuestRun:
 def qemu_command(image: guest_build.GuestImage) -> list[str]:
     return ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024",
             "-device", "intel-iommu", "-device", "edu",
+            # an empty PCIe root port: real PCIe/extended capabilities in the recorded sysfs facts
+            "-device", "pcie-root-port,id=rp0,chassis=1,slot=1",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", "console=ttyS0 intel_iommu=on panic=-1",
             "-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]
@@ -72,6 +74,7 @@ def guest(tmp_path_factory) -> GuestRun:
         log_path.write_text(log)
         pytest.fail(f"the guest did not power off within {BOOT_TIMEOUT_S} s\nserial log:\n{log[-8000:]}")
     log_path.write_text(log)
+    print(f"guest serial log: {log_path}")
     seconds = time.monotonic() - t0
     lines = [line for line in log.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:

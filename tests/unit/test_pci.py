@@ -66,7 +66,18 @@ def test_qemu_guest_recording_edu_and_groups(tmp_path):
     assert edu.config.msi.vectors == 1 and edu.config.msi.is_64bit
     sata = b.device("0000:00:1f.2")
     assert [(x.index, x.is_io, x.size) for x in sata.bars] == [(4, True, 32), (5, False, 4096)]
-    assert {d.bdf for d in b.devices() if d.iommu_group == 2} == {"0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"}
+    assert {d.bdf for d in b.devices() if d.iommu_group == 3} == {"0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"}
+
+
+def test_qemu_guest_recording_pcie_root_port(tmp_path):
+    port = bus(tmp_path, "qemu-edu").device("0000:00:02.0")  # QEMU pcie-root-port (1b36:000c)
+    assert (port.vendor_id, port.device_id, port.class_code, port.driver) == (0x1B36, 0x000C, 0x060400, "pcieport")
+    cfg = port.config
+    assert cfg.header_type == 1 and [c.name for c in cfg.capabilities] == ["PCIe", "MSI-X", "SSVID"]
+    assert [c.name for c in cfg.ext_capabilities] == ["AER", "ACS"]
+    # QEMU 7.2's root port defaults: x-speed=16, x-width=32
+    assert (cfg.link.speed_gts, cfg.link.width, cfg.link.max_speed_gts, cfg.link.max_width) == (16.0, 32, 16.0, 32)
+    assert str(cfg.link) == "16 GT/s x32 (max 16 GT/s x32)"
 
 
 def test_nvidia_gpus_listed_first(tmp_path):

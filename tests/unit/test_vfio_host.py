@@ -97,6 +97,12 @@ def test_bind_refuses_device_serving_the_host(tmp_path):
         host(root, tmp_path).plan_bind("0000:00:03.0")
 
 
+def test_bind_refuses_a_bridge(tmp_path):
+    root = tree.materialize("qemu-edu", tmp_path / "sys")
+    with pytest.raises(VfioError, match="0000:00:02.0 is a PCI bridge"):
+        host(root, tmp_path).plan_bind("0000:00:02.0")
+
+
 def test_bind_needs_an_iommu_group(tmp_path):
     root = tree.materialize("h100-guest", tmp_path / "sys")
     with pytest.raises(VfioError, match="no IOMMU group.*intel_iommu=on"):

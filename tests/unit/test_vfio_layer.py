@@ -47,7 +47,8 @@ def test_no_iommu_groups_says_enable_the_iommu(tmp_path):
 def test_group_of_recorded_guest(tmp_path):
     root = tree.materialize("qemu-edu", tmp_path / "sys")
     assert vfio.iommu_group_of("0000:00:01.0", root) == 1
-    assert vfio.group_members(2, root) == {"0000:00:1f.0": None, "0000:00:1f.2": None, "0000:00:1f.3": None}
+    assert vfio.group_members(3, root) == {"0000:00:1f.0": None, "0000:00:1f.2": None, "0000:00:1f.3": None}
+    assert vfio.group_members(2, root) == {"0000:00:02.0": "pcieport"}
     with pytest.raises(VfioError, match="no PCI device"):
         vfio.iommu_group_of("0000:00:09.0", root)
 
@@ -60,7 +61,7 @@ def test_missing_group_file_says_bind(tmp_path):
 def test_not_viable_names_device_and_driver(tmp_path):
     root = tree.materialize("qemu-edu", tmp_path / "sys")
     tree.set_driver(root, "0000:00:1f.2", "ahci")
-    message = vfio._not_viable_message(2, root)
+    message = vfio._not_viable_message(3, root)
     assert "0000:00:1f.2 is bound to ahci" in message and "0000:00:1f.3" not in message
 
 
