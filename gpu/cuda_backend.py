@@ -108,6 +108,7 @@ class CudaBackend(Backend):
         self._forward_id = 0
         self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's device words
         self.graphs = DecodeGraphs(self)
+        self._weights: dict[tuple[str, int], DeviceWeight] = {}  # uploaded once per GGUF tensor
 
     @classmethod
     def create(cls, device: int = 0, gguf: Any = None, **kw: Any) -> "CudaBackend":
@@ -149,6 +150,12 @@ class CudaBackend(Backend):
 
     # --- weights and cache -----------------------------------------------------
     def prepare_weight(self, view: Any) -> DeviceWeight:
+        key = (view.name, np.asarray(view.data).__array_interface__["data"][0])
+        if key not in self._weights:
+            self._weights[key] = self._prepare(view)
+        return self._weights[key]
+
+    def _prepare(self, view: Any) -> DeviceWeight:
         qtype = getattr(view.qtype, "name", str(view.qtype))
         shape = tuple(int(s) for s in view.shape)
         if len(shape) == 1:

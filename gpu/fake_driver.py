@@ -137,10 +137,13 @@ class FakeDriver:
 
     # --- plumbing ----------------------------------------------------------
     def __getattribute__(self, name: str) -> Any:
+        attr = object.__getattribute__(self, name)
         if name.startswith("cu") and object.__getattribute__(self, "library_missing"):
-            raise DriverLibraryMissing('"cuda" is an NVIDIA driver library and can only be found '
-                                       "via system search (fake driver: library_missing=True)")
-        return object.__getattribute__(self, name)
+            def missing(*args: Any) -> Any:  # the real bindings fail at the first call
+                raise DriverLibraryMissing('"cuda" is an NVIDIA driver library and can only be '
+                                           "found via system search (fake: library_missing=True)")
+            return missing
+        return attr
 
     def _failing(self, call: str) -> CUresult | None:
         name = self.fail.get(call)
