@@ -2,7 +2,7 @@
 
 Each program computes a BLOCK_M x BLOCK_N tile of y, walking K in BLOCK_K steps: the x tile is
 rounded to float16 and the W tile (repacked layout, see repack.py) is dequantized in registers
-to float16, then `tl.dot` accumulates in float32 (mma on sm_80, wgmma on sm_90a).
+to float16, then `tl.dot` accumulates in float32 (mma.sync on sm_80, wgmma on sm_90a).
 Precision: both operands pass through float16 (relative rounding 2^-11 each).
 Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), pointers 16-byte aligned, K divisible by 16.
 Reference: `reference.matvec` (same math, any M).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import load_weights, unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -22,19 +22,40 @@ from .spec import KernelSpec
 def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
                 KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The W tile is built as (rows, groups, run) with one scale load per run and contiguous
+    # quant loads, then flattened to (BN, BK); nibbles become (rows, groups, [low, high], 16).
+    RUN: tl.constexpr = 16 if KIND == 0 else GROUP
+    NG: tl.constexpr = BLOCK_K // 32 if KIND == 0 else BLOCK_K // GROUP
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     m_ok = rm < M
-    n_ok = rn < N
+    n3 = rn[:, None, None]  # (BN, 1, 1)
+    n_ok3 = n3 < N
+    g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
+    i = tl.arange(0, RUN)[None, None, :]  # (1, 1, RUN)
+    row_bytes = tl.multiple_of(K // 2, 16)  # launch limit K % 32 == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        w = load_weights(w_q, w_s, w_m, rn[:, None], rk[None, :], K,
-                         n_ok[:, None] & k_ok[None, :], KIND, HAS_MIN, GROUP)  # (BN, BK)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0)
+        if KIND == 0:
+            w_ok = n_ok3 & (k0 + g * 32 < K)
+            byte = tl.load(w_q + n3 * row_bytes + k0 // 2 + g * 16 + i, mask=w_ok, other=0).to(tl.int32)
+            w = tl.join((byte & 15).to(tl.float32), (byte >> 4).to(tl.float32))  # (BN, NG, 16, 2)
+            w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, NG, 32))
+            s_off = n3 * (K // 32) + k0 // 32 + g
+            w = w * tl.load(w_s + s_off, mask=w_ok, other=0).to(tl.float32)
+            if HAS_MIN:
+                w = w + tl.load(w_m + s_off, mask=w_ok, other=0).to(tl.float32)
+        else:
+            kg = k0 + g * RUN
+            w_ok = n_ok3 & (kg < K)
+            w = tl.load(w_q + n3 * K + kg + i, mask=w_ok, other=0).to(tl.float32)  # (BN, NG, RUN)
+            if KIND != 2:
+                w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & (rn < N)[None, :])
 
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
