@@ -42,13 +42,22 @@ print("\n".join(failed))
 
 
 def stage(layout: Layout, root: Path) -> None:
-    """Materialise `layout` under `root` (hard links where possible, else copies)."""
+    """Materialise `layout` under `root`.
+
+    ukgpu's own sources are copied (they may be edited while the image is
+    built; the manifest and the archive must see the same bytes); the
+    versioned inputs (unpacked debs, installed wheels) are hard-linked when
+    possible.
+    """
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     for guest, host in sorted(layout.files.items()):
         dest = root / guest.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if f"{SITE}/ukgpu/" in guest:
+            shutil.copyfile(host, dest)
+            continue
         try:
             os.link(host, dest)
         except OSError:

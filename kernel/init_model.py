@@ -24,7 +24,7 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
     ctx = min(cfg.ctx, mc.ctx_len) if mc.ctx_len else cfg.ctx
     cfg.ctx = ctx
     arena = Arena(arena_size(cfg, mc.n_layers, mc.n_kv_heads, mc.head_dim))
-    backend, note = pick_backend(cfg.backend, arena)
+    backend, note = pick_backend(cfg.backend, arena, gguf)
     from ukgpu.llama_core.engine import Engine
 
     engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots)
@@ -33,11 +33,12 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
     return engine, arena, note
 
 
-def pick_backend(wanted: str, arena: Arena) -> tuple[Any, str]:
-    """The CUDA backend when a GPU is present and works (or is demanded), else the CPU one."""
+def pick_backend(wanted: str, arena: Arena, gguf: Any = None) -> tuple[Any, str]:
+    """The CUDA backend when a GPU is present and works (or is demanded), else the CPU one
+    with its KV cache in the arena."""
     reason = "ukgpu.backend=cpu"
     if wanted in ("auto", "cuda"):
-        backend, reason = _try_cuda(arena)
+        backend, reason = _try_cuda(gguf)
         if backend is not None:
             return backend, "cuda"
         if wanted == "cuda":
@@ -47,7 +48,7 @@ def pick_backend(wanted: str, arena: Arena) -> tuple[Any, str]:
     return CpuBackend(alloc=arena.alloc), f"cpu ({reason})"
 
 
-def _try_cuda(arena: Arena) -> tuple[Any, str]:
+def _try_cuda(gguf: Any) -> tuple[Any, str]:
     try:
         from ukgpu.gpu.pci import PciBus
 
@@ -57,8 +58,9 @@ def _try_cuda(arena: Arena) -> tuple[Any, str]:
     if not gpus:
         return None, "no NVIDIA GPU on the PCI bus"
     try:
-        from ukgpu.gpu.cuda_backend import CudaBackend
+        from ukgpu.gpu.cuda_backend import select_backend
 
-        return CudaBackend(), ""
+        backend, _ = select_backend("cuda", gguf)
+        return backend, ""
     except Exception as exc:
         return None, f"GPU {gpus[0].bdf} found but CUDA is unusable: {type(exc).__name__}: {exc}"

@@ -1,0 +1,94 @@
+"""Boot the real image under QEMU (TCG): READY, a completion over HTTP, clean poweroff, and a
+tampered image refused at boot.  Failing tests carry the guest's serial console."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from ukgpu.kernel import image as image_mod
+from ukgpu.kernel import qemu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_ready_reports_boot_timings(serving_vm):
+    ready = serving_vm.ready
+    for key in ("total", "boot_to_init", "verify", "modules", "network", "model_load", "http"):
+        assert key in ready, f"READY line lacks {key}: {ready}"
+    assert 0 < ready["boot_to_init"] < ready["total"]
+    assert ready["port"] == qemu.GUEST_PORT
+    assert any("image verified" in line for line in serving_vm.log)
+    assert any(line.startswith("ukgpu: backend cpu") for line in serving_vm.log), \
+        "no GPU here: the guest must say it fell back to the CPU and why"
+
+
+def test_health_and_models(serving_vm):
+    health = httpx.get(serving_vm.url + "/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    models = httpx.get(serving_vm.url + "/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m"]
+
+
+def test_completion_over_http_matches_the_host_engine(serving_vm, smollm2_path):
+    body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 6,
+            "temperature": 0}
+    resp = httpx.post(serving_vm.url + "/v1/completions", json=body, timeout=300)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    text = got["choices"][0]["text"]
+    assert text.strip(), got
+    assert 0 < got["usage"]["completion_tokens"] <= 6
+    from ukgpu.llama_core.engine import Engine
+    from ukgpu.llama_core.sampling import SamplingParams
+
+    engine = Engine.load(smollm2_path, backend="cpu", n_ctx=256, n_slots=1)
+    ids = engine.tokenizer.encode(body["prompt"])
+    events = list(engine.generate(ids, SamplingParams(temperature=0.0), max_tokens=6))
+    host_text = engine.tokenizer.decode([e.token for e in events if e.token is not None])
+    assert text == host_text, "the guest's greedy completion differs from the host CPU engine"
+
+
+def test_poweroff_over_http_stops_qemu_cleanly(serving_vm):
+    resp = httpx.post(serving_vm.url + "/admin/poweroff", timeout=30)
+    assert resp.status_code == 202
+    assert serving_vm.wait(timeout=60) == 0
+    assert any("powering off: POST /admin/poweroff" in line for line in serving_vm.log)
+    assert serving_vm.fatal is None
+
+
+def _tampered_copy(image: image_mod.Image, dest) -> tuple[image_mod.Image, str]:
+    """A copy of the image whose initramfs has one byte of one file changed (same size)."""
+    victim = "usr/lib/python3/dist-packages/ukgpu/kernel/api/app.py"
+    data = bytearray((image.dir / "initramfs.cpio").read_bytes())
+    name_at = data.index(victim.encode() + b"\0")
+    content_at = (name_at + len(victim) + 1 + 3) & ~3
+    data[content_at + 10] ^= 0x20
+    dest.mkdir()
+    (dest / "initramfs.cpio").write_bytes(bytes(data))
+    for name in ("vmlinux", "manifest.json", "image.json"):
+        os.link(image.dir / name, dest / name) if _same_fs(image.dir, dest) else \
+            shutil.copy(image.dir / name, dest / name)
+    return image_mod.load(dest), "/" + victim
+
+
+def _same_fs(a, b) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def test_tampered_image_is_refused_at_boot(built_image, tmp_path, attach_vm):
+    bad, victim = _tampered_copy(built_image, tmp_path / "bad")
+    vm = attach_vm(qemu.Vm(bad, qemu.BootOptions(port=0)))
+    vm.start()
+    try:
+        code = vm.wait(timeout=420)
+    except subprocess.TimeoutExpired:
+        vm.kill()
+        pytest.fail("the tampered guest neither refused nor powered off:\n" + vm.tail())
+    assert code == 0, "the guest should power itself off, not crash QEMU"
+    assert vm.ready is None, "a tampered image must never report READY"
+    assert vm.fatal and "image tampered" in vm.fatal and victim in vm.fatal, vm.tail()
