@@ -73,6 +73,8 @@ def _kernels():
             from . import cpu_kernels_nbk as nbk
             from . import cpu_kernels_tile as tile
             _KERNELS = (nb, nbk, tile)
+            _MV.update({T.Q4_0: nb.mv_q4_0, T.Q4_1: nb.mv_q4_1, T.Q5_0: nb.mv_q5_0, T.Q5_1: nb.mv_q5_1,
+                        T.Q8_0: nb.mv_q8_0, T.Q4_K: nbk.mv_q4_k, T.Q5_K: nbk.mv_q5_k, T.Q6_K: nbk.mv_q6_k})
         except ImportError:
             _KERNELS = None
     return _KERNELS
@@ -80,6 +82,7 @@ def _kernels():
 
 _UNSET = object()
 _KERNELS: Any = _UNSET
+_MV: dict = {}  # qtype -> mat-vec kernel on raw rows (filled by _kernels)
 
 
 def prepare(w: Any, repack: bool = True, use_numba: bool | None = None) -> PreparedWeight:
@@ -135,17 +138,7 @@ def _numba_matmul(x: np.ndarray, pw: PreparedWeight) -> np.ndarray:
     if pw.tiles is not None:
         tile.matvec(pw.tiles, x, s, y)
         return y
-    q, w = pw.qtype, pw.rows
-    if q in (T.Q4_0, T.Q4_1):
-        nb.mv_q4(w, x, s, y, q == T.Q4_1)
-    elif q in (T.Q5_0, T.Q5_1):
-        nb.mv_q5(w, x, s, y, q == T.Q5_1)
-    elif q == T.Q8_0:
-        nb.mv_q8_0(w, x, s, y)
-    elif q in (T.Q4_K, T.Q5_K):
-        nbk.mv_qk45(w, x, s, y, q == T.Q5_K)
-    else:
-        nbk.mv_q6_k(w, x, s, y)
+    _MV[pw.qtype](pw.rows, x, s, y)
     return y
 
 

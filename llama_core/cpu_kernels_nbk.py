@@ -33,12 +33,37 @@ def scale_min_k4(wr, o, k):
     return np.float32(sc), np.float32(mn)
 
 
+@njit(inline="always")
+def k45_lanes(wr, o, li, xr, xb, sr, sb, five):
+    """Add one Q4_K/Q5_K super-block's 256 products to the lanes; returns its minimums' term."""
+    qo = o + (48 if five else 16)
+    d = f16(wr[o], wr[o + 1])
+    dmin = f16(wr[o + 2], wr[o + 3])
+    bias = np.float32(0.0)
+    for cc in range(4):
+        sc1, m1 = scale_min_k4(wr, o + 4, 2 * cc)
+        sc2, m2 = scale_min_k4(wr, o + 4, 2 * cc + 1)
+        d1, d2 = d * sc1, d * sc2
+        bias -= dmin * (m1 * sr[sb * 8 + 2 * cc] + m2 * sr[sb * 8 + 2 * cc + 1])
+        qb, x1 = qo + 32 * cc, xb + 64 * cc
+        if five:
+            for l in range(32):
+                q = wr[qb + l]
+                h = wr[o + 16 + l] >> (2 * cc)
+                lo = np.uint8(q & U15) | np.uint8((h & 1) << 4)
+                hi = np.uint8(q >> U4) | np.uint8((h & 2) << 3)
+                li[l] += d1 * (np.float32(lo) * xr[x1 + l]) + d2 * (np.float32(hi) * xr[x1 + 32 + l])
+        else:
+            for l in range(32):
+                q = wr[qb + l]
+                li[l] += (d1 * (np.float32(np.uint8(q & U15)) * xr[x1 + l])
+                          + d2 * (np.float32(np.uint8(q >> U4)) * xr[x1 + 32 + l]))
+    return bias
+
+
 @njit(**OPTS)
-def mv_qk45(w, x, s, y, five):
-    """Q4_K (five=False) and Q5_K (five=True)."""
+def mv_q4_k(w, x, s, y):
     out, n, nsb = w.shape[0], x.shape[0], x.shape[1] // 256
-    bpb = 176 if five else 144
-    qo = 48 if five else 16
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
     for c in prange(nch):
@@ -49,33 +74,33 @@ def mv_qk45(w, x, s, y, five):
             r0 = tile * R
             rn = min(R, out - r0)
             for t in range(n):
-                xr, sr = x[t], s[t]
                 lanes[:] = 0
                 bias[:] = 0
                 for sb in range(nsb):
-                    o, xb = sb * bpb, sb * 256
                     for i in range(rn):
-                        wr, li = w[r0 + i], lanes[i]
-                        d = f16(wr[o], wr[o + 1])
-                        dmin = f16(wr[o + 2], wr[o + 3])
-                        for cc in range(4):
-                            sc1, m1 = scale_min_k4(wr, o + 4, 2 * cc)
-                            sc2, m2 = scale_min_k4(wr, o + 4, 2 * cc + 1)
-                            d1, d2 = d * sc1, d * sc2
-                            bias[i] -= dmin * (m1 * sr[sb * 8 + 2 * cc] + m2 * sr[sb * 8 + 2 * cc + 1])
-                            qb, x1 = o + qo + 32 * cc, xb + 64 * cc
-                            if five:
-                                for l in range(32):
-                                    q = wr[qb + l]
-                                    h = wr[o + 16 + l] >> (2 * cc)
-                                    lo = np.uint8(q & U15) | np.uint8((h & 1) << 4)
-                                    hi = np.uint8(q >> U4) | np.uint8((h & 2) << 3)
-                                    li[l] += d1 * (np.float32(lo) * xr[x1 + l]) + d2 * (np.float32(hi) * xr[x1 + 32 + l])
-                            else:
-                                for l in range(32):
-                                    q = wr[qb + l]
-                                    li[l] += (d1 * (np.float32(np.uint8(q & U15)) * xr[x1 + l])
-                                              + d2 * (np.float32(np.uint8(q >> U4)) * xr[x1 + 32 + l]))
+                        bias[i] += k45_lanes(w[r0 + i], sb * 144, lanes[i], x[t], sb * 256, s[t], sb, False)
+                for i in range(rn):
+                    y[t, r0 + i] = lanes[i].sum() + bias[i]
+
+
+@njit(**OPTS)
+def mv_q5_k(w, x, s, y):
+    out, n, nsb = w.shape[0], x.shape[0], x.shape[1] // 256
+    ntiles = (out + R - 1) // R
+    nch = min(ntiles, CHUNKS)
+    for c in prange(nch):
+        lanes = np.empty((R, 32), np.float32)
+        bias = np.empty(R, np.float32)
+        t0, t1 = chunk_range(c, nch, ntiles)
+        for tile in range(t0, t1):
+            r0 = tile * R
+            rn = min(R, out - r0)
+            for t in range(n):
+                lanes[:] = 0
+                bias[:] = 0
+                for sb in range(nsb):
+                    for i in range(rn):
+                        bias[i] += k45_lanes(w[r0 + i], sb * 176, lanes[i], x[t], sb * 256, s[t], sb, True)
                 for i in range(rn):
                     y[t, r0 + i] = lanes[i].sum() + bias[i]
 
