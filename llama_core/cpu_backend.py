@@ -1,0 +1,181 @@
+"""`CpuBackend`: the reference implementation of `Backend` in numpy.
+
+Weights stay as raw GGUF blocks in the memory-mapped file.  Matrix products
+run on the quantized blocks through `cpu_kernels.qmatmul` where it handles the
+type; otherwise the weight is dequantized a slab of rows at a time, so no
+dequantized copy of the model is ever kept.  `dtype=np.float64` runs every
+activation, the KV cache and the dequantized weights in double precision (a
+reference mode; always the dequantizing path).
+
+Products are exact float math on the dequantized weights.  (llama.cpp's CPU
+path instead rounds each activation vector to 8-bit blocks before its dot
+products, which moves its logits by a few % of their range; see
+docs/benchmarks/cpu.md.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Act, Allocator, Backend, KVCache, RopeConfig
+
+try:  # the fast quantized kernels (numba); absent: dequantize per slab
+    from .cpu_kernels import qmatmul as _qmatmul
+except ImportError:  # pragma: no cover - depends on the optional module
+    _qmatmul = None
+
+_SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in the fallback (16 MiB f32)
+_DENSE_TYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def _dequantize_rows(raw_rows: np.ndarray, qtype: Any) -> np.ndarray:
+    """uint8[rows, row_bytes] raw blocks -> float32[rows, row_elements]."""
+    from gguf.quants import dequantize
+
+    return dequantize(raw_rows, qtype)
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.zeros(shape, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CpuWeight:
+    """A GGUF tensor on the CPU: dense numpy data, or raw quantized rows."""
+
+    shape: tuple[int, ...]  # numpy order: (out, in) for matrices
+    qtype: Any
+    dense: np.ndarray | None  # F32/F16 tensors, shaped like `shape`
+    raw: np.ndarray | None  # uint8[out, row_bytes] for quantized matrices
+    view: Any  # the TensorView, for the quantized kernels
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, dtype: np.dtype = np.float32, alloc: Allocator | None = None,
+                 use_kernels: bool = True) -> None:
+        self.dtype = np.dtype(dtype)
+        self.alloc = alloc or _zeros
+        self.use_kernels = use_kernels and _qmatmul is not None and self.dtype == np.float32
+        self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
+
+    # --- weights and cache -------------------------------------------------
+    def prepare_weight(self, view: Any) -> CpuWeight:
+        shape = tuple(int(s) for s in view.shape)
+        qname = getattr(view.qtype, "name", str(view.qtype))
+        data = np.asarray(view.data)
+        if qname in _DENSE_TYPES:
+            dense = data.view(_DENSE_TYPES[qname]).reshape(shape)
+            return CpuWeight(shape, view.qtype, dense, None, view)
+        raw = data.reshape(shape[0] if len(shape) > 1 else 1, -1)  # [out, row_bytes]
+        return CpuWeight(shape, view.qtype, None, raw, view)
+
+    def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
+        shape = (n_layers, n_kv_heads, n_ctx, head_dim)
+        return KVCache(self.alloc(shape, self.dtype), self.alloc(shape, self.dtype), n_ctx)
+
+    def _rows(self, w: CpuWeight, rows: Any) -> np.ndarray:
+        """Dequantized rows of a matrix weight: [len(rows), in] in self.dtype."""
+        if w.dense is not None:
+            return w.dense[rows].astype(self.dtype, copy=False)
+        return _dequantize_rows(w.raw[rows], w.qtype).astype(self.dtype, copy=False)
+
+    # --- ops ---------------------------------------------------------------
+    def embedding(self, table: CpuWeight, tokens: np.ndarray) -> np.ndarray:
+        return self._rows(table, np.asarray(tokens, dtype=np.int64))  # [n, d]
+
+    def matmul(self, x: np.ndarray, weight: CpuWeight, bias: Any | None = None) -> np.ndarray:
+        if weight.dense is not None:
+            out = x @ weight.dense.T.astype(self.dtype, copy=False)
+        elif self.use_kernels:
+            out = _qmatmul(x, weight.view)
+        else:
+            out = self._slab_matmul(x, weight)
+        if bias is not None:
+            out += bias.dense
+        return out  # [n, out]
+
+    def _slab_matmul(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
+        n_out, n_in = w.shape
+        out = np.empty((x.shape[0], n_out), dtype=self.dtype)
+        step = max(1, _SLAB_ELEMENTS // n_in)
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            out[:, r0:r1] = x @ self._rows(w, slice(r0, r1)).T
+        return out
+
+    def rmsnorm(self, x: np.ndarray, weight: CpuWeight, eps: float) -> np.ndarray:
+        # a double-precision sum of squares; then scale and weight in the activation dtype
+        ms = (np.einsum("nd,nd->n", x, x, dtype=np.float64) / x.shape[1]).astype(self.dtype)
+        scale = self.dtype.type(1.0) / np.sqrt(ms + self.dtype.type(eps))  # [n]
+        out = x * scale[:, None]
+        out *= weight.dense
+        return out
+
+    def _rope_table(self, rope: RopeConfig, end: int) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = self._rope_tables.get(rope, (np.empty((0, 0)), None))
+        if cos.shape[0] < end:
+            size = max(end, 2 * cos.shape[0], 256)
+            angles = np.outer(np.arange(size) * rope.scale, rope.inv_freq())  # [pos, n_rot/2]
+            cos, sin = np.cos(angles).astype(self.dtype), np.sin(angles).astype(self.dtype)
+            self._rope_tables[rope] = (cos, sin)
+        return cos, sin
+
+    def rope(self, x: np.ndarray, start_pos: int, n_heads: int, rope: RopeConfig) -> np.ndarray:
+        n = x.shape[0]
+        cos, sin = self._rope_table(rope, start_pos + n)
+        c = cos[start_pos:start_pos + n, None, :]  # [n, 1, n_rot/2]
+        s = sin[start_pos:start_pos + n, None, :]
+        xh = x.reshape(n, n_heads, -1)  # [n, H, hd]
+        half = rope.n_rot // 2
+        if rope.neox:
+            x0, x1 = xh[:, :, :half], xh[:, :, half:rope.n_rot]
+        else:
+            x0, x1 = xh[:, :, 0:rope.n_rot:2], xh[:, :, 1:rope.n_rot:2]
+        r0 = x0 * c - x1 * s
+        x1[...] = x0 * s + x1 * c
+        x0[...] = r0
+        return x
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVCache, layer: int,
+                  start_pos: int) -> np.ndarray:
+        n = q.shape[0]
+        _, n_kv, _, hd = kv.k.shape
+        n_heads = q.shape[1] // hd
+        group = n_heads // n_kv
+        end = start_pos + n
+        kv.k[layer, :, start_pos:end] = k.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        kv.v[layer, :, start_pos:end] = v.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]  # [Hkv, T, hd]
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        scores = qg @ keys.transpose(0, 2, 1)  # [Hkv, G*n, T]
+        scores *= self.dtype.type(1.0 / np.sqrt(hd))
+        if n > 1:  # query i (position start_pos+i) sees keys 0 .. start_pos+i
+            future = np.arange(end)[None, :] > (start_pos + np.arange(n))[:, None]  # [n, T]
+            scores.reshape(n_kv, group, n, end)[:, :, future] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ values  # [Hkv, G*n, hd]
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        # silu(g) = g * sigmoid(g); exp(-g) may overflow to inf for very negative g -> 0, fine
+        with np.errstate(over="ignore"):
+            gate /= 1.0 + np.exp(-gate)
+        gate *= up
+        return gate
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x += y
+        return x
+
+    def take_rows(self, x: np.ndarray, rows: slice) -> np.ndarray:
+        return x[rows]
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)

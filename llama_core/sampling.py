@@ -1,0 +1,125 @@
+"""Choosing the next token from a row of logits.
+
+Order of the steps (each one off at its neutral value):
+
+1. penalties over the recent tokens: `repeat_penalty` (llama.cpp's: a positive
+   logit is divided by it, a negative one multiplied) over the last
+   `repeat_last_n` tokens; `presence_penalty` (once per seen token) and
+   `frequency_penalty` (times its count) subtracted, OpenAI-style, over the
+   same window;
+2. temperature == 0: the argmax (greedy), nothing random;
+3. otherwise logits / temperature, then `top_k` (keep the k largest), `top_p`
+   (keep the smallest set whose probability reaches p), `min_p` (drop tokens
+   below min_p times the top probability), and a draw from what remains with
+   `np.random.Generator(seed)`: the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import UkgpuError
+
+_TOP_P_FIRST_GUESS = 1024  # candidates sorted before falling back to a full sort
+
+
+class SamplingError(UkgpuError):
+    """Sampling parameters out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # window for all penalties; -1: the whole history
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 turns it off)"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplingError(f"{message}; got {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Stateful only in its random generator; one per sequence."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """The next token for logits float[vocab], after `history` (prompt + output)."""
+        p = self.params
+        logits = self._penalized(np.asarray(logits, dtype=np.float32), history)
+        if p.greedy:
+            return int(np.argmax(logits))
+        ids, probs = self._candidates(logits / np.float32(p.temperature))
+        return int(ids[self._draw(probs)])
+
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        p = self.params
+        if p.repeat_last_n == 0 or not history or (
+                p.repeat_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0):
+            return logits
+        window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+        counts = Counter(int(t) for t in window)
+        ids = np.fromiter(counts.keys(), dtype=np.int64)
+        n = np.fromiter(counts.values(), dtype=np.float32)
+        logits = logits.copy()
+        seen = logits[ids]
+        seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        logits[ids] = seen - n * p.frequency_penalty - p.presence_penalty
+        return logits
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and their normalized probabilities after top-k / top-p / min-p."""
+        p = self.params
+        ids = np.arange(logits.shape[0])
+        if 0 < p.top_k < logits.shape[0]:
+            ids = np.argpartition(logits, -p.top_k)[-p.top_k:]
+        probs = np.exp(logits[ids] - logits[ids].max())
+        probs /= probs.sum()
+        if p.top_p < 1:
+            ids, probs = _top_p(ids, probs, p.top_p)
+        if p.min_p > 0:
+            keep = probs >= p.min_p * probs.max()
+            ids, probs = ids[keep], probs[keep]
+        return ids, probs / probs.sum()
+
+    def _draw(self, probs: np.ndarray) -> int:
+        cdf = np.cumsum(probs, dtype=np.float64)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"),
+                       len(probs) - 1))
+
+
+def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The most probable tokens whose total first reaches top_p (at least one)."""
+    guess = min(_TOP_P_FIRST_GUESS, len(probs))
+    head = np.argpartition(probs, -guess)[-guess:] if guess < len(probs) else np.arange(len(probs))
+    if probs[head].sum() < top_p:  # the nucleus is wider than the guess: sort everything
+        head = np.arange(len(probs))
+    order = head[np.argsort(-probs[head], kind="stable")]
+    n_keep = min(int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1, len(order))
+    keep = order[:n_keep]
+    return ids[keep], probs[keep]
