@@ -128,9 +128,12 @@ class VfioHost:
         if (folder / "boot_vga").is_file() and (folder / "boot_vga").read_text().strip() == "1":
             reasons.append(f"{dev.bdf} is the boot VGA device (the host console uses it)")
         nodes = self._device_nodes(dev)
-        holders = self._open_by(nodes)
+        holders, hidden = self._open_by(nodes)
         for node, pids in sorted(holders.items()):
             reasons.append(f"{node} is open by pid {', '.join(map(str, pids))}: stop those processes first")
+        if hidden:
+            reasons.append(f"cannot see the open files of {hidden} processes, so cannot tell whether "
+                           f"{', '.join(sorted(nodes))} are in use: run as root")
         return reasons
 
     @staticmethod
@@ -150,22 +153,27 @@ class VfioHost:
             nodes.add(f"/dev/vfio/{dev.iommu_group}")
         return nodes
 
-    def _open_by(self, nodes: set[str]) -> dict[str, list[int]]:
+    def _open_by(self, nodes: set[str]) -> tuple[dict[str, list[int]], int]:
+        """{open file: [pids]} for files matching `nodes`, and how many processes could not be seen."""
         found: dict[str, list[int]] = {}
+        hidden = 0
         if not nodes or not self.proc.is_dir():
-            return found
+            return found, hidden
         for pid_dir in self.proc.iterdir():
             if not pid_dir.name.isdigit():
                 continue
             try:
                 targets = [os.readlink(fd) for fd in (pid_dir / "fd").iterdir()]
+            except PermissionError:
+                hidden += 1
+                continue
             except OSError:
-                continue  # the process ended or is not ours to see
+                continue  # the process ended meanwhile
             for target in targets:
                 for node in nodes:
                     if target == node or (node.endswith("*") and target.startswith(node[:-1])):
                         found.setdefault(target, []).append(int(pid_dir.name))
-        return found
+        return found, hidden
 
     def plan_bind(self, bdf: str) -> Plan:
         dev = self.bus.device(normalize_bdf(bdf))

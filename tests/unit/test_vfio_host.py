@@ -78,6 +78,21 @@ def test_bind_refuses_gpu_with_open_nvidia_handles(host_tree):
     assert snapshot(root) == before
 
 
+def test_bind_refuses_when_open_files_cannot_be_checked(host_tree, monkeypatch):
+    root, proc = host_tree
+    (proc / "31337" / "fd").mkdir(parents=True)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):  # what a non-root user meets on another user's /proc/PID/fd
+        if self == proc / "31337" / "fd":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(VfioError, match="cannot see the open files of 1 processes.*run as root"):
+        host(root, proc).plan_bind(GPU)
+
+
 def test_bind_refuses_open_drm_card_and_boot_vga(host_tree):
     root, proc = host_tree
     tree.set_driver(root, GPU, "nouveau")
