@@ -168,16 +168,22 @@ class Container:
         flags = (abi.VFIO_DMA_MAP_FLAG_READ if read else 0) | (abi.VFIO_DMA_MAP_FLAG_WRITE if write else 0)
         req = abi.vfio_iommu_type1_dma_map(flags=flags, vaddr=vaddr, iova=iova, size=size)
         try:
-            _ioctl(self.fd, abi.VFIO_IOMMU_MAP_DMA, req, f"VFIO_IOMMU_MAP_DMA iova={iova:#x} size={size:#x}")
-        except VfioError:
+            fcntl.ioctl(self.fd, abi.VFIO_IOMMU_MAP_DMA, req, True)
+        except OSError as exc:
             buffer.close()
-            raise
+            hint = {errno.ENOMEM: ": the pages are pinned, so raise the locked-memory limit (ulimit -l) "
+                                  "or run as root",
+                    errno.EEXIST: ": that IOVA range is already mapped"}.get(exc.errno, "")
+            raise VfioError(f"VFIO_IOMMU_MAP_DMA iova={iova:#x} size={size:#x} failed: "
+                            f"{os.strerror(exc.errno)}{hint}") from exc
         mapping = DmaMapping(iova, size, buffer, vaddr)
         self.mappings.append(mapping)
         return mapping
 
     def unmap_dma(self, mapping: DmaMapping) -> int:
-        """Remove the device's access to a mapping; returns the bytes the kernel unmapped."""
+        """Remove the device's access to a mapping and free its buffer (release any `view` first).
+
+        Returns the bytes the kernel unmapped."""
         req = abi.vfio_iommu_type1_dma_unmap(flags=0, iova=mapping.iova, size=mapping.size)
         _ioctl(self.fd, abi.VFIO_IOMMU_UNMAP_DMA, req, f"VFIO_IOMMU_UNMAP_DMA iova={mapping.iova:#x}")
         self.mappings.remove(mapping)

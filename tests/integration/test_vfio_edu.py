@@ -136,6 +136,10 @@ def test_dma_round_trip_through_mapped_iovas(guest):
     assert r.get("dma_tail_untouched") is True, guest.why("DMA wrote past its count")
 
 
+def test_mapping_an_iova_twice_is_refused(guest):
+    assert "already mapped" in guest.result.get("double_map", ""), guest.why("second MAP_DMA of one IOVA")
+
+
 def test_dma_to_unmapped_iova_is_blocked(guest):
     r = guest.result
     assert r.get("unmapped_bytes") == 4096, guest.why("VFIO_IOMMU_UNMAP_DMA size")

@@ -107,6 +107,11 @@ def run(bdf: str) -> dict:
 def _dma_checks(r: dict, container, bar) -> None:
     src = container.map_dma(4096, IOVA_SRC)
     dst = container.map_dma(4096, IOVA_DST)
+    try:
+        container.map_dma(4096, IOVA_SRC)
+        r["double_map"] = "accepted"
+    except VfioError as exc:
+        r["double_map"] = str(exc)
     pattern = os.urandom(DMA_BYTES)
     src.view[:DMA_BYTES] = pattern
     dst.view[:] = b"\xaa" * 4096
