@@ -30,6 +30,15 @@ from .cuda_modules import KernelSet
 
 BIAS_ROWS = 64  # a bias is stored replicated over this many rows: one add per 64 output rows
 MATVEC_MAX_ROWS = 8
+MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
+
+
+def decode_splits(n_ctx: int) -> tuple[int, int]:
+    """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about 256 keys per
+    split, at most MAX_DECODE_SPLITS splits, chunk a multiple of 64 with S * chunk >= n_ctx."""
+    splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // 256)))
+    chunk = -(-(-(-n_ctx // splits)) // 64) * 64
+    return splits, chunk
 
 
 class CudaUnsupported(UkgpuError):
@@ -273,11 +282,21 @@ class CudaBackend(Backend):
         common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=hq, Hkv=hkv,
                       scale=1.0 / math.sqrt(hd))
         if n == 1:
-            slot = self.step.slot if self.capturing else lens + 16
-            self.launch(f"attn_decode_d{hd}", **common, slots=slot, lens=lens, n_ctx=kv.n_ctx, B=1)
+            self._attn_decode(common, hd, lens, kv.n_ctx)
         else:
             self.launch(f"attn_prefill_d{hd}", **common, T=n, start=start_pos)
         return out
+
+    def _attn_decode(self, common: dict, hd: int, lens: int, n_ctx: int) -> None:
+        """Split-K decode: S partials over chunks of the keys, then one combine."""
+        splits, chunk = decode_splits(n_ctx)
+        hq, out = common["Hq"], common.pop("out")
+        part, ml = self.new((1, hq, splits, hd)), self.new((1, hq, splits, 2))
+        slot = self.step.slot if self.capturing else lens + 16
+        self.launch(f"attn_decode_d{hd}", **common, part_out=part.ptr, part_ml=ml.ptr, slots=slot,
+                    lens=lens, n_ctx=n_ctx, chunk=chunk, B=1, S=splits)
+        self.launch(f"attn_combine_d{hd}", part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
+                    B=1, Hq=hq)
 
     def swiglu(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
         self.launch("swiglu_f32", gate=gate.ptr, up=up.ptr, out=gate.ptr, n=gate.size)

@@ -96,22 +96,45 @@ def attn_prefill(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 
 
 def attn_decode(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    """Split sp of row b: unnormalized (acc, max, sum) over keys [sp*chunk, min(lens, (sp+1)*chunk))."""
     d = e["constexprs"]["HEAD_DIM"]
-    b, hq, hkv, n_ctx = grid[0], a["Hq"], a["Hkv"], a["n_ctx"]
-    slots = mem.view(a["slots"], np.int32, b)
-    lens = mem.view(a["lens"], np.int32, b)
-    q = mem.view(a["q"], np.float32, b * hq * d).reshape(b, hq, d)
-    out = mem.view(a["out"], np.float32, b * hq * d).reshape(b, hq, d)
-    row_bytes = hkv * d * 2
+    b, hq, n_split = grid[0], a["Hq"], grid[2]
+    hkv, n_ctx, chunk = a["Hkv"], a["n_ctx"], a["chunk"]
+    slots, lens = mem.view(a["slots"], np.int32, b), mem.view(a["lens"], np.int32, b)
+    q = mem.view(a["q"], np.float32, b * hq * d).reshape(b, hq, d).astype(np.float64) * a["scale"]
+    part = mem.view(a["part_out"], np.float32, b * hq * n_split * d).reshape(b, hq, n_split, d)
+    ml = mem.view(a["part_ml"], np.float32, b * hq * n_split * 2).reshape(b, hq, n_split, 2)
+    group = hq // hkv
     for i in range(b):
         n = int(lens[i])
-        if not 1 <= n <= n_ctx:
+        if not 1 <= n <= n_ctx or int(slots[i]) < 0:
             raise EmulationError(f"{e['name']}: lens[{i}]={n} outside 1..n_ctx={n_ctx}")
-        base = a["k_cache"] + int(slots[i]) * n_ctx * row_bytes
-        vbase = a["v_cache"] + int(slots[i]) * n_ctx * row_bytes
-        k = mem.view(base, np.float16, n * hkv * d).reshape(n, hkv, d)
-        v = mem.view(vbase, np.float16, n * hkv * d).reshape(n, hkv, d)
-        out[i] = ref.attention(q[i:i + 1], k, v, np.array([n - 1]), a["scale"])[0]
+        rows = n_ctx * hkv * d * 2 * int(slots[i])
+        k = mem.view(a["k_cache"] + rows, np.float16, n * hkv * d).reshape(n, hkv, d)
+        v = mem.view(a["v_cache"] + rows, np.float16, n * hkv * d).reshape(n, hkv, d)
+        for sp in range(n_split):
+            lo, hi = sp * chunk, min(n, (sp + 1) * chunk)
+            if lo >= hi:
+                part[i, :, sp], ml[i, :, sp, 0], ml[i, :, sp, 1] = 0, -np.inf, 0
+                continue
+            kh = np.repeat(k[lo:hi].astype(np.float64), group, axis=1)  # (n_keys, Hq, D)
+            vh = np.repeat(v[lo:hi].astype(np.float64), group, axis=1)
+            s = np.einsum("hd,thd->ht", q[i], kh)  # (Hq, n_keys)
+            m = s.max(-1)
+            p = np.exp(s - m[:, None])
+            part[i, :, sp] = np.einsum("ht,thd->hd", p, vh)
+            ml[i, :, sp, 0], ml[i, :, sp, 1] = m, p.sum(-1)
+
+
+def attn_combine(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    d = e["constexprs"]["HEAD_DIM"]
+    rows, n_split = grid[0] * grid[1], a["S"]
+    part = mem.view(a["part_out"], np.float32, rows * n_split * d).reshape(rows, n_split, d)
+    ml = mem.view(a["part_ml"], np.float32, rows * n_split * 2).reshape(rows, n_split, 2)
+    m, l = ml[..., 0].astype(np.float64), ml[..., 1].astype(np.float64)
+    w = np.exp(m - m.max(-1, keepdims=True))  # (rows, S); empty splits weigh 0
+    out = np.einsum("rs,rsd->rd", w, part) / (w * l).sum(-1, keepdims=True)
+    mem.view(a["out"], np.float32, rows * d)[:] = out.reshape(-1)
 
 
 def swiglu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
@@ -142,7 +165,8 @@ def store_rows(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 
 EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
     "matvec": matmul, "gemm": matmul, "embedding": embedding, "rmsnorm": rmsnorm, "rope": rope,
-    "attn_prefill": attn_prefill, "attn_decode": attn_decode, "swiglu": swiglu, "add": add,
+    "attn_prefill": attn_prefill, "attn_decode": attn_decode, "attn_combine": attn_combine,
+    "swiglu": swiglu, "add": add,
     "argmax": argmax, "store_rows": store_rows,
 }
 

@@ -35,17 +35,18 @@ def _quant_k_multiple(qtype: str) -> int:
 def model_kernels(gguf: Any) -> list[str]:
     """Manifest entries a model's forward pass and decode graph use; CudaUnsupported if any
     weight, head size or rope variant has no kernel."""
-    from ukgpu.llama_core.model import ModelConfig
+    from ukgpu.llama_core.model import rope_config
 
-    cfg = ModelConfig.from_gguf(gguf)
+    cfg, rope = gguf.config, rope_config(gguf.config)
     if cfg.head_dim not in HEAD_DIMS:
         raise CudaUnsupported(f"head_dim {cfg.head_dim} has no attention kernel (have "
                               f"{HEAD_DIMS}); use the CPU backend")
-    if cfg.rope.n_rot != cfg.head_dim or cfg.rope.scale != 1.0:
+    if rope.n_rot != cfg.head_dim or rope.scale != 1.0:
         raise CudaUnsupported("partial or scaled rope has no CUDA kernel; use the CPU backend")
     names = set(COMMON_KERNELS)
     names |= {f"attn_prefill_d{cfg.head_dim}", f"attn_decode_d{cfg.head_dim}",
-              f"rope_{'neox' if cfg.rope.neox else 'norm'}_d{cfg.head_dim}"}
+              f"attn_combine_d{cfg.head_dim}",
+              f"rope_{'neox' if rope.neox else 'norm'}_d{cfg.head_dim}"}
     for view in gguf.tensors.values():
         if len(view.shape) != 2:
             continue
@@ -83,9 +84,7 @@ def default_arena_bytes(ctx: CudaContext, gguf: Any, n_ctx: int, n_slots: int) -
     free = int(ctx.free_bytes() * 0.9)
     if gguf is None:
         return min(free, 4 << 30)
-    from ukgpu.llama_core.model import ModelConfig
-
-    cfg = ModelConfig.from_gguf(gguf)
+    cfg = gguf.config
     weights = sum(int(v.data.nbytes) for v in gguf.tensors.values())
     kv = 2 * cfg.n_layers * n_ctx * cfg.n_kv_heads * cfg.head_dim * 2 * n_slots
     want = int(weights * REPACK_GROWTH) + kv + ACTIVATION_BYTES

@@ -1,15 +1,14 @@
-"""Synthetic GGUF models: real architectures, shapes and tensor types, random weights.
+"""Tiny random-weight GGUF models for the CUDA backend's fast tests.
 
-Used where a real model cannot travel (the GPU machine gets 64 MiB per call) or is too big for a
-fast test: `write_model(path, SHAPES["qwen2.5-coder-1.5b-q4_k_m"])` writes a file llama.cpp and
-ukgpu both load, with the same tensor types as the real quantized model.  Tokenizer metadata can
-be copied from a donor GGUF (llama.cpp refuses a model without a vocabulary); without one the
-file still runs through `llama_core.model.Model`.
+Two layers, width 256, every weight type the kernels read, both architectures (llama: NORM rope,
+separate output matrix; qwen2: NEOX rope, Q/K/V biases, tied embeddings).  `write_model(path,
+SHAPES["tiny-qwen2"])` writes a file `llama_core.model.Model` loads.  Benchmarks use the
+real-layout synthetic models of `llama_core.synthetic` instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +31,20 @@ class ModelShape:
     rope_base: float = 10000.0
     eps: float = 1e-5
     context: int = 4096
-    notes: str = field(default="", compare=False)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
 
-_Q4_K_M = {"embd": "Q6_K", "q": "Q4_K", "k": "Q4_K", "v": "Q6_K", "o": "Q4_K", "gate": "Q4_K",
-           "up": "Q4_K", "down": "Q6_K", "output": "Q6_K"}
-_Q4_1 = {"embd": "Q8_0", "q": "Q4_1", "k": "Q4_1", "v": "Q4_1", "o": "Q4_1", "gate": "Q4_1",
-         "up": "Q4_1", "down": "Q4_1", "output": "Q8_0"}
 _ALL_TYPES = {"embd": "Q8_0", "q": "Q4_K", "k": "Q4_1", "v": "Q6_K", "o": "Q8_0", "gate": "Q5_0",
               "up": "Q4_0", "down": "Q6_K", "output": "F16"}
+_K_QUANTS = {"embd": "Q6_K", "q": "Q4_K", "k": "Q4_K", "v": "Q6_K", "o": "Q4_K", "gate": "Q4_K",
+             "up": "Q4_K", "down": "Q6_K", "output": "Q6_K"}
 
 SHAPES = {
-    "qwen2.5-coder-1.5b-q4_k_m": ModelShape("qwen2", 28, 1536, 12, 2, 8960, 151936, _Q4_K_M,
-                                            rope_base=1e6, eps=1e-6, tied=True,
-                                            notes="Q4_K_M mixes Q4_K/Q6_K (Q6_K for v/down in "
-                                                  "half the layers in the real file: here all)"),
-    "smollm2-135m-q4_1": ModelShape("llama", 30, 576, 9, 3, 1536, 49152, _Q4_1,
-                                    rope_base=1e5, eps=1e-5, tied=True),
     "tiny-llama": ModelShape("llama", 2, 256, 4, 2, 512, 512, _ALL_TYPES, tied=False),
-    "tiny-qwen2": ModelShape("qwen2", 2, 256, 4, 2, 512, 512, _Q4_K_M, rope_base=1e6, eps=1e-6),
+    "tiny-qwen2": ModelShape("qwen2", 2, 256, 4, 2, 512, 512, _K_QUANTS, rope_base=1e6, eps=1e-6),
 }
 
 
@@ -93,33 +83,13 @@ def _metadata(writer: Any, s: ModelShape) -> None:
     writer.add_file_type(1)
 
 
-def _copy_tokenizer(writer: Any, donor: Path) -> None:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(donor)
-    for name, fld in reader.fields.items():
-        if name.startswith("tokenizer."):
-            value = fld.contents()
-            if isinstance(value, list):
-                writer.add_array(name, value)
-            elif isinstance(value, str):
-                writer.add_string(name, value)
-            elif isinstance(value, bool):
-                writer.add_bool(name, value)
-            else:
-                writer.add_uint32(name, int(value))
-
-
-def write_model(path: Path | str, s: ModelShape, seed: int = 0, tokenizer_from: Path | None = None
-                ) -> Path:
+def write_model(path: Path | str, s: ModelShape, seed: int = 0) -> Path:
     """Write a random-weight GGUF of shape `s`; returns the path."""
     from gguf import GGUFWriter
 
     path, rng = Path(path), np.random.default_rng(seed)
     writer = GGUFWriter(str(path), s.arch)
     _metadata(writer, s)
-    if tokenizer_from is not None:
-        _copy_tokenizer(writer, Path(tokenizer_from))
     t, hd, kvw = s.types, s.head_dim, s.n_kv_heads * s.head_dim
     _add(writer, "token_embd.weight", rng, t["embd"], s.vocab, s.d_model)
     for i in range(s.n_layers):

@@ -169,9 +169,10 @@ def run_checks(opts: VerifyOptions, driver: Any = None) -> Report:
                       manifest_checks())
     gguf = None
     if opts.layers or opts.e2e:
-        from ukgpu.llama_core.model import open_model_file
+        from ukgpu.llama_core.gguf_file import open_gguf
+        from ukgpu.llama_core.registry import resolve_model
 
-        gguf = open_model_file(opts.model)
+        gguf = open_gguf(resolve_model(opts.model))
     be = create_backend(opts.device, gguf, driver=driver, n_ctx=512)
     report = Report(device=_gpu_line(be.ctx.info))
     if opts.kernels:

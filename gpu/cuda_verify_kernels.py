@@ -160,16 +160,20 @@ def check_attention(dev: Device, rng: np.random.Generator) -> list[Check]:
 
 
 def _check_decode(dev: Device, rng: np.random.Generator, hd: int, hq: int, hkv: int) -> Check:
-    n_slots, n_ctx = 3, 64
-    slots, lens = np.array([2, 0, 1], np.int32), np.array([17, 1, 40], np.int32)
+    n_slots, n_ctx = 3, 128
+    slots, lens = np.array([2, 0, 1], np.int32), np.array([17, 1, 100], np.int32)
     k = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)
     v = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)
     q = rng.standard_normal((3, hq, hd)).astype(np.float32)
     out = dev.poisoned(q.size)
     scale = 1.0 / math.sqrt(hd)
-    name = f"attn_decode_d{hd}"
-    dev.run(name, q=dev.put(q), k_cache=dev.put(k), v_cache=dev.put(v), out=out,
-            slots=dev.put(slots), lens=dev.put(lens), n_ctx=n_ctx, Hq=hq, Hkv=hkv, scale=scale, B=3)
+    splits, chunk = 2, 64  # row 2 spans both splits; rows 0 and 1 leave the second one empty
+    part, ml = dev.poisoned(3 * hq * splits * hd), dev.poisoned(3 * hq * splits * 2)
+    name = f"attn_decode_d{hd} + attn_combine_d{hd}"
+    dev.run(f"attn_decode_d{hd}", q=dev.put(q), k_cache=dev.put(k), v_cache=dev.put(v),
+            part_out=part, part_ml=ml, slots=dev.put(slots), lens=dev.put(lens), n_ctx=n_ctx,
+            chunk=chunk, Hq=hq, Hkv=hkv, scale=scale, B=3, S=splits)
+    dev.run(f"attn_combine_d{hd}", part_out=part, part_ml=ml, out=out, S=splits, B=3, Hq=hq)
     expected = np.stack([
         ref.attention(q[b:b + 1], k[slots[b], :lens[b]], v[slots[b], :lens[b]],
                       np.array([lens[b] - 1]), scale)[0] for b in range(3)])

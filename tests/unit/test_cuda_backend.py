@@ -1,0 +1,143 @@
+"""CudaBackend on the fake driver: the unchanged llama/qwen2 forward pass matches the CPU
+reference; decode runs from a captured CUDA graph with no per-kernel launches; the bookkeeping
+around captures (one per KV cache, nothing synchronous or allocating inside, overflow checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ukgpu.gpu.cuda_backend import CudaBackend, CudaUnsupported
+from ukgpu.gpu.cuda_select import create_backend, model_kernels
+from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
+from ukgpu.gpu.cuda_verify_kernels import nmse
+from ukgpu.gpu.fake_driver import FakeDriver
+from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.llama_core.model import ContextOverflowError, Model
+
+PROMPT = np.array([3, 17, 99, 250, 4, 511, 0, 42, 77, 300, 12, 13], dtype=np.int64)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def tiny(request, tmp_path_factory):
+    path = write_model(tmp_path_factory.mktemp("cuda") / f"{request.param}.gguf", SHAPES[request.param])
+    return open_gguf(path)
+
+
+def gpu_model(gguf, n_ctx=64):
+    fake = FakeDriver()
+    be = create_backend(gguf=gguf, driver=fake, arena_bytes=64 << 20, n_ctx=n_ctx)
+    return Model(gguf, be), be, fake
+
+
+def test_prefill_logits_match_the_cpu_model(tiny):
+    model, be, _ = gpu_model(tiny)
+    assert isinstance(be, CudaBackend)
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    got = model.forward(PROMPT, 0, model.new_kv(64))
+    want = cpu.forward(PROMPT, 0, cpu.new_kv(64))
+    assert got.shape == want.shape == (len(PROMPT), 512)
+    assert nmse(got, want) < 1e-5  # f16 KV cache; the fake's math is otherwise exact
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_chunked_prefill_and_eager_single_tokens_extend_the_cache(tiny):
+    model, _, _ = gpu_model(tiny)
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    kv, ckv = model.new_kv(64), cpu.new_kv(64)
+    model.forward(PROMPT[:9], 0, kv)  # prefill kernel (9 > 8 rows: GEMM)
+    cpu.forward(PROMPT[:9], 0, ckv)
+    got = model.forward(PROMPT[9:], 9, kv)  # 3 rows at start 9: mat-vec b8 + prefill attention
+    want = cpu.forward(PROMPT[9:], 9, ckv)
+    assert nmse(got, want) < 1e-5
+    got = model.forward(np.array([5]), 12, kv, all_logits=False)  # decode kernels, eagerly
+    want = cpu.forward(np.array([5]), 12, ckv, all_logits=False)
+    assert got.shape == (1, 512) and nmse(got, want) < 1e-5
+
+
+def test_decode_replays_one_graph_per_cache_without_kernel_launches(tiny):
+    model, be, fake = gpu_model(tiny)
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    kv, ckv = model.new_kv(64), cpu.new_kv(64)
+    model.forward(PROMPT, 0, kv)
+    token = int(cpu.forward(PROMPT, 0, ckv)[-1].argmax())
+    pos = len(PROMPT)
+    eager_after_warmup = None
+    for step in range(5):
+        got = be.decode(model, token, pos, kv)
+        want = cpu.forward(np.array([token]), pos, ckv, all_logits=False)
+        assert got.shape == (1, 512) and nmse(got, want) < 1e-5
+        if step == 0:
+            eager_after_warmup = len(fake.launches)
+            assert fake.graph_launches == 0 and be.graphs.captures == 1
+        token, pos = int(want.argmax()), pos + 1
+    assert len(fake.launches) == eager_after_warmup  # steps 1..4: graph replays only
+    assert fake.graph_launches == 4 and be.graphs.captures == 1
+    assert fake.graph_kernel_runs >= 4 * 10 * SHAPES["tiny-llama"].n_layers
+
+
+def test_greedy_decode_on_the_device_follows_the_cpu(tiny):
+    model, be, fake = gpu_model(tiny)
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    kv, ckv = model.new_kv(64), cpu.new_kv(64)
+    model.forward(PROMPT, 0, kv)
+    token = int(cpu.forward(PROMPT, 0, ckv)[-1].argmax())
+    for pos in range(len(PROMPT), len(PROMPT) + 6):
+        want = int(cpu.forward(np.array([token]), pos, ckv, all_logits=False)[0].argmax())
+        assert be.decode_greedy(model, token, pos, kv) == want
+        token = want
+    assert fake.graph_launches == 5
+
+
+def test_each_cache_gets_its_own_graph_and_overflow_is_refused(tiny):
+    model, be, _ = gpu_model(tiny, n_ctx=16)
+    kv_a, kv_b = model.new_kv(16), model.new_kv(16)
+    for kv in (kv_a, kv_b):
+        model.forward(PROMPT[:4], 0, kv)
+        be.decode(model, 7, 4, kv)
+        be.decode(model, 8, 5, kv)
+    assert be.graphs.captures == 2 and len(be.graphs.graphs) == 2
+    with pytest.raises(ContextOverflowError):
+        be.decode(model, 1, 16, kv_a)
+
+
+def test_capture_fails_loudly_if_an_op_synchronizes(tiny):
+    model, be, _ = gpu_model(tiny)
+    kv = model.new_kv(64)
+    model.forward(PROMPT[:3], 0, kv)
+    original = be.to_host
+    be.to_host = lambda x: (be.ctx.sync(), original(x))[1]  # a sync inside the captured forward
+    with pytest.raises(Exception, match="STREAM_CAPTURE_UNSUPPORTED"):
+        be.decode(model, 1, 3, kv)
+    assert not be.capturing
+    be.to_host = original
+    assert be.decode(model, 1, 4, kv).shape == (1, 512)  # the backend is still usable
+
+
+def test_weights_are_uploaded_once_in_the_repacked_layout(tiny):
+    model, be, _ = gpu_model(tiny)
+    used = be.arena.tags["weights"]
+    Model(tiny, be)  # a second model over the same file reuses the uploads
+    assert be.arena.tags["weights"] == used
+    raw = sum(v.data.nbytes for v in tiny.tensors.values())
+    assert raw * 0.9 < used < raw * 2
+
+
+def test_model_kernels_lists_what_the_model_needs(tiny):
+    names = model_kernels(tiny)
+    assert "attn_decode_d64" in names and "argmax_f32" in names
+    rope = "rope_neox_d64" if tiny.metadata["general.architecture"] == "qwen2" else "rope_norm_d64"
+    assert rope in names
+    assert all(n in names for n in ("matvec_q4_k_b1", "matvec_q4_k_b8", "gemm_q4_k"))
+
+
+def test_unsupported_weight_type_is_reported(tiny, monkeypatch):
+    from dataclasses import replace
+
+    from gguf import GGMLQuantizationType as T
+
+    name = "blk.0.attn_q.weight"
+    monkeypatch.setitem(tiny.tensors, name, replace(tiny.tensors[name], qtype=T.Q5_K))
+    with pytest.raises(CudaUnsupported, match="Q5_K.*use the CPU backend"):
+        model_kernels(tiny)
