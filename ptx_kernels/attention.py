@@ -5,9 +5,12 @@ KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `st
 - prefill: queries q (T, Hq, D) f32 at positions start..start+T-1 of one sequence, keys 0..start+T-1
   of that sequence (k/v point at its slot).  Grid (cdiv(T, BLOCK_M), Hq); each program walks key
   blocks up to its last query's position; QK^T and PV on f16 tensor cores.  Out (T, Hq, D) f32.
-- decode: one query per batch row b, q (B, Hq, D) f32; slot `slots[b]` and key count `lens[b]`
-  (current token included) are read on the device, so the launch can live in a CUDA graph.
-  Grid (B, Hq).  Out (B, Hq, D) f32.
+- decode (flash-decoding): one query per batch row b, q (B, Hq, D) f32; slot `slots[b]` and key
+  count `lens[b]` (current token included) are read on the device, so the launches can live in a
+  CUDA graph.  `attn_decode` grid (B, Hq, S): split sp covers keys [sp*chunk, (sp+1)*chunk) and
+  writes an unnormalized partial; `attn_combine` grid (B, Hq) merges the S partials into
+  out (B, Hq, D) f32.  Pick S and chunk (multiple of 64, S*chunk >= n_ctx) once per n_ctx;
+  splits past lens[b] cost one early exit.
 Limits: Hq % Hkv == 0; head_dim is a constexpr (64 or 128); lens[b] >= 1.
 Reference: `reference.attention`.
 """
@@ -55,19 +58,21 @@ def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
 
 
 @triton.jit
-def attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slots_ptr, lens_ptr, n_ctx, Hq, Hkv, scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr, n_ctx, chunk,
+                       Hq, Hkv, scale, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split `sp` of the keys of row b, head h: keys [sp*chunk, min((sp+1)*chunk, lens[b]))."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     kvh = h // (Hq // Hkv)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (b * Hq + h) * HEAD_DIM + d) * scale  # (D,)
-    n_keys = tl.load(lens_ptr + b)
+    n_keys = tl.minimum(tl.load(lens_ptr + b), (sp + 1) * chunk)
     base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros((HEAD_DIM,), tl.float32)
-    for s0 in range(0, n_keys, BLOCK_S):
+    for s0 in range(sp * chunk, n_keys, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
         s_ok = rs < n_keys
         kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
@@ -80,7 +85,28 @@ def attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slots_ptr, lens_ptr, n_ctx, H
         v = tl.load(v_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
-    tl.store(o_ptr + (b * Hq + h) * HEAD_DIM + d, acc / l_i)
+    part = (b * Hq + h) * tl.num_programs(2) + sp
+    tl.store(po_ptr + part * HEAD_DIM + d, acc)
+    tl.store(pml_ptr + part * 2, m_i)
+    tl.store(pml_ptr + part * 2 + 1, l_i)
+
+
+@triton.jit
+def attn_combine_kernel(po_ptr, pml_ptr, o_ptr, S, HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the S splits."""
+    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # b * Hq + h
+    sp = tl.arange(0, MAX_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    ok = sp < S
+    m = tl.load(pml_ptr + (row * S + sp) * 2, mask=ok, other=-float("inf"))  # (MS,)
+    l = tl.load(pml_ptr + (row * S + sp) * 2 + 1, mask=ok, other=0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits: m = -inf -> 0
+    acc = tl.load(po_ptr + (row * S + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(o_ptr + row * HEAD_DIM + d, out)
+
+
+MAX_SPLITS = 32
 
 
 def specs() -> list[KernelSpec]:
@@ -100,15 +126,29 @@ def specs() -> list[KernelSpec]:
         ))
         out.append(KernelSpec(
             name=f"attn_decode_d{hd}", family="attention", fn="attn_decode_kernel",
-            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("out", "*fp32"),
-                    ("slots", "*i32"), ("lens", "*i32"), ("n_ctx", "i32"), ("Hq", "i32"),
-                    ("Hkv", "i32"), ("scale", "fp32")),
+            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"),
+                    ("part_out", "*fp32"), ("part_ml", "*fp32"), ("slots", "*i32"), ("lens", "*i32"),
+                    ("n_ctx", "i32"), ("chunk", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32")),
             constexprs={"HEAD_DIM": hd, "BLOCK_S": 64},
-            grid=("B", "Hq", "1"), sizes={"B": "batch rows (sequences)"},
-            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", "n_ctx >= 1"),
+            grid=("B", "Hq", "S"),
+            sizes={"B": "batch rows (sequences)", "S": f"key splits (1..{MAX_SPLITS})"},
+            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", "n_ctx >= 1", f"1 <= S <= {MAX_SPLITS}",
+                    "chunk % 64 == 0", "S * chunk >= n_ctx"),
             reference="reference.attention", num_warps=4, num_stages=1,
-            aligned=("q", "k_cache", "v_cache", "out"),
-            doc=f"GQA decode, head_dim {hd}: one query per row over cache slot slots[b], lens[b] keys",
+            aligned=("q", "k_cache", "v_cache", "part_out", "part_ml"),
+            doc=f"GQA decode, head_dim {hd}, split S ways over the keys: part_out (B, Hq, S, {hd}) "
+                "and part_ml (B, Hq, S, 2) = (max score, sum of exp) per split; then attn_combine",
+            deps=("spec",),
+        ))
+        out.append(KernelSpec(
+            name=f"attn_combine_d{hd}", family="attention", fn="attn_combine_kernel",
+            params=(("part_out", "*fp32"), ("part_ml", "*fp32"), ("out", "*fp32"), ("S", "i32")),
+            constexprs={"HEAD_DIM": hd, "MAX_SPLITS": MAX_SPLITS},
+            grid=("B", "Hq", "1"), sizes={"B": "batch rows", "Hq": "query heads"},
+            limits=("B >= 1", "Hq >= 1", f"1 <= S <= {MAX_SPLITS}"),
+            reference="reference.attention", num_warps=1, num_stages=1,
+            aligned=("part_out", "part_ml", "out"),
+            doc=f"merges the S splits of attn_decode_d{hd} into out (B, Hq, {hd}) f32",
             deps=("spec",),
         ))
     return out

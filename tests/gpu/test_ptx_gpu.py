@@ -158,9 +158,13 @@ def test_attention_prefill_and_decode(gpu, hd, rng):
     qd = rng.standard_normal((3, hq, hd)).astype(np.float32)
     od = np.full_like(qd, np.nan)
     dod = gpu.upload(od)
-    gpu.launch(f"attn_decode_d{hd}", {"q": gpu.upload(qd), "k_cache": dk, "v_cache": dv, "out": dod,
-                                      "slots": gpu.upload(slots), "lens": gpu.upload(lens),
-                                      "n_ctx": n_ctx, "Hq": hq, "Hkv": hkv, "scale": scale, "B": 3})
+    splits, chunk = 5, 64  # 5 * 64 >= n_ctx; row 0 leaves four splits empty
+    dpo, dpml = gpu.empty(3 * hq * splits * hd * 4), gpu.empty(3 * hq * splits * 2 * 4)
+    sizes = {"n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": hkv, "scale": scale, "B": 3, "S": splits}
+    gpu.launch(f"attn_decode_d{hd}", sizes | {"q": gpu.upload(qd), "k_cache": dk, "v_cache": dv,
+                                              "part_out": dpo, "part_ml": dpml,
+                                              "slots": gpu.upload(slots), "lens": gpu.upload(lens)})
+    gpu.launch(f"attn_combine_d{hd}", sizes | {"part_out": dpo, "part_ml": dpml, "out": dod})
     gpu.sync()
     want = R.attention(q, k[1, : start + t], v[1, : start + t], start + np.arange(t), scale)
     np.testing.assert_allclose(gpu.download(do, o), want, atol=1e-2 * np.abs(v).max(), rtol=0)

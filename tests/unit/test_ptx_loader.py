@@ -50,11 +50,14 @@ def test_launch_packs_params_in_order_with_hidden_zeros(man):
 
 def test_unused_planes_may_be_omitted_and_floats_pack_as_float(man):
     e = man.entry("attn_decode_d128")
-    launch = e.launch({"q": 16, "k_cache": 32, "v_cache": 48, "out": 64, "slots": 80, "lens": 96,
-                       "n_ctx": 4096, "Hq": 12, "Hkv": 2, "scale": 0.088, "B": 4})
-    assert launch.grid == (4, 12, 1)
+    vals = {"q": 16, "k_cache": 32, "v_cache": 48, "part_out": 64, "part_ml": 80, "slots": 96,
+            "lens": 112, "n_ctx": 4096, "chunk": 256, "Hq": 12, "Hkv": 2, "scale": 0.088, "B": 4, "S": 16}
+    launch = e.launch(vals)
+    assert launch.grid == (4, 12, 16)
     _, types = launch.ctypes_args()
-    assert types[9] is ctypes.c_float
+    assert types[11] is ctypes.c_float
+    with pytest.raises(KernelManifestError, match="S \\* chunk >= n_ctx"):
+        e.launch(vals | {"S": 8})
     q8 = man.entry("matvec_q8_0_b8")
     assert [p.name for p in q8.params if p.unused and not p.hidden] == ["w_m"]
     q8.launch({"w_q": 16, "w_s": 32, "x": 48, "y": 64, "N": 10, "K": 64, "B": 8})

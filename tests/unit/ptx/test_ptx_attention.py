@@ -1,5 +1,7 @@
 """Causal GQA attention (prefill and decode) vs numpy over a float16 KV cache, interpreter mode.
 
+Decode runs split over the keys (flash-decoding) and then merges the splits; with lens[b] = 1
+the later splits are empty and must not disturb the result.
 Bounds: decode reads f16 K/V exactly and accumulates in f32: |out - ref| <= 1e-4 * max|v|.
 Prefill rounds q*scale and the softmax weights to f16 for the tensor-core dots:
 |out - ref| <= 1e-2 * max|v|.  Cache rows past each sequence's length hold NaN: a kernel that
@@ -36,22 +38,30 @@ def test_attn_prefill(hd, start, t, rng):
     np.testing.assert_allclose(out["out"], want, atol=1e-2 * np.abs(v[0, : start + t]).max(), rtol=0)
 
 
+def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk):
+    b = len(slots)
+    part_o = np.full((b, HQ, splits, hd), np.nan, np.float32)
+    part_ml = np.full((b, HQ, splits, 2), np.nan, np.float32)
+    vals = {"B": b, "S": splits, "n_ctx": n_ctx, "chunk": chunk, "Hq": HQ, "Hkv": HKV, "scale": hd ** -0.5}
+    parts = run_spec(f"attn_decode_d{hd}", {"q": q, "k_cache": k, "v_cache": v, "part_out": part_o,
+                                            "part_ml": part_ml, "slots": slots, "lens": lens}, vals)
+    out = run_spec(f"attn_combine_d{hd}", {"part_out": parts["part_out"], "part_ml": parts["part_ml"],
+                                           "out": np.full_like(q, np.nan)}, vals)
+    return out["out"]
+
+
 @pytest.mark.parametrize("hd", [64, 128])
-def test_attn_decode(hd, rng):
-    n_slots, n_ctx = 3, 80
+@pytest.mark.parametrize("splits,chunk,n_ctx", [(1, 128, 128), (3, 64, 150), (2, 64, 128)])
+def test_attn_decode(hd, splits, chunk, n_ctx, rng):
+    n_slots = 3
     k, v = _cache(rng, n_slots, n_ctx, hd)
     slots = np.array([2, 0, 1], np.int32)
-    lens = np.array([1, 80, 37], np.int32)  # minimum, a full context (ragged vs 64), a middle
+    lens = np.array([1, n_ctx, 37], np.int32)  # minimum, a full context, a middle
     for s, n in zip(slots, lens):
         k[s, n:] = np.nan
         v[s, n:] = np.nan
-    b = len(slots)
-    q = rng.standard_normal((b, HQ, hd)).astype(np.float32)
-    scale = hd ** -0.5
-    out = run_spec(f"attn_decode_d{hd}",
-                   {"q": q, "k_cache": k, "v_cache": v, "out": np.full_like(q, np.nan),
-                    "slots": slots, "lens": lens},
-                   {"B": b, "n_ctx": n_ctx, "Hq": HQ, "Hkv": HKV, "scale": scale})
+    q = rng.standard_normal((len(slots), HQ, hd)).astype(np.float32)
+    got = _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk)
     for i, (s, n) in enumerate(zip(slots, lens)):
-        want = R.attention(q[i : i + 1], k[s, :n], v[s, :n], np.array([n - 1]), scale)[0]
-        np.testing.assert_allclose(out["out"][i], want, atol=1e-4 * np.abs(v[s, :n]).max(), rtol=0)
+        want = R.attention(q[i : i + 1], k[s, :n], v[s, :n], np.array([n - 1]), hd ** -0.5)[0]
+        np.testing.assert_allclose(got[i], want, atol=1e-4 * np.abs(v[s, :n]).max(), rtol=0)
