@@ -45,22 +45,20 @@ def backend_unavailable(name: str) -> str | None:
     except ImportError as exc:
         return f"ukgpu.gpu.cuda_backend cannot be imported ({exc})"
     try:
-        found = cuda_backend.probe()
-    except Exception as exc:  # probe reports a missing driver/device by raising
-        return f"{type(exc).__name__}: {exc}"
-    if found is False or (found is not None and getattr(found, "available", True) is False):
-        return str(getattr(found, "reason", "cuda_backend.probe() found no usable GPU"))
-    return None
+        ok, reason = cuda_backend.probe()
+    except Exception as exc:  # a probe that fails is itself the reason
+        return f"cuda_backend.probe() raised {type(exc).__name__}: {exc}"
+    return None if ok else reason
 
 
-def make_backend(name: str):
+def make_backend(name: str, gguf=None):
     if name == "cpu":
         from ukgpu.llama_core.cpu_backend import CpuBackend
 
         return CpuBackend()
     from ukgpu.gpu.cuda_backend import CudaBackend
 
-    return CudaBackend()
+    return CudaBackend.create(gguf=gguf)
 
 
 def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig) -> Entry:
@@ -70,7 +68,8 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     from ukgpu.llama_core.model import Model, open_model_file
 
     t0 = time.perf_counter()
-    model = Model(open_model_file(model_path), make_backend(backend_name))
+    gguf = open_model_file(model_path)
+    model = Model(gguf, make_backend(backend_name, gguf))
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     prompt = np.random.default_rng(cfg.seed).integers(0, vocab, cfg.n_prompt)  # int[n_prompt]

@@ -7,6 +7,10 @@ times: pp = one `eval` of the prompt ids into an empty cache, ttft = that plus
 picking the first token from the last logits, tg = n_gen single-token `eval`s
 from an empty cache; one warm-up, then the repeats.  It prints one JSON object:
 {"version", "n_threads", "pp": [s...], "ttft": [s...], "tg": [s...], "peak_rss_mib"}.
+
+llama.cpp is kept off its extra (repacked / AMX) weight buffers: on CPUs that
+advertise AMX inside a VM that does not grant the tile state, that path
+segfaults.  The plain CPU kernels are what it then measures.
 """
 
 import json
@@ -15,11 +19,25 @@ import sys
 import time
 
 
+def plain_weight_buffers(llama_cpp) -> None:
+    """Make every model load with use_extra_bufts = False."""
+    module = llama_cpp.llama.llama_cpp
+    original = module.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+
+
 def main() -> int:
     req = json.load(sys.stdin)  # {"model", "prompt": [ids], "n_gen", "repeats", "warmup", "n_threads"}
     import llama_cpp
     import numpy as np
 
+    plain_weight_buffers(llama_cpp)
     prompt = [int(t) for t in req["prompt"]]
     n_ctx = max(len(prompt), req["n_gen"]) + 1
     llm = llama_cpp.Llama(req["model"], n_ctx=n_ctx, n_batch=max(len(prompt), 1), n_ubatch=max(len(prompt), 1),
@@ -46,7 +64,8 @@ def main() -> int:
         print(f"llama.cpp run {i + 1}/{req['warmup'] + req['repeats']}", file=sys.stderr, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({"version": llama_cpp.__version__, "n_threads": req["n_threads"], "pp": pp,
-                      "ttft": ttft, "tg": tg, "peak_rss_mib": peak}))
+                      "ttft": ttft, "tg": tg, "peak_rss_mib": peak,
+                      "extra_weight_buffers": False}))
     return 0
 
 

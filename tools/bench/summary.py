@@ -1,0 +1,24 @@
+"""A plain-text table of a Report for the terminal."""
+
+from __future__ import annotations
+
+from .schema import Report
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def print_summary(report: Report) -> None:
+    rows = [("MODEL", "RUNNER", "TEST", "MEDIAN", "MIN..MAX", "UNIT")]
+    for e in report.entries:
+        if not e.available:
+            rows.append((e.model, e.runner, e.kind, "not available", "", e.reason or ""))
+            continue
+        for r in e.results:
+            rows.append((e.model, e.runner, r.test, _fmt(r.median), f"{_fmt(r.min)}..{_fmt(r.max)}", r.unit))
+        for test, why in e.info.get("failed", {}).items():
+            rows.append((e.model, e.runner, test, "FAILED", "", why))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
