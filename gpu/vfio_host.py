@@ -28,7 +28,7 @@ class SysfsWrite:
     value: str
 
     def __str__(self) -> str:
-        return f"echo {self.value or chr(39) * 2} > {self.path}"
+        return f"echo {self.value.strip() or chr(39) * 2} > {self.path}"
 
     def apply(self) -> None:
         try:

@@ -104,6 +104,21 @@ def test_bind_through_driver_override(guest):
                                 f"echo {bdf} > /sys/bus/pci/drivers_probe"], guest.why("unexpected bind plan")
 
 
+def test_unbound_device_error_says_bind(guest):
+    message = guest.result.get("error_before_bind", "")
+    assert "is missing" in message and "ukgpu vfio bind" in message, guest.why("error before binding")
+
+
+def test_unbind_gives_the_device_back(guest):
+    r = guest.result
+    bdf = r.get("bdf", "?")
+    assert r.get("unbind_writes") == [f"echo {bdf} > /sys/bus/pci/drivers/vfio-pci/unbind",
+                                      f"echo '' > /sys/bus/pci/devices/{bdf}/driver_override",
+                                      f"echo {bdf} > /sys/bus/pci/drivers_probe"], guest.why("unbind plan")
+    assert r.get("driver_after_unbind") is None, guest.why("edu still bound after unbind")
+    assert r.get("group_file_after_unbind") is False, guest.why("/dev/vfio/N outlived the unbind")
+
+
 def test_container_group_device(guest):
     r = guest.result
     assert r.get("api_version") == 0, guest.why("VFIO_GET_API_VERSION")

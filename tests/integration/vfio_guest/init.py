@@ -83,8 +83,15 @@ def main() -> dict:
     from ukgpu.gpu.vfio_host import VfioHost
     import edu_check
 
+    from ukgpu.gpu.vfio import VfioError, open_device
+
     result = {"modules": load_modules()}
     bdf = find_edu()
+    try:  # not bound yet: the error must say how to fix it
+        open_device(bdf).close()
+        result["error_before_bind"] = "opened"
+    except VfioError as exc:
+        result["error_before_bind"] = str(exc)
     host = VfioHost("/sys", "/proc")
     plan = host.plan_bind(bdf)
     result["bind_writes"] = [str(w) for w in plan.writes]
@@ -95,6 +102,11 @@ def main() -> dict:
     result["setup_s"] = round(time.monotonic() - t0, 3)
     result["sysfs"] = sysfs_facts()
     result.update(edu_check.run(bdf))
+    unbind = host.plan_unbind(bdf)
+    result["unbind_writes"] = [str(w) for w in unbind.writes]
+    unbind.apply()
+    result["driver_after_unbind"] = host.bus.device(bdf).driver
+    result["group_file_after_unbind"] = os.path.exists(f"/dev/vfio/{group}")
     return result
 
 
