@@ -95,14 +95,15 @@ class _Graph:
     nodes: list = field(default_factory=list)
 
 
-def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, dict]]:
-    """sha256 of each artifact's bytes -> (target, kind, entry)."""
-    index = {}
+def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, list[dict]]]:
+    """sha256 of each artifact's bytes -> (target, kind, entries).  Several entries can share one
+    image (e.g. Q5_0 and Q8_0 repack to the same int8 layout and compile to the same code)."""
+    index: dict[str, tuple[str, str, list[dict]]] = {}
     for man_path in sorted(build_dir.glob("*/manifest.json")):
         man = json.loads(man_path.read_text())
         for entry in man["entries"].values():
             for kind, art in entry["artifacts"].items():
-                index[art["sha256"]] = (man["target"], kind, entry)
+                index.setdefault(art["sha256"], (man["target"], kind, []))[2].append(entry)
     return index
 
 
@@ -133,7 +134,7 @@ class FakeDriver:
         self.launches: list[str] = []  # entry names launched eagerly (not from graphs)
         self.graph_launches = 0
         self.graph_kernel_runs = 0
-        self.loaded: list[tuple[str, str, str]] = []  # (entry, target, kind) per module load
+        self.loaded: list[tuple[str, str, str]] = []  # (entry, target, kind): entries whose image loaded
 
     # --- plumbing ----------------------------------------------------------
     def __getattribute__(self, name: str) -> Any:
@@ -306,7 +307,8 @@ class FakeDriver:
             found = self._index.get(hashlib.sha256(image[:-1]).hexdigest())
         if found is None:
             return CUresult.CUDA_ERROR_INVALID_IMAGE, None
-        target, kind, entry = found
+        target, kind, entries = found
+        entry = entries[0]
         arch = tuple(int(c) for c in re.findall(r"\d", target)[:2])
         if kind == "cubin" and arch != self.device.cc:
             return CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU, None
@@ -314,7 +316,7 @@ class FakeDriver:
             isa = re.search(rb"^\.version (\d+)\.(\d+)", bytes(image), re.M)
             if isa and (int(isa[1]), int(isa[2])) > self.device.ptx_isa_max:
                 return CUresult.CUDA_ERROR_UNSUPPORTED_PTX_VERSION, None
-        self.loaded.append((entry["name"], target, kind))
+        self.loaded += [(e["name"], target, kind) for e in entries]
         return OK, entry
 
     def cuModuleGetFunction(self, module: dict, name: bytes) -> tuple:

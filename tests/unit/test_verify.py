@@ -1,0 +1,97 @@
+"""`ukgpu verify` on the fake driver: exit codes (0 pass, 1 mismatch, 2 no GPU), the JSON report,
+poisoned outputs catching a kernel that writes nothing, and the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ukgpu.gpu import cuda_fake_kernels
+from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
+from ukgpu.gpu.cuda_verify import EXIT_MISMATCH, EXIT_NO_GPU, EXIT_OK, VerifyOptions, run
+from ukgpu.gpu.fake_driver import FakeDevice, FakeDriver
+from ukgpu.tools.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("verify") / "tiny-qwen2.gguf", SHAPES["tiny-qwen2"])
+
+
+def verify(tmp_path, driver, **opts):
+    lines = []
+    out = tmp_path / "verify.json"
+    code = run(VerifyOptions(json_out=out, **opts), driver=driver, out=lines.append)
+    return code, json.loads(out.read_text()), "\n".join(lines)
+
+
+def test_every_level_passes_on_a_correct_driver(tmp_path, tiny_path):
+    code, report, text = verify(tmp_path, FakeDriver(), model=str(tiny_path), n_generate=6)
+    assert code == EXIT_OK and report["status"] == "pass"
+    levels = {c["level"] for c in report["checks"]}
+    assert levels == {"kernel", "layer", "e2e"}
+    names = {c["name"] for c in report["checks"]}
+    assert {"gemm_q4_k", "matvec_q6_k_b1", "embedding_q8_0", "rope_neox_d128", "argmax_f32",
+            "attn_prefill_d64", "block 1 ffn residual", "greedy continuation (graph decode)"} <= names
+    assert all(c["ok"] for c in report["checks"])
+    assert sum(c["level"] == "layer" for c in report["checks"]) == 2 * SHAPES["tiny-qwen2"].n_layers
+    assert "fake" in report["device"] and report["kernels_loaded"]
+    assert "verify: pass" in text and "FAIL" not in text
+
+
+def test_a_wrong_kernel_is_a_mismatch(tmp_path, tiny_path, monkeypatch):
+    def off_by_one(mem, e, a, grid):
+        n = a["n"]
+        out = mem.view(a["a"], np.float32, n) + mem.view(a["b"], np.float32, n) + 1.0
+        mem.view(a["out"], np.float32, n)[:] = out
+
+    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "add", off_by_one)
+    code, report, text = verify(tmp_path, FakeDriver(), model=str(tiny_path), e2e=False)
+    assert code == EXIT_MISMATCH and report["status"] == "fail"
+    bad = {c["name"] for c in report["checks"] if not c["ok"]}
+    assert "add_f32" in bad and "block 0 attn residual" in bad
+    assert "gemm_q4_k" not in bad
+    assert "FAIL" in text and "verify: fail" in text
+
+
+def test_an_unwritten_output_stays_poisoned_and_fails(tmp_path, monkeypatch):
+    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "swiglu", lambda mem, e, a, grid: None)
+    code, report, _ = verify(tmp_path, FakeDriver(), layers=False, e2e=False)
+    check = next(c for c in report["checks"] if c["name"] == "swiglu_f32")
+    assert code == EXIT_MISMATCH and not check["ok"] and check["value"] == "inf"
+
+
+def test_a_kernel_that_faults_is_reported_not_raised(tmp_path, monkeypatch):
+    def fault(mem, e, a, grid):
+        raise cuda_fake_kernels.EmulationError("out of bounds")
+
+    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "rmsnorm", fault)
+    code, report, text = verify(tmp_path, FakeDriver(), layers=False, e2e=False)
+    assert code == EXIT_MISMATCH
+    err = [c for c in report["checks"] if c["metric"] == "error"]
+    assert err and "CUDA_ERROR_ILLEGAL_ADDRESS" in err[0]["detail"]
+
+
+@pytest.mark.parametrize("driver, words", [
+    (FakeDriver(library_missing=True), "libcuda"),
+    (FakeDriver(devices=[]), "CUDA_ERROR_NO_DEVICE"),
+    (FakeDriver(devices=[FakeDevice(cc=(7, 0))]), "sm_80 or newer"),
+])
+def test_no_gpu_exits_2_and_says_what_was_checked(tmp_path, driver, words):
+    code, report, text = verify(tmp_path, driver)
+    assert code == EXIT_NO_GPU and report["status"] == "no_gpu"
+    assert words in report["message"] and "checked instead" in text
+    assert report["checks"] and all(c["level"] == "manifest" and c["ok"] for c in report["checks"])
+
+
+def test_cli_on_this_machine_without_a_gpu(tmp_path, capsys):
+    from ukgpu.gpu.cuda_backend import probe
+
+    if probe()[0]:
+        pytest.skip("this machine has a usable GPU: the no-GPU exit path is not reachable")
+    out = tmp_path / "v.json"
+    assert main(["verify", "--kernels", "--json", str(out)]) == EXIT_NO_GPU
+    assert json.loads(out.read_text())["status"] == "no_gpu"
+    assert "no usable CUDA GPU" in capsys.readouterr().out
