@@ -1,11 +1,10 @@
 """`CpuBackend`: the reference implementation of `Backend` in numpy.
 
 Weights stay as raw GGUF blocks in the memory-mapped file.  Matrix products
-run on the quantized blocks through `cpu_kernels.qmatmul` where it handles the
-type; otherwise the weight is dequantized a slab of rows at a time, so no
-dequantized copy of the model is ever kept.  `dtype=np.float64` runs every
-activation, the KV cache and the dequantized weights in double precision (a
-reference mode; always the dequantizing path).
+run on the quantized blocks through `cpu_kernels.qmatmul` (numba).
+`dtype=np.float64` runs every activation, the KV cache and the products in
+double precision instead (a reference mode): the weight is then dequantized a
+slab of rows at a time, so no dequantized copy of the model is ever kept.
 
 Products are exact float math on the dequantized weights.  (llama.cpp's CPU
 path instead rounds each activation vector to 8-bit blocks before its dot
@@ -20,22 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Act, Allocator, Backend, KVCache, RopeConfig
+from . import cpu_kernels, quants
+from .backend import Allocator, Backend, KVCache, RopeConfig
+from .gguf_file import TensorView
 
-try:  # the fast quantized kernels (numba); absent: dequantize per slab
-    from .cpu_kernels import qmatmul as _qmatmul
-except ImportError:  # pragma: no cover - depends on the optional module
-    _qmatmul = None
-
-_SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in the fallback (16 MiB f32)
+_SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in float64 mode (32 MiB)
 _DENSE_TYPES = {"F32": np.float32, "F16": np.float16}
 
 
-def _dequantize_rows(raw_rows: np.ndarray, qtype: Any) -> np.ndarray:
-    """uint8[rows, row_bytes] raw blocks -> float32[rows, row_elements]."""
-    from gguf.quants import dequantize
-
-    return dequantize(raw_rows, qtype)
+def _dequantize_rows(raw_rows: np.ndarray, qtype: Any, row_len: int) -> np.ndarray:
+    """uint8[rows, row_bytes] raw blocks -> float32[rows, row_len]."""
+    n_rows = raw_rows.shape[0]
+    flat = np.ascontiguousarray(raw_rows).reshape(-1)
+    return quants.dequantize(flat, qtype, n_rows * row_len).reshape(n_rows, row_len)
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -50,29 +46,26 @@ class CpuWeight:
     qtype: Any
     dense: np.ndarray | None  # F32/F16 tensors, shaped like `shape`
     raw: np.ndarray | None  # uint8[out, row_bytes] for quantized matrices
-    view: Any  # the TensorView, for the quantized kernels
+    kernel: Any  # the `cpu_kernels.prepare` handle of a quantized matrix
 
 
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, dtype: np.dtype = np.float32, alloc: Allocator | None = None,
-                 use_kernels: bool = True) -> None:
+    def __init__(self, dtype: np.dtype = np.float32, alloc: Allocator | None = None) -> None:
         self.dtype = np.dtype(dtype)
         self.alloc = alloc or _zeros
-        self.use_kernels = use_kernels and _qmatmul is not None and self.dtype == np.float32
+        self.use_kernels = self.dtype == np.float32
         self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- weights and cache -------------------------------------------------
-    def prepare_weight(self, view: Any) -> CpuWeight:
+    def prepare_weight(self, view: TensorView) -> CpuWeight:
         shape = tuple(int(s) for s in view.shape)
-        qname = getattr(view.qtype, "name", str(view.qtype))
-        data = np.asarray(view.data)
-        if qname in _DENSE_TYPES:
-            dense = data.view(_DENSE_TYPES[qname]).reshape(shape)
-            return CpuWeight(shape, view.qtype, dense, None, view)
-        raw = data.reshape(shape[0] if len(shape) > 1 else 1, -1)  # [out, row_bytes]
-        return CpuWeight(shape, view.qtype, None, raw, view)
+        if view.qtype.name in _DENSE_TYPES and len(shape) == 1:
+            dense = view.data.view(_DENSE_TYPES[view.qtype.name]).astype(self.dtype, copy=False)
+            return CpuWeight(shape, view.qtype, dense, None, None)
+        kernel = cpu_kernels.prepare(view, repack=False) if self.use_kernels else None
+        return CpuWeight(shape, view.qtype, None, view.rows(), kernel)
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
         shape = (n_layers, n_kv_heads, n_ctx, head_dim)
@@ -80,19 +73,15 @@ class CpuBackend(Backend):
 
     def _rows(self, w: CpuWeight, rows: Any) -> np.ndarray:
         """Dequantized rows of a matrix weight: [len(rows), in] in self.dtype."""
-        if w.dense is not None:
-            return w.dense[rows].astype(self.dtype, copy=False)
-        return _dequantize_rows(w.raw[rows], w.qtype).astype(self.dtype, copy=False)
+        return _dequantize_rows(w.raw[rows], w.qtype, w.shape[-1]).astype(self.dtype, copy=False)
 
     # --- ops ---------------------------------------------------------------
     def embedding(self, table: CpuWeight, tokens: np.ndarray) -> np.ndarray:
         return self._rows(table, np.asarray(tokens, dtype=np.int64))  # [n, d]
 
     def matmul(self, x: np.ndarray, weight: CpuWeight, bias: Any | None = None) -> np.ndarray:
-        if weight.dense is not None:
-            out = x @ weight.dense.T.astype(self.dtype, copy=False)
-        elif self.use_kernels:
-            out = _qmatmul(x, weight.view)
+        if self.use_kernels:
+            out = cpu_kernels.qmatmul(x, weight.kernel)
         else:
             out = self._slab_matmul(x, weight)
         if bias is not None:
