@@ -2,6 +2,8 @@
 
 - swiglu: out[i] = silu(gate[i]) * up[i] over n elements (float32).   ref `reference.swiglu`
 - add: out[i] = a[i] + b[i] (residual; out may alias a).               ref `reference.add`
+- add_bias: out[m, j] = x[m, j] + bias[j] over n = M*N elements (qwen2's
+  Q/K/V biases; out may alias x).                                      ref `reference.add_bias`
 - argmax: out[b] = first index of max(logits[b, :V]) as int32.         ref `reference.argmax`
 - store_rows: dst[rows[t], :W] = f16(src[t, :W]) (K/V into the cache;
   rows[t] = slot * n_ctx + position, read on the device so decode can be graph-captured).
@@ -32,6 +34,13 @@ def add_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     tl.store(out_ptr + i, tl.load(a_ptr + i, mask=ok) + tl.load(b_ptr + i, mask=ok), mask=ok)
+
+
+@triton.jit
+def add_bias_kernel(x_ptr, bias_ptr, out_ptr, n, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    tl.store(out_ptr + i, tl.load(x_ptr + i, mask=ok) + tl.load(bias_ptr + i % N, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -77,6 +86,14 @@ def specs() -> list[KernelSpec]:
         _flat("add_f32", "add_kernel",
               (("a", "*fp32"), ("b", "*fp32"), ("out", "*fp32"), ("n", "i32")),
               "reference.add", "out = a + b, n float32 elements"),
+        KernelSpec(
+            name="add_bias_f32", family="elementwise", fn="add_bias_kernel",
+            params=(("x", "*fp32"), ("bias", "*fp32"), ("out", "*fp32"), ("n", "i32"), ("N", "i32")),
+            constexprs={"BLOCK": BLOCK}, grid=(f"cdiv(n, {BLOCK})", "1", "1"), sizes={},
+            limits=("n >= 1", "N >= 1", "n % N == 0"), reference="reference.add_bias", num_warps=4,
+            num_stages=1, aligned=("x", "bias", "out"),
+            doc="out (M, N) = x (M, N) + bias (N,), n = M*N float32 elements", deps=("spec",),
+        ),
         KernelSpec(
             name="argmax_f32", family="elementwise", fn="argmax_kernel",
             params=(("logits", "*fp32"), ("out", "*i32"), ("V", "i32")),

@@ -85,6 +85,8 @@ def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
         "name": spec.name,
         "kernel_name": md.name,
         "family": spec.family,
+        "target": target.name,
+        "ptx_isa": f"{PTX_VERSION // 10}.{PTX_VERSION % 10}",
         "doc": spec.doc,
         "qtype": spec.qtype,
         "params": _params(spec, md),

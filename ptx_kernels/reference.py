@@ -107,6 +107,11 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a.astype(np.float64) + b
 
 
+def add_bias(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """x (M, N), bias (N,) -> x + bias"""
+    return x.astype(np.float64) + bias
+
+
 def argmax(logits: np.ndarray) -> np.ndarray:
     """(B, V) -> (B,) int32, first index of the maximum."""
     return logits.argmax(-1).astype(np.int32)

@@ -104,7 +104,7 @@ def test_embedding(gpu, qtype, rng):
     np.testing.assert_allclose(gpu.download(do, o), R.embedding(w, ids), rtol=1e-6, atol=1e-30)
 
 
-def test_rmsnorm_swiglu_add(gpu, rng):
+def test_rmsnorm_swiglu_add_bias(gpu, rng):
     m, d = 5, 1536
     x = rng.standard_normal((m, d)).astype(np.float32)
     w = rng.standard_normal(d).astype(np.float32)
@@ -117,7 +117,10 @@ def test_rmsnorm_swiglu_add(gpu, rng):
     dg, du = gpu.upload(g), gpu.upload(u)
     gpu.launch("swiglu_f32", {"gate": dg, "up": du, "out": ds, "n": g.size})
     gpu.launch("add_f32", {"a": dg, "b": du, "out": da, "n": g.size})
+    dx, dbias = gpu.upload(x), gpu.upload(w)
+    gpu.launch("add_bias_f32", {"x": dx, "bias": dbias, "out": dx, "n": x.size, "N": d})
     gpu.sync()
+    np.testing.assert_allclose(gpu.download(dx, x), R.add_bias(x, w), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(gpu.download(dy, y), R.rmsnorm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gpu.download(ds, g), R.swiglu(g, u), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gpu.download(da, g), R.add(g, u), rtol=1e-6, atol=1e-7)

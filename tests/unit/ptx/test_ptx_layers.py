@@ -63,6 +63,15 @@ def test_swiglu_and_add(rng):
     np.testing.assert_allclose(out["out"], R.add(g, u), rtol=1e-6)
 
 
+def test_add_bias_in_place(rng):
+    m, n = 3, 896 + 128  # a fused q|k|v row width, not a multiple of the 1024 block in total
+    x = rng.standard_normal((m, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = run_spec("add_bias_f32", {"x": x.copy(), "bias": bias}, {"n": m * n, "N": n},
+                   aliases={"out": "x"})
+    np.testing.assert_allclose(out["x"], R.add_bias(x, bias), rtol=1e-6)
+
+
 def test_argmax_first_of_ties(rng):
     b, v = 4, 3000
     logits = rng.standard_normal((b, v)).astype(np.float32)
