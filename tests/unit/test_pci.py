@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ukgpu.gpu.pci import PciBus, PciError, PciIds, cuda_ordinal, normalize_bdf, parse_resource
 from ukgpu.gpu.pci_config import ConfigError, parse_config
@@ -172,3 +174,16 @@ def test_cuda_ordinal_by_bus_id():
     assert cuda_ordinal("0000:3b:00.0", cuda_ids) == 0
     assert cuda_ordinal("1:0:6.0", cuda_ids) == 2
     assert cuda_ordinal("0000:00:07.0", cuda_ids) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=64, max_size=4096))
+def test_parse_config_never_crashes_on_garbage(data):
+    """Any bytes either parse (with walks that stay inside the data) or raise ConfigError."""
+    try:
+        cfg = parse_config(data)
+    except ConfigError:
+        return
+    assert all(0x40 <= c.offset < len(data) for c in cfg.capabilities)
+    assert all(0x100 <= c.offset < len(data) for c in cfg.ext_capabilities)
+    assert len(cfg.capabilities) <= 48 and len(cfg.ext_capabilities) <= 960
