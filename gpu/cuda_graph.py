@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .cuda import CudaError
 from .cuda_arena import DeviceBuffer
 from .cuda_backend import StepBuffers
 
@@ -57,9 +58,15 @@ class DecodeGraphs:
             model.forward(np.zeros(1, dtype=np.int64), 0, kv, all_logits=False)
             logits = be.captured_output
             token = be.argmax(logits)
-        finally:
+        except BaseException:
             be.capturing = False
-            graph = cu.cuStreamEndCapture(stream)
+            try:  # end the (now invalid) capture so the stream is usable; the cause propagates
+                cu.cuStreamEndCapture(stream)
+            except CudaError:
+                pass
+            raise
+        be.capturing = False
+        graph = cu.cuStreamEndCapture(stream)
         exec_ = cu.cuGraphInstantiate(graph, 0)
         cu.cuGraphDestroy(graph)
         self.captures += 1

@@ -74,6 +74,8 @@ class KernelSet:
             return self.cu.cuModuleLoadDataEx(
                 image, 2, [opt.CU_JIT_ERROR_LOG_BUFFER, opt.CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES],
                 [log, JIT_LOG_BYTES])
+        except TypeError:  # bindings that will not take a writable log buffer: load without it
+            return self.cu.cuModuleLoadData(image)
         except CudaError as exc:
             text = bytes(log).split(b"\0", 1)[0].decode(errors="replace").strip()
             raise CudaError(exc.call, exc.name, exc.hint,
