@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import bad_request
 from .schema import ModelFacts
 
 
@@ -21,10 +22,14 @@ def slot_count(engine: Any) -> int:
 
 
 def render_chat(engine: Any, messages: list[dict]) -> str:
-    """The model's own chat template applied to `messages`, ready for generation."""
-    from ukgpu.llama_core.chat import render_chat as render
+    """The model's own chat template applied to `messages`; a template refusal is a 400."""
+    from ukgpu.llama_core.chat import ChatTemplateError, render_chat as render
 
-    return render(engine.gguf, messages, add_generation_prompt=True)
+    try:
+        return render(engine.gguf, messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise bad_request(f"The model's chat template refused the messages: {exc}", "messages",
+                          "chat_template_error") from None
 
 
 def sampling_params(body: dict) -> Any:

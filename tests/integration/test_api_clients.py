@@ -1,0 +1,177 @@
+"""The HTTP API with the real SmolLM2-135M model against real clients.
+
+One server per module (CPU backend, 4 slots): the official `openai` client,
+schemathesis over /openapi.json, and a reduced run of tests/perf/load_api.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+
+from ukgpu.kernel.api import ApiLimits, create_app
+from ukgpu.kernel.api.server import background
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "smollm2-135m"
+N_CTX = 512
+LIMITS = ApiLimits(max_tokens=16, max_prompt_chars=300)
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three fruits."}]
+
+
+@pytest.fixture(scope="module")
+def url(smollm2_path):
+    from ukgpu.llama_core.engine import Engine
+
+    engine = Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=4)
+    with background(create_app(engine, LIMITS, model_id=MODEL)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def oai(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+def test_completion_stream_equals_greedy_text(oai):
+    full = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    choice = full.choices[0]
+    assert choice.text.strip() and choice.finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens <= 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    stream = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                    stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_chat_stream_equals_greedy_text(oai):
+    full = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    message = full.choices[0].message
+    assert message.role == "assistant" and message.content.strip()
+    assert "<|im_" not in message.content  # the template's markers never leak into the answer
+    stream = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_usage_counts_prompt_tokens(oai, url):
+    ids = httpx.post(url + "/tokenize", json={"content": PROMPT, "add_special": True}).json()
+    full = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert full.usage.prompt_tokens == len(ids["tokens"])
+    again = oai.completions.create(model=MODEL, prompt=ids["tokens"], max_tokens=4, temperature=0)
+    assert again.choices[0].text == full.choices[0].text
+
+
+def test_stop_cuts_the_text_before_it(oai):
+    text = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
+                                  temperature=0).choices[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    cut = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                 stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_seed_makes_sampling_reproducible(oai):
+    def sample(seed):
+        return oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.2,
+                                      seed=seed, extra_body={"top_k": 40}).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_errors_raise_the_right_openai_exceptions(oai):
+    with pytest.raises(openai.BadRequestError, match="one choice"):
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        oai.completions.create(model=MODEL, prompt=PROMPT, stop=[""])
+    with pytest.raises(openai.NotFoundError, match="model"):
+        oai.completions.create(model="gpt-4o", prompt=PROMPT)
+    long_chat = [{"role": "user", "content": "hello " * 50}] * 12  # ~600 tokens > 512
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=MODEL, messages=long_chat)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_disconnected_stream_frees_its_slot(url):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "stream": True}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            next(resp.iter_lines())
+        deadline = time.monotonic() + 10
+        while "ukgpu_active_slots 0" not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the slot stayed busy after the client left"
+            time.sleep(0.05)
+
+
+def test_tokenize_round_trip(url):
+    text = "Héllo, wörld! 123"
+    ids = httpx.post(url + "/tokenize", json={"content": text}).json()["tokens"]
+    back = httpx.post(url + "/detokenize", json={"tokens": ids}).json()["content"]
+    assert back == text
+
+
+def _load_module():
+    path = Path(__file__).parents[1] / "perf" / "load_api.py"
+    spec = importlib.util.spec_from_file_location("load_api", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concurrent_load_gives_the_lone_answers(url):
+    result = _load_module().run_load(url, MODEL, clients=4, requests=16, max_tokens=8,
+                                     time_limit=300)
+    assert result["requests"] == 16
+    assert httpx.get(url + "/health").json() == {"status": "ready"}
+
+
+def test_schemathesis_finds_no_server_errors(url):
+    import schemathesis
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize",
+            "POST /detokenize"} <= {op.label for op in operations}
+    for operation in operations:
+        _fuzz(operation, url)
+    assert httpx.get(url + "/health").json() == {"status": "ready"}
+
+
+def _fuzz(operation, url: str) -> None:
+    @given(case=operation.as_strategy())
+    @settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        # Valid JSON may still be refused for a reason no JSON Schema can state: a prompt
+        # longer than the context in tokens.  Every other check runs, this one by hand.
+        response = case.call_and_validate(base_url=url, timeout=120,
+                                          excluded_checks=[positive_data_acceptance])
+        if response.status_code == 400:
+            assert response.json()["error"]["code"] == "context_length_exceeded", response.text
+        else:
+            assert response.status_code < 400, response.text
+
+    check()
