@@ -134,11 +134,10 @@ def _numba_matmul(x: np.ndarray, pw: PreparedWeight) -> np.ndarray:
     if n > MV_MAX_ROWS:
         return _slab_matmul(x, pw, _numba_slab(pw))
     y = np.empty((n, pw.shape[0]), np.float32)
-    s = x.reshape(n, n_in // 32, 32).sum(axis=2, dtype=np.float32)  # [n, in/32] block sums
     if pw.tiles is not None:
-        tile.matvec(pw.tiles, x, s, y)
-        return y
-    _MV[pw.qtype](pw.rows, x, s, y)
+        tile.matvec(pw.tiles, x, y)
+    else:
+        _MV[pw.qtype](pw.rows, x, y)
     return y
 
 

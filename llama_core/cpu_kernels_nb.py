@@ -3,11 +3,11 @@
 Layout read here is the file's own: `w` is uint8[out, row_bytes], each row `in / 32`
 consecutive blocks.  Two kinds of kernel per format:
 
-    mv_*(w, x, s, y)            y[t, r] = sum_k x[t, k] * W[r, k]   (few activation rows t)
+    mv_*(w, x, y)               y[t, r] = sum_k x[t, k] * W[r, k]   (few activation rows t)
     dq_*(w, r0, out)            out[i, :] = W[r0 + i, :]           (float32 slab, for BLAS)
 
-`s[t, b]` is the sum of x[t] over block b (32 elements): offsets and minimums of a block
-(Q4_0's -8, Q4_1's m) multiply it once per block instead of once per element.
+`s[t, b]`, the sum of x[t] over block b (32 elements), is computed first: offsets and
+minimums of a block (Q4_0's -8, Q4_1's m) multiply it once per block, not per element.
 
 The product is exact float arithmetic on the dequantized weights (float32 accumulation): a
 weight block is decoded to floats and multiplied into 32 float lanes per output row; lanes
@@ -68,6 +68,17 @@ def chunk_range(c, nch, total):
     return c * total // nch, (c + 1) * total // nch
 
 
+@njit(cache=True, fastmath=True)
+def block_sums(x):
+    """float32[n, in] -> float32[n, in/32]: sums over 32-element blocks."""
+    n, nb = x.shape[0], x.shape[1] // 32
+    s = np.empty((n, nb), np.float32)
+    for t in range(n):
+        for b in range(nb):
+            s[t, b] = x[t, b * 32 : b * 32 + 32].sum()
+    return s
+
+
 # --- mat-vec kernels ---------------------------------------------------------------------
 
 # Block geometry is spelled as literal constants in each kernel: numba passes values derived
@@ -75,8 +86,9 @@ def chunk_range(c, nch, total):
 # vectorizes the block loops (measured 2.5x slower), hence one kernel per format.
 
 @njit(**OPTS)
-def mv_q4_0(w, x, s, y):
+def mv_q4_0(w, x, y):
     """Q4_0 block (18 B): d f16, qs[16]; element j / j+16 = low / high nibble of qs[j], d*(q-8)."""
+    s = block_sums(x)  # [n, in/32]
     out, n, nb = w.shape[0], x.shape[0], x.shape[1] // 32
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -106,8 +118,9 @@ def mv_q4_0(w, x, s, y):
 
 
 @njit(**OPTS)
-def mv_q4_1(w, x, s, y):
+def mv_q4_1(w, x, y):
     """Q4_1 block (20 B): d f16, m f16, qs[16]; value d*q + m."""
+    s = block_sums(x)  # [n, in/32]
     out, n, nb = w.shape[0], x.shape[0], x.shape[1] // 32
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -148,8 +161,9 @@ def q5_lanes(wr, qo, qh, li, d, xr, xb):
 
 
 @njit(**OPTS)
-def mv_q5_0(w, x, s, y):
+def mv_q5_0(w, x, y):
     """Q5_0 block (22 B): d f16, qh u32 (bit j = fifth bit of element j), qs[16]; d*(q-16)."""
+    s = block_sums(x)  # [n, in/32]
     out, n, nb = w.shape[0], x.shape[0], x.shape[1] // 32
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -176,8 +190,9 @@ def mv_q5_0(w, x, s, y):
 
 
 @njit(**OPTS)
-def mv_q5_1(w, x, s, y):
+def mv_q5_1(w, x, y):
     """Q5_1 block (24 B): d f16, m f16, qh u32, qs[16]; d*q + m."""
+    s = block_sums(x)  # [n, in/32]
     out, n, nb = w.shape[0], x.shape[0], x.shape[1] // 32
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -204,7 +219,7 @@ def mv_q5_1(w, x, s, y):
 
 
 @njit(**OPTS)
-def mv_q8_0(w, x, s, y):
+def mv_q8_0(w, x, y):
     """Q8_0 block: d f16, qs int8[32]; value d*q."""
     out, n, nb = w.shape[0], x.shape[0], x.shape[1] // 32
     ntiles = (out + R - 1) // R

@@ -2,7 +2,7 @@
 
 Same contract and lane scheme as `cpu_kernels_nb` (read that first): `mv_*` multiplies a few
 activation rows, `dq_*` dequantizes a slab of rows for BLAS.  `s[t, b]` holds the sums of
-x[t] over 32-element sub-blocks, which the per-sub-block minimums of Q4_K/Q5_K multiply.
+x[t] over 32-element sub-blocks (computed first), which Q4_K/Q5_K's minimums multiply.
 
 Super-block layouts (bytes):
     Q4_K (144): d f16, dmin f16, scales[12] (8 six-bit scales + 8 six-bit mins), qs[128]
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_kernels_nb import CHUNKS, OPTS, R, U4, U15, chunk_range, f16
+from .cpu_kernels_nb import CHUNKS, OPTS, R, U4, U15, block_sums, chunk_range, f16
 
 
 @njit(inline="always")
@@ -62,7 +62,8 @@ def k45_lanes(wr, o, li, xr, xb, sr, sb, five):
 
 
 @njit(**OPTS)
-def mv_q4_k(w, x, s, y):
+def mv_q4_k(w, x, y):
+    s = block_sums(x)  # [n, in/32]
     out, n, nsb = w.shape[0], x.shape[0], x.shape[1] // 256
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -84,7 +85,8 @@ def mv_q4_k(w, x, s, y):
 
 
 @njit(**OPTS)
-def mv_q5_k(w, x, s, y):
+def mv_q5_k(w, x, y):
+    s = block_sums(x)  # [n, in/32]
     out, n, nsb = w.shape[0], x.shape[0], x.shape[1] // 256
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)
@@ -114,7 +116,7 @@ def q6(wr, ql, qh, l, g):
 
 
 @njit(**OPTS)
-def mv_q6_k(w, x, s, y):
+def mv_q6_k(w, x, y):
     out, n, nsb = w.shape[0], x.shape[0], x.shape[1] // 256
     ntiles = (out + R - 1) // R
     nch = min(ntiles, CHUNKS)

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from .cpu_kernels_nb import CHUNKS, OPTS, U4, U15, h2f
+from .cpu_kernels_nb import CHUNKS, OPTS, U4, U15, block_sums, h2f
 
 # type -> (header fields (block offset, bytes) in tile order, qs offset, qs bytes)
 _SECTIONS = {
@@ -109,19 +109,33 @@ def unpack_rows(tp: TilePack, r0: int, r1: int) -> np.ndarray:
     return rows[r0 - a : r1 - a]
 
 
-def matvec(tp: TilePack, x: np.ndarray, s: np.ndarray, y: np.ndarray) -> None:
-    """y[n, out] = x[n, in] @ W.T for a TilePack; s[n, in/32] the block sums of x."""
-    n, n_in = x.shape
-    nb = n_in // 32
-    # X[t, j, i*nb + b] = x[t, 32b + j] for the rt rows of a tile
-    X = np.ascontiguousarray(np.tile(x.reshape(n, nb, 32).transpose(0, 2, 1), (1, 1, tp.rt)))
+def matvec(tp: TilePack, x: np.ndarray, y: np.ndarray) -> None:
+    """y[n, out] = x[n, in] @ W.T for a TilePack."""
     q = tp.qtype
     if q == T.Q8_0:
-        t_q8_0(tp.data, tp.shape[0], tp.rt, X, y)
+        t_q8_0(tp.data, tp.shape[0], tp.rt, x, y)
     elif q in (T.Q4_0, T.Q4_1):
-        t_q4(tp.data, tp.shape[0], tp.rt, X, s, y, q == T.Q4_1)
+        t_q4(tp.data, tp.shape[0], tp.rt, x, y, q == T.Q4_1)
     else:
-        t_q5(tp.data, tp.shape[0], tp.rt, X, s, y, q == T.Q5_1)
+        t_q5(tp.data, tp.shape[0], tp.rt, x, y, q == T.Q5_1)
+
+
+@njit(cache=True, fastmath=True)
+def expand_x(x, rt):
+    """x[n, in] -> X[n, 32, rt * nb] with X[t, j, i*nb + b] = x[t, 32b + j] (lane order)."""
+    n, nb = x.shape[0], x.shape[1] // 32
+    X = np.empty((n, 32, rt * nb), np.float32)
+    xt = np.empty((32, nb), np.float32)
+    for t in range(n):
+        for b in range(nb):
+            for j in range(32):
+                xt[j, b] = x[t, 32 * b + j]
+        for j in range(32):
+            dst, src = X[t, j], xt[j]
+            for i in range(rt):
+                for b in range(nb):
+                    dst[i * nb + b] = src[b]
+    return X
 
 
 @njit(inline="always")
@@ -133,8 +147,9 @@ def _tile(data, k, rt, n_out, nb, bpb):
 
 
 @njit(**OPTS)
-def t_q4(data, n_out, rt, X, s, y, has_m):
-    n, nb = X.shape[0], X.shape[2] // rt
+def t_q4(data, n_out, rt, x, y, has_m):
+    X, s = expand_x(x, rt), block_sums(x)
+    n, nb = x.shape[0], x.shape[1] // 32
     bpb = 20 if has_m else 18
     ntiles = (n_out + rt - 1) // rt
     nch = min(ntiles, CHUNKS)
@@ -149,11 +164,13 @@ def t_q4(data, n_out, rt, X, s, y, has_m):
             for t in range(n):
                 a = acc[:L]
                 a[:] = 0
-                for j in range(16):
-                    qj, xlo, xhi = qs[j * L : (j + 1) * L], X[t, j], X[t, j + 16]
+                for j in range(0, 16, 2):  # two byte positions per pass: half the acc traffic
+                    q0, q1 = qs[j * L : (j + 1) * L], qs[(j + 1) * L : (j + 2) * L]
+                    x0, x1, x2, x3 = X[t, j], X[t, j + 16], X[t, j + 1], X[t, j + 17]
                     for l in range(L):
-                        q = qj[l]
-                        a[l] += np.float32(np.uint8(q & U15)) * xlo[l] + np.float32(np.uint8(q >> U4)) * xhi[l]
+                        b0, b1 = q0[l], q1[l]
+                        a[l] += (np.float32(np.uint8(b0 & U15)) * x0[l] + np.float32(np.uint8(b0 >> U4)) * x1[l]
+                                 + np.float32(np.uint8(b1 & U15)) * x2[l] + np.float32(np.uint8(b1 >> U4)) * x3[l])
                 for i in range(rk):
                     tot = np.float32(0)
                     for b in range(nb):
@@ -165,8 +182,9 @@ def t_q4(data, n_out, rt, X, s, y, has_m):
 
 
 @njit(**OPTS)
-def t_q5(data, n_out, rt, X, s, y, has_m):
-    n, nb = X.shape[0], X.shape[2] // rt
+def t_q5(data, n_out, rt, x, y, has_m):
+    X, s = expand_x(x, rt), block_sums(x)
+    n, nb = x.shape[0], x.shape[1] // 32
     bpb = 24 if has_m else 22
     ntiles = (n_out + rt - 1) // rt
     nch = min(ntiles, CHUNKS)
@@ -200,8 +218,9 @@ def t_q5(data, n_out, rt, X, s, y, has_m):
 
 
 @njit(**OPTS)
-def t_q8_0(data, n_out, rt, X, y):
-    n, nb = X.shape[0], X.shape[2] // rt
+def t_q8_0(data, n_out, rt, x, y):
+    X = expand_x(x, rt)
+    n, nb = x.shape[0], x.shape[1] // 32
     ntiles = (n_out + rt - 1) // rt
     nch = min(ntiles, CHUNKS)
     for c in prange(nch):
@@ -214,10 +233,13 @@ def t_q8_0(data, n_out, rt, X, y):
             for t in range(n):
                 a = acc[:L]
                 a[:] = 0
-                for j in range(32):
-                    qj, xj = qs[j * L : (j + 1) * L], X[t, j]
+                for j in range(0, 32, 4):  # four byte positions per pass
+                    q0, q1 = qs[j * L : (j + 1) * L], qs[(j + 1) * L : (j + 2) * L]
+                    q2, q3 = qs[(j + 2) * L : (j + 3) * L], qs[(j + 3) * L : (j + 4) * L]
+                    x0, x1, x2, x3 = X[t, j], X[t, j + 1], X[t, j + 2], X[t, j + 3]
                     for l in range(L):
-                        a[l] += np.float32(np.int8(qj[l])) * xj[l]
+                        a[l] += (np.float32(np.int8(q0[l])) * x0[l] + np.float32(np.int8(q1[l])) * x1[l]
+                                 + np.float32(np.int8(q2[l])) * x2[l] + np.float32(np.int8(q3[l])) * x3[l])
                 for i in range(rk):
                     tot = np.float32(0)
                     for b in range(nb):
