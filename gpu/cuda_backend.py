@@ -69,6 +69,7 @@ class DeviceKV:
     layer_stride: int  # bytes
     n_kv_heads: int
     head_dim: int
+    owner: Any = None  # the pool block: back to the pool when the KVCache is dropped
 
     def layer(self, i: int) -> int:
         return self.base + i * self.layer_stride
@@ -111,6 +112,7 @@ class CudaBackend(Backend):
 
         self.ctx, self.cu, self.kernels, self.arena = ctx, ctx.cu, kernels, arena
         self.pool = BufferPool(arena)
+        self.kv_pool = BufferPool(arena, "kv cache")
         self.step = StepBuffers(arena.alloc(64, "step"))
         self.capturing = False  # ops read token/position from `step` instead of uploading
         self.captured_output: DeviceBuffer | None = None
@@ -189,13 +191,13 @@ class CudaBackend(Backend):
         return w
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
-        """Held for the backend's lifetime: allocate one per slot and reuse it."""
+        """A zeroed float16 cache; its memory returns to the KV pool when the KVCache goes."""
         stride = n_ctx * n_kv_heads * head_dim * 2
         halves = []
         for _ in ("k", "v"):
-            base = self.arena.alloc(n_layers * stride, "kv cache")
-            self.cu.cuMemsetD32Async(base, 0, n_layers * stride // 4, self.ctx.stream)
-            halves.append(DeviceKV(base, stride, n_kv_heads, head_dim))
+            block = self.kv_pool.take(n_layers * stride)
+            self.cu.cuMemsetD32Async(block.ptr, 0, n_layers * stride // 4, self.ctx.stream)
+            halves.append(DeviceKV(block.ptr, stride, n_kv_heads, head_dim, block))
         return KVCache(halves[0], halves[1], n_ctx)
 
     # --- per-forward device words --------------------------------------------

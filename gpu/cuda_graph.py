@@ -11,7 +11,8 @@ and one download (4 bytes for greedy, the logits row otherwise): no per-kernel P
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,7 @@ class DecodeGraph:
     exec: Any
     logits: DeviceBuffer  # float32[1, vocab], written by every replay
     token: DeviceBuffer  # int32[1], argmax of logits
-    kv: Any  # the cache the graph's pointers belong to (kept alive with it)
     replays: int = 0
-    keep: list = field(default_factory=list)
 
 
 class DecodeGraphs:
@@ -45,6 +44,7 @@ class DecodeGraphs:
         if graph is None:
             logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager warm-up
             self.graphs[key] = self.capture(model, kv)
+            weakref.finalize(kv, self._forget, key)  # the cache's memory may be reused: drop it
             return int(np.argmax(logits[0])) if greedy else logits
         return self.replay(graph, token, pos, kv, greedy)
 
@@ -70,7 +70,7 @@ class DecodeGraphs:
         exec_ = cu.cuGraphInstantiate(graph, 0)
         cu.cuGraphDestroy(graph)
         self.captures += 1
-        return DecodeGraph(exec_, logits, token, kv)
+        return DecodeGraph(exec_, logits, token)
 
     def replay(self, graph: DecodeGraph, token: int, pos: int, kv: Any, greedy: bool) -> Any:
         be, cu = self.be, self.be.cu
@@ -86,6 +86,11 @@ class DecodeGraphs:
         if greedy:
             return int(be.to_host(graph.token)[0])
         return be.to_host(graph.logits)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        graph = self.graphs.pop(key, None)
+        if graph is not None:
+            self.be.cu.cuGraphExecDestroy(graph.exec)
 
     def release(self) -> None:
         for graph in self.graphs.values():

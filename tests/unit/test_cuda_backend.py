@@ -141,3 +141,23 @@ def test_unsupported_weight_type_is_reported(tiny, monkeypatch):
     monkeypatch.setitem(tiny.tensors, name, replace(tiny.tensors[name], qtype=T.Q5_K))
     with pytest.raises(CudaUnsupported, match="Q5_K.*use the CPU backend"):
         model_kernels(tiny)
+
+
+def test_a_dropped_cache_frees_its_graph_and_memory(tiny):
+    import gc
+
+    model, be, _ = gpu_model(tiny, n_ctx=16)
+    kv = model.new_kv(16)
+    model.forward(PROMPT[:4], 0, kv)
+    be.decode(model, 7, 4, kv)
+    be.decode(model, 8, 5, kv)
+    assert len(be.graphs.graphs) == 1
+    used = be.arena.used
+    del kv
+    gc.collect()
+    assert be.graphs.graphs == {} and be.kv_pool.live == 0
+    kv2 = model.new_kv(16)  # same size: the freed blocks, zeroed again
+    assert be.arena.used == used
+    got = model.forward(PROMPT[:4], 0, kv2)
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    assert nmse(got, cpu.forward(PROMPT[:4], 0, cpu.new_kv(16))) < 1e-5
