@@ -140,6 +140,7 @@ def _input_key(inputs: Inputs, config: BuildConfig) -> str:
         "model": inputs.model_sha256,
         "embed_limit": config.embed_limit,
         "python": inputs.py_versions,
+        "numba": config.numba,
     }
     digest.update(json.dumps(parts, sort_keys=True).encode())
     for guest, host in sorted(inputs.layout.files.items()):  # ukgpu sources change often
@@ -160,6 +161,8 @@ def _build_into(out: Path, inputs: Inputs, config: BuildConfig, log) -> None:
     pycs = image_stage.compile_bytecode(root)
     log(f"image: compiled {len(pycs)} bytecode files")
     log("image: " + image_stage.chroot_check(root, GUEST_IMPORTS))
+    if config.numba:
+        log("image: " + image_stage.precompile_numba(root, int(os.environ.get("SOURCE_DATE_EPOCH", "0"))))
 
     embed = inputs.model_path.stat().st_size <= config.embed_limit
     model_guest = f"{GUEST_MODELS}/{inputs.model_path.name}" if embed else None
@@ -246,6 +249,7 @@ SIZE_GROUPS = {
     "model": GUEST_MODELS + "/",
     "numpy": f"{image_python.SITE}/numpy",
     "ukgpu": f"{image_python.SITE}/ukgpu/",
+    "numba+llvmlite": (f"{image_python.SITE}/numba", f"{image_python.SITE}/llvmlite"),
     "http+gguf": f"{image_python.SITE}/",
     "python stdlib": image_python.STDLIB + "/",
     "kernel modules": "/usr/lib/modules/",

@@ -18,6 +18,7 @@ from pathlib import Path
 from ukgpu.llama_core.errors import UkgpuError
 
 from .image_python import SITE, STDLIB, Layout
+from .init_model import NUMBA_ENV
 
 
 class StageError(UkgpuError):
@@ -103,3 +104,24 @@ def chroot_check(root: Path, modules: tuple[str, ...]) -> str:
                          f"{res.stderr[-2000:]}\nadd the missing package or library to "
                          "kernel/image_python.py")
     return f"imported {len(modules)} modules with the guest interpreter in a chroot"
+
+
+def precompile_numba(root: Path, mtime: int) -> str:
+    """Fill numba's on-disk cache for the CPU kernels inside the staged tree.
+
+    Under TCG, compiling the kernels at first use would take minutes; loading
+    them from the cache takes well under a second.  numba keys its cache on
+    the source file's mtime and size, so ukgpu's sources (staged copies) get
+    the archive's fixed mtime first.
+    """
+    if os.geteuid() != 0:
+        return "skipped numba precompilation (needs root for the chroot): kernels compile at first use"
+    for path in (root / SITE.lstrip("/") / "ukgpu").rglob("*.py"):
+        os.utime(path, (mtime, mtime))
+    code = "from ukgpu.llama_core import cpu_kernels; print(f'{cpu_kernels.warmup():.1f}')"
+    res = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IB", "-c", code],
+                         capture_output=True, text=True, check=False, timeout=900,
+                         env={**os.environ, **NUMBA_ENV})
+    if res.returncode != 0:
+        raise StageError(f"precompiling the numba kernels failed:\n{res.stderr[-2000:]}")
+    return f"precompiled the numba kernels in {res.stdout.strip()}s"

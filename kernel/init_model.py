@@ -9,14 +9,22 @@ says why.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from .arena import Arena, format_size
 from .init_sys import InitError
 
+# The guest's CPU (TCG `-cpu max`, or a KVM host's) is not the build machine's: numba code is
+# compiled for one fixed CPU, so the cache the image builder fills is valid here.  Haswell
+# (x86-64-v3: AVX2, FMA, F16C) is what TCG's `-cpu max` offers and any KVM host since 2013;
+# `generic` would lack F16C, and LLVM's software half-float call does not link in numba.
+NUMBA_ENV = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
+
 
 def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Arena, str]:
     """(engine, arena, backend note) for the model at `path`."""
+    os.environ.update(NUMBA_ENV)
     from ukgpu.llama_core.gguf_file import open_gguf
 
     gguf = open_gguf(path)

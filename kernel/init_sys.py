@@ -50,10 +50,11 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
 
 
 def mount_basics() -> None:
-    """/proc, /sys, /dev (devtmpfs), /tmp and /run."""
+    """/proc, /sys, /dev (devtmpfs), /dev/shm, /tmp and /run."""
     mount("proc", "/proc", "proc")
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs", data="mode=0755")
+    mount("tmpfs", "/dev/shm", "tmpfs", data="mode=1777")  # semaphores (numba, multiprocessing)
     mount("tmpfs", "/tmp", "tmpfs", data="mode=1777")
     mount("tmpfs", "/run", "tmpfs", data="mode=0755")
 

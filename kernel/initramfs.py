@@ -124,8 +124,8 @@ class Initramfs:
         elif stat.S_ISREG(st.st_mode):
             self.add_file(path, source=host)
 
-    def size_by(self, prefixes: dict[str, str]) -> dict[str, int]:
-        """Payload bytes per label: {label: prefix}; the first matching prefix wins."""
+    def size_by(self, prefixes: dict[str, str | tuple[str, ...]]) -> dict[str, int]:
+        """Payload bytes per label: {label: prefix(es)}; the first matching label wins."""
         totals = {label: 0 for label in prefixes} | {"other": 0}
         for path, entry in self.entries.items():
             if not stat.S_ISREG(entry.mode):
