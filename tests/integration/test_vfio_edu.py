@@ -48,26 +48,38 @@ class GuestRun:
         return f"{what}\nresult: {json.dumps(self.result, indent=1)}\nserial log ({self.log_path}):\n{self.log[-8000:]}"
 
 
-def qemu_command(image: guest_build.GuestImage) -> list[str]:
+def qemu_command(image: guest_build.GuestImage, extra_cmdline: str = "") -> list[str]:
     return ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024",
             "-device", "intel-iommu", "-device", "edu",
             # an empty PCIe root port: real PCIe/extended capabilities in the recorded sysfs facts
             "-device", "pcie-root-port,id=rp0,chassis=1,slot=1",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", "console=ttyS0 intel_iommu=on panic=-1",
+            "-append", f"console=ttyS0 intel_iommu=on panic=-1 {extra_cmdline}".strip(),
             "-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory) -> GuestRun:
+def image() -> guest_build.GuestImage:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run `make host-deps` (apt-get install qemu-system-x86)")
-    image = guest_build.build()
-    log_path = tmp_path_factory.mktemp("vfio-edu") / "serial.log"
+    return guest_build.build()
+
+
+@pytest.fixture(scope="module")
+def guest(image, tmp_path_factory) -> GuestRun:
+    return boot(image, tmp_path_factory.mktemp("vfio-edu") / "serial.log")
+
+
+@pytest.fixture(scope="module")
+def guest_no_intremap(image, tmp_path_factory) -> GuestRun:
+    return boot(image, tmp_path_factory.mktemp("vfio-edu-nointremap") / "serial.log", "intremap=off")
+
+
+def boot(image: guest_build.GuestImage, log_path: Path, extra_cmdline: str = "") -> GuestRun:
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(qemu_command(image), capture_output=True, text=True, timeout=BOOT_TIMEOUT_S,
-                              errors="replace")
+        proc = subprocess.run(qemu_command(image, extra_cmdline), capture_output=True, text=True,
+                              timeout=BOOT_TIMEOUT_S, errors="replace")
         log = proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         log = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -174,3 +186,9 @@ def test_msi_reaches_eventfd(guest):
 
 def test_boot_is_quick(guest):
     assert guest.seconds < 60, guest.why(f"boot + checks took {guest.seconds:.1f} s")
+
+
+def test_no_interrupt_remapping_error_says_so(guest_no_intremap):
+    message = guest_no_intremap.result.get("no_intremap_error", "")
+    assert "EPERM" in message and "interrupt remapping" in message, \
+        guest_no_intremap.why("VFIO_SET_IOMMU without interrupt remapping")
