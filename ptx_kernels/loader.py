@@ -187,6 +187,30 @@ class Manifests:
         return Artifact(target, kind, self.build_dir / target / file)
 
 
+def matvec_entry(qtype: str, batch: int) -> str:
+    """Mat-vec entry for a weight type and decode batch (1..8)."""
+    if not 1 <= batch <= 8:
+        raise KernelManifestError(f"mat-vec batch must be 1..8, got {batch}: use the GEMM entry")
+    return f"matvec_{qtype.lower()}_{'b1' if batch == 1 else 'b8'}"
+
+
+def gemm_entry(qtype: str) -> str:
+    return f"gemm_{qtype.lower()}"
+
+
+def embedding_entry(qtype: str) -> str:
+    return f"embedding_{qtype.lower()}"
+
+
+def rope_entry(neox: bool, head_dim: int) -> str:
+    return f"rope_{'neox' if neox else 'norm'}_d{head_dim}"
+
+
+def attention_entries(head_dim: int) -> dict[str, str]:
+    """{"prefill", "decode", "combine"} entry names for a head size."""
+    return {k: f"attn_{k}_d{head_dim}" for k in ("prefill", "decode", "combine")}
+
+
 def _ptx_runs_on(target: str, arch: tuple[int, int], cc: tuple[int, int]) -> bool:
     """Arch-specific ("a") PTX runs only on its exact arch; plain PTX on that arch or newer."""
     return cc == arch if target.endswith("a") else cc >= arch

@@ -7,7 +7,17 @@ import sys
 
 import pytest
 
-from ukgpu.ptx_kernels.loader import KernelManifestError, Manifests, evaluate
+from ukgpu.ptx_kernels.loader import (
+    KernelManifestError,
+    Manifests,
+    attention_entries,
+    embedding_entry,
+    evaluate,
+    gemm_entry,
+    matvec_entry,
+    rope_entry,
+)
+from ukgpu.ptx_kernels.repack import FORMATS
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +108,15 @@ def test_expression_evaluator_is_closed():
         evaluate("__import__('os')", {})
     with pytest.raises(KernelManifestError, match="size 'T'"):
         evaluate("T", {})
+
+
+def test_name_helpers_cover_every_supported_type_and_head_size(man):
+    names = set(man.names())
+    for qtype in FORMATS:
+        assert {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype),
+                embedding_entry(qtype)} <= names
+    for hd in (64, 128):
+        assert {rope_entry(True, hd), rope_entry(False, hd), *attention_entries(hd).values()} <= names
+    assert matvec_entry("Q4_K", 5) == "matvec_q4_k_b8"
+    with pytest.raises(KernelManifestError, match="GEMM"):
+        matvec_entry("Q4_K", 9)
