@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -166,8 +167,10 @@ class Generation:
 
     def stream(self, include_usage: bool) -> StreamingResponse:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        # The background task also covers a client that leaves before the first chunk.
         return StreamingResponse(self._sse(include_usage), media_type="text/event-stream",
-                                 headers=headers)
+                                 headers=headers,
+                                 background=BackgroundTask(self.scheduler.cancel, self.job))
 
     async def _sse(self, include_usage: bool) -> AsyncIterator[bytes]:
         outcome = Outcome()

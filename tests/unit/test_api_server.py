@@ -153,9 +153,20 @@ def test_oversized_body_rejected_before_reading_it(url):
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{")
-        reply = sock.recv(65536).decode()
+        reply = _read_reply(sock)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"body_too_large"' in reply
+
+
+def _read_reply(sock: socket.socket) -> str:
+    """Everything the server sends until its JSON body is complete or it closes."""
+    data = b""
+    while not data.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
 
 
 def test_oversized_chunked_body_is_413(client):
@@ -286,3 +297,34 @@ def test_failed_load_is_reported(monkeypatch):
         _wait(lambda: c.get("/health").json()["status"] == "failed")
         err = assert_error(complete(c, prompt="x"), 503, code="model_load_failed")
         assert "no such file" in err["message"]
+
+
+def test_chat_template_refusal_is_a_400():
+    from types import SimpleNamespace
+
+    from ukgpu.kernel.api import engine_facts
+    from ukgpu.kernel.api.errors import ApiError
+
+    engine = SimpleNamespace(gguf="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ApiError) as info:
+        engine_facts.render_chat(engine, [{"role": "user", "content": "x"}])
+    assert (info.value.status, info.value.code) == (400, "chat_template_error")
+    assert "roles must alternate" in info.value.message
+
+
+def test_max_completion_tokens_and_arena_metrics(engine, monkeypatch):
+    use_fakes(monkeypatch)
+
+    class Arena:
+        def stats(self):
+            return {"size": 4096, "used": 1024}
+
+    app = create_app(engine, model_id=MODEL, arena=Arena())
+    with background(app) as base, httpx.Client(base_url=base) as c:
+        resp = c.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+            "max_completion_tokens": 3, "max_tokens": 9})
+        assert resp.json()["usage"]["completion_tokens"] == 3
+        text = c.get("/metrics").text
+    assert "ukgpu_arena_used 1024" in text and "ukgpu_arena_size 4096" in text
+    assert "ukgpu_tokens_per_second 0.3" in text  # 3 tokens in the 10 s window
