@@ -1,0 +1,135 @@
+"""ukgpu's CUDA backend vs llama.cpp CUDA: pp512 and tg128 on synthetic models of real shapes.
+
+    python tests/perf/bench_cuda.py [--llama-bench PATH] [--json out.json] [--repeats 5]
+                                    [--models qwen2.5-coder-1.5b smollm2-135m]
+
+Not collected by pytest; needs an NVIDIA GPU (sm_80+) and the NVIDIA driver.  Models are the
+random-weight files of `llama_core.synthetic` (every tensor with the real model's type and shape:
+Qwen2.5-Coder-1.5B Q4_K_M, SmolLM2-135M Q4_1), built on first use, so nothing large has to travel.
+
+- pp512: one forward pass of 512 prompt tokens into an empty KV cache, last-position logits copied
+  to the host (prefill through the GEMM kernels).
+- tg128: 128 greedy tokens from position 0, each one graph replay (`decode_greedy`: the argmax
+  runs on the device, 4 bytes come back); the first step (eager + capture) is a warm-up.
+- tg32 eager: the same through `Model.forward` (one Python launch per kernel), to show what the
+  graph saves.
+Each is repeated `--repeats` times after a warm-up; the median is reported.  llama.cpp numbers come
+from a `llama-bench` binary built with -DGGML_CUDA=ON (`-ngl 99 -p 512 -n 128 -o json`), with
+flash attention on and off, when `--llama-bench` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
+N_PROMPT, N_GEN, N_EAGER = 512, 128, 32
+
+
+def _median_rate(tokens: int, seconds: list[float]) -> float:
+    return tokens / statistics.median(seconds)
+
+
+def bench_ukgpu(path: Path, repeats: int) -> dict:
+    from ukgpu.gpu.cuda_select import create_backend
+    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.model import Model
+
+    t0 = time.perf_counter()
+    gguf = open_gguf(path)
+    be = create_backend(gguf=gguf, n_ctx=N_PROMPT + N_GEN + 8, n_slots=2)
+    model = Model(gguf, be)
+    load_s = time.perf_counter() - t0
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, N_PROMPT)  # int[512]
+    kv = model.new_kv(N_PROMPT + 8)
+    pp = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        model.forward(prompt, 0, kv, all_logits=False)  # ends with a device->host copy: synced
+        if i:
+            pp.append(time.perf_counter() - t)
+    kv = model.new_kv(N_GEN + 8)
+    be.decode_greedy(model, int(prompt[0]), 0, kv)  # eager step + graph capture
+    tg = []
+    for _ in range(repeats):
+        token, t = int(prompt[0]), time.perf_counter()
+        for pos in range(N_GEN):
+            token = be.decode_greedy(model, token, pos, kv)
+        tg.append(time.perf_counter() - t)
+    eager = []
+    for _ in range(max(1, repeats // 2)):
+        token, t = int(prompt[0]), time.perf_counter()
+        for pos in range(N_EAGER):
+            token = int(model.forward(np.array([token]), pos, kv, all_logits=False)[0].argmax())
+        eager.append(time.perf_counter() - t)
+    return {"load_s": round(load_s, 2), f"pp{N_PROMPT}": _median_rate(N_PROMPT, pp),
+            f"tg{N_GEN}": _median_rate(N_GEN, tg), f"tg{N_EAGER}_eager": _median_rate(N_EAGER, eager),
+            "device": be.ctx.info.line(), "arena": be.usage(),
+            "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()})}
+
+
+def bench_llama_cpp(binary: str, path: Path, repeats: int) -> dict:
+    out = {}
+    for fa in (1, 0):
+        cmd = [binary, "-m", str(path), "-ngl", "99", "-p", str(N_PROMPT), "-n", str(N_GEN),
+               "-r", str(repeats), "-fa", str(fa), "-o", "json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            out[f"fa{fa}"] = {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+            continue
+        for rec in json.loads(done.stdout):
+            test = f"pp{rec['n_prompt']}" if rec["n_gen"] == 0 else f"tg{rec['n_gen']}"
+            out.setdefault(f"fa{fa}", {})[test] = rec["avg_ts"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--llama-bench", help="llama-bench binary built with CUDA")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    from ukgpu.gpu.cuda_backend import probe
+    from ukgpu.llama_core.synthetic import build_synthetic
+
+    ok, reason = probe()
+    if not ok:
+        print(f"bench_cuda: no usable CUDA GPU: {reason}", file=sys.stderr)
+        return 2
+    print(reason)
+    results = {}
+    for name in args.models:
+        path = build_synthetic(name, progress=True)
+        res = {"ukgpu": bench_ukgpu(path, args.repeats)}
+        if args.llama_bench:
+            res["llama.cpp"] = bench_llama_cpp(args.llama_bench, path, args.repeats)
+        results[name] = res
+        print(json.dumps({name: res}, indent=1))
+    print(f"\n| shape | ukgpu pp{N_PROMPT} | ukgpu tg{N_GEN} (graph) | ukgpu tg eager "
+          f"| llama.cpp pp{N_PROMPT} fa on/off | llama.cpp tg{N_GEN} fa on/off |")
+    print("|---|---|---|---|---|---|")
+    for name, res in results.items():
+        u, ll = res["ukgpu"], res.get("llama.cpp", {})
+
+        def peer(test: str) -> str:
+            vals = [ll.get(f"fa{fa}", {}).get(test) for fa in (1, 0)]
+            return " / ".join(f"{v:,.0f}" if isinstance(v, float) else "-" for v in vals)
+
+        print(f"| {name} | {u[f'pp{N_PROMPT}']:,.0f} | {u[f'tg{N_GEN}']:,.0f} "
+              f"| {u[f'tg{N_EAGER}_eager']:,.0f} | {peer(f'pp{N_PROMPT}')} | {peer(f'tg{N_GEN}')} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
