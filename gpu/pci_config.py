@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 CAP_NAMES = {0x01: "PM", 0x02: "AGP", 0x03: "VPD", 0x04: "SlotID", 0x05: "MSI", 0x07: "PCI-X",
-             0x09: "Vendor", 0x0A: "Debug", 0x0D: "SSVID", 0x10: "PCIe", 0x11: "MSI-X",
+             0x09: "Vendor", 0x0A: "Debug", 0x0C: "SHPC", 0x0D: "SSVID", 0x10: "PCIe", 0x11: "MSI-X",
              0x12: "SATA", 0x13: "AF", 0x14: "EA"}
 EXT_CAP_NAMES = {0x0001: "AER", 0x0002: "VC", 0x0003: "DSN", 0x0004: "PowerBudget", 0x000B: "Vendor",
                  0x000D: "ACS", 0x000E: "ARI", 0x000F: "ATS", 0x0010: "SR-IOV", 0x0013: "PRI",

@@ -51,8 +51,11 @@ class GuestRun:
 def qemu_command(image: guest_build.GuestImage, extra_cmdline: str = "") -> list[str]:
     return ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024",
             "-device", "intel-iommu", "-device", "edu",
-            # an empty PCIe root port: real PCIe/extended capabilities in the recorded sysfs facts
-            "-device", "pcie-root-port,id=rp0,chassis=1,slot=1",
+            # Behind a root port and a PCIe-to-PCI bridge, a second edu shares one IOMMU group with a
+            # PCI UART that the kernel's built-in serial driver takes: a group that is not viable.
+            "-device", "pcie-root-port,id=rp0,chassis=1,slot=1", "-device", "pcie-pci-bridge,id=br0,bus=rp0",
+            "-device", "edu,bus=br0,addr=1", "-chardev", "null,id=nul",
+            "-device", "pci-serial,bus=br0,addr=2,chardev=nul",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", f"console=ttyS0 intel_iommu=on panic=-1 {extra_cmdline}".strip(),
             "-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]
@@ -186,6 +189,16 @@ def test_msi_reaches_eventfd(guest):
 
 def test_boot_is_quick(guest):
     assert guest.seconds < 60, guest.why(f"boot + checks took {guest.seconds:.1f} s")
+
+
+def test_group_with_a_host_driver_is_not_viable(guest):
+    nv = guest.result.get("not_viable")
+    assert nv, guest.why("no not-viable check ran")
+    serial = [o for o in nv["others"] if o.endswith("(serial)")]
+    assert len(serial) == 1, guest.why("bind did not list the UART that shares the group")
+    uart = serial[0].split()[0]
+    assert "is not viable" in nv["error"] and f"{uart} is bound to serial" in nv["error"], \
+        guest.why("opening a device of a non-viable group")
 
 
 def test_no_interrupt_remapping_error_says_so(guest_no_intremap):

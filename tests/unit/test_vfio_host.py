@@ -132,6 +132,14 @@ def test_bind_lists_group_members_that_must_follow(tmp_path):
     assert [w.path.name for w in plan.writes] == ["driver_override", "drivers_probe"]  # no driver: no unbind
 
 
+def test_bind_lists_the_uart_sharing_the_group_but_not_the_bridge(tmp_path):
+    root = tree.materialize("qemu-edu", tmp_path / "sys")
+    plan = host(root, tmp_path).plan_bind("0000:02:01.0")
+    assert plan.others == ["0000:02:02.0 (serial)"]
+    report = host(root, tmp_path).check("0000:02:01.0")
+    assert report.problems == ["group member 0000:02:02.0 is bound to serial: it must be bound to vfio-pci too"]
+
+
 def test_already_bound_is_a_no_op(tmp_path):
     root = tree.materialize("qemu-edu", tmp_path / "sys")
     plan = host(root, tmp_path).plan_bind("0000:00:01.0")

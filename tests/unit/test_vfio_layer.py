@@ -58,6 +58,12 @@ def test_missing_group_file_says_bind(tmp_path):
         Group(1, dev_root=str(tmp_path))
 
 
+def test_not_viable_names_the_recorded_host_driver(tmp_path):
+    root = tree.materialize("qemu-edu", tmp_path / "sys")  # edu 02:01.0 shares group 4 with a UART
+    message = vfio._not_viable_message(4, root)
+    assert "0000:02:02.0 is bound to serial" in message and "0000:02:01.0" not in message
+
+
 def test_not_viable_names_device_and_driver(tmp_path):
     root = tree.materialize("qemu-edu", tmp_path / "sys")
     tree.set_driver(root, "0000:00:1f.2", "ahci")

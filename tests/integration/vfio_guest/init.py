@@ -40,13 +40,30 @@ def load_modules() -> list[str]:
     return loaded
 
 
-def find_edu() -> str:
+def find_edus() -> list[str]:
+    """Every edu device, by address: the first is on the root bus, alone in its IOMMU group."""
     root = "/sys/bus/pci/devices"
-    for bdf in sorted(os.listdir(root)):
-        ids = tuple(open(f"{root}/{bdf}/{f}").read().strip() for f in ("vendor", "device"))
-        if ids == EDU_IDS:
-            return bdf
-    raise RuntimeError("no edu device (1234:11e8): start QEMU with -device edu")
+    found = [bdf for bdf in sorted(os.listdir(root))
+             if tuple(open(f"{root}/{bdf}/{f}").read().strip() for f in ("vendor", "device")) == EDU_IDS]
+    if not found:
+        raise RuntimeError("no edu device (1234:11e8): start QEMU with -device edu")
+    return found
+
+
+def not_viable_check(host, bdf: str) -> dict:
+    """Bind an edu that shares its IOMMU group with a device a host driver owns; opening must fail."""
+    from ukgpu.gpu.vfio import VfioError, open_device
+
+    plan = host.plan_bind(bdf)
+    out = {"bdf": bdf, "others": plan.others}
+    plan.apply()
+    wait_for(f"/dev/vfio/{host.bus.device(bdf).iommu_group}")
+    try:
+        open_device(bdf).close()
+        out["error"] = "opened"
+    except VfioError as exc:
+        out["error"] = str(exc)
+    return out
 
 
 def wait_for(path: str, timeout: float = 5.0) -> None:
@@ -86,7 +103,7 @@ def main() -> dict:
     from ukgpu.gpu.vfio import VfioError, open_device
 
     result = {"modules": load_modules()}
-    bdf = find_edu()
+    bdf, *shared_edus = find_edus()
     try:  # not bound yet: the error must say how to fix it
         open_device(bdf).close()
         result["error_before_bind"] = "opened"
@@ -108,6 +125,8 @@ def main() -> dict:
             result["no_intremap_error"] = str(exc)
         return result
     result["sysfs"] = sysfs_facts()
+    if shared_edus:
+        result["not_viable"] = not_viable_check(host, shared_edus[0])
     result.update(edu_check.run(bdf))
     unbind = host.plan_unbind(bdf)
     result["unbind_writes"] = [str(w) for w in unbind.writes]
