@@ -108,11 +108,25 @@ def mv_q5_k(w, x, y):
 
 
 @njit(inline="always")
-def q6(wr, ql, qh, l, g):
-    """Signed six-bit value of element 32g + l of a Q6_K half (ql, qh: byte offsets)."""
-    lq = np.int32(wr[ql + 32 * (g % 2) + l])
-    nib = (lq & 15) if g < 2 else (lq >> 4)
-    return np.float32(np.int32(nib | (((np.int32(wr[qh + l]) >> (2 * g)) & 3) << 4)) - 32)
+def q6(lq, hq, shift, high):
+    """Signed six-bit value: nibble of ql byte lq (high or low), bits shift..shift+1 of qh byte hq."""
+    nib = (np.int32(lq) >> 4) if high else (np.int32(lq) & 15)
+    return np.float32((nib | (((np.int32(hq) >> shift) & 3) << 4)) - 32)
+
+
+@njit(inline="always")
+def q6_half(wr, o, h, li, xr, xh, d, l0):
+    """Lanes l0..l0+15 of half h of the super-block at wr[o:]: 4 weights per lane."""
+    sc = o + 192 + 8 * h + l0 // 16
+    s0 = d * np.float32(np.int8(wr[sc]))
+    s1 = d * np.float32(np.int8(wr[sc + 2]))
+    s2 = d * np.float32(np.int8(wr[sc + 4]))
+    s3 = d * np.float32(np.int8(wr[sc + 6]))
+    ql, qh = o + 64 * h, o + 128 + 32 * h
+    for l in range(l0, l0 + 16):
+        a, b, hq = wr[ql + l], wr[ql + 32 + l], wr[qh + l]
+        li[l] += (s0 * (q6(a, hq, 0, False) * xr[xh + l]) + s1 * (q6(b, hq, 2, False) * xr[xh + 32 + l])
+                  + s2 * (q6(a, hq, 4, True) * xr[xh + 64 + l]) + s3 * (q6(b, hq, 6, True) * xr[xh + 96 + l]))
 
 
 @njit(**OPTS)
@@ -135,16 +149,8 @@ def mv_q6_k(w, x, y):
                         wr, li = w[r0 + i], lanes[i]
                         d = f16(wr[o + 208], wr[o + 209])
                         for h in range(2):
-                            ql, qh = o + 64 * h, o + 128 + 32 * h
-                            xh = sb * 256 + 128 * h
-                            for g in range(4):
-                                sa = d * np.float32(np.int8(wr[o + 192 + 8 * h + 2 * g]))
-                                sbb = d * np.float32(np.int8(wr[o + 193 + 8 * h + 2 * g]))
-                                xg = xh + 32 * g
-                                for l in range(16):
-                                    li[l] += sa * (q6(wr, ql, qh, l, g) * xr[xg + l])
-                                for l in range(16, 32):
-                                    li[l] += sbb * (q6(wr, ql, qh, l, g) * xr[xg + l])
+                            q6_half(wr, o, h, li, xr, sb * 256 + 128 * h, d, 0)
+                            q6_half(wr, o, h, li, xr, sb * 256 + 128 * h, d, 16)
                 for i in range(rn):
                     y[t, r0 + i] = lanes[i].sum()
 
@@ -184,9 +190,11 @@ def dq_q6_k(w, r0, out):
             o = sb * 210
             d = f16(wr[o + 208], wr[o + 209])
             for h in range(2):
-                ql, qh = o + 64 * h, o + 128 + 32 * h
-                for g in range(4):
-                    xg = sb * 256 + 128 * h + 32 * g
-                    for l in range(32):
-                        sc = d * np.float32(np.int8(wr[o + 192 + 8 * h + 2 * g + l // 16]))
-                        dst[xg + l] = sc * q6(wr, ql, qh, l, g)
+                ql, qh, xh = o + 64 * h, o + 128 + 32 * h, sb * 256 + 128 * h
+                for l in range(32):
+                    sc = o + 192 + 8 * h + l // 16
+                    a, b, hq = wr[ql + l], wr[ql + 32 + l], wr[qh + l]
+                    dst[xh + l] = d * np.float32(np.int8(wr[sc])) * q6(a, hq, 0, False)
+                    dst[xh + 32 + l] = d * np.float32(np.int8(wr[sc + 2])) * q6(b, hq, 2, False)
+                    dst[xh + 64 + l] = d * np.float32(np.int8(wr[sc + 4])) * q6(a, hq, 4, True)
+                    dst[xh + 96 + l] = d * np.float32(np.int8(wr[sc + 6])) * q6(b, hq, 6, True)
