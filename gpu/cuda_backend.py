@@ -117,9 +117,9 @@ class CudaBackend(Backend):
         self.capturing = False  # ops read token/position from `step` instead of uploading
         self.captured_output: DeviceBuffer | None = None
         self._forward_id = 0
-        self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's device words
+        self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's ids/positions
         self.graphs = DecodeGraphs(self)
-        self._weights: dict[tuple[str, int], DeviceWeight] = {}  # uploaded once per GGUF tensor
+        self._weights: dict[tuple, DeviceWeight] = {}  # uploaded once per GGUF tensor
 
     @classmethod
     def create(cls, device: int = 0, gguf: Any = None, **kw: Any) -> "CudaBackend":
@@ -143,8 +143,7 @@ class CudaBackend(Backend):
         arr = np.ascontiguousarray(arr)
         buf = self.new(arr.shape, arr.dtype)
         self.cu.cuMemcpyHtoDAsync(buf.ptr, arr.ctypes.data, arr.nbytes, self.ctx.stream)
-        buf.host = arr  # keep the source alive until the copy is ordered on the stream
-        return buf
+        return buf  # pageable source: staged by the driver before the call returns
 
     def to_host(self, x: DeviceBuffer) -> np.ndarray:
         if self.capturing:  # inside a graph capture: the graph's output, read after replay
@@ -161,7 +160,7 @@ class CudaBackend(Backend):
 
     # --- weights and cache -----------------------------------------------------
     def prepare_weight(self, view: Any) -> DeviceWeight:
-        key = (view.name, np.asarray(view.data).__array_interface__["data"][0])
+        key = (view.name, np.asarray(view.data).__array_interface__["data"][0], tuple(view.shape))
         if key not in self._weights:
             self._weights[key] = self._prepare(view)
         return self._weights[key]
@@ -204,10 +203,8 @@ class CudaBackend(Backend):
     def _ids(self, tokens: np.ndarray) -> int:
         if self.capturing:
             return self.step.ids
-        return self._keep(self._upload_act(np.asarray(tokens, dtype=np.int32).reshape(-1)))
-
-    def _keep(self, buf: DeviceBuffer) -> int:
-        self._live[(self._forward_id, -1, id(buf))] = buf
+        buf = self._upload_act(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        self._live[(self._forward_id, -1, 0)] = buf  # held for this forward pass
         return buf.ptr
 
     def _pos_lens(self, start_pos: int, n: int) -> tuple[int, int]:
