@@ -24,9 +24,12 @@ class CudaLaunchError(UkgpuError):
 
 
 class CudaRunner:
-    def __init__(self, device: int = 0, manifests: Manifests | None = None, ptx_target: str | None = None):
-        """ptx_target: force that target's PTX (driver JIT) instead of the best artifact."""
-        from cuda.bindings import driver
+    def __init__(self, device: int = 0, manifests: Manifests | None = None,
+                 ptx_target: str | None = None, driver=None):
+        """ptx_target: force that target's PTX (driver JIT) instead of the best artifact;
+        driver: a stand-in for `cuda.bindings.driver` (hardware-free tests)."""
+        if driver is None:
+            from cuda.bindings import driver
 
         self.cu = driver
         self._ok(driver.cuInit(0), "cuInit (is the NVIDIA driver loaded?)")
@@ -82,8 +85,10 @@ class CudaRunner:
                 entry = self.manifests.entry(name, self.ptx_target)
                 art = Artifact(self.ptx_target, "ptx", entry.build_dir / entry.data["artifacts"]["ptx"]["file"])
             entry = self.manifests.entry(name, art.target)
-            image = art.path.read_bytes() + (b"\0" if art.kind == "ptx" else b"")
-            module = self._ok(self.cu.cuModuleLoadData(image), f"cuModuleLoadData({art.path.name})")
+            data = art.path.read_bytes() + (b"\0" if art.kind == "ptx" else b"")  # PTX: C string
+            image = np.frombuffer(data, np.uint8)  # kept alive across the call; passed by address
+            module = self._ok(self.cu.cuModuleLoadData(image.ctypes.data),
+                              f"cuModuleLoadData({art.path.name})")
             fn = self._ok(self.cu.cuModuleGetFunction(module, entry.kernel_name.encode()),
                           f"cuModuleGetFunction({entry.kernel_name})")
             if entry.shared_bytes > 48 * 1024:
