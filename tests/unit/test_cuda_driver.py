@@ -62,3 +62,43 @@ def test_open_device_without_devices_or_with_a_bad_ordinal():
 def test_cuinit_failure_propagates():
     with pytest.raises(CudaError, match="cuInit failed: CUDA_ERROR_NOT_INITIALIZED"):
         open_device(0, FakeDriver(fail={"cuInit": "CUDA_ERROR_NOT_INITIALIZED"}))
+
+
+def _driver_calls() -> set[str]:
+    """Every cu* driver function the gpu package calls through `Driver`."""
+    import re
+    from pathlib import Path
+
+    import ukgpu.gpu as pkg
+
+    calls = set()
+    for path in Path(pkg.__path__[0]).glob("cuda*.py"):
+        calls |= set(re.findall(r"\bcu\.(cu[A-Z]\w+)\(", path.read_text()))
+    return calls
+
+
+def test_the_fake_matches_the_real_bindings_surface():
+    """Each driver call ukgpu makes exists in cuda-python with the same number of parameters as
+    in the fake, and the enum values the fake hands out are the real ones."""
+    import inspect
+    import re
+
+    real = pytest.importorskip("cuda.bindings.driver")
+    calls = _driver_calls()
+    assert {"cuLaunchKernel", "cuStreamBeginCapture", "cuGraphLaunch", "cuModuleLoadDataEx"} <= calls
+    fake = FakeDriver()
+    for name in sorted(calls):
+        doc = getattr(real, name).__doc__.strip().splitlines()[0]
+        params = re.match(rf"{name}\((.*)\)", doc)[1]
+        n_real = len([p for p in params.split(",") if p.strip()])
+        n_fake = len(inspect.signature(getattr(fake, name)).parameters)
+        assert n_real == n_fake, f"{name}: real {n_real} params, fake {n_fake}"
+    assert int(real.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == \
+        fake.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    assert int(real.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) == \
+        fake.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert int(real.CUjit_option.CU_JIT_ERROR_LOG_BUFFER) == fake.CUjit_option.CU_JIT_ERROR_LOG_BUFFER
+    assert int(real.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) == \
+        fake.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+    for code in CUresult:
+        assert int(getattr(real.CUresult, code.name)) == int(code)
