@@ -5,15 +5,17 @@ architecture, else PTX the driver JITs; `ptx_kernels.loader.Manifests.select`), 
 and raises the dynamic shared memory limit when the kernel needs more than 48 KiB.  A PTX JIT
 failure carries the JIT's error log.  `launch(name, values)` packs the arguments in the
 manifest's parameter order (hidden trailing scratch pointers = 0), checks the kernel's limits and
-launches on the context's stream: nothing about a kernel is written down twice.
+launches on the context's stream: nothing about a kernel is written down twice.  The manifest's
+grid and limit expressions are evaluated once per distinct set of scalar arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
 from typing import Any
 
-from ukgpu.ptx_kernels.loader import Artifact, Entry, Manifests
+from ukgpu.ptx_kernels.loader import Artifact, Entry, KernelManifestError, Manifests
 
 from .cuda import CudaContext, CudaError
 
@@ -26,6 +28,14 @@ class LoadedKernel:
     entry: Entry
     artifact: Artifact
     function: Any
+    types: tuple = ()  # ctypes type of each parameter, in manifest order
+    plans: dict = field(default_factory=dict)  # scalar values -> (grid, block, shared bytes)
+
+    def __post_init__(self) -> None:
+        self.types = tuple(ctypes.c_void_p if p.is_pointer else
+                           ctypes.c_int32 if p.type == "i32" else ctypes.c_float
+                           for p in self.entry.params)
+        self.pointers = [p for p in self.entry.params if p.is_pointer and not p.hidden]
 
 
 def _read_image(art: Artifact) -> bytes:
@@ -83,16 +93,37 @@ class KernelSet:
                             ) from exc
 
     def launch(self, name: str, values: dict, stream: Any = None) -> None:
-        """Launch entry `name` with `values` (every visible param by name + grid-only sizes)."""
+        """Launch entry `name` with `values` (every visible param by name + grid-only sizes).
+
+        Grid and limits depend only on the scalar values: the manifest's expressions are
+        evaluated once per distinct set of them; pointers are checked on every launch."""
         k = self.kernel(name)
-        launch = k.entry.launch(values)
+        pointer_names = {p.name for p in k.pointers}
+        key = tuple(sorted((n, v) for n, v in values.items() if n not in pointer_names))
+        plan = k.plans.get(key)
+        if plan is None:
+            launch = k.entry.launch(values)  # every limit, alignment and missing value
+            plan = k.plans[key] = (launch.grid, launch.block, launch.shared_bytes)
+        else:
+            self._check_pointers(k, values)
+        grid, block, shared = plan
+        args = tuple(0 if p.hidden else values.get(p.name, 0) for p in k.entry.params)
         try:
-            self.cu.cuLaunchKernel(k.function, *launch.grid, *launch.block, launch.shared_bytes,
+            self.cu.cuLaunchKernel(k.function, *grid, *block, shared,
                                    stream if stream is not None else self.ctx.stream,
-                                   launch.ctypes_args(), 0)
+                                   (args, k.types), 0)
         except CudaError as exc:
             raise CudaError(exc.call, exc.name, exc.hint,
-                            detail=f"kernel {name}, grid {launch.grid}") from exc
+                            detail=f"kernel {name}, grid {grid}") from exc
+
+    @staticmethod
+    def _check_pointers(k: LoadedKernel, values: dict) -> None:
+        for p in k.pointers:
+            if p.name not in values and not p.unused:
+                raise KernelManifestError(f"{k.entry.name}: missing launch value {p.name!r}")
+            if p.divisibility and values.get(p.name, 0) % p.divisibility:
+                raise KernelManifestError(f"{k.entry.name}: {p.name} % {p.divisibility} == 0 "
+                                          f"(got {values[p.name]:#x})")
 
     def describe(self) -> list[dict]:
         """What was loaded: entry, target, cubin or PTX."""

@@ -115,3 +115,18 @@ def test_a_faulting_launch_names_the_kernel():
     ks, _ = kernel_set()
     with pytest.raises(CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS.*kernel add_f32"):
         ks.launch("add_f32", {"a": 0x10, "b": 0x10, "out": 0x10, "n": 16})  # unmapped addresses
+
+
+def test_launch_geometry_is_planned_once_per_scalar_set_but_pointers_are_always_checked():
+    ks, fake = kernel_set()
+    arena = DeviceArena(ks.cu, 1 << 20)
+    a, b, out = (arena.alloc(4096) for _ in range(3))
+    ks.launch("add_f32", {"a": a, "b": b, "out": out, "n": 1000})
+    ks.launch("add_f32", {"a": b, "b": a, "out": out, "n": 1000})  # same scalars: cached plan
+    ks.launch("add_f32", {"a": a, "b": b, "out": out, "n": 8})
+    assert len(ks.kernel("add_f32").plans) == 2 and fake.launches == ["add_f32"] * 3
+    with pytest.raises(KernelManifestError, match="a % 16 == 0"):
+        ks.launch("add_f32", {"a": a + 4, "b": b, "out": out, "n": 1000})
+    with pytest.raises(KernelManifestError, match="missing launch value 'out'"):
+        ks.launch("add_f32", {"a": a, "b": b, "n": 1000})
+    assert len(fake.launches) == 3
