@@ -33,8 +33,16 @@ def render_chat(engine: Any, messages: list[dict]) -> str:
 
 
 def sampling_params(body: dict) -> Any:
-    from ukgpu.llama_core.sampling import SamplingParams
+    """The engine's SamplingParams; values the sampler refuses are a 400."""
+    from ukgpu.llama_core.sampling import SamplingError, SamplingParams
 
+    try:
+        return _params(SamplingParams, body)
+    except SamplingError as exc:
+        raise bad_request(f"Invalid sampling parameters: {exc}", code="invalid_value") from None
+
+
+def _params(SamplingParams: type, body: dict) -> Any:
     return SamplingParams(
         temperature=float(body["temperature"]),
         top_k=int(body["top_k"]),

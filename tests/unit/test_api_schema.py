@@ -37,6 +37,7 @@ def test_defaults_fill_absent_and_null_fields():
     ("temperature", "hot"),
     ("temperature", 2.5),
     ("top_p", -0.1),
+    ("top_p", 0.0),  # exclusive minimum, as the sampler wants
     ("repeat_penalty", 0.0),  # exclusive minimum
     ("seed", -1),
     ("stop", ["a", ""]),
