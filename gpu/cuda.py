@@ -10,6 +10,7 @@ runs on.  Any module with the same surface can stand in for the bindings
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ HINTS = {
                                              "graph: this is a bug in the backend",
 }
 DRIVER_MISSING = "DRIVER_NOT_FOUND"
+_current = threading.local()  # .ctx: the context this module made current in this thread
 
 
 class CudaError(UkgpuError):
@@ -145,6 +147,12 @@ class CudaContext:
     stream: Any
     info: DeviceInfo
 
+    def ensure_current(self) -> None:
+        """Make the context current in the calling thread (a server calls from its own)."""
+        if getattr(_current, "ctx", None) is not self.ctx:
+            self.cu.cuCtxSetCurrent(self.ctx)
+            _current.ctx = self.ctx
+
     def sync(self) -> None:
         self.cu.cuStreamSynchronize(self.stream)
 
@@ -187,5 +195,6 @@ def open_device(ordinal: int = 0, mod: Any = None) -> CudaContext:
     info = device_info(cu, dev, ordinal)
     ctx = cu.cuDevicePrimaryCtxRetain(dev)
     cu.cuCtxSetCurrent(ctx)
+    _current.ctx = ctx
     stream = cu.cuStreamCreate(int(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
     return CudaContext(cu, dev, ctx, stream, info)

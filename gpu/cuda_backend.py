@@ -130,6 +130,7 @@ class CudaBackend(Backend):
 
     # --- transfers -----------------------------------------------------------
     def upload(self, arr: np.ndarray, tag: str) -> int:
+        self.ctx.ensure_current()
         arr = np.ascontiguousarray(arr)
         ptr = self.arena.alloc(arr.nbytes, tag)
         self.cu.cuMemcpyHtoDAsync(ptr, arr.ctypes.data, arr.nbytes, self.ctx.stream)
@@ -140,6 +141,7 @@ class CudaBackend(Backend):
         return DeviceBuffer(block.ptr, tuple(shape), np.dtype(dtype), block)
 
     def _upload_act(self, arr: np.ndarray) -> DeviceBuffer:
+        self.ctx.ensure_current()
         arr = np.ascontiguousarray(arr)
         buf = self.new(arr.shape, arr.dtype)
         self.cu.cuMemcpyHtoDAsync(buf.ptr, arr.ctypes.data, arr.nbytes, self.ctx.stream)
@@ -150,6 +152,7 @@ class CudaBackend(Backend):
             self.captured_output = x
             return np.zeros(x.shape, dtype=x.dtype)
         out = np.empty(x.shape, dtype=x.dtype)
+        self.ctx.ensure_current()
         self.ctx.sync()
         self.cu.cuMemcpyDtoHAsync(out.ctypes.data, x.ptr, x.nbytes, self.ctx.stream)
         self.ctx.sync()
@@ -191,6 +194,7 @@ class CudaBackend(Backend):
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
         """A zeroed float16 cache; its memory returns to the KV pool when the KVCache goes."""
+        self.ctx.ensure_current()
         stride = n_ctx * n_kv_heads * head_dim * 2
         halves = []
         for _ in ("k", "v"):

@@ -51,6 +51,7 @@ class DecodeGraphs:
     def capture(self, model: Any, kv: Any) -> DecodeGraph:
         be, cu = self.be, self.be.cu
         stream = be.ctx.stream
+        be.ctx.ensure_current()
         be.ctx.sync()
         cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         be.capturing, be.captured_output = True, None
@@ -79,6 +80,7 @@ class DecodeGraphs:
 
             raise ContextOverflowError(f"position {pos} does not fit a {kv.n_ctx}-token KV "
                                        "cache; shorten the input or raise n_ctx")
+        be.ctx.ensure_current()
         words = StepBuffers.words(token, pos)
         cu.cuMemcpyHtoDAsync(be.step.base, words.ctypes.data, words.nbytes, be.ctx.stream)
         cu.cuGraphLaunch(graph.exec, be.ctx.stream)

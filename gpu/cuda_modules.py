@@ -58,6 +58,7 @@ class KernelSet:
 
     def kernel(self, name: str) -> LoadedKernel:
         if name not in self.loaded:
+            self.ctx.ensure_current()
             self.loaded[name] = self._load(name)
         return self.loaded[name]
 
@@ -97,6 +98,7 @@ class KernelSet:
 
         Grid and limits depend only on the scalar values: the manifest's expressions are
         evaluated once per distinct set of them; pointers are checked on every launch."""
+        self.ctx.ensure_current()
         k = self.kernel(name)
         pointer_names = {p.name for p in k.pointers}
         key = tuple(sorted((n, v) for n, v in values.items() if n not in pointer_names))

@@ -19,6 +19,7 @@ import enum
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,7 @@ class CUresult(enum.IntEnum):
     CUDA_ERROR_NO_DEVICE = 100
     CUDA_ERROR_INVALID_DEVICE = 101
     CUDA_ERROR_INVALID_IMAGE = 200
+    CUDA_ERROR_INVALID_CONTEXT = 201
     CUDA_ERROR_NO_BINARY_FOR_GPU = 209
     CUDA_ERROR_INVALID_PTX = 218
     CUDA_ERROR_JIT_COMPILER_NOT_FOUND = 221
@@ -95,6 +97,16 @@ class _Graph:
     nodes: list = field(default_factory=list)
 
 
+def _in_context(fn: Any) -> Any:
+    """Calls that need a current context fail in a thread that has not made one current."""
+    def call(self: "FakeDriver", *args: Any) -> tuple:
+        if getattr(self._thread, "ctx", None) is None:
+            return (CUresult.CUDA_ERROR_INVALID_CONTEXT, None)
+        return fn(self, *args)
+    call.__name__, call.__wrapped__ = fn.__name__, fn
+    return call
+
+
 def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, list[dict]]]:
     """sha256 of each artifact's bytes -> (target, kind, entries).  Several entries can share one
     image (e.g. Q5_0 and Q8_0 repack to the same int8 layout and compile to the same code)."""
@@ -134,6 +146,7 @@ class FakeDriver:
         self.launches: list[str] = []  # entry names launched eagerly (not from graphs)
         self.graph_launches = 0
         self.graph_kernel_runs = 0
+        self._thread = threading.local()  # .ctx: the context current in this thread
         self.loaded: list[tuple[str, str, str]] = []  # (entry, target, kind): entries whose image loaded
 
     # --- plumbing ----------------------------------------------------------
@@ -213,18 +226,22 @@ class FakeDriver:
 
     def cuCtxSetCurrent(self, ctx: Any) -> tuple:
         self.device = self.devices[ctx[1]]
+        self._thread.ctx = ctx
         return (OK,)
 
+    @_in_context
     def cuStreamCreate(self, flags: int) -> tuple:
         stream = _Stream()
         self.streams.append(stream)
         return OK, stream
 
+    @_in_context
     def cuMemGetInfo(self) -> tuple:
         total = self.device.total_bytes
         return OK, total - self._bytes_used(), total
 
     # --- memory ------------------------------------------------------------
+    @_in_context
     def cuMemAlloc(self, nbytes: int) -> tuple:
         bad = self._failing("cuMemAlloc")
         if bad is not None:
@@ -249,11 +266,13 @@ class FakeDriver:
     def _device_address(self, ptr: int, nbytes: int) -> int:
         return self.view(ptr, np.uint8, nbytes).ctypes.data
 
+    @_in_context
     def cuMemcpyHtoD(self, dst: int, src: int, nbytes: int) -> tuple:
         if self._capturing():
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
         return self.cuMemcpyHtoDAsync(dst, src, nbytes, None)
 
+    @_in_context
     def cuMemcpyHtoDAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
         if stream is not None and stream.capture is not None:
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)  # pageable host memory
@@ -261,17 +280,20 @@ class FakeDriver:
         self._written(int(dst), nbytes)
         return (OK,)
 
+    @_in_context
     def cuMemcpyDtoH(self, dst: int, src: int, nbytes: int) -> tuple:
         if self._capturing():
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
         return self.cuMemcpyDtoHAsync(dst, src, nbytes, None)
 
+    @_in_context
     def cuMemcpyDtoHAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
         if stream is not None and stream.capture is not None:
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
         self._copy(int(dst), self._device_address(int(src), nbytes), nbytes)
         return (OK,)
 
+    @_in_context
     def cuMemsetD32Async(self, dst: int, value: int, count: int, stream: Any) -> tuple:
         if stream is not None and stream.capture is not None:
             stream.capture.append(("memset", int(dst), int(value), int(count)))
@@ -286,9 +308,11 @@ class FakeDriver:
             del self.weight_cache[key]
 
     # --- modules -----------------------------------------------------------
+    @_in_context
     def cuModuleLoadData(self, image: bytes) -> tuple:
         return self._load("cuModuleLoadData", image)
 
+    @_in_context
     def cuModuleLoadDataEx(self, image: bytes, n: int, options: Any, values: Any) -> tuple:
         return self._load("cuModuleLoadDataEx", image, values[0] if values else None)
 
@@ -330,6 +354,7 @@ class FakeDriver:
         return (OK,)
 
     # --- launches and graphs -------------------------------------------------
+    @_in_context
     def cuLaunchKernel(self, fn: _Function, gx: int, gy: int, gz: int, bx: int, by: int, bz: int,
                        shared: int, stream: _Stream, params: Any, extra: Any) -> tuple:
         bad = self._failing("cuLaunchKernel")
@@ -389,6 +414,7 @@ class FakeDriver:
     def cuGraphInstantiate(self, graph: _Graph, flags: int) -> tuple:
         return OK, _Graph(list(graph.nodes))
 
+    @_in_context
     def cuGraphLaunch(self, exec_: _Graph, stream: _Stream) -> tuple:
         self.graph_launches += 1
         for node in exec_.nodes:
@@ -404,6 +430,7 @@ class FakeDriver:
     def cuGraphExecDestroy(self, exec_: _Graph) -> tuple:
         return (OK,)
 
+    @_in_context
     def cuStreamSynchronize(self, stream: _Stream) -> tuple:
         if stream.capture is not None:
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)

@@ -161,3 +161,37 @@ def test_a_dropped_cache_frees_its_graph_and_memory(tiny):
     got = model.forward(PROMPT[:4], 0, kv2)
     cpu = Model(tiny, CpuBackend(dtype=np.float64))
     assert nmse(got, cpu.forward(PROMPT[:4], 0, cpu.new_kv(16))) < 1e-5
+
+
+def test_a_server_thread_can_run_the_model(tiny):
+    """The context is made current in whichever thread calls (the fake refuses otherwise)."""
+    import threading
+
+    model, be, fake = gpu_model(tiny)
+    kv = model.new_kv(64)
+    results = {}
+
+    def work():
+        results["prefill"] = model.forward(PROMPT, 0, kv)
+        results["decode"] = [be.decode_greedy(model, 5, len(PROMPT) + i, kv) for i in range(3)]
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    cpu = Model(tiny, CpuBackend(dtype=np.float64))
+    assert nmse(results["prefill"], cpu.forward(PROMPT, 0, cpu.new_kv(64))) < 1e-5
+    assert len(results["decode"]) == 3 and fake.graph_launches == 2
+
+
+def test_the_fake_refuses_work_in_a_thread_without_a_context():
+    import threading
+
+    fake = FakeDriver()
+    from ukgpu.gpu.cuda import open_device
+
+    open_device(0, fake)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(fake.cuMemAlloc(256)[0]))
+    thread.start()
+    thread.join()
+    assert seen[0].name == "CUDA_ERROR_INVALID_CONTEXT"
