@@ -444,6 +444,33 @@ class VfioSession:
         self.close()
 
 
+def describe(session: VfioSession) -> dict:
+    """What VFIO reports about an open PCI device: regions, IRQs, ids, BAR0's first register."""
+    dev = session.device
+    regions = []
+    for index in range(min(dev.num_regions, abi.VFIO_PCI_NUM_REGIONS)):
+        try:
+            info = dev.region_info(index)
+        except VfioError:  # the VGA region exists only for VGA-class devices
+            regions.append({"index": index, "name": abi.REGION_NAMES[index], "size": None, "flags": ""})
+            continue
+        flags = "".join(c for c, bit in (("r", abi.VFIO_REGION_INFO_FLAG_READ), ("w", abi.VFIO_REGION_INFO_FLAG_WRITE),
+                                         ("m", abi.VFIO_REGION_INFO_FLAG_MMAP)) if info.flags & bit)
+        regions.append({"index": index, "name": abi.REGION_NAMES[index], "size": info.size, "flags": flags})
+    irqs = {}
+    for index in range(min(dev.num_irqs, len(abi.IRQ_INDEX_NAMES))):
+        try:
+            irqs[abi.IRQ_INDEX_NAMES[index]] = dev.irq_info(index).count
+        except VfioError:  # ERR/REQ exist only for PCIe devices
+            irqs[abi.IRQ_INDEX_NAMES[index]] = None
+    out = {"bdf": dev.bdf, "api_version": session.container.api_version, "flags": dev.flags,
+           "reset": bool(dev.flags & abi.VFIO_DEVICE_FLAGS_RESET), "regions": regions, "irqs": irqs,
+           "vendor_id": dev.config_read(0x00, 2), "device_id": dev.config_read(0x02, 2)}
+    if regions and regions[0]["size"] >= 4 and "m" in regions[0]["flags"]:
+        out["bar0_reg0"] = dev.map_bar(0).read32(0)  # NVIDIA: PMC_BOOT_0, the chip id
+    return out
+
+
 def open_device(bdf: str, sysfs_root: str = "/sys", dev_root: str = "/dev/vfio") -> VfioSession:
     """Open a PCI device bound to vfio-pci: `with open_device(bdf) as s: s.device...`."""
     return VfioSession(bdf, sysfs_root, dev_root)

@@ -217,3 +217,12 @@ def test_pci_command_lists_gpu_first(host_tree, capsys):
     assert main(["pci", "--json", "--gpus", "--sysfs", str(root)]) == 0
     (gpu,) = json.loads(capsys.readouterr().out)
     assert gpu["bdf"] == GPU and gpu["driver"] == "nvidia" and gpu["bars"][1]["size"] == 128 * GiB
+
+
+def test_probe_explains_missing_vfio(tmp_path, capsys):
+    root = tree.materialize("h100-host", tmp_path / "sys")
+    assert main(["vfio", "probe", GPU, "--sysfs", str(root), "--dev", str(tmp_path / "dev")]) == 1
+    assert "modprobe vfio-pci" in capsys.readouterr().err
+    root2 = tree.materialize("dev-vm", tmp_path / "sys2")
+    assert main(["vfio", "probe", "0:1.0", "--sysfs", str(root2), "--dev", str(tmp_path / "dev")]) == 1
+    assert "intel_iommu=on" in capsys.readouterr().err

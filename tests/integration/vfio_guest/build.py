@@ -35,7 +35,7 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
 VFIO_MODULES = ["vfio_pci", "vfio_iommu_type1"]  # plus what they depend on, in insmod order
 # What the guest runs from the repo, at /opt/ukgpu/<path> (all pure stdlib).
 UKGPU_FILES = ["llama_core/errors.py", "gpu/vfio_abi.py", "gpu/vfio.py", "gpu/vfio_host.py",
-               "gpu/pci.py", "gpu/pci_config.py"]
+               "gpu/pci.py", "gpu/pci_config.py", "gpu/passthrough.py", "tools/cmd_vfio.py"]
 GUEST_FILES = ["init.py", "edu_check.py"]
 STDLIB = "usr/lib/python3.11"
 PRUNE = ("usr/share", "usr/lib/x86_64-linux-gnu/gconv", "etc", ".complete") + tuple(
@@ -87,7 +87,7 @@ def _archive(roots: list[Path], modules: list[Path], pyc: Path) -> Initramfs:
     cpio.add_tree(pyc, "/")
     for rel in UKGPU_FILES:
         cpio.add_file(f"/opt/ukgpu/{rel}", source=REPO / rel)
-    for pkg in ("", "/gpu", "/llama_core"):
+    for pkg in ("", "/gpu", "/llama_core", "/tools"):
         cpio.add_file(f"/opt/ukgpu{pkg}/__init__.py", data=b"")
     for name in GUEST_FILES:
         cpio.add_file(f"/opt/{name}", source=HERE / name)

@@ -8,11 +8,14 @@ Each step records facts in the result dict; a failing step records its error
 and the run goes on, so the host test sees every failure at once.
 """
 
+import argparse
+import contextlib
+import io
 import os
 import time
 
 from ukgpu.gpu import vfio_abi as abi
-from ukgpu.gpu.vfio import VfioError, open_device
+from ukgpu.gpu.vfio import VfioError, describe, open_device
 
 REG_ID, REG_LIVENESS, REG_IRQ_STATUS, REG_IRQ_RAISE, REG_IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
 REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT, REG_DMA_CMD = 0x80, 0x88, 0x90, 0x98
@@ -72,6 +75,7 @@ def run(bdf: str) -> dict:
         r["iommu_pgsizes"] = s.container.iommu_pgsizes()
         r["device_flags"], r["num_regions"], r["num_irqs"] = dev.flags, dev.num_regions, dev.num_irqs
         r["is_pci"] = dev.is_pci
+        r["describe"] = describe(s)
         bar0 = dev.region_info(abi.VFIO_PCI_BAR0_REGION_INDEX)
         r["bar0"] = {"size": bar0.size, "offset": bar0.offset, "mmap": bar0.mmappable}
         r["config_ids"] = [dev.config_read(0x00, 2), dev.config_read(0x02, 2)]
@@ -101,7 +105,18 @@ def run(bdf: str) -> dict:
     # A second session only works if the first released the group and container.
     with open_device(bdf) as again:
         r["reopen_id_register"] = again.device.map_bar(0).read32(REG_ID)
+    step(r, "cli_probe", lambda: _cli_probe(r, bdf))
     return r
+
+
+def _cli_probe(r: dict, bdf: str) -> None:
+    """`ukgpu vfio probe BDF`'s handler, on the real device."""
+    from ukgpu.tools import cmd_vfio
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cmd_vfio._probe(argparse.Namespace(bdf=bdf, json=False, sysfs="/sys", dev="/dev/vfio"))
+    r["cli_probe"] = {"code": code, "text": out.getvalue()}
 
 
 def _dma_checks(r: dict, container, bar) -> None:
@@ -137,13 +152,6 @@ def _dma_checks(r: dict, container, bar) -> None:
 
 
 def _irq_check(r: dict, dev, bar) -> None:
-    counts = {}
-    for index in range(min(dev.num_irqs, len(abi.IRQ_INDEX_NAMES))):
-        try:
-            counts[abi.IRQ_INDEX_NAMES[index]] = dev.irq_info(index).count
-        except VfioError:  # ERR/REQ exist only for PCIe devices: EINVAL on edu
-            counts[abi.IRQ_INDEX_NAMES[index]] = None
-    r["irq_counts"] = counts
     irq = dev.irq_eventfd(abi.VFIO_PCI_MSI_IRQ_INDEX)
     before = irq.wait(0)
     bar.write32(REG_IRQ_RAISE, 0x1)
