@@ -4,9 +4,22 @@ Runs under a Python that has `llama-cpp-python` (for instance
 `/root/ref/venv/bin/python tools/golden_logits.py`); it uses nothing from
 ukgpu, so the golden data is independent of the code it checks.
 
-For each model it evaluates a fixed 64-token prompt in one batch with an F32
-KV cache and every position's logits kept, then greedily extends it by 64
-tokens one at a time, and writes `tests/data/golden/<name>.npz`:
+Two references per model, each from a fixed 64-token prompt evaluated in one
+batch with an F32 KV cache and every position's logits kept, then greedily
+extended by 64 tokens one at a time:
+
+  `<name>.npz`    llama.cpp on the model's weights dequantized to F32 by
+                  llama.cpp itself (`llama_model_quantize` to ALL_F32): exact
+                  float arithmetic on the quantized weights, the numbers a
+                  correct forward pass must reproduce (to ~1e-5).
+  `<name>.q.npz`  llama.cpp on the quantized file itself.  Its CPU matmuls round
+                  every activation vector to 8-bit blocks first, which moves
+                  the logits by a few % of their range; `decode_spread` records
+                  how far llama.cpp's own one-token-at-a-time decode of the
+                  prompt lands from its batched prefill (the last position), a
+                  yardstick for comparing against this reference.
+
+Each file holds:
 
     prompt_ids   int32[64]           the prompt, tokenized by llama.cpp
     topk_ids     int32[64, 16]       per position: the 16 largest logits' ids (descending)
@@ -15,6 +28,7 @@ tokens one at a time, and writes `tests/data/golden/<name>.npz`:
     full_logits  float32[k, vocab]
     greedy_ids   int32[64]           the greedy continuation
     greedy_margin float32[64]        top-1 minus top-2 logit at each greedy step
+    decode_spread float32            (.q.npz only) see above
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import argparse
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +55,7 @@ N_GREEDY = 64
 TOP_K = 16
 MODELS = {"smollm2-135m": (0, 21, 42, 63), "qwen2.5-coder-0.5b": (0, 63)}
 GGML_TYPE_F32 = 0
+LLAMA_FTYPE_ALL_F32 = 0
 
 
 def default_model_path(name: str) -> Path:
@@ -129,6 +145,27 @@ def golden_for(path: Path, full_pos: tuple[int, ...], n_threads: int) -> dict[st
     }
 
 
+def decode_spread(llm, ids: list[int], batched_last: np.ndarray) -> float:
+    """max|diff|/max|ref| of the last prompt position: one token at a time vs batched."""
+    llm.reset()
+    for tok in ids:
+        llm.eval([tok])
+    stepwise = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
+    return float(np.abs(stepwise - batched_last).max() / np.abs(batched_last).max())
+
+
+def dequantize_to_f32(src: Path, dst: Path, n_threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = n_threads
+    params.ftype = LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True
+    params.quantize_output_tensor = True
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not dequantize {src} to F32")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -137,10 +174,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write(out: Path, data: dict[str, np.ndarray]) -> None:
+    np.savez_compressed(out, **data)
+    print(f"{out}: {out.stat().st_size} bytes, greedy min margin "
+          f"{data['greedy_margin'].min():.4f}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests/data/golden")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tmp", type=Path, default=None, help="room for the F32 model (~4x)")
     parser.add_argument("models", nargs="*", default=list(MODELS), help=f"of {list(MODELS)}")
     args = parser.parse_args(argv)
     import llama_cpp
@@ -150,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         path = default_model_path(name)
         if not path.exists():
             raise SystemExit(f"{path} missing: run `ukgpu models pull {name}` first")
-        data = golden_for(path, MODELS[name], args.threads)
-        data["model_sha256"] = np.array(sha256(path))
-        data["llama_cpp_version"] = np.array(llama_cpp.__version__)
-        out = args.out / f"{name}.npz"
-        np.savez_compressed(out, **data)
-        print(f"{out}: {out.stat().st_size} bytes, greedy min margin "
-              f"{data['greedy_margin'].min():.4f}", file=sys.stderr)
+        common = {"model_sha256": np.array(sha256(path)),
+                  "llama_cpp_version": np.array(llama_cpp.__version__)}
+        quant = golden_for(path, MODELS[name], args.threads)
+        llm = open_reference(path, args.threads)
+        quant["decode_spread"] = np.float32(decode_spread(
+            llm, list(map(int, quant["prompt_ids"])), quant["full_logits"][-1]))
+        del llm
+        write(args.out / f"{name}.q.npz", {**quant, **common})
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            f32_path = Path(tmp) / f"{name}.f32.gguf"
+            dequantize_to_f32(path, f32_path, args.threads)
+            write(args.out / f"{name}.npz", {**golden_for(f32_path, MODELS[name], args.threads),
+                                             **common})
     return 0
 
 

@@ -1,0 +1,273 @@
+"""The generation loop: sequences in KV slots, advanced one step at a time.
+
+    engine = Engine.load("smollm2-135m", backend="auto", n_ctx=2048, n_slots=1)
+    seq = engine.start(prompt_ids, SamplingParams(temperature=0), max_tokens=64, stop=["\\n\\n"])
+    while seq.finish_reason is None:
+        for event in engine.step(seq):      # first step: the whole prompt in one batched forward
+            print(event.text, end="")
+    engine.release(seq)
+
+`step` never waits on anything but the forward pass, so a server can interleave
+the sequences of several slots.  Text is streamed through the tokenizer's
+incremental decoder; text that might be the beginning of a stop string is held
+back until it is clear, and a stop string itself is never emitted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence as Seq
+
+import numpy as np
+
+from .backend import Backend, KVCache
+from .errors import UkgpuError
+from .gguf_file import GGUFFile, open_gguf
+from .model import Model
+from .registry import resolve_model
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+class EngineError(UkgpuError):
+    """A request the engine cannot take."""
+
+
+class ContextFullError(EngineError):
+    """Prompt plus max_tokens do not fit the context."""
+
+
+class NoFreeSlotError(EngineError):
+    """Every KV slot is in use."""
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None: text released at the end, with no new token
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second of the single-token forwards (the first token comes from prefill)."""
+        n = max(self.generated_tokens - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds else 0.0
+
+    def add(self, other: "Stats") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.generated_tokens += other.generated_tokens
+        self.prefill_seconds += other.prefill_seconds
+        self.decode_seconds += other.decode_seconds
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: its tokens, its KV slot and its streaming state."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    slot: int
+    kv: KVCache
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    n_cached: int = 0  # tokens whose keys/values are in kv
+    held: str = ""  # decoded text not yet emitted (may begin a stop string)
+    finish_reason: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, n_ctx: int, n_slots: int,
+                 backend_note: str = "") -> None:
+        self.model = model
+        self.gguf = model.gguf
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.n_slots = n_slots
+        self.backend_note = backend_note
+        self.stats = Stats()
+        self._kv = [model.new_kv(n_ctx) for _ in range(n_slots)]
+        self._free = list(range(n_slots))
+
+    @classmethod
+    def load(cls, model: str | Path | GGUFFile | Model, backend: str | Backend = "auto",
+             n_ctx: int = 2048, n_slots: int = 1) -> "Engine":
+        """An engine for a model name, path, opened GGUF file or Model.  backend: "cpu",
+        "auto" (CUDA when usable, else the CPU with one line on stderr saying why), "cuda"
+        (raises when unusable) or a Backend instance."""
+        if n_ctx < 2 or n_slots < 1:
+            raise EngineError(f"n_ctx={n_ctx}, n_slots={n_slots}: need n_ctx >= 2 and n_slots >= 1")
+        if isinstance(model, Model):
+            note = model.backend.name
+        else:
+            gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(str(model)))
+            backend, note = _pick_backend(backend, gguf)
+            model = Model(gguf, backend)
+        return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note)
+
+    # --- requests ----------------------------------------------------------
+    def start(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+              max_tokens: int = 256, stop: Seq[str] = ()) -> Sequence:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise EngineError("the prompt is empty: give at least one token")
+        if max_tokens < 1:
+            raise EngineError(f"max_tokens={max_tokens}: ask for at least one token")
+        if len(prompt) + max_tokens > self.n_ctx:
+            raise ContextFullError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context "
+                f"of {self.n_ctx} tokens: shorten the prompt, lower max_tokens or load the "
+                "engine with a larger n_ctx")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise EngineError(f"prompt token ids must lie in [0, {vocab}): check the tokenizer")
+        if not self._free:
+            raise NoFreeSlotError(f"all {self.n_slots} slots are busy: release a sequence or "
+                                  "load the engine with more n_slots")
+        slot = self._free.pop(0)
+        params = params or SamplingParams()
+        return Sequence(prompt, params, max_tokens, [s for s in stop if s], slot, self._kv[slot],
+                        Sampler(params), IncrementalDecoder(self.tokenizer), tokens=list(prompt))
+
+    def release(self, seq: Sequence) -> None:
+        """Give the sequence's KV slot back (idempotent)."""
+        if seq.slot >= 0:
+            self._free.append(seq.slot)
+            seq.slot = -1
+        if seq.finish_reason is None:
+            seq.finish_reason = "cancelled"
+
+    def step(self, seq: Sequence) -> list[TokenEvent]:
+        """Run one forward pass (the whole prompt the first time), sample one token and
+        return what it releases; [] once the sequence has finished."""
+        if seq.finish_reason is not None:
+            return []
+        if seq.slot < 0:
+            raise EngineError("this sequence was released: start a new one")
+        logits = self._forward(seq)
+        token = seq.sampler(logits, seq.tokens)
+        seq.tokens.append(token)
+        seq.stats.generated_tokens += 1
+        self.stats.generated_tokens += 1
+        if token in self.tokenizer.eog_ids:
+            return [self._finish(seq, token, "stop")]
+        seq.held += seq.decoder.push(token)
+        cut = _find_stop(seq.held, seq.stop)
+        if cut is not None:
+            seq.held = seq.held[:cut]
+            return [self._finish(seq, token, "stop", flush=False)]
+        if len(seq.generated) >= seq.max_tokens:
+            return [self._finish(seq, token, "length")]
+        keep = _stop_prefix_len(seq.held, seq.stop)
+        text, seq.held = seq.held[:len(seq.held) - keep], seq.held[len(seq.held) - keep:]
+        return [TokenEvent(token, text)]
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                 max_tokens: int = 256, stop: Seq[str] = ()) -> Iterator[TokenEvent]:
+        """Every event of one request; the slot is released when the iterator ends."""
+        seq = self.start(prompt_ids, params, max_tokens, stop)
+        try:
+            while seq.finish_reason is None:
+                yield from self.step(seq)
+        finally:
+            self.release(seq)
+
+    def chat(self, messages: Seq[Mapping[str, Any]], params: SamplingParams | None = None,
+             max_tokens: int = 256, stop: Seq[str] = ()) -> Iterator[TokenEvent]:
+        """`generate` on the model's chat template applied to messages."""
+        return self.generate(self.chat_ids(messages), params, max_tokens, stop)
+
+    def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
+        from .chat import render_chat
+
+        text = render_chat(self.gguf, messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+
+    # --- internals ---------------------------------------------------------
+    def _forward(self, seq: Sequence) -> np.ndarray:
+        t0 = time.perf_counter()
+        if seq.n_cached == 0:
+            logits = self.model.forward(np.asarray(seq.prompt_ids), 0, seq.kv, all_logits=False)
+            seconds = time.perf_counter() - t0
+            seq.n_cached = len(seq.prompt_ids)
+            seq.stats.prompt_tokens += seq.n_cached
+            seq.stats.prefill_seconds += seconds
+            self.stats.prompt_tokens += seq.n_cached
+            self.stats.prefill_seconds += seconds
+        else:
+            logits = self.model.forward(np.asarray(seq.tokens[-1:]), seq.n_cached, seq.kv,
+                                        all_logits=False)
+            seconds = time.perf_counter() - t0
+            seq.n_cached += 1
+            seq.stats.decode_seconds += seconds
+            self.stats.decode_seconds += seconds
+        return logits[-1]  # [vocab]
+
+    def _finish(self, seq: Sequence, token: int, reason: str, flush: bool = True) -> TokenEvent:
+        text = seq.held + (seq.decoder.flush() if flush else "")
+        seq.held = ""
+        seq.finish_reason = reason
+        return TokenEvent(token, text, reason)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that begins some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _pick_backend(kind: str | Backend, gguf: GGUFFile) -> tuple[Backend, str]:
+    from .cpu_backend import CpuBackend
+
+    if isinstance(kind, Backend):
+        return kind, kind.name
+    if kind == "cpu":
+        return CpuBackend(), "backend: cpu (requested)"
+    if kind not in ("auto", "cuda"):
+        raise EngineError(f"backend {kind!r}: use 'cpu', 'auto' or 'cuda'")
+    try:
+        from ukgpu.gpu.cuda_backend import select_backend
+    except ImportError as exc:
+        if kind == "cuda":
+            raise EngineError(f"the CUDA backend cannot be imported ({exc}): install ukgpu[gpu] "
+                              "or use --backend cpu") from exc
+        note = f"backend: cpu (CUDA backend unavailable: {exc})"
+        print(f"ukgpu: {note}", file=sys.stderr)
+        return CpuBackend(), note
+    backend, note = select_backend(kind, gguf)
+    if backend.name == "cpu":
+        print(f"ukgpu: {note}", file=sys.stderr)
+    return backend, note
