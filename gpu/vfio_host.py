@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .passthrough import mmio_window_size
 from .pci import PciBus, PciDevice, PciIds, human_size, normalize_bdf
 from .vfio import VfioError
 
@@ -72,13 +73,15 @@ class CheckReport:
         out.append(f"  QEMU 64-bit MMIO window needed: {human_size(self.mmio_window)} "
                    f"(-global q35-pcihost.pci-hole64-size={self.mmio_window})")
         out.append(f"  vfio-pci driver: {'loaded' if self.vfio_loaded else 'not loaded (modprobe vfio-pci)'}")
-        out += [f"  PROBLEM: {p}" for p in self.problems] or ["  ready for VFIO"
-                                                                if d.driver == VFIO_DRIVER else
-                                                                "  can be bound: ukgpu vfio bind " + d.bdf]
-        return out
+        if self.problems:
+            return out + [f"  PROBLEM: {p}" for p in self.problems]
+        ready = d.driver == VFIO_DRIVER
+        return out + ["  ready for VFIO" if ready else f"  can be bound: ukgpu vfio bind {d.bdf}"]
 
 
 class VfioHost:
+    """Checks and bind/unbind plans for the PCI devices under `sysfs_root` (processes from `proc_root`)."""
+
     def __init__(self, sysfs_root: str | os.PathLike = "/sys", proc_root: str | os.PathLike = "/proc",
                  ids: PciIds | None = None):
         self.sys = Path(sysfs_root)
@@ -99,7 +102,6 @@ class VfioHost:
         return groups.is_dir() and any(groups.iterdir())
 
     def check(self, bdf: str) -> CheckReport:
-        from .passthrough import mmio_window_size
         dev = self.bus.device(bdf)
         members = self.group_members(dev.iommu_group)
         problems = []
