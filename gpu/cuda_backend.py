@@ -22,13 +22,14 @@ import numpy as np
 
 from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.ptx_kernels.loader import (attention_entries, embedding_entry, gemm_entry, matvec_entry,
+                                      rope_entry)
 from ukgpu.ptx_kernels.repack import FORMATS, repack
 
 from .cuda import CudaContext
 from .cuda_arena import BufferPool, DeviceArena, DeviceBuffer
 from .cuda_modules import KernelSet
 
-BIAS_ROWS = 64  # a bias is stored replicated over this many rows: one add per 64 output rows
 MATVEC_MAX_ROWS = 8
 MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
 
@@ -54,11 +55,6 @@ class DeviceWeight:
     shape: tuple[int, ...]
     planes: dict[str, int]  # "w_q"/"w_s"/"w_m" -> device address (matrices)
     vec: int = 0  # float32[shape[0]] (vectors: norms, biases)
-    bias_rows: int = 0  # float32[BIAS_ROWS, shape[0]] (biases)
-
-    @property
-    def tag(self) -> str:
-        return self.qtype.lower()
 
 
 @dataclass
@@ -187,10 +183,7 @@ class CudaBackend(Backend):
         data = np.asarray(view.data)
         vec = data.view(np.float32) if qtype == "F32" else dequantize(data, view.qtype, shape[0])
         vec = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1)
-        w = DeviceWeight(view.name, qtype, shape, {}, vec=self.upload(vec, "weights"))
-        if view.name.endswith(".bias"):
-            w.bias_rows = self.upload(np.tile(vec, (BIAS_ROWS, 1)), "weights")
-        return w
+        return DeviceWeight(view.name, qtype, shape, {}, vec=self.upload(vec, "weights"))
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
         """A zeroed float16 cache; its memory returns to the KV pool when the KVCache goes."""
@@ -230,7 +223,7 @@ class CudaBackend(Backend):
         self._live.clear()
         n, k = len(np.asarray(tokens).reshape(-1)), table.shape[1]
         out = self.new((n, k))
-        self.launch(f"embedding_{table.tag}", **table.planes, ids=self._ids(tokens), out=out.ptr,
+        self.launch(embedding_entry(table.qtype), **table.planes, ids=self._ids(tokens), out=out.ptr,
                     K=k, T=n)
         return out
 
@@ -239,20 +232,14 @@ class CudaBackend(Backend):
         m, (n_out, k) = x.shape[0], weight.shape
         y = self.new((m, n_out))
         if m <= MATVEC_MAX_ROWS:
-            name = f"matvec_{weight.tag}_b{1 if m == 1 else MATVEC_MAX_ROWS}"
-            self.launch(name, **weight.planes, x=x.ptr, y=y.ptr, N=n_out, K=k, B=m)
+            self.launch(matvec_entry(weight.qtype, m), **weight.planes, x=x.ptr, y=y.ptr, N=n_out,
+                        K=k, B=m)
         else:
-            self.launch(f"gemm_{weight.tag}", **weight.planes, x=x.ptr, y=y.ptr, M=m, N=n_out, K=k)
+            self.launch(gemm_entry(weight.qtype), **weight.planes, x=x.ptr, y=y.ptr, M=m, N=n_out,
+                        K=k)
         if bias is not None:
-            self._add_bias(y, bias)
+            self.launch("add_bias_f32", x=y.ptr, bias=bias.vec, out=y.ptr, n=y.size, N=n_out)
         return y
-
-    def _add_bias(self, y: DeviceBuffer, bias: DeviceWeight) -> None:
-        m, n_out = y.shape
-        for r0 in range(0, m, BIAS_ROWS):
-            rows = min(BIAS_ROWS, m - r0)
-            part = y.ptr + r0 * n_out * 4
-            self.launch("add_f32", a=part, b=bias.bias_rows, out=part, n=rows * n_out)
 
     def rmsnorm(self, x: DeviceBuffer, weight: DeviceWeight, eps: float) -> DeviceBuffer:
         y = self.new(x.shape)
@@ -267,7 +254,7 @@ class CudaBackend(Backend):
             raise CudaUnsupported(f"rope over {rope.n_rot} of {hd} dims with scale {rope.scale} "
                                   "has no CUDA kernel; use the CPU backend")
         pos, _ = self._pos_lens(start_pos, n)
-        self.launch(f"rope_{'neox' if rope.neox else 'norm'}_d{hd}", x=x.ptr, y=x.ptr, pos=pos,
+        self.launch(rope_entry(rope.neox, hd), x=x.ptr, y=x.ptr, pos=pos,
                     stride_x=width, stride_y=width, log2_base=math.log2(rope.base), T=n, H=n_heads)
         return x
 
@@ -280,14 +267,15 @@ class CudaBackend(Backend):
         pos, lens = self._pos_lens(start_pos, n)
         k_base, v_base = keys.layer(layer), values.layer(layer)
         for src, dst in ((k, k_base), (v, v_base)):
-            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=pos, W=hkv * hd, T=n)
+            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=pos, W=hkv * hd,
+                        src_stride=hkv * hd, T=n)
         out = self.new((n, hq * hd))
         common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=hq, Hkv=hkv,
                       scale=1.0 / math.sqrt(hd))
         if n == 1:
             self._attn_decode(common, hd, lens, kv.n_ctx)
         else:
-            self.launch(f"attn_prefill_d{hd}", **common, T=n, start=start_pos)
+            self.launch(attention_entries(hd)["prefill"], **common, T=n, start=start_pos)
         return out
 
     def _attn_decode(self, common: dict, hd: int, lens: int, n_ctx: int) -> None:
@@ -296,9 +284,10 @@ class CudaBackend(Backend):
         hq, out = common["Hq"], common.pop("out")
         part, ml = self.new((1, hq, splits, hd)), self.new((1, hq, splits, 2))
         slot = self.step.slot if self.capturing else lens + 16
-        self.launch(f"attn_decode_d{hd}", **common, part_out=part.ptr, part_ml=ml.ptr, slots=slot,
+        names = attention_entries(hd)
+        self.launch(names["decode"], **common, part_out=part.ptr, part_ml=ml.ptr, slots=slot,
                     lens=lens, n_ctx=n_ctx, chunk=chunk, B=1, S=splits)
-        self.launch(f"attn_combine_d{hd}", part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
+        self.launch(names["combine"], part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
                     B=1, Hq=hq)
 
     def swiglu(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
@@ -334,6 +323,13 @@ class CudaBackend(Backend):
 
     def usage(self) -> str:
         return self.arena.usage()
+
+    def close(self) -> None:
+        """Destroy the decode graphs and free the device arena; the backend is unusable after."""
+        self.ctx.ensure_current()
+        self.ctx.sync()
+        self.graphs.release()
+        self.arena.free()
 
 
 def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:

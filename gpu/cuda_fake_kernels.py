@@ -149,6 +149,13 @@ def add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     mem.view(a["out"], np.float32, n)[:] = ref.add(x, y)
 
 
+def add_bias(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    n, width = a["n"], a["N"]
+    x = mem.view(a["x"], np.float32, n).reshape(-1, width)
+    bias = mem.view(a["bias"], np.float32, width)
+    mem.view(a["out"], np.float32, n)[:] = ref.add_bias(x, bias).reshape(-1)
+
+
 def argmax(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     b, v = grid[0], a["V"]
     logits = mem.view(a["logits"], np.float32, b * v).reshape(b, v)
@@ -157,16 +164,18 @@ def argmax(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 
 def store_rows(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     t, w = grid[0], a["W"]
-    src = mem.view(a["src"], np.float32, t * w).reshape(t, w)
+    stride = a.get("src_stride", w)
+    src = mem.view(a["src"], np.float32, (t - 1) * stride + w)
     rows = mem.view(a["rows"], np.int32, t)
     for i in range(t):
-        mem.view(a["dst"] + int(rows[i]) * w * 2, np.float16, w)[:] = src[i].astype(np.float16)
+        row = src[i * stride:i * stride + w]
+        mem.view(a["dst"] + int(rows[i]) * w * 2, np.float16, w)[:] = row.astype(np.float16)
 
 
 EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
     "matvec": matmul, "gemm": matmul, "embedding": embedding, "rmsnorm": rmsnorm, "rope": rope,
     "attn_prefill": attn_prefill, "attn_decode": attn_decode, "attn_combine": attn_combine,
-    "swiglu": swiglu, "add": add,
+    "swiglu": swiglu, "add": add, "add_bias": add_bias,
     "argmax": argmax, "store_rows": store_rows,
 }
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from ukgpu.llama_core.errors import UkgpuError
-from ukgpu.ptx_kernels.loader import KernelManifestError, Manifests
+from ukgpu.ptx_kernels.loader import (KernelManifestError, Manifests, attention_entries,
+                                      embedding_entry, gemm_entry, matvec_entry, rope_entry)
 from ukgpu.ptx_kernels.repack import FORMATS
 
 from .cuda import CudaContext, CudaError, open_device
@@ -22,7 +23,8 @@ from .cuda_backend import CudaBackend, CudaUnsupported
 from .cuda_modules import KernelSet
 
 MIN_CC = (8, 0)
-COMMON_KERNELS = ("add_f32", "swiglu_f32", "rmsnorm_f32", "argmax_f32", "store_rows_f16")
+COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "rmsnorm_f32", "argmax_f32",
+                  "store_rows_f16")
 HEAD_DIMS = (64, 128)
 ACTIVATION_BYTES = 1 << 30  # arena headroom for activations beyond weights and KV
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
@@ -43,10 +45,8 @@ def model_kernels(gguf: Any) -> list[str]:
                               f"{HEAD_DIMS}); use the CPU backend")
     if rope.n_rot != cfg.head_dim or rope.scale != 1.0:
         raise CudaUnsupported("partial or scaled rope has no CUDA kernel; use the CPU backend")
-    names = set(COMMON_KERNELS)
-    names |= {f"attn_prefill_d{cfg.head_dim}", f"attn_decode_d{cfg.head_dim}",
-              f"attn_combine_d{cfg.head_dim}",
-              f"rope_{'neox' if rope.neox else 'norm'}_d{cfg.head_dim}"}
+    names = set(COMMON_KERNELS) | set(attention_entries(cfg.head_dim).values())
+    names.add(rope_entry(rope.neox, cfg.head_dim))
     for view in gguf.tensors.values():
         if len(view.shape) != 2:
             continue
@@ -54,10 +54,9 @@ def model_kernels(gguf: Any) -> list[str]:
         if qtype not in FORMATS or view.shape[1] % max(32, _quant_k_multiple(qtype)):
             raise CudaUnsupported(f"{view.name} ({qtype}, {view.shape}) has no CUDA kernel "
                                   f"(types {', '.join(FORMATS)}); use the CPU backend")
-        tag = qtype.lower()
         if view.name == "token_embd.weight":
-            names.add(f"embedding_{tag}")
-        names |= {f"matvec_{tag}_b1", f"matvec_{tag}_b8", f"gemm_{tag}"}
+            names.add(embedding_entry(qtype))
+        names |= {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype)}
     return sorted(names)
 
 

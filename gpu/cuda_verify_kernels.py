@@ -195,13 +195,19 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
     got = dev.get(out, (4,), np.int32)
     wrong = int(np.sum(got != ref.argmax(logits)))
     checks.append(Check("kernel", "argmax_f32", "exact", wrong, 0, wrong == 0, f"{wrong}/4 rows differ"))
+    x, bias = rng.standard_normal((7, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    out = dev.poisoned(x.size)
+    dev.run("add_bias_f32", x=dev.put(x), bias=dev.put(bias), out=out, n=x.size, N=96)
+    checks.append(nmse_check("kernel", "add_bias_f32", dev.get(out, x.shape, np.float32),
+                             ref.add_bias(x, bias), _bound("add_bias")))
     dst = rng.standard_normal((16, 256)).astype(np.float16)
-    src = rng.standard_normal((5, 256)).astype(np.float32)
+    src = rng.standard_normal((5, 320)).astype(np.float32)  # rows 320 apart, first 256 stored
     rows = rng.permutation(16)[:5].astype(np.int32)
     dptr = dev.put(dst)
-    dev.run("store_rows_f16", src=dev.put(src), dst=dptr, rows=dev.put(rows), W=256, T=5)
+    dev.run("store_rows_f16", src=dev.put(src), dst=dptr, rows=dev.put(rows), W=256,
+            src_stride=320, T=5)
     got = dev.get(dptr, dst.shape, np.float16)
-    wrong = int(np.sum(got != ref.store_rows(dst, src, rows)))
+    wrong = int(np.sum(got != ref.store_rows(dst, src[:, :256], rows)))
     checks.append(Check("kernel", "store_rows_f16", "exact", wrong, 0, wrong == 0,
                         f"{wrong} elements differ"))
     return checks

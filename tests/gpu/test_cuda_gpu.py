@@ -28,16 +28,24 @@ def gpu_reason():
     return reason
 
 
-def _backend(gguf):
+@pytest.fixture
+def backends():
+    """create(gguf) -> a CudaBackend whose device memory is freed after the test."""
     from ukgpu.gpu.cuda_select import create_backend
 
-    return create_backend(gguf=gguf, n_ctx=512)
+    made = []
+
+    def create(gguf=None, **kw):
+        made.append(create_backend(gguf=gguf, **kw))
+        return made[-1]
+
+    yield create
+    for be in made:
+        be.close()
 
 
-def test_every_kernel_meets_its_bound(gpu_reason):
-    from ukgpu.gpu.cuda_select import create_backend
-
-    be = create_backend(arena_bytes=256 << 20)
+def test_every_kernel_meets_its_bound(gpu_reason, backends):
+    be = backends(arena_bytes=256 << 20)
     checks = kernel_checks(be.kernels, be.arena, seed=1)
     bad = [(c.name, c.value, c.bound, c.detail) for c in checks if not c.ok]
     assert not bad, bad
@@ -45,12 +53,13 @@ def test_every_kernel_meets_its_bound(gpu_reason):
 
 
 @pytest.mark.parametrize("model_fixture", ["smollm2", "qwen05"])
-def test_real_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, model_fixture, request):
+def test_real_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, model_fixture, request,
+                                                            backends):
     from ukgpu.llama_core.cpu_backend import CpuBackend
     from ukgpu.llama_core.model import Model
 
     gguf = request.getfixturevalue(model_fixture)
-    be = _backend(gguf)
+    be = backends(gguf, n_ctx=512)
     gpu, cpu = Model(gguf, be), Model(gguf, CpuBackend())
     kv, ckv = gpu.new_kv(128), cpu.new_kv(128)
     got, want = gpu.forward(PROMPT_IDS, 0, kv), cpu.forward(PROMPT_IDS, 0, ckv)
@@ -68,10 +77,10 @@ def test_real_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, model_fi
     assert be.graphs.captures == 1
 
 
-def test_graph_decode_is_much_faster_than_eager(gpu_reason, smollm2):
+def test_graph_decode_is_much_faster_than_eager(gpu_reason, smollm2, backends):
     from ukgpu.llama_core.model import Model
 
-    be = _backend(smollm2)
+    be = backends(smollm2, n_ctx=512)
     model = Model(smollm2, be)
     kv = model.new_kv(256)
     model.forward(PROMPT_IDS, 0, kv)

@@ -195,3 +195,13 @@ def test_the_fake_refuses_work_in_a_thread_without_a_context():
     thread.start()
     thread.join()
     assert seen[0].name == "CUDA_ERROR_INVALID_CONTEXT"
+
+
+def test_close_frees_the_device_arena(tiny):
+    model, be, fake = gpu_model(tiny)
+    kv = model.new_kv(16)
+    model.forward(PROMPT[:3], 0, kv)
+    be.decode(model, 1, 3, kv)
+    assert fake.allocs
+    be.close()
+    assert not fake.allocs and not be.graphs.graphs

@@ -33,7 +33,7 @@ def test_every_level_passes_on_a_correct_driver(tmp_path, tiny_path):
     levels = {c["level"] for c in report["checks"]}
     assert levels == {"kernel", "layer", "e2e"}
     names = {c["name"] for c in report["checks"]}
-    assert {"gemm_q4_k", "matvec_q6_k_b1", "embedding_q8_0", "rope_neox_d128", "argmax_f32",
+    assert {"gemm_q4_k", "matvec_q6_k_b1", "embedding_q8_0", "rope_neox_d128", "argmax_f32", "add_bias_f32",
             "attn_prefill_d64", "block 1 ffn residual", "greedy continuation (graph decode)"} <= names
     assert all(c["ok"] for c in report["checks"])
     assert sum(c["level"] == "layer" for c in report["checks"]) == 2 * SHAPES["tiny-qwen2"].n_layers
