@@ -50,7 +50,8 @@ def check_entry(target: str, man: dict, ent: dict, tdir: Path, wants_cubin: bool
     for rel, digest in ent["sources"].items():
         src = PKG_DIR / rel
         if not src.exists() or _sha(src) != digest:
-            problems.append(f"{where}: stale: ptx_kernels/{rel} changed since the build (run `ukgpu ptx build`)")
+            problems.append(f"{where}: stale: ptx_kernels/{rel} changed since the build "
+                            "(run `ukgpu ptx build`)")
     arts = ent["artifacts"]
     if wants_cubin and "cubin" not in arts:
         problems.append(f"{where}: no cubin recorded")

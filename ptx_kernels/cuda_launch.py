@@ -37,8 +37,10 @@ class CudaRunner:
         self.ctx = self._ok(driver.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
         self._ok(driver.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
         attr = driver.CUdevice_attribute
-        self.cc = (self._ok(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.dev), "cc"),
-                   self._ok(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev), "cc"))
+        self.cc = tuple(
+            self._ok(driver.cuDeviceGetAttribute(a, self.dev), "cuDeviceGetAttribute(compute capability)")
+            for a in (attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                      attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
         self.manifests = manifests or Manifests.load()
         self._functions: dict[str, object] = {}
         self.loaded_kinds: dict[str, str] = {}  # entry -> "sm_90a/cubin" | "sm_80/ptx"
@@ -83,7 +85,8 @@ class CudaRunner:
             art = self.manifests.select(name, self.cc)
             if self.ptx_target:
                 entry = self.manifests.entry(name, self.ptx_target)
-                art = Artifact(self.ptx_target, "ptx", entry.build_dir / entry.data["artifacts"]["ptx"]["file"])
+                ptx_file = entry.data["artifacts"]["ptx"]["file"]
+                art = Artifact(self.ptx_target, "ptx", entry.build_dir / ptx_file)
             entry = self.manifests.entry(name, art.target)
             data = art.path.read_bytes() + (b"\0" if art.kind == "ptx" else b"")  # PTX: C string
             image = np.frombuffer(data, np.uint8)  # kept alive across the call; passed by address

@@ -5,7 +5,7 @@
 - add_bias: out[m, j] = x[m, j] + bias[j] over n = M*N elements (qwen2's
   Q/K/V biases; out may alias x).                                      ref `reference.add_bias`
 - argmax: out[b] = first index of max(logits[b, :V]) as int32.         ref `reference.argmax`
-- store_rows: dst[rows[t], :W] = f16(src[t, :W]) (K/V into the cache;
+- store_rows: dst[rows[t], :W] = f16(src[t, :W]), src rows `src_stride` apart (K/V into the cache;
   rows[t] = slot * n_ctx + position, read on the device so decode can be graph-captured).
                                                                        ref `reference.store_rows`
 """
@@ -60,12 +60,12 @@ def argmax_kernel(logits_ptr, out_ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def store_rows_kernel(src_ptr, dst_ptr, rows_ptr, W, BLOCK: tl.constexpr):
+def store_rows_kernel(src_ptr, dst_ptr, rows_ptr, W, src_stride, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < W
     row = tl.load(rows_ptr + t).to(tl.int64)
-    x = tl.load(src_ptr + t.to(tl.int64) * W + cols, mask=ok)
+    x = tl.load(src_ptr + t.to(tl.int64) * src_stride + cols, mask=ok)
     tl.store(dst_ptr + row * W + cols, x.to(tl.float16), mask=ok)
 
 
@@ -104,11 +104,14 @@ def specs() -> list[KernelSpec]:
         ),
         KernelSpec(
             name="store_rows_f16", family="elementwise", fn="store_rows_kernel",
-            params=(("src", "*fp32"), ("dst", "*fp16"), ("rows", "*i32"), ("W", "i32")),
+            params=(("src", "*fp32"), ("dst", "*fp16"), ("rows", "*i32"), ("W", "i32"),
+                    ("src_stride", "i32")),
             constexprs={"BLOCK": BLOCK}, grid=("T", f"cdiv(W, {BLOCK})", "1"),
-            sizes={"T": "rows to store"}, limits=("T >= 1", "W >= 1"),
+            sizes={"T": "rows to store"}, limits=("T >= 1", "W >= 1", "src_stride >= W"),
             reference="reference.store_rows", num_warps=4, num_stages=1,
-            aligned=("src", "dst", "W"), doc="dst[rows[t]] (f16, width W) = src[t] (f32)",
+            aligned=("src", "dst", "W"),
+            doc="dst[rows[t], :W] (f16) = src[t, :W] (f32, row stride src_stride: a K or V slice "
+                "of a fused QKV row)",
             deps=("spec",),
         ),
     ]

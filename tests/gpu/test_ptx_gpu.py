@@ -189,7 +189,7 @@ def test_argmax_and_store_rows(gpu, rng):
     src = rng.standard_normal((3, width)).astype(np.float32)
     ddst = gpu.upload(dst)
     gpu.launch("store_rows_f16", {"src": gpu.upload(src), "dst": ddst, "rows": gpu.upload(rows),
-                                  "W": width, "T": 3})
+                                  "W": width, "src_stride": width, "T": 3})
     gpu.sync()
     np.testing.assert_array_equal(gpu.download(dout, out), R.argmax(logits))
     np.testing.assert_array_equal(gpu.download(ddst, dst), R.store_rows(dst, src, rows))

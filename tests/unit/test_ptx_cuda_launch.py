@@ -15,7 +15,8 @@ class FakeDriver:
 
     CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="major",
                                                CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="minor")
-    CUfunction_attribute = types.SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="maxshared")
+    CUfunction_attribute = types.SimpleNamespace(
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="maxshared")
 
     def __init__(self, cc, fail=()):
         self.cc, self.fail, self.calls, self.images = cc, set(fail), [], []
@@ -64,7 +65,8 @@ class FakeDriver:
 def test_h100_gets_the_cubin_and_the_manifest_launch():
     drv = FakeDriver((9, 0))
     run = CudaRunner(driver=drv)
-    vals = {"w_q": 0x1000, "w_s": 0x2000, "w_m": 0x3000, "x": 0x4000, "y": 0x5000, "N": 4096, "K": 4096, "B": 1}
+    vals = {"w_q": 0x1000, "w_s": 0x2000, "w_m": 0x3000, "x": 0x4000, "y": 0x5000,
+            "N": 4096, "K": 4096, "B": 1}
     run.launch("matvec_q4_k_b1", vals)
     assert run.loaded_kinds["matvec_q4_k_b1"] == "sm_90a/cubin"
     assert drv.images[0].startswith(b"\x7fELF")

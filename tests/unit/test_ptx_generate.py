@@ -33,6 +33,7 @@ def test_two_builds_are_identical_and_match_the_committed_bytes(tmp_path):
         committed = json.loads((BUILD_DIR / target / "manifest.json").read_text())["entries"]
         fresh = json.loads((a / target / "manifest.json").read_text())["entries"]
         for name in ONLY:
-            assert fresh[name] == committed[name], f"{target}/{name}: rebuild differs: run `ukgpu ptx build`"
+            assert fresh[name] == committed[name], f"{target}/{name} differs: run `ukgpu ptx build`"
             for art in fresh[name]["artifacts"].values():
-                assert (a / target / art["file"]).read_bytes() == (BUILD_DIR / target / art["file"]).read_bytes()
+                rebuilt = (a / target / art["file"]).read_bytes()
+                assert rebuilt == (BUILD_DIR / target / art["file"]).read_bytes(), art["file"]

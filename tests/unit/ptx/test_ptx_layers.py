@@ -47,7 +47,8 @@ def test_rope_in_place(rng):
     x = rng.standard_normal((t, h * hd)).astype(np.float32)
     pos = np.array([3, 9, 100, 5], np.int32)
     out = run_spec("rope_norm_d64", {"x": x.copy(), "pos": pos},
-                   {"T": t, "H": h, "stride_x": h * hd, "stride_y": h * hd, "log2_base": math.log2(1e4)}, aliases={"y": "x"})
+                   {"T": t, "H": h, "stride_x": h * hd, "stride_y": h * hd,
+                    "log2_base": math.log2(1e4)}, aliases={"y": "x"})
     want = R.rope(x.reshape(t, h, hd), pos, 1e4, False).reshape(t, -1)
     np.testing.assert_allclose(out["x"], want, atol=1e-4, rtol=0)
 
@@ -85,9 +86,10 @@ def test_argmax_first_of_ties(rng):
 
 
 def test_store_rows(rng):
-    n_rows, w, t = 9, 192, 3
+    n_rows, w, t, stride = 9, 192, 3, 448  # src rows are slices of wider (fused QKV) rows
     dst = np.full((n_rows, w), 7.0, np.float16)  # sentinel: untouched rows must keep it
-    src = rng.standard_normal((t, w)).astype(np.float32)
+    src = rng.standard_normal((t, stride)).astype(np.float32)
     rows = np.array([8, 0, 4], np.int32)
-    out = run_spec("store_rows_f16", {"src": src, "dst": dst, "rows": rows}, {"T": t, "W": w})
-    np.testing.assert_array_equal(out["dst"], R.store_rows(dst, src, rows))
+    out = run_spec("store_rows_f16", {"src": src, "dst": dst, "rows": rows},
+                   {"T": t, "W": w, "src_stride": stride})
+    np.testing.assert_array_equal(out["dst"], R.store_rows(dst, src[:, :w], rows))

@@ -45,12 +45,12 @@ def test_real_tensors_repack_exactly_and_multiply_correctly(tensors):
         np.testing.assert_array_equal(dequantize_repacked(w), want, err_msg=f"{t.name} {qtype}")
         x = rng.standard_normal((1, k)).astype(np.float32)
         planes = {f"w_{p}": a for p, a in w.planes().items()}
-        out = run_spec(f"matvec_{qtype.lower()}_b1", planes | {"x": x, "y": np.full((1, ROWS), np.nan, np.float32)},
-                       {"N": ROWS, "K": k, "B": 1})
+        y = np.full((1, ROWS), np.nan, np.float32)
+        out = run_spec(f"matvec_{qtype.lower()}_b1", planes | {"x": x, "y": y}, {"N": ROWS, "K": k, "B": 1})
         ref = x.astype(np.float64) @ want.astype(np.float64).T
         bound = 1e-5 * (np.abs(x) @ np.abs(want).T)
         assert np.all(np.abs(out["y"] - ref) <= bound), f"{t.name} {qtype}"
         ids = np.array([ROWS - 1, 0], np.int32)
-        emb = run_spec(f"embedding_{qtype.lower()}", planes | {"ids": ids, "out": np.full((2, k), np.nan, np.float32)},
-                       {"K": k, "T": 2})
+        o = np.full((2, k), np.nan, np.float32)
+        emb = run_spec(f"embedding_{qtype.lower()}", planes | {"ids": ids, "out": o}, {"K": k, "T": 2})
         np.testing.assert_allclose(emb["out"], want[ids], rtol=1e-6, err_msg=f"{t.name} {qtype}")
