@@ -18,7 +18,7 @@ from ukgpu.ptx_kernels.loader import (KernelManifestError, Manifests, attention_
 from ukgpu.ptx_kernels.repack import FORMATS
 
 from .cuda import CudaContext, CudaError, open_device
-from .cuda_arena import DeviceArena
+from .cuda_arena import BufferPool, DeviceArena
 from .cuda_backend import CudaBackend, CudaUnsupported
 from .cuda_modules import KernelSet
 
@@ -85,7 +85,7 @@ def default_arena_bytes(ctx: CudaContext, gguf: Any, n_ctx: int, n_slots: int) -
         return min(free, 4 << 30)
     cfg = gguf.config
     weights = sum(int(v.data.nbytes) for v in gguf.tensors.values())
-    kv = 2 * cfg.n_layers * n_ctx * cfg.n_kv_heads * cfg.head_dim * 2 * n_slots
+    kv = 2 * BufferPool.size_class(cfg.n_layers * n_ctx * cfg.n_kv_heads * cfg.head_dim * 2) * n_slots
     want = int(weights * REPACK_GROWTH) + kv + ACTIVATION_BYTES
     if want > free:
         raise CudaError("arena", "CUDA_ERROR_OUT_OF_MEMORY",
