@@ -65,14 +65,15 @@ def build_synthetic(name: str, seed: int = 0, force: bool = False, progress: boo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        _write(spec, tmp, seed, progress)
+        write_spec(spec, tmp, seed, progress)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def _write(spec: dict[str, Any], path: Path, seed: int, progress: bool) -> None:
+def write_spec(spec: dict[str, Any], path: Path, seed: int, progress: bool = False) -> None:
+    """Write a random-weight GGUF of `spec` (a loaded shape spec, or one cut down from it) to path."""
     md = spec["metadata"]
     writer = GGUFWriter(path, md["general.architecture"]["value"])
     for key, item in md.items():

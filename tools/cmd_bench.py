@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (ppN), default 512")
     parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tgN), default 128")
     parser.add_argument("-r", "--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
+    parser.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads for ukgpu (numba) and the peer alike (default: usable cores)")
     parser.add_argument("--seed", type=int, default=0, help="prompt ids and synthetic weights seed")
     parser.add_argument("--no-kernels", action="store_true", help="skip per-kernel timings and ceilings")
     parser.add_argument("--image", type=Path, metavar="DIR", help="also time boot-to-READY of this image")
@@ -56,12 +59,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     if not args.model and not args.synthetic and args.image is None:
         raise UkgpuError("nothing to benchmark: pass -m MODEL, --synthetic SHAPE or --image DIR")
-    if min(args.n_prompt, args.n_gen, args.repeats) < 1:
-        raise UkgpuError("-p, -n and -r must be at least 1")
+    if min(args.n_prompt, args.n_gen, args.repeats, args.threads) < 1:
+        raise UkgpuError("-p, -n, -r and -t must be at least 1")
     req = BenchRequest(models=args.model, synthetic=args.synthetic, backends=_split(args.backends),
                        peers=_split(args.peers), peer_python=args.peer_python,
                        run=RunConfig(args.n_prompt, args.n_gen, args.repeats, seed=args.seed),
-                       kernels=not args.no_kernels, image=args.image)
+                       kernels=not args.no_kernels, image=args.image, threads=args.threads)
     report = run(req, sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
     print_summary(report)
     if args.output:

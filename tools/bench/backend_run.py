@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -65,10 +66,11 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     """Runs in the child process: load, warm up, time; returns the entry."""
     from tqdm import tqdm
 
-    from ukgpu.llama_core.model import Model, open_model_file
+    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.model import Model
 
     t0 = time.perf_counter()
-    gguf = open_model_file(model_path)
+    gguf = open_gguf(model_path)
     model = Model(gguf, make_backend(backend_name, gguf))
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
@@ -115,12 +117,14 @@ def _threads() -> int | None:
         return None
 
 
-def run_in_child(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig,
+def run_in_child(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig, threads: int,
                  timeout_s: float = 3600.0) -> Entry:
-    """`measure` in a fresh interpreter; a crash becomes an unavailable entry with its reason."""
+    """`measure` in a fresh interpreter with `threads` numba threads; a crash becomes an
+    unavailable entry with its reason."""
     cmd = [sys.executable, "-m", __name__, str(model_path), model_name, backend_name, json.dumps(asdict(cfg))]
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return Entry.unavailable(model_name, backend_name, "backend", f"timed out after {timeout_s:.0f} s")
     lines = done.stdout.strip().splitlines()

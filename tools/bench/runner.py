@@ -71,7 +71,7 @@ def _one(req: BenchRequest, name: str, path: Path, kind: str, who: str, peer_too
         reason = backend_run.backend_unavailable(who)
         if reason:
             return Entry.unavailable(name, who, "backend", reason)
-        return backend_run.run_in_child(path, name, who, req.run)
+        return backend_run.run_in_child(path, name, who, req.run, req.threads)
     tool = peer_tools[who]
     if isinstance(tool, str):
         return Entry.unavailable(name, who, "peer", tool)
