@@ -37,7 +37,7 @@ from . import quants
 from .errors import QuantError
 
 MV_MAX_ROWS = 8  # activation rows up to which the block kernels beat dequantize + BLAS
-SLAB_ELEMENTS = 1 << 20  # floats in one dequantized slab (4 MiB)
+SLAB_ELEMENTS = 1 << 18  # floats in one dequantized slab (1 MiB: stays in L2 for BLAS)
 NUMBA_KERNEL_TYPES = frozenset({T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
                                 T.Q4_K, T.Q5_K, T.Q6_K})
 _warned: set[T] = set()
@@ -75,6 +75,8 @@ def _kernels():
             _KERNELS = (nb, nbk, tile)
             _MV.update({T.Q4_0: nb.mv_q4_0, T.Q4_1: nb.mv_q4_1, T.Q5_0: nb.mv_q5_0, T.Q5_1: nb.mv_q5_1,
                         T.Q8_0: nb.mv_q8_0, T.Q4_K: nbk.mv_q4_k, T.Q5_K: nbk.mv_q5_k, T.Q6_K: nbk.mv_q6_k})
+            _DQ.update({T.Q4_0: nb.dq_q4_0, T.Q4_1: nb.dq_q4_1, T.Q5_0: nb.dq_q5_0, T.Q5_1: nb.dq_q5_1,
+                        T.Q8_0: nb.dq_q8_0, T.Q4_K: nbk.dq_q4_k, T.Q5_K: nbk.dq_q5_k, T.Q6_K: nbk.dq_q6_k})
         except ImportError:
             _KERNELS = None
     return _KERNELS
@@ -83,6 +85,7 @@ def _kernels():
 _UNSET = object()
 _KERNELS: Any = _UNSET
 _MV: dict = {}  # qtype -> mat-vec kernel on raw rows (filled by _kernels)
+_DQ: dict = {}  # qtype -> slab dequantization kernel on raw rows
 
 
 def prepare(w: Any, repack: bool = True, use_numba: bool | None = None) -> PreparedWeight:
@@ -150,23 +153,11 @@ def _raw_rows(pw: PreparedWeight, r0: int, r1: int) -> np.ndarray:
 
 def _numba_slab(pw: PreparedWeight):
     """fill(r0, out float32[rows, in]): dequantize rows r0.. with a numba kernel."""
-    nb, nbk, _ = _kernels()
-    q = pw.qtype
-
-    def fill(r0: int, out: np.ndarray) -> None:
-        rows, first = (pw.rows, r0) if pw.tiles is None else (_raw_rows(pw, r0, r0 + out.shape[0]), 0)
-        if q in (T.Q4_0, T.Q4_1):
-            nb.dq_q4(rows, first, out, q == T.Q4_1)
-        elif q in (T.Q5_0, T.Q5_1):
-            nb.dq_q5(rows, first, out, q == T.Q5_1)
-        elif q == T.Q8_0:
-            nb.dq_q8_0(rows, first, out)
-        elif q in (T.Q4_K, T.Q5_K):
-            nbk.dq_qk45(rows, first, out, q == T.Q5_K)
-        else:
-            nbk.dq_q6_k(rows, first, out)
-
-    return fill
+    if pw.tiles is not None:
+        dequantize_tiles = _kernels()[2].dequantize_tiles
+        return lambda r0, out: dequantize_tiles(pw.tiles, r0, out)
+    dq = _DQ[pw.qtype]
+    return lambda r0, out: dq(pw.rows, r0, out)
 
 
 def _numpy_slab(pw: PreparedWeight):
@@ -187,6 +178,8 @@ def _slab_matmul(x: np.ndarray, pw: PreparedWeight, dequant_slab) -> np.ndarray:
     n_out, n_in = pw.shape
     y = np.empty((x.shape[0], n_out), np.float32)
     step = max(1, min(n_out, SLAB_ELEMENTS // n_in))
+    if pw.tiles is not None:  # slabs of whole tiles
+        step = max(pw.tiles.rt, step // pw.tiles.rt * pw.tiles.rt)
     buf = np.empty((step, n_in), np.float32)
     for r0 in range(0, n_out, step):
         r1 = min(n_out, r0 + step)

@@ -246,39 +246,45 @@ def mv_q8_0(w, x, y):
 
 # --- slab dequantization (prefill: dequantize a slab of rows, then BLAS) -----------------
 
-@njit(**OPTS)
-def dq_q4(w, r0, out, has_m):
-    bpb = 20 if has_m else 18
-    qo = bpb - 16
-    for i in prange(out.shape[0]):
-        wr, dst = w[r0 + i], out[i]
-        for b in range(dst.shape[0] // 32):
-            o, xb = b * bpb, b * 32
-            d = f16(wr[o], wr[o + 1])
-            m = f16(wr[o + 2], wr[o + 3]) if has_m else np.float32(-8.0) * d
-            for j in range(16):
-                q = wr[o + qo + j]
-                dst[xb + j] = d * np.float32(np.uint8(q & U15)) + m
-                dst[xb + 16 + j] = d * np.float32(np.uint8(q >> U4)) + m
+@njit(inline="always")
+def dq32_row(wr, dst, bpb, qo, ho, mo, offset):
+    """Dequantize one row of 32-element blocks; called with literal geometry: block bytes,
+    qs / qh / m offsets (0: absent) and the offset (in units of d) of formats without m."""
+    for b in range(dst.shape[0] // 32):
+        o = b * bpb
+        d = f16(wr[o], wr[o + 1])
+        m = f16(wr[o + mo], wr[o + mo + 1]) if mo else np.float32(offset) * d
+        qh = u32(wr, o + ho) if ho else np.uint32(0)
+        for j in range(16):
+            q = wr[o + qo + j]
+            lo = np.uint32(q & U15) | (((qh >> j) & np.uint32(1)) << 4)
+            hi = np.uint32(q >> U4) | (((qh >> (j + 16)) & np.uint32(1)) << 4)
+            dst[b * 32 + j] = d * np.float32(lo) + m
+            dst[b * 32 + 16 + j] = d * np.float32(hi) + m
 
 
 @njit(**OPTS)
-def dq_q5(w, r0, out, has_m):
-    bpb = 24 if has_m else 22
-    ho, qo = bpb - 20, bpb - 16
+def dq_q4_0(w, r0, out):
     for i in prange(out.shape[0]):
-        wr, dst = w[r0 + i], out[i]
-        for b in range(dst.shape[0] // 32):
-            o, xb = b * bpb, b * 32
-            d = f16(wr[o], wr[o + 1])
-            m = f16(wr[o + 2], wr[o + 3]) if has_m else np.float32(-16.0) * d
-            qh = u32(wr, o + ho)
-            for j in range(16):
-                q = wr[o + qo + j]
-                lo = np.uint32(q & U15) | (((qh >> j) & np.uint32(1)) << 4)
-                hi = np.uint32(q >> U4) | (((qh >> (j + 16)) & np.uint32(1)) << 4)
-                dst[xb + j] = d * np.float32(lo) + m
-                dst[xb + 16 + j] = d * np.float32(hi) + m
+        dq32_row(w[r0 + i], out[i], 18, 2, 0, 0, -8.0)
+
+
+@njit(**OPTS)
+def dq_q4_1(w, r0, out):
+    for i in prange(out.shape[0]):
+        dq32_row(w[r0 + i], out[i], 20, 4, 0, 2, 0.0)
+
+
+@njit(**OPTS)
+def dq_q5_0(w, r0, out):
+    for i in prange(out.shape[0]):
+        dq32_row(w[r0 + i], out[i], 22, 6, 2, 0, -16.0)
+
+
+@njit(**OPTS)
+def dq_q5_1(w, r0, out):
+    for i in prange(out.shape[0]):
+        dq32_row(w[r0 + i], out[i], 24, 8, 4, 2, 0.0)
 
 
 @njit(**OPTS)

@@ -155,31 +155,40 @@ def mv_q6_k(w, x, y):
                     y[t, r0 + i] = lanes[i].sum()
 
 
+@njit(inline="always")
+def dq_k45_row(wr, dst, bpb, five):
+    for sb in range(dst.shape[0] // 256):
+        o, xb = sb * bpb, sb * 256
+        qo = o + (48 if five else 16)
+        d = f16(wr[o], wr[o + 1])
+        dmin = f16(wr[o + 2], wr[o + 3])
+        for cc in range(4):
+            sc1, m1 = scale_min_k4(wr, o + 4, 2 * cc)
+            sc2, m2 = scale_min_k4(wr, o + 4, 2 * cc + 1)
+            d1, d2, b1, b2 = d * sc1, d * sc2, dmin * m1, dmin * m2
+            qb, x1 = qo + 32 * cc, xb + 64 * cc
+            for l in range(32):
+                q = wr[qb + l]
+                lo = np.uint8(q & U15)
+                hi = np.uint8(q >> U4)
+                if five:
+                    h = wr[o + 16 + l] >> (2 * cc)
+                    lo |= np.uint8((h & 1) << 4)
+                    hi |= np.uint8((h & 2) << 3)
+                dst[x1 + l] = d1 * np.float32(lo) - b1
+                dst[x1 + 32 + l] = d2 * np.float32(hi) - b2
+
+
 @njit(**OPTS)
-def dq_qk45(w, r0, out, five):
-    bpb = 176 if five else 144
-    qo = 48 if five else 16
+def dq_q4_k(w, r0, out):
     for i in prange(out.shape[0]):
-        wr, dst = w[r0 + i], out[i]
-        for sb in range(dst.shape[0] // 256):
-            o, xb = sb * bpb, sb * 256
-            d = f16(wr[o], wr[o + 1])
-            dmin = f16(wr[o + 2], wr[o + 3])
-            for cc in range(4):
-                sc1, m1 = scale_min_k4(wr, o + 4, 2 * cc)
-                sc2, m2 = scale_min_k4(wr, o + 4, 2 * cc + 1)
-                d1, d2, b1, b2 = d * sc1, d * sc2, dmin * m1, dmin * m2
-                qb, x1 = o + qo + 32 * cc, xb + 64 * cc
-                for l in range(32):
-                    q = wr[qb + l]
-                    lo = np.uint8(q & U15)
-                    hi = np.uint8(q >> U4)
-                    if five:
-                        h = wr[o + 16 + l] >> (2 * cc)
-                        lo |= np.uint8((h & 1) << 4)
-                        hi |= np.uint8((h & 2) << 3)
-                    dst[x1 + l] = d1 * np.float32(lo) - b1
-                    dst[x1 + 32 + l] = d2 * np.float32(hi) - b2
+        dq_k45_row(w[r0 + i], out[i], 144, False)
+
+
+@njit(**OPTS)
+def dq_q5_k(w, r0, out):
+    for i in prange(out.shape[0]):
+        dq_k45_row(w[r0 + i], out[i], 176, True)
 
 
 @njit(**OPTS)

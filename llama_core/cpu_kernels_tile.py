@@ -245,3 +245,49 @@ def t_q8_0(data, n_out, rt, x, y):
                     for b in range(nb):
                         tot += h2f(d[i * nb + b]) * a[i * nb + b]
                     y[t, r0 + i] = tot
+
+
+def dequantize_tiles(tp: TilePack, r0: int, out: np.ndarray) -> None:
+    """out float32[rows, in] = W[r0 : r0 + rows]; r0 and rows are whole tiles (or end at out)."""
+    kind = {T.Q4_0: 0, T.Q4_1: 1, T.Q5_0: 2, T.Q5_1: 3, T.Q8_0: 4}[tp.qtype]
+    bpb = tp.row_bytes // (tp.shape[1] // 32)
+    dq_tiles(tp.data, tp.shape[0], tp.rt, bpb, r0 // tp.rt, out, kind)
+
+
+@njit(**OPTS)
+def dq_tiles(data, n_out, rt, bpb, k0, out, kind):
+    nb = out.shape[1] // 32
+    ntiles = (out.shape[0] + rt - 1) // rt
+    for kk in prange(ntiles):
+        wt, r0, rk = _tile(data, k0 + kk, rt, n_out, nb, bpb)
+        L = rk * nb
+        dl = np.empty(L, np.float32)
+        ml = np.empty(L, np.float32)
+        hoff = 4 * L if kind in (2, 3) else 0  # qh first for Q5_*
+        d = wt[hoff : hoff + 2 * L].view(np.uint16)
+        has_m = kind in (1, 3)
+        m = wt[hoff + 2 * L : hoff + 4 * L].view(np.uint16) if has_m else d
+        offset = np.float32(-8.0 if kind == 0 else -16.0)
+        for l in range(L):
+            dl[l] = h2f(d[l])
+            ml[l] = h2f(m[l]) if has_m else offset * dl[l]
+        qs = wt[hoff + (4 if has_m else 2) * L :]
+        dst = out[kk * rt : kk * rt + rk]
+        if kind == 4:
+            for i in range(rk):
+                for b in range(nb):
+                    l = i * nb + b
+                    for j in range(32):
+                        dst[i, 32 * b + j] = dl[l] * np.float32(np.int8(qs[j * L + l]))
+        else:
+            qh = wt[: 4 * L].view(np.uint32) if hoff else wt[:0].view(np.uint32)
+            for i in range(rk):
+                for b in range(nb):
+                    l = i * nb + b
+                    h = qh[l] if hoff else np.uint32(0)
+                    for j in range(16):
+                        q = qs[j * L + l]
+                        lo = np.uint32(q & U15) | (((h >> j) & np.uint32(1)) << 4)
+                        hi = np.uint32(q >> U4) | (((h >> (j + 16)) & np.uint32(1)) << 4)
+                        dst[i, 32 * b + j] = dl[l] * np.float32(lo) + ml[l]
+                        dst[i, 32 * b + 16 + j] = dl[l] * np.float32(hi) + ml[l]
