@@ -2,7 +2,8 @@
 
 Two layers, width 256, every weight type the kernels read, both architectures (llama: NORM rope,
 separate output matrix; qwen2: NEOX rope, Q/K/V biases, tied embeddings).  `write_model(path,
-SHAPES["tiny-qwen2"])` writes a file `llama_core.model.Model` loads.  Benchmarks use the
+SHAPES["tiny-qwen2"])` writes a file `llama_core.engine.Engine` loads (a minimal byte-level
+vocabulary included).  Benchmarks use the
 real-layout synthetic models of `llama_core.synthetic` instead.
 """
 
@@ -83,6 +84,18 @@ def _metadata(writer: Any, s: ModelShape) -> None:
     writer.add_file_type(1)
 
 
+def _tokenizer(writer: Any, s: ModelShape) -> None:
+    """The minimal byte-level BPE vocabulary of `llama_core.synthetic`, so `Engine` can load it."""
+    from gguf import GGUFValueType
+
+    from ukgpu.llama_core.synthetic import minimal_vocab
+
+    writer.add_tokenizer_model("gpt2")
+    for key, (values, vtype) in minimal_vocab(s.vocab).items():
+        writer.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=vtype)
+    writer.add_eos_token_id(s.vocab - 1)
+
+
 def write_model(path: Path | str, s: ModelShape, seed: int = 0) -> Path:
     """Write a random-weight GGUF of shape `s`; returns the path."""
     from gguf import GGUFWriter
@@ -90,6 +103,7 @@ def write_model(path: Path | str, s: ModelShape, seed: int = 0) -> Path:
     path, rng = Path(path), np.random.default_rng(seed)
     writer = GGUFWriter(str(path), s.arch)
     _metadata(writer, s)
+    _tokenizer(writer, s)
     t, hd, kvw = s.types, s.head_dim, s.n_kv_heads * s.head_dim
     _add(writer, "token_embd.weight", rng, t["embd"], s.vocab, s.d_model)
     for i in range(s.n_layers):

@@ -205,3 +205,16 @@ def test_close_frees_the_device_arena(tiny):
     assert fake.allocs
     be.close()
     assert not fake.allocs and not be.graphs.graphs
+
+
+def test_the_engine_generates_the_same_tokens_on_the_cuda_backend(tiny):
+    from ukgpu.llama_core.engine import Engine
+    from ukgpu.llama_core.sampling import SamplingParams
+
+    be = create_backend(gguf=tiny, driver=FakeDriver(), arena_bytes=64 << 20)
+    gpu, cpu = Engine.load(tiny, backend=be, n_ctx=64), Engine.load(tiny, backend="cpu", n_ctx=64)
+    prompt = gpu.tokenizer.encode("hello world, the quick brown fox")
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=7)):
+        got = [e.token_id for e in gpu.generate(prompt, params, max_tokens=8) if e.token_id is not None]
+        want = [e.token_id for e in cpu.generate(prompt, params, max_tokens=8) if e.token_id is not None]
+        assert got == want and len(got) >= 1
