@@ -6,6 +6,7 @@ Imports neither Triton nor CUDA: hashes, PTX text parsing and `ptxas` only (CI-s
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -80,9 +81,23 @@ def check_entry(target: str, man: dict, ent: dict, tdir: Path, wants_cubin: bool
     return problems
 
 
-def _ptxas(target: str, ptx: Path) -> str | None:
+def find_ptxas() -> str | None:
+    """`ptxas` on PATH (the CUDA toolkit), else the one bundled with Triton (found without
+    importing Triton)."""
+    on_path = shutil.which("ptxas")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("triton")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(root) / "backends" / "nvidia" / "bin" / "ptxas"
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
+
+def _ptxas(ptxas: str, target: str, ptx: Path) -> str | None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as out:
-        r = subprocess.run(["ptxas", "-arch", target, str(ptx), "-o", out.name],
+        r = subprocess.run([ptxas, "-arch", target, str(ptx), "-o", out.name],
                            capture_output=True, text=True)
     if r.returncode:
         return f"{target}/{ptx.name}: ptxas -arch {target} failed: {r.stderr.strip()[:400]}"
@@ -120,9 +135,11 @@ def check(build_dir: Path = BUILD_DIR, run_ptxas: bool = True) -> list[str]:
     if len(names) == 2 and names["sm_80"] != names["sm_90a"]:
         problems.append(f"targets disagree on entries: {sorted(names['sm_80'] ^ names['sm_90a'])}")
     if run_ptxas:
-        if shutil.which("ptxas") is None:
-            problems.append("ptxas not found on PATH: install the CUDA toolkit (tools/host_deps.sh)")
+        ptxas = find_ptxas()
+        if ptxas is None:
+            problems.append("ptxas not found: install the CUDA toolkit (ptxas on PATH) or "
+                            "triton (pip install 'ukgpu[kernels]'), or pass --no-ptxas")
         else:
             with ThreadPoolExecutor(max_workers=2) as pool:
-                problems += [r for r in pool.map(lambda a: _ptxas(*a), jobs) if r]
+                problems += [r for r in pool.map(lambda a: _ptxas(ptxas, *a), jobs) if r]
     return problems

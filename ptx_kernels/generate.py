@@ -70,9 +70,19 @@ def _params(spec: KernelSpec, md) -> list[dict]:
     return out
 
 
+def _plain_launch(spec: KernelSpec, md) -> None:
+    """The launcher does a plain cuLaunchKernel: no clusters, cooperative or PDL launches."""
+    special = {"num_ctas": md.num_ctas != 1, "launch_cooperative_grid": md.launch_cooperative_grid,
+               "launch_pdl": md.launch_pdl, "tmem_size": getattr(md, "tmem_size", 0)}
+    bad = [k for k, v in special.items() if v]
+    if bad:
+        raise RuntimeError(f"{spec.name}: compiled kernel needs {bad}, which the launcher lacks")
+
+
 def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
     kernel = _compile(spec, target)
     md = kernel.metadata
+    _plain_launch(spec, md)
     artifacts = {}
     files = {"ptx": kernel.asm["ptx"].encode()}
     if target.cubin:
@@ -92,6 +102,7 @@ def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
         "params": _params(spec, md),
         "num_warps": md.num_warps,
         "threads_per_block": md.num_warps * 32,
+        "cluster_dims": [1, 1, 1],
         "num_stages": spec.num_stages,
         "shared_bytes": md.shared,
         "needs_opt_in_shared": md.shared > 48 * 1024,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ukgpu.ptx_kernels.check import check, ptx_entry_params
+from ukgpu.ptx_kernels.check import check, find_ptxas, ptx_entry_params
 from ukgpu.ptx_kernels.loader import BUILD_DIR
 from ukgpu.tools.cli import main
 
@@ -66,3 +66,9 @@ def test_ptx_entry_parser():
     ptx = (".visible .entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n"
            " .param .u32 k_param_1,\n .param .f32 k_param_2\n)\n.reqntid 128\n{ ret; }")
     assert ptx_entry_params(ptx) == ("k", [".u64", ".u32", ".f32"])
+
+
+def test_falls_back_to_tritons_bundled_ptxas(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    bundled = find_ptxas()
+    assert bundled is not None and bundled.endswith("backends/nvidia/bin/ptxas")
