@@ -50,10 +50,14 @@ def _read_image(art: Artifact) -> bytes:
 class KernelSet:
     """Loaded kernels of one device, by manifest entry name."""
 
-    def __init__(self, ctx: CudaContext, manifests: Manifests | None = None):
+    def __init__(self, ctx: CudaContext, manifests: Manifests | None = None,
+                 force_ptx: str | None = None):
+        """force_ptx: a target ("sm_80") whose PTX is JIT-compiled instead of the best artifact
+        (verify uses it to check the portable fallback on a GPU that has a cubin)."""
         self.ctx = ctx
         self.cu = ctx.cu
         self.manifests = manifests or Manifests.load()
+        self.force_ptx = force_ptx
         self.loaded: dict[str, LoadedKernel] = {}
 
     def kernel(self, name: str) -> LoadedKernel:
@@ -68,6 +72,9 @@ class KernelSet:
 
     def _load(self, name: str) -> LoadedKernel:
         art = self.manifests.select(name, self.ctx.info.cc)
+        if self.force_ptx:
+            forced = self.manifests.entry(name, self.force_ptx)
+            art = Artifact(self.force_ptx, "ptx", forced.build_dir / forced.data["artifacts"]["ptx"]["file"])
         entry = self.manifests.entry(name, art.target)
         image = _read_image(art)
         module = self._load_ptx(image, art) if art.kind == "ptx" else self.cu.cuModuleLoadData(image)

@@ -1,6 +1,7 @@
 """`ukgpu verify`: the CUDA backend against the CPU reference, at three levels.
 
-- kernels: every manifest kernel on random inputs (`cuda_verify_kernels`).
+- kernels: every manifest kernel on random inputs (`cuda_verify_kernels`), through the artifact
+  the backend uses (the cubin on H100/H200) and again through the portable sm_80 PTX (driver JIT).
 - layers: the output of every block (the residual after attention and after the MLP) of a real
   model on a prompt, CUDA vs the float64 CPU backend, by NMSE.
 - e2e: the prompt's logits, then a greedy continuation decoded through the CUDA graph vs the CPU
@@ -28,6 +29,7 @@ LAYER_BOUND = 1e-3
 LOGITS_BOUND = 1e-3
 NEAR_TIE = 0.1  # logits: a greedy divergence below this CPU top-2 margin is not a mismatch
 EXIT_OK, EXIT_MISMATCH, EXIT_NO_GPU = 0, 1, 2
+PORTABLE_TARGET = "sm_80"
 DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
@@ -141,6 +143,20 @@ def e2e_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> lis
                            True, "all tokens equal")]
 
 
+def _portable_ptx_checks(be: Any, seed: int) -> list[Check]:
+    """The same kernel checks through the portable PTX (driver JIT), which GPUs without a
+    matching cubin run; skipped where the backend already runs that PTX."""
+    from .cuda_modules import KernelSet
+
+    if all(k["kind"] == "ptx" for k in be.kernels.describe()):
+        return []
+    ptx = KernelSet(be.ctx, be.kernels.manifests, force_ptx=PORTABLE_TARGET)
+    checks = kernel_checks(ptx, be.arena, seed)
+    for c in checks:
+        c.name = f"{c.name} [{PORTABLE_TARGET} ptx]"
+    return checks
+
+
 def _gpu_line(info: Any) -> str:
     line = info.line()
     try:
@@ -177,6 +193,7 @@ def run_checks(opts: VerifyOptions, driver: Any = None) -> Report:
     report = Report(device=_gpu_line(be.ctx.info))
     if opts.kernels:
         report.checks += _guarded("kernel", kernel_checks, be.kernels, be.arena, opts.seed)
+        report.checks += _guarded("kernel", _portable_ptx_checks, be, opts.seed)
     if gguf is not None:
         ids = _prompt_ids(gguf)
         if opts.layers:

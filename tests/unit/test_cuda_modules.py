@@ -130,3 +130,10 @@ def test_launch_geometry_is_planned_once_per_scalar_set_but_pointers_are_always_
     with pytest.raises(KernelManifestError, match="missing launch value 'out'"):
         ks.launch("add_f32", {"a": a, "b": b, "n": 1000})
     assert len(fake.launches) == 3
+
+
+def test_forcing_the_portable_ptx():
+    fake = FakeDriver()
+    ks = KernelSet(open_device(0, fake), MANIFESTS, force_ptx="sm_80")
+    ks.kernel("gemm_q4_k")
+    assert fake.loaded == [("gemm_q4_k", "sm_80", "ptx")]

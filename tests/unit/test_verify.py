@@ -36,6 +36,7 @@ def test_every_level_passes_on_a_correct_driver(tmp_path, tiny_path):
     assert {"gemm_q4_k", "matvec_q6_k_b1", "embedding_q8_0", "rope_neox_d128", "argmax_f32", "add_bias_f32",
             "attn_prefill_d64", "block 1 ffn residual", "greedy continuation (graph decode)"} <= names
     assert all(c["ok"] for c in report["checks"])
+    assert "gemm_q4_k [sm_80 ptx]" in names  # the H100 cubins, then the portable PTX
     assert sum(c["level"] == "layer" for c in report["checks"]) == 2 * SHAPES["tiny-qwen2"].n_layers
     assert "fake" in report["device"] and report["kernels_loaded"]
     assert "verify: pass" in text and "FAIL" not in text
