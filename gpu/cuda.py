@@ -119,6 +119,7 @@ class Driver:
                                 detail=str(exc).splitlines()[0][:160]) from exc
             return check(self.mod, name, result)
 
+        setattr(self, name, call)  # later lookups skip __getattr__
         return call
 
 
