@@ -72,8 +72,8 @@ def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:
         ctx = open_device(device, driver)
         _check_device(ctx)
         manifests = Manifests.load()
-        kinds = {manifests.select(n, ctx.info.cc).kind + " " + manifests.select(n, ctx.info.cc).target
-                 for n in COMMON_KERNELS}
+        arts = [manifests.select(n, ctx.info.cc) for n in COMMON_KERNELS]
+        kinds = {f"{a.kind} {a.target}" for a in arts}
     except (UkgpuError, KernelManifestError) as exc:
         return False, str(exc)
     return True, f"{ctx.info.line()}; kernels: {', '.join(sorted(kinds))}"
