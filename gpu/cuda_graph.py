@@ -44,7 +44,8 @@ class DecodeGraphs:
         if graph is None:
             logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager warm-up
             self.graphs[key] = self.capture(model, kv)
-            weakref.finalize(kv, self._forget, key)  # the cache's memory may be reused: drop it
+            for owner in (kv, model):  # its memory / id may be reused: drop the graph with it
+                weakref.finalize(owner, self._forget, key)
             return int(np.argmax(logits[0])) if greedy else logits
         return self.replay(graph, token, pos, kv, greedy)
 

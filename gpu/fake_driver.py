@@ -360,6 +360,8 @@ class FakeDriver:
         bad = self._failing("cuLaunchKernel")
         if bad is not None:
             return (bad,)
+        if not (1 <= gx < 2**31 and 1 <= gy < 2**16 and 1 <= gz < 2**16):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)  # the hardware grid limits
         args, err = self._decode(fn, (bx, by, bz), shared, params)
         if err is not None:
             return (err,)
