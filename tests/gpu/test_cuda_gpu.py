@@ -2,12 +2,14 @@
 against the CPU reference, graph-captured decode, and `ukgpu verify` end to end.
 
 Skips with the reason when there is no usable GPU (no driver, no device, pre-sm_80, missing
-kernels).  The default models come from the session fixtures (tests/conftest.py).
+kernels).  Real models must be in the model cache (the GPU machine has no network); the tiny
+synthetic models are written on the spot.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,19 +54,33 @@ def test_every_kernel_meets_its_bound(gpu_reason, backends):
     assert len(checks) > 40
 
 
-@pytest.mark.parametrize("model_fixture", ["smollm2", "qwen05"])
-def test_real_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, model_fixture, request,
-                                                            backends):
+def _model(name: str, folder: Path | None = None):
+    """A cached model (the GPU machine has no network: models are pulled beforehand), or the tiny
+    synthetic ones, written on the spot."""
+    from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
+    from ukgpu.llama_core import registry
+    from ukgpu.llama_core.gguf_file import open_gguf
+
+    if name in SHAPES:
+        return open_gguf(write_model(folder / f"{name}.gguf", SHAPES[name]))
+    if not registry.is_cached(name):
+        pytest.skip(f"{name} is not in the model cache: `ukgpu models pull {name}` first")
+    return open_gguf(registry.model_path(name))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, name, backends, tmp_path):
     from ukgpu.llama_core.cpu_backend import CpuBackend
     from ukgpu.llama_core.model import Model
 
-    gguf = request.getfixturevalue(model_fixture)
+    gguf = _model(name, tmp_path)
     be = backends(gguf, n_ctx=512)
     gpu, cpu = Model(gguf, be), Model(gguf, CpuBackend())
     kv, ckv = gpu.new_kv(128), cpu.new_kv(128)
-    got, want = gpu.forward(PROMPT_IDS, 0, kv), cpu.forward(PROMPT_IDS, 0, ckv)
+    ids = PROMPT_IDS % gguf.config.vocab_size
+    got, want = gpu.forward(ids, 0, kv), cpu.forward(ids, 0, ckv)
     assert nmse(got, want) < 1e-3
-    token, pos, agree = int(want[-1].argmax()), len(PROMPT_IDS), 0
+    token, pos, agree = int(want[-1].argmax()), len(ids), 0
     for _ in range(16):
         row = cpu.forward(np.array([token]), pos, ckv, all_logits=False)[0]
         nxt = be.decode_greedy(gpu, token, pos, kv)
@@ -73,15 +89,15 @@ def test_real_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, model_fi
             assert margin < 0.1, f"greedy diverged at {agree} with CPU margin {margin}"
             break
         agree, token, pos = agree + 1, nxt, pos + 1
-    assert agree >= 4
-    assert be.graphs.captures == 1
+    assert be.graphs.captures == 1  # divergence above: only at a near tie
 
 
-def test_graph_decode_is_much_faster_than_eager(gpu_reason, smollm2, backends):
+def test_graph_decode_is_much_faster_than_eager(gpu_reason, backends):
     from ukgpu.llama_core.model import Model
 
-    be = backends(smollm2, n_ctx=512)
-    model = Model(smollm2, be)
+    gguf = _model("smollm2-135m")
+    be = backends(gguf, n_ctx=512)
+    model = Model(gguf, be)
     kv = model.new_kv(256)
     model.forward(PROMPT_IDS, 0, kv)
     pos = len(PROMPT_IDS)
@@ -98,13 +114,15 @@ def test_graph_decode_is_much_faster_than_eager(gpu_reason, smollm2, backends):
     assert graph_s < eager_s / 2
 
 
-def test_verify_cli_passes_on_this_gpu(gpu_reason, smollm2_path, tmp_path):
+def test_verify_cli_passes_on_this_gpu(gpu_reason, tmp_path):
     import json
 
+    from ukgpu.llama_core import registry
     from ukgpu.tools.cli import main
 
+    _model("smollm2-135m")  # skips when it is not cached
     out = tmp_path / "verify.json"
-    code = main(["verify", "-m", str(smollm2_path), "--json", str(out)])
+    code = main(["verify", "-m", str(registry.model_path("smollm2-135m")), "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 0, [c for c in report["checks"] if not c["ok"]]
     assert report["status"] == "pass"
