@@ -36,10 +36,10 @@ from gguf import GGMLQuantizationType as T
 from . import quants
 from .errors import QuantError
 
-MV_MAX_ROWS = 8  # activation rows up to which the block kernels beat dequantize + BLAS
+MV_MAX_ROWS = 4  # activation rows up to which the block kernels beat dequantize + BLAS (measured)
 SLAB_ELEMENTS = 1 << 18  # floats in one dequantized slab (1 MiB: stays in L2 for BLAS)
-NUMBA_KERNEL_TYPES = frozenset({T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                T.Q4_K, T.Q5_K, T.Q6_K})
+NUMBA_KERNEL_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
+FAST_TYPES = NUMBA_KERNEL_TYPES | {T.F32, T.F16}  # F32: BLAS directly; F16: converted slabs + BLAS
 _warned: set[T] = set()
 
 
@@ -121,7 +121,7 @@ def qmatmul(x: np.ndarray, w: Any, *, use_numba: bool | None = None) -> np.ndarr
     elif numba_enabled(use_numba) and pw.qtype in NUMBA_KERNEL_TYPES:
         y = _numba_matmul(x2, pw)
     else:
-        if pw.qtype not in NUMBA_KERNEL_TYPES and pw.qtype not in _warned:
+        if pw.qtype not in FAST_TYPES and pw.qtype not in _warned:
             _warned.add(pw.qtype)
             warnings.warn(f"qmatmul: no fast kernel for {pw.qtype.name}; dequantizing it slab by slab "
                           f"(slow; requantize the model to Q4_K/Q8_0 for speed)", RuntimeWarning, stacklevel=2)
@@ -130,15 +130,11 @@ def qmatmul(x: np.ndarray, w: Any, *, use_numba: bool | None = None) -> np.ndarr
 
 
 def _numba_matmul(x: np.ndarray, pw: PreparedWeight) -> np.ndarray:
-    nb, nbk, tile = _kernels()
-    n, n_in = x.shape
-    if pw.qtype == T.F16:
-        return _slab_matmul(x, pw, _numpy_slab(pw))
-    if n > MV_MAX_ROWS:
+    if x.shape[0] > MV_MAX_ROWS:
         return _slab_matmul(x, pw, _numba_slab(pw))
-    y = np.empty((n, pw.shape[0]), np.float32)
+    y = np.empty((x.shape[0], pw.shape[0]), np.float32)
     if pw.tiles is not None:
-        tile.matvec(pw.tiles, x, y)
+        _kernels()[2].matvec(pw.tiles, x, y)
     else:
         _MV[pw.qtype](pw.rows, x, y)
     return y
@@ -212,17 +208,17 @@ def warmup() -> float:
     if not numba_enabled():
         return 0.0
     rng = np.random.default_rng(0)
-    for q in sorted(NUMBA_KERNEL_TYPES - {T.F32, T.F16}):
+    for q in sorted(NUMBA_KERNEL_TYPES):
         raw = random_blocks(q, 8, 256, rng)
-        for pw in (prepare(_Raw(q, (8, 256), raw), repack=False), prepare(_Raw(q, (8, 256), raw))):
+        for pw in (prepare(RawWeight(q, (8, 256), raw), repack=False), prepare(RawWeight(q, (8, 256), raw))):
             for n in (1, MV_MAX_ROWS + 1):
                 qmatmul(rng.standard_normal((n, 256)).astype(np.float32), pw)
     return time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
-class _Raw:
-    """The three TensorView fields qmatmul reads."""
+class RawWeight:
+    """The three TensorView fields qmatmul reads (for weights that do not come from a file)."""
 
     qtype: T
     shape: tuple[int, int]

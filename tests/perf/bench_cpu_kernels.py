@@ -47,7 +47,7 @@ def bench_shape(q: T, n_out: int, n_in: int, reps: int, rng) -> list[str]:
     if n_in % quants.BLOCK_SIZES[q][0]:
         return []
     raw = ck.random_blocks(q, n_out, n_in, rng)
-    view = ck._Raw(q, (n_out, n_in), raw)
+    view = ck.RawWeight(q, (n_out, n_in), raw)
     prep = ck.prepare(view)
     dense = quants.dequantize(raw.reshape(-1), q, n_out * n_in).reshape(n_out, n_in)
     nbytes = raw.nbytes

@@ -50,7 +50,7 @@ def test_every_type_every_path(blocks, qtype, n):
     raw, shape = blocks[qtype]
     x = np.random.default_rng(n).standard_normal((n, N_IN)).astype(np.float32)
     ref, norm = reference(x, qtype, raw, shape)
-    view = ck._Raw(qtype, shape, raw)
+    view = ck.RawWeight(qtype, shape, raw)
     for label, w, use_numba in [("raw/numba", view, None), ("prepared/numba", ck.prepare(view), None),
                                 ("raw/numpy", view, False), ("prepared/numpy", ck.prepare(view), False)]:
         check(ck.qmatmul(x, w, use_numba=use_numba), ref, norm, f"{qtype.name} n={n} {label}")
@@ -62,7 +62,7 @@ def test_repack_is_a_same_size_permutation(qtype, n_out):
     rng = np.random.default_rng(n_out)
     n_in = 96 * 32 if n_out == 17 else 576  # different tile heights
     raw = ck.random_blocks(qtype, n_out, n_in, rng)
-    pw = ck.prepare(ck._Raw(qtype, (n_out, n_in), raw))
+    pw = ck.prepare(ck.RawWeight(qtype, (n_out, n_in), raw))
     assert pw.tiles is not None and pw.nbytes == raw.nbytes
     assert not np.array_equal(pw.tiles.data, raw.reshape(-1))  # really permuted
     from ukgpu.llama_core.cpu_kernels_tile import unpack_rows
@@ -77,7 +77,7 @@ def test_repack_is_a_same_size_permutation(qtype, n_out):
 def test_vector_input_gives_vector_output(blocks):
     raw, shape = blocks[T.Q4_K]
     x = np.random.default_rng(0).standard_normal(N_IN).astype(np.float32)
-    y = ck.qmatmul(x, ck._Raw(T.Q4_K, shape, raw))
+    y = ck.qmatmul(x, ck.RawWeight(T.Q4_K, shape, raw))
     ref, norm = reference(x[None], T.Q4_K, raw, shape)
     assert y.shape == (shape[0],)
     check(y[None], ref, norm, "1-D x")
@@ -87,15 +87,15 @@ def test_non_contiguous_float64_input_is_accepted(blocks):
     raw, shape = blocks[T.Q8_0]
     x = np.random.default_rng(1).standard_normal((N_IN, 4)).T  # float64, F-ordered
     ref, norm = reference(x, T.Q8_0, raw, shape)
-    check(ck.qmatmul(x, ck._Raw(T.Q8_0, shape, raw)), ref, norm, "strided float64 x")
+    check(ck.qmatmul(x, ck.RawWeight(T.Q8_0, shape, raw)), ref, norm, "strided float64 x")
 
 
 def test_shape_mismatch_is_a_typed_error(blocks):
     raw, shape = blocks[T.Q4_1]
     with pytest.raises(QuantError, match=r"pass \[n, 512\]"):
-        ck.qmatmul(np.zeros((2, 256), np.float32), ck._Raw(T.Q4_1, shape, raw))
+        ck.qmatmul(np.zeros((2, 256), np.float32), ck.RawWeight(T.Q4_1, shape, raw))
     with pytest.raises(QuantError, match="2-D weight"):
-        ck.qmatmul(np.zeros((2, 512), np.float32), ck._Raw(T.Q4_1, (37, 512, 1), raw))
+        ck.qmatmul(np.zeros((2, 512), np.float32), ck.RawWeight(T.Q4_1, (37, 512, 1), raw))
 
 
 def test_type_without_kernel_warns_once(blocks, monkeypatch):
@@ -103,12 +103,12 @@ def test_type_without_kernel_warns_once(blocks, monkeypatch):
     raw, shape = blocks[T.Q3_K]
     x = np.ones((1, N_IN), np.float32)
     with pytest.warns(RuntimeWarning, match="no fast kernel for Q3_K"):
-        ck.qmatmul(x, ck._Raw(T.Q3_K, shape, raw))
+        ck.qmatmul(x, ck.RawWeight(T.Q3_K, shape, raw))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ck.qmatmul(x, ck._Raw(T.Q3_K, shape, raw))  # second call: silent
+        ck.qmatmul(x, ck.RawWeight(T.Q3_K, shape, raw))  # second call: silent
 
 
 def test_env_var_forces_the_numpy_path(blocks, monkeypatch):
@@ -120,9 +120,9 @@ def test_env_var_forces_the_numpy_path(blocks, monkeypatch):
     raw, shape = blocks[T.Q5_0]
     x = np.random.default_rng(2).standard_normal((3, N_IN)).astype(np.float32)
     ref, norm = reference(x, T.Q5_0, raw, shape)
-    check(ck.qmatmul(x, ck._Raw(T.Q5_0, shape, raw)), ref, norm, "UKGPU_NO_NUMBA=1")
+    check(ck.qmatmul(x, ck.RawWeight(T.Q5_0, shape, raw)), ref, norm, "UKGPU_NO_NUMBA=1")
     assert not calls
-    assert ck.prepare(ck._Raw(T.Q5_0, shape, raw)).tiles is None  # no repack without numba
+    assert ck.prepare(ck.RawWeight(T.Q5_0, shape, raw)).tiles is None  # no repack without numba
 
 
 def test_warmup_runs_every_kernel():
@@ -146,7 +146,7 @@ def _check_real(v, tname, max_rows=1500):
     n_out, n_in = v.shape
     rows = min(n_out, max_rows)
     raw = np.asarray(v.data).reshape(n_out, -1)[:rows]
-    view = ck._Raw(T(v.qtype), (rows, n_in), raw)
+    view = ck.RawWeight(T(v.qtype), (rows, n_in), raw)
     for n in (1, 9):
         x = np.random.default_rng(n).standard_normal((n, n_in)).astype(np.float32)
         ref, norm = reference(x, T(v.qtype), raw, (rows, n_in))
