@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (ppN), default 512")
     parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tgN), default 128")
     parser.add_argument("-r", "--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the repeats (default 1)")
     parser.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for ukgpu (numba) and the peer alike (default: usable cores)")
     parser.add_argument("--seed", type=int, default=0, help="prompt ids and synthetic weights seed")
@@ -59,11 +60,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if not args.model and not args.synthetic and args.image is None:
         raise UkgpuError("nothing to benchmark: pass -m MODEL, --synthetic SHAPE or --image DIR")
-    if min(args.n_prompt, args.n_gen, args.repeats, args.threads) < 1:
-        raise UkgpuError("-p, -n, -r and -t must be at least 1")
+    if min(args.n_prompt, args.n_gen, args.repeats, args.threads) < 1 or args.warmup < 0:
+        raise UkgpuError("-p, -n, -r and -t must be at least 1 and --warmup at least 0")
     req = BenchRequest(models=args.model, synthetic=args.synthetic, backends=_split(args.backends),
                        peers=_split(args.peers), peer_python=args.peer_python,
-                       run=RunConfig(args.n_prompt, args.n_gen, args.repeats, seed=args.seed),
+                       run=RunConfig(args.n_prompt, args.n_gen, args.repeats, args.warmup, args.seed),
                        kernels=not args.no_kernels, image=args.image, threads=args.threads)
     report = run(req, sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
     print_summary(report)

@@ -74,3 +74,16 @@ def test_unreadable_and_non_json_files(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(BenchResultsError, match="not a JSON object"):
         load_report(bad)
+
+
+def test_dashboard_command_refuses_a_malformed_file_in_one_line(tmp_path, capsys):
+    from ukgpu.tools.cli import main
+
+    data = make_report().to_dict()
+    data["entries"][0]["results"][0]["median"] = 1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert main(["dashboard", str(bad), "-o", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ukgpu: error:") and "\n" not in err and "entries[0].results[0].median" in err
+    assert not (tmp_path / "r.html").exists()

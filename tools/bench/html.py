@@ -17,9 +17,10 @@ from .schema import Entry, Report
 
 SPEED_UNIT = "tokens/s"
 CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:16px;color:#222;background:#f6f7f9}
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1240px;padding:16px;color:#222;background:#f6f7f9}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:24px 0 8px;border-bottom:1px solid #ccc}
-.grid2{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+.grid2{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;flex:1 1 560px;max-width:740px}
+svg.chart{width:100%;height:auto}
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
 th{background:#eef}td.n{text-align:right;font-variant-numeric:tabular-nums}.na{background:#fff4e5}
 .ct{font-size:15px;font-weight:600}.al{font-size:13px;fill:#333}.tk{font-size:11px;fill:#444}.lg{font-size:12px}
