@@ -142,7 +142,7 @@ def _load_module():
 
 def test_concurrent_load_gives_the_lone_answers(url):
     result = _load_module().run_load(url, MODEL, clients=4, requests=16, max_tokens=4,
-                                     time_limit=300)
+                                     time_limit=600, n_prompts=4)
     assert result["requests"] == 16
     assert httpx.get(url + "/health").json() == {"status": "ready"}
 

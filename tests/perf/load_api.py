@@ -7,6 +7,7 @@ Prints p50/p99 latency and throughput; exits 1 on any mismatch or overrun.
 
     python tests/perf/load_api.py -m smollm2-135m --clients 8 --requests 200
     python tests/perf/load_api.py --url http://127.0.0.1:8080 --model-id smollm2-135m
+    python tests/perf/load_api.py --fake-engine   # the server's own cost: an engine that costs nothing
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def _complete(client: httpx.Client, model: str, prompt: str, max_tokens: int) ->
 
 
 def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int,
-             time_limit: float) -> dict:
+             time_limit: float, n_prompts: int = len(PROMPTS)) -> dict:
     """Run the load; returns the measurements or raises LoadFailure."""
     deadline = time.monotonic() + time_limit
+    prompts = PROMPTS[:n_prompts]
     with httpx.Client(base_url=url, timeout=time_limit) as client:
-        expected = {p: _complete(client, model, p, max_tokens) for p in PROMPTS}
+        expected = {p: _complete(client, model, p, max_tokens) for p in prompts}
     latencies: list[float] = []
     lock = threading.Lock()
     local = threading.local()
@@ -60,7 +62,7 @@ def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int,
             raise LoadFailure(f"time limit of {time_limit:.0f} s reached before request {i}")
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=max(1.0, deadline - time.monotonic()))
-        prompt = PROMPTS[i % len(PROMPTS)]
+        prompt = prompts[i % len(prompts)]
         t0 = time.perf_counter()
         text = _complete(local.client, model, prompt, max_tokens)
         with lock:
@@ -101,6 +103,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--backend", default="cpu")
     p.add_argument("--time-limit", type=float, default=900.0)
+    p.add_argument("--fake-engine", action="store_true",
+                   help="serve the deterministic test engine (tests/unit/test_api_fakes.py) instead")
     return p.parse_args()
 
 
@@ -110,14 +114,32 @@ def main() -> int:
         return _report(args, args.url, args.model_id or args.model)
     from ukgpu.kernel.api import create_app
     from ukgpu.kernel.api.server import background
-    from ukgpu.llama_core.engine import Engine
-    from ukgpu.llama_core.registry import resolve_model
     from ukgpu.tools.cmd_serve import model_id
 
-    engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx,
-                         n_slots=args.slots)
+    engine = _fake_engine(args) if args.fake_engine else _real_engine(args)
     with background(create_app(engine, model_id=model_id(args.model))) as url:
         return _report(args, url, model_id(args.model))
+
+
+def _real_engine(args: argparse.Namespace):
+    from ukgpu.llama_core.engine import Engine
+    from ukgpu.llama_core.registry import resolve_model
+
+    return Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx,
+                       n_slots=args.slots)
+
+
+def _fake_engine(args: argparse.Namespace):
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+    from test_api_fakes import FakeEngine, use_fakes
+
+    class Patch:  # use_fakes wants a monkeypatch-like setattr
+        setattr = staticmethod(setattr)
+
+    use_fakes(Patch)
+    return FakeEngine(n_ctx=args.ctx, n_slots=args.slots)
 
 
 def _report(args: argparse.Namespace, url: str, model: str) -> int:
