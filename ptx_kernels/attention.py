@@ -7,11 +7,11 @@ KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `st
   blocks up to its last query's position; QK^T and PV on f16 tensor cores.  Out (T, Hq, D) f32.
 - decode (flash-decoding): one query per batch row b, q (B, Hq, D) f32; slot `slots[b]` and key
   count `lens[b]` (current token included) are read on the device, so the launches can live in a
-  CUDA graph.  `attn_decode` grid (B, Hq, S): split sp covers keys [sp*chunk, (sp+1)*chunk) and
-  writes an unnormalized partial; `attn_combine` grid (B, Hq) merges the S partials into
+  CUDA graph.  `attn_decode` grid (B, Hkv, S): split sp covers keys [sp*chunk, (sp+1)*chunk) for
+  all query heads sharing a kv head (K/V read once per group) and writes unnormalized partials; `attn_combine` grid (B, Hq) merges the S partials into
   out (B, Hq, D) f32.  Pick S and chunk (multiple of 64, S*chunk >= n_ctx) once per n_ctx;
   splits past lens[b] cost one early exit.
-Limits: Hq % Hkv == 0; head_dim is a constexpr (64 or 128); lens[b] >= 1.
+Limits: Hq % Hkv == 0, Hq / Hkv <= 16 (decode); head_dim is a constexpr (64 or 128); lens[b] >= 1.
 Reference: `reference.attention`.
 """
 
@@ -59,36 +59,43 @@ def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
 
 @triton.jit
 def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr, n_ctx, chunk,
-                       Hq, Hkv, scale, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Split `sp` of the keys of row b, head h: keys [sp*chunk, min((sp+1)*chunk, lens[b]))."""
+                       Hq, Hkv, scale, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                       GROUP_PAD: tl.constexpr):
+    """Split `sp` of row b for all query heads of kv head `kvh` (K/V read once per group):
+    keys [sp*chunk, min((sp+1)*chunk, lens[b])).  float32 math (ieee dots, no tensor cores)."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    kvh = h // (Hq // Hkv)
+    grp = Hq // Hkv
+    gi = tl.arange(0, GROUP_PAD)  # (GP,) query head within the group
+    g_ok = gi < grp
+    h = kvh * grp + gi
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (b * Hq + h) * HEAD_DIM + d) * scale  # (D,)
+    q = tl.load(q_ptr + (b * Hq + h)[:, None] * HEAD_DIM + d[None, :], mask=g_ok[:, None], other=0)
+    q = q * scale  # (GP, D)
     n_keys = tl.minimum(tl.load(lens_ptr + b), (sp + 1) * chunk)
     base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros((HEAD_DIM,), tl.float32)
+    m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
     for s0 in range(sp * chunk, n_keys, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
         s_ok = rs < n_keys
         kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
         k = tl.load(k_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)  # (BS, D)
-        s = tl.where(s_ok, tl.sum(q[None, :] * k, axis=1), -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
+        s = tl.where(s_ok[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
-    part = (b * Hq + h) * tl.num_programs(2) + sp
-    tl.store(po_ptr + part * HEAD_DIM + d, acc)
-    tl.store(pml_ptr + part * 2, m_i)
-    tl.store(pml_ptr + part * 2 + 1, l_i)
+    part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,)
+    tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(pml_ptr + part * 2, m_i, mask=g_ok)
+    tl.store(pml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
 
 @triton.jit
@@ -107,6 +114,8 @@ def attn_combine_kernel(po_ptr, pml_ptr, o_ptr, S, HEAD_DIM: tl.constexpr, MAX_S
 
 
 MAX_SPLITS = 32
+GROUP_PAD = 16  # query heads per kv head, padded (tl.dot needs 16 rows)
+DECODE_TILE = {64: (32, 4), 128: (64, 8)}  # head_dim -> (keys per step, warps): no spills
 
 
 def specs() -> list[KernelSpec]:
@@ -129,12 +138,13 @@ def specs() -> list[KernelSpec]:
             params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"),
                     ("part_out", "*fp32"), ("part_ml", "*fp32"), ("slots", "*i32"), ("lens", "*i32"),
                     ("n_ctx", "i32"), ("chunk", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32")),
-            constexprs={"HEAD_DIM": hd, "BLOCK_S": 64},
-            grid=("B", "Hq", "S"),
+            constexprs={"HEAD_DIM": hd, "BLOCK_S": DECODE_TILE[hd][0], "GROUP_PAD": GROUP_PAD},
+            grid=("B", "Hkv", "S"),
             sizes={"B": "batch rows (sequences)", "S": f"key splits (1..{MAX_SPLITS})"},
-            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", "n_ctx >= 1", f"1 <= S <= {MAX_SPLITS}",
+            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", f"Hq // Hkv <= {GROUP_PAD}", "n_ctx >= 1",
+                    f"1 <= S <= {MAX_SPLITS}",
                     "chunk % 64 == 0", "S * chunk >= n_ctx"),
-            reference="reference.attention", num_warps=4, num_stages=1,
+            reference="reference.attention", num_warps=DECODE_TILE[hd][1], num_stages=1,
             aligned=("q", "k_cache", "v_cache", "part_out", "part_ml"),
             doc=f"GQA decode, head_dim {hd}, split S ways over the keys: part_out (B, Hq, S, {hd}) "
                 "and part_ml (B, Hq, S, 2) = (max score, sum of exp) per split; then attn_combine",

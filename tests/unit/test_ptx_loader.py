@@ -63,7 +63,7 @@ def test_unused_planes_may_be_omitted_and_floats_pack_as_float(man):
     vals = {"q": 16, "k_cache": 32, "v_cache": 48, "part_out": 64, "part_ml": 80, "slots": 96,
             "lens": 112, "n_ctx": 4096, "chunk": 256, "Hq": 12, "Hkv": 2, "scale": 0.088, "B": 4, "S": 16}
     launch = e.launch(vals)
-    assert launch.grid == (4, 12, 16)
+    assert launch.grid == (4, 2, 16)  # (B, Hkv, S): one program per kv head and split
     _, types = launch.ctypes_args()
     assert types[11] is ctypes.c_float
     with pytest.raises(KernelManifestError, match="S \\* chunk >= n_ctx"):

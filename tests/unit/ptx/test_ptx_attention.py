@@ -1,7 +1,8 @@
 """Causal GQA attention (prefill and decode) vs numpy over a float16 KV cache, interpreter mode.
 
-Decode runs split over the keys (flash-decoding) and then merges the splits; with lens[b] = 1
-the later splits are empty and must not disturb the result.
+Decode runs split over the keys (flash-decoding), one program per kv head for its whole group of
+query heads (group sizes 1, 3, 7, 16 tested), and then merges the splits; with lens[b] = 1 the
+later splits are empty and must not disturb the result.
 Bounds: decode reads f16 K/V exactly and accumulates in f32: |out - ref| <= 1e-4 * max|v|.
 Prefill rounds q*scale and the softmax weights to f16 for the tensor-core dots:
 |out - ref| <= 1e-2 * max|v|.  Cache rows past each sequence's length hold NaN: a kernel that
@@ -17,9 +18,9 @@ from ukgpu.ptx_kernels import reference as R
 HQ, HKV = 6, 2
 
 
-def _cache(rng, n_slots, n_ctx, hd):
-    k = rng.standard_normal((n_slots, n_ctx, HKV, hd)).astype(np.float16)
-    v = rng.standard_normal((n_slots, n_ctx, HKV, hd)).astype(np.float16)
+def _cache(rng, n_slots, n_ctx, hd, hkv=HKV):
+    k = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)
+    v = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)
     return k, v
 
 
@@ -39,10 +40,11 @@ def test_attn_prefill(hd, start, t, rng):
 
 
 def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk):
-    b = len(slots)
-    part_o = np.full((b, HQ, splits, hd), np.nan, np.float32)
-    part_ml = np.full((b, HQ, splits, 2), np.nan, np.float32)
-    vals = {"B": b, "S": splits, "n_ctx": n_ctx, "chunk": chunk, "Hq": HQ, "Hkv": HKV, "scale": hd ** -0.5}
+    b, hq = len(slots), q.shape[1]
+    part_o = np.full((b, hq, splits, hd), np.nan, np.float32)
+    part_ml = np.full((b, hq, splits, 2), np.nan, np.float32)
+    vals = {"B": b, "S": splits, "n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": k.shape[2],
+            "scale": hd ** -0.5}
     parts = run_spec(f"attn_decode_d{hd}", {"q": q, "k_cache": k, "v_cache": v, "part_out": part_o,
                                             "part_ml": part_ml, "slots": slots, "lens": lens}, vals)
     out = run_spec(f"attn_combine_d{hd}", {"part_out": parts["part_out"], "part_ml": parts["part_ml"],
@@ -51,16 +53,17 @@ def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk):
 
 
 @pytest.mark.parametrize("hd", [64, 128])
-@pytest.mark.parametrize("splits,chunk,n_ctx", [(1, 128, 128), (3, 64, 150), (2, 64, 128)])
-def test_attn_decode(hd, splits, chunk, n_ctx, rng):
+@pytest.mark.parametrize("splits,chunk,n_ctx,hq,hkv", [
+    (1, 128, 128, HQ, HKV), (3, 64, 150, 14, 2), (2, 64, 128, 4, 4), (2, 64, 100, 16, 1)])
+def test_attn_decode(hd, splits, chunk, n_ctx, hq, hkv, rng):
     n_slots = 3
-    k, v = _cache(rng, n_slots, n_ctx, hd)
+    k, v = _cache(rng, n_slots, n_ctx, hd, hkv)
     slots = np.array([2, 0, 1], np.int32)
     lens = np.array([1, n_ctx, 37], np.int32)  # minimum, a full context, a middle
     for s, n in zip(slots, lens):
         k[s, n:] = np.nan
         v[s, n:] = np.nan
-    q = rng.standard_normal((len(slots), HQ, hd)).astype(np.float32)
+    q = rng.standard_normal((len(slots), hq, hd)).astype(np.float32)
     got = _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk)
     for i, (s, n) in enumerate(zip(slots, lens)):
         want = R.attention(q[i : i + 1], k[s, :n], v[s, :n], np.array([n - 1]), hd ** -0.5)[0]
