@@ -7,7 +7,9 @@ Measures, in one process and one CUDA context:
 - decode mat-vec GB/s (bytes of the repacked weight planes + x + y per call) for Q4_K and Q8_0 at
   4096x4096, 8960x1536 and 1536x8960, batch 1 (b1) and 8 (b8), as a fraction of copy bandwidth;
 - prefill GEMM TFLOP/s (2*M*N*K per call) for F16, Q8_0 and Q4_K weights at 2048^3 and
-  M=512 x 8960x1536, next to torch.matmul (fp16, cuBLAS) on the same shapes when torch has CUDA.
+  M=512 x 8960x1536, next to torch.matmul (fp16, cuBLAS) on the same shapes when torch has CUDA;
+- decode attention (split + combine, head_dim 128, 12/2 heads) GB/s of K+V read at 512, 4096
+  and 32768 cached keys, unsplit and in 16 splits.
 Timings are CUDA-event means over repeated launches after a warm-up.
 """
 
@@ -54,6 +56,30 @@ def bench_gemm(run: CudaRunner, qtype: str, m: int, n: int, k: int, rng) -> dict
     ms = run.time_ms(lambda: run.launch(name, vals), iters=20)
     return {"kernel": name, "M": m, "N": n, "K": k, "us": ms * 1e3,
             "TFLOP/s": 2 * m * n * k / ms / 1e9, "artifact": run.loaded_kinds[name]}
+
+
+def bench_attn_decode(run: CudaRunner, hd: int, hq: int, hkv: int, n_keys: int, splits: int,
+                      rng) -> dict:
+    """One decode step over n_keys cached keys: GB/s of K+V bytes read (f16)."""
+    n_ctx = n_keys
+    per_split = -(-n_ctx // splits)
+    chunk = -(-per_split // 64) * 64  # a multiple of 64 with splits * chunk >= n_ctx
+    kv = rng.standard_normal((n_ctx, hkv, hd)).astype(np.float16)
+    vals = {"q": run.upload(rng.standard_normal((1, hq, hd)).astype(np.float32)),
+            "k_cache": run.upload(kv), "v_cache": run.upload(kv),
+            "part_out": run.empty(hq * splits * hd * 4), "part_ml": run.empty(hq * splits * 8),
+            "out": run.empty(hq * hd * 4), "slots": run.upload(np.zeros(1, np.int32)),
+            "lens": run.upload(np.array([n_keys], np.int32)), "n_ctx": n_ctx, "chunk": chunk,
+            "Hq": hq, "Hkv": hkv, "scale": hd ** -0.5, "B": 1, "S": splits}
+    names = (f"attn_decode_d{hd}", f"attn_combine_d{hd}")
+
+    def step():
+        run.launch(names[0], vals)
+        run.launch(names[1], vals)
+
+    ms = run.time_ms(step, iters=100, warmup=10)
+    return {"kernel": f"{names[0]} + combine", "keys": n_keys, "Hq": hq, "Hkv": hkv, "S": splits,
+            "us": ms * 1e3, "GB/s": 2 * kv.nbytes / ms / 1e6}
 
 
 def bench_torch(m: int, n: int, k: int) -> dict | None:
@@ -106,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['kernel']} | {m}x{n}x{k} | {r['us']:.1f} | {r['TFLOP/s']:.1f} | "
                   f"{r.get('artifact', 'cuBLAS')} |")
         run.free_all()
+    print("\n| kernel | keys | Hq/Hkv | S | us | K+V GB/s |\n|---|---|---|---|---|---|")
+    for n_keys in (512, 4096, 32768):
+        for splits in (1, 16):
+            r = bench_attn_decode(run, 128, 12, 2, n_keys, splits, rng)
+            results.setdefault("attn_decode", []).append(r)
+            print(f"| {r['kernel']} | {n_keys} | 12/2 | {splits} | {r['us']:.1f} | {r['GB/s']:.0f} |")
+            run.free_all()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
