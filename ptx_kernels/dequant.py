@@ -1,5 +1,6 @@
-"""Device-side weight dequantization from the repacked layout (see repack.py), shared by the
-mat-vec, GEMM and embedding kernels, plus the per-qtype constexpr configuration."""
+"""Per-qtype weight parameters, constexprs and limits shared by the mat-vec, GEMM and embedding
+kernels, and `load_weights`: element-wise dequantization from the repacked layout (repack.py)
+for gathers such as embedding rows (mat-vec and GEMM load whole runs instead)."""
 
 from __future__ import annotations
 
