@@ -36,8 +36,9 @@ GUEST_MODELS = "/models"
 MODEL_DISK = "/dev/vda"
 NET_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_rng")
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
-GUEST_IMPORTS = ("numpy", "starlette", "uvicorn", "ukgpu.kernel.init", "ukgpu.kernel.api.app",
-                 "ukgpu.llama_core.gguf_file")
+GUEST_IMPORTS = ("numpy", "starlette", "uvicorn", "ukgpu.kernel.init", "ukgpu.kernel.init_model",
+                 "ukgpu.kernel.api.app", "ukgpu.kernel.api.server", "ukgpu.llama_core.engine",
+                 "ukgpu.llama_core.cpu_backend", "ukgpu.llama_core.chat")
 INIT_SCRIPT = b"""#!/usr/bin/python3.11 -IBu
 import time
 t_init = time.clock_gettime(time.CLOCK_BOOTTIME)
@@ -162,7 +163,8 @@ def _build_into(out: Path, inputs: Inputs, config: BuildConfig, log) -> None:
     log(f"image: compiled {len(pycs)} bytecode files")
     log("image: " + image_stage.chroot_check(root, GUEST_IMPORTS))
     if config.numba:
-        log("image: " + image_stage.precompile_numba(root, int(os.environ.get("SOURCE_DATE_EPOCH", "0"))))
+        mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+        log("image: " + image_stage.precompile_numba(root, mtime, inputs.model_path))
 
     embed = inputs.model_path.stat().st_size <= config.embed_limit
     model_guest = f"{GUEST_MODELS}/{inputs.model_path.name}" if embed else None

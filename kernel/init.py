@@ -10,7 +10,8 @@ Steps, each timed and reported on the serial console:
  7. the model (memory-mapped) and a backend: a GPU when one is found and usable, else CPU
  8. the HTTP API; then `READY ...` with the timings
 
-Shutdown: `POST /admin/poweroff`, or the line `poweroff` on the serial console.
+Shutdown: `POST /admin/poweroff`, or the line `poweroff` on the serial console
+(`stacks` there prints every thread's stack).
 Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hangs.
 
 Kernel command line keys (all optional but ukgpu.manifest):
@@ -21,6 +22,7 @@ Kernel command line keys (all optional but ukgpu.manifest):
 
 from __future__ import annotations
 
+import faulthandler
 import ipaddress
 import os
 import sys
@@ -239,12 +241,16 @@ async def _respond(send, status: int, body: bytes) -> None:
 
 
 def serial_commands(guest: Guest) -> None:
-    """Read commands from the console until `poweroff` (EOF: keep serving)."""
+    """Read commands from the console until `poweroff` (EOF: keep serving).
+
+    `stacks` prints every thread's Python stack (what is the guest doing?)."""
     for line in sys.stdin:
         if line.strip() == "poweroff":
             guest.shutdown("poweroff on the serial console")
+        elif line.strip() == "stacks":
+            faulthandler.dump_traceback(all_threads=True)
         elif line.strip():
-            say(f"unknown console command {line.strip()!r}: the only command is poweroff")
+            say(f"unknown console command {line.strip()!r}: use poweroff or stacks")
     while True:
         time.sleep(3600)
 

@@ -35,21 +35,21 @@ def test_health_and_models(serving_vm):
 
 
 def test_completion_over_http_matches_the_host_engine(serving_vm, smollm2_path):
-    body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 6,
+    body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 3,
             "temperature": 0}
     resp = httpx.post(serving_vm.url + "/v1/completions", json=body, timeout=300)
     assert resp.status_code == 200, resp.text
     got = resp.json()
     text = got["choices"][0]["text"]
     assert text.strip(), got
-    assert 0 < got["usage"]["completion_tokens"] <= 6
+    assert 0 < got["usage"]["completion_tokens"] <= 3
     from ukgpu.llama_core.engine import Engine
     from ukgpu.llama_core.sampling import SamplingParams
 
     engine = Engine.load(smollm2_path, backend="cpu", n_ctx=256, n_slots=1)
     ids = engine.tokenizer.encode(body["prompt"])
-    events = list(engine.generate(ids, SamplingParams(temperature=0.0), max_tokens=6))
-    host_text = engine.tokenizer.decode([e.token for e in events if e.token is not None])
+    events = list(engine.generate(ids, SamplingParams(temperature=0.0), max_tokens=3))
+    host_text = "".join(e.text for e in events)
     assert text == host_text, "the guest's greedy completion differs from the host CPU engine"
 
 
