@@ -164,8 +164,6 @@ class Engine:
         return what it releases; [] once the sequence has finished."""
         if seq.finish_reason is not None:
             return []
-        if seq.slot < 0:
-            raise EngineError("this sequence was released: start a new one")
         logits = self._forward(seq)
         token = seq.sampler(logits, seq.tokens)
         seq.tokens.append(token)
