@@ -1,0 +1,19 @@
+"""The wheel ships every package folder: pyproject's explicit list must name each of them."""
+
+import pathlib
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOP = {"llama_core", "gpu", "ptx_kernels", "kernel", "tools"}
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = set()
+    for top in TOP:
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT).parts
+            found.add(".".join(("ukgpu",) + rel))
+    assert found - listed == set(), f"add these to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert cfg["package-dir"] == {f"ukgpu.{t}": t for t in sorted(TOP)} | cfg["package-dir"]
