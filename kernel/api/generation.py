@@ -78,8 +78,9 @@ def max_new_tokens(kind: Kind, body: dict, n_prompt: int, facts, limits) -> int:
     room = facts.n_ctx - n_prompt
     asked = body.get("max_completion_tokens") if kind.chat else None
     asked = asked if asked is not None else body.get("max_tokens")
+    cap = max_tokens_cap(facts, limits)
     if asked is None:
-        asked = max_tokens_cap(facts, limits) if kind.chat else limits.default_max_tokens
+        asked = cap if kind.chat else min(limits.default_max_tokens, cap)
     return max(1, min(asked, room))
 
 

@@ -168,7 +168,7 @@ def _fuzz(operation, url: str) -> None:
     def check(case):
         # Valid JSON may still be refused for a reason no JSON Schema can state: a prompt
         # longer than the context in tokens.  Every other check runs, this one by hand.
-        response = case.call_and_validate(base_url=url, timeout=120,
+        response = case.call_and_validate(base_url=url, timeout=600,
                                           excluded_checks=[positive_data_acceptance])
         if response.status_code == 400:
             assert response.json()["error"]["code"] == "context_length_exceeded", response.text

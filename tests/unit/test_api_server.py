@@ -328,3 +328,13 @@ def test_max_completion_tokens_and_arena_metrics(engine, monkeypatch):
         text = c.get("/metrics").text
     assert "ukgpu_arena_used 1024" in text and "ukgpu_arena_size 4096" in text
     assert "ukgpu_tokens_per_second 0.3" in text  # 3 tokens in the 10 s window
+
+
+def test_default_max_tokens_respects_the_cap(engine, monkeypatch):
+    use_fakes(monkeypatch)
+    app = create_app(engine, ApiLimits(max_tokens=3), model_id=MODEL)
+    with background(app) as base, httpx.Client(base_url=base) as c:
+        usage = complete(c, prompt="p").json()["usage"]
+        chat = c.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}]}).json()["usage"]
+    assert usage["completion_tokens"] == 3 and chat["completion_tokens"] == 3
