@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "roofline and trends across files (ordered by their timestamps). The page needs no network.")
     parser.add_argument("results", nargs="+", type=Path, help="JSON files written by `ukgpu bench -o`")
     parser.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default report.html")
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="also write the speed/TTFT/memory numbers as a Markdown table")
     parser.set_defaults(func=_dashboard)
 
 
@@ -25,4 +27,9 @@ def _dashboard(args: argparse.Namespace) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(reports, [p.name for p in args.results]))
     print(f"ukgpu dashboard: wrote {args.output} ({len(reports)} results files)", file=sys.stderr)
+    if args.markdown:
+        from .bench.summary import markdown_table
+
+        args.markdown.write_text(markdown_table(reports))
+        print(f"ukgpu dashboard: wrote {args.markdown}", file=sys.stderr)
     return 0

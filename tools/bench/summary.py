@@ -22,3 +22,21 @@ def print_summary(report: Report) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
+
+
+def markdown_table(reports: list[Report]) -> str:
+    """tokens/s, TTFT and peak RSS per model and runner (newest file first wins), as Markdown;
+    unavailable entries keep their reasons."""
+    rows = ["| model | runner | test | median | min .. max | unit | file created |", "|---|---|---|---|---|---|---|"]
+    seen = set()
+    for rep in sorted(reports, key=lambda r: r.created, reverse=True):
+        for e in rep.entries:
+            if e.kind not in ("backend", "peer", "image") or (e.model, e.runner) in seen:
+                continue
+            seen.add((e.model, e.runner))
+            if not e.available:
+                rows.append(f"| {e.model} | {e.runner} | - | not available: {e.reason} | | | {rep.created} |")
+            for r in e.results:
+                rows.append(f"| {e.model} | {e.runner} | {r.test} | {_fmt(r.median)} | {_fmt(r.min)} .. {_fmt(r.max)} "
+                            f"| {r.unit} | {rep.created} |")
+    return "\n".join(rows) + "\n"
