@@ -26,6 +26,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+# Slab dequantization runs on one thread: BLAS, which multiplies each slab right after, has
+# its own thread pool, and two spinning pools on two cores stall each other (measured 100x).
+SERIAL = dict(fastmath=True, cache=True, nogil=True)
 R = 4  # weight rows decoded per step
 CHUNKS = 64  # parallel work items per call (each allocates its scratch once)
 U15 = np.uint8(15)
@@ -263,33 +266,33 @@ def dq32_row(wr, dst, bpb, qo, ho, mo, offset):
             dst[b * 32 + 16 + j] = d * np.float32(hi) + m
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q4_0(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq32_row(w[r0 + i], out[i], 18, 2, 0, 0, -8.0)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q4_1(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq32_row(w[r0 + i], out[i], 20, 4, 0, 2, 0.0)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q5_0(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq32_row(w[r0 + i], out[i], 22, 6, 2, 0, -16.0)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q5_1(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq32_row(w[r0 + i], out[i], 24, 8, 4, 2, 0.0)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q8_0(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         wr, dst = w[r0 + i], out[i]
         for b in range(dst.shape[0] // 32):
             o = b * 34

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_kernels_nb import CHUNKS, OPTS, R, U4, U15, block_sums, chunk_range, f16
+from .cpu_kernels_nb import CHUNKS, OPTS, R, SERIAL, U4, U15, block_sums, chunk_range, f16
 
 
 @njit(inline="always")
@@ -179,21 +179,21 @@ def dq_k45_row(wr, dst, bpb, five):
                 dst[x1 + 32 + l] = d2 * np.float32(hi) - b2
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q4_k(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq_k45_row(w[r0 + i], out[i], 144, False)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q5_k(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         dq_k45_row(w[r0 + i], out[i], 176, True)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_q6_k(w, r0, out):
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         wr, dst = w[r0 + i], out[i]
         for sb in range(dst.shape[0] // 256):
             o = sb * 210

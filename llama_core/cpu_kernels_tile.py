@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from .cpu_kernels_nb import CHUNKS, OPTS, U4, U15, block_sums, h2f
+from .cpu_kernels_nb import CHUNKS, OPTS, SERIAL, U4, U15, block_sums, h2f
 
 # type -> (header fields (block offset, bytes) in tile order, qs offset, qs bytes)
 _SECTIONS = {
@@ -254,11 +254,11 @@ def dequantize_tiles(tp: TilePack, r0: int, out: np.ndarray) -> None:
     dq_tiles(tp.data, tp.shape[0], tp.rt, bpb, r0 // tp.rt, out, kind)
 
 
-@njit(**OPTS)
+@njit(**SERIAL)
 def dq_tiles(data, n_out, rt, bpb, k0, out, kind):
     nb = out.shape[1] // 32
     ntiles = (out.shape[0] + rt - 1) // rt
-    for kk in prange(ntiles):
+    for kk in range(ntiles):
         wt, r0, rk = _tile(data, k0 + kk, rt, n_out, nb, bpb)
         L = rk * nb
         dl = np.empty(L, np.float32)
