@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import Entry, Result
+from .schema import Entry, Result, entry_from_dict
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,7 @@ def run_in_child(model_path: Path, model_name: str, backend_name: str, cfg: RunC
     if done.returncode != 0 or not lines:
         return Entry.unavailable(model_name, backend_name, "backend",
                                  f"benchmark process failed (exit {done.returncode}); see its stderr above")
-    from .schema import _entry
-
-    return _entry(json.loads(lines[-1]), f"{backend_name} on {model_name}")
+    return entry_from_dict(json.loads(lines[-1]), f"{backend_name} on {model_name}")
 
 
 def main(argv: list[str]) -> int:

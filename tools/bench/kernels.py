@@ -3,8 +3,10 @@
 For every distinct (type, shape) among layer 0's matrices and the output matrix:
   mv  1 x in  @ W.T  (decode: bandwidth-bound)   -> achieved GB/s of weight bytes
   mm  n x in  @ W.T  (prefill slab: compute-bound) -> achieved TFLOP/s
-Each result is first checked against the CPU reference (float64 dequantized
-weights); a kernel that disagrees is reported as failed, never timed.  The
+Inputs are made by the backend (embedding rows, their SwiGLU for d_ff-wide
+matrices), so they live where its matmuls read them.  Each result is first
+checked against the CPU reference (float64 matmul of the dequantized weights on
+the same inputs); a kernel that disagrees is reported as failed, never timed.  The
 ceilings are measured in the same run on the same device: copy bandwidth (bytes
 read + written) and a dense GEMM (numpy on the CPU, torch/cuBLAS on the GPU).
 """
@@ -88,22 +90,40 @@ def _pick_weights(gguf: Any) -> list[Any]:
     return views
 
 
-def _upload(backend: Any, x: np.ndarray) -> Any:
-    """x as the backend's activation type (host arrays for the CPU)."""
-    for attr in ("from_host", "upload"):
-        if hasattr(backend, attr):
-            return getattr(backend, attr)(x)
-    if getattr(backend, "name", "") == "cpu":
-        return x
-    raise KernelMismatch(f"{type(backend).__name__} has no from_host() to upload a test activation")
+class Activations:
+    """Test inputs made by the backend itself through the Backend interface (so they live
+    where its matmuls read them): embedding rows for d_model-wide inputs, their SwiGLU
+    through layer 0's gate/up for d_ff-wide ones."""
+
+    def __init__(self, gguf: Any, backend: Any, n: int):
+        self.backend = backend
+        rows = gguf.tensors["token_embd.weight"].shape[0]
+        ids = np.random.default_rng(n).integers(0, rows, n)  # int[n]
+        self.embd = backend.embedding(backend.prepare_weight(gguf.tensors["token_embd.weight"]), ids)  # [n, d]
+        self.d_model = gguf.tensors["token_embd.weight"].shape[1]
+        self.gguf = gguf
+        self._ff = None
+
+    def of_width(self, cols: int) -> Any:
+        if cols == self.d_model:
+            return self.embd
+        gate, up = self.gguf.tensors["blk.0.ffn_gate.weight"], self.gguf.tensors["blk.0.ffn_up.weight"]
+        if cols != gate.shape[0]:
+            raise KernelMismatch(f"no test activation of width {cols}")
+        if self._ff is None:
+            be = self.backend
+            self._ff = be.swiglu(be.matmul(self.embd, be.prepare_weight(gate)),
+                                 be.matmul(self.embd, be.prepare_weight(up)))  # [n, d_ff]
+        return self._ff
 
 
-def _check(backend: Any, w: Any, view: Any, x: np.ndarray) -> float:
+def _check(backend: Any, w: Any, view: Any, x: Any) -> float:
     from ukgpu.llama_core import quants
 
+    x_host = np.asarray(backend.to_host(x), dtype=np.float64)  # [n, in]
     dense = quants.dequantize(np.asarray(view.data), view.qtype, int(np.prod(view.shape))).reshape(view.shape)
-    want = x.astype(np.float64) @ dense.astype(np.float64).T  # [n, out]
-    got = np.asarray(backend.to_host(backend.matmul(_upload(backend, x), w)), dtype=np.float64)
+    want = x_host @ dense.astype(np.float64).T  # [n, out]
+    got = np.asarray(backend.to_host(backend.matmul(x, w)), dtype=np.float64)
     err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
     if not err <= REL_TOL:
         raise KernelMismatch(f"relative error {err:.3g} > {REL_TOL} against the CPU reference")
@@ -113,7 +133,7 @@ def _check(backend: Any, w: Any, view: Any, x: np.ndarray) -> float:
 def bench_kernels(gguf: Any, model_name: str, backend: Any, runner: str, repeats: int, n_mm: int) -> Entry:
     results = []
     failures = {}
-    rng = np.random.default_rng(0)
+    inputs = {n: Activations(gguf, backend, n) for n in (1, n_mm)}
     for view in _pick_weights(gguf):
         w = backend.prepare_weight(view)
         rows, cols = view.shape
@@ -121,15 +141,14 @@ def bench_kernels(gguf: Any, model_name: str, backend: Any, runner: str, repeats
         short = view.name.replace("blk.0.", "").replace(".weight", "")
         for kind, n in (("mv", 1), ("mm", n_mm)):
             test = f"{kind} {short} {qname} {rows}x{cols}"
-            x = rng.standard_normal((n, cols), dtype=np.float32)  # [n, in]
             try:
+                x = inputs[n].of_width(cols)
                 err = _check(backend, w, view, x)
             except KernelMismatch as exc:
                 failures[test] = str(exc)
                 continue
-            xa = _upload(backend, x)
-            secs = timed(lambda: backend.to_host(backend.matmul(xa, w)), repeats)
-            nbytes = int(np.asarray(view.data).nbytes) + x.nbytes + n * rows * 4
+            secs = timed(lambda: backend.to_host(backend.matmul(x, w)), repeats)
+            nbytes = int(np.asarray(view.data).nbytes) + n * cols * 4 + n * rows * 4
             flops = 2 * n * rows * cols
             results.append(Result.of(test, "GB/s", [nbytes / s / 1e9 for s in secs], n=n, qtype=qname,
                                      bytes=nbytes, flops=flops, seconds=float(np.median(secs)),

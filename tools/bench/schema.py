@@ -112,12 +112,12 @@ def report_from_dict(data: Any, where: str = "results") -> Report:
               "config": dict, "entries": list}
     for key, kind in fields.items():
         _need(isinstance(data.get(key), kind), f"{where}.{key}", f"is missing or not a {kind.__name__}")
-    entries = [_entry(e, f"{where}.entries[{i}]") for i, e in enumerate(data["entries"])]
+    entries = [entry_from_dict(e, f"{where}.entries[{i}]") for i, e in enumerate(data["entries"])]
     return Report(data["created"], data["command"], data["git"], data["machine"], data["versions"],
                   data["config"], entries)
 
 
-def _entry(e: Any, where: str) -> Entry:
+def entry_from_dict(e: Any, where: str) -> Entry:
     _need(isinstance(e, dict), where, "is not an object")
     for key in ("model", "runner", "kind"):
         _need(isinstance(e.get(key), str), f"{where}.{key}", "is missing or not a string")
