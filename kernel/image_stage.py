@@ -120,6 +120,16 @@ for prompt in ("Hello", "Tell me a long story about a robot who learns to paint 
 """
 
 
+# numba names parallel kernels after object addresses and iterates hashed sets: pin both
+# (no address randomization, fixed hash seed) so the cache files come out byte-identical.
+_NO_ASLR = ["setarch", "x86_64", "--addr-no-randomize"] if shutil.which("setarch") else []
+
+
+def _warm_env() -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "NUMBA_"))}
+    return {**keep, **NUMBA_ENV, "PYTHONHASHSEED": "0", "NUMBA_NUM_THREADS": "1"}
+
+
 def precompile_numba(root: Path, mtime: int, model: Path) -> str:
     """Fill numba's on-disk cache for the CPU kernels inside the staged tree.
 
@@ -143,9 +153,9 @@ def precompile_numba(root: Path, mtime: int, model: Path) -> str:
         shutil.copyfile(model, guest_model)
     start = time.monotonic()
     try:
-        res = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IB", "-c", _WARM,
-                              f"/tmp/{model.name}"], capture_output=True, text=True,
-                             check=False, timeout=1800, env={**os.environ, **NUMBA_ENV})
+        res = subprocess.run([*_NO_ASLR, "chroot", str(root), "/usr/bin/python3.11", "-sB", "-c",
+                              _WARM, f"/tmp/{model.name}"], capture_output=True, text=True,
+                             check=False, timeout=1800, env=_warm_env())
     finally:
         shutil.rmtree(root / "tmp")
     if res.returncode != 0:

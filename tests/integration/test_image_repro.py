@@ -1,0 +1,37 @@
+"""Same inputs, same bytes: two image builds from one snapshot of the inputs are identical.
+
+Built without numba to stay within the CI budget (two builds ~1.5 min); the
+numba cache's determinism was checked with full builds (docs/benchmarks/image.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+
+from ukgpu.kernel import image as image_mod
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_two_builds_from_the_same_inputs_are_byte_identical(tmp_path, monkeypatch):
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        pytest.skip("needs apt-get and dpkg-deb (a Debian host): run tools/host_deps.sh")
+    snapshot = tmp_path / "src"  # teammates' sources may change while we build
+    for package in image_mod.image_python.UKGPU_PACKAGES:
+        shutil.copytree(image_mod.REPO / package, snapshot / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    monkeypatch.setattr(image_mod, "REPO", snapshot)
+    config = image_mod.BuildConfig(model="smollm2-135m", numba=False)
+    inputs = image_mod._resolve(config, log=lambda msg: None)
+    infos = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        image_mod._build_into(out, copy.deepcopy(inputs), config, log=lambda msg: None)
+        infos.append(image_mod.load(out).info)
+    assert infos[0]["sha256"] == infos[1]["sha256"]
+    assert infos[0]["manifest_sha256"] == infos[1]["manifest_sha256"]
+    assert (tmp_path / "a" / "initramfs.cpio").read_bytes() == \
+        (tmp_path / "b" / "initramfs.cpio").read_bytes()
