@@ -49,7 +49,7 @@ def run(req: BenchRequest, argv: list[str]) -> Report:
              for kind, who in [("backend", b) for b in req.backends] + [("peer", p) for p in req.peers]]
     for name, path, kind, who in tqdm(steps, desc="ukgpu bench", unit="run", file=sys.stderr):
         entries.append(_one(req, name, path, kind, who, peer_tools))
-    if req.kernels:
+    if req.kernels and targets:
         entries += _kernel_entries(req, targets)
     if req.image is not None:
         entries.append(bench_image(req.image, req.run.repeats))
