@@ -80,3 +80,11 @@ def test_bench_command_writes_a_valid_report(tmp_path, smollm2_path, capsys):
     assert report.machine["cores"] >= 1 and report.versions["numpy"]
     printed = capsys.readouterr().out
     assert "not available" in printed and "pp8" in printed
+
+
+def test_image_that_is_not_an_image_is_listed_with_the_reason(tmp_path):
+    from ukgpu.tools.bench.image_run import bench_image
+
+    entry = bench_image(tmp_path, repeats=1)
+    assert not entry.available and entry.kind == "image"
+    assert "ukgpu image build" in entry.reason
