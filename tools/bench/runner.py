@@ -85,8 +85,11 @@ def _vocab_size(path: Path) -> int:
 
 
 def _kernel_entries(req: BenchRequest, targets: list[tuple[str, Path]]) -> list[Entry]:
+    import numba
+
     from ukgpu.llama_core.gguf_file import open_gguf
 
+    numba.set_num_threads(min(req.threads, numba.config.NUMBA_NUM_THREADS))  # -t, as in the children
     out = []
     for backend in req.backends:
         reason = backend_run.backend_unavailable(backend)
