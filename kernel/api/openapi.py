@@ -29,6 +29,11 @@ _USAGE = {
     "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT},
 }
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
+_SSE_EVENT = {  # one server-sent event; `data` is a JSON chunk, an error, or [DONE]
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string", "enum": ["message"]}},
+}
 _ERROR_TEXT = {
     400: "Invalid request (JSON, types, ranges, prompt longer than the context).",
     404: "Unknown model or path.",
@@ -70,7 +75,7 @@ def _choice(extra: dict) -> dict:
 def _generation(summary: str, request: dict, result: dict) -> dict:
     ok = {
         "description": "The generated text; with stream=true, server-sent events ending in [DONE].",
-        "content": {**_json(result), "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {**_json(result), "text/event-stream": {"schema": _SSE_EVENT}},
     }
     return {
         "post": {
