@@ -171,3 +171,14 @@ def test_real_qwen05_tensors(qwen05_path):
     assert set(by_type) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
     for tname, v in by_type.values():
         _check_real(v, tname)
+
+
+def test_missing_numba_falls_back_to_numpy(blocks, monkeypatch):
+    """As in a minimal image without numba: the kernel modules fail to import."""
+    monkeypatch.setattr(ck, "_KERNELS", None)  # what _kernels() records after an ImportError
+    assert not ck.numba_enabled()
+    raw, shape = blocks[T.Q4_K]
+    x = np.random.default_rng(3).standard_normal((2, N_IN)).astype(np.float32)
+    ref, norm = reference(x, T.Q4_K, raw, shape)
+    check(ck.qmatmul(x, ck.RawWeight(T.Q4_K, shape, raw)), ref, norm, "no numba")
+    assert ck.warmup() == 0.0
