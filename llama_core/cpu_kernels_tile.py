@@ -200,13 +200,18 @@ def t_q5(data, n_out, rt, x, y, has_m):
             for t in range(n):
                 a = acc[:L]
                 a[:] = 0
-                for j in range(16):
-                    qj, xlo, xhi = qs[j * L : (j + 1) * L], X[t, j], X[t, j + 16]
+                for j in range(0, 16, 2):  # two byte positions per pass; fifth bits as masked adds
+                    q0, q1 = qs[j * L : (j + 1) * L], qs[(j + 1) * L : (j + 2) * L]
+                    x0, x1, x2, x3 = X[t, j], X[t, j + 16], X[t, j + 1], X[t, j + 17]
+                    m0, m1 = np.uint32(1) << j, np.uint32(1) << (j + 16)
+                    m2, m3 = np.uint32(1) << (j + 1), np.uint32(1) << (j + 17)
                     for l in range(L):
-                        q, h = qj[l], qh[l]
-                        lo = np.uint32(q & U15) | (((h >> j) & np.uint32(1)) << 4)
-                        hi = np.uint32(q >> U4) | (((h >> (j + 16)) & np.uint32(1)) << 4)
-                        a[l] += np.float32(lo) * xlo[l] + np.float32(hi) * xhi[l]
+                        b0, b1, h = q0[l], q1[l], qh[l]
+                        v = (np.float32(np.uint8(b0 & U15)) * x0[l] + np.float32(np.uint8(b0 >> U4)) * x1[l]
+                             + np.float32(np.uint8(b1 & U15)) * x2[l] + np.float32(np.uint8(b1 >> U4)) * x3[l])
+                        e = ((x0[l] if h & m0 else np.float32(0)) + (x1[l] if h & m1 else np.float32(0))
+                             + (x2[l] if h & m2 else np.float32(0)) + (x3[l] if h & m3 else np.float32(0)))
+                        a[l] += v + np.float32(16) * e
                 for i in range(rk):
                     tot = np.float32(0)
                     for b in range(nb):
