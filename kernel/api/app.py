@@ -135,7 +135,6 @@ def create_app(engine_or_loader: Any, limits: ApiLimits | None = None, *,
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error},
                     lifespan=lifespan)
-    app.state.host = host
     return _CountRequests(app, metrics, {r.path for r in routes})
 
 
@@ -229,7 +228,6 @@ class _CountRequests:
 
     def __init__(self, app: Starlette, metrics: Metrics, paths: set[str]) -> None:
         self.app = app
-        self.state = app.state
         self.metrics = metrics
         self.paths = paths
 
