@@ -154,13 +154,15 @@ def mv_q4_1(w, x, y):
 
 @njit(inline="always")
 def q5_lanes(wr, qo, qh, li, d, xr, xb):
-    """Add one Q5 block's 32 products to the lanes (qs at wr[qo:], fifth bits in qh)."""
+    """Add one Q5 block's 32 products to the lanes (qs at wr[qo:], fifth bits in qh, added
+    as masked x values)."""
     for j in range(16):
         q = wr[qo + j]
-        lo = np.uint32(q & U15) | (((qh >> j) & np.uint32(1)) << 4)
-        hi = np.uint32(q >> U4) | (((qh >> (j + 16)) & np.uint32(1)) << 4)
-        li[j] += d * (np.float32(lo) * xr[xb + j])
-        li[j + 16] += d * (np.float32(hi) * xr[xb + 16 + j])
+        xl, xh = xr[xb + j], xr[xb + 16 + j]
+        e = (xl if (qh >> j) & np.uint32(1) else np.float32(0)) + (
+            xh if (qh >> (j + 16)) & np.uint32(1) else np.float32(0))
+        li[j] += d * (np.float32(np.uint8(q & U15)) * xl + np.float32(np.uint8(q >> U4)) * xh
+                      + np.float32(16) * e)
 
 
 @njit(**OPTS)
