@@ -17,7 +17,7 @@ Paths, chosen per call:
 Slabs hold at most SLAB_ELEMENTS floats, so no dequantized copy of a matrix is ever kept.
 
 `prepare(w)` returns a handle that `qmatmul` takes as well; for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 it
-holds a repacked copy of exactly the original byte size whose decode is ~1.5-2x faster
+holds a repacked copy of exactly the original byte size whose decode is 1.2-2x faster
 (drop the TensorView afterwards to keep memory at one copy).  `warmup()` compiles every
 kernel on tiny inputs (numba caches the machine code on disk, so later start-ups only load).
 """
