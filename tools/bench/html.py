@@ -169,10 +169,13 @@ def _trends(reports: list[Report], order: list[str]) -> str:
                 for r in e.results:
                     if r.unit == SPEED_UNIT:
                         series.setdefault(f"{e.runner} {r.test}", [None] * len(reps))[i] = r.median
+        series = {k: v for k, v in series.items() if sum(x is not None for x in v) >= 2}
         if series:
             names = list(series)
             cards.append("<div class=\"card\">" + charts.line_chart(
                 f"{model}: tokens/s over time", SPEED_UNIT, labels, series, names) + "</div>")
+    if not cards:
+        return "<h2>Trends</h2><p>No model was measured in two or more of these files yet.</p>"
     return "<h2>Trends</h2><div class=\"grid2\">" + "".join(cards) + "</div>"
 
 
