@@ -118,7 +118,7 @@ class Scheduler:
         try:
             job.seq = self.engine.start(job.prompt_ids, job.params, job.max_tokens, job.stop)
         except Exception as exc:  # the engine refused this request; others go on
-            job.deliver(Failed(exc))
+            _send(job, Failed(exc))
             return
         self.metrics.count_prompt(len(job.prompt_ids))
         self._active.append(job)
@@ -131,15 +131,15 @@ class Scheduler:
             events = self.engine.step(job.seq)
         except Exception as exc:
             self._retire(job)
-            job.deliver(Failed(exc))
+            _send(job, Failed(exc))
             return
         self.metrics.count_generated(sum(1 for e in events if e.token_id is not None))
         if events:
-            job.deliver(events)
+            _send(job, events)
         reason = next((e.finish_reason for e in events if e.finish_reason), None)
         if reason is not None:
             self._retire(job)
-            job.deliver(Finished(reason))
+            _send(job, Finished(reason))
 
     def _retire(self, job: Job) -> None:
         self._active.remove(job)
@@ -147,3 +147,11 @@ class Scheduler:
             self.engine.release(job.seq)
         except Exception:  # a failed release must not stop the other sequences
             log.exception("engine.release failed; the slot may stay busy")
+
+
+def _send(job: Job, item: object) -> None:
+    """Deliver to the request's event loop; a loop already closed (shutdown) drops the job."""
+    try:
+        job.deliver(item)
+    except RuntimeError:
+        job.cancel()
