@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-m", "--model", default=image.DEFAULT_MODEL,
                         help=f"known model name or .gguf path (default {image.DEFAULT_MODEL})")
     parser.add_argument("-p", "--prompt", default="What is the capital of France?")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=12,
+                        help="tokens to generate (default 12: TCG emulation is slow)")
     parser.add_argument("--console", action="store_true", help="show the guest's serial console")
     add_vm_options(parser)
     parser.set_defaults(func=_demo, port=0)
