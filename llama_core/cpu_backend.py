@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from . import cpu_kernels, quants
 from .backend import Allocator, Backend, KVCache, RopeConfig
@@ -32,6 +33,51 @@ def _dequantize_rows(raw_rows: np.ndarray, qtype: Any, row_len: int) -> np.ndarr
     n_rows = raw_rows.shape[0]
     flat = np.ascontiguousarray(raw_rows).reshape(-1)
     return quants.dequantize(flat, qtype, n_rows * row_len).reshape(n_rows, row_len)
+
+
+@njit(cache=True)
+def _rope_rows(x, n_heads, start_pos, cos, sin, n_rot, neox):  # pragma: no cover - compiled
+    """Rotate x [n, n_heads*hd] in place; pairs (j, j+n_rot/2) if neox else (2j, 2j+1)."""
+    n, width = x.shape
+    hd, half = width // n_heads, n_rot // 2
+    for i in range(n):
+        for h in range(n_heads):
+            base = h * hd
+            for j in range(half):
+                a = base + j if neox else base + 2 * j
+                b = a + half if neox else a + 1
+                c, s = cos[start_pos + i, j], sin[start_pos + i, j]
+                x0, x1 = x[i, a], x[i, b]
+                x[i, a] = x0 * c - x1 * s
+                x[i, b] = x0 * s + x1 * c
+
+
+@njit(cache=True)
+def _attend_one(q, keys, values, end, scale, out):  # pragma: no cover - compiled
+    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] up to `end` -> out [H*hd]."""
+    n_kv, _, hd = keys.shape
+    n_heads = q.shape[0] // hd
+    group = n_heads // n_kv
+    scores = np.empty(end, dtype=q.dtype)
+    for h in range(n_heads):
+        g = h // group
+        top = -np.inf
+        for t in range(end):
+            acc = q.dtype.type(0.0)
+            for d in range(hd):
+                acc += q[h * hd + d] * keys[g, t, d]
+            scores[t] = acc * scale
+            top = max(top, scores[t])
+        total = q.dtype.type(0.0)
+        for t in range(end):
+            scores[t] = np.exp(scores[t] - top)
+            total += scores[t]
+        for d in range(hd):
+            out[h * hd + d] = 0.0
+        for t in range(end):
+            p = scores[t] / total
+            for d in range(hd):
+                out[h * hd + d] += p * values[g, t, d]
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -115,19 +161,8 @@ class CpuBackend(Backend):
         return cos, sin
 
     def rope(self, x: np.ndarray, start_pos: int, n_heads: int, rope: RopeConfig) -> np.ndarray:
-        n = x.shape[0]
-        cos, sin = self._rope_table(rope, start_pos + n)
-        c = cos[start_pos:start_pos + n, None, :]  # [n, 1, n_rot/2]
-        s = sin[start_pos:start_pos + n, None, :]
-        xh = x.reshape(n, n_heads, -1)  # [n, H, hd]
-        half = rope.n_rot // 2
-        if rope.neox:
-            x0, x1 = xh[:, :, :half], xh[:, :, half:rope.n_rot]
-        else:
-            x0, x1 = xh[:, :, 0:rope.n_rot:2], xh[:, :, 1:rope.n_rot:2]
-        r0 = x0 * c - x1 * s
-        x1[...] = x0 * s + x1 * c
-        x0[...] = r0
+        cos, sin = self._rope_table(rope, start_pos + x.shape[0])  # [pos, n_rot/2]
+        _rope_rows(x, n_heads, start_pos, cos, sin, rope.n_rot, rope.neox)
         return x
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVCache, layer: int,
@@ -139,6 +174,10 @@ class CpuBackend(Backend):
         end = start_pos + n
         kv.k[layer, :, start_pos:end] = k.reshape(n, n_kv, hd).transpose(1, 0, 2)
         kv.v[layer, :, start_pos:end] = v.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        if n == 1:  # decode: one fused loop instead of a dozen small numpy calls
+            out = np.empty_like(q[0])
+            _attend_one(q[0], kv.k[layer], kv.v[layer], end, self.dtype.type(1.0 / np.sqrt(hd)), out)
+            return out[None]
         keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]  # [Hkv, T, hd]
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
         scores = qg @ keys.transpose(0, 2, 1)  # [Hkv, G*n, T]
