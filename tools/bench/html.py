@@ -56,7 +56,7 @@ def render(reports: list[Report], sources: list[str]) -> str:
     latest = _latest(reports)
     order = _runner_order(reports)
     sections = [_files(reports, sources), _unavailable(latest), _speed(latest, order), _ratios(latest, order),
-                _kernels(latest, order), _trends(reports, order), _table(latest)]
+                _kernels(latest, order), _image(latest), _trends(reports, order), _table(latest)]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>ukgpu benchmark report</title><style>{CSS}</style><script>{SCRIPT}</script></head>"
@@ -152,6 +152,18 @@ def _kernels(latest: dict, order: list[str]) -> str:
     table = ("<table><tr><th>model</th><th>runner</th><th>kernel</th><th>GB/s</th><th>of copy ceiling</th>"
              "<th>GFLOP/s</th><th>us/call</th><th>rel. error vs CPU ref</th></tr>" + "".join(rows) + "</table>")
     return "<h2>Kernels</h2><div class=\"grid2\">" + "".join(cards) + "</div>" + table
+
+
+def _image(latest: dict) -> str:
+    found = [e for (e, _) in latest.values() if e.kind == "image" and e.available]
+    if not found:
+        return ""
+    bars = [charts.Bar(r.test.replace("guest_", ""), "image", r.median, r.min, r.max)
+            for r in found[0].results if r.median > 0]
+    chart = charts.bar_chart("Image: boot to READY and the guest's steps (lower is better)", "s", bars, ["image"])
+    where = escape(str(found[0].info.get("image", "")))
+    return (f"<h2>Image boot</h2><div class=\"card\">{chart}<p>Image {where}; host wall time to the READY "
+            "line, then each step the guest timed itself.</p></div>")
 
 
 def _trends(reports: list[Report], order: list[str]) -> str:
