@@ -101,8 +101,10 @@ def bar_chart(title: str, ylabel: str, bars: list[Bar], series_order: list[str])
     bw = gw * 0.8 / max(len(series), 1)
     for gi, group in enumerate(groups):
         gx = M_LEFT + gi * gw
-        body.append(f'<text x="{gx + gw / 2:.1f}" y="{H - M_BOTTOM + 18}" text-anchor="middle" class="tk">'
-                    f'{escape(group)}</text>')
+        lx, ly = gx + gw / 2, H - M_BOTTOM + 14
+        turn = f' transform="rotate(-18 {lx:.1f} {ly})"' if len(groups) > 5 else ""
+        anchor = "end" if turn else "middle"
+        body.append(f'<text x="{lx:.1f}" y="{ly}" text-anchor="{anchor}" class="tk"{turn}>{escape(group)}</text>')
         for si, s in enumerate(series):
             b = next((b for b in bars if b.group == group and b.series == s), None)
             if b is None:
