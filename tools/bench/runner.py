@@ -42,6 +42,7 @@ def _targets(req: BenchRequest) -> list[tuple[str, Path]]:
 
 def run(req: BenchRequest, argv: list[str]) -> Report:
     load_before = os.getloadavg()
+    git = machine.git_state()  # the code as it was when the measurements started
     entries: list[Entry] = []
     targets = _targets(req)
     peer_tools = {p: _find_peer(p, req) for p in req.peers}
@@ -56,7 +57,7 @@ def run(req: BenchRequest, argv: list[str]) -> Report:
     config = asdict(req.run) | {"threads": req.threads, "kernel_rows": req.kernel_rows,
                                 "load_average_before": load_before, "load_average_after": os.getloadavg()}
     return Report(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  command=shlex.join(["ukgpu", *argv]), git=machine.git_state(),
+                  command=shlex.join(["ukgpu", *argv]), git=git,
                   machine=machine.machine_info(), versions=_versions(entries), config=config, entries=entries)
 
 
