@@ -1,7 +1,8 @@
 """Prefill / decode speed of a ukgpu backend on one model, measured like llama-bench.
 
 pp<N>: one forward pass of N prompt tokens into an empty KV cache (last-position
-logits only); tg<N>: N single-token forward passes starting from an empty cache;
+logits only); tg<N>: N greedy single-token steps starting from an empty cache
+(through the backend's `decode_greedy` when it has one, e.g. CUDA graph replay);
 ttft: prefill plus choosing the first token.  Prompt ids are seeded random ids,
 so the peer sees the same token count with no tokenizer in the timing.  One
 warm-up of each test precedes the timed repeats.  Each (model, backend) pair runs
@@ -90,7 +91,7 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
         token = int(prompt[0])
         t3 = time.perf_counter()
         for pos in range(cfg.n_gen):
-            token = int(np.argmax(model.forward(np.array([token]), pos, kv, all_logits=False)[-1]))
+            token = decode(model, token, pos, kv)
         t4 = time.perf_counter()
         if i >= cfg.warmup:
             pp.append(t1 - t0)
@@ -105,7 +106,17 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     ]
     info = {"load_s": round(load_s, 3), "model_file": str(model_path), "n_ctx": n_ctx,
             "backend": type(model.backend).__name__, "threads": _threads()}
+    if hasattr(model.backend, "usage"):  # device backends report their memory use
+        info["device_memory"] = model.backend.usage()
     return Entry(model_name, backend_name, "backend", True, None, results, info)
+
+
+def decode(model, token: int, pos: int, kv) -> int:
+    """One greedy decode step: the backend's own fast path (e.g. CUDA graphs) when it has one."""
+    fast = getattr(model.backend, "decode_greedy", None)
+    if fast is not None:
+        return int(fast(model, token, pos, kv))
+    return int(np.argmax(model.forward(np.array([token]), pos, kv, all_logits=False)[-1]))
 
 
 def _threads() -> int | None:
