@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ukgpu.kernel import image, qemu
@@ -11,7 +12,7 @@ from ukgpu.kernel import image, qemu
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("boot", help="boot an image in QEMU and serve its API",
                                    description="Boot an image built by `ukgpu image build`. "
-                                   "Ctrl-C powers the guest off (killed after --stop-timeout).")
+                                   "Ctrl-C or SIGTERM powers the guest off (killed after --stop-timeout).")
     parser.add_argument("dir", help="image folder (from `ukgpu image build -o DIR`)")
     add_vm_options(parser)
     parser.set_defaults(func=_boot)
@@ -46,8 +47,16 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _boot(args: argparse.Namespace) -> int:
     vm = qemu.Vm(image.load(args.dir), vm_options(args), on_line=_echo)
+    # QEMU runs in its own session, so only we see Ctrl-C / SIGTERM: turn both into a poweroff
+    # (also when started in the background, where SIGINT arrives ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     vm.start()
     try:
         vm.wait_ready(args.boot_timeout)
