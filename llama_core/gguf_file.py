@@ -17,6 +17,7 @@ offset u64 relative to the data section); padding to `general.alignment`
 from __future__ import annotations
 
 import mmap
+import stat
 import os
 import struct
 from dataclasses import dataclass
@@ -224,15 +225,23 @@ def _qtype(cur: _Cursor, name: str, raw_type: int, inner: int) -> GGMLQuantizati
     return qtype
 
 
+def _byte_size(f) -> int:
+    """Size of a regular file or of a block device (whose st_size is 0), e.g. a model disk in the VM."""
+    st = os.fstat(f.fileno())
+    if stat.S_ISBLK(st.st_mode):
+        return f.seek(0, os.SEEK_END)
+    return st.st_size
+
+
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """Map and validate a GGUF file; raises GGUFError if it is not a usable one."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            size = _byte_size(f)
             if size < 24:
                 raise GGUFError(f"{path}: {size} bytes is too short for a GGUF file: the download is incomplete")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise GGUFError(f"cannot open {path}: {exc.strerror}: check the path") from exc
     return GGUFFile(path, buf)

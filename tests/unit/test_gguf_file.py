@@ -186,3 +186,22 @@ def test_missing_tensor_is_named(tmp_path):
     path.write_bytes(data)
     with pytest.raises(GGUFError, match="'blk.1.ffn_up.weight' is missing"):
         open_gguf(path).config
+
+
+def test_block_device_size_comes_from_seeking_to_the_end(tmp_path, monkeypatch):
+    """A model disk in the VM is a block device: st_size is 0 there, the real size is at SEEK_END."""
+    import os
+    import stat as stat_mod
+    from ukgpu.llama_core import gguf_file
+
+    p = tmp_path / "disk.bin"
+    p.write_bytes(b"\0" * 4096)
+    real_fstat = os.fstat
+
+    def blk_fstat(fd):
+        st = real_fstat(fd)
+        return os.stat_result((stat_mod.S_IFBLK | 0o600,) + tuple(st)[1:6] + (0,) + tuple(st)[7:])
+
+    monkeypatch.setattr(gguf_file.os, "fstat", blk_fstat)
+    with open(p, "rb") as f:
+        assert gguf_file._byte_size(f) == 4096
