@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
-PROMPT  ?= The capital of France is
+PROMPT  ?= What is the capital of France?
 
 .PHONY: demo test venv models host-deps clean
 
