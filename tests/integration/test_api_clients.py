@@ -21,8 +21,8 @@ from ukgpu.kernel.api.server import background
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "smollm2-135m"
-N_CTX = 512
-LIMITS = ApiLimits(max_tokens=8, max_prompt_chars=200)  # keeps fuzzed requests cheap
+N_CTX = 256
+LIMITS = ApiLimits(max_tokens=8, max_prompt_chars=100)  # keeps fuzzed requests cheap
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name three fruits."}]
 
@@ -108,7 +108,7 @@ def test_errors_raise_the_right_openai_exceptions(oai):
         oai.completions.create(model=MODEL, prompt=PROMPT, stop=[""])
     with pytest.raises(openai.NotFoundError, match="model"):
         oai.completions.create(model="gpt-4o", prompt=PROMPT)
-    long_chat = [{"role": "user", "content": "hello " * 30}] * 20  # ~700 tokens > 512
+    long_chat = [{"role": "user", "content": "hello " * 16}] * 20  # ~400 tokens > 256
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model=MODEL, messages=long_chat)
     assert info.value.code == "context_length_exceeded"
