@@ -170,17 +170,18 @@ def _trends(reports: list[Report], order: list[str]) -> str:
     reps = sorted(reports, key=lambda r: r.created)
     if len(reps) < 2:
         return "<h2>Trends</h2><p>One results file: pass two or more to see trends over time.</p>"
-    labels = [r.created[5:16].replace("T", " ") for r in reps]
     cards = []
     for model in dict.fromkeys(e.model for r in reps for e in r.entries if e.kind in ("backend", "peer")):
+        mine = [r for r in reps if any(e.model == model and e.kind in ("backend", "peer") for e in r.entries)]
+        labels = [r.created[5:16].replace("T", " ") for r in mine]  # "MM-DD HH:MM" (UTC)
         series: dict[str, list[float | None]] = {}
-        for i, rep in enumerate(reps):
+        for i, rep in enumerate(mine):
             for e in rep.entries:
                 if e.model != model or e.kind not in ("backend", "peer"):
                     continue
                 for r in e.results:
                     if r.unit == SPEED_UNIT:
-                        series.setdefault(f"{e.runner} {r.test}", [None] * len(reps))[i] = r.median
+                        series.setdefault(f"{e.runner} {r.test}", [None] * len(mine))[i] = r.median
         series = {k: v for k, v in series.items() if sum(x is not None for x in v) >= 2}
         if series:
             names = list(series)
