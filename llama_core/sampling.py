@@ -74,7 +74,10 @@ class Sampler:
         logits = self._penalized(np.asarray(logits, dtype=np.float32), history)
         if p.greedy:
             return int(np.argmax(logits))
-        ids, probs = self._candidates(logits / np.float32(p.temperature))
+        # Shift before scaling, in float64: a tiny temperature then sends every other token to
+        # -inf (probability 0) instead of overflowing the best one to inf (inf - inf = NaN).
+        scaled = (logits.astype(np.float64) - logits.max()) / p.temperature
+        ids, probs = self._candidates(scaled)
         return int(ids[self._draw(probs)])
 
     def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:

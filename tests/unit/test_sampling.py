@@ -111,3 +111,11 @@ def test_seed_reproducible_and_seeds_differ():
 def test_invalid_params_raise_a_clear_error(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-246, 1e-30])
+def test_tiny_temperature_with_min_p_picks_the_argmax(temperature):
+    """Found by the API fuzzer: a temperature near 0 once overflowed to NaN and emptied the set."""
+    logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
+    sampler = Sampler(SamplingParams(temperature=temperature, min_p=0.7, top_p=0.54, seed=1))
+    assert sampler(logits) == 1
