@@ -4,6 +4,7 @@ set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
+command -v chromium >/dev/null || need+=(chromium)   # the dashboard screenshot test
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "ukgpu: please install: ${need[*]} (apt-get install ${need[*]})" >&2
