@@ -123,7 +123,7 @@ class Engine:
             note = model.backend.name
         else:
             gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(str(model)))
-            backend, note = _pick_backend(backend, gguf)
+            backend, note = _pick_backend(backend, gguf, n_ctx=n_ctx, n_slots=n_slots)
             model = Model(gguf, backend)
         return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note)
 
@@ -164,8 +164,7 @@ class Engine:
         return what it releases; [] once the sequence has finished."""
         if seq.finish_reason is not None:
             return []
-        logits = self._forward(seq)
-        token = seq.sampler(logits, seq.tokens)
+        token = self._next_token(seq)
         seq.tokens.append(token)
         seq.stats.generated_tokens += 1
         self.stats.generated_tokens += 1
@@ -204,6 +203,25 @@ class Engine:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
 
     # --- internals ---------------------------------------------------------
+    def _next_token(self, seq: Sequence) -> int:
+        """Sample the next token; a backend with a device-side greedy decode (CUDA graphs)
+        computes plain greedy tokens without copying logits back."""
+        p = seq.params
+        plain_greedy = p.greedy and p.repeat_penalty == 1 and not (p.presence_penalty or
+                                                                  p.frequency_penalty)
+        decode_greedy = getattr(self.model.backend, "decode_greedy", None)
+        if seq.n_cached and plain_greedy and decode_greedy is not None:
+            t0 = time.perf_counter()
+            token = decode_greedy(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
+            self._count_decode(seq, time.perf_counter() - t0)
+            return int(token)
+        return seq.sampler(self._forward(seq), seq.tokens)
+
+    def _count_decode(self, seq: Sequence, seconds: float) -> None:
+        seq.n_cached += 1
+        seq.stats.decode_seconds += seconds
+        self.stats.decode_seconds += seconds
+
     def _forward(self, seq: Sequence) -> np.ndarray:
         t0 = time.perf_counter()
         if seq.n_cached == 0:
@@ -215,12 +233,13 @@ class Engine:
             self.stats.prompt_tokens += seq.n_cached
             self.stats.prefill_seconds += seconds
         else:
-            logits = self.model.forward(np.asarray(seq.tokens[-1:]), seq.n_cached, seq.kv,
-                                        all_logits=False)
-            seconds = time.perf_counter() - t0
-            seq.n_cached += 1
-            seq.stats.decode_seconds += seconds
-            self.stats.decode_seconds += seconds
+            decode = getattr(self.model.backend, "decode", None)  # graph replay where offered
+            if decode is not None:
+                logits = decode(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
+            else:
+                logits = self.model.forward(np.asarray(seq.tokens[-1:]), seq.n_cached, seq.kv,
+                                            all_logits=False)
+            self._count_decode(seq, time.perf_counter() - t0)
         return logits[-1]  # [vocab]
 
     def _finish(self, seq: Sequence, token: int, reason: str, flush: bool = True) -> TokenEvent:
@@ -247,7 +266,7 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
-def _pick_backend(kind: str | Backend, gguf: GGUFFile) -> tuple[Backend, str]:
+def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Backend, str]:
     from .cpu_backend import CpuBackend
 
     if isinstance(kind, Backend):
@@ -265,7 +284,7 @@ def _pick_backend(kind: str | Backend, gguf: GGUFFile) -> tuple[Backend, str]:
         note = f"backend: cpu (CUDA backend unavailable: {exc})"
         print(f"ukgpu: {note}", file=sys.stderr)
         return CpuBackend(), note
-    backend, note = select_backend(kind, gguf)
+    backend, note = select_backend(kind, gguf, **sizes)  # sizes: n_ctx, n_slots for the device arena
     if backend.name == "cpu":
         print(f"ukgpu: {note}", file=sys.stderr)
     return backend, note

@@ -218,3 +218,26 @@ def test_the_engine_generates_the_same_tokens_on_the_cuda_backend(tiny):
         got = [e.token_id for e in gpu.generate(prompt, params, max_tokens=8) if e.token_id is not None]
         want = [e.token_id for e in cpu.generate(prompt, params, max_tokens=8) if e.token_id is not None]
         assert got == want and len(got) >= 1
+
+
+def test_the_engine_decodes_through_graph_replays(tiny):
+    """After prefill, the engine's decode steps are graph launches, not per-kernel launches."""
+    from ukgpu.llama_core.engine import Engine
+    from ukgpu.llama_core.sampling import SamplingParams
+
+    fake = FakeDriver()
+    be = create_backend(gguf=tiny, driver=fake, arena_bytes=64 << 20)
+    engine = Engine.load(tiny, backend=be, n_ctx=64)
+    prompt = engine.tokenizer.encode("hello world, the quick brown fox")
+    # The slot's first decode step captures its graph; every later step, in this request and
+    # the next one on the same slot, replays it.
+    for captured, params in ((1, SamplingParams(temperature=0)),
+                             (0, SamplingParams(temperature=0.9, seed=7))):
+        before = fake.graph_launches
+        seq = engine.start(prompt, params, max_tokens=6)
+        while seq.finish_reason is None:
+            engine.step(seq)
+        decoded = len(seq.generated) - 1  # the first token comes from prefill
+        engine.release(seq)
+        assert decoded >= 2 and fake.graph_launches - before == decoded - captured
+        assert be.graphs.captures == 1
