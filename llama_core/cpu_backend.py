@@ -110,7 +110,9 @@ class CpuBackend(Backend):
         if view.qtype.name in _DENSE_TYPES and len(shape) == 1:
             dense = view.data.view(_DENSE_TYPES[view.qtype.name]).astype(self.dtype, copy=False)
             return CpuWeight(shape, view.qtype, dense, None, None)
-        kernel = cpu_kernels.prepare(view, repack=False) if self.use_kernels else None
+        kernel = cpu_kernels.prepare(view, repack=True) if self.use_kernels else None
+        if kernel is not None and kernel.rows is None:  # repacked: the mapped copy is cold now
+            view.release_pages()
         return CpuWeight(shape, view.qtype, None, view.rows(), kernel)
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:

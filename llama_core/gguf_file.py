@@ -16,6 +16,8 @@ offset u64 relative to the data section); padding to `general.alignment`
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import stat
 import os
@@ -67,6 +69,37 @@ class TensorView:
     def dequantize(self) -> np.ndarray:
         """float32 array of `shape`."""
         return quants.dequantize(self.data, self.qtype, self.n_elements).reshape(self.shape)
+
+    def release_pages(self) -> bool:
+        """Drop this tensor's pages from the process's resident set (after a backend copied
+        it into another layout).  The mapping stays valid: a later read faults the pages back
+        in from the page cache.  Only for views into a read-only file mapping; False otherwise."""
+        if self.data.flags.writeable or not isinstance(_mapping_of(self.data), mmap.mmap):
+            return False
+        start = self.data.ctypes.data
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        last = (start + self.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        return True
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mapping_of(arr: np.ndarray) -> object:
+    """The object at the bottom of an array's base chain (an mmap for tensor views)."""
+    obj: object = arr
+    while True:
+        nxt = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if nxt is None:
+            return obj
+        obj = nxt
 
 
 class _Cursor:

@@ -205,3 +205,25 @@ def test_block_device_size_comes_from_seeking_to_the_end(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_file.os, "fstat", blk_fstat)
     with open(p, "rb") as f:
         assert gguf_file._byte_size(f) == 4096
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_release_pages_drops_a_tensor_from_rss_and_keeps_its_bytes(smollm2_path):
+    """Backends that repack a weight release the mapped original; reading it again still works."""
+    from ukgpu.llama_core.gguf_file import TensorView
+
+    g = open_gguf(smollm2_path)
+    view = g.tensors["token_embd.weight"]  # ~26 MB
+    checksum = int(view.data.sum(dtype=np.uint64))  # faults every page in
+    before = _rss_kib()
+    assert view.release_pages()
+    dropped = before - _rss_kib()
+    assert dropped > 0.8 * view.data.nbytes / 1024, f"only {dropped} KiB left the resident set"
+    assert int(view.data.sum(dtype=np.uint64)) == checksum
+    owned = TensorView("w", view.qtype, (4,), np.zeros(4 * 18, dtype=np.uint8))
+    assert not owned.release_pages()  # never on memory that is not a read-only file mapping
+    assert not owned.data.any()
