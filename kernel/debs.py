@@ -61,19 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.registry import cache_dir  # the one ukgpu cache root
 
 
 class DebError(UkgpuError):
     """A Debian package could not be found, downloaded or unpacked."""
-
-
-def cache_dir() -> Path:
-    """The ukgpu cache root: $UKGPU_CACHE, $XDG_CACHE_HOME/ukgpu or ~/.cache/ukgpu."""
-    if os.environ.get("UKGPU_CACHE"):
-        return Path(os.environ["UKGPU_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ukgpu"
 
 
 def debs_dir() -> Path:
