@@ -1,7 +1,7 @@
 """`CpuBackend`: the reference implementation of `Backend` in numpy.
 
 Weights stay as raw GGUF blocks in the memory-mapped file.  Matrix products
-run on the quantized blocks through `cpu_kernels.qmatmul` (numba).
+run on the quantized blocks through `cpu_kernels.qmatmul` (numba; numpy when numba is missing).
 `dtype=np.float64` runs every activation, the KV cache and the products in
 double precision instead (a reference mode): the weight is then dequantized a
 slab of rows at a time, so no dequantized copy of the model is ever kept.
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from . import cpu_kernels, quants
 from .backend import Allocator, Backend, KVCache, RopeConfig
@@ -35,49 +34,27 @@ def _dequantize_rows(raw_rows: np.ndarray, qtype: Any, row_len: int) -> np.ndarr
     return quants.dequantize(flat, qtype, n_rows * row_len).reshape(n_rows, row_len)
 
 
-@njit(cache=True)
-def _rope_rows(x, n_heads, start_pos, cos, sin, n_rot, neox):  # pragma: no cover - compiled
-    """Rotate x [n, n_heads*hd] in place; pairs (j, j+n_rot/2) if neox else (2j, 2j+1)."""
+def _rope_rows_numpy(x, n_heads, start_pos, cos, sin, n_rot, neox):
+    """`cpu_ops_nb.rope_rows` without numba: the same rotation, vectorized over rows and heads."""
     n, width = x.shape
     hd, half = width // n_heads, n_rot // 2
-    for i in range(n):
-        for h in range(n_heads):
-            base = h * hd
-            for j in range(half):
-                a = base + j if neox else base + 2 * j
-                b = a + half if neox else a + 1
-                c, s = cos[start_pos + i, j], sin[start_pos + i, j]
-                x0, x1 = x[i, a], x[i, b]
-                x[i, a] = x0 * c - x1 * s
-                x[i, b] = x0 * s + x1 * c
+    xh = x.reshape(n, n_heads, hd)  # a view: rotated in place
+    c = cos[start_pos:start_pos + n, :half][:, None, :]  # [n, 1, half]
+    s = sin[start_pos:start_pos + n, :half][:, None, :]
+    ia, ib = (np.s_[..., :half], np.s_[..., half:n_rot]) if neox else \
+        (np.s_[..., 0:n_rot:2], np.s_[..., 1:n_rot:2])
+    a, b = xh[ia].copy(), xh[ib].copy()
+    xh[ia] = a * c - b * s
+    xh[ib] = a * s + b * c
 
 
-@njit(cache=True)
-def _attend_one(q, keys, values, end, scale, out):  # pragma: no cover - compiled
-    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] up to `end` -> out [H*hd]."""
-    n_kv, _, hd = keys.shape
-    n_heads = q.shape[0] // hd
-    group = n_heads // n_kv
-    scores = np.empty(end, dtype=q.dtype)
-    for h in range(n_heads):
-        g = h // group
-        top = -np.inf
-        for t in range(end):
-            acc = q.dtype.type(0.0)
-            for d in range(hd):
-                acc += q[h * hd + d] * keys[g, t, d]
-            scores[t] = acc * scale
-            top = max(top, scores[t])
-        total = q.dtype.type(0.0)
-        for t in range(end):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
-        for d in range(hd):
-            out[h * hd + d] = 0.0
-        for t in range(end):
-            p = scores[t] / total
-            for d in range(hd):
-                out[h * hd + d] += p * values[g, t, d]
+def _numba_ops():
+    """The compiled rope / decode-attention loops, or None (no numba, or UKGPU_NO_NUMBA=1)."""
+    if not cpu_kernels.numba_enabled():
+        return None
+    from . import cpu_ops_nb
+
+    return cpu_ops_nb
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -102,6 +79,7 @@ class CpuBackend(Backend):
         self.dtype = np.dtype(dtype)
         self.alloc = alloc or _zeros
         self.use_kernels = self.dtype == np.float32
+        self._ops = _numba_ops()
         self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- weights and cache -------------------------------------------------
@@ -164,7 +142,8 @@ class CpuBackend(Backend):
 
     def rope(self, x: np.ndarray, start_pos: int, n_heads: int, rope: RopeConfig) -> np.ndarray:
         cos, sin = self._rope_table(rope, start_pos + x.shape[0])  # [pos, n_rot/2]
-        _rope_rows(x, n_heads, start_pos, cos, sin, rope.n_rot, rope.neox)
+        rotate = self._ops.rope_rows if self._ops else _rope_rows_numpy
+        rotate(x, n_heads, start_pos, cos, sin, rope.n_rot, rope.neox)
         return x
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVCache, layer: int,
@@ -176,9 +155,9 @@ class CpuBackend(Backend):
         end = start_pos + n
         kv.k[layer, :, start_pos:end] = k.reshape(n, n_kv, hd).transpose(1, 0, 2)
         kv.v[layer, :, start_pos:end] = v.reshape(n, n_kv, hd).transpose(1, 0, 2)
-        if n == 1:  # decode: one fused loop instead of a dozen small numpy calls
+        if n == 1 and self._ops:  # decode: one fused loop instead of a dozen small numpy calls
             out = np.empty_like(q[0])
-            _attend_one(q[0], kv.k[layer], kv.v[layer], end, self.dtype.type(1.0 / np.sqrt(hd)), out)
+            self._ops.attend_one(q[0], kv.k[layer], kv.v[layer], end, self.dtype.type(1.0 / np.sqrt(hd)), out)
             return out[None]
         keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]  # [Hkv, T, hd]
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
