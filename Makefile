@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
 PROMPT  ?= What is the capital of France?
 
-.PHONY: demo test venv models host-deps clean
+.PHONY: demo test venv models host-deps test-host-deps clean
 
 $(STAMP): pyproject.toml tools/bootstrap.sh
 	bash tools/bootstrap.sh $(PY) $(VENV)
@@ -22,12 +22,15 @@ models: $(STAMP)
 host-deps:
 	bash tools/host_deps.sh
 
+test-host-deps:
+	bash tools/host_deps.sh --tests
+
 # Command 1: the main job on the embedded default model.
 demo: $(STAMP) host-deps
 	$(BIN)/ukgpu demo -m $(MODEL) -p "$(PROMPT)"
 
 # Command 2: the whole test suite.
-test: $(STAMP) host-deps models
+test: $(STAMP) test-host-deps models
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:
