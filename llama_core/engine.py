@@ -285,6 +285,5 @@ def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Ba
         print(f"ukgpu: {note}", file=sys.stderr)
         return CpuBackend(), note
     backend, note = select_backend(kind, gguf, **sizes)  # sizes: n_ctx, n_slots for the device arena
-    if backend.name == "cpu":
-        print(f"ukgpu: {note}", file=sys.stderr)
+    print(f"ukgpu: {note}", file=sys.stderr)  # which device answers, or why not the GPU
     return backend, note

@@ -4,9 +4,11 @@ set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
-# The test suite also renders the dashboard in headless Chromium.
+# The test suite also renders the dashboard in headless Chromium and compiles the stand-in
+# libcuda.so.1 that runs the GPU code through cuda-python's real bindings.
 if [ "${1:-}" = "--tests" ]; then
     command -v chromium >/dev/null || need+=(chromium)
+    command -v cc >/dev/null || need+=(gcc libc6-dev)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

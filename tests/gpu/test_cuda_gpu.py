@@ -92,6 +92,7 @@ def test_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, name, backend
     assert be.graphs.captures == 1  # divergence above: only at a near tie
 
 
+@pytest.mark.hardware
 def test_graph_decode_is_much_faster_than_eager(gpu_reason, backends):
     from ukgpu.llama_core.model import Model
 

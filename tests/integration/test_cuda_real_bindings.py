@@ -1,0 +1,131 @@
+"""The GPU code through cuda-python's real bindings, on a machine without a GPU.
+
+The stand-in libcuda.so.1 (tests/cuda_stub: C, compiled here with the system compiler) answers
+the bindings' cuGetProcAddress lookups with the C ABI of each entry point and forwards the raw
+arguments to the fake device of gpu/fake_driver.py.  So the bindings' own argument conversion
+runs for real: CUdeviceptr/CUstream/CUgraph handles, host buffers, `(values, types)` kernel
+parameter packing, JIT option arrays with a writable log buffer, output pointers.  What stays
+unverified is below the C ABI: the real driver, the PTX on a GPU, f16 numerics, speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STUB = ROOT / "tests" / "cuda_stub"
+sys.path.insert(0, str(STUB))
+
+from libcuda_stub import build  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stub_env(tmp_path_factory):
+    lib_dir = tmp_path_factory.mktemp("libcuda")
+    build(lib_dir)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(lib_dir), UKGPU_CUDA_STUB=str(lib_dir),
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def _ukgpu(env: dict, *args: str, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(STUB / "run.py"), *args], cwd=ROOT,
+                          env=dict(env, **extra), capture_output=True, text=True, timeout=timeout)
+
+
+def _calls(stderr: str) -> dict[str, int]:
+    line = [ln for ln in stderr.splitlines() if ln.startswith("libcuda stub:") and "calls" in ln][-1]
+    return {k: int(v) for k, v in re.findall(r"(cu\w+)=(\d+)", line)}
+
+
+def test_the_bindings_load_the_stub_and_nothing_else(stub_env):
+    """The bindings resolve their entry points from the stub: a real cuInit round trip."""
+    code = ("import sys; sys.path.insert(0, 'tests/cuda_stub'); from libcuda_stub import install; "
+            "install(); from cuda.bindings import driver as d; "
+            "print(int(d.cuInit(0)[0]), d.cuDriverGetVersion()[1], d.cuDeviceGetCount()[1]); "
+            "print(*sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libcuda' in l}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=stub_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    results, libs = out.stdout.splitlines()
+    assert results.split() == ["0", "13000", "1"]
+    assert libs.split() == [str(Path(stub_env["UKGPU_CUDA_STUB"]) / "libcuda.so.1")]
+
+
+def test_gpu_suite_passes_through_the_real_bindings(stub_env):
+    """tests/gpu, unchanged, against the stub: only the hardware timing test may skip."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-ra", "-p",
+                          "no:cacheprovider"], cwd=ROOT, env=stub_env, capture_output=True,
+                         text=True, timeout=1200)
+    tail = out.stdout[-4000:]
+    assert out.returncode == 0, tail + out.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", tail)[1])
+    assert passed >= 100, tail
+    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", out.stdout, re.M)
+    assert all("measures GPU hardware" in s for s in skips), skips
+
+
+@pytest.mark.slow
+def test_verify_passes_and_decodes_through_a_captured_graph(stub_env, smollm2_path, tmp_path):
+    report_path = tmp_path / "verify.json"
+    out = _ukgpu(stub_env, "verify", "-m", str(smollm2_path), "--json", str(report_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "pass"
+    levels = {c["level"] for c in report["checks"]}
+    assert {"kernel", "layer", "e2e"} <= levels, levels
+    calls = _calls(out.stderr)
+    # cubins (exact arch) and the PTX JIT path (forced by verify) both went through the bindings
+    assert calls["cuModuleLoadData"] > 0 and calls["cuModuleLoadDataEx"] > 0
+    assert calls["cuStreamBeginCapture"] == calls["cuStreamEndCapture"] == 1
+    assert calls["cuGraphLaunch"] >= 8
+
+
+def _generate(env: dict, backend: str, **extra: str) -> subprocess.CompletedProcess:
+    return _ukgpu(env, "generate", "-m", "smollm2-135m", "-p", "The capital of France is",
+                  "-n", "12", "--temp", "0", "--backend", backend, **extra)
+
+
+@pytest.mark.slow
+def test_generate_on_cuda_matches_cpu_and_injected_failures_are_reported(stub_env):
+    cpu = _generate(stub_env, "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    cuda = _generate(stub_env, "cuda")
+    assert cuda.returncode == 0, cuda.stderr[-3000:]
+    assert "backend: cuda" in cuda.stderr and "libcuda stub" in cuda.stderr
+    assert cuda.stdout == cpu.stdout
+    assert _calls(cuda.stderr)["cuGraphLaunch"] >= 8
+
+    # a kernel image the driver refuses: auto says why and answers from the CPU
+    bad = _generate(stub_env, "auto", UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_INVALID_IMAGE")
+    assert bad.returncode == 0, bad.stderr
+    assert "backend: cpu (CUDA unavailable: cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE" \
+        in bad.stderr
+    assert bad.stdout == cpu.stdout
+
+    # the PTX JIT path (an sm_80 device has no cubin): the JIT log written by the driver
+    # through the bindings' option array reaches the user's error message
+    jit = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_CC="8.0",
+                    UKGPU_CUDA_STUB_FAIL="cuModuleLoadDataEx=CUDA_ERROR_INVALID_PTX")
+    assert jit.returncode == 1
+    assert "CUDA_ERROR_INVALID_PTX" in jit.stderr
+    assert "JIT log: ptxas fatal (fake driver): injected failure" in jit.stderr
+    assert "Traceback" not in jit.stderr
+
+
+def test_no_device_and_pre_ampere_devices_are_refused_with_a_reason(stub_env):
+    none = _ukgpu(stub_env, "verify", "--kernels", UKGPU_CUDA_STUB_DEVICES="0")
+    assert none.returncode == 2, none.stdout + none.stderr
+    assert "CUDA_ERROR_NO_DEVICE" in none.stdout + none.stderr
+    old = _ukgpu(stub_env, "verify", "--kernels", UKGPU_CUDA_STUB_CC="7.5")
+    assert old.returncode == 2, old.stdout + old.stderr
+    assert "sm_75" in old.stdout + old.stderr and "sm_80" in old.stdout + old.stderr
