@@ -129,3 +129,69 @@ def test_no_device_and_pre_ampere_devices_are_refused_with_a_reason(stub_env):
     old = _ukgpu(stub_env, "verify", "--kernels", UKGPU_CUDA_STUB_CC="7.5")
     assert old.returncode == 2, old.stdout + old.stderr
     assert "sm_75" in old.stdout + old.stderr and "sm_80" in old.stdout + old.stderr
+
+
+@pytest.mark.slow
+def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env, smollm2_path):
+    """`ukgpu serve --backend cuda`: the scheduler thread, not the one that opened the device,
+    drives the GPU (the context is made current there); two slots answer concurrently, streamed
+    and not, with the CPU engine's greedy text."""
+    import signal
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    from ukgpu.kernel.api import ApiLimits, create_app
+    from ukgpu.kernel.api.server import background
+    from ukgpu.llama_core.engine import Engine
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+
+    def plain(client, prompt):
+        return client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
+                                         max_tokens=10, temperature=0).choices[0].text
+
+    def streamed(client, prompt):
+        chunks = client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
+                                           max_tokens=10, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    engine = Engine.load(smollm2_path, backend="cpu", n_ctx=256)
+    with background(create_app(engine, ApiLimits(), model_id="smollm2-135m")) as cpu_url:
+        cpu_client = openai.OpenAI(base_url=cpu_url + "/v1", api_key="none", timeout=300)
+        want = [plain(cpu_client, p) for p in prompts]
+    assert want[0].strip() and want[1].strip()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(STUB / "run.py"), "serve", "-m", str(smollm2_path),
+                             "--port", str(port), "--slots", "2", "--ctx", "256", "--backend", "cuda"],
+                            cwd=ROOT, env=stub_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server never got ready"
+            try:
+                if httpx.get(url + "/health").json()["status"] == "ready":
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda job: job[0](client, job[1]),
+                                [(plain, prompts[0]), (streamed, prompts[1]),
+                                 (streamed, prompts[0]), (plain, prompts[1])]))
+        assert got == [want[0], want[1], want[0], want[1]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode in (0, 130), output[-3000:]
+    assert "backend: cuda" in output, output[-3000:]
+    assert "error(s) inside the stub" not in output and "Traceback" not in output, output[-3000:]
+    assert _calls(output)["cuGraphLaunch"] > 0
