@@ -16,13 +16,22 @@ single-token steps, both in tokens/s; ttft = prefill + first token, in seconds. 
 (model, backend) pair runs in its own process after one warm-up; the report gives the
 median and the spread (min/max and quartiles) of the repeats.
 
-Peer (llama.cpp): `pip install llama-cpp-python==0.3.36` (it compiles llama.cpp, ~12 min on
-2 cores) into this or another virtualenv, and pass --peer-python PATH/bin/python for the
-other one; or put a `llama-bench` binary on PATH. It runs with as many threads as ours.
+Peers (llama.cpp on the same device as the backend it is compared with, same threads):
+  llamacpp       llama.cpp on the CPU: no layer offloaded (llama-bench -ngl 0, plus -dev none
+                 where it has -dev; llama-cpp-python n_gpu_layers=0, op_offload off);
+                 compared with --backends cpu
+  llamacpp-cuda  llama.cpp with every layer on the GPU (llama-bench -ngl 99,
+                 llama-cpp-python n_gpu_layers=-1); compared with --backends cuda. Needs a
+                 llama.cpp built with CUDA (-DGGML_CUDA=ON); with a CPU-only one it is
+                 listed as not available, with the reason.
+llama.cpp is found as: --llama-bench PATH; else llama-cpp-python in --peer-python PYTHON
+(or in this interpreter); else a `llama-bench` on PATH. `pip install llama-cpp-python==0.3.36`
+compiles llama.cpp (~12 min on 2 cores; add CMAKE_ARGS=-DGGML_CUDA=on for the GPU).
 
 Examples:
   ukgpu bench -m smollm2-135m --peers llamacpp -p 128 -n 64 -o results.json
-  ukgpu bench --synthetic qwen2.5-coder-1.5b --backends cpu,cuda -o gpu.json
+  ukgpu bench --synthetic qwen2.5-coder-1.5b --backends cpu,cuda --peers llamacpp,llamacpp-cuda \\
+              --llama-bench ~/llama.cpp/build/bin/llama-bench -o gpu.json
   ukgpu dashboard results.json gpu.json -o report.html
 """
 
@@ -37,9 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--synthetic", action="append", default=[], choices=SHAPES, metavar="SHAPE",
                         help=f"random-weight model with a real model's layout: {', '.join(SHAPES)} (repeatable)")
     parser.add_argument("--backends", default="cpu", help="comma-separated: cpu,cuda (default cpu)")
-    parser.add_argument("--peers", default="", help="comma-separated peers to compare with: llamacpp")
+    parser.add_argument("--peers", default="",
+                        help="comma-separated peers to compare with: llamacpp (CPU), llamacpp-cuda (GPU)")
     parser.add_argument("--peer-python", metavar="PYTHON",
                         help="interpreter whose llama_cpp to use (default: this one if it has llama_cpp)")
+    parser.add_argument("--llama-bench", metavar="PATH",
+                        help="llama-bench binary to use for the peers (default: llama_cpp, else one on PATH)")
     parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (ppN), default 512")
     parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tgN), default 128")
     parser.add_argument("-r", "--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
@@ -62,8 +74,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise UkgpuError("nothing to benchmark: pass -m MODEL, --synthetic SHAPE or --image DIR")
     if min(args.n_prompt, args.n_gen, args.repeats, args.threads) < 1 or args.warmup < 0:
         raise UkgpuError("-p, -n, -r and -t must be at least 1 and --warmup at least 0")
+    if args.peer_python and args.llama_bench:
+        raise UkgpuError("--peer-python and --llama-bench name two different llama.cpp: pass one of them")
     req = BenchRequest(models=args.model, synthetic=args.synthetic, backends=_split(args.backends),
-                       peers=_split(args.peers), peer_python=args.peer_python,
+                       peers=_split(args.peers), peer_python=args.peer_python, llama_bench=args.llama_bench,
                        run=RunConfig(args.n_prompt, args.n_gen, args.repeats, args.warmup, args.seed),
                        kernels=not args.no_kernels, image=args.image, threads=args.threads)
     report = run(req, sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])

@@ -1,7 +1,9 @@
 """`ukgpu dashboard`: one self-contained HTML page from one or more results files.
 
 Sections: the files and machines; what was not available and why; tokens/s
-per model (every backend and peer); ukgpu relative to the peer; kernels on the
+per model (every backend and peer); ukgpu relative to llama.cpp on the same
+device (backend cpu / peer llamacpp, backend cuda / peer llamacpp-cuda) and
+where each peer ran; kernels on the
 roofline of the ceilings measured in the same run; trends across files (by
 their timestamps); every number in a table.  Charts are inline SVG; the only
 script is inline: it reports errors into the page and marks when the charts
@@ -13,6 +15,7 @@ from __future__ import annotations
 from html import escape
 
 from . import charts
+from .peers import BACKEND_PEER
 from .schema import Entry, Report
 
 SPEED_UNIT = "tokens/s"
@@ -48,8 +51,10 @@ def _latest(reports: list[Report]) -> dict[tuple[str, str, str], tuple[Entry, Re
 
 
 def _runner_order(reports: list[Report]) -> list[str]:
+    """Runners in order of first appearance, peers after every ukgpu backend."""
     names = [e.runner for r in reports for e in r.entries]
-    return list(dict.fromkeys(sorted(set(names), key=lambda n: (n == "llamacpp", names.index(n)))))
+    peers = {e.runner for r in reports for e in r.entries if e.kind == "peer"}
+    return sorted(dict.fromkeys(names), key=lambda n: (n in peers, names.index(n)))
 
 
 def render(reports: list[Report], sources: list[str]) -> str:
@@ -113,20 +118,40 @@ def _speed(latest: dict, order: list[str]) -> str:
 
 
 def _ratios(latest: dict, order: list[str]) -> str:
+    """Each backend's tokens/s over its own device's llama.cpp peer, per model and test."""
     rows = []
     for (model, runner, kind), (e, _) in latest.items():
-        if kind != "backend" or not e.available:
+        if kind != "backend" or not e.available or runner not in BACKEND_PEER:
             continue
-        peer = latest.get((model, "llamacpp", "peer"))
+        peer = latest.get((model, BACKEND_PEER[runner], "peer"))
         if peer is None or not peer[0].available:
             continue
         theirs = {r.test: r.median for r in peer[0].results if r.unit == SPEED_UNIT}
         rows += [(f"{model} {runner} {r.test}", r.median / theirs[r.test], runner)
                  for r in e.results if r.unit == SPEED_UNIT and theirs.get(r.test)]
+    pairs = ", ".join(f"backend {backend} with peer {peer}" for backend, peer in BACKEND_PEER.items())
+    head = f"<h2>Relative to llama.cpp on the same device</h2><p>Pairs: {escape(pairs)}.</p>"
     if not rows:
-        return "<h2>Relative to llama.cpp</h2><p>No backend and peer measured the same test on the same model.</p>"
-    return ("<h2>Relative to llama.cpp</h2><div class=\"card\">"
-            + charts.ratio_chart("ukgpu speed relative to llama.cpp (same model, test, threads)", rows, order) + "</div>")
+        body = "<p>No backend and its device's peer measured the same test on the same model.</p>"
+    else:
+        body = ("<div class=\"card\">" + charts.ratio_chart(
+            "ukgpu speed relative to llama.cpp on the same device (same model, test, threads)", rows, order)
+            + "</div>")
+    return head + body + _peer_devices(latest)
+
+
+PEER_FACTS = ("via", "version", "n_gpu_layers", "backends", "gpu_offload", "gpu_info")
+
+
+def _peer_devices(latest: dict) -> str:
+    """Where each peer says it ran: backends, GPU support and name, layers offloaded."""
+    rows = ["<tr><td>" + "</td><td>".join(escape(str(v)) for v in
+                                          (e.model, e.runner, *(e.info.get(k, "-") for k in PEER_FACTS)))
+            + "</td></tr>" for (e, _) in latest.values() if e.kind == "peer" and e.available]
+    if not rows:
+        return ""
+    return ("<table><tr><th>model</th><th>peer</th><th>via</th><th>version</th><th>GPU layers</th>"
+            "<th>backends</th><th>GPU offload</th><th>GPU</th></tr>" + "".join(rows) + "</table>")
 
 
 def _kernels(latest: dict, order: list[str]) -> str:

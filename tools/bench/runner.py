@@ -23,7 +23,8 @@ class BenchRequest:
     synthetic: list[str] = field(default_factory=list)  # shape names
     backends: list[str] = field(default_factory=lambda: ["cpu"])
     peers: list[str] = field(default_factory=list)
-    peer_python: str | None = None
+    peer_python: str | None = None  # interpreter whose llama_cpp the peers use
+    llama_bench: str | None = None  # llama-bench binary the peers use (else PATH)
     run: RunConfig = field(default_factory=RunConfig)
     kernels: bool = True
     kernel_rows: int = 32  # n of the prefill-slab matmul in the kernel tests
@@ -61,10 +62,11 @@ def run(req: BenchRequest, argv: list[str]) -> Report:
                   machine=machine.machine_info(), versions=_versions(entries), config=config, entries=entries)
 
 
-def _find_peer(name: str, req: BenchRequest):
-    if name != "llamacpp":
-        return f"unknown peer {name!r} (known: llamacpp)"
-    return peers.find_llamacpp(req.peer_python)
+def _find_peer(name: str, req: BenchRequest) -> peers.PeerTool | str:
+    """How to run peer `name` on its device, or why it cannot run."""
+    if name not in peers.PEER_DEVICE:
+        return f"unknown peer {name!r} (known: {', '.join(peers.PEER_DEVICE)})"
+    return peers.find_llamacpp(peers.PEER_DEVICE[name], req.peer_python, req.llama_bench)
 
 
 def _one(req: BenchRequest, name: str, path: Path, kind: str, who: str, peer_tools: dict) -> Entry:
@@ -107,7 +109,9 @@ def _kernel_entries(req: BenchRequest, targets: list[tuple[str, Path]]) -> list[
 
 
 def _versions(entries: list[Entry]) -> dict:
+    """Package versions, plus each llama.cpp peer's: "llama_cpp" (CPU) and "llama_cpp_cuda"."""
     found = machine.versions()
-    peer = next((e.info.get("version") for e in entries if e.runner == "llamacpp" and e.available), None)
-    found["llama_cpp"] = peer
+    for name in peers.PEER_DEVICE:
+        key = name.replace("llamacpp", "llama_cpp").replace("-", "_")
+        found[key] = next((e.info.get("version") for e in entries if e.runner == name and e.available), None)
     return found

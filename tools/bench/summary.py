@@ -9,6 +9,13 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
+DEVICE_FACTS = ("n_gpu_layers", "backends", "gpu_offload", "gpu_info")  # what a llama.cpp peer reports
+
+
+def _device_facts(info: dict) -> str:
+    return " ".join(f"{k}={info[k]}" for k in DEVICE_FACTS if info.get(k) not in (None, ""))
+
+
 def print_summary(report: Report) -> None:
     rows = [("MODEL", "RUNNER", "TEST", "MEDIAN", "MIN..MAX", "UNIT")]
     for e in report.entries:
@@ -19,6 +26,8 @@ def print_summary(report: Report) -> None:
             rows.append((e.model, e.runner, r.test, _fmt(r.median), f"{_fmt(r.min)}..{_fmt(r.max)}", r.unit))
         for test, why in e.info.get("failed", {}).items():
             rows.append((e.model, e.runner, test, "FAILED", "", why))
+        if e.kind == "peer" and _device_facts(e.info):
+            rows.append((e.model, e.runner, "ran on", "", "", _device_facts(e.info)))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
