@@ -3,12 +3,16 @@
     engine = Engine.load("smollm2-135m", backend="auto", n_ctx=2048, n_slots=1)
     seq = engine.start(prompt_ids, SamplingParams(temperature=0), max_tokens=64, stop=["\\n\\n"])
     while seq.finish_reason is None:
-        for event in engine.step(seq):      # first step: the whole prompt in one batched forward
+        for event in engine.step(seq):      # first step: the prompt in one batched forward
             print(event.text, end="")
     engine.release(seq)
 
 `step` never waits on anything but the forward pass, so a server can interleave
-the sequences of several slots.  Text is streamed through the tokenizer's
+the sequences of several slots.  A released slot remembers the token ids whose
+keys and values it holds; `start` puts a new prompt in the free slot sharing the
+longest leading run of tokens with it and prefills only the rest (multi-turn
+chats resend their history), so `Stats.cached_tokens` of the prompt are never
+re-evaluated.  Text is streamed through the tokenizer's
 incremental decoder; text that might be the beginning of a stop string is held
 back until it is clear, and a stop string itself is never emitted.
 """
@@ -53,14 +57,17 @@ class TokenEvent:
 
 @dataclass
 class Stats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the whole prompt, cached or not
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys/values a slot already held
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        """Prompt tokens per second actually run through the model (cached ones excluded)."""
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -73,6 +80,7 @@ class Stats:
         self.generated_tokens += other.generated_tokens
         self.prefill_seconds += other.prefill_seconds
         self.decode_seconds += other.decode_seconds
+        self.cached_tokens += other.cached_tokens
 
 
 @dataclass(eq=False)
@@ -88,7 +96,8 @@ class Sequence:
     sampler: Sampler
     decoder: IncrementalDecoder
     tokens: list[int] = field(default_factory=list)  # prompt + generated
-    n_cached: int = 0  # tokens whose keys/values are in kv
+    n_cached: int = 0  # leading tokens whose keys/values are in kv (a reused prefix at first)
+    kv_suspect: bool = False  # a forward pass raised: kv may be partly written
     held: str = ""  # decoded text not yet emitted (may begin a stop string)
     finish_reason: str | None = None
     stats: Stats = field(default_factory=Stats)
@@ -96,6 +105,11 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the whole prompt is in kv (then each step is one decode)."""
+        return self.n_cached >= len(self.prompt_ids)
 
 
 class Engine:
@@ -110,6 +124,9 @@ class Engine:
         self.stats = Stats()
         self._kv = [model.new_kv(n_ctx) for _ in range(n_slots)]
         self._free = list(range(n_slots))
+        # per slot, the token ids whose keys/values its cache holds at positions 0..; kept
+        # while the slot is free, empty while a sequence owns it (release writes it back)
+        self._held: list[list[int]] = [[] for _ in range(n_slots)]
 
     @classmethod
     def load(cls, model: str | Path | GGUFFile | Model, backend: str | Backend = "auto",
@@ -146,25 +163,35 @@ class Engine:
         if not self._free:
             raise NoFreeSlotError(f"all {self.n_slots} slots are busy: release a sequence or "
                                   "load the engine with more n_slots")
-        slot = self._free.pop(0)
+        slot, reused = self._pick_slot(prompt)
+        self._free.remove(slot)
+        self._held[slot] = []
         params = params or SamplingParams()
         return Sequence(prompt, params, max_tokens, [s for s in stop if s], slot, self._kv[slot],
-                        Sampler(params), IncrementalDecoder(self.tokenizer), tokens=list(prompt))
+                        Sampler(params), IncrementalDecoder(self.tokenizer), tokens=list(prompt),
+                        n_cached=reused)
 
     def release(self, seq: Sequence) -> None:
-        """Give the sequence's KV slot back (idempotent)."""
+        """Give the sequence's KV slot back (idempotent).  The slot keeps the ids of the
+        tokens that went through the model, for a later prompt that begins with them;
+        after a failed forward pass it keeps none."""
         if seq.slot >= 0:
+            self._held[seq.slot] = [] if seq.kv_suspect else seq.tokens[:seq.n_cached]
             self._free.append(seq.slot)
             seq.slot = -1
         if seq.finish_reason is None:
             seq.finish_reason = "cancelled"
 
     def step(self, seq: Sequence) -> list[TokenEvent]:
-        """Run one forward pass (the whole prompt the first time), sample one token and
-        return what it releases; [] once the sequence has finished."""
+        """Run one forward pass (the first time: the prompt, less the prefix the slot already
+        held), sample one token and return what it releases; [] once the sequence has finished."""
         if seq.finish_reason is not None:
             return []
-        token = self._next_token(seq)
+        try:
+            token = self._next_token(seq)
+        except BaseException:  # errors and interrupts alike: the slot's cache is not trusted
+            seq.kv_suspect = True
+            raise
         seq.tokens.append(token)
         seq.stats.generated_tokens += 1
         self.stats.generated_tokens += 1
@@ -203,6 +230,17 @@ class Engine:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
 
     # --- internals ---------------------------------------------------------
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """(free slot, prompt tokens it can reuse): the longest common prefix with what a
+        slot holds, first free slot on ties.  The last prompt token is always evaluated
+        again, since sampling needs its logits."""
+        best, best_len = self._free[0], 0
+        for slot in self._free:
+            n = _common_prefix_len(self._held[slot], prompt)
+            if n > best_len:
+                best, best_len = slot, n
+        return best, min(best_len, len(prompt) - 1)
+
     def _next_token(self, seq: Sequence) -> int:
         """Sample the next token; a backend with a device-side greedy decode (CUDA graphs)
         computes plain greedy tokens without copying logits back."""
@@ -210,7 +248,7 @@ class Engine:
         plain_greedy = p.greedy and p.repeat_penalty == 1 and not (p.presence_penalty or
                                                                   p.frequency_penalty)
         decode_greedy = getattr(self.model.backend, "decode_greedy", None)
-        if seq.n_cached and plain_greedy and decode_greedy is not None:
+        if seq.prefilled and plain_greedy and decode_greedy is not None:
             t0 = time.perf_counter()
             token = decode_greedy(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
             self._count_decode(seq, time.perf_counter() - t0)
@@ -224,14 +262,15 @@ class Engine:
 
     def _forward(self, seq: Sequence) -> np.ndarray:
         t0 = time.perf_counter()
-        if seq.n_cached == 0:
-            logits = self.model.forward(np.asarray(seq.prompt_ids), 0, seq.kv, all_logits=False)
-            seconds = time.perf_counter() - t0
+        if not seq.prefilled:  # the prompt tokens the slot does not hold yet, in one pass
+            start = seq.n_cached
+            logits = self.model.forward(np.asarray(seq.prompt_ids[start:]), start, seq.kv,
+                                        all_logits=False)
             seq.n_cached = len(seq.prompt_ids)
-            seq.stats.prompt_tokens += seq.n_cached
-            seq.stats.prefill_seconds += seconds
-            self.stats.prompt_tokens += seq.n_cached
-            self.stats.prefill_seconds += seconds
+            done = Stats(prompt_tokens=seq.n_cached, prefill_seconds=time.perf_counter() - t0,
+                         cached_tokens=start)
+            seq.stats.add(done)
+            self.stats.add(done)
         else:
             decode = getattr(self.model.backend, "decode", None)  # graph replay where offered
             if decode is not None:
@@ -247,6 +286,15 @@ class Engine:
         seq.held = ""
         seq.finish_reason = reason
         return TokenEvent(token, text, reason)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

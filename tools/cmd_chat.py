@@ -1,7 +1,11 @@
 """`ukgpu chat`: an interactive conversation with a model's own chat template.
 
 Each turn renders the whole conversation and generates the reply, streaming
-it; `/exit` (or end of input) leaves, `/reset` forgets the conversation.
+it; `/exit` (or end of input) leaves, `/reset` forgets the conversation.  The
+engine's slot keeps the keys and values of the conversation so far between
+turns, so turn N evaluates only what the template adds after the last reply (the
+new user message and its markers); the statistics line after each turn says how
+many prompt tokens came from that cache.
 """
 
 from __future__ import annotations
@@ -71,5 +75,5 @@ def _reply(engine: Engine, messages: list[dict], params, n_predict: int) -> str 
     except UkgpuError as exc:
         print(f"ukgpu: {exc}", file=sys.stderr)
         return None
-    print(stats_line(stats, reason), file=sys.stderr)
+    print(f"{stats_line(stats, reason)} | cached: {stats.cached_tokens} tokens", file=sys.stderr)
     return text

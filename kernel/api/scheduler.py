@@ -3,6 +3,9 @@
 Requests wait in a bounded queue until a slot is free.  Each `Job` hands its
 results to the asyncio side through `deliver`, a thread-safe callback; a job
 whose client went away is cancelled and its slot freed before its next step.
+The engine starts each job in the free slot whose KV cache already holds the
+longest prefix of its prompt (a chat resending its history) and evaluates only
+the rest; `Finished` says how many prompt tokens that saved.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Finished:
-    """Sent once when a job ends normally (its last events carried the finish reason)."""
+    """Sent once when a job ends normally (its last events carried the finish reason).
+    cached_tokens: prompt tokens the engine reused from a slot's KV cache instead of
+    evaluating them (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
 
     finish_reason: str
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,7 @@ class Scheduler:
         reason = next((e.finish_reason for e in events if e.finish_reason), None)
         if reason is not None:
             self._retire(job)
-            _send(job, Finished(reason))
+            _send(job, Finished(reason, _cached_tokens(job.seq)))
 
     def _retire(self, job: Job) -> None:
         self._active.remove(job)
@@ -147,6 +153,11 @@ class Scheduler:
             self.engine.release(job.seq)
         except Exception:  # a failed release must not stop the other sequences
             log.exception("engine.release failed; the slot may stay busy")
+
+
+def _cached_tokens(seq: Any) -> int:
+    """The prompt tokens a sequence did not re-evaluate; 0 from an engine that keeps no stats."""
+    return getattr(getattr(seq, "stats", None), "cached_tokens", 0)
 
 
 def _send(job: Job, item: object) -> None:

@@ -64,3 +64,18 @@ def test_chat_answers_then_exits(smollm2_path, monkeypatch, capsys):
     assert len(STATS.findall(err)) == 1  # one turn, then /exit
     reply = out.split("> ")[1].strip()
     assert reply  # the model said something
+
+
+def test_chat_second_turn_prefills_only_the_new_message(smollm2_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\nAnd 3+3?\n"))
+    rc = main(["chat", "-m", str(smollm2_path), "--temp", "0", "-n", "6", "-c", "256",
+               "--backend", "cpu"])
+    _, err = capsys.readouterr()
+    turns = [(int(prompt), int(cached)) for prompt, cached in
+             re.findall(r"prompt: (\d+) tokens, .* \| cached: (\d+) tokens", err)]
+    assert rc == 0 and len(turns) == 2
+    (prompt1, cached1), (prompt2, cached2) = turns
+    assert cached1 == 0
+    # turn 1's prompt and reply (less its last token, never fed back) come from the cache;
+    # what is evaluated is the new message and the template's markers around it
+    assert prompt1 < cached2 < prompt2
