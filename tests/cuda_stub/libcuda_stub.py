@@ -377,6 +377,8 @@ def fake_from_env(env: dict | None = None) -> FakeDriver:
 def install(lib_dir: Path | None = None, fake: FakeDriver | None = None) -> StubDispatch:
     """Load the stub libcuda.so.1 (the one on LD_LIBRARY_PATH) and route it to a FakeDriver."""
     global _installed
+    if _installed is not None and fake is None:
+        return _installed[1]  # once per process (sitecustomize may have done it already)
     lib_dir = Path(lib_dir or os.environ["UKGPU_CUDA_STUB"])
     lib = ctypes.CDLL(str(build(lib_dir)))
     fake = fake or fake_from_env()

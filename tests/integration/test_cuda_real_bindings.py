@@ -61,16 +61,25 @@ def test_the_bindings_load_the_stub_and_nothing_else(stub_env):
     assert libs.split() == [str(Path(stub_env["UKGPU_CUDA_STUB"]) / "libcuda.so.1")]
 
 
-def test_gpu_suite_passes_through_the_real_bindings(stub_env):
-    """tests/gpu, unchanged, against the stub: only the hardware timing test may skip."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-ra", "-p",
-                          "no:cacheprovider"], cwd=ROOT, env=stub_env, capture_output=True,
-                         text=True, timeout=1200)
-    tail = out.stdout[-4000:]
-    assert out.returncode == 0, tail + out.stderr[-2000:]
-    passed = int(re.search(r"(\d+) passed", tail)[1])
-    assert passed >= 100, tail
-    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", out.stdout, re.M)
+@pytest.mark.slow
+def test_gpu_check_installs_and_passes_the_gpu_suite_through_the_real_bindings(stub_env, tmp_path):
+    """tools/gpu_check.py as on a GPU machine: ukgpu installed into a private folder, the kernels
+    checked with ptxas, then tests/gpu unchanged against the stub (only the hardware timing test
+    may skip)."""
+    env = dict(stub_env, PYTHONPATH=str(STUB))  # sitecustomize: every process uses the stub
+    out, site = tmp_path / "out", tmp_path / "site"
+    done = subprocess.run([sys.executable, "tools/gpu_check.py", "run", "-o", str(out),
+                           "--site", str(site), "--phases", "install,ptx-check,tests"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    log = (out / "tests.log").read_text()
+    assert done.returncode == 0, done.stdout + log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["phase"], r["status"]) for r in summary] == [
+        ("install", "ok"), ("ptx-check", "ok"), ("tests", "ok")]
+    assert (site / "ukgpu" / "ptx_kernels" / "build" / "sm_90a" / "manifest.json").is_file()
+    passed = int(re.search(r"(\d+) passed", log)[1])
+    assert passed >= 100, log[-2000:]
+    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", log, re.M)
     assert all("measures GPU hardware" in s for s in skips), skips
 
 
