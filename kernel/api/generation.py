@@ -40,6 +40,7 @@ class Outcome:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens reused from a slot's KV cache
 
 
 def prompt_ids(engine: Any, kind: Kind, body: dict, facts: ModelFacts) -> list[int]:
@@ -143,6 +144,7 @@ class Generation:
         """Fold events into `outcome`; returns the new text."""
         if isinstance(item, Finished):
             outcome.finish_reason = "length" if item.finish_reason == "length" else "stop"
+            outcome.cached_tokens = item.cached_tokens
             return ""
         new = "".join(e.text for e in item)
         outcome.text += new
@@ -152,7 +154,8 @@ class Generation:
     def _usage(self, outcome: Outcome) -> dict:
         done = outcome.completion_tokens
         return {"prompt_tokens": self.n_prompt, "completion_tokens": done,
-                "total_tokens": self.n_prompt + done}
+                "total_tokens": self.n_prompt + done,
+                "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}}
 
     def _envelope(self, object_name: str, choice: dict) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created,

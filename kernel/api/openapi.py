@@ -26,7 +26,11 @@ _COUNT = {"type": "integer", "minimum": 0}
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT},
+    "properties": {
+        "prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT,
+        "prompt_tokens_details": {  # prompt tokens reused from a slot's KV cache, not evaluated
+            "type": "object", "required": ["cached_tokens"], "properties": {"cached_tokens": _COUNT}},
+    },
 }
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
 _SSE_EVENT = {  # one server-sent event; `data` is a JSON chunk, an error, or [DONE]

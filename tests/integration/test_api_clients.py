@@ -78,6 +78,21 @@ def test_usage_counts_prompt_tokens(oai, url):
     assert again.choices[0].text == full.choices[0].text
 
 
+def test_a_second_chat_turn_reuses_the_cached_history(oai):
+    """Turn 2 resends turn 1: the slot that holds it prefills only the new part, the answer is
+    the same as from a cold slot, and usage says how many prompt tokens were cached."""
+    turn1 = [{"role": "user", "content": "Name a colour of the sky."}]
+    first = oai.chat.completions.create(model=MODEL, messages=turn1, max_tokens=6, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And of grass?"}]
+    second = oai.chat.completions.create(model=MODEL, messages=turn2, max_tokens=6, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    cold = oai.chat.completions.create(model=MODEL, messages=turn2[:1] + [
+        {"role": "user", "content": "Unrelated: count to three."}], max_tokens=6, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+
+
 def test_stop_cuts_the_text_before_it(oai):
     text = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
                                   temperature=0).choices[0].text

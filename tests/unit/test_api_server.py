@@ -64,7 +64,8 @@ def test_completion_matches_engine_and_counts_usage(client, engine):
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert body["choices"][0]["text"] == engine.expected("hello", 5)
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert engine.live == set()
 
 
