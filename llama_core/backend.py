@@ -48,6 +48,7 @@ class Backend(ABC):
     """Operations of a llama-family forward pass over one sequence."""
 
     name: str
+    max_batch: int = 1  # sequences one decode step may carry (`Model.forward_batch`)
 
     @abstractmethod
     def prepare_weight(self, view: Any) -> Any:
@@ -93,3 +94,9 @@ class Backend(ABC):
     @abstractmethod
     def to_host(self, x: Act) -> np.ndarray:
         """x as a numpy array."""
+
+    def concat_rows(self, parts: list[Act]) -> Act:
+        """The rows of `parts` ([n_i, d] each) stacked: [sum n_i, d].  Only backends with
+        max_batch > 1 need it."""
+        raise NotImplementedError(f"the {self.name} backend decodes one sequence per step "
+                                  "(max_batch 1): call Model.forward per sequence")

@@ -79,6 +79,8 @@ class CpuBackend(Backend):
         self.dtype = np.dtype(dtype)
         self.alloc = alloc or _zeros
         self.use_kernels = self.dtype == np.float32
+        # decode steps batch up to the rows the block kernels take in one pass over the weights
+        self.max_batch = cpu_kernels.MV_MAX_ROWS
         self._ops = _numba_ops()
         self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -185,6 +187,9 @@ class CpuBackend(Backend):
 
     def take_rows(self, x: np.ndarray, rows: slice) -> np.ndarray:
         return x[rows]
+
+    def concat_rows(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)

@@ -10,6 +10,8 @@ rounding applies it to x first; the result then matches llama.cpp's integer dot 
 Paths, chosen per call:
   * numba, n <= MV_MAX_ROWS (decode): kernels that decode the blocks in registers
     (`cpu_kernels_nb`, `cpu_kernels_nbk`; `cpu_kernels_tile` for repacked handles).
+  * numba, n <= MV_CHUNKED_ROWS (short prompts, batched decode): the same kernels on chunks of
+    MV_MAX_ROWS rows; decoding the blocks again per chunk still beats a dequantized copy.
   * numba, larger n (prefill): a slab of rows is dequantized by a numba kernel into a small
     float32 buffer, then multiplied by BLAS (`x @ slab.T`); each weight is decoded once.
   * numpy (numba missing, `UKGPU_NO_NUMBA=1`, or `use_numba=False`): the same slab loop with
@@ -36,7 +38,9 @@ from gguf import GGMLQuantizationType as T
 from . import quants
 from .errors import QuantError
 
-MV_MAX_ROWS = 4  # activation rows up to which the block kernels beat dequantize + BLAS (measured)
+MV_MAX_ROWS = 4  # activation rows one block-kernel call takes (decoded once for all of them)
+MV_CHUNKED_ROWS = 16  # up to here chunks of MV_MAX_ROWS beat dequantize + BLAS (measured on the
+#                      SmolLM2 / Qwen 0.5B matrices, 2 threads; 32 rows: the slab path wins)
 SLAB_ELEMENTS = 1 << 18  # floats in one dequantized slab (1 MiB: stays in L2 for BLAS)
 NUMBA_KERNEL_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 FAST_TYPES = NUMBA_KERNEL_TYPES | {T.F32, T.F16}  # F32: BLAS directly; F16: converted slabs + BLAS
@@ -130,13 +134,13 @@ def qmatmul(x: np.ndarray, w: Any, *, use_numba: bool | None = None) -> np.ndarr
 
 
 def _numba_matmul(x: np.ndarray, pw: PreparedWeight) -> np.ndarray:
-    if x.shape[0] > MV_MAX_ROWS:
+    if x.shape[0] > MV_CHUNKED_ROWS:
         return _slab_matmul(x, pw, _numba_slab(pw))
     y = np.empty((x.shape[0], pw.shape[0]), np.float32)
-    if pw.tiles is not None:
-        _kernels()[2].matvec(pw.tiles, x, y)
-    else:
-        _MV[pw.qtype](pw.rows, x, y)
+    kernel = _kernels()[2].matvec if pw.tiles is not None else _MV[pw.qtype]
+    data = pw.tiles if pw.tiles is not None else pw.rows
+    for r in range(0, x.shape[0], MV_MAX_ROWS):
+        kernel(data, x[r:r + MV_MAX_ROWS], y[r:r + MV_MAX_ROWS])
     return y
 
 
@@ -211,7 +215,7 @@ def warmup() -> float:
     for q in sorted(NUMBA_KERNEL_TYPES):
         raw = random_blocks(q, 8, 256, rng)
         for pw in (prepare(RawWeight(q, (8, 256), raw), repack=False), prepare(RawWeight(q, (8, 256), raw))):
-            for n in (1, MV_MAX_ROWS + 1):
+            for n in (1, MV_CHUNKED_ROWS + 1):  # the block kernels, then the slab path
                 qmatmul(rng.standard_normal((n, 256)).astype(np.float32), pw)
     return time.perf_counter() - t0
 

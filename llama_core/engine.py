@@ -8,7 +8,8 @@
     engine.release(seq)
 
 `step` never waits on anything but the forward pass, so a server can interleave
-the sequences of several slots.  A released slot remembers the token ids whose
+the sequences of several slots; `step_all` advances them together, decoding up to
+the backend's `max_batch` sequences in one forward pass.  A released slot remembers the token ids whose
 keys and values it holds; `start` puts a new prompt in the free slot sharing the
 longest leading run of tokens with it and prefills only the rest (multi-turn
 chats resend their history), so `Stats.cached_tokens` of the prompt are never
@@ -192,6 +193,56 @@ class Engine:
         except BaseException:  # errors and interrupts alike: the slot's cache is not trusted
             seq.kv_suspect = True
             raise
+        return self._emit(seq, token)
+
+    def step_all(self, seqs: Seq[Sequence]) -> list[list[TokenEvent] | Exception]:
+        """One `step` of every sequence, in order.  Sequences past their prompt decode together,
+        up to the backend's `max_batch` per forward pass (`Model.forward_batch`: each weight is
+        read once for the group); the others step alone.  A sequence's failure comes back in
+        its place, so the rest go on; an interrupt is raised."""
+        out: list[list[TokenEvent] | Exception | None] = [None] * len(seqs)
+        size = getattr(self.model.backend, "max_batch", 1)
+        ready = [i for i, s in enumerate(seqs) if s.finish_reason is None and s.prefilled]
+        groups = [ready[k:k + size] for k in range(0, len(ready), size)] if size > 1 else []
+        for group in (g for g in groups if len(g) > 1):
+            batch = [seqs[i] for i in group]
+            try:
+                tokens = self._decode_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - every sequence of the group gets it
+                for i in group:
+                    out[i] = exc
+                continue
+            for i, seq, token in zip(group, batch, tokens):
+                out[i] = self._emit(seq, token)
+        for i, seq in enumerate(seqs):
+            if out[i] is None:
+                try:
+                    out[i] = self.step(seq)
+                except Exception as exc:  # noqa: BLE001 - reported in its place
+                    out[i] = exc
+        return out  # type: ignore[return-value]
+
+    def _decode_batch(self, seqs: list[Sequence]) -> list[int]:
+        """Sample the next token of each sequence from one batched forward pass."""
+        t0 = time.perf_counter()
+        try:
+            logits = self.model.forward_batch(np.array([s.tokens[-1] for s in seqs]),
+                                              [s.n_cached for s in seqs], [s.kv for s in seqs])
+        except BaseException:
+            for seq in seqs:
+                seq.kv_suspect = True
+            raise
+        seconds = time.perf_counter() - t0
+        self.stats.decode_seconds += seconds
+        tokens = []
+        for row, seq in zip(logits, seqs):  # each waited for the whole pass
+            seq.n_cached += 1
+            seq.stats.decode_seconds += seconds
+            tokens.append(int(seq.sampler(row, seq.tokens)))
+        return tokens
+
+    def _emit(self, seq: Sequence, token: int) -> list[TokenEvent]:
+        """Append a sampled token and return the events it releases (finish, stop strings)."""
         seq.tokens.append(token)
         seq.stats.generated_tokens += 1
         self.stats.generated_tokens += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -118,16 +119,52 @@ class Model:
                 "shorten the input or raise n_ctx")
         x = be.embedding(w.token_embd, tokens)  # [n, d]
         for i, lw in enumerate(w.layers):
-            h = be.rmsnorm(x, lw.attn_norm, c.rms_eps)  # [n, d]
-            q = be.rope(be.matmul(h, lw.wq, lw.bq), start_pos, c.n_heads, self.rope)  # [n, H*hd]
-            k = be.rope(be.matmul(h, lw.wk, lw.bk), start_pos, c.n_kv_heads, self.rope)
-            v = be.matmul(h, lw.wv, lw.bv)  # [n, Hkv*hd]
-            attn = be.attention(q, k, v, kv, i, start_pos)  # [n, H*hd]
-            x = be.add(x, be.matmul(attn, lw.wo))  # [n, d]
-            h = be.rmsnorm(x, lw.ffn_norm, c.rms_eps)
-            ff = be.swiglu(be.matmul(h, lw.w_gate), be.matmul(h, lw.w_up))  # [n, d_ff]
-            x = be.add(x, be.matmul(ff, lw.w_down))
+            def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
+                q = be.rope(q, start_pos, c.n_heads, self.rope)  # [n, H*hd]
+                k = be.rope(k, start_pos, c.n_kv_heads, self.rope)
+                return be.attention(q, k, v, kv, i, start_pos)  # [n, H*hd]
+            x = self._block(x, lw, attend)
         if not all_logits:
             x = be.take_rows(x, slice(-1, None))  # [1, d]
         x = be.rmsnorm(x, w.output_norm, c.rms_eps)
         return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+
+    def forward_batch(self, tokens: np.ndarray, positions: list[int], kvs: list[KVCache]) -> np.ndarray:
+        """One decode step of B sequences: token b at position positions[b] of cache kvs[b].
+        Logits float[B, vocab]; row b is what forward([tokens[b]], positions[b], kvs[b]) gives.
+        The matrix products run once over all B rows (each weight is read once for the batch);
+        rope and attention run per sequence.  Needs a backend with `max_batch` > 1."""
+        c, w, be = self.config, self.weights, self.backend
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if not len(tokens) == len(positions) == len(kvs) or len(tokens) > be.max_batch:
+            raise ValueError(f"forward_batch: {len(tokens)} tokens, {len(positions)} positions, "
+                             f"{len(kvs)} caches; need equal counts of at most {be.max_batch}")
+        for pos, kv in zip(positions, kvs):
+            if pos + 1 > kv.n_ctx:
+                raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
+                                           "shorten the input or raise n_ctx")
+        rows = [slice(b, b + 1) for b in range(len(tokens))]
+        x = be.embedding(w.token_embd, tokens)  # [B, d]
+        for i, lw in enumerate(w.layers):
+            def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
+                out = []
+                for row, pos, kv in zip(rows, positions, kvs):
+                    qb = be.rope(be.take_rows(q, row), pos, c.n_heads, self.rope)
+                    kb = be.rope(be.take_rows(k, row), pos, c.n_kv_heads, self.rope)
+                    out.append(be.attention(qb, kb, be.take_rows(v, row), kv, i, pos))
+                return be.concat_rows(out)  # [B, H*hd]
+            x = self._block(x, lw, attend)
+        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
+        return be.to_host(be.matmul(x, w.output))  # [B, vocab]
+
+    def _block(self, x: Any, lw: Any, attend: Callable[[Any, Any, Any], Any]) -> Any:
+        """One transformer block on x [n, d]; `attend(q, k, v)` places and attends."""
+        c, be = self.config, self.backend
+        h = be.rmsnorm(x, lw.attn_norm, c.rms_eps)  # [n, d]
+        q = be.matmul(h, lw.wq, lw.bq)  # [n, H*hd]
+        k = be.matmul(h, lw.wk, lw.bk)  # [n, Hkv*hd]
+        v = be.matmul(h, lw.wv, lw.bv)
+        x = be.add(x, be.matmul(attend(q, k, v), lw.wo))  # [n, d]
+        h = be.rmsnorm(x, lw.ffn_norm, c.rms_eps)
+        ff = be.swiglu(be.matmul(h, lw.w_gate), be.matmul(h, lw.w_up))  # [n, d_ff]
+        return be.add(x, be.matmul(ff, lw.w_down))

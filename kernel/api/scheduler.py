@@ -104,8 +104,7 @@ class Scheduler:
                 return
             for job in admitted:
                 self._start(job)
-            for job in list(self._active):
-                self._step(job)
+            self._step_all()
 
     def _admit(self) -> list[Job] | None:
         """Wait for work; move queued jobs into free slots. None means stop."""
@@ -129,16 +128,19 @@ class Scheduler:
         self.metrics.count_prompt(len(job.prompt_ids))
         self._active.append(job)
 
-    def _step(self, job: Job) -> None:
-        if job.cancelled.is_set():
+    def _step_all(self) -> None:
+        """One step of every active job; the engine decodes them together where it can."""
+        for job in [j for j in self._active if j.cancelled.is_set()]:
             self._retire(job)
-            return
-        try:
-            events = self.engine.step(job.seq)
-        except Exception as exc:
-            self._retire(job)
-            _send(job, Failed(exc))
-            return
+        jobs = list(self._active)
+        for job, result in zip(jobs, self.engine.step_all([j.seq for j in jobs])):
+            if isinstance(result, Exception):
+                self._retire(job)
+                _send(job, Failed(result))
+            else:
+                self._deliver(job, result)
+
+    def _deliver(self, job: Job, events: list) -> None:
         self.metrics.count_generated(sum(1 for e in events if e.token_id is not None))
         if events:
             _send(job, events)

@@ -75,6 +75,16 @@ class FakeEngine:
         reason = "length" if seq.n >= seq.max_tokens else None
         return [FakeEvent(ord(letter), letter, reason)]
 
+    def step_all(self, seqs: list[FakeSeq]) -> list:
+        """The engine's contract: each sequence's events, or its exception in its place."""
+        out = []
+        for seq in seqs:
+            try:
+                out.append(self.step(seq))
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
     def release(self, seq: FakeSeq) -> None:
         self.live.discard(seq)
         self.released.append(seq)

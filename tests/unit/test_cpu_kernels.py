@@ -45,7 +45,7 @@ def blocks():
 
 @pytest.mark.filterwarnings("ignore:qmatmul. no fast kernel")
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("n", [1, 3, 8, 33])
+@pytest.mark.parametrize("n", [1, 3, 6, 16, 33])  # block kernel, chunks (4+2, 4x4), slabs
 def test_every_type_every_path(blocks, qtype, n):
     raw, shape = blocks[qtype]
     x = np.random.default_rng(n).standard_normal((n, N_IN)).astype(np.float32)
