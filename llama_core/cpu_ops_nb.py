@@ -1,4 +1,4 @@
-"""The CPU backend's two compiled loops: rope over rows and single-query attention.
+"""The CPU backend's compiled loops: rope over rows and single-query attention.
 
 Imported only when numba is usable (`cpu_backend` has numpy versions of both).
 """
@@ -6,7 +6,7 @@ Imported only when numba is usable (`cpu_backend` has numpy versions of both).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
@@ -26,29 +26,56 @@ def rope_rows(x, n_heads, start_pos, cos, sin, n_rot, neox):  # pragma: no cover
                 x[i, b] = x0 * s + x1 * c
 
 
-@njit(cache=True)
-def attend_one(q, keys, values, end, scale, out):  # pragma: no cover - compiled
-    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] up to `end` -> out [H*hd]."""
-    n_kv, _, hd = keys.shape
-    n_heads = q.shape[0] // hd
-    group = n_heads // n_kv
+# Reassociation lets LLVM vectorize the dot products and sums; no flag that assumes away
+# infinities (the running maximum starts at -inf).
+_FAST = {"reassoc", "contract", "arcp"}
+PARALLEL_MIN_WORK = 1 << 15  # heads * keys * head_dim below which threads cost more than they save
+
+
+def attend_one(q, keys, values, end, scale, out):
+    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] up to `end` -> out [H*hd];
+    the heads run on numba's threads once the work pays for them."""
+    work = q.shape[0] * end
+    (_attend_heads_par if work >= PARALLEL_MIN_WORK else _attend_heads)(q, keys, values, end, scale, out)
+
+
+@njit(inline="always")
+def _attend_head(q, keys, values, end, scale, out, h, group, hd):  # pragma: no cover - compiled
+    g = h // group
+    qh = q[h * hd:(h + 1) * hd]
     scores = np.empty(end, dtype=q.dtype)
-    for h in range(n_heads):
-        g = h // group
-        top = -np.inf
-        for t in range(end):
-            acc = q.dtype.type(0.0)
-            for d in range(hd):
-                acc += q[h * hd + d] * keys[g, t, d]
-            scores[t] = acc * scale
-            top = max(top, scores[t])
-        total = q.dtype.type(0.0)
-        for t in range(end):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
+    top = -np.inf
+    for t in range(end):
+        kt = keys[g, t]
+        acc = q.dtype.type(0.0)
         for d in range(hd):
-            out[h * hd + d] = 0.0
-        for t in range(end):
-            p = scores[t] / total
-            for d in range(hd):
-                out[h * hd + d] += p * values[g, t, d]
+            acc += qh[d] * kt[d]
+        scores[t] = acc * scale
+        top = max(top, scores[t])
+    total = q.dtype.type(0.0)
+    for t in range(end):
+        scores[t] = np.exp(scores[t] - top)
+        total += scores[t]
+    acc_out = np.zeros(hd, dtype=q.dtype)
+    for t in range(end):
+        p = scores[t] / total
+        vt = values[g, t]
+        for d in range(hd):
+            acc_out[d] += p * vt[d]
+    out[h * hd:(h + 1) * hd] = acc_out
+
+
+@njit(cache=True, fastmath=_FAST)
+def _attend_heads(q, keys, values, end, scale, out):  # pragma: no cover - compiled
+    hd = keys.shape[2]
+    n_heads = q.shape[0] // hd
+    for h in range(n_heads):
+        _attend_head(q, keys, values, end, scale, out, h, n_heads // keys.shape[0], hd)
+
+
+@njit(cache=True, fastmath=_FAST, parallel=True)
+def _attend_heads_par(q, keys, values, end, scale, out):  # pragma: no cover - compiled
+    hd = keys.shape[2]
+    n_heads = q.shape[0] // hd
+    for h in prange(n_heads):
+        _attend_head(q, keys, values, end, scale, out, h, n_heads // keys.shape[0], hd)
