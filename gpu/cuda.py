@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.errors import DeviceError, UkgpuError
 
 HINTS = {
     "CUDA_ERROR_NO_DEVICE": "no CUDA device is visible: pass the GPU through (VFIO) and check "
@@ -47,7 +47,7 @@ DRIVER_MISSING = "DRIVER_NOT_FOUND"
 _current = threading.local()  # .ctx: the context this module made current in this thread
 
 
-class CudaError(UkgpuError):
+class CudaError(DeviceError):
     """A CUDA driver call failed (or the driver is not there at all)."""
 
     def __init__(self, call: str, name: str, hint: str = "", detail: str = ""):

@@ -91,9 +91,14 @@ class DecodeGraphs:
         return be.to_host(graph.logits)
 
     def _forget(self, key: tuple[int, int]) -> None:
+        """Finalizer of a KV cache: its graph goes too (nothing to do once the context is lost:
+        the driver freed everything with it)."""
         graph = self.graphs.pop(key, None)
         if graph is not None:
-            self.be.cu.cuGraphExecDestroy(graph.exec)
+            try:
+                self.be.cu.cuGraphExecDestroy(graph.exec)
+            except CudaError:
+                pass
 
     def release(self) -> None:
         for graph in self.graphs.values():

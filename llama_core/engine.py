@@ -24,12 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence as Seq
+from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
 
 import numpy as np
 
 from .backend import Backend, KVCache
-from .errors import UkgpuError
+from .errors import DeviceError, UkgpuError
 from .gguf_file import GGUFFile, open_gguf
 from .model import Model
 from .registry import resolve_model
@@ -109,14 +109,19 @@ class Sequence:
 
     @property
     def prefilled(self) -> bool:
-        """Whether the whole prompt is in kv (then each step is one decode)."""
-        return self.n_cached >= len(self.prompt_ids)
+        """Whether kv holds the prompt and every fed token (then each step is one decode of
+        the last sampled token); False again after the cache was lost to a device failure."""
+        return self.n_cached >= max(len(self.prompt_ids), len(self.tokens) - 1)
 
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, n_ctx: int, n_slots: int,
-                 backend_note: str = "") -> None:
+                 backend_note: str = "", fallback: Callable[[], Backend] | None = None) -> None:
+        """fallback: makes the backend to continue on when the model's device fails at run
+        time (`DeviceError`); None lets the error reach the caller."""
         self.model = model
+        self.fallback = fallback
+        self._live: dict[int, Sequence] = {}  # slot -> the sequence that owns it
         self.gguf = model.gguf
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
@@ -133,17 +138,21 @@ class Engine:
     def load(cls, model: str | Path | GGUFFile | Model, backend: str | Backend = "auto",
              n_ctx: int = 2048, n_slots: int = 1) -> "Engine":
         """An engine for a model name, path, opened GGUF file or Model.  backend: "cpu",
-        "auto" (CUDA when usable, else the CPU with one line on stderr saying why), "cuda"
-        (raises when unusable) or a Backend instance."""
+        "auto" (CUDA when usable, else the CPU with one line on stderr saying why; a CUDA
+        failure while running moves every sequence to the CPU), "cuda" (raises when unusable
+        or failing) or a Backend instance."""
         if n_ctx < 2 or n_slots < 1:
             raise EngineError(f"n_ctx={n_ctx}, n_slots={n_slots}: need n_ctx >= 2 and n_slots >= 1")
+        fallback = None
         if isinstance(model, Model):
             note = model.backend.name
         else:
             gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(str(model)))
-            backend, note = _pick_backend(backend, gguf, n_ctx=n_ctx, n_slots=n_slots)
-            model = Model(gguf, backend)
-        return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note)
+            chosen, note = _pick_backend(backend, gguf, n_ctx=n_ctx, n_slots=n_slots)
+            model = Model(gguf, chosen)
+            if backend == "auto" and chosen.name != "cpu":  # "auto" also covers run-time failures
+                fallback = _cpu_backend
+        return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note, fallback)
 
     # --- requests ----------------------------------------------------------
     def start(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
@@ -168,9 +177,11 @@ class Engine:
         self._free.remove(slot)
         self._held[slot] = []
         params = params or SamplingParams()
-        return Sequence(prompt, params, max_tokens, [s for s in stop if s], slot, self._kv[slot],
-                        Sampler(params), IncrementalDecoder(self.tokenizer), tokens=list(prompt),
-                        n_cached=reused)
+        seq = Sequence(prompt, params, max_tokens, [s for s in stop if s], slot, self._kv[slot],
+                       Sampler(params), IncrementalDecoder(self.tokenizer), tokens=list(prompt),
+                       n_cached=reused)
+        self._live[slot] = seq
+        return seq
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's KV slot back (idempotent).  The slot keeps the ids of the
@@ -179,6 +190,7 @@ class Engine:
         if seq.slot >= 0:
             self._held[seq.slot] = [] if seq.kv_suspect else seq.tokens[:seq.n_cached]
             self._free.append(seq.slot)
+            self._live.pop(seq.slot, None)
             seq.slot = -1
         if seq.finish_reason is None:
             seq.finish_reason = "cancelled"
@@ -189,7 +201,12 @@ class Engine:
         if seq.finish_reason is not None:
             return []
         try:
-            token = self._next_token(seq)
+            try:
+                token = self._next_token(seq)
+            except DeviceError as exc:
+                if not self._fall_back(exc):
+                    raise
+                token = self._next_token(seq)  # on the CPU now: re-prefills this sequence
         except BaseException:  # errors and interrupts alike: the slot's cache is not trusted
             seq.kv_suspect = True
             raise
@@ -208,6 +225,11 @@ class Engine:
             batch = [seqs[i] for i in group]
             try:
                 tokens = self._decode_batch(batch)
+            except DeviceError as exc:
+                if not self._fall_back(exc):
+                    for i in group:
+                        out[i] = exc
+                continue  # on the CPU now: these sequences step (re-prefill) below
             except Exception as exc:  # noqa: BLE001 - every sequence of the group gets it
                 for i in group:
                     out[i] = exc
@@ -313,13 +335,13 @@ class Engine:
 
     def _forward(self, seq: Sequence) -> np.ndarray:
         t0 = time.perf_counter()
-        if not seq.prefilled:  # the prompt tokens the slot does not hold yet, in one pass
-            start = seq.n_cached
-            logits = self.model.forward(np.asarray(seq.prompt_ids[start:]), start, seq.kv,
+        if not seq.prefilled:  # the tokens the slot does not hold yet (the prompt), in one pass
+            start, first = seq.n_cached, not seq.generated
+            logits = self.model.forward(np.asarray(seq.tokens[start:]), start, seq.kv,
                                         all_logits=False)
-            seq.n_cached = len(seq.prompt_ids)
-            done = Stats(prompt_tokens=seq.n_cached, prefill_seconds=time.perf_counter() - t0,
-                         cached_tokens=start)
+            seq.n_cached = len(seq.tokens)
+            done = Stats(prompt_tokens=seq.n_cached if first else 0,
+                         prefill_seconds=time.perf_counter() - t0, cached_tokens=start)
             seq.stats.add(done)
             self.stats.add(done)
         else:
@@ -331,6 +353,29 @@ class Engine:
                                             all_logits=False)
             self._count_decode(seq, time.perf_counter() - t0)
         return logits[-1]  # [vocab]
+
+    def _fall_back(self, exc: DeviceError) -> bool:
+        """After a device failure: rebuild the model on the fallback backend, give every slot a
+        fresh cache and make each live sequence re-prefill its tokens there.  False when this
+        engine has no fallback (the caller asked for that device)."""
+        if self.fallback is None:
+            return False
+        failed = self.model.backend
+        note = f"{failed.name} failed while running ({exc}); continuing on the CPU"
+        print(f"ukgpu: {note}", file=sys.stderr)
+        self.model = Model(self.gguf, self.fallback())
+        self.fallback, self.backend_note = None, f"backend: cpu ({note})"
+        self._kv = [self.model.new_kv(self.n_ctx) for _ in range(self.n_slots)]
+        self._held = [[] for _ in range(self.n_slots)]
+        for slot, seq in self._live.items():
+            seq.kv, seq.n_cached, seq.kv_suspect = self._kv[slot], 0, False
+        close = getattr(failed, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the device is already broken; nothing more to free
+                pass
+        return True
 
     def _finish(self, seq: Sequence, token: int, reason: str, flush: bool = True) -> TokenEvent:
         text = seq.held + (seq.decoder.flush() if flush else "")
@@ -363,6 +408,12 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+def _cpu_backend() -> Backend:
+    from .cpu_backend import CpuBackend
+
+    return CpuBackend()
 
 
 def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Backend, str]:

@@ -26,3 +26,8 @@ class PullError(UkgpuError):
 
 class QuantError(UkgpuError):
     """A ggml tensor format is unsupported, or raw data does not fit its block layout."""
+
+
+class DeviceError(UkgpuError):
+    """An accelerator failed under a running model (a driver call, a kernel launch); what the
+    device held is lost, the model itself is not: the CPU backend can take over."""

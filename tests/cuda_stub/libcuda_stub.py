@@ -95,12 +95,22 @@ class StubDispatch:
         self.errors: list[str] = []
         self._strings: dict[int, ctypes.Array] = {}  # error names handed out as const char*
         self.events: dict[int, float] = {}
+        self.fail_from: dict[str, tuple[int, int]] = {}  # call -> (nth call that fails, CUresult)
+        self.sticky: int | None = None  # a context-losing error every later call returns
+
+    STICKY = {CUresult.CUDA_ERROR_ILLEGAL_ADDRESS, CUresult.CUDA_ERROR_LAUNCH_FAILED}
 
     # --- plumbing ------------------------------------------------------------
     def __call__(self, name: bytes, nargs: int, args: Any) -> int:
         call = name.decode()
         words = [args[i] for i in range(nargs)]
         self.calls[call] = self.calls.get(call, 0) + 1
+        if self.sticky is not None and call not in ("cuGetErrorName", "cuGetErrorString"):
+            return self.sticky  # as on hardware: the context is lost for good
+        nth, err = self.fail_from.get(call, (0, 0))
+        if nth and self.calls[call] >= nth:
+            self.sticky = err if err in self.STICKY else None
+            return err
         try:
             return int(getattr(self, call)(*words))
         except Exception:  # noqa: BLE001 - must never unwind into C
@@ -357,14 +367,17 @@ _installed: tuple | None = None
 def fake_from_env(env: dict | None = None) -> FakeDriver:
     """The fake device the environment asks for:
 
-    UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_INVALID_IMAGE,..."  calls that fail
+    UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_INVALID_IMAGE,..."  calls that fail;
+        "cuGraphLaunch=CUDA_ERROR_LAUNCH_FAILED@3": from its 3rd call on (a launch failure or an
+        illegal address then fails every later call, as a lost context does)
     UKGPU_CUDA_STUB_CC="8.0"            the device's compute capability (default 9.0)
     UKGPU_CUDA_STUB_DEVICES="0"         how many devices the driver sees (default 1)
     UKGPU_CUDA_STUB_MEM_MIB="512"       device memory (default 4096)
     UKGPU_CUDA_STUB_DRIVER="12080"      the version cuDriverGetVersion reports (default 13000)
     """
     env = os.environ if env is None else env
-    fail = dict(item.split("=", 1) for item in env.get("UKGPU_CUDA_STUB_FAIL", "").split(",") if item)
+    spec = dict(item.split("=", 1) for item in env.get("UKGPU_CUDA_STUB_FAIL", "").split(",") if item)
+    fail = {call: err for call, err in spec.items() if "@" not in err}
     major, minor = (int(x) for x in env.get("UKGPU_CUDA_STUB_CC", "9.0").split("."))
     count = int(env.get("UKGPU_CUDA_STUB_DEVICES", "1"))
     mem = int(env.get("UKGPU_CUDA_STUB_MEM_MIB", "4096")) << 20
@@ -384,6 +397,11 @@ def install(lib_dir: Path | None = None, fake: FakeDriver | None = None) -> Stub
     fake = fake or fake_from_env()
     lib.ukgpu_stub_set_driver_version(fake.driver_version)
     dispatch = StubDispatch(fake)
+    for item in os.environ.get("UKGPU_CUDA_STUB_FAIL", "").split(","):
+        call, _, err = item.partition("=")
+        if "@" in err:
+            name, nth = err.split("@")
+            dispatch.fail_from[call] = (int(nth), int(CUresult[name]))
     callback = DISPATCH(dispatch)
     lib.ukgpu_stub_set_dispatch(callback)
     _installed = (lib, dispatch, callback)  # the callback must outlive every driver call

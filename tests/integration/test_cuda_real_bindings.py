@@ -121,6 +121,20 @@ def test_generate_on_cuda_matches_cpu_and_injected_failures_are_reported(stub_en
         in bad.stderr
     assert bad.stdout == cpu.stdout
 
+    # a kernel failing mid-decode loses the context (every later call fails, as on hardware):
+    # auto moves to the CPU and still gives the CPU's tokens; cuda reports it
+    lost = "cuGraphLaunch=CUDA_ERROR_LAUNCH_FAILED@4"
+    moved = _generate(stub_env, "auto", UKGPU_CUDA_STUB_FAIL=lost)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "cuda failed while running (cuGraphLaunch failed: CUDA_ERROR_LAUNCH_FAILED" in moved.stderr
+    assert "continuing on the CPU" in moved.stderr
+    assert moved.stdout == cpu.stdout
+    assert "Traceback" not in moved.stderr and "Exception ignored" not in moved.stderr
+    failed = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_FAIL=lost)
+    assert failed.returncode == 1
+    assert "ukgpu: error: cuGraphLaunch failed: CUDA_ERROR_LAUNCH_FAILED" in failed.stderr
+    assert "Traceback" not in failed.stderr and "Exception ignored" not in failed.stderr
+
     # the PTX JIT path (an sm_80 device has no cubin): the JIT log written by the driver
     # through the bindings' option array reaches the user's error message
     jit = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_CC="8.0",
@@ -141,10 +155,15 @@ def test_no_device_and_pre_ampere_devices_are_refused_with_a_reason(stub_env):
 
 
 @pytest.mark.slow
-def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env, smollm2_path):
+@pytest.mark.parametrize("backend, failure", [("cuda", None),
+                                              ("auto", "cuGraphLaunch=CUDA_ERROR_LAUNCH_FAILED@6")],
+                         ids=["cuda", "auto-device-lost-mid-run"])
+def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env, smollm2_path,
+                                                                       backend, failure):
     """`ukgpu serve --backend cuda`: the scheduler thread, not the one that opened the device,
     drives the GPU (the context is made current there); two slots answer concurrently, streamed
-    and not, with the CPU engine's greedy text."""
+    and not, with the CPU engine's greedy text.  With --backend auto, a device lost in the
+    middle of the requests moves the server to the CPU: every answer is still the CPU's."""
     import signal
     import socket
     import time
@@ -178,8 +197,8 @@ def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env,
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, str(STUB / "run.py"), "serve", "-m", str(smollm2_path),
-                             "--port", str(port), "--slots", "2", "--ctx", "256", "--backend", "cuda"],
-                            cwd=ROOT, env=stub_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", str(port), "--slots", "2", "--ctx", "256", "--backend", backend],
+                            cwd=ROOT, env=dict(stub_env, UKGPU_CUDA_STUB_FAIL=failure or ""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -204,3 +223,4 @@ def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env,
     assert "backend: cuda" in output, output[-3000:]
     assert "error(s) inside the stub" not in output and "Traceback" not in output, output[-3000:]
     assert _calls(output)["cuGraphLaunch"] > 0
+    assert ("continuing on the CPU" in output) == (failure is not None), output[-3000:]

@@ -1,0 +1,81 @@
+"""A device failing under a running model: with a fallback ("auto"), every live sequence moves to
+the CPU and continues with the tokens it would have had; without one, the error reaches the
+caller and the slot's cache is not trusted."""
+
+from __future__ import annotations
+
+import pytest
+
+from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.engine import Engine
+from ukgpu.llama_core.errors import DeviceError
+from ukgpu.llama_core.model import Model
+from ukgpu.llama_core.sampling import SamplingParams
+from ukgpu.llama_core.tokenizer import Tokenizer
+
+PROMPTS = [[1, 504, 3458, 314, 260], [1, 2000, 31, 42]]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class DyingDevice(CpuBackend):
+    """Computes like the CPU backend until its `life`-th matmul, then fails like a lost GPU."""
+
+    name = "fakegpu"
+
+    def __init__(self, life: int):
+        super().__init__()
+        self.max_batch = 1  # steps one sequence at a time, like the CUDA backend
+        self.life, self.closed = life, False
+
+    def matmul(self, x, weight, bias=None):
+        self.life -= 1
+        if self.life < 0:
+            raise DeviceError("fake launch failed: the context is lost")
+        return super().matmul(x, weight, bias)
+
+    def close(self):
+        self.closed = True
+        raise DeviceError("cannot free anything on a lost context")
+
+
+def _engine(gguf, backend, n_slots, fallback):
+    return Engine(Model(gguf, backend), Tokenizer.from_gguf(gguf), 64, n_slots, backend.name,
+                  fallback)
+
+
+def _run(engine, max_tokens=10):
+    seqs = [engine.start(p, GREEDY, max_tokens) for p in PROMPTS[:engine.n_slots]]
+    out = [[] for _ in seqs]
+    while any(s.finish_reason is None for s in seqs):
+        for i, res in enumerate(engine.step_all(seqs)):
+            if isinstance(res, Exception):
+                raise res
+            out[i] += [e.token_id for e in res]
+    for s in seqs:
+        engine.release(s)
+    return out
+
+
+# SmolLM2: 7 matmuls x 30 blocks + the output = 211 per forward pass; the two prompts prefill
+# first (matmuls 1-422), then each decode step costs 211 per sequence
+@pytest.mark.parametrize("life", [3, 230, 840], ids=["first-prefill", "second-prefill", "decode"])
+def test_live_sequences_continue_on_the_cpu(smollm2, life, capsys):
+    want = _run(_engine(smollm2, CpuBackend(), 2, None))
+    device = DyingDevice(life)
+    engine = _engine(smollm2, device, 2, CpuBackend)
+    assert _run(engine) == want
+    assert engine.model.backend.name == "cpu" and device.closed and engine.fallback is None
+    assert "fakegpu failed while running (fake launch failed" in capsys.readouterr().err
+    assert engine.backend_note.startswith("backend: cpu (fakegpu failed while running")
+    assert [e.token_id for e in engine.generate(PROMPTS[0], GREEDY, 10)] == want[0]  # CPU now
+
+
+def test_without_a_fallback_the_failure_is_raised_and_the_slot_forgets(smollm2):
+    engine = _engine(smollm2, DyingDevice(7 * 30 * 3), 1, None)
+    seq = engine.start(PROMPTS[0], GREEDY, 10)
+    with pytest.raises(DeviceError, match="context is lost"):
+        while seq.finish_reason is None:
+            engine.step(seq)
+    assert seq.kv_suspect
+    engine.release(seq)
+    assert engine.start(PROMPTS[0], GREEDY, 2).n_cached == 0
