@@ -77,7 +77,8 @@ def run(engine: Engine, ids: list[int], params: SamplingParams, max_tokens: int,
                 pieces.append(event.text)
     finally:
         engine.release(seq)
-    sys.stdout.write("\n")
+        sys.stdout.write("\n")  # also ends a partial answer before an error message
+        sys.stdout.flush()
     return "".join(pieces), seq.finish_reason, seq.stats
 
 
