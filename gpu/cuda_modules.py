@@ -12,6 +12,7 @@ grid and limit expressions are evaluated once per distinct set of scalar argumen
 from __future__ import annotations
 
 import ctypes
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from .cuda import CudaContext, CudaError
 
 STATIC_SHARED_LIMIT = 48 * 1024
 JIT_LOG_BYTES = 8192
+# what a driver says of an image it cannot use (too new, wrong arch, no JIT): try the next one
+REFUSED_IMAGE = frozenset({"CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_IMAGE",
+                           "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_PTX",
+                           "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "CUDA_ERROR_INVALID_SOURCE"})
 
 
 @dataclass
@@ -59,6 +64,7 @@ class KernelSet:
         self.manifests = manifests or Manifests.load()
         self.force_ptx = force_ptx
         self.loaded: dict[str, LoadedKernel] = {}
+        self.fell_back = False  # some kernel's best artifact was refused (said once on stderr)
 
     def kernel(self, name: str) -> LoadedKernel:
         if name not in self.loaded:
@@ -71,13 +77,46 @@ class KernelSet:
             self.kernel(name)
 
     def _load(self, name: str) -> LoadedKernel:
-        art = self.manifests.select(name, self.ctx.info.cc)
+        """The first artifact of `name` the driver accepts, best first (exact cubin, then PTX):
+        a cubin or PTX the driver refuses falls through to the next one, once, with a line on
+        stderr; every other failure (memory, a lost context) is raised at once."""
         if self.force_ptx:
             forced = self.manifests.entry(name, self.force_ptx)
-            art = Artifact(self.force_ptx, "ptx", forced.build_dir / forced.data["artifacts"]["ptx"]["file"])
-        entry = self.manifests.entry(name, art.target)
+            arts = [Artifact(self.force_ptx, "ptx",
+                             forced.build_dir / forced.data["artifacts"]["ptx"]["file"])]
+        else:
+            arts = self.manifests.candidates(name, self.ctx.info.cc)
+        refused: list[CudaError] = []
+        for art in arts:
+            try:
+                module = self._load_module(art)
+            except CudaError as exc:
+                if exc.name in REFUSED_IMAGE and art is not arts[-1]:
+                    refused.append(exc)
+                    continue
+                if not refused:
+                    raise
+                before = "; ".join(f"{e.detail}: {e.name}" for e in refused)
+                raise CudaError(exc.call, exc.name, exc.hint,
+                                detail=f"{exc.detail}; refused before it: {before}") from exc
+            if refused and not self.fell_back:
+                self.fell_back = True
+                print(f"ukgpu: the driver refused {refused[0].detail} ({refused[0].name}); using "
+                      f"{art.target} {art.kind} instead (first seen for {name})", file=sys.stderr)
+            return self._function(name, art, module)
+        raise AssertionError("unreachable: the last artifact raises")
+
+    def _load_module(self, art: Artifact) -> Any:
         image = _read_image(art)
-        module = self._load_ptx(image, art) if art.kind == "ptx" else self.cu.cuModuleLoadData(image)
+        if art.kind == "ptx":
+            return self._load_ptx(image, art)
+        try:
+            return self.cu.cuModuleLoadData(image)
+        except CudaError as exc:
+            raise CudaError(exc.call, exc.name, exc.hint, detail=f"{art.target} cubin") from exc
+
+    def _function(self, name: str, art: Artifact, module: Any) -> LoadedKernel:
+        entry = self.manifests.entry(name, art.target)
         fn = self.cu.cuModuleGetFunction(module, entry.kernel_name.encode())
         if entry.shared_bytes > STATIC_SHARED_LIMIT:
             attr = self.cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES

@@ -168,6 +168,11 @@ class Manifests:
 
     def select(self, name: str, cc: tuple[int, int]) -> Artifact:
         """Exact cubin for the device's compute capability, else PTX the driver can JIT."""
+        return self.candidates(name, cc)[0]
+
+    def candidates(self, name: str, cc: tuple[int, int]) -> list[Artifact]:
+        """Every artifact of `name` that can run on `cc`, best first: the exact cubin, then the
+        PTX of the arch-specific target ("sm_90a"), then portable PTX ("sm_80")."""
         options = []
         for target, man in self.per_target.items():
             ent = man["entries"].get(name)
@@ -183,8 +188,8 @@ class Manifests:
             raise KernelManifestError(
                 f"no artifact of {name!r} runs on compute capability {cc[0]}.{cc[1]}: "
                 f"builds exist for {', '.join(self.per_target)} (needs sm_80 or newer)")
-        _, target, kind, file = min(options)
-        return Artifact(target, kind, self.build_dir / target / file)
+        return [Artifact(target, kind, self.build_dir / target / file)
+                for _, target, kind, file in sorted(options)]
 
 
 def matvec_entry(qtype: str, batch: int) -> str:

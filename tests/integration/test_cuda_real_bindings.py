@@ -114,11 +114,18 @@ def test_generate_on_cuda_matches_cpu_and_injected_failures_are_reported(stub_en
     assert cuda.stdout == cpu.stdout
     assert _calls(cuda.stderr)["cuGraphLaunch"] >= 8
 
-    # a kernel image the driver refuses: auto says why and answers from the CPU
-    bad = _generate(stub_env, "auto", UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_INVALID_IMAGE")
+    # a cubin the driver refuses: its PTX is JIT-compiled instead, once said
+    jitted = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_NO_BINARY_FOR_GPU")
+    assert jitted.returncode == 0, jitted.stderr[-3000:]
+    assert jitted.stderr.count("the driver refused sm_90a cubin (CUDA_ERROR_NO_BINARY_FOR_GPU)") == 1
+    assert jitted.stdout == cpu.stdout and _calls(jitted.stderr)["cuModuleLoadDataEx"] > 0
+
+    # no image the driver takes at all: auto says why and answers from the CPU
+    bad = _generate(stub_env, "auto", UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_INVALID_IMAGE,"
+                                                          "cuModuleLoadDataEx=CUDA_ERROR_INVALID_PTX")
     assert bad.returncode == 0, bad.stderr
-    assert "backend: cpu (CUDA unavailable: cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE" \
-        in bad.stderr
+    assert "backend: cpu (CUDA unavailable: cuModuleLoadDataEx failed: CUDA_ERROR_INVALID_PTX" \
+        in bad.stderr and "refused before it: sm_90a cubin: CUDA_ERROR_INVALID_IMAGE" in bad.stderr
     assert bad.stdout == cpu.stdout
 
     # a kernel failing mid-decode loses the context (every later call fails, as on hardware):

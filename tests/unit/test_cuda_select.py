@@ -60,9 +60,22 @@ def test_auto_falls_back_when_a_ptx_module_fails_to_load(tiny):
 def test_forced_cuda_raises_instead(tiny):
     with pytest.raises(CudaError, match="CUDA_ERROR_NO_DEVICE"):
         select_backend("cuda", tiny, driver=FakeDriver(devices=[]))
-    fake = FakeDriver(fail={"cuModuleLoadData": "CUDA_ERROR_INVALID_IMAGE"})
-    with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_IMAGE.*ptx build"):
+    fake = FakeDriver(fail={"cuModuleLoadData": "CUDA_ERROR_INVALID_IMAGE",
+                            "cuModuleLoadDataEx": "CUDA_ERROR_INVALID_PTX"})
+    with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_PTX.*refused before it: sm_90a cubin: "
+                                        "CUDA_ERROR_INVALID_IMAGE.*ptx build"):
         select_backend("cuda", tiny, driver=fake, arena_bytes=32 << 20)
+
+
+def test_a_refused_cubin_falls_through_to_its_ptx(tiny, capsys):
+    fake = FakeDriver(fail={"cuModuleLoadData": "CUDA_ERROR_NO_BINARY_FOR_GPU"})
+    be, line = select_backend("cuda", tiny, driver=fake, arena_bytes=32 << 20)
+    assert line.startswith("backend: cuda")
+    kinds = {(k["target"], k["kind"]) for k in be.kernels.describe()}
+    assert kinds == {("sm_90a", "ptx")}  # the arch-specific PTX comes before the portable one
+    err = capsys.readouterr().err
+    assert err.count("the driver refused sm_90a cubin (CUDA_ERROR_NO_BINARY_FOR_GPU)") == 1
+    be.close()
 
 
 def test_auto_picks_cuda_when_everything_loads_and_preloads_the_model_kernels(tiny):
