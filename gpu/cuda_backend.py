@@ -55,6 +55,7 @@ class DeviceWeight:
     shape: tuple[int, ...]
     planes: dict[str, int]  # "w_q"/"w_s"/"w_m" -> device address (matrices)
     vec: int = 0  # float32[shape[0]] (vectors: norms, biases)
+    nbytes: int = 0  # device bytes of the planes (what a mat-vec reads)
 
 
 @dataclass
@@ -174,8 +175,10 @@ class CudaBackend(Backend):
                                   f"(supported: {', '.join(FORMATS)}); use the CPU backend")
         n, k = shape
         packed = repack(np.asarray(view.data), qtype, n, k)
-        planes = {f"w_{p}": self.upload(a, "weights") for p, a in packed.planes().items()}
-        return DeviceWeight(view.name, qtype, shape, planes)
+        arrays = packed.planes()
+        planes = {f"w_{p}": self.upload(a, "weights") for p, a in arrays.items()}
+        return DeviceWeight(view.name, qtype, shape, planes,
+                            nbytes=sum(int(a.nbytes) for a in arrays.values()))
 
     def _prepare_vector(self, view: Any, qtype: str, shape: tuple[int, ...]) -> DeviceWeight:
         from ukgpu.llama_core.quants import dequantize

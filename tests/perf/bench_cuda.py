@@ -13,6 +13,9 @@ Qwen2.5-Coder-1.5B Q4_K_M, SmolLM2-135M Q4_1), built on first use, so nothing la
   runs on the device, 4 bytes come back); the first step (eager + capture) is a warm-up.
 - tg32 eager: the same through `Model.forward` (one Python launch per kernel), to show what the
   graph saves.
+- roofline: tg128 against the tokens/s a step would reach if it only streamed its weights (the
+  device bytes of every block's matrices and the output matrix) at the device-to-device copy
+  bandwidth measured in the same run.
 Each is repeated `--repeats` times after a warm-up; the median is reported.  llama.cpp numbers come
 from a `llama-bench` binary built with -DGGML_CUDA=ON (`-ngl 99 -p 512 -n 128 -o json`), with
 flash attention on and off, when `--llama-bench` is given.
@@ -70,10 +73,42 @@ def bench_ukgpu(path: Path, repeats: int) -> dict:
         for pos in range(N_EAGER):
             token = int(model.forward(np.array([token]), pos, kv, all_logits=False)[0].argmax())
         eager.append(time.perf_counter() - t)
+    weight_bytes = decode_weight_bytes(model)
     return {"load_s": round(load_s, 2), f"pp{N_PROMPT}": _median_rate(N_PROMPT, pp),
             f"tg{N_GEN}": _median_rate(N_GEN, tg), f"tg{N_EAGER}_eager": _median_rate(N_EAGER, eager),
+            "decode_weight_mb": round(weight_bytes / 1e6, 1),
             "device": be.ctx.info.line(), "arena": be.usage(),
             "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()})}
+
+
+def decode_weight_bytes(model) -> int:
+    """Device bytes every decode step reads at least once: each block's matrices and the output
+    matrix (the embedding table only gives one row, unless it is also the output)."""
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    w = model.weights
+    return sum(getattr(lw, n).nbytes for lw in w.layers for n in names) + w.output.nbytes
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, GB/s counting the bytes read and written (the decode roofline's
+    bandwidth: a mat-vec at best streams its weights once)."""
+    from ukgpu.ptx_kernels.cuda_launch import CudaRunner
+
+    run = CudaRunner()
+    try:
+        a, b = run.empty(nbytes), run.empty(nbytes)
+        return 2 * nbytes / run.time_ms(lambda: run.copy(b, a, nbytes), iters=10) / 1e6
+    finally:
+        run.free_all()
+
+
+def roofline_line(name: str, res: dict, copy_gbs: float) -> str:
+    """tg as a fraction of weight bytes / copy bandwidth (the issue's 60% goal for 1.5B)."""
+    ceiling = copy_gbs * 1e3 / res["decode_weight_mb"]  # tokens/s if each token only streamed its weights
+    tg = res[f"tg{N_GEN}"]
+    return (f"{name}: tg{N_GEN} {tg:,.0f} t/s = {100 * tg / ceiling:.0f}% of the roofline "
+            f"({res['decode_weight_mb']:.0f} MB of weights per token at {copy_gbs:,.0f} GB/s "
+            f"copy bandwidth: {ceiling:,.0f} t/s)")
 
 
 def bench_llama_cpp(binary: str, path: Path, repeats: int) -> dict:
@@ -106,6 +141,8 @@ def main(argv: list[str]) -> int:
         print(f"bench_cuda: no usable CUDA GPU: {reason}", file=sys.stderr)
         return 2
     print(reason)
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device copy bandwidth: {copy_gbs:,.0f} GB/s (read + write)")
     results = {}
     for name in args.models:
         path = build_synthetic(name, progress=True)
@@ -126,8 +163,11 @@ def main(argv: list[str]) -> int:
 
         print(f"| {name} | {u[f'pp{N_PROMPT}']:,.0f} | {u[f'tg{N_GEN}']:,.0f} "
               f"| {u[f'tg{N_EAGER}_eager']:,.0f} | {peer(f'pp{N_PROMPT}')} | {peer(f'tg{N_GEN}')} |")
+    print()
+    for name, res in results.items():
+        print(roofline_line(name, res["ukgpu"], copy_gbs))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"copy_gbs": copy_gbs, **results}, indent=2) + "\n")
     return 0
 
 
