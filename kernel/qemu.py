@@ -105,6 +105,11 @@ def _vfio_args(bdf: str) -> list[str]:
 
 
 _READY = re.compile(r"^READY\b(.*)$")
+# What QEMU prints when KVM cannot run the guest; the vCPU then stops for good, so waiting for
+# READY would only run into the timeout.
+_KVM_FAILED = ("KVM internal error", "KVM: entry failed", "emulation failure")
+KVM_HINT = ("KVM could not run the guest (often nested virtualization that lacks an "
+            "instruction the kernel uses): boot with --accel tcg")
 
 
 class Vm:
@@ -146,6 +151,9 @@ class Vm:
                 self._ready_event.set()
             elif "ukgpu: FATAL:" in line:
                 self.fatal = line.split("ukgpu: FATAL:", 1)[1].strip()
+            elif self.fatal is None and line.startswith(_KVM_FAILED):
+                self.fatal = f"{KVM_HINT} (QEMU: {line.strip()})"
+                self._ready_event.set()  # stuck for good: stop waiting now
         self._ready_event.set()  # QEMU exited: nobody waits for READY any longer
 
     @property

@@ -218,3 +218,24 @@ def test_default_memory_covers_initramfs_and_disk(tmp_path):
 def test_parse_ready_line():
     got = qemu.parse_ready(" total=9.10s boot_to_init=3.20s model_load=2.00s port=8080")
     assert got == {"total": 9.1, "boot_to_init": 3.2, "model_load": 2.0, "port": 8080.0}
+
+
+def test_a_guest_kvm_cannot_run_fails_at_once_with_the_way_out(tmp_path, monkeypatch):
+    """QEMU's 'KVM internal error' leaves the vCPU stopped: wait_ready says so instead of
+    waiting out its timeout."""
+    import sys
+    import time
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    vm = qemu.Vm(_image(tmp_path), qemu.BootOptions(accel="kvm"))
+    vm.command = [sys.executable, "-c", "import time; print('Linux version 6.1', flush=True); "
+                  "print('KVM internal error. Suberror: 1', flush=True); "
+                  "print('emulation failure', flush=True); time.sleep(60)"]
+    vm.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(qemu.BootError, match="KVM could not run the guest.*--accel tcg"):
+            vm.wait_ready(timeout=50)
+        assert time.monotonic() - t0 < 20
+    finally:
+        vm.kill()
