@@ -35,7 +35,12 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
     backend, note = pick_backend(cfg.backend, arena, gguf)
     from ukgpu.llama_core.engine import Engine
 
-    engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots)
+    from ukgpu.llama_core.cpu_backend import CpuBackend
+
+    # ukgpu.backend=auto on a GPU: a device lost while serving moves the engine to the CPU
+    fallback = (lambda: CpuBackend(alloc=arena.alloc)) if cfg.backend == "auto" and note == "cuda" \
+        else None
+    engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots, fallback=fallback)
     print(f"ukgpu: model {path}: {mc.arch}, {mc.n_layers} layers, ctx {ctx}, {cfg.slots} slots; "
           f"arena {format_size(arena.size)} ({format_size(arena.used)} used)", flush=True)
     return engine, arena, note

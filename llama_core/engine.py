@@ -136,14 +136,15 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | Path | GGUFFile | Model, backend: str | Backend = "auto",
-             n_ctx: int = 2048, n_slots: int = 1) -> "Engine":
+             n_ctx: int = 2048, n_slots: int = 1,
+             fallback: Callable[[], Backend] | None = None) -> "Engine":
         """An engine for a model name, path, opened GGUF file or Model.  backend: "cpu",
         "auto" (CUDA when usable, else the CPU with one line on stderr saying why; a CUDA
         failure while running moves every sequence to the CPU), "cuda" (raises when unusable
-        or failing) or a Backend instance."""
+        or failing) or a Backend instance (with `fallback`, the backend to move to when it
+        fails while running)."""
         if n_ctx < 2 or n_slots < 1:
             raise EngineError(f"n_ctx={n_ctx}, n_slots={n_slots}: need n_ctx >= 2 and n_slots >= 1")
-        fallback = None
         if isinstance(model, Model):
             note = model.backend.name
         else:

@@ -79,3 +79,22 @@ def test_without_a_fallback_the_failure_is_raised_and_the_slot_forgets(smollm2):
     assert seq.kv_suspect
     engine.release(seq)
     assert engine.start(PROMPTS[0], GREEDY, 2).n_cached == 0
+
+
+def test_the_guest_init_gives_a_gpu_engine_under_auto_a_cpu_fallback(smollm2_path, monkeypatch):
+    """kernel/init_model: ukgpu.backend=auto that got the GPU keeps the CPU (KV cache in the
+    arena) to move to; ukgpu.backend=cuda does not."""
+    from types import SimpleNamespace
+
+    from ukgpu.kernel import init_model
+
+    monkeypatch.setattr(init_model, "pick_backend", lambda wanted, arena, gguf: (DyingDevice(3), "cuda"))
+    for wanted, has_fallback in (("auto", True), ("cuda", False)):
+        cfg = SimpleNamespace(ctx=64, slots=1, backend=wanted)
+        engine, arena, note = init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
+        assert note == "cuda" and (engine.fallback is not None) == has_fallback
+    engine, arena, _ = init_model.load(str(smollm2_path), SimpleNamespace(ctx=64, slots=1, backend="auto"),
+                                       lambda *a: 64 << 20)
+    used = arena.used
+    assert [e.token_id for e in engine.generate(PROMPTS[0], GREEDY, 4)]  # the device dies at once
+    assert engine.model.backend.name == "cpu" and arena.used > used  # its KV cache: in the arena
