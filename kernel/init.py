@@ -173,14 +173,19 @@ class Guest:
         return self.cfg.model or self.doc["model"]["path"]
 
     def check_model_in_background(self) -> threading.Thread | None:
-        """Hash the model (the largest file) while the engine loads; READY waits for it."""
-        if self.cfg.verify != "full" or self.model_file() not in self.doc["files"]:
+        """Hash the model (the largest file, or the model disk) while the engine loads; READY
+        waits for it."""
+        path, model = self.model_file(), self.doc["model"]
+        on_disk = bool(model.get("disk")) and path == model["path"]
+        if self.cfg.verify != "full" or not (on_disk or path in self.doc["files"]):
             return None
 
         def run() -> None:
             start = time.monotonic()
-            self.model_problem = manifest.verify_one(self.doc, self.model_file())
-            say(f"model verified in {time.monotonic() - start:.2f}s")
+            self.model_problem = (manifest.verify_model_disk(path, model) if on_disk
+                                  else manifest.verify_one(self.doc, path))
+            if self.model_problem is None:
+                say(f"model verified in {time.monotonic() - start:.2f}s")
 
         thread = threading.Thread(target=run, name="ukgpu-model-check", daemon=True)
         thread.start()

@@ -124,6 +124,26 @@ def verify_one(manifest: dict, guest: str, root: str = "/") -> str | None:
     return problem
 
 
+def verify_model_disk(path: str, model: dict) -> str | None:
+    """The model disk (a block device holding the GGUF, padded to whole sectors) against the
+    image's record of the model: its first `size` bytes must have its sha256."""
+    size, digest = int(model["size"]), hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            left = size
+            while left and (chunk := f.read(min(left, 1 << 22))):
+                digest.update(chunk)
+                left -= len(chunk)
+    except OSError as exc:
+        return f"model disk {path}: cannot read it ({exc.strerror})"
+    if left:
+        return f"model disk {path}: {size - left} bytes, the model has {size}"
+    if digest.hexdigest() != model["sha256"]:
+        return (f"model disk {path}: content differs from {model.get('name', 'the model')} "
+                "(sha256 mismatch): attach the disk the image was built with")
+    return None
+
+
 def _size_problem(guest: str, want: dict, root: str) -> str | None:
     try:
         size = os.lstat(_under(root, guest)).st_size

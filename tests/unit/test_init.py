@@ -156,3 +156,22 @@ def test_admin_poweroff_answers_then_shuts_down_and_passes_other_paths():
     assert json.loads(sent[1]["body"]) == {"status": "powering off"}
     assert guest.done.wait(5) and guest.reasons == ["POST /admin/poweroff"]
     assert seen == ["/health"]
+
+
+def test_model_disk_check_reads_the_model_bytes_of_a_sector_padded_device(tmp_path):
+    import hashlib
+
+    from ukgpu.kernel import manifest
+
+    data = bytes(range(256)) * 1000 + b"tail"
+    model = {"name": "m", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    disk = tmp_path / "vda"
+    disk.write_bytes(data + b"\0" * (-len(data) % 512))  # whole sectors, like a virtio disk
+    assert manifest.verify_model_disk(str(disk), model) is None
+    flipped = bytearray(disk.read_bytes())
+    flipped[1234] ^= 1
+    disk.write_bytes(bytes(flipped))
+    assert "sha256 mismatch" in manifest.verify_model_disk(str(disk), model)
+    disk.write_bytes(data[:1000])
+    assert "1000 bytes, the model has" in manifest.verify_model_disk(str(disk), model)
+    assert "cannot read it" in manifest.verify_model_disk(str(tmp_path / "none"), model)
