@@ -126,8 +126,11 @@ def verify_one(manifest: dict, guest: str, root: str = "/") -> str | None:
 
 def verify_model_disk(path: str, model: dict) -> str | None:
     """The model disk (a block device holding the GGUF, padded to whole sectors) against the
-    image's record of the model: its first `size` bytes must have its sha256."""
-    size, digest = int(model["size"]), hashlib.sha256()
+    image's record of the model: its first `size` bytes must have its BLAKE2b-256 (or, in a
+    record without one, its sha256)."""
+    kind = "blake2b" if "blake2b" in model else "sha256"
+    size = int(model["size"])
+    digest = hashlib.blake2b(digest_size=32) if kind == "blake2b" else hashlib.sha256()
     try:
         with open(path, "rb") as f:
             left = size
@@ -138,9 +141,9 @@ def verify_model_disk(path: str, model: dict) -> str | None:
         return f"model disk {path}: cannot read it ({exc.strerror})"
     if left:
         return f"model disk {path}: {size - left} bytes, the model has {size}"
-    if digest.hexdigest() != model["sha256"]:
+    if digest.hexdigest() != model[kind]:
         return (f"model disk {path}: content differs from {model.get('name', 'the model')} "
-                "(sha256 mismatch): attach the disk the image was built with")
+                f"({kind} mismatch): attach the disk the image was built with")
     return None
 
 

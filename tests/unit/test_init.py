@@ -172,6 +172,10 @@ def test_model_disk_check_reads_the_model_bytes_of_a_sector_padded_device(tmp_pa
     flipped[1234] ^= 1
     disk.write_bytes(bytes(flipped))
     assert "sha256 mismatch" in manifest.verify_model_disk(str(disk), model)
+    fast = model | {"blake2b": hashlib.blake2b(data, digest_size=32).hexdigest()}
+    assert "blake2b mismatch" in manifest.verify_model_disk(str(disk), fast)
+    disk.write_bytes(data)
+    assert manifest.verify_model_disk(str(disk), fast) is None
     disk.write_bytes(data[:1000])
     assert "1000 bytes, the model has" in manifest.verify_model_disk(str(disk), model)
     assert "cannot read it" in manifest.verify_model_disk(str(tmp_path / "none"), model)
