@@ -172,7 +172,13 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
 
     async def health(request: Request) -> Response:
         status = host.status
-        return JSONResponse({"status": status}, 200 if status == "ready" else 503)
+        body = {"status": status}
+        engine = host.engine if status == "ready" else None
+        backend = getattr(getattr(engine, "model", None), "backend", None)
+        if backend is not None:  # which device answers, and why (a run-time fallback says so)
+            body["backend"] = backend.name
+            body["backend_note"] = str(getattr(engine, "backend_note", ""))
+        return JSONResponse(body, 200 if status == "ready" else 503)
 
     async def metrics(request: Request) -> Response:
         scheduler = host.scheduler

@@ -102,7 +102,9 @@ def _health() -> dict:
     body = {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["loading", "ready", "failed"]}},
+        "properties": {"status": {"type": "string", "enum": ["loading", "ready", "failed"]},
+                       "backend": {"type": "string"},  # "cpu", "cuda" (once ready)
+                       "backend_note": {"type": "string"}},  # why that one
     }
     ok = {"description": "Ready", "content": _json(body)}
     busy = {"description": "Loading or failed", "content": _json(body)}

@@ -223,6 +223,10 @@ def test_server_on_cuda_answers_like_the_cpu_from_its_scheduler_thread(stub_env,
                                 [(plain, prompts[0]), (streamed, prompts[1]),
                                  (streamed, prompts[0]), (plain, prompts[1])]))
         assert got == [want[0], want[1], want[0], want[1]]
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "ready"
+        assert health["backend"] == ("cpu" if failure else "cuda"), health
+        assert ("continuing on the CPU" in health["backend_note"]) == bool(failure), health
     finally:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
