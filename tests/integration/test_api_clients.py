@@ -159,7 +159,8 @@ def test_concurrent_load_gives_the_lone_answers(url):
     result = _load_module().run_load(url, MODEL, clients=4, requests=16, max_tokens=4,
                                      time_limit=600, n_prompts=4)
     assert result["requests"] == 16
-    assert httpx.get(url + "/health").json() == {"status": "ready"}
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ready" and health["backend"] == "cpu", health
 
 
 def test_schemathesis_finds_no_server_errors(url):
@@ -171,7 +172,8 @@ def test_schemathesis_finds_no_server_errors(url):
             "POST /detokenize"} <= {op.label for op in operations}
     for operation in operations:
         _fuzz(operation, url)
-    assert httpx.get(url + "/health").json() == {"status": "ready"}
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ready" and health["backend"] == "cpu", health
 
 
 def _fuzz(operation, url: str) -> None:
