@@ -127,6 +127,15 @@ def e2e_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> lis
     c_logits, g_logits = cpu.forward(ids, 0, ckv), gpu.forward(ids, 0, gkv)
     checks = [nmse_check("e2e", f"prompt logits ({len(ids)} tokens)", g_logits, c_logits,
                          LOGITS_BOUND)]
+    # a prefill that resumes after a cached prefix (the engine's prompt reuse): the first half
+    # in one pass, the rest from its position on; the last logits must be the full pass's
+    split = len(ids) // 2
+    if split:
+        rkv = gpu.new_kv(n_ctx)
+        gpu.forward(ids[:split], 0, rkv, all_logits=False)
+        resumed = gpu.forward(ids[split:], split, rkv, all_logits=False)
+        checks.append(nmse_check("e2e", f"prefill resumed at token {split} (cached prefix)",
+                                 resumed, c_logits[-1:], LOGITS_BOUND))
     token, pos, agree, note = int(np.argmax(c_logits[-1])), len(ids), 0, ""
     for _ in range(n_generate):
         c_row = cpu.forward(np.array([token]), pos, ckv, all_logits=False)[0]
