@@ -46,31 +46,37 @@ class ManifestError(UkgpuError):
     """The image manifest is missing, malformed, or does not match the image."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+_HASHES = {"sha256": hashlib.sha256, "blake2b": lambda: hashlib.blake2b(digest_size=32)}
+
+
+def _hash(path: str | os.PathLike, kinds: tuple[str, ...], limit: int | None = None
+          ) -> tuple[dict[str, str], int]:
+    """({kind: hex digest}, bytes read) of a file's bytes (its first `limit`, when given), read once."""
+    hashes = {kind: _HASHES[kind]() for kind in kinds}
+    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        while limit is None or size < limit:
+            chunk = f.read(_CHUNK if limit is None else min(_CHUNK, limit - size))
+            if not chunk:
+                break
+            for h in hashes.values():
+                h.update(chunk)
+            size += len(chunk)
+    return {kind: h.hexdigest() for kind, h in hashes.items()}, size
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return _hash(path, ("sha256",))[0]["sha256"]
 
 
 def blake2b_file(path: str | os.PathLike) -> str:
-    digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _hash(path, ("blake2b",))[0]["blake2b"]
 
 
 def digests(path: str | os.PathLike) -> dict:
     """Both digests and the size of one file, reading it once (build side)."""
-    sha, b2, size = hashlib.sha256(), hashlib.blake2b(digest_size=32), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            b2.update(chunk)
-            size += len(chunk)
-    return {"sha256": sha.hexdigest(), "blake2b": b2.hexdigest(), "size": size}
+    found, size = _hash(path, ("sha256", "blake2b"))
+    return {**found, "size": size}
 
 
 def dumps(manifest: dict) -> bytes:
@@ -130,18 +136,13 @@ def verify_model_disk(path: str, model: dict) -> str | None:
     record without one, its sha256)."""
     kind = "blake2b" if "blake2b" in model else "sha256"
     size = int(model["size"])
-    digest = hashlib.blake2b(digest_size=32) if kind == "blake2b" else hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            left = size
-            while left and (chunk := f.read(min(left, 1 << 22))):
-                digest.update(chunk)
-                left -= len(chunk)
+        found, read = _hash(path, (kind,), limit=size)
     except OSError as exc:
         return f"model disk {path}: cannot read it ({exc.strerror})"
-    if left:
-        return f"model disk {path}: {size - left} bytes, the model has {size}"
-    if digest.hexdigest() != model[kind]:
+    if read < size:
+        return f"model disk {path}: {read} bytes, the model has {size}"
+    if found[kind] != model[kind]:
         return (f"model disk {path}: content differs from {model.get('name', 'the model')} "
                 f"({kind} mismatch): attach the disk the image was built with")
     return None
