@@ -120,9 +120,7 @@ class Model:
         x = be.embedding(w.token_embd, tokens)  # [n, d]
         for i, lw in enumerate(w.layers):
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
-                q = be.rope(q, start_pos, c.n_heads, self.rope)  # [n, H*hd]
-                k = be.rope(k, start_pos, c.n_kv_heads, self.rope)
-                return be.attention(q, k, v, kv, i, start_pos)  # [n, H*hd]
+                return self._rope_attend(q, k, v, kv, i, start_pos)  # [n, H*hd]
             x = self._block(x, lw, attend)
         if not all_logits:
             x = be.take_rows(x, slice(-1, None))  # [1, d]
@@ -147,15 +145,20 @@ class Model:
         x = be.embedding(w.token_embd, tokens)  # [B, d]
         for i, lw in enumerate(w.layers):
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
-                out = []
-                for row, pos, kv in zip(rows, positions, kvs):
-                    qb = be.rope(be.take_rows(q, row), pos, c.n_heads, self.rope)
-                    kb = be.rope(be.take_rows(k, row), pos, c.n_kv_heads, self.rope)
-                    out.append(be.attention(qb, kb, be.take_rows(v, row), kv, i, pos))
-                return be.concat_rows(out)  # [B, H*hd]
+                return be.concat_rows([  # [B, H*hd]
+                    self._rope_attend(be.take_rows(q, row), be.take_rows(k, row),
+                                      be.take_rows(v, row), kv, i, pos)
+                    for row, pos, kv in zip(rows, positions, kvs)])
             x = self._block(x, lw, attend)
         x = be.rmsnorm(x, w.output_norm, c.rms_eps)
         return be.to_host(be.matmul(x, w.output))  # [B, vocab]
+
+    def _rope_attend(self, q: Any, k: Any, v: Any, kv: KVCache, layer: int, start_pos: int) -> Any:
+        """Rotate q, k for positions start_pos.., store k, v in kv and attend: [n, H*hd]."""
+        c, be = self.config, self.backend
+        q = be.rope(q, start_pos, c.n_heads, self.rope)
+        k = be.rope(k, start_pos, c.n_kv_heads, self.rope)
+        return be.attention(q, k, v, kv, layer, start_pos)
 
     def _block(self, x: Any, lw: Any, attend: Callable[[Any, Any, Any], Any]) -> Any:
         """One transformer block on x [n, d]; `attend(q, k, v)` places and attends."""
