@@ -219,22 +219,18 @@ class Engine:
         read once for the group); the others step alone.  A sequence's failure comes back in
         its place, so the rest go on; an interrupt is raised."""
         out: list[list[TokenEvent] | Exception | None] = [None] * len(seqs)
-        size = getattr(self.model.backend, "max_batch", 1)
+        size = self.model.backend.max_batch
         ready = [i for i, s in enumerate(seqs) if s.finish_reason is None and s.prefilled]
         groups = [ready[k:k + size] for k in range(0, len(ready), size)] if size > 1 else []
         for group in (g for g in groups if len(g) > 1):
             batch = [seqs[i] for i in group]
             try:
                 tokens = self._decode_batch(batch)
-            except DeviceError as exc:
-                if not self._fall_back(exc):
+            except Exception as exc:  # noqa: BLE001 - every sequence of the group gets it
+                if not (isinstance(exc, DeviceError) and self._fall_back(exc)):
                     for i in group:
                         out[i] = exc
-                continue  # on the CPU now: these sequences step (re-prefill) below
-            except Exception as exc:  # noqa: BLE001 - every sequence of the group gets it
-                for i in group:
-                    out[i] = exc
-                continue
+                continue  # after a fallback to the CPU: these sequences step (re-prefill) below
             for i, seq, token in zip(group, batch, tokens):
                 out[i] = self._emit(seq, token)
         for i, seq in enumerate(seqs):

@@ -126,7 +126,7 @@ class RecordingModel:
     def __init__(self, gguf) -> None:
         self.gguf = gguf
         self.config = SimpleNamespace(vocab_size=gguf.config.vocab_size)
-        self.backend = SimpleNamespace(name="recording")
+        self.backend = SimpleNamespace(name="recording", max_batch=1)  # one sequence per pass
         self.calls: list[tuple[int, int]] = []  # (n tokens, start_pos)
         self.fail = False
 
