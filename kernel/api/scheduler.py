@@ -147,7 +147,7 @@ class Scheduler:
         reason = next((e.finish_reason for e in events if e.finish_reason), None)
         if reason is not None:
             self._retire(job)
-            _send(job, Finished(reason, _cached_tokens(job.seq)))
+            _send(job, Finished(reason, job.seq.stats.cached_tokens))
 
     def _retire(self, job: Job) -> None:
         self._active.remove(job)
@@ -155,11 +155,6 @@ class Scheduler:
             self.engine.release(job.seq)
         except Exception:  # a failed release must not stop the other sequences
             log.exception("engine.release failed; the slot may stay busy")
-
-
-def _cached_tokens(seq: Any) -> int:
-    """The prompt tokens a sequence did not re-evaluate; 0 from an engine that keeps no stats."""
-    return getattr(getattr(seq, "stats", None), "cached_tokens", 0)
 
 
 def _send(job: Job, item: object) -> None:

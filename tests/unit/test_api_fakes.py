@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from ukgpu.kernel.api import engine_facts
+from ukgpu.llama_core.engine import Stats
 
 
 @dataclass
@@ -39,6 +40,7 @@ class FakeSeq:
     stop: list[str]
     text: str = ""
     n: int = 0
+    stats: Stats = field(default_factory=Stats)  # what the scheduler reads (cached_tokens)
 
 
 @dataclass
