@@ -33,7 +33,7 @@ from ukgpu.gpu.fake_driver import CUresult, FakeDevice, FakeDriver, _Stream  # n
 CUDA_ERROR_UNKNOWN = 999
 DISPATCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                             ctypes.POINTER(ctypes.c_uint64))
-_PARAM_TYPES = {"i32": ("<i", 4), "fp32": ("<f", 4)}
+_PARAM_TYPES = {"i32": ("<i", ctypes.c_int32), "fp32": ("<f", ctypes.c_float)}  # (struct, ctypes)
 
 
 def build(out_dir: Path) -> Path:
@@ -125,6 +125,13 @@ class StubDispatch:
         self.handles[h] = obj
         return h
 
+    def _handle_out(self, pout: int, result: tuple) -> int:
+        """(err, object) from the fake -> err, the object's new handle written to *pout on success."""
+        err, obj = result[0], result[1]
+        if err == 0:
+            _put(pout, "<Q", self._handle(obj))
+        return err
+
     def _obj(self, handle: int) -> Any:
         if handle not in self.handles:
             raise KeyError(f"unknown handle {handle:#x}")
@@ -191,9 +198,7 @@ class StubDispatch:
         return err
 
     def cuDevicePrimaryCtxRetain(self, pctx: int, dev: int) -> int:
-        err, ctx = self.fake.cuDevicePrimaryCtxRetain(dev)
-        _put(pctx, "<Q", self._handle(ctx))
-        return err
+        return self._handle_out(pctx, self.fake.cuDevicePrimaryCtxRetain(dev))
 
     def cuDevicePrimaryCtxRelease(self, dev: int) -> int:
         return 0
@@ -244,10 +249,7 @@ class StubDispatch:
 
     # --- modules -----------------------------------------------------------
     def cuModuleLoadData(self, pmod: int, image: int) -> int:
-        err, mod = self.fake.cuModuleLoadData(_image_bytes(image))
-        if err == 0:
-            _put(pmod, "<Q", self._handle(mod))
-        return err
+        return self._handle_out(pmod, self.fake.cuModuleLoadData(_image_bytes(image)))
 
     def cuModuleLoadDataEx(self, pmod: int, image: int, n: int, options: int, values: int) -> int:
         opts = [_get(options + 4 * i, "<i") for i in range(n)]
@@ -257,24 +259,19 @@ class StubDispatch:
         if (log_addr is None) != (log_size is None):
             return CUresult.CUDA_ERROR_INVALID_VALUE
         log = bytearray(log_size or 0)
-        err, mod = self.fake._load("cuModuleLoadDataEx", _image_bytes(image),
-                                   log if log_addr else None)
+        result = self.fake._load("cuModuleLoadDataEx", _image_bytes(image),
+                                 log if log_addr else None)
         if log_addr and log_size:
             log[-1:] = b"\0"
             ctypes.memmove(log_addr, bytes(log), log_size)
-        if err == 0:
-            _put(pmod, "<Q", self._handle(mod))
-        return err
+        return self._handle_out(pmod, result)
 
     def cuModuleUnload(self, mod: int) -> int:
         self._obj(mod)
         return 0
 
     def cuModuleGetFunction(self, pfn: int, mod: int, name: int) -> int:
-        err, fn = self.fake.cuModuleGetFunction(self._obj(mod), ctypes.string_at(name))
-        if err == 0:
-            _put(pfn, "<Q", self._handle(fn))
-        return err
+        return self._handle_out(pfn, self.fake.cuModuleGetFunction(self._obj(mod), ctypes.string_at(name)))
 
     def cuFuncSetAttribute(self, fn: int, attr: int, value: int) -> int:
         return self.fake.cuFuncSetAttribute(self._obj(fn), attr, ctypes.c_int64(value).value)[0]
@@ -293,17 +290,14 @@ class StubDispatch:
                 values.append(_get(addr, "<Q"))
                 types.append(ctypes.c_void_p)
             else:
-                fmt, _ = _PARAM_TYPES[p["type"]]
+                fmt, ctype = _PARAM_TYPES[p["type"]]
                 values.append(_get(addr, fmt))
-                types.append(ctypes.c_int32 if p["type"] == "i32" else ctypes.c_float)
+                types.append(ctype)
         return self.fake.cuLaunchKernel(func, gx, gy, gz, bx, by, bz, shared, self._stream(stream),
                                         (tuple(values), tuple(types)), None)[0]
 
     def cuStreamCreate(self, pstream: int, flags: int) -> int:
-        err, stream = self.fake.cuStreamCreate(flags)
-        if err == 0:
-            _put(pstream, "<Q", self._handle(stream))
-        return err
+        return self._handle_out(pstream, self.fake.cuStreamCreate(flags))
 
     def cuStreamDestroy(self, stream: int) -> int:
         self._obj(stream)
@@ -318,16 +312,10 @@ class StubDispatch:
         return self.fake.cuStreamBeginCapture(self._stream(stream), mode)[0]
 
     def cuStreamEndCapture(self, stream: int, pgraph: int) -> int:
-        err, graph = self.fake.cuStreamEndCapture(self._stream(stream))
-        if err == 0:
-            _put(pgraph, "<Q", self._handle(graph))
-        return err
+        return self._handle_out(pgraph, self.fake.cuStreamEndCapture(self._stream(stream)))
 
     def cuGraphInstantiate(self, pexec: int, graph: int, flags: int) -> int:
-        err, exec_ = self.fake.cuGraphInstantiate(self._obj(graph), flags)
-        if err == 0:
-            _put(pexec, "<Q", self._handle(exec_))
-        return err
+        return self._handle_out(pexec, self.fake.cuGraphInstantiate(self._obj(graph), flags))
 
     def cuGraphLaunch(self, exec_: int, stream: int) -> int:
         return self.fake.cuGraphLaunch(self._obj(exec_), self._stream(stream))[0]
