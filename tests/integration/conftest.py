@@ -9,6 +9,7 @@ section, so the reason is visible without rerunning.
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -40,6 +41,26 @@ def attach_vm(request):
         return vm
 
     return attach
+
+
+@pytest.fixture
+def refused_boot(attach_vm):
+    """refused_boot(image) -> vm: boot `image`, which must refuse to serve: the guest powers
+    itself off (QEMU exits 0, not a crash) without ever reporting READY."""
+
+    def boot(image: image_mod.Image) -> qemu.Vm:
+        vm = attach_vm(qemu.Vm(image, qemu.BootOptions(port=0)))
+        vm.start()
+        try:
+            code = vm.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            vm.kill()
+            pytest.fail("the guest neither refused nor powered off:\n" + vm.tail())
+        assert code == 0, "the guest should power itself off, not crash QEMU"
+        assert vm.ready is None, "a refused guest must never report READY"
+        return vm
+
+    return boot
 
 
 @pytest.fixture(scope="module")
