@@ -144,6 +144,11 @@ class Runner:
             raise CheckError(f"`{shlex.join(cmd[:4])}...` exited {done.returncode} (see the log)")
         return done.returncode
 
+    def use_site(self) -> None:
+        """Put the private install folder first on the phases' PYTHONPATH."""
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.site), self.env.get("PYTHONPATH", "")) if p)
+
     def ukgpu(self, log, *args: str, check: bool = True) -> int:
         return self.sh(log, [self.python, "-m", "ukgpu.tools.cli", *args], check=check)
 
@@ -186,8 +191,7 @@ class Runner:
             self.sh(log, [self.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                           "--no-build-isolation", "--no-compile", "--upgrade", "--target",
                           str(self.site), str(src), *map(str, wheels)])
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.site), self.env.get("PYTHONPATH", "")) if p)
+        self.use_site()
         self.sh(log, [self.python, "-c", "import ukgpu.gpu.cuda_backend, ukgpu.llama_core.model, gguf; "
                       "print('ukgpu imports')"])
         self.ukgpu(log, "pci", check=False)
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.out.resolve(), args.python, args.site, args.wheels, args.llama_cpp,
                     args.build_dir.resolve(), args.jobs)
     if "install" not in phases and (args.site / "ukgpu").is_dir():
-        runner.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.site), runner.env.get("PYTHONPATH", "")) if p)
+        runner.use_site()  # installed by an earlier run
     results = runner.run(phases)
     (args.out / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
     _print_summary(results)
