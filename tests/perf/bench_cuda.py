@@ -92,12 +92,13 @@ def decode_weight_bytes(model) -> int:
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, GB/s counting the bytes read and written (the decode roofline's
     bandwidth: a mat-vec at best streams its weights once)."""
+    from bench_ptx_gpu import copy_bandwidth  # this folder's kernel benchmark
+
     from ukgpu.ptx_kernels.cuda_launch import CudaRunner
 
     run = CudaRunner()
     try:
-        a, b = run.empty(nbytes), run.empty(nbytes)
-        return 2 * nbytes / run.time_ms(lambda: run.copy(b, a, nbytes), iters=10) / 1e6
+        return copy_bandwidth(run, nbytes)
     finally:
         run.free_all()
 
