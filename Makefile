@@ -8,8 +8,8 @@ PROMPT  ?= What is the capital of France?
 
 .PHONY: demo test venv models host-deps test-host-deps clean
 
-$(STAMP): pyproject.toml tools/bootstrap.sh
-	bash tools/bootstrap.sh $(PY) $(VENV)
+$(STAMP): pyproject.toml tools/dev/bootstrap.sh
+	bash tools/dev/bootstrap.sh $(PY) $(VENV)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,10 +20,10 @@ models: $(STAMP)
 	for m in $(TEST_MODELS); do $(BIN)/ukgpu models pull $$m || exit 1; done
 
 host-deps:
-	bash tools/host_deps.sh
+	bash tools/dev/host_deps.sh
 
 test-host-deps:
-	bash tools/host_deps.sh --tests
+	bash tools/dev/host_deps.sh --tests
 
 # Command 1: the main job on the embedded default model.
 demo: $(STAMP) host-deps

@@ -1,7 +1,7 @@
 """The `Backend` interface: every operation the forward pass needs.
 
 `model.py` speaks only to this interface, so a device backend (the CUDA one in
-`ukgpu.gpu.cuda_backend`) replaces `CpuBackend` without touching the model.
+`ukgpu.gpu.cuda.backend`) replaces `CpuBackend` without touching the model.
 Activations are backend arrays (`Act`); the model never looks inside them
 except through `to_host`.  Weights are opaque handles from `prepare_weight`.
 

@@ -28,13 +28,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
 
 import numpy as np
 
-from .backend import Backend, KVCache
-from .errors import DeviceError, UkgpuError
-from .gguf_file import GGUFFile, open_gguf
-from .model import Model
-from .registry import resolve_model
-from .sampling import Sampler, SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
+from ukgpu.llama_core.backend import Backend, KVCache
+from ukgpu.llama_core.errors import DeviceError, UkgpuError
+from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
+from ukgpu.llama_core.model import Model
+from ukgpu.llama_core.models.registry import resolve_model
+from ukgpu.llama_core.sampling import Sampler, SamplingParams
+from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class EngineError(UkgpuError):
@@ -294,7 +294,7 @@ class Engine:
         return self.generate(self.chat_ids(messages), params, max_tokens, stop)
 
     def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
-        from .chat import render_chat
+        from ukgpu.llama_core.text.chat import render_chat
 
         text = render_chat(self.gguf, messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
@@ -408,13 +408,13 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
 
 
 def _cpu_backend() -> Backend:
-    from .cpu_backend import CpuBackend
+    from ukgpu.llama_core.cpu.backend import CpuBackend
 
     return CpuBackend()
 
 
 def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Backend, str]:
-    from .cpu_backend import CpuBackend
+    from ukgpu.llama_core.cpu.backend import CpuBackend
 
     if isinstance(kind, Backend):
         return kind, kind.name
@@ -423,7 +423,7 @@ def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Ba
     if kind not in ("auto", "cuda"):
         raise EngineError(f"backend {kind!r}: use 'cpu', 'auto' or 'cuda'")
     try:
-        from ukgpu.gpu.cuda_backend import select_backend
+        from ukgpu.gpu.cuda.backend import select_backend
     except ImportError as exc:
         if kind == "cuda":
             raise EngineError(f"the CUDA backend cannot be imported ({exc}): install ukgpu[gpu] "

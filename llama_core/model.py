@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, KVCache, RopeConfig
-from .config import ModelConfig
-from .errors import GGUFError, UkgpuError
-from .gguf_file import GGUFFile, open_gguf
-from .registry import resolve_model
+from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
+from ukgpu.llama_core.models.config import ModelConfig
+from ukgpu.llama_core.errors import GGUFError, UkgpuError
+from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
+from ukgpu.llama_core.models.registry import resolve_model
 
 
 class ContextOverflowError(UkgpuError):
@@ -99,7 +99,7 @@ class Model:
     def load(cls, model: str | Path, backend: Backend | None = None,
              dtype: np.dtype = np.float32) -> "Model":
         """Open a model by name or path; `dtype` picks the CPU backend's precision."""
-        from .cpu_backend import CpuBackend
+        from ukgpu.llama_core.cpu.backend import CpuBackend
 
         return cls(open_gguf(resolve_model(str(model))), backend or CpuBackend(dtype=dtype))
 

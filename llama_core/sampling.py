@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UkgpuError
+from ukgpu.llama_core.errors import UkgpuError
 
 _TOP_P_FIRST_GUESS = 1024  # candidates sorted before falling back to a full sort
 

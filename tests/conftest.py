@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.llama_core.registry import resolve_model
+from ukgpu.llama_core.models.registry import resolve_model
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def qwen05_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """The SmolLM2-135M GGUFFile (llama arch, Q4_1/Q8_0/F32), memory-mapped once per session."""
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     return open_gguf(smollm2_path)
 
@@ -34,6 +34,6 @@ def smollm2(smollm2_path):
 @pytest.fixture(scope="session")
 def qwen05(qwen05_path):
     """The Qwen2.5-Coder-0.5B GGUFFile (qwen2 arch, Q4_K/Q5_0/Q6_K/Q8_0/F32)."""
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     return open_gguf(qwen05_path)

@@ -1,6 +1,6 @@
 """`ukgpu` entry point.
 
-Every subcommand lives in its own module `ukgpu.tools.cmd_<name>` that defines
+Every subcommand lives in its own module `ukgpu.tools.commands.<name>` that defines
 `register(subparsers)`; the parser is assembled from whatever modules exist, so
 adding a command never touches this file.  A command handler returns an exit
 code; a `UkgpuError` escaping it is printed as one clear line (exit 1).
@@ -14,13 +14,11 @@ import pkgutil
 import sys
 
 from ukgpu.llama_core.errors import UkgpuError
-
-from . import __path__ as _tools_path
+from ukgpu.tools.commands import __path__ as _commands_path
 
 
 def _command_modules() -> list[str]:
-    names = [m.name for m in pkgutil.iter_modules(_tools_path) if m.name.startswith("cmd_")]
-    return sorted(names)
+    return sorted(m.name for m in pkgutil.iter_modules(_commands_path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _command_modules():
-        module = importlib.import_module(f"ukgpu.tools.{name}")
+        module = importlib.import_module(f"ukgpu.tools.commands.{name}")
         module.register(sub)
     return parser
 

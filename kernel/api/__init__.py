@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: `create_app(engine_or_loader, limits)` and `serve(app, host, port)`."""
 
-from .app import create_app
-from .limits import ApiLimits
-from .server import serve
+from ukgpu.kernel.api.app import create_app
+from ukgpu.kernel.api.limits import ApiLimits
+from ukgpu.kernel.api.server import serve
 
 __all__ = ["ApiLimits", "create_app", "serve"]

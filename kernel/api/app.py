@@ -15,12 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import engine_facts, generation, openapi, schema
-from .errors import ApiError, bad_request, model_failed, model_loading
-from .limits import ApiLimits
-from .metrics import Metrics
-from .scheduler import Scheduler
-from .validate import validate
+from ukgpu.kernel.api import engine_facts, generation, openapi, schema
+from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
+from ukgpu.kernel.api.limits import ApiLimits
+from ukgpu.kernel.api.metrics import Metrics
+from ukgpu.kernel.api.scheduler import Scheduler
+from ukgpu.kernel.api.validate import validate
 
 log = logging.getLogger(__name__)
 

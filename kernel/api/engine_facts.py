@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import bad_request
-from .schema import ModelFacts
+from ukgpu.kernel.api.errors import bad_request
+from ukgpu.kernel.api.schema import ModelFacts
 
 
 def model_facts(engine: Any, model_id: str) -> ModelFacts:
@@ -23,7 +23,7 @@ def slot_count(engine: Any) -> int:
 
 def render_chat(engine: Any, messages: list[dict]) -> str:
     """The model's own chat template applied to `messages`; a template refusal is a 400."""
-    from ukgpu.llama_core.chat import ChatTemplateError, render_chat as render
+    from ukgpu.llama_core.text.chat import ChatTemplateError, render_chat as render
 
     try:
         return render(engine.gguf, messages, add_generation_prompt=True)

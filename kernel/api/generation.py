@@ -13,10 +13,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from . import engine_facts
-from .errors import ApiError, bad_request, error_body
-from .schema import ModelFacts, max_tokens_cap
-from .scheduler import Failed, Finished, Job, Scheduler
+from ukgpu.kernel.api import engine_facts
+from ukgpu.kernel.api.errors import ApiError, bad_request, error_body
+from ukgpu.kernel.api.schema import ModelFacts, max_tokens_cap
+from ukgpu.kernel.api.scheduler import Failed, Finished, Job, Scheduler
 
 _DISCONNECTED = object()  # queue item: the client went away
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import schema
-from .limits import ApiLimits
-from .schema import ModelFacts
+from ukgpu.kernel.api import schema
+from ukgpu.kernel.api.limits import ApiLimits
+from ukgpu.kernel.api.schema import ModelFacts
 
 _ERROR = {
     "type": "object",

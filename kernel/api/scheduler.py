@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import queue_full
-from .metrics import Metrics
+from ukgpu.kernel.api.errors import queue_full
+from ukgpu.kernel.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .limits import ApiLimits
+from ukgpu.kernel.api.limits import ApiLimits
 
 _N_HINT = "This server generates exactly one choice per request: send n=1 or omit it."
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ApiError, bad_request
+from ukgpu.kernel.api.errors import ApiError, bad_request
 
 _PY_TYPES = {
     "object": lambda v: isinstance(v, dict),

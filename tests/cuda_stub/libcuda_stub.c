@@ -6,7 +6,7 @@
  * lookups with the C ABI of exactly the (name, version) pairs the bindings ask for, and each
  * entry point forwards its arguments, as 64-bit words, to one dispatch function that the test
  * process installs with ukgpu_stub_set_dispatch() (tests/cuda_stub/libcuda_stub.py, which runs
- * the fake device of gpu/fake_driver.py).  So the real bindings do all of their own argument
+ * the fake device of tests/fakes/cuda_driver.py).  So the real bindings do all of their own argument
  * conversion and marshalling -- handles, buffers, kernel parameter arrays, JIT options -- and
  * only what happens below the C ABI is fake.
  *

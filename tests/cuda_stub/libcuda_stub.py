@@ -2,7 +2,7 @@
 
 `install()` builds the library if needed, loads it and registers `StubDispatch.__call__` as its
 dispatch function; from then on every driver call that cuda-python's real bindings make arrives
-here as (entry point name, 64-bit words) and is carried out by `gpu.fake_driver.FakeDriver`:
+here as (entry point name, 64-bit words) and is carried out by `tests/fakes/cuda_driver.FakeDriver`:
 handles become small integers, output parameters are written through the pointers the bindings
 passed, kernel parameter arrays are decoded with the manifest's parameter types, JIT logs are
 written into the caller's buffer.  The process must have been started with LD_LIBRARY_PATH
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TESTS = HERE.parent  # the test doubles live in tests/fakes
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
-from ukgpu.gpu.fake_driver import CUresult, FakeDevice, FakeDriver, _Stream  # noqa: E402
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver, _Stream  # noqa: E402
 
 CUDA_ERROR_UNKNOWN = 999
 DISPATCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int,

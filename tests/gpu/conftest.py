@@ -1,6 +1,6 @@
 """With UKGPU_CUDA_STUB=DIR (and LD_LIBRARY_PATH=DIR), these tests run through cuda-python's real
 bindings against the stand-in libcuda.so.1 of tests/cuda_stub instead of a GPU: every call form
-is the real one, the device below the C ABI is the fake of gpu/fake_driver.py.  Tests that
+is the real one, the device below the C ABI is the fake of tests/fakes/cuda_driver.py.  Tests that
 measure the hardware (`hardware` marker) are skipped there with that reason."""
 
 from __future__ import annotations

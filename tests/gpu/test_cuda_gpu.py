@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda_backend import probe
-from ukgpu.gpu.cuda_verify_kernels import kernel_checks, nmse
+from ukgpu.gpu.cuda.backend import probe
+from ukgpu.gpu.cuda.verify_kernels import kernel_checks, nmse
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ def gpu_reason():
 @pytest.fixture
 def backends():
     """create(gguf) -> a CudaBackend whose device memory is freed after the test."""
-    from ukgpu.gpu.cuda_select import create_backend
+    from ukgpu.gpu.cuda.select import create_backend
 
     made = []
 
@@ -57,9 +57,9 @@ def test_every_kernel_meets_its_bound(gpu_reason, backends):
 def _model(name: str, folder: Path | None = None):
     """A cached model (the GPU machine has no network: models are pulled beforehand), or the tiny
     synthetic ones, written on the spot."""
-    from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
-    from ukgpu.llama_core import registry
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from fakes.tiny_models import SHAPES, write_model
+    from ukgpu.llama_core.models import registry
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     if name in SHAPES:
         return open_gguf(write_model(folder / f"{name}.gguf", SHAPES[name]))
@@ -70,7 +70,7 @@ def _model(name: str, folder: Path | None = None):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "smollm2-135m", "qwen2.5-coder-0.5b"])
 def test_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, name, backends, tmp_path):
-    from ukgpu.llama_core.cpu_backend import CpuBackend
+    from ukgpu.llama_core.cpu.backend import CpuBackend
     from ukgpu.llama_core.model import Model
 
     gguf = _model(name, tmp_path)
@@ -118,7 +118,7 @@ def test_graph_decode_is_much_faster_than_eager(gpu_reason, backends):
 def test_verify_cli_passes_on_this_gpu(gpu_reason, tmp_path):
     import json
 
-    from ukgpu.llama_core import registry
+    from ukgpu.llama_core.models import registry
     from ukgpu.tools.cli import main
 
     _model("smollm2-135m")  # skips when it is not cached

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from ukgpu.kernel import image as image_mod
-from ukgpu.kernel import qemu
+from ukgpu.kernel.image import build as image_mod
+from ukgpu.kernel.image import qemu
 
 _VMS_KEY = pytest.StashKey[list]()
 
@@ -22,7 +22,7 @@ _VMS_KEY = pytest.StashKey[list]()
 def _need_host_tools() -> None:
     missing = [t for t in ("qemu-system-x86_64", "apt-get", "dpkg-deb") if not shutil.which(t)]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: run tools/host_deps.sh "
+        pytest.skip(f"{', '.join(missing)} not installed: run tools/dev/host_deps.sh "
                     "(the image is built from Debian packages and booted with QEMU)")
 
 

@@ -2,7 +2,7 @@
 
 The stand-in libcuda.so.1 (tests/cuda_stub: C, compiled here with the system compiler) answers
 the bindings' cuGetProcAddress lookups with the C ABI of each entry point and forwards the raw
-arguments to the fake device of gpu/fake_driver.py.  So the bindings' own argument conversion
+arguments to the fake device of tests/fakes/cuda_driver.py.  So the bindings' own argument conversion
 runs for real: CUdeviceptr/CUstream/CUgraph handles, host buffers, `(values, types)` kernel
 parameter packing, JIT option arrays with a writable log buffer, output pointers.  What stays
 unverified is below the C ABI: the real driver, the PTX on a GPU, f16 numerics, speed.
@@ -63,12 +63,12 @@ def test_the_bindings_load_the_stub_and_nothing_else(stub_env):
 
 @pytest.mark.slow
 def test_gpu_check_installs_and_passes_the_gpu_suite_through_the_real_bindings(stub_env, tmp_path):
-    """tools/gpu_check.py as on a GPU machine: ukgpu installed into a private folder, the kernels
+    """tools/dev/gpu_check.py as on a GPU machine: ukgpu installed into a private folder, the kernels
     checked with ptxas, then tests/gpu unchanged against the stub (only the hardware timing test
     may skip)."""
     env = dict(stub_env, PYTHONPATH=str(STUB))  # sitecustomize: every process uses the stub
     out, site = tmp_path / "out", tmp_path / "site"
-    done = subprocess.run([sys.executable, "tools/gpu_check.py", "run", "-o", str(out),
+    done = subprocess.run([sys.executable, "tools/dev/gpu_check.py", "run", "-o", str(out),
                            "--site", str(site), "--phases", "install,ptx-check,tests"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     log = (out / "tests.log").read_text()

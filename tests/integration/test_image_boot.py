@@ -9,8 +9,8 @@ import shutil
 import httpx
 import pytest
 
-from ukgpu.kernel import image as image_mod
-from ukgpu.kernel import qemu
+from ukgpu.kernel.image import build as image_mod
+from ukgpu.kernel.image import qemu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,14 +11,14 @@ import shutil
 
 import pytest
 
-from ukgpu.kernel import image as image_mod
+from ukgpu.kernel.image import build as image_mod
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_two_builds_from_the_same_inputs_are_byte_identical(tmp_path, monkeypatch):
     if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        pytest.skip("needs apt-get and dpkg-deb (a Debian host): run tools/host_deps.sh")
+        pytest.skip("needs apt-get and dpkg-deb (a Debian host): run tools/dev/host_deps.sh")
     snapshot = tmp_path / "src"  # teammates' sources may change while we build
     for package in image_mod.image_python.UKGPU_PACKAGES:
         shutil.copytree(image_mod.REPO / package, snapshot / package,

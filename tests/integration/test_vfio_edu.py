@@ -1,4 +1,4 @@
-"""ukgpu.gpu.vfio against real VFIO ioctls: QEMU's edu device behind an emulated intel-iommu.
+"""ukgpu.gpu.vfio.device against real VFIO ioctls: QEMU's edu device behind an emulated intel-iommu.
 
 One TCG guest boot (q35 + intel-iommu + edu) runs `vfio_guest/edu_check.py`
 inside a Debian kernel; the tests below check what it reports.  Every failure

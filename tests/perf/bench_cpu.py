@@ -41,9 +41,9 @@ def worker_ukgpu(model: str, pp: int, tg: int, reps: int, threads: int) -> dict:
     import numba
     import numpy as np
 
-    from ukgpu.llama_core import cpu_kernels
+    from ukgpu.llama_core.cpu import matmul as cpu_kernels
     from ukgpu.llama_core.model import Model
-    from ukgpu.llama_core.registry import resolve_model
+    from ukgpu.llama_core.models.registry import resolve_model
 
     numba.set_num_threads(threads)
     cpu_kernels.warmup()
@@ -72,7 +72,7 @@ PEER_SCRIPT = r"""
 import json, sys, time, resource
 import llama_cpp.llama as L
 defaults = L.llama_cpp.llama_model_default_params
-def plain():  # repacked (AMX) weights crash on some virtual CPUs; see tools/golden_logits.py
+def plain():  # repacked (AMX) weights crash on some virtual CPUs; see tools/dev/golden_logits.py
     p = defaults(); p.use_extra_bufts = False; return p
 L.llama_cpp.llama_model_default_params = plain
 path, pp, tg, reps, threads = sys.argv[1], *map(int, sys.argv[2:6])
@@ -112,7 +112,7 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker_ukgpu(args.worker[0], args.pp, args.tg, args.reps, args.threads)))
         return 0
-    from ukgpu.llama_core.registry import resolve_model
+    from ukgpu.llama_core.models.registry import resolve_model
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                NUMBA_NUM_THREADS=str(args.threads))

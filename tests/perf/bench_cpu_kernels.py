@@ -24,8 +24,8 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core import cpu_kernels as ck
-from ukgpu.llama_core import quants
+from ukgpu.llama_core.cpu import matmul as ck
+from ukgpu.llama_core.gguf import quants
 
 SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
@@ -74,8 +74,8 @@ def bench_shape(q: T, n_out: int, n_in: int, reps: int, rng) -> list[str]:
 
 def decode_step(reps: int) -> list[str]:
     """Time all matmuls of one SmolLM2-135M decode token (n=1) on the real weights."""
-    from ukgpu.llama_core.gguf_file import open_gguf
-    from ukgpu.llama_core.registry import resolve_model
+    from ukgpu.llama_core.gguf.file import open_gguf
+    from ukgpu.llama_core.models.registry import resolve_model
 
     g = open_gguf(resolve_model("smollm2-135m"))
     names = [n for n in g.tensors if n.startswith("blk.") and n.endswith(".weight") and len(g.tensors[n].shape) == 2]

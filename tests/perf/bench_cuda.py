@@ -42,8 +42,8 @@ def _median_rate(tokens: int, seconds: list[float]) -> float:
 
 
 def bench_ukgpu(path: Path, repeats: int) -> dict:
-    from ukgpu.gpu.cuda_select import create_backend
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.gpu.cuda.select import create_backend
+    from ukgpu.llama_core.gguf.file import open_gguf
     from ukgpu.llama_core.model import Model
 
     t0 = time.perf_counter()
@@ -134,8 +134,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    from ukgpu.gpu.cuda_backend import probe
-    from ukgpu.llama_core.synthetic import build_synthetic
+    from ukgpu.gpu.cuda.backend import probe
+    from ukgpu.llama_core.gguf.synthetic import build_synthetic
 
     ok, reason = probe()
     if not ok:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ukgpu.llama_core import cpu_ops_nb
+from ukgpu.llama_core.cpu import rope_attention as cpu_ops_nb
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.sampling import SamplingParams

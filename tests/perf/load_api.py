@@ -114,7 +114,7 @@ def main() -> int:
         return _report(args, args.url, args.model_id or args.model)
     from ukgpu.kernel.api import create_app
     from ukgpu.kernel.api.server import background
-    from ukgpu.tools.cmd_serve import model_id
+    from ukgpu.tools.commands.serve import model_id
 
     engine = _fake_engine(args) if args.fake_engine else _real_engine(args)
     with background(create_app(engine, model_id=model_id(args.model))) as url:
@@ -123,7 +123,7 @@ def main() -> int:
 
 def _real_engine(args: argparse.Namespace):
     from ukgpu.llama_core.engine import Engine
-    from ukgpu.llama_core.registry import resolve_model
+    from ukgpu.llama_core.models.registry import resolve_model
 
     return Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx,
                        n_slots=args.slots)

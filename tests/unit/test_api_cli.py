@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ukgpu.tools.cli import build_parser, main
-from ukgpu.tools.cmd_serve import model_id
+from ukgpu.tools.commands.serve import model_id
 
 
 def test_defaults_listen_on_loopback():

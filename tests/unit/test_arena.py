@@ -4,7 +4,14 @@ import threading
 import numpy as np
 import pytest
 
-from ukgpu.kernel.arena import ALIGN, Arena, ArenaError, ArenaExhausted, format_size, parse_size
+from ukgpu.kernel.guest.arena import (
+    ALIGN,
+    Arena,
+    ArenaError,
+    ArenaExhausted,
+    format_size,
+    parse_size,
+)
 from ukgpu.llama_core.errors import UkgpuError
 
 

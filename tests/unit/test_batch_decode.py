@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.sampling import SamplingParams
@@ -57,7 +57,7 @@ def _run_alone(model, params, max_tokens=8):
 
 
 def _tokenizer(model):
-    from ukgpu.llama_core.tokenizer import Tokenizer
+    from ukgpu.llama_core.text.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(model.gguf)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.tools.bench import kernels
 
 

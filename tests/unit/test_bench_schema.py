@@ -5,8 +5,15 @@ import json
 
 import pytest
 
-from ukgpu.tools.bench.schema import (SCHEMA_VERSION, BenchResultsError, Entry, Report, Result, load_report,
-                                      report_from_dict)
+from ukgpu.tools.bench.schema import (
+    SCHEMA_VERSION,
+    BenchResultsError,
+    Entry,
+    Report,
+    Result,
+    load_report,
+    report_from_dict,
+)
 
 
 def make_report() -> Report:

@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
-from ukgpu.llama_core import cpu_kernels as ck
+from ukgpu.llama_core.cpu import matmul as ck
 from ukgpu.llama_core.errors import QuantError
 
 REL = 1e-5
@@ -65,7 +65,7 @@ def test_repack_is_a_same_size_permutation(qtype, n_out):
     pw = ck.prepare(ck.RawWeight(qtype, (n_out, n_in), raw))
     assert pw.tiles is not None and pw.nbytes == raw.nbytes
     assert not np.array_equal(pw.tiles.data, raw.reshape(-1))  # really permuted
-    from ukgpu.llama_core.cpu_kernels_tile import unpack_rows
+    from ukgpu.llama_core.cpu.tiled import unpack_rows
 
     for r0, r1 in [(0, n_out), (1, n_out - 1), (n_out - 1, n_out), (0, 1)]:
         np.testing.assert_array_equal(unpack_rows(pw.tiles, r0, r1), raw[r0:r1])
@@ -132,7 +132,7 @@ def test_warmup_runs_every_kernel():
 # --- real tensors ------------------------------------------------------------------------
 
 def _real_cases(path, wanted: dict[str, str]):
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     g = open_gguf(path)
     for qname, tname in wanted.items():
@@ -161,7 +161,7 @@ def test_real_smollm2_tensors(smollm2_path):
 
 
 def test_real_qwen05_tensors(qwen05_path):
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     g = open_gguf(qwen05_path)
     by_type = {}

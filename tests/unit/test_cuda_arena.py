@@ -7,9 +7,9 @@ import gc
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda import Driver, open_device
-from ukgpu.gpu.cuda_arena import ALIGN, BufferPool, CudaArenaExhausted, DeviceArena, DeviceBuffer
-from ukgpu.gpu.fake_driver import FakeDriver
+from ukgpu.gpu.cuda.driver import Driver, open_device
+from ukgpu.gpu.cuda.arena import ALIGN, BufferPool, CudaArenaExhausted, DeviceArena, DeviceBuffer
+from fakes.cuda_driver import FakeDriver
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda_backend import CudaBackend, CudaUnsupported
-from ukgpu.gpu.cuda_select import create_backend, model_kernels
-from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
-from ukgpu.gpu.cuda_verify_kernels import nmse
-from ukgpu.gpu.fake_driver import FakeDriver
-from ukgpu.llama_core.cpu_backend import CpuBackend
-from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
+from ukgpu.gpu.cuda.select import create_backend, model_kernels
+from fakes.tiny_models import SHAPES, write_model
+from ukgpu.gpu.cuda.verify_kernels import nmse
+from fakes.cuda_driver import FakeDriver
+from ukgpu.llama_core.cpu.backend import CpuBackend
+from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.model import ContextOverflowError, Model
 
 PROMPT = np.array([3, 17, 99, 250, 4, 511, 0, 42, 77, 300, 12, 13], dtype=np.int64)
@@ -187,7 +187,7 @@ def test_the_fake_refuses_work_in_a_thread_without_a_context():
     import threading
 
     fake = FakeDriver()
-    from ukgpu.gpu.cuda import open_device
+    from ukgpu.gpu.cuda.driver import open_device
 
     open_device(0, fake)
     seen = []

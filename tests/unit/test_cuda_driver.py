@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ukgpu.gpu.cuda import CudaError, Driver, check, open_device
-from ukgpu.gpu.fake_driver import CUresult, FakeDevice, FakeDriver
+from ukgpu.gpu.cuda.driver import CudaError, Driver, check, open_device
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver
 from ukgpu.llama_core.errors import UkgpuError
 
 
@@ -69,10 +69,10 @@ def _driver_calls() -> set[str]:
     import re
     from pathlib import Path
 
-    import ukgpu.gpu as pkg
+    import ukgpu.gpu.cuda as pkg
 
     calls = set()
-    for path in Path(pkg.__path__[0]).glob("cuda*.py"):
+    for path in Path(pkg.__path__[0]).glob("*.py"):
         calls |= set(re.findall(r"\bcu\.(cu[A-Z]\w+)\(", path.read_text()))
     return calls
 

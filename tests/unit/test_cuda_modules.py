@@ -8,10 +8,10 @@ import ctypes
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda import CudaError, open_device
-from ukgpu.gpu.cuda_arena import DeviceArena
-from ukgpu.gpu.cuda_modules import STATIC_SHARED_LIMIT, KernelSet
-from ukgpu.gpu.fake_driver import FakeDevice, FakeDriver
+from ukgpu.gpu.cuda.driver import CudaError, open_device
+from ukgpu.gpu.cuda.arena import DeviceArena
+from ukgpu.gpu.cuda.modules import STATIC_SHARED_LIMIT, KernelSet
+from fakes.cuda_driver import FakeDevice, FakeDriver
 from ukgpu.ptx_kernels.loader import KernelManifestError, Manifests
 
 MANIFESTS = Manifests.load()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda import CudaError
-from ukgpu.gpu.cuda_backend import CudaBackend, CudaUnsupported, probe, select_backend
-from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
-from ukgpu.gpu.fake_driver import FakeDevice, FakeDriver
-from ukgpu.llama_core.cpu_backend import CpuBackend
-from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.gpu.cuda.driver import CudaError
+from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported, probe, select_backend
+from fakes.tiny_models import SHAPES, write_model
+from fakes.cuda_driver import FakeDevice, FakeDriver
+from ukgpu.llama_core.cpu.backend import CpuBackend
+from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.model import Model
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from ukgpu.llama_core.backend import KVCache
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.engine import ContextFullError, Engine, EngineError, NoFreeSlotError
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.sampling import SamplingParams
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 GOLDEN = Path(__file__).parents[1] / "data" / "golden" / "smollm2-135m.npz"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.errors import DeviceError
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.sampling import SamplingParams
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 PROMPTS = [[1, 504, 3458, 314, 260], [1, 2000, 31, 42]]
 GREEDY = SamplingParams(temperature=0.0)
@@ -86,7 +86,7 @@ def test_the_guest_init_gives_a_gpu_engine_under_auto_a_cpu_fallback(smollm2_pat
     arena) to move to; ukgpu.backend=cuda does not."""
     from types import SimpleNamespace
 
-    from ukgpu.kernel import init_model
+    from ukgpu.kernel.guest import engine_setup as init_model
 
     monkeypatch.setattr(init_model, "pick_backend", lambda wanted, arena, gguf: (DyingDevice(3), "cuda"))
     for wanted, has_fallback in (("auto", True), ("cuda", False)):

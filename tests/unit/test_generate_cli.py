@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 from ukgpu.tools.cli import main
 
 GOLDEN = Path(__file__).parents[1] / "data" / "golden" / "smollm2-135m.npz"

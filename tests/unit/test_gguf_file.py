@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core import quants
-from ukgpu.llama_core.config import expected_shapes
+from ukgpu.llama_core.gguf import quants
+from ukgpu.llama_core.models.config import expected_shapes
 from ukgpu.llama_core.errors import GGUFError
-from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.llama_core.gguf.file import open_gguf
 
 DIM, FFN, VOCAB, HEADS, KV_HEADS = 64, 96, 128, 4, 2
 
@@ -97,7 +97,7 @@ def test_views_are_zero_copy_and_read_only(smollm2):
 def test_open_does_not_read_the_weights(qwen05_path):
     """RSS grows by the header's worth, not by the 491 MB of weights."""
     code = (
-        "import sys; from ukgpu.llama_core.gguf_file import open_gguf\n"
+        "import sys; from ukgpu.llama_core.gguf.file import open_gguf\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "before = rss(); g = open_gguf(sys.argv[1]); g.config; print(rss() - before, g.bytes.nbytes)"
     )
@@ -192,7 +192,7 @@ def test_block_device_size_comes_from_seeking_to_the_end(tmp_path, monkeypatch):
     """A model disk in the VM is a block device: st_size is 0 there, the real size is at SEEK_END."""
     import os
     import stat as stat_mod
-    from ukgpu.llama_core import gguf_file
+    from ukgpu.llama_core.gguf import file as gguf_file
 
     p = tmp_path / "disk.bin"
     p.write_bytes(b"\0" * 4096)
@@ -214,7 +214,7 @@ def _rss_kib() -> int:
 
 def test_release_pages_drops_a_tensor_from_rss_and_keeps_its_bytes(smollm2_path):
     """Backends that repack a weight release the mapped original; reading it again still works."""
-    from ukgpu.llama_core.gguf_file import TensorView
+    from ukgpu.llama_core.gguf.file import TensorView
 
     g = open_gguf(smollm2_path)
     view = g.tensors["token_embd.weight"]  # ~26 MB

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ukgpu.llama_core.errors import GGUFError
-from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.llama_core.gguf.file import open_gguf
 
 CASE_SECONDS = 10
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,4 +1,4 @@
-"""tools/gpu_check.py without a GPU: the llama.cpp source packing and the phase runner's
+"""tools/dev/gpu_check.py without a GPU: the llama.cpp source packing and the phase runner's
 bookkeeping (the phases themselves run under the stand-in driver in
 tests/integration/test_cuda_real_bindings.py)."""
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.tools import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "dev"))  # host-side scripts, not in the wheel
+import gpu_check  # noqa: E402
 
 
 def _tree(root: Path, files: list[str]) -> Path:
@@ -59,7 +60,7 @@ def test_a_folder_without_llama_cpp_is_a_clear_error(tmp_path):
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "dev" / "gpu_check.py"), *args],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 

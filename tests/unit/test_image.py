@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.kernel import debs, image_elf, image_kernel, image_python, qemu
-from ukgpu.kernel.image import Image
-from ukgpu.kernel.initramfs import Initramfs, InitramfsError
+from ukgpu.kernel.image import (
+    debs,
+    elf as image_elf,
+    vmlinux as image_kernel,
+    python_layout as image_python,
+    qemu,
+)
+from ukgpu.kernel.image.build import Image
+from ukgpu.kernel.image.initramfs import Initramfs, InitramfsError
 
 
 def read_newc(data: bytes) -> dict[str, tuple[int, bytes, int]]:

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from ukgpu.kernel import manifest
-from ukgpu.kernel.init import BootConfig, DEFAULT_NET, arena_size, parse_ip, with_admin
-from ukgpu.kernel.init_sys import InitError, NetConfig
+from ukgpu.kernel.guest.init import BootConfig, DEFAULT_NET, arena_size, parse_ip, with_admin
+from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 from ukgpu.kernel.manifest import ManifestError
 
 

@@ -1,4 +1,4 @@
-"""The forward pass against llama.cpp's logits (tests/data/golden, see tools/golden_logits.py).
+"""The forward pass against llama.cpp's logits (tests/data/golden, see tools/dev/golden_logits.py).
 
 `<model>.npz` is llama.cpp on its own F32 dequantization of the model's weights:
 exact arithmetic on the same numbers, which the CPU backend must reproduce to
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.model import ContextOverflowError, Model
 
 GOLDEN = Path(__file__).parents[1] / "data" / "golden"

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.model import Model
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 
-TOOLS = Path(__file__).parents[2] / "tools"
+TOOLS = Path(__file__).parents[2] / "tools" / "dev"
 TEXT = "Rain fell on the tin roof of the workshop while the old clockmaker sorted gears."
 
 SCRIPT = r"""

@@ -19,11 +19,11 @@ import pytest
 from ukgpu.kernel.api.metrics import Metrics
 from ukgpu.kernel.api.scheduler import Finished, Job, Scheduler
 from ukgpu.llama_core.backend import KVCache
-from ukgpu.llama_core.cpu_backend import CpuBackend
+from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.sampling import SamplingParams
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 GOLDEN = Path(__file__).parents[1] / "data" / "golden" / "smollm2-135m.npz"
@@ -231,10 +231,10 @@ def test_the_scheduler_reports_cached_tokens(recorded):
 # --- CUDA backend on the fake driver ----------------------------------------
 
 def test_reuse_on_the_cuda_backend_keeps_its_decode_graph(tmp_path):
-    from ukgpu.gpu.cuda_select import create_backend
-    from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
-    from ukgpu.gpu.fake_driver import FakeDriver
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.gpu.cuda.select import create_backend
+    from fakes.tiny_models import SHAPES, write_model
+    from fakes.cuda_driver import FakeDriver
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     gguf = open_gguf(write_model(tmp_path / "tiny.gguf", SHAPES["tiny-llama"]))
 

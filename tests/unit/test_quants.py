@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core import quants
+from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.errors import QuantError
 
 ALL_TYPES = list(quants.BLOCK_SIZES)

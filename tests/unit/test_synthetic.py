@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core import registry, synthetic
-from ukgpu.llama_core.gguf_file import open_gguf
+from ukgpu.llama_core.models import registry
+from ukgpu.llama_core.gguf import synthetic
+from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.tools.bench.extract_shapes import read_header, spec_from_header
 
 REF_PYTHON = Path(os.environ.get("UKGPU_REF_PYTHON", "/root/ref/venv/bin/python"))
@@ -128,7 +129,7 @@ def test_random_weights_are_sane_and_seeded(built, smollm2):
 
 
 def test_minimal_vocabulary_is_a_valid_byte_level_bpe(built):
-    from ukgpu.llama_core.tokenizer import Tokenizer
+    from ukgpu.llama_core.text.tokenizer import Tokenizer
 
     syn = open_gguf(built["minimal"])
     assert len(syn.metadata["tokenizer.ggml.tokens"]) == 49152
@@ -140,7 +141,7 @@ def test_minimal_vocabulary_is_a_valid_byte_level_bpe(built):
 
 
 def test_ukgpu_runs_the_synthetic_model(built):
-    from ukgpu.llama_core.cpu_backend import CpuBackend
+    from ukgpu.llama_core.cpu.backend import CpuBackend
     from ukgpu.llama_core.model import Model
 
     model = Model(open_gguf(built["minimal"]), CpuBackend())

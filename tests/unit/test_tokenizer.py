@@ -9,9 +9,9 @@ import unicodedata
 import pytest
 
 from ukgpu.llama_core.errors import TokenizerError
-from ukgpu.llama_core.pretokenize import PreTokenizer, _category_classes
-from ukgpu.llama_core.tokenizer import IncrementalDecoder, Tokenizer, _clean_spaces
-from ukgpu.llama_core.tokenizer_bpe import byte_alphabet
+from ukgpu.llama_core.text.pretokenize import PreTokenizer, _category_classes
+from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer, _clean_spaces
+from ukgpu.llama_core.text.bpe import byte_alphabet
 
 CONTROL, NORMAL, BYTE, USER = 3, 1, 6, 4
 
@@ -153,7 +153,7 @@ def test_bad_ids_and_inputs_raise():
 def test_cli_tokenize_ids_and_decode(capsys):
     from pathlib import Path
 
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
     from ukgpu.tools.cli import main
 
     path = str(Path(__file__).resolve().parent.parent / "data" / "vocab" / "ggml-vocab-llama-spm.gguf")

@@ -1,7 +1,7 @@
 """The default models' tokenizers vs llama.cpp.
 
 `tests/data/vocab/<model>.tokens.json` holds llama.cpp's ids and
-detokenizations for a list of tricky strings (tools/golden_tokens.py); a
+detokenizations for a list of tricky strings (tools/dev/golden_tokens.py); a
 second test asks llama.cpp itself, live, when llama-cpp-python is installed.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.llama_core.gguf_file import open_gguf
-from ukgpu.llama_core.tokenizer import IncrementalDecoder, Tokenizer
+from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
 
 from test_tokenizer_vocab import check_golden, check_vocab_facts
 

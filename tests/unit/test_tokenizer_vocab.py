@@ -3,7 +3,7 @@
 Two sources of truth, both produced by llama.cpp from the same GGUF files:
 - `ggml-vocab-*.gguf.inp/.out`: test strings and the ids llama.cpp's own test
   expects (tokenized with add_special=False, parse_special=False);
-- `<name>.tokens.json` (tools/golden_tokens.py): ids for every add_special /
+- `<name>.tokens.json` (tools/dev/golden_tokens.py): ids for every add_special /
   parse_special combination on extra tricky strings, llama.cpp's
   whole-sequence detokenization, per-token pieces (as a hash), BOS/EOS and
   the end-of-generation set.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.llama_core.gguf_file import open_gguf
-from ukgpu.llama_core.tokenizer import Tokenizer
+from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 VOCAB_DIR = Path(__file__).resolve().parent.parent / "data" / "vocab"
 VOCABS = ("llama-spm", "phi-3", "gpt-2", "llama-bpe", "qwen2", "starcoder", "deepseek-coder",

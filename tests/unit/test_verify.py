@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from ukgpu.gpu import cuda_fake_kernels
-from ukgpu.gpu.cuda_synthetic import SHAPES, write_model
-from ukgpu.gpu.cuda_verify import EXIT_MISMATCH, EXIT_NO_GPU, EXIT_OK, VerifyOptions, run
-from ukgpu.gpu.fake_driver import FakeDevice, FakeDriver
+from fakes import cuda_kernels as cuda_fake_kernels
+from fakes.tiny_models import SHAPES, write_model
+from ukgpu.gpu.cuda.verify import EXIT_MISMATCH, EXIT_NO_GPU, EXIT_OK, VerifyOptions, run
+from fakes.cuda_driver import FakeDevice, FakeDriver
 from ukgpu.tools.cli import main
 
 
@@ -88,7 +88,7 @@ def test_no_gpu_exits_2_and_says_what_was_checked(tmp_path, driver, words):
 
 
 def test_cli_on_this_machine_without_a_gpu(tmp_path, capsys):
-    from ukgpu.gpu.cuda_backend import probe
+    from ukgpu.gpu.cuda.backend import probe
 
     if probe()[0]:
         pytest.skip("this machine has a usable GPU: the no-GPU exit path is not reachable")

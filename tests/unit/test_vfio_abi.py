@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 
-from ukgpu.gpu import vfio_abi as abi
+from ukgpu.gpu.vfio import abi
 
 # The values the kernel headers produce (_IO(';', 100 + n)), as seen in strace/QEMU sources.
 REQUESTS = {

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.gpu import vfio
-from ukgpu.gpu.vfio import Container, Group, IrqEventfd, Mmio, RegionInfo, VfioError, VfioSession
+from ukgpu.gpu.vfio import device as vfio
+from ukgpu.gpu.vfio.device import (
+    Container,
+    Group,
+    IrqEventfd,
+    Mmio,
+    RegionInfo,
+    VfioError,
+    VfioSession,
+)
 from ukgpu.llama_core.errors import UkgpuError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import Entry, Result, entry_from_dict
+from ukgpu.tools.bench.schema import Entry, Result, entry_from_dict
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ def backend_unavailable(name: str) -> str | None:
     if name != "cuda":
         return f"unknown backend {name!r} (known: cpu, cuda)"
     try:
-        from ukgpu.gpu import cuda_backend
+        from ukgpu.gpu.cuda import backend as cuda_backend
     except ImportError as exc:
-        return f"ukgpu.gpu.cuda_backend cannot be imported ({exc})"
+        return f"ukgpu.gpu.cuda.backend cannot be imported ({exc})"
     try:
         ok, reason = cuda_backend.probe()
     except Exception as exc:  # a probe that fails is itself the reason
@@ -55,10 +55,10 @@ def backend_unavailable(name: str) -> str | None:
 
 def make_backend(name: str, gguf=None):
     if name == "cpu":
-        from ukgpu.llama_core.cpu_backend import CpuBackend
+        from ukgpu.llama_core.cpu.backend import CpuBackend
 
         return CpuBackend()
-    from ukgpu.gpu.cuda_backend import CudaBackend
+    from ukgpu.gpu.cuda.backend import CudaBackend
 
     return CudaBackend.create(gguf=gguf)
 
@@ -67,7 +67,7 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     """Runs in the child process: load, warm up, time; returns the entry."""
     from tqdm import tqdm
 
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
     from ukgpu.llama_core.model import Model
 
     t0 = time.perf_counter()

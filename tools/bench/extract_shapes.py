@@ -22,7 +22,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from ukgpu.llama_core.synthetic import SHAPES_DIR, TOKENIZER_ARRAYS, fingerprint
+from ukgpu.llama_core.gguf.synthetic import SHAPES_DIR, TOKENIZER_ARRAYS, fingerprint
 
 _FMT = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
         GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",

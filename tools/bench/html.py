@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from html import escape
 
-from . import charts
-from .peers import BACKEND_PEER
-from .schema import Entry, Report
+from ukgpu.tools.bench import charts
+from ukgpu.tools.bench.peers import BACKEND_PEER
+from ukgpu.tools.bench.schema import Entry, Report
 
 SPEED_UNIT = "tokens/s"
 CSS = """

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .schema import Entry, Result
+from ukgpu.tools.bench.schema import Entry, Result
 
 MIN_SAMPLE_S = 0.02  # each sample loops a call until this much time has passed
 REL_TOL = 0.05  # 8-bit activation rounding stays well inside this
@@ -118,7 +118,7 @@ class Activations:
 
 
 def _check(backend: Any, w: Any, view: Any, x: Any) -> float:
-    from ukgpu.llama_core import quants
+    from ukgpu.llama_core.gguf import quants
 
     x_host = np.asarray(backend.to_host(x), dtype=np.float64)  # [n, in]
     dense = quants.dequantize(np.asarray(view.data), view.qtype, int(np.prod(view.shape))).reshape(view.shape)

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_run import RunConfig
-from .schema import Entry, Result
+from ukgpu.tools.bench.backend_run import RunConfig
+from ukgpu.tools.bench.schema import Entry, Result
 
 SCRIPT = Path(__file__).with_name("peer_llamacpp.py")
 PEER_DEVICE = {"llamacpp": "cpu", "llamacpp-cuda": "cuda"}  # peer name -> device it runs on

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import backend_run, kernels, machine, peers
-from .backend_run import RunConfig
-from .image_run import bench_image
-from .schema import Entry, Report
+from ukgpu.tools.bench import backend_run, kernels, machine, peers
+from ukgpu.tools.bench.backend_run import RunConfig
+from ukgpu.tools.bench.image_run import bench_image
+from ukgpu.tools.bench.schema import Entry, Report
 
 
 @dataclass
@@ -33,8 +33,8 @@ class BenchRequest:
 
 
 def _targets(req: BenchRequest) -> list[tuple[str, Path]]:
-    from ukgpu.llama_core.registry import resolve_model
-    from ukgpu.llama_core.synthetic import build_synthetic
+    from ukgpu.llama_core.models.registry import resolve_model
+    from ukgpu.llama_core.gguf.synthetic import build_synthetic
 
     found = [(str(m), resolve_model(m)) for m in req.models]
     found += [(f"synthetic:{s}", build_synthetic(s, seed=req.run.seed, progress=True)) for s in req.synthetic]
@@ -82,7 +82,7 @@ def _one(req: BenchRequest, name: str, path: Path, kind: str, who: str, peer_too
 
 
 def _vocab_size(path: Path) -> int:
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     return int(open_gguf(path).tensors["token_embd.weight"].shape[0])
 
@@ -90,7 +90,7 @@ def _vocab_size(path: Path) -> int:
 def _kernel_entries(req: BenchRequest, targets: list[tuple[str, Path]]) -> list[Entry]:
     import numba
 
-    from ukgpu.llama_core.gguf_file import open_gguf
+    from ukgpu.llama_core.gguf.file import open_gguf
 
     numba.set_num_threads(min(req.threads, numba.config.NUMBA_NUM_THREADS))  # -t, as in the children
     out = []

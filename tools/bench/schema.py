@@ -23,7 +23,7 @@ from typing import Any
 
 from ukgpu.llama_core.errors import UkgpuError
 
-from .stats import summarize
+from ukgpu.tools.bench.stats import summarize
 
 SCHEMA_VERSION = 1
 KINDS = ("backend", "peer", "kernels", "ceilings", "image")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .schema import Report
+from ukgpu.tools.bench.schema import Report
 
 
 def _fmt(v: float) -> str:

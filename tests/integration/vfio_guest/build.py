@@ -1,12 +1,12 @@
 """Build the VFIO test guest: a Debian kernel + an initramfs with Python and ukgpu's VFIO layer.
 
 The guest boots under QEMU (q35 + intel-iommu + edu), loads the VFIO modules,
-binds edu to vfio-pci and runs `edu_check.py` through `ukgpu.gpu.vfio`.
+binds edu to vfio-pci and runs `edu_check.py` through `ukgpu.gpu.vfio.device`.
 
-Debian packages come from `ukgpu.kernel.debs` (apt-get download + dpkg-deb,
+Debian packages come from `ukgpu.kernel.image.debs` (apt-get download + dpkg-deb,
 cached under `<cache>/debs`); the kernel is unpacked to an uncompressed vmlinux
-by `ukgpu.kernel.image_kernel`; the archive is written by
-`ukgpu.kernel.initramfs`.  The result lives in `<cache>/vfio-guest/<key>/`,
+by `ukgpu.kernel.image.vmlinux`; the archive is written by
+`ukgpu.kernel.image.initramfs`.  The result lives in `<cache>/vfio-guest/<key>/`,
 where the key hashes the package versions and every guest-side source file,
 so reruns reuse it and any source change rebuilds (older builds are removed).
 Run directly to build and print the paths:
@@ -23,9 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ukgpu.kernel import debs
-from ukgpu.kernel.image_kernel import vmlinux_bytes
-from ukgpu.kernel.initramfs import Initramfs
+from ukgpu.kernel.image import debs
+from ukgpu.kernel.image.vmlinux import vmlinux_bytes
+from ukgpu.kernel.image.initramfs import Initramfs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -34,8 +34,8 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
                "libc6", "libffi8", "zlib1g", "libexpat1"]
 VFIO_MODULES = ["vfio_pci", "vfio_iommu_type1"]  # plus what they depend on, in insmod order
 # What the guest runs from the repo, at /opt/ukgpu/<path> (all pure stdlib).
-UKGPU_FILES = ["llama_core/errors.py", "gpu/vfio_abi.py", "gpu/vfio.py", "gpu/vfio_host.py",
-               "gpu/pci.py", "gpu/pci_config.py", "gpu/passthrough.py", "tools/cmd_vfio.py"]
+UKGPU_FILES = ["llama_core/errors.py", "gpu/vfio/abi.py", "gpu/vfio/device.py", "gpu/vfio/host.py",
+               "gpu/pci/sysfs.py", "gpu/pci/config_space.py", "gpu/vfio/passthrough.py", "tools/commands/vfio.py"]
 GUEST_FILES = ["init.py", "edu_check.py"]
 STDLIB = "usr/lib/python3.11"
 PRUNE = ("usr/share", "usr/lib/x86_64-linux-gnu/gconv", "etc", ".complete") + tuple(

@@ -1,4 +1,4 @@
-"""Exercise QEMU's edu device through `ukgpu.gpu.vfio` (runs inside the test guest).
+"""Exercise QEMU's edu device through `ukgpu.gpu.vfio.device` (runs inside the test guest).
 
 edu registers (BAR0): 0x00 id, 0x04 liveness (reads back inverted), 0x24 IRQ
 status, 0x60 raise IRQ, 0x64 acknowledge IRQ, 0x80 DMA source, 0x88 DMA
@@ -14,8 +14,8 @@ import io
 import os
 import time
 
-from ukgpu.gpu import vfio_abi as abi
-from ukgpu.gpu.vfio import VfioError, describe, open_device
+from ukgpu.gpu.vfio import abi
+from ukgpu.gpu.vfio.device import VfioError, describe, open_device
 
 REG_ID, REG_LIVENESS, REG_IRQ_STATUS, REG_IRQ_RAISE, REG_IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
 REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT, REG_DMA_CMD = 0x80, 0x88, 0x90, 0x98
@@ -111,7 +111,7 @@ def run(bdf: str) -> dict:
 
 def _cli_probe(r: dict, bdf: str) -> None:
     """`ukgpu vfio probe BDF`'s handler, on the real device."""
-    from ukgpu.tools import cmd_vfio
+    from ukgpu.tools.commands import vfio as cmd_vfio
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -1,7 +1,7 @@
 """PID 1 of the VFIO test guest (build.py prepends the `#!` line).
 
 Mounts /proc, /sys and /dev, loads the VFIO modules, binds the edu device to
-vfio-pci with `ukgpu.gpu.vfio_host`, runs `edu_check.run`, prints one line
+vfio-pci with `ukgpu.gpu.vfio.host`, runs `edu_check.run`, prints one line
 `UKGPU_VFIO_RESULT <json>` and powers off.  Any exception becomes a result
 with "error" set, so the host test always has something to parse.
 """
@@ -52,7 +52,7 @@ def find_edus() -> list[str]:
 
 def not_viable_check(host, bdf: str) -> dict:
     """Bind an edu that shares its IOMMU group with a device a host driver owns; opening must fail."""
-    from ukgpu.gpu.vfio import VfioError, open_device
+    from ukgpu.gpu.vfio.device import VfioError, open_device
 
     plan = host.plan_bind(bdf)
     out = {"bdf": bdf, "others": plan.others}
@@ -97,10 +97,10 @@ def main() -> dict:
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs")
     sys.path.insert(0, "/opt")
-    from ukgpu.gpu.vfio_host import VfioHost
+    from ukgpu.gpu.vfio.host import VfioHost
     import edu_check
 
-    from ukgpu.gpu.vfio import VfioError, open_device
+    from ukgpu.gpu.vfio.device import VfioError, open_device
 
     result = {"modules": load_modules()}
     bdf, *shared_edus = find_edus()

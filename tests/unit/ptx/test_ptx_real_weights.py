@@ -12,8 +12,8 @@ import pytest
 from conftest import run_spec
 from gguf.quants import dequantize
 
-from ukgpu.llama_core.gguf_file import open_gguf
-from ukgpu.llama_core.registry import resolve_model
+from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.models.registry import resolve_model
 from ukgpu.ptx_kernels import reference as R
 from ukgpu.ptx_kernels.repack import FORMATS, dequantize_repacked, repack
 

@@ -1,0 +1,354 @@
+"""`CudaBackend`: the `Backend` interface on an NVIDIA GPU, running the manifest's kernels.
+
+Weights are repacked (`ptx_kernels.repack`) and uploaded once into the device arena; the KV cache
+lives on the device in float16, laid out (n_ctx, Hkv, hd) per layer as the attention kernels read
+it.  Activations are `DeviceBuffer`s recycled through a `BufferPool`.  Every op enqueues kernels
+on one stream; only `to_host` waits.  Matrix products pick the mat-vec kernels for 1..8 rows and
+the tensor-core GEMM above that.
+
+Positions, KV row indices and key counts are read by the kernels from device memory, never baked
+into launches, so a decode step can be captured once as a CUDA graph and replayed per token
+(`cuda_graph.DecodeGraphs`, used by `decode` / `decode_greedy`).  Creation, probing and the
+auto fallback live in `cuda_select`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
+from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.ptx_kernels.loader import (
+    attention_entries,
+    embedding_entry,
+    gemm_entry,
+    matvec_entry,
+    rope_entry,
+)
+from ukgpu.ptx_kernels.repack import FORMATS, repack
+
+from ukgpu.gpu.cuda.driver import CudaContext
+from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
+from ukgpu.gpu.cuda.modules import KernelSet
+
+MATVEC_MAX_ROWS = 8
+MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
+
+
+def decode_splits(n_ctx: int) -> tuple[int, int]:
+    """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about 256 keys per
+    split, at most MAX_DECODE_SPLITS splits, chunk a multiple of 64 with S * chunk >= n_ctx."""
+    splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // 256)))
+    chunk = -(-(-(-n_ctx // splits)) // 64) * 64
+    return splits, chunk
+
+
+class CudaUnsupported(UkgpuError):
+    """The model uses something the CUDA kernels do not implement (use the CPU backend)."""
+
+
+@dataclass
+class DeviceWeight:
+    """One GGUF tensor on the device: repacked planes of an (N, K) matrix, or a float32 vector."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    planes: dict[str, int]  # "w_q"/"w_s"/"w_m" -> device address (matrices)
+    vec: int = 0  # float32[shape[0]] (vectors: norms, biases)
+    nbytes: int = 0  # device bytes of the planes (what a mat-vec reads)
+
+
+@dataclass
+class DeviceKV:
+    """Keys or values of one sequence: per layer a float16 (n_ctx, Hkv, hd) block at base + i*stride."""
+
+    base: int
+    layer_stride: int  # bytes
+    n_kv_heads: int
+    head_dim: int
+    owner: Any = None  # the pool block: back to the pool when the KVCache is dropped
+
+    def layer(self, i: int) -> int:
+        return self.base + i * self.layer_stride
+
+
+@dataclass
+class StepBuffers:
+    """int32 device words a captured decode graph reads each step (16-byte apart)."""
+
+    base: int
+
+    @property
+    def ids(self) -> int:
+        return self.base
+
+    @property
+    def pos(self) -> int:  # also the KV row: each sequence's cache is its own slot 0
+        return self.base + 16
+
+    @property
+    def lens(self) -> int:
+        return self.base + 32
+
+    @property
+    def slot(self) -> int:
+        return self.base + 48
+
+    @staticmethod
+    def words(token: int, pos: int) -> np.ndarray:
+        w = np.zeros(16, dtype=np.int32)
+        w[0], w[4], w[8], w[12] = token, pos, pos + 1, 0
+        return w
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, ctx: CudaContext, kernels: KernelSet, arena: DeviceArena):
+        from ukgpu.gpu.cuda.graph import DecodeGraphs
+
+        self.ctx, self.cu, self.kernels, self.arena = ctx, ctx.cu, kernels, arena
+        self.pool = BufferPool(arena)
+        self.kv_pool = BufferPool(arena, "kv cache")
+        self.step = StepBuffers(arena.alloc(64, "step"))
+        self.capturing = False  # ops read token/position from `step` instead of uploading
+        self.captured_output: DeviceBuffer | None = None
+        self._forward_id = 0
+        self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's ids/positions
+        self.graphs = DecodeGraphs(self)
+        self._weights: dict[tuple, DeviceWeight] = {}  # uploaded once per GGUF tensor
+
+    @classmethod
+    def create(cls, device: int = 0, gguf: Any = None, **kw: Any) -> "CudaBackend":
+        """Open the GPU, check that it and the model are supported, preload the kernels."""
+        from ukgpu.gpu.cuda.select import create_backend
+
+        return create_backend(device=device, gguf=gguf, **kw)
+
+    # --- transfers -----------------------------------------------------------
+    def upload(self, arr: np.ndarray, tag: str) -> int:
+        self.ctx.ensure_current()
+        arr = np.ascontiguousarray(arr)
+        ptr = self.arena.alloc(arr.nbytes, tag)
+        self.cu.cuMemcpyHtoDAsync(ptr, arr.ctypes.data, arr.nbytes, self.ctx.stream)
+        return ptr
+
+    def new(self, shape: tuple[int, ...], dtype: Any = np.float32) -> DeviceBuffer:
+        block = self.pool.take(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        return DeviceBuffer(block.ptr, tuple(shape), np.dtype(dtype), block)
+
+    def _upload_act(self, arr: np.ndarray) -> DeviceBuffer:
+        self.ctx.ensure_current()
+        arr = np.ascontiguousarray(arr)
+        buf = self.new(arr.shape, arr.dtype)
+        self.cu.cuMemcpyHtoDAsync(buf.ptr, arr.ctypes.data, arr.nbytes, self.ctx.stream)
+        return buf  # pageable source: staged by the driver before the call returns
+
+    def to_host(self, x: DeviceBuffer) -> np.ndarray:
+        if self.capturing:  # inside a graph capture: the graph's output, read after replay
+            self.captured_output = x
+            return np.zeros(x.shape, dtype=x.dtype)
+        out = np.empty(x.shape, dtype=x.dtype)
+        self.ctx.ensure_current()
+        self.ctx.sync()
+        self.cu.cuMemcpyDtoHAsync(out.ctypes.data, x.ptr, x.nbytes, self.ctx.stream)
+        self.ctx.sync()
+        return out
+
+    def launch(self, name: str, **values: Any) -> None:
+        self.kernels.launch(name, values, self.ctx.stream)
+
+    # --- weights and cache -----------------------------------------------------
+    def prepare_weight(self, view: Any) -> DeviceWeight:
+        key = (view.name, np.asarray(view.data).__array_interface__["data"][0], tuple(view.shape))
+        if key not in self._weights:
+            self._weights[key] = self._prepare(view)
+        return self._weights[key]
+
+    def _prepare(self, view: Any) -> DeviceWeight:
+        qtype = getattr(view.qtype, "name", str(view.qtype))
+        shape = tuple(int(s) for s in view.shape)
+        if len(shape) == 1:
+            return self._prepare_vector(view, qtype, shape)
+        if qtype not in FORMATS:
+            raise CudaUnsupported(f"{view.name} is {qtype}, which the CUDA kernels do not read "
+                                  f"(supported: {', '.join(FORMATS)}); use the CPU backend")
+        n, k = shape
+        packed = repack(np.asarray(view.data), qtype, n, k)
+        arrays = packed.planes()
+        planes = {f"w_{p}": self.upload(a, "weights") for p, a in arrays.items()}
+        return DeviceWeight(view.name, qtype, shape, planes,
+                            nbytes=sum(int(a.nbytes) for a in arrays.values()))
+
+    def _prepare_vector(self, view: Any, qtype: str, shape: tuple[int, ...]) -> DeviceWeight:
+        from ukgpu.llama_core.gguf.quants import dequantize
+
+        data = np.asarray(view.data)
+        vec = data.view(np.float32) if qtype == "F32" else dequantize(data, view.qtype, shape[0])
+        vec = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1)
+        return DeviceWeight(view.name, qtype, shape, {}, vec=self.upload(vec, "weights"))
+
+    def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
+        """A zeroed float16 cache; its memory returns to the KV pool when the KVCache goes."""
+        self.ctx.ensure_current()
+        stride = n_ctx * n_kv_heads * head_dim * 2
+        halves = []
+        for _ in ("k", "v"):
+            block = self.kv_pool.take(n_layers * stride)
+            self.cu.cuMemsetD32Async(block.ptr, 0, n_layers * stride // 4, self.ctx.stream)
+            halves.append(DeviceKV(block.ptr, stride, n_kv_heads, head_dim, block))
+        return KVCache(halves[0], halves[1], n_ctx)
+
+    # --- per-forward device words --------------------------------------------
+    def _ids(self, tokens: np.ndarray) -> int:
+        if self.capturing:
+            return self.step.ids
+        buf = self._upload_act(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        self._live[(self._forward_id, -1, 0)] = buf  # held for this forward pass
+        return buf.ptr
+
+    def _pos_lens(self, start_pos: int, n: int) -> tuple[int, int]:
+        """Device int32 positions start..start+n-1 (= KV rows) and the key count start+n."""
+        if self.capturing:
+            return self.step.pos, self.step.lens
+        key = (self._forward_id, start_pos, n)
+        if key not in self._live:
+            words = np.zeros(-(-n // 4) * 4 + 8, dtype=np.int32)
+            words[:n] = np.arange(start_pos, start_pos + n)
+            words[-8] = start_pos + n  # lens at a 16-byte aligned offset, then slot 0 at +16
+            self._live[key] = self._upload_act(words)
+        buf = self._live[key]
+        return buf.ptr, buf.ptr + (buf.size - 8) * 4
+
+    # --- ops ---------------------------------------------------------------------
+    def embedding(self, table: DeviceWeight, tokens: np.ndarray) -> DeviceBuffer:
+        self._forward_id += 1  # every forward pass starts here
+        self._live.clear()
+        n, k = len(np.asarray(tokens).reshape(-1)), table.shape[1]
+        out = self.new((n, k))
+        self.launch(embedding_entry(table.qtype), **table.planes, ids=self._ids(tokens), out=out.ptr,
+                    K=k, T=n)
+        return out
+
+    def matmul(self, x: DeviceBuffer, weight: DeviceWeight, bias: DeviceWeight | None = None
+               ) -> DeviceBuffer:
+        m, (n_out, k) = x.shape[0], weight.shape
+        y = self.new((m, n_out))
+        if m <= MATVEC_MAX_ROWS:
+            self.launch(matvec_entry(weight.qtype, m), **weight.planes, x=x.ptr, y=y.ptr, N=n_out,
+                        K=k, B=m)
+        else:
+            self.launch(gemm_entry(weight.qtype), **weight.planes, x=x.ptr, y=y.ptr, M=m, N=n_out,
+                        K=k)
+        if bias is not None:
+            self.launch("add_bias_f32", x=y.ptr, bias=bias.vec, out=y.ptr, n=y.size, N=n_out)
+        return y
+
+    def rmsnorm(self, x: DeviceBuffer, weight: DeviceWeight, eps: float) -> DeviceBuffer:
+        y = self.new(x.shape)
+        self.launch("rmsnorm_f32", x=x.ptr, weight=weight.vec, y=y.ptr, D=x.shape[1], eps=eps,
+                    M=x.shape[0])
+        return y
+
+    def rope(self, x: DeviceBuffer, start_pos: int, n_heads: int, rope: RopeConfig) -> DeviceBuffer:
+        n, width = x.shape
+        hd = width // n_heads
+        if rope.n_rot != hd or rope.scale != 1.0:
+            raise CudaUnsupported(f"rope over {rope.n_rot} of {hd} dims with scale {rope.scale} "
+                                  "has no CUDA kernel; use the CPU backend")
+        pos, _ = self._pos_lens(start_pos, n)
+        self.launch(rope_entry(rope.neox, hd), x=x.ptr, y=x.ptr, pos=pos,
+                    stride_x=width, stride_y=width, log2_base=math.log2(rope.base), T=n, H=n_heads)
+        return x
+
+    def attention(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kv: KVCache,
+                  layer: int, start_pos: int) -> DeviceBuffer:
+        n = q.shape[0]
+        keys, values = kv.k, kv.v
+        hkv, hd = keys.n_kv_heads, keys.head_dim
+        hq = q.shape[1] // hd
+        pos, lens = self._pos_lens(start_pos, n)
+        k_base, v_base = keys.layer(layer), values.layer(layer)
+        for src, dst in ((k, k_base), (v, v_base)):
+            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=pos, W=hkv * hd,
+                        src_stride=hkv * hd, T=n)
+        out = self.new((n, hq * hd))
+        common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=hq, Hkv=hkv,
+                      scale=1.0 / math.sqrt(hd))
+        if n == 1:
+            self._attn_decode(common, hd, lens, kv.n_ctx)
+        else:
+            self.launch(attention_entries(hd)["prefill"], **common, T=n, start=start_pos)
+        return out
+
+    def _attn_decode(self, common: dict, hd: int, lens: int, n_ctx: int) -> None:
+        """Split-K decode: S partials over chunks of the keys, then one combine."""
+        splits, chunk = decode_splits(n_ctx)
+        hq, out = common["Hq"], common.pop("out")
+        part, ml = self.new((1, hq, splits, hd)), self.new((1, hq, splits, 2))
+        slot = self.step.slot if self.capturing else lens + 16
+        names = attention_entries(hd)
+        self.launch(names["decode"], **common, part_out=part.ptr, part_ml=ml.ptr, slots=slot,
+                    lens=lens, n_ctx=n_ctx, chunk=chunk, B=1, S=splits)
+        self.launch(names["combine"], part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
+                    B=1, Hq=hq)
+
+    def swiglu(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
+        self.launch("swiglu_f32", gate=gate.ptr, up=up.ptr, out=gate.ptr, n=gate.size)
+        return gate
+
+    def add(self, x: DeviceBuffer, y: DeviceBuffer) -> DeviceBuffer:
+        self.launch("add_f32", a=x.ptr, b=y.ptr, out=x.ptr, n=x.size)
+        return x
+
+    def take_rows(self, x: DeviceBuffer, rows: slice) -> DeviceBuffer:
+        start, stop, step = rows.indices(x.shape[0])
+        if step != 1:
+            raise CudaUnsupported("take_rows needs a contiguous slice")
+        return x.rows(start, stop)
+
+    def argmax(self, logits: DeviceBuffer) -> DeviceBuffer:
+        """int32[rows]: the greedy token of each row of logits [rows, vocab], on the device."""
+        out = self.new((logits.shape[0],), np.int32)
+        self.launch("argmax_f32", logits=logits.ptr, out=out.ptr, V=logits.shape[1],
+                    B=logits.shape[0])
+        return out
+
+    # --- decode through captured graphs ----------------------------------------
+    def decode(self, model: Any, token: int, start_pos: int, kv: KVCache) -> np.ndarray:
+        """Logits float32[1, vocab] of `token` at `start_pos` (same as model.forward, but
+        replayed from a CUDA graph after the first step of each KV cache)."""
+        return self.graphs.step(model, int(token), int(start_pos), kv, greedy=False)
+
+    def decode_greedy(self, model: Any, token: int, start_pos: int, kv: KVCache) -> int:
+        """The argmax token after `token` at `start_pos`, computed on the device."""
+        return self.graphs.step(model, int(token), int(start_pos), kv, greedy=True)
+
+    def usage(self) -> str:
+        return self.arena.usage()
+
+    def close(self) -> None:
+        """Destroy the decode graphs and free the device arena; the backend is unusable after."""
+        self.ctx.ensure_current()
+        self.ctx.sync()
+        self.graphs.release()
+        self.arena.free()
+
+
+def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:
+    """(ok, reason): can this machine run the CUDA backend?  See `cuda_select.probe`."""
+    from ukgpu.gpu.cuda.select import probe as _probe
+
+    return _probe(device, driver)
+
+
+def select_backend(kind: str = "auto", gguf: Any = None, **kw: Any) -> tuple[Backend, str]:
+    """(backend, one line saying which and why); see `cuda_select.select_backend`."""
+    from ukgpu.gpu.cuda.select import select_backend as _select
+
+    return _select(kind, gguf, **kw)

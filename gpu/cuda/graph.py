@@ -1,0 +1,106 @@
+"""Decode as a captured CUDA graph, replayed once per token.
+
+The first decode step of a (model, KV cache) pair runs eagerly: it gives that step's logits and
+loads every kernel decode needs.  Then the model's own `forward` is run once more with the
+backend in capture mode (`cuStreamBeginCapture` .. `cuStreamEndCapture`): ops read the token,
+position and key count from the backend's `StepBuffers` instead of uploading them, `to_host`
+names the logits buffer instead of copying it, and an argmax kernel is appended.  The graph is
+instantiated once; each later step is one 64-byte upload of the step words, one `cuGraphLaunch`,
+and one download (4 bytes for greedy, the logits row otherwise): no per-kernel Python launches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ukgpu.gpu.cuda.driver import CudaError
+from ukgpu.gpu.cuda.arena import DeviceBuffer
+from ukgpu.gpu.cuda.backend import StepBuffers
+
+
+@dataclass
+class DecodeGraph:
+    exec: Any
+    logits: DeviceBuffer  # float32[1, vocab], written by every replay
+    token: DeviceBuffer  # int32[1], argmax of logits
+    replays: int = 0
+
+
+class DecodeGraphs:
+    """The captured decode graph of each (model, KV cache) pair of one `CudaBackend`."""
+
+    def __init__(self, backend: Any):
+        self.be = backend
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.captures = 0
+
+    def step(self, model: Any, token: int, pos: int, kv: Any, greedy: bool) -> Any:
+        key = (id(model), id(kv))
+        graph = self.graphs.get(key)
+        if graph is None:
+            logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager warm-up
+            self.graphs[key] = self.capture(model, kv)
+            for owner in (kv, model):  # its memory / id may be reused: drop the graph with it
+                weakref.finalize(owner, self._forget, key)
+            return int(np.argmax(logits[0])) if greedy else logits
+        return self.replay(graph, token, pos, kv, greedy)
+
+    def capture(self, model: Any, kv: Any) -> DecodeGraph:
+        be, cu = self.be, self.be.cu
+        stream = be.ctx.stream
+        be.ctx.ensure_current()
+        be.ctx.sync()
+        cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        be.capturing, be.captured_output = True, None
+        try:
+            model.forward(np.zeros(1, dtype=np.int64), 0, kv, all_logits=False)
+            logits = be.captured_output
+            token = be.argmax(logits)
+        except BaseException:
+            be.capturing = False
+            try:  # end the (now invalid) capture so the stream is usable; the cause propagates
+                cu.cuStreamEndCapture(stream)
+            except CudaError:
+                pass
+            raise
+        be.capturing = False
+        graph = cu.cuStreamEndCapture(stream)
+        exec_ = cu.cuGraphInstantiate(graph, 0)
+        cu.cuGraphDestroy(graph)
+        self.captures += 1
+        return DecodeGraph(exec_, logits, token)
+
+    def replay(self, graph: DecodeGraph, token: int, pos: int, kv: Any, greedy: bool) -> Any:
+        be, cu = self.be, self.be.cu
+        if not 0 <= pos < kv.n_ctx:
+            from ukgpu.llama_core.model import ContextOverflowError
+
+            raise ContextOverflowError(f"position {pos} does not fit a {kv.n_ctx}-token KV "
+                                       "cache; shorten the input or raise n_ctx")
+        be.ctx.ensure_current()
+        words = StepBuffers.words(token, pos)
+        cu.cuMemcpyHtoDAsync(be.step.base, words.ctypes.data, words.nbytes, be.ctx.stream)
+        cu.cuGraphLaunch(graph.exec, be.ctx.stream)
+        graph.replays += 1
+        if greedy:
+            return int(be.to_host(graph.token)[0])
+        return be.to_host(graph.logits)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Finalizer of a KV cache: its graph goes too (nothing to do once the context is lost:
+        the driver freed everything with it)."""
+        graph = self.graphs.pop(key, None)
+        if graph is not None:
+            try:
+                self.be.cu.cuGraphExecDestroy(graph.exec)
+            except CudaError:
+                pass
+
+    def release(self) -> None:
+        for graph in self.graphs.values():
+            self.be.cu.cuGraphExecDestroy(graph.exec)
+        self.graphs.clear()

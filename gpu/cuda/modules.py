@@ -1,0 +1,179 @@
+"""Kernel modules from the `ptx_kernels` manifests, loaded and launched as the manifest says.
+
+`KernelSet.function(name)` picks the artifact for the device (the cubin built for its exact
+architecture, else PTX the driver JITs; `ptx_kernels.loader.Manifests.select`), loads it once,
+and raises the dynamic shared memory limit when the kernel needs more than 48 KiB.  A PTX JIT
+failure carries the JIT's error log.  `launch(name, values)` packs the arguments in the
+manifest's parameter order (hidden trailing scratch pointers = 0), checks the kernel's limits and
+launches on the context's stream: nothing about a kernel is written down twice.  The manifest's
+grid and limit expressions are evaluated once per distinct set of scalar arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from ukgpu.ptx_kernels.loader import Artifact, Entry, KernelManifestError, Manifests
+
+from ukgpu.gpu.cuda.driver import CudaContext, CudaError
+
+STATIC_SHARED_LIMIT = 48 * 1024
+JIT_LOG_BYTES = 8192
+# what a driver says of an image it cannot use (too new, wrong arch, no JIT): try the next one
+REFUSED_IMAGE = frozenset({"CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_IMAGE",
+                           "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_PTX",
+                           "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "CUDA_ERROR_INVALID_SOURCE"})
+
+
+@dataclass
+class LoadedKernel:
+    entry: Entry
+    artifact: Artifact
+    function: Any
+    types: tuple = ()  # ctypes type of each parameter, in manifest order
+    plans: dict = field(default_factory=dict)  # scalar values -> (grid, block, shared bytes)
+
+    def __post_init__(self) -> None:
+        self.types = tuple(ctypes.c_void_p if p.is_pointer else
+                           ctypes.c_int32 if p.type == "i32" else ctypes.c_float
+                           for p in self.entry.params)
+        self.pointers = [p for p in self.entry.params if p.is_pointer and not p.hidden]
+
+
+def _read_image(art: Artifact) -> bytes:
+    try:
+        data = art.path.read_bytes()
+    except OSError as exc:
+        raise CudaError("read kernel image", "KERNEL_FILE_MISSING",
+                        f"{art.path} is missing: run `ukgpu ptx build`", detail=str(exc)) from exc
+    return data + b"\0" if art.kind == "ptx" else data  # PTX must be NUL-terminated
+
+
+class KernelSet:
+    """Loaded kernels of one device, by manifest entry name."""
+
+    def __init__(self, ctx: CudaContext, manifests: Manifests | None = None,
+                 force_ptx: str | None = None):
+        """force_ptx: a target ("sm_80") whose PTX is JIT-compiled instead of the best artifact
+        (verify uses it to check the portable fallback on a GPU that has a cubin)."""
+        self.ctx = ctx
+        self.cu = ctx.cu
+        self.manifests = manifests or Manifests.load()
+        self.force_ptx = force_ptx
+        self.loaded: dict[str, LoadedKernel] = {}
+        self.fell_back = False  # some kernel's best artifact was refused (said once on stderr)
+
+    def kernel(self, name: str) -> LoadedKernel:
+        if name not in self.loaded:
+            self.ctx.ensure_current()
+            self.loaded[name] = self._load(name)
+        return self.loaded[name]
+
+    def preload(self, names: list[str]) -> None:
+        for name in names:
+            self.kernel(name)
+
+    def _load(self, name: str) -> LoadedKernel:
+        """The first artifact of `name` the driver accepts, best first (exact cubin, then PTX):
+        a cubin or PTX the driver refuses falls through to the next one, once, with a line on
+        stderr; every other failure (memory, a lost context) is raised at once."""
+        if self.force_ptx:
+            forced = self.manifests.entry(name, self.force_ptx)
+            arts = [Artifact(self.force_ptx, "ptx",
+                             forced.build_dir / forced.data["artifacts"]["ptx"]["file"])]
+        else:
+            arts = self.manifests.candidates(name, self.ctx.info.cc)
+        refused: list[CudaError] = []
+        for art in arts:
+            try:
+                module = self._load_module(art)
+            except CudaError as exc:
+                if exc.name in REFUSED_IMAGE and art is not arts[-1]:
+                    refused.append(exc)
+                    continue
+                if not refused:
+                    raise
+                before = "; ".join(f"{e.detail}: {e.name}" for e in refused)
+                raise CudaError(exc.call, exc.name, exc.hint,
+                                detail=f"{exc.detail}; refused before it: {before}") from exc
+            if refused and not self.fell_back:
+                self.fell_back = True
+                print(f"ukgpu: the driver refused {refused[0].detail} ({refused[0].name}); using "
+                      f"{art.target} {art.kind} instead (first seen for {name})", file=sys.stderr)
+            return self._function(name, art, module)
+        raise AssertionError("unreachable: the last artifact raises")
+
+    def _load_module(self, art: Artifact) -> Any:
+        image = _read_image(art)
+        if art.kind == "ptx":
+            return self._load_ptx(image, art)
+        try:
+            return self.cu.cuModuleLoadData(image)
+        except CudaError as exc:
+            raise CudaError(exc.call, exc.name, exc.hint, detail=f"{art.target} cubin") from exc
+
+    def _function(self, name: str, art: Artifact, module: Any) -> LoadedKernel:
+        entry = self.manifests.entry(name, art.target)
+        fn = self.cu.cuModuleGetFunction(module, entry.kernel_name.encode())
+        if entry.shared_bytes > STATIC_SHARED_LIMIT:
+            attr = self.cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            self.cu.cuFuncSetAttribute(fn, attr, entry.shared_bytes)
+        return LoadedKernel(entry, art, fn)
+
+    def _load_ptx(self, image: bytes, art: Artifact) -> Any:
+        """JIT the PTX with an error log buffer, so a failure says what ptxas said."""
+        opt = self.cu.CUjit_option
+        log = bytearray(JIT_LOG_BYTES)
+        try:
+            return self.cu.cuModuleLoadDataEx(
+                image, 2, [opt.CU_JIT_ERROR_LOG_BUFFER, opt.CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES],
+                [log, JIT_LOG_BYTES])
+        except TypeError:  # bindings that will not take a writable log buffer: load without it
+            return self.cu.cuModuleLoadData(image)
+        except CudaError as exc:
+            text = bytes(log).split(b"\0", 1)[0].decode(errors="replace").strip()
+            raise CudaError(exc.call, exc.name, exc.hint,
+                            detail=f"{art.path.name}" + (f"; JIT log: {text[:600]}" if text else "")
+                            ) from exc
+
+    def launch(self, name: str, values: dict, stream: Any = None) -> None:
+        """Launch entry `name` with `values` (every visible param by name + grid-only sizes).
+
+        Grid and limits depend only on the scalar values: the manifest's expressions are
+        evaluated once per distinct set of them; pointers are checked on every launch."""
+        self.ctx.ensure_current()
+        k = self.kernel(name)
+        pointer_names = {p.name for p in k.pointers}
+        key = tuple(sorted((n, v) for n, v in values.items() if n not in pointer_names))
+        plan = k.plans.get(key)
+        if plan is None:
+            launch = k.entry.launch(values)  # every limit, alignment and missing value
+            plan = k.plans[key] = (launch.grid, launch.block, launch.shared_bytes)
+        else:
+            self._check_pointers(k, values)
+        grid, block, shared = plan
+        args = tuple(0 if p.hidden else values.get(p.name, 0) for p in k.entry.params)
+        try:
+            self.cu.cuLaunchKernel(k.function, *grid, *block, shared,
+                                   stream if stream is not None else self.ctx.stream,
+                                   (args, k.types), 0)
+        except CudaError as exc:
+            raise CudaError(exc.call, exc.name, exc.hint,
+                            detail=f"kernel {name}, grid {grid}") from exc
+
+    @staticmethod
+    def _check_pointers(k: LoadedKernel, values: dict) -> None:
+        for p in k.pointers:
+            if p.name not in values and not p.unused:
+                raise KernelManifestError(f"{k.entry.name}: missing launch value {p.name!r}")
+            if p.divisibility and values.get(p.name, 0) % p.divisibility:
+                raise KernelManifestError(f"{k.entry.name}: {p.name} % {p.divisibility} == 0 "
+                                          f"(got {values[p.name]:#x})")
+
+    def describe(self) -> list[dict]:
+        """What was loaded: entry, target, cubin or PTX."""
+        return [{"entry": n, "target": k.artifact.target, "kind": k.artifact.kind}
+                for n, k in sorted(self.loaded.items())]

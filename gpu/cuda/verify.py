@@ -1,0 +1,240 @@
+"""`ukgpu verify`: the CUDA backend against the CPU reference, at three levels.
+
+- kernels: every manifest kernel on random inputs (`cuda_verify_kernels`), through the artifact
+  the backend uses (the cubin on H100/H200) and again through the portable sm_80 PTX (driver JIT).
+- layers: the output of every block (the residual after attention and after the MLP) of a real
+  model on a prompt, CUDA vs the float64 CPU backend, by NMSE.
+- e2e: the prompt's logits, then a greedy continuation decoded through the CUDA graph vs the CPU
+  model's greedy tokens (a divergence counts only where the CPU's top two logits are a near tie).
+
+`run(opts)` returns the exit code: 0 all pass, 1 any mismatch, 2 no GPU (after checking what can
+be checked without one: the kernel manifests and their artifacts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ukgpu.llama_core.errors import UkgpuError
+
+from ukgpu.gpu.cuda.verify_kernels import Check, kernel_checks, nmse_check
+
+LAYER_BOUND = 1e-3
+LOGITS_BOUND = 1e-3
+NEAR_TIE = 0.1  # logits: a greedy divergence below this CPU top-2 margin is not a mismatch
+EXIT_OK, EXIT_MISMATCH, EXIT_NO_GPU = 0, 1, 2
+PORTABLE_TARGET = "sm_80"
+DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+@dataclass
+class VerifyOptions:
+    model: str = "smollm2-135m"
+    kernels: bool = True
+    layers: bool = True
+    e2e: bool = True
+    json_out: Path | None = None
+    device: int = 0
+    n_generate: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    status: str = "pass"  # "pass" | "fail" | "no_gpu"
+    device: str = ""
+    message: str = ""
+    checks: list[Check] = field(default_factory=list)
+    kernels_loaded: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "device": self.device, "message": self.message,
+                "checks": [c.to_json() for c in self.checks], "kernels_loaded": self.kernels_loaded}
+
+
+class _Recording:
+    """A backend proxy that keeps a host copy of every residual sum (`add`) of the forward."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.blocks = inner, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def add(self, x: Any, y: Any) -> Any:
+        out = self.inner.add(x, y)
+        self.blocks.append(np.array(self.inner.to_host(out), dtype=np.float64))
+        return out
+
+
+def manifest_checks() -> list[Check]:
+    """What needs no GPU: every entry of every target manifest has its artifacts, hashes intact."""
+    from ukgpu.ptx_kernels.loader import Manifests
+
+    m = Manifests.load()
+    checks = []
+    for target, man in sorted(m.per_target.items()):
+        bad = []
+        for name, entry in man["entries"].items():
+            for kind, art in entry["artifacts"].items():
+                path = m.build_dir / target / art["file"]
+                if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != art["sha256"]:
+                    bad.append(f"{name}.{kind}")
+        checks.append(Check("manifest", f"{target}: {len(man['entries'])} entries", "exact",
+                            len(bad), 0, not bad, ", ".join(bad[:5])))
+    return checks
+
+
+def _prompt_ids(gguf: Any) -> np.ndarray:
+    try:
+        from ukgpu.llama_core.text.tokenizer import Tokenizer
+
+        return np.array(Tokenizer.from_gguf(gguf).encode(DEFAULT_PROMPT), dtype=np.int64)
+    except (UkgpuError, KeyError, ImportError, AttributeError):  # a synthetic model: no vocabulary
+        return (np.arange(24, dtype=np.int64) * 37 + 1) % gguf.tensors["token_embd.weight"].shape[0]
+
+
+def layer_checks(gguf: Any, backend: Any, ids: np.ndarray) -> list[Check]:
+    from ukgpu.llama_core.cpu.backend import CpuBackend
+    from ukgpu.llama_core.model import Model
+
+    cpu, gpu = _Recording(CpuBackend(dtype=np.float64)), _Recording(backend)
+    for be in (cpu, gpu):
+        model = Model(gguf, be)
+        model.forward(ids, 0, model.new_kv(len(ids)), all_logits=False)
+    checks = []
+    for i, (c, g) in enumerate(zip(cpu.blocks, gpu.blocks)):
+        part = "attn" if i % 2 == 0 else "ffn"
+        checks.append(nmse_check("layer", f"block {i // 2} {part} residual", g, c, LAYER_BOUND))
+    if len(cpu.blocks) != len(gpu.blocks):
+        checks.append(Check("layer", "block count", "exact", len(gpu.blocks), len(cpu.blocks), False))
+    return checks
+
+
+def e2e_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> list[Check]:
+    from ukgpu.llama_core.cpu.backend import CpuBackend
+    from ukgpu.llama_core.model import Model
+
+    cpu, gpu = Model(gguf, CpuBackend()), Model(gguf, backend)
+    n_ctx = len(ids) + n_generate + 1
+    ckv, gkv = cpu.new_kv(n_ctx), gpu.new_kv(n_ctx)
+    c_logits, g_logits = cpu.forward(ids, 0, ckv), gpu.forward(ids, 0, gkv)
+    checks = [nmse_check("e2e", f"prompt logits ({len(ids)} tokens)", g_logits, c_logits,
+                         LOGITS_BOUND)]
+    # a prefill that resumes after a cached prefix (the engine's prompt reuse): the first half
+    # in one pass, the rest from its position on; the last logits must be the full pass's
+    split = len(ids) // 2
+    if split:
+        rkv = gpu.new_kv(n_ctx)
+        gpu.forward(ids[:split], 0, rkv, all_logits=False)
+        resumed = gpu.forward(ids[split:], split, rkv, all_logits=False)
+        checks.append(nmse_check("e2e", f"prefill resumed at token {split} (cached prefix)",
+                                 resumed, c_logits[-1:], LOGITS_BOUND))
+    token, pos, agree, note = int(np.argmax(c_logits[-1])), len(ids), 0, ""
+    for _ in range(n_generate):
+        c_row = cpu.forward(np.array([token]), pos, ckv, all_logits=False)[0]
+        g_next = backend.decode_greedy(gpu, token, pos, gkv)
+        c_next = int(np.argmax(c_row))
+        if g_next != c_next:
+            margin = float(c_row[c_next] - c_row[g_next])
+            note = f"diverged at token {agree} (CPU {c_next}, GPU {g_next}, margin {margin:.3g})"
+            ok = margin < NEAR_TIE
+            return checks + [Check("e2e", "greedy continuation (graph decode)", "tokens", agree,
+                                   n_generate, ok, note + ("; near tie" if ok else ""))]
+        agree, token, pos = agree + 1, c_next, pos + 1
+    return checks + [Check("e2e", "greedy continuation (graph decode)", "tokens", agree, n_generate,
+                           True, "all tokens equal")]
+
+
+def _portable_ptx_checks(be: Any, seed: int) -> list[Check]:
+    """The same kernel checks through the portable PTX (driver JIT), which GPUs without a
+    matching cubin run; skipped where the backend already runs that PTX."""
+    from ukgpu.gpu.cuda.modules import KernelSet
+
+    if all(k["kind"] == "ptx" for k in be.kernels.describe()):
+        return []
+    ptx = KernelSet(be.ctx, be.kernels.manifests, force_ptx=PORTABLE_TARGET)
+    checks = kernel_checks(ptx, be.arena, seed)
+    for c in checks:
+        c.name = f"{c.name} [{PORTABLE_TARGET} ptx]"
+    return checks
+
+
+def _gpu_line(info: Any) -> str:
+    line = info.line()
+    try:
+        from ukgpu.gpu.pci.sysfs import PciBus, normalize_bdf
+
+        dev = PciBus().device(normalize_bdf(info.pci_bus_id))
+        return f"{line}; sysfs: {dev.vendor_name} {dev.device_name} driver={dev.driver}"
+    except Exception:  # noqa: BLE001 - the sysfs line is a nicety (absent in some VMs)
+        return line
+
+
+def _guarded(level: str, fn: Any, *args: Any) -> list[Check]:
+    try:
+        return fn(*args)
+    except UkgpuError as exc:
+        return [Check(level, f"{level} checks", "error", float("inf"), 0, False, str(exc))]
+
+
+def run_checks(opts: VerifyOptions, driver: Any = None) -> Report:
+    from ukgpu.gpu.cuda.select import create_backend, probe
+
+    ok, reason = probe(opts.device, driver)
+    if not ok:
+        return Report("no_gpu", "", f"no usable CUDA GPU ({reason}); checked instead: kernel "
+                      "manifests and artifact hashes (no kernel, layer or e2e check ran)",
+                      manifest_checks())
+    gguf = None
+    if opts.layers or opts.e2e:
+        from ukgpu.llama_core.gguf.file import open_gguf
+        from ukgpu.llama_core.models.registry import resolve_model
+
+        gguf = open_gguf(resolve_model(opts.model))
+    be = create_backend(opts.device, gguf, driver=driver, n_ctx=512)
+    report = Report(device=_gpu_line(be.ctx.info))
+    if opts.kernels:
+        report.checks += _guarded("kernel", kernel_checks, be.kernels, be.arena, opts.seed)
+        report.checks += _guarded("kernel", _portable_ptx_checks, be, opts.seed)
+    if gguf is not None:
+        ids = _prompt_ids(gguf)
+        if opts.layers:
+            report.checks += _guarded("layer", layer_checks, gguf, be, ids)
+        if opts.e2e:
+            report.checks += _guarded("e2e", e2e_checks, gguf, be, ids, opts.n_generate)
+    report.kernels_loaded = be.kernels.describe()
+    report.status = "pass" if all(c.ok for c in report.checks) else "fail"
+    return report
+
+
+def table(report: Report) -> str:
+    rows = [("level", "check", "metric", "value", "bound", "result")]
+    for c in report.checks:
+        value = f"{c.value:.3g}" if c.metric == "nmse" else str(c.value)
+        rows.append((c.level, c.name, c.metric, value, f"{c.bound:g}", "ok" if c.ok else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    notes = [f"  {c.name}: {c.detail}" for c in report.checks if c.detail and not c.ok]
+    return "\n".join(lines + notes)
+
+
+def run(opts: VerifyOptions, driver: Any = None, out: Any = print) -> int:
+    report = run_checks(opts, driver)
+    for line in (report.device, report.message):
+        if line:
+            out(line)
+    out(table(report))
+    if opts.json_out is not None:
+        Path(opts.json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    n_bad = sum(not c.ok for c in report.checks)
+    if report.status == "no_gpu":
+        return EXIT_NO_GPU
+    out(f"verify: {report.status} ({len(report.checks) - n_bad}/{len(report.checks)} checks pass)")
+    return EXIT_OK if report.status == "pass" else EXIT_MISMATCH

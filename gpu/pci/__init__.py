@@ -1,0 +1,1 @@
+"""PCI devices from sysfs and their configuration space."""

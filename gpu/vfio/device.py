@@ -1,0 +1,476 @@
+"""The VFIO user API: container, group, device, BAR mmaps, DMA maps and IRQ eventfds.
+
+Pure stdlib (`fcntl.ioctl` + ctypes structures from `vfio_abi`), so it also runs
+inside a minimal guest.  Typical use::
+
+    with open_device("0000:00:03.0") as s:
+        bar0 = s.device.map_bar(0)
+        print(hex(bar0.read32(0)))
+        buf = s.container.map_dma(4096, iova=0x100000)
+
+Everything a session opens (IRQ eventfds, BAR mmaps, DMA maps, fds) is released
+in reverse order when it closes.  Failures raise `VfioError` saying what to fix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import select
+from dataclasses import dataclass
+from pathlib import Path
+
+from ukgpu.llama_core.errors import UkgpuError
+
+from ukgpu.gpu.vfio import abi
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+class VfioError(UkgpuError):
+    """A VFIO step failed; the message names the fix."""
+
+
+def _ioctl(fd: int, request: int, arg=0, what: str = "") -> int:
+    """ioctl returning the kernel's return value.
+
+    `arg` is an int or a *mutable* buffer (ctypes struct, bytearray): the kernel
+    fills it in place.  With an immutable `bytes` argument fcntl would return a
+    copy of the buffer instead of the return value (a file descriptor, say).
+    """
+    try:
+        return fcntl.ioctl(fd, request, arg, True)
+    except OSError as exc:
+        raise VfioError(f"{what or hex(request)} failed: {os.strerror(exc.errno)} (errno {exc.errno})") from exc
+
+
+def _release(steps) -> None:
+    """Run every release step even if some fail; re-raise the first failure afterwards."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:  # keep releasing: a leaked fd pins the device
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+# ---------------------------------------------------------------- diagnostics
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def device_driver(bdf: str, sysfs_root: str | os.PathLike = "/sys") -> str | None:
+    link = Path(sysfs_root, "bus/pci/devices", bdf, "driver")
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def iommu_group_of(bdf: str, sysfs_root: str | os.PathLike = "/sys") -> int:
+    """The IOMMU group number of a PCI device, or a VfioError saying how to get one."""
+    root = Path(sysfs_root)
+    if not (root / "bus/pci/devices" / bdf).exists():
+        raise VfioError(f"no PCI device {bdf}: check the address with `ukgpu pci`")
+    link = root / "bus/pci/devices" / bdf / "iommu_group"
+    if not link.is_symlink():
+        groups = root / "kernel/iommu_groups"
+        if not groups.is_dir() or not any(groups.iterdir()):
+            raise VfioError(
+                "no IOMMU groups: enable the IOMMU (VT-d/AMD-Vi in firmware, then boot with "
+                "intel_iommu=on or amd_iommu=on iommu=pt)")
+        raise VfioError(f"{bdf} has no IOMMU group: it cannot be used with VFIO")
+    return int(os.path.basename(os.readlink(link)))
+
+
+def group_members(group: int, sysfs_root: str | os.PathLike = "/sys") -> dict[str, str | None]:
+    """{bdf: driver or None} for every device in an IOMMU group."""
+    folder = Path(sysfs_root, "kernel/iommu_groups", str(group), "devices")
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return {name: device_driver(name, sysfs_root) for name in names}
+
+
+def _not_viable_message(group: int, sysfs_root) -> str:
+    blockers = [f"{bdf} is bound to {drv}" for bdf, drv in group_members(group, sysfs_root).items()
+                if drv not in (None, "vfio-pci", "pcieport")]
+    detail = "; ".join(blockers) or "a member device is bound to a host driver"
+    return (f"IOMMU group {group} is not viable: {detail}. Bind every device of the group to "
+            f"vfio-pci (`ukgpu vfio bind BDF --yes`) or unbind it")
+
+
+# ---------------------------------------------------------------- container
+
+@dataclass
+class DmaMapping:
+    """A pinned, page-aligned anonymous buffer mapped at `iova` for the device."""
+
+    iova: int
+    size: int
+    buffer: mmap.mmap
+    vaddr: int
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buffer)
+
+
+class Container:
+    """/dev/vfio/vfio: the IOMMU context that groups attach to and DMA maps live in."""
+
+    def __init__(self, path: str = "/dev/vfio/vfio"):
+        if not os.path.exists(path):
+            raise VfioError(f"{path} is missing: load the VFIO driver (`modprobe vfio-pci`)")
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.mappings: list[DmaMapping] = []
+        try:
+            self.api_version = _ioctl(self.fd, abi.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
+            if self.api_version != abi.VFIO_API_VERSION:
+                raise VfioError(f"unknown VFIO API version {self.api_version}: this kernel is not supported")
+        except VfioError:
+            self.close()
+            raise
+
+    def check_extension(self, ext: int) -> bool:
+        return _ioctl(self.fd, abi.VFIO_CHECK_EXTENSION, ext, "VFIO_CHECK_EXTENSION") > 0
+
+    def set_iommu(self, iommu_type: int = abi.VFIO_TYPE1v2_IOMMU) -> None:
+        if not self.check_extension(iommu_type):
+            raise VfioError(f"IOMMU type {iommu_type} unsupported: load vfio_iommu_type1")
+        try:
+            fcntl.ioctl(self.fd, abi.VFIO_SET_IOMMU, iommu_type)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                raise VfioError(
+                    "VFIO_SET_IOMMU: EPERM: the platform lacks interrupt remapping (do not boot with "
+                    "intremap=off; as a last resort load vfio_iommu_type1 allow_unsafe_interrupts=1)"
+                ) from exc
+            raise VfioError(f"VFIO_SET_IOMMU failed: {os.strerror(exc.errno)}") from exc
+
+    def iommu_pgsizes(self) -> int:
+        info = abi.vfio_iommu_type1_info()
+        _ioctl(self.fd, abi.VFIO_IOMMU_GET_INFO, info, "VFIO_IOMMU_GET_INFO")
+        return info.iova_pgsizes if info.flags & abi.VFIO_IOMMU_INFO_PGSIZES else 0
+
+    def map_dma(self, size: int, iova: int, read: bool = True, write: bool = True) -> DmaMapping:
+        """Allocate a page-aligned anonymous buffer and map it for device DMA at `iova`."""
+        if size <= 0 or size % PAGE_SIZE or iova % PAGE_SIZE:
+            raise VfioError(f"DMA size {size:#x} and IOVA {iova:#x} must be positive multiples of {PAGE_SIZE:#x}")
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        anchor = ctypes.c_char.from_buffer(buffer)
+        vaddr = ctypes.addressof(anchor)
+        del anchor
+        flags = (abi.VFIO_DMA_MAP_FLAG_READ if read else 0) | (abi.VFIO_DMA_MAP_FLAG_WRITE if write else 0)
+        req = abi.vfio_iommu_type1_dma_map(flags=flags, vaddr=vaddr, iova=iova, size=size)
+        try:
+            fcntl.ioctl(self.fd, abi.VFIO_IOMMU_MAP_DMA, req, True)
+        except OSError as exc:
+            buffer.close()
+            hint = {errno.ENOMEM: ": the pages are pinned, so raise the locked-memory limit (ulimit -l) "
+                                  "or run as root",
+                    errno.EEXIST: ": that IOVA range is already mapped"}.get(exc.errno, "")
+            raise VfioError(f"VFIO_IOMMU_MAP_DMA iova={iova:#x} size={size:#x} failed: "
+                            f"{os.strerror(exc.errno)}{hint}") from exc
+        mapping = DmaMapping(iova, size, buffer, vaddr)
+        self.mappings.append(mapping)
+        return mapping
+
+    def unmap_dma(self, mapping: DmaMapping) -> int:
+        """Remove the device's access to a mapping and free its buffer (release any `view` first).
+
+        Returns the bytes the kernel unmapped."""
+        req = abi.vfio_iommu_type1_dma_unmap(flags=0, iova=mapping.iova, size=mapping.size)
+        _ioctl(self.fd, abi.VFIO_IOMMU_UNMAP_DMA, req, f"VFIO_IOMMU_UNMAP_DMA iova={mapping.iova:#x}")
+        self.mappings.remove(mapping)
+        mapping.buffer.close()
+        return req.size
+
+    def unmap_all(self) -> None:
+        for mapping in reversed(list(self.mappings)):
+            self.unmap_dma(mapping)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------- group
+
+class Group:
+    """/dev/vfio/N: an IOMMU group; every device in it must belong to VFIO."""
+
+    def __init__(self, number: int, dev_root: str = "/dev/vfio", sysfs_root: str = "/sys"):
+        self.number = number
+        path = os.path.join(dev_root, str(number))
+        if not os.path.exists(path):
+            raise VfioError(f"{path} is missing: bind the group's devices to vfio-pci "
+                            f"(`ukgpu vfio bind BDF --yes`)")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VfioError(f"cannot open {path}: {os.strerror(exc.errno)} (is another process "
+                            f"using the group, or do you lack permission?)") from exc
+        self.container: Container | None = None
+        if not self.status() & abi.VFIO_GROUP_FLAGS_VIABLE:
+            self.close()
+            raise VfioError(_not_viable_message(number, sysfs_root))
+
+    def status(self) -> int:
+        st = abi.vfio_group_status()
+        _ioctl(self.fd, abi.VFIO_GROUP_GET_STATUS, st, "VFIO_GROUP_GET_STATUS")
+        return st.flags
+
+    def set_container(self, container: Container) -> None:
+        _ioctl(self.fd, abi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(container.fd), "VFIO_GROUP_SET_CONTAINER")
+        self.container = container
+
+    def device_fd(self, bdf: str) -> int:
+        name = bytearray(bdf.encode() + b"\0")
+        return _ioctl(self.fd, abi.VFIO_GROUP_GET_DEVICE_FD, name, f"VFIO_GROUP_GET_DEVICE_FD {bdf}")
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        fd, container, self.fd, self.container = self.fd, self.container, -1, None
+        steps = [lambda: _ioctl(fd, abi.VFIO_GROUP_UNSET_CONTAINER, 0, "VFIO_GROUP_UNSET_CONTAINER")]
+        _release((steps if container is not None else []) + [lambda: os.close(fd)])
+
+
+# ---------------------------------------------------------------- device
+
+@dataclass(frozen=True)
+class RegionInfo:
+    index: int
+    flags: int
+    size: int
+    offset: int
+
+    @property
+    def mmappable(self) -> bool:
+        return bool(self.flags & abi.VFIO_REGION_INFO_FLAG_MMAP)
+
+
+@dataclass(frozen=True)
+class IrqInfo:
+    index: int
+    flags: int
+    count: int
+
+
+class Mmio:
+    """A BAR mapped into this process; 32/64-bit accesses are single native loads/stores."""
+
+    def __init__(self, fd: int, region: RegionInfo):
+        self.region = region
+        self._map = mmap.mmap(fd, region.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                              offset=region.offset)
+        self._u32 = memoryview(self._map).cast("I")  # (size/4,)
+        self._u64 = memoryview(self._map).cast("Q")  # (size/8,)
+
+    def read32(self, offset: int) -> int:
+        return self._u32[offset >> 2]
+
+    def write32(self, offset: int, value: int) -> None:
+        self._u32[offset >> 2] = value & 0xFFFFFFFF
+
+    def read64(self, offset: int) -> int:
+        return self._u64[offset >> 3]
+
+    def write64(self, offset: int, value: int) -> None:
+        self._u64[offset >> 3] = value & 0xFFFFFFFFFFFFFFFF
+
+    def close(self) -> None:
+        self._u32.release()
+        self._u64.release()
+        self._map.close()
+
+
+class IrqEventfd:
+    """An eventfd the kernel signals when the device raises the interrupt."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def wait(self, timeout: float) -> int:
+        """Interrupts counted since the last wait (0 on timeout)."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return os.eventfd_read(self.fd) if ready else 0
+
+
+class Device:
+    """A VFIO device fd: regions, config space, BAR mmaps, IRQs and reset."""
+
+    def __init__(self, group: Group, bdf: str):
+        self.bdf = bdf
+        self.fd = group.device_fd(bdf)
+        self._maps: list[Mmio] = []
+        self._irqs: list[tuple[int, IrqEventfd]] = []
+        info = abi.vfio_device_info()
+        _ioctl(self.fd, abi.VFIO_DEVICE_GET_INFO, info, "VFIO_DEVICE_GET_INFO")
+        self.flags, self.num_regions, self.num_irqs = info.flags, info.num_regions, info.num_irqs
+
+    @property
+    def is_pci(self) -> bool:
+        return bool(self.flags & abi.VFIO_DEVICE_FLAGS_PCI)
+
+    def region_info(self, index: int) -> RegionInfo:
+        info = abi.vfio_region_info(index=index)
+        _ioctl(self.fd, abi.VFIO_DEVICE_GET_REGION_INFO, info, f"VFIO_DEVICE_GET_REGION_INFO {index}")
+        return RegionInfo(index, info.flags, info.size, info.offset)
+
+    def map_bar(self, bar: int) -> Mmio:
+        region = self.region_info(abi.VFIO_PCI_BAR0_REGION_INDEX + bar)
+        if region.size == 0:
+            raise VfioError(f"{self.bdf} BAR{bar} is not implemented")
+        if not region.mmappable:
+            raise VfioError(f"{self.bdf} BAR{bar} cannot be mmapped: use region_read/region_write")
+        mapping = Mmio(self.fd, region)
+        self._maps.append(mapping)
+        return mapping
+
+    def region_read(self, index: int, offset: int, size: int) -> int:
+        region = self.region_info(index)
+        data = os.pread(self.fd, size, region.offset + offset)
+        if len(data) != size:
+            raise VfioError(f"short read of region {index} at {offset:#x}")
+        return int.from_bytes(data, "little")
+
+    def region_write(self, index: int, offset: int, size: int, value: int) -> None:
+        region = self.region_info(index)
+        if os.pwrite(self.fd, value.to_bytes(size, "little"), region.offset + offset) != size:
+            raise VfioError(f"short write of region {index} at {offset:#x}")
+
+    def config_read(self, offset: int, size: int) -> int:
+        return self.region_read(abi.VFIO_PCI_CONFIG_REGION_INDEX, offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self.region_write(abi.VFIO_PCI_CONFIG_REGION_INDEX, offset, size, value)
+
+    def enable_bus_master(self) -> None:
+        """Set Memory Space + Bus Master in the command register (off after binding)."""
+        command = self.config_read(0x04, 2)
+        self.config_write(0x04, 2, command | 0x6)
+
+    def irq_info(self, index: int) -> IrqInfo:
+        info = abi.vfio_irq_info(index=index)
+        _ioctl(self.fd, abi.VFIO_DEVICE_GET_IRQ_INFO, info, f"VFIO_DEVICE_GET_IRQ_INFO {index}")
+        return IrqInfo(index, info.flags, info.count)
+
+    def irq_eventfd(self, index: int = abi.VFIO_PCI_MSI_IRQ_INDEX, vector: int = 0) -> IrqEventfd:
+        """Route one vector of IRQ `index` (INTx/MSI/MSI-X) to a new eventfd."""
+        info = self.irq_info(index)
+        name = abi.IRQ_INDEX_NAMES.get(index, index)
+        if vector >= info.count or not info.flags & abi.VFIO_IRQ_INFO_EVENTFD:
+            raise VfioError(f"{self.bdf} has no eventfd-capable {name} vector {vector} ({info.count} vectors)")
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        req = abi.vfio_irq_set_eventfd(
+            flags=abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            index=index, start=vector, count=1, fd=efd)
+        try:
+            _ioctl(self.fd, abi.VFIO_DEVICE_SET_IRQS, req, "VFIO_DEVICE_SET_IRQS")
+        except VfioError:
+            os.close(efd)
+            raise
+        irq = IrqEventfd(efd)
+        self._irqs.append((index, irq))
+        return irq
+
+    def _disable_irq(self, index: int) -> None:
+        req = abi.vfio_irq_set(flags=abi.VFIO_IRQ_SET_DATA_NONE | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
+                               index=index, start=0, count=0)
+        _ioctl(self.fd, abi.VFIO_DEVICE_SET_IRQS, req, "VFIO_DEVICE_SET_IRQS (disable)")
+
+    def reset(self) -> None:
+        if not self.flags & abi.VFIO_DEVICE_FLAGS_RESET:
+            raise VfioError(f"{self.bdf} does not support VFIO_DEVICE_RESET")
+        _ioctl(self.fd, abi.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
+
+    def close(self) -> None:
+        """Disable IRQs and close their eventfds, unmap BARs, close the device fd."""
+        if self.fd < 0:
+            return
+        indexes = list(dict.fromkeys(index for index, _ in reversed(self._irqs)))
+        steps = [lambda index=index: self._disable_irq(index) for index in indexes]  # once per index
+        steps += [lambda fd=irq.fd: os.close(fd) for _, irq in reversed(self._irqs)]
+        steps += [m.close for m in reversed(self._maps)]
+        fd = self.fd
+        steps.append(lambda: os.close(fd))
+        self._irqs, self._maps = [], []
+        try:
+            _release(steps)
+        finally:
+            self.fd = -1
+
+
+# ---------------------------------------------------------------- session
+
+class VfioSession:
+    """Container + group + device for one PCI device, released in reverse order."""
+
+    def __init__(self, bdf: str, sysfs_root: str = "/sys", dev_root: str = "/dev/vfio",
+                 iommu_type: int = abi.VFIO_TYPE1v2_IOMMU):
+        group_number = iommu_group_of(bdf, sysfs_root)
+        self.container = Container(os.path.join(dev_root, "vfio"))
+        self.group: Group | None = None
+        self.device: Device | None = None
+        try:
+            self.group = Group(group_number, dev_root, sysfs_root)
+            self.group.set_container(self.container)
+            self.container.set_iommu(iommu_type)
+            self.device = Device(self.group, bdf)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Device first (quiesces it: vfio-pci resets it on release), then DMA maps, group, container."""
+        steps = [self.device.close] if self.device is not None else []
+        steps.append(self.container.unmap_all)
+        if self.group is not None:
+            steps.append(self.group.close)
+        steps.append(self.container.close)
+        _release(steps)
+
+    def __enter__(self) -> "VfioSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe(session: VfioSession) -> dict:
+    """What VFIO reports about an open PCI device: regions, IRQs, ids, BAR0's first register."""
+    dev = session.device
+    regions = []
+    for index in range(min(dev.num_regions, abi.VFIO_PCI_NUM_REGIONS)):
+        try:
+            info = dev.region_info(index)
+        except VfioError:  # the VGA region exists only for VGA-class devices
+            regions.append({"index": index, "name": abi.REGION_NAMES[index], "size": None, "flags": ""})
+            continue
+        flags = "".join(c for c, bit in (("r", abi.VFIO_REGION_INFO_FLAG_READ), ("w", abi.VFIO_REGION_INFO_FLAG_WRITE),
+                                         ("m", abi.VFIO_REGION_INFO_FLAG_MMAP)) if info.flags & bit)
+        regions.append({"index": index, "name": abi.REGION_NAMES[index], "size": info.size, "flags": flags})
+    irqs = {}
+    for index in range(min(dev.num_irqs, len(abi.IRQ_INDEX_NAMES))):
+        try:
+            irqs[abi.IRQ_INDEX_NAMES[index]] = dev.irq_info(index).count
+        except VfioError:  # ERR/REQ exist only for PCIe devices
+            irqs[abi.IRQ_INDEX_NAMES[index]] = None
+    out = {"bdf": dev.bdf, "api_version": session.container.api_version, "flags": dev.flags,
+           "reset": bool(dev.flags & abi.VFIO_DEVICE_FLAGS_RESET), "regions": regions, "irqs": irqs,
+           "vendor_id": dev.config_read(0x00, 2), "device_id": dev.config_read(0x02, 2)}
+    if regions and regions[0]["size"] >= 4 and "m" in regions[0]["flags"]:
+        out["bar0_reg0"] = dev.map_bar(0).read32(0)  # NVIDIA: PMC_BOOT_0, the chip id
+    return out
+
+
+def open_device(bdf: str, sysfs_root: str = "/sys", dev_root: str = "/dev/vfio") -> VfioSession:
+    """Open a PCI device bound to vfio-pci: `with open_device(bdf) as s: s.device...`."""
+    return VfioSession(bdf, sysfs_root, dev_root)

@@ -1,0 +1,281 @@
+"""PID 1 of the ukgpu guest: from an unpacked initramfs to a serving HTTP API, or a clean poweroff.
+
+Steps, each timed and reported on the serial console:
+ 1. mount /proc, /sys, /dev, /tmp, /run
+ 2. read the kernel command line (`BootConfig.parse`)
+ 3. check the image against its manifest (digest from `ukgpu.manifest=`)
+ 4. insmod the image's kernel modules in dependency order
+ 5. network: `ip=` (kernel syntax) or QEMU user-net's 10.0.2.15/24 via 10.0.2.2
+ 6. the host arena (`ukgpu.arena=`, or sized from the model and context)
+ 7. the model (memory-mapped) and a backend: a GPU when one is found and usable, else CPU
+ 8. the HTTP API; then `READY ...` with the timings
+
+Shutdown: `POST /admin/poweroff`, or the line `poweroff` on the serial console
+(`stacks` there prints every thread's stack).
+Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hangs.
+
+Kernel command line keys (all optional but ukgpu.manifest):
+  ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
+  ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|off
+  ip=<addr>::<gw>:<netmask>::<dev>:off | ip=off
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import ipaddress
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from ukgpu.kernel.guest import syscalls as init_sys
+from ukgpu.kernel import manifest
+from ukgpu.kernel.guest.syscalls import InitError, NetConfig
+
+DEFAULT_NET = NetConfig("10.0.2.15/24", "10.0.2.2", "eth0")
+MiB = 1 << 20
+
+
+def say(message: str) -> None:
+    print(f"ukgpu: {message}", flush=True)
+
+
+@dataclass
+class BootConfig:
+    manifest_sha256: str | None = None
+    arena: str | None = None  # a size like 2G; None: sized from the model
+    port: int = 8080
+    ctx: int = 2048
+    slots: int = 2
+    model: str | None = None  # override the manifest's model path
+    backend: str = "auto"
+    verify: str = "full"
+    net: NetConfig | None = DEFAULT_NET
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, cmdline: str) -> BootConfig:
+        cfg = cls()
+        for word in cmdline.split():
+            key, _, value = word.partition("=")
+            try:
+                cfg._set(key, value)
+            except ValueError as exc:
+                raise InitError(f"bad kernel command line parameter {word!r}: {exc}") from None
+        return cfg
+
+    def _set(self, key: str, value: str) -> None:
+        if key == "ip":
+            self.net = parse_ip(value)
+        elif not key.startswith("ukgpu."):
+            return
+        name = key.removeprefix("ukgpu.")
+        if name == "manifest":
+            self.manifest_sha256 = value.lower()
+        elif name == "arena":
+            self.arena = value
+        elif name in ("port", "ctx", "slots"):
+            if int(value) <= 0:
+                raise ValueError("must be a positive integer")
+            setattr(self, name, int(value))
+        elif name == "backend" and value not in ("auto", "cpu", "cuda"):
+            raise ValueError("use auto, cpu or cuda")
+        elif name == "verify" and value not in ("full", "off"):
+            raise ValueError("use full or off")
+        elif name in ("model", "backend", "verify"):
+            setattr(self, name, value)
+        elif key.startswith("ukgpu."):
+            self.extra[name] = value
+
+
+def parse_ip(value: str) -> NetConfig | None:
+    """Kernel `ip=` syntax: client::gw:netmask:hostname:device:autoconf (static only), or off."""
+    if value in ("off", "none"):
+        return None
+    fields = value.split(":") + [""] * 7
+    client, _server, gw, mask, _host, device = fields[:6]
+    if not client or fields[6] not in ("", "off", "none"):
+        raise ValueError("ukgpu configures static addresses only: ip=<addr>::<gw>:<mask>::<dev>:off")
+    prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask or '255.255.255.0'}").prefixlen
+    ipaddress.IPv4Address(client)
+    if gw:
+        ipaddress.IPv4Address(gw)
+    return NetConfig(f"{client}/{prefix}", gw or None, device or "eth0")
+
+
+def arena_size(cfg: BootConfig, n_layers: int, n_kv_heads: int, head_dim: int) -> int:
+    """The arena: what the user asked for, else the KV caches of all slots plus 25% + 64 MiB."""
+    if cfg.arena is not None:
+        from ukgpu.kernel.guest.arena import parse_size  # numpy: imported only after the image check
+
+        return parse_size(cfg.arena)
+    kv = 2 * n_layers * cfg.ctx * n_kv_heads * head_dim * 4 * cfg.slots  # K and V, float32
+    return kv + kv // 4 + 64 * MiB
+
+
+class Guest:
+    """The boot sequence; each step records its duration in `self.times`."""
+
+    def __init__(self, t_init: float | None = None) -> None:
+        self.t_init = init_sys.uptime() if t_init is None else t_init
+        self.times: dict[str, float] = {"boot_to_init": self.t_init}
+        self.cfg = BootConfig()
+        self.doc: dict = {}
+        self.server = None
+        self.model_problem: str | None = None
+
+    def step(self, name: str, fn, *args):
+        start = time.monotonic()
+        result = fn(*args)
+        self.times[name] = time.monotonic() - start
+        say(f"{name} done in {self.times[name]:.2f}s")
+        return result
+
+    def boot(self) -> None:
+        self.step("mount", init_sys.mount_basics)
+        with open("/proc/cmdline") as f:
+            self.cfg = BootConfig.parse(f.read())
+        self.step("verify", self.verify_image)
+        self.step("modules", self.load_modules)
+        self.step("network", init_sys.configure_network, self.cfg.net)
+        model_check = self.check_model_in_background()
+        engine, arena, backend_note = self.step("model_load", self.load_model)
+        self.step("http", self.start_api, engine, arena)
+        if model_check is not None:
+            self.step("model_verify_wait", model_check.join)
+        if self.model_problem:
+            raise manifest.ManifestError(f"image tampered or corrupt, refusing to serve: "
+                                         f"{self.model_problem}; rebuild it with `ukgpu image build`")
+        total = init_sys.uptime()
+        shown = " ".join(f"{k}={v:.2f}s" for k, v in self.times.items())
+        say(f"backend {backend_note}")
+        print(f"READY total={total:.2f}s {shown} port={self.cfg.port}", flush=True)
+        serial_commands(self)
+
+    def verify_image(self) -> None:
+        self.doc = manifest.load(manifest.GUEST_PATH, self.cfg.manifest_sha256)
+        if self.cfg.verify == "off":
+            say("image check skipped (ukgpu.verify=off)")
+            return
+        model = self.model_file()
+        skip = (model,) if model in self.doc["files"] else ()
+        problems = manifest.verify(self.doc, "/", workers=os.cpu_count() or 1, skip=skip)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                               if len(problems) > 5 else "")
+            raise manifest.ManifestError(f"image tampered or corrupt, refusing to boot: {shown}; "
+                                         "rebuild it with `ukgpu image build`")
+        say(f"image verified: {len(self.doc['files']) - len(skip)} files match the manifest")
+
+    def model_file(self) -> str:
+        return self.cfg.model or self.doc["model"]["path"]
+
+    def check_model_in_background(self) -> threading.Thread | None:
+        """Hash the model (the largest file, or the model disk) while the engine loads; READY
+        waits for it."""
+        path, model = self.model_file(), self.doc["model"]
+        on_disk = bool(model.get("disk")) and path == model["path"]
+        if self.cfg.verify != "full" or not (on_disk or path in self.doc["files"]):
+            return None
+
+        def run() -> None:
+            start = time.monotonic()
+            self.model_problem = (manifest.verify_model_disk(path, model) if on_disk
+                                  else manifest.verify_one(self.doc, path))
+            if self.model_problem is None:
+                say(f"model verified in {time.monotonic() - start:.2f}s")
+
+        thread = threading.Thread(target=run, name="ukgpu-model-check", daemon=True)
+        thread.start()
+        return thread
+
+    def load_modules(self) -> None:
+        for path in self.doc["modules"]:
+            init_sys.insmod(path)
+
+    def load_model(self):
+        from ukgpu.kernel.guest.engine_setup import load
+
+        return load(self.model_file(), self.cfg, arena_size)
+
+    def start_api(self, engine, arena) -> None:
+        from ukgpu.kernel.api.app import create_app
+        from ukgpu.kernel.api.server import config
+        import uvicorn
+
+        app = with_admin(create_app(engine, model_id=self.doc["model"]["name"], arena=arena), self)
+        self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning"))
+        thread = threading.Thread(target=self.server.run, name="ukgpu-http", daemon=True)
+        thread.start()
+        while not self.server.started:
+            if not thread.is_alive():
+                raise InitError(f"the HTTP server did not start on port {self.cfg.port}")
+            time.sleep(0.01)
+
+    def shutdown(self, reason: str) -> None:
+        say(f"powering off: {reason}")
+        if self.server is not None:
+            self.server.should_exit = True
+            time.sleep(0.3)
+        init_sys.power_off()
+
+
+def with_admin(app, guest: Guest):
+    """The API plus POST /admin/poweroff (answers 202, then powers the guest off)."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/admin/poweroff":
+            if scope["method"] != "POST":
+                await _respond(send, 405, b'{"error": {"message": "use POST"}}')
+                return
+            await _respond(send, 202, b'{"status": "powering off"}')
+            threading.Timer(0.2, guest.shutdown, args=("POST /admin/poweroff",)).start()
+            return
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+async def _respond(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serial_commands(guest: Guest) -> None:
+    """Read commands from the console until `poweroff` (EOF: keep serving).
+
+    `stacks` prints every thread's Python stack (what is the guest doing?)."""
+    for line in sys.stdin:
+        if line.strip() == "poweroff":
+            guest.shutdown("poweroff on the serial console")
+        elif line.strip() == "stacks":
+            faulthandler.dump_traceback(all_threads=True)
+        elif line.strip():
+            say(f"unknown console command {line.strip()!r}: use poweroff or stacks")
+    while True:
+        time.sleep(3600)
+
+
+def main(t_init: float | None = None) -> None:
+    """The guest's life; `t_init` is the uptime when /init started (before any import)."""
+    try:
+        guest = Guest(t_init)
+        say(f"init started {guest.t_init:.2f}s after boot")
+        guest.boot()
+    except BaseException as exc:  # PID 1 must never exit: report, then power off
+        if not isinstance(exc, (InitError, manifest.ManifestError)):
+            traceback.print_exc()
+        print(f"ukgpu: FATAL: {type(exc).__name__}: {exc}", flush=True)
+        try:
+            init_sys.power_off()
+        finally:
+            os._exit(1)  # power off failed: PID 1 exits, the kernel panics (panic=-1 reboots)
+
+
+if __name__ == "__main__":
+    main()

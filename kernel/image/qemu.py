@@ -1,0 +1,229 @@
+"""Boot an image in QEMU (q35), stream its serial console, wait for READY, power it off.
+
+    with Vm(load(DIR), BootOptions(port=0)) as vm:     # port 0: a free host port
+        ready = vm.wait_ready()                        # {"total": 9.1, ...} from the READY line
+        httpx.get(vm.url + "/health")
+        vm.poweroff()                                  # serial command, then kill after a timeout
+
+The serial console is QEMU's stdin/stdout (a pipe, not a terminal); every
+line is kept in `vm.log` and passed to `on_line`.  QEMU runs in its own
+session, so a Ctrl-C reaches only the launcher, which then asks the guest to
+power off.  Under TCG the CPU model is `max` (numpy's x86-64-v2+ kernels need
+more than qemu64); with `--accel kvm` it is `host`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ukgpu.llama_core.errors import UkgpuError
+
+from ukgpu.kernel.image.build import Image
+
+MiB = 1 << 20
+GUEST_PORT = 8080
+
+
+class BootError(UkgpuError):
+    """The guest did not come up, failed, or did not stop; carries the serial log tail."""
+
+
+@dataclass
+class BootOptions:
+    port: int = 8080  # host port forwarded to the guest API; 0 picks a free one
+    mem: str | None = None  # QEMU -m value, e.g. 2G; None: sized from the image
+    cpus: int = 2
+    accel: str = "tcg"  # tcg | kvm
+    gpu: str | None = None  # PCI address of a GPU bound to vfio-pci on the host
+    arena: str | None = None  # ukgpu.arena= for the guest, e.g. 2G
+    append: list[str] = field(default_factory=list)  # extra kernel command line words
+    qemu: str = "qemu-system-x86_64"
+    extra_args: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_mem_mib(image: Image) -> int:
+    """RAM for the guest: the initramfs twice (archive + unpacked), room for the model disk's
+    page cache, and 1 GiB for Python, numpy and the arena; rounded up to 256 MiB."""
+    sizes = image.info["sizes"]
+    disk = image.info["model"]["size"] if image.info["model"]["disk"] else 0
+    need = 2 * sizes["initramfs"] + disk + 1024 * MiB
+    return max(2048, math.ceil(need / (256 * MiB)) * 256)
+
+
+def qemu_command(image: Image, opts: BootOptions, port: int) -> list[str]:
+    if opts.accel not in ("tcg", "kvm"):
+        raise BootError(f"--accel {opts.accel}: use tcg (emulation, works anywhere) or kvm")
+    if shutil.which(opts.qemu) is None:
+        raise BootError(f"{opts.qemu} is not installed: apt-get install qemu-system-x86 "
+                        "(or run tools/dev/host_deps.sh)")
+    accel = ["-accel", "kvm", "-cpu", "host"] if opts.accel == "kvm" else \
+        ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    cmdline = [image.info["cmdline"], *opts.append]
+    if opts.arena:
+        cmdline.append(f"ukgpu.arena={opts.arena}")
+    cmd = [opts.qemu, "-M", "q35", *accel, "-smp", str(opts.cpus),
+           "-m", opts.mem or f"{default_mem_mib(image)}M",
+           "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+           "-no-reboot",
+           "-kernel", str(image.dir / image.info["kernel"]),
+           "-initrd", str(image.dir / image.info["initramfs"]),
+           "-append", " ".join(cmdline),
+           "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PORT}",
+           "-device", "virtio-net-pci,netdev=n0,romfile=",
+           "-device", "virtio-rng-pci"]
+    host_model = image.info["model"].get("host_path")
+    if host_model:
+        cmd += ["-drive", f"file={host_model},format=raw,if=virtio,readonly=on"]
+    if opts.gpu:
+        cmd += _vfio_args(opts.gpu)
+    return cmd + opts.extra_args
+
+
+def _vfio_args(bdf: str) -> list[str]:
+    try:
+        from ukgpu.gpu.vfio.passthrough import qemu_vfio_args
+    except ImportError as exc:
+        raise BootError(f"--gpu needs ukgpu.gpu.vfio.passthrough, which cannot be imported: {exc}") \
+            from exc
+    return qemu_vfio_args(bdf)
+
+
+_READY = re.compile(r"^READY\b(.*)$")
+# What QEMU prints when KVM cannot run the guest; the vCPU then stops for good, so waiting for
+# READY would only run into the timeout.
+_KVM_FAILED = ("KVM internal error", "KVM: entry failed", "emulation failure")
+KVM_HINT = ("KVM could not run the guest (often nested virtualization that lacks an "
+            "instruction the kernel uses): boot with --accel tcg")
+
+
+class Vm:
+    def __init__(self, image: Image, opts: BootOptions | None = None,
+                 on_line: Callable[[str], None] | None = None) -> None:
+        self.image = image
+        self.opts = opts or BootOptions()
+        self.port = self.opts.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.on_line = on_line
+        self.log: list[str] = []
+        self.ready: dict[str, float] | None = None
+        self.fatal: str | None = None
+        self._ready_event = threading.Event()
+        self.command = qemu_command(image, self.opts, self.port)
+        self.proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self.started_at = 0.0
+
+    def start(self) -> Vm:
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, name="ukgpu-serial", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.log.append(line)
+            if self.on_line:
+                self.on_line(line)
+            match = _READY.match(line)
+            if match:
+                self.ready = parse_ready(match.group(1))
+                self.ready["host_seconds"] = time.monotonic() - self.started_at
+                self._ready_event.set()
+            elif "ukgpu: FATAL:" in line:
+                self.fatal = line.split("ukgpu: FATAL:", 1)[1].strip()
+            elif self.fatal is None and line.startswith(_KVM_FAILED):
+                self.fatal = f"{KVM_HINT} (QEMU: {line.strip()})"
+                self._ready_event.set()  # stuck for good: stop waiting now
+        self._ready_event.set()  # QEMU exited: nobody waits for READY any longer
+
+    @property
+    def serial_log(self) -> str:
+        return "\n".join(self.log)
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log[-lines:])
+
+    def wait_ready(self, timeout: float = 300.0) -> dict[str, float]:
+        """Block until READY; BootError (with the console tail) if the guest died or hung."""
+        if not self._ready_event.wait(timeout):
+            raise BootError(f"no READY after {timeout:.0f}s; serial console so far:\n{self.tail()}")
+        if self.ready is None:
+            why = f"the guest failed: {self.fatal}" if self.fatal else "QEMU exited before READY"
+            raise BootError(f"{why}; serial console:\n{self.tail()}")
+        return self.ready
+
+    def send(self, line: str) -> None:
+        """Type a line on the guest's serial console."""
+        if self.proc and self.proc.stdin and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(line.encode() + b"\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._reader:
+            self._reader.join(5)
+        return code
+
+    def poweroff(self, timeout: float = 30.0) -> int:
+        """Ask the guest to power off; kill QEMU if it is still running after `timeout`."""
+        if self.proc is None:
+            return 0
+        self.send("poweroff")
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BootError(f"the guest did not power off within {timeout:.0f}s and was killed; "
+                            f"serial console:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self) -> Vm:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.poweroff(timeout=20)
+            except BootError:
+                pass
+        self.kill()
+
+
+def parse_ready(text: str) -> dict[str, float]:
+    """'total=9.10s model_load=2.00s port=8080' -> {'total': 9.1, 'model_load': 2.0, 'port': 8080}."""
+    out: dict[str, float] = {}
+    for key, value in re.findall(r"(\w+)=([0-9.]+)s?\b", text):
+        out[key] = float(value)
+    return out

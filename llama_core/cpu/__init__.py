@@ -1,0 +1,1 @@
+"""The CPU backend (the reference): `CpuBackend` and the numpy/numba kernels on raw GGUF blocks."""

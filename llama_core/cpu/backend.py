@@ -1,0 +1,196 @@
+"""`CpuBackend`: the reference implementation of `Backend` in numpy.
+
+Weights stay as raw GGUF blocks in the memory-mapped file.  Matrix products
+run on the quantized blocks through `cpu_kernels.qmatmul` (numba; numpy when numba is missing).
+`dtype=np.float64` runs every activation, the KV cache and the products in
+double precision instead (a reference mode): the weight is then dequantized a
+slab of rows at a time, so no dequantized copy of the model is ever kept.
+
+Products are exact float math on the dequantized weights.  (llama.cpp's CPU
+path instead rounds each activation vector to 8-bit blocks before its dot
+products, which moves its logits by a few % of their range; see
+docs/benchmarks/cpu.md.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ukgpu.llama_core.cpu import matmul as cpu_kernels
+from ukgpu.llama_core.gguf import quants
+from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig
+from ukgpu.llama_core.gguf.file import TensorView
+
+_SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in float64 mode (32 MiB)
+_DENSE_TYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def _dequantize_rows(raw_rows: np.ndarray, qtype: Any, row_len: int) -> np.ndarray:
+    """uint8[rows, row_bytes] raw blocks -> float32[rows, row_len]."""
+    n_rows = raw_rows.shape[0]
+    flat = np.ascontiguousarray(raw_rows).reshape(-1)
+    return quants.dequantize(flat, qtype, n_rows * row_len).reshape(n_rows, row_len)
+
+
+def _rope_rows_numpy(x, n_heads, start_pos, cos, sin, n_rot, neox):
+    """`cpu_ops_nb.rope_rows` without numba: the same rotation, vectorized over rows and heads."""
+    n, width = x.shape
+    hd, half = width // n_heads, n_rot // 2
+    xh = x.reshape(n, n_heads, hd)  # a view: rotated in place
+    c = cos[start_pos:start_pos + n, :half][:, None, :]  # [n, 1, half]
+    s = sin[start_pos:start_pos + n, :half][:, None, :]
+    ia, ib = (np.s_[..., :half], np.s_[..., half:n_rot]) if neox else \
+        (np.s_[..., 0:n_rot:2], np.s_[..., 1:n_rot:2])
+    a, b = xh[ia].copy(), xh[ib].copy()
+    xh[ia] = a * c - b * s
+    xh[ib] = a * s + b * c
+
+
+def _numba_ops():
+    """The compiled rope / decode-attention loops, or None (no numba, or UKGPU_NO_NUMBA=1)."""
+    if not cpu_kernels.numba_enabled():
+        return None
+    from ukgpu.llama_core.cpu import rope_attention as cpu_ops_nb
+
+    return cpu_ops_nb
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.zeros(shape, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CpuWeight:
+    """A GGUF tensor on the CPU: dense numpy data, or raw quantized rows."""
+
+    shape: tuple[int, ...]  # numpy order: (out, in) for matrices
+    qtype: Any
+    dense: np.ndarray | None  # F32/F16 tensors, shaped like `shape`
+    raw: np.ndarray | None  # uint8[out, row_bytes] for quantized matrices
+    kernel: Any  # the `cpu_kernels.prepare` handle of a quantized matrix
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, dtype: np.dtype = np.float32, alloc: Allocator | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.alloc = alloc or _zeros
+        self.use_kernels = self.dtype == np.float32
+        # decode steps batch up to the rows the block kernels take in one pass over the weights
+        self.max_batch = cpu_kernels.MV_MAX_ROWS
+        self._ops = _numba_ops()
+        self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
+
+    # --- weights and cache -------------------------------------------------
+    def prepare_weight(self, view: TensorView) -> CpuWeight:
+        shape = tuple(int(s) for s in view.shape)
+        if view.qtype.name in _DENSE_TYPES and len(shape) == 1:
+            dense = view.data.view(_DENSE_TYPES[view.qtype.name]).astype(self.dtype, copy=False)
+            return CpuWeight(shape, view.qtype, dense, None, None)
+        kernel = cpu_kernels.prepare(view, repack=True) if self.use_kernels else None
+        if kernel is not None and kernel.rows is None:  # repacked: the mapped copy is cold now
+            view.release_pages()
+        return CpuWeight(shape, view.qtype, None, view.rows(), kernel)
+
+    def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
+        shape = (n_layers, n_kv_heads, n_ctx, head_dim)
+        return KVCache(self.alloc(shape, self.dtype), self.alloc(shape, self.dtype), n_ctx)
+
+    def _rows(self, w: CpuWeight, rows: Any) -> np.ndarray:
+        """Dequantized rows of a matrix weight: [len(rows), in] in self.dtype."""
+        return _dequantize_rows(w.raw[rows], w.qtype, w.shape[-1]).astype(self.dtype, copy=False)
+
+    # --- ops ---------------------------------------------------------------
+    def embedding(self, table: CpuWeight, tokens: np.ndarray) -> np.ndarray:
+        return self._rows(table, np.asarray(tokens, dtype=np.int64))  # [n, d]
+
+    def matmul(self, x: np.ndarray, weight: CpuWeight, bias: Any | None = None) -> np.ndarray:
+        if self.use_kernels:
+            out = cpu_kernels.qmatmul(x, weight.kernel)
+        else:
+            out = self._slab_matmul(x, weight)
+        if bias is not None:
+            out += bias.dense
+        return out  # [n, out]
+
+    def _slab_matmul(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
+        n_out, n_in = w.shape
+        out = np.empty((x.shape[0], n_out), dtype=self.dtype)
+        step = max(1, _SLAB_ELEMENTS // n_in)
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            out[:, r0:r1] = x @ self._rows(w, slice(r0, r1)).T
+        return out
+
+    def rmsnorm(self, x: np.ndarray, weight: CpuWeight, eps: float) -> np.ndarray:
+        # a double-precision sum of squares; then scale and weight in the activation dtype
+        ms = (np.einsum("nd,nd->n", x, x, dtype=np.float64) / x.shape[1]).astype(self.dtype)
+        scale = self.dtype.type(1.0) / np.sqrt(ms + self.dtype.type(eps))  # [n]
+        out = x * scale[:, None]
+        out *= weight.dense
+        return out
+
+    def _rope_table(self, rope: RopeConfig, end: int) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = self._rope_tables.get(rope, (np.empty((0, 0)), None))
+        if cos.shape[0] < end:
+            size = max(end, 2 * cos.shape[0], 256)
+            angles = np.outer(np.arange(size) * rope.scale, rope.inv_freq())  # [pos, n_rot/2]
+            cos, sin = np.cos(angles).astype(self.dtype), np.sin(angles).astype(self.dtype)
+            self._rope_tables[rope] = (cos, sin)
+        return cos, sin
+
+    def rope(self, x: np.ndarray, start_pos: int, n_heads: int, rope: RopeConfig) -> np.ndarray:
+        cos, sin = self._rope_table(rope, start_pos + x.shape[0])  # [pos, n_rot/2]
+        rotate = self._ops.rope_rows if self._ops else _rope_rows_numpy
+        rotate(x, n_heads, start_pos, cos, sin, rope.n_rot, rope.neox)
+        return x
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVCache, layer: int,
+                  start_pos: int) -> np.ndarray:
+        n = q.shape[0]
+        _, n_kv, _, hd = kv.k.shape
+        n_heads = q.shape[1] // hd
+        group = n_heads // n_kv
+        end = start_pos + n
+        kv.k[layer, :, start_pos:end] = k.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        kv.v[layer, :, start_pos:end] = v.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        if n == 1 and self._ops:  # decode: one fused loop instead of a dozen small numpy calls
+            out = np.empty_like(q[0])
+            self._ops.attend_one(q[0], kv.k[layer], kv.v[layer], end, self.dtype.type(1.0 / np.sqrt(hd)), out)
+            return out[None]
+        keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]  # [Hkv, T, hd]
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        scores = qg @ keys.transpose(0, 2, 1)  # [Hkv, G*n, T]
+        scores *= self.dtype.type(1.0 / np.sqrt(hd))
+        if n > 1:  # query i (position start_pos+i) sees keys 0 .. start_pos+i
+            future = np.arange(end)[None, :] > (start_pos + np.arange(n))[:, None]  # [n, T]
+            scores.reshape(n_kv, group, n, end)[:, :, future] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ values  # [Hkv, G*n, hd]
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        # silu(g) = g * sigmoid(g); exp(-g) may overflow to inf for very negative g -> 0, fine
+        with np.errstate(over="ignore"):
+            gate /= 1.0 + np.exp(-gate)
+        gate *= up
+        return gate
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x += y
+        return x
+
+    def take_rows(self, x: np.ndarray, rows: slice) -> np.ndarray:
+        return x[rows]
+
+    def concat_rows(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)

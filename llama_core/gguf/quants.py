@@ -1,0 +1,445 @@
+"""ggml tensor formats: block sizes, block layouts, dequantization, quantization.
+
+A quantized tensor is a sequence of blocks; each block of `block_bytes` bytes
+holds `block_elems` consecutive elements of a row (rows never share a block).
+`BLOCK_SIZES` is the one table of those sizes.  Each format is one class with
+
+    fields                     the block layout: `Field(name, offset, size, dtype)`;
+                               offsets/sizes in bytes from the block start,
+                               dtype the little-endian element type of the field
+    field(blocks, name)        a view of one field, shape (n_blocks, size/itemsize)
+    dequantize_blocks(blocks)  uint8[n_blocks, block_bytes] -> float32[n_blocks, block_elems]
+    quantize_blocks(values)    float32[n_blocks, block_elems] -> uint8[n_blocks, block_bytes]
+                               (Q8_0, Q4_1, Q4_K, Q6_K; `quantize` hands Q4_0, Q5_0,
+                               Q5_1, F16 and BF16 to gguf-py's reference quantizer)
+
+Element order inside a block (what `dequantize_blocks` returns) is the order of
+the row; the comments on each class say which bits of which field make element e.
+The arithmetic follows ggml's reference order so results are bit-exact with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import quants as _gguf_quants
+
+from ukgpu.llama_core.errors import QuantError
+
+# qtype -> (elements per block, bytes per block)
+BLOCK_SIZES: dict[T, tuple[int, int]] = {
+    T.F32: (1, 4),
+    T.F16: (1, 2),
+    T.BF16: (1, 2),
+    T.Q4_0: (32, 18),
+    T.Q4_1: (32, 20),
+    T.Q5_0: (32, 22),
+    T.Q5_1: (32, 24),
+    T.Q8_0: (32, 34),
+    T.Q2_K: (256, 84),
+    T.Q3_K: (256, 110),
+    T.Q4_K: (256, 144),
+    T.Q5_K: (256, 176),
+    T.Q6_K: (256, 210),
+}
+
+_CHUNK_BLOCKS = 1 << 14  # bounds the temporaries of one dequantize call
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int  # bytes from the block start
+    size: int  # bytes
+    dtype: str  # numpy dtype of the field's elements, e.g. "<f2", "u1", "i1", "<u4"
+
+
+class QuantFormat:
+    """One ggml tensor format; subclasses are registered in FORMATS."""
+
+    qtype: ClassVar[T]
+    fields: ClassVar[tuple[Field, ...]]
+    block_elems: ClassVar[int]
+    block_bytes: ClassVar[int]
+
+    def __init_subclass__(cls) -> None:
+        cls.block_elems, cls.block_bytes = BLOCK_SIZES[cls.qtype]
+        assert sum(f.size for f in cls.fields) == cls.block_bytes, cls.__name__
+        FORMATS[cls.qtype] = cls
+
+    @classmethod
+    def field(cls, blocks: np.ndarray, name: str) -> np.ndarray:
+        """blocks uint8[n, block_bytes] -> field view [n, size/itemsize] (no copy)."""
+        f = next(f for f in cls.fields if f.name == name)
+        return blocks[:, f.offset : f.offset + f.size].view(np.dtype(f.dtype))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(cls.__name__)
+
+    @classmethod
+    def quantize_blocks(cls, values: np.ndarray) -> np.ndarray:
+        raise QuantError(f"ukgpu has no {cls.qtype.name} quantizer")
+
+    @classmethod
+    def _f32(cls, blocks: np.ndarray, name: str) -> np.ndarray:
+        return cls.field(blocks, name).astype(np.float32)
+
+
+FORMATS: dict[T, type[QuantFormat]] = {}
+
+
+def _pack(cls: type[QuantFormat], n: int, **arrays: np.ndarray) -> np.ndarray:
+    """Assemble blocks uint8[n, block_bytes] from per-field arrays."""
+    out = np.empty((n, cls.block_bytes), dtype=np.uint8)
+    for f in cls.fields:
+        field = np.ascontiguousarray(arrays[f.name], dtype=f.dtype)
+        out[:, f.offset : f.offset + f.size] = field.view(np.uint8).reshape(n, f.size)
+    return out
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """uint8[n, k] -> uint8[n, 2k]: low nibbles first, then high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _bits(words: np.ndarray, count: int) -> np.ndarray:
+    """uint32[n, 1] -> uint8[n, count]: bit j of each word."""
+    return ((words >> np.arange(count, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+class F32(QuantFormat):
+    qtype = T.F32
+    fields = (Field("x", 0, 4, "<f4"),)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return cls.field(blocks, "x").astype(np.float32)
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        return _pack(cls, len(values), x=values)
+
+
+class F16(QuantFormat):
+    qtype = T.F16
+    fields = (Field("x", 0, 2, "<f2"),)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return cls._f32(blocks, "x")
+
+
+class BF16(QuantFormat):
+    """The top 16 bits of a float32."""
+
+    qtype = T.BF16
+    fields = (Field("x", 0, 2, "<u2"),)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return (cls.field(blocks, "x").astype(np.uint32) << 16).view(np.float32)
+
+
+class Q4_0(QuantFormat):
+    """e = d * (q - 8); q of element j<16 is the low nibble of qs[j], of j+16 the high nibble."""
+
+    qtype = T.Q4_0
+    fields = (Field("d", 0, 2, "<f2"), Field("qs", 2, 16, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        q = _nibbles(cls.field(blocks, "qs")).astype(np.int8) - np.int8(8)
+        return cls._f32(blocks, "d") * q
+
+
+class Q4_1(QuantFormat):
+    """e = d * q + m; nibble order as Q4_0."""
+
+    qtype = T.Q4_1
+    fields = (Field("d", 0, 2, "<f2"), Field("m", 2, 2, "<f2"), Field("qs", 4, 16, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        q = _nibbles(cls.field(blocks, "qs"))
+        return cls._f32(blocks, "d") * q + cls._f32(blocks, "m")
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        lo = values.min(axis=1, keepdims=True)  # [n, 1]
+        d = (values.max(axis=1, keepdims=True) - lo) / np.float32(15)
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        q = np.minimum(15, ((values - lo) * inv + np.float32(0.5)).astype(np.int8)).astype(np.uint8)
+        return _pack(cls, len(values), d=d, m=lo, qs=q[:, :16] | (q[:, 16:] << 4))
+
+
+class Q5_0(QuantFormat):
+    """e = d * (q - 16); q = nibble (as Q4_0) | bit j of the little-endian u32 qh << 4."""
+
+    qtype = T.Q5_0
+    fields = (Field("d", 0, 2, "<f2"), Field("qh", 2, 4, "<u4"), Field("qs", 6, 16, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        q = _nibbles(cls.field(blocks, "qs")) | (_bits(cls.field(blocks, "qh"), 32) << 4)
+        return cls._f32(blocks, "d") * (q.astype(np.int8) - np.int8(16))
+
+
+class Q5_1(QuantFormat):
+    """e = d * q + m; q as Q5_0."""
+
+    qtype = T.Q5_1
+    fields = (Field("d", 0, 2, "<f2"), Field("m", 2, 2, "<f2"), Field("qh", 4, 4, "<u4"), Field("qs", 8, 16, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        q = _nibbles(cls.field(blocks, "qs")) | (_bits(cls.field(blocks, "qh"), 32) << 4)
+        return cls._f32(blocks, "d") * q + cls._f32(blocks, "m")
+
+
+class Q8_0(QuantFormat):
+    """e = d * qs[e] (int8)."""
+
+    qtype = T.Q8_0
+    fields = (Field("d", 0, 2, "<f2"), Field("qs", 2, 32, "i1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return cls._f32(blocks, "d") * cls.field(blocks, "qs")
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        d = np.abs(values).max(axis=1, keepdims=True) / np.float32(127)  # [n, 1]
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        x = values * inv
+        q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))  # round half away from zero
+        return _pack(cls, len(values), d=d, qs=q.astype(np.int8))
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """2-bit fields of K-quant qs uint8[n, 64] -> uint8[n, 256].
+
+    Element e = 128h + 32j + l is bits 2j..2j+1 of qs[32h + l].
+    """
+    halves = qs.reshape(len(qs), 2, 1, 32)
+    return ((halves >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(len(qs), 256)
+
+
+def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12-byte scales uint8[n, 12] -> (scale, min), each uint8[n, 8] (6-bit values).
+
+    Sub-block j<4: scale = b[j] & 63, min = b[j+4] & 63; j>=4: the low 4 bits come from
+    b[j+4] (scale: low nibble, min: high nibble), the top 2 bits from b[j-4] (scale)
+    and b[j] (min) bits 6-7.
+    """
+    b = packed
+    sc = np.concatenate([b[:, 0:4] & 63, (b[:, 8:12] & 0x0F) | ((b[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+class Q2_K(QuantFormat):
+    """16 sub-blocks of 16; e = d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[e // 16], q = _crumbs."""
+
+    qtype = T.Q2_K
+    fields = (Field("scales", 0, 16, "u1"), Field("qs", 16, 64, "u1"),
+              Field("d", 80, 2, "<f2"), Field("dmin", 82, 2, "<f2"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = len(blocks)
+        sc = cls.field(blocks, "scales")
+        dl = cls._f32(blocks, "d") * (sc & 0x0F)  # [n, 16]
+        ml = cls._f32(blocks, "dmin") * (sc >> 4)
+        q = _crumbs(cls.field(blocks, "qs")).reshape(n, 16, 16)
+        return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, 256)
+
+
+class Q3_K(QuantFormat):
+    """16 sub-blocks of 16; e = d * (s - 32) * (crumb - 4 * (1 - hbit)).
+
+    crumb = _crumbs(qs)[e]; hbit = bit e//32 of hmask[e % 32]; s (6 bits) of sub-block i:
+    low 4 bits = scales[i] & 15 (i<8) or scales[i-8] >> 4, top 2 bits = bits 2(i//4).. of scales[8 + i%4].
+    """
+
+    qtype = T.Q3_K
+    fields = (Field("hmask", 0, 32, "u1"), Field("qs", 32, 64, "u1"),
+              Field("scales", 96, 12, "u1"), Field("d", 108, 2, "<f2"))
+
+    @classmethod
+    def scales6(cls, blocks: np.ndarray) -> np.ndarray:
+        """uint8[n, 16]: the unpacked 6-bit sub-block scales (before the -32)."""
+        b = cls.field(blocks, "scales")
+        low = np.concatenate([b[:, 0:8] & 0x0F, b[:, 0:8] >> 4], axis=1)
+        high = (b[:, None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, 4, 4]
+        return low | (high.reshape(len(b), 16) << 4)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = len(blocks)
+        hm = cls.field(blocks, "hmask")
+        hbit = (hm[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
+        q = _crumbs(cls.field(blocks, "qs")).astype(np.int8) - ((1 - hbit.reshape(n, 256)) << 2).astype(np.int8)
+        dl = cls._f32(blocks, "d") * (cls.scales6(blocks).astype(np.int8) - np.int8(32))  # [n, 16]
+        return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
+
+
+def _k4_values(cls, blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Shared tail of Q4_K/Q5_K: q uint8[n, 8, 32] -> d*sc*q - dmin*min."""
+    sc, mn = _scale_min_k4(cls.field(blocks, "scales"))
+    d1 = cls._f32(blocks, "d") * sc  # [n, 8]
+    m1 = cls._f32(blocks, "dmin") * mn
+    return (d1[:, :, None] * q - m1[:, :, None]).reshape(len(blocks), 256)
+
+
+def _k4_nibbles(qs: np.ndarray) -> np.ndarray:
+    """qs uint8[n, 128] -> uint8[n, 8, 32]: sub-block 2c is the low nibbles of qs[32c:32c+32], 2c+1 the high."""
+    chunks = qs.reshape(len(qs), 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(len(qs), 8, 32)
+
+
+class Q4_K(QuantFormat):
+    """8 sub-blocks of 32; e = d * sc[s] * q - dmin * min[s] (sc/min from _scale_min_k4, q from _k4_nibbles)."""
+
+    qtype = T.Q4_K
+    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"),
+              Field("scales", 4, 12, "u1"), Field("qs", 16, 128, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return _k4_values(cls, blocks, _k4_nibbles(cls.field(blocks, "qs")))
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        """Min/max per sub-block (not ggml's search): fine for synthetic weights."""
+        n = len(values)
+        x = values.reshape(n, 8, 32)
+        lo = np.minimum(x.min(axis=2), 0)  # [n, 8]; min is stored as a subtracted magnitude
+        scale = (x.max(axis=2) - lo) / np.float32(15)
+        d = scale.max(axis=1, keepdims=True) / np.float32(63)  # [n, 1]
+        dmin = -lo.min(axis=1, keepdims=True) / np.float32(63)
+        d16, dmin16 = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
+        sc = _round_div(scale, d16, 63)
+        mn = _round_div(-lo, dmin16, 63)
+        step, offset = (d16 * sc)[:, :, None], (dmin16 * mn)[:, :, None]
+        q = np.clip(np.rint(_safe_div(x + offset, step)), 0, 15).astype(np.uint8).reshape(n, 4, 2, 32)
+        packed = np.empty((n, 12), dtype=np.uint8)
+        packed[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+        packed[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+        packed[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+        return _pack(cls, n, d=d, dmin=dmin, scales=packed, qs=qs)
+
+
+class Q5_K(QuantFormat):
+    """As Q4_K with a 5th bit: q[s][l] |= (bit s of qh[l]) << 4."""
+
+    qtype = T.Q5_K
+    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"), Field("scales", 4, 12, "u1"),
+              Field("qh", 16, 32, "u1"), Field("qs", 48, 128, "u1"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        qh = cls.field(blocks, "qh")
+        high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
+        return _k4_values(cls, blocks, _k4_nibbles(cls.field(blocks, "qs")) | (high << 4))
+
+
+class Q6_K(QuantFormat):
+    """16 sub-blocks of 16; e = d * scales[e // 16] * (q - 32), q 6 bits.
+
+    Half h (128 elements) uses ql[64h:64h+64] and qh[32h:32h+32]; inside it, element
+    32g + l takes its low 4 bits from ql (g=0: ql[l] low, 1: ql[l+32] low, 2: ql[l] high,
+    3: ql[l+32] high) and its top 2 bits from bits 2g..2g+1 of qh[l].
+    """
+
+    qtype = T.Q6_K
+    fields = (Field("ql", 0, 128, "u1"), Field("qh", 128, 64, "u1"),
+              Field("scales", 192, 16, "i1"), Field("d", 208, 2, "<f2"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = len(blocks)
+        ql = cls.field(blocks, "ql").reshape(n, 2, 64)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [n, 2, 128]
+        qh = cls.field(blocks, "qh").reshape(n, 2, 1, 32)
+        high = ((qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, 2, 128)
+        q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+        dl = cls._f32(blocks, "d") * cls.field(blocks, "scales")  # [n, 16]
+        return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        """Absmax per sub-block of 16, int8 sub-block scales: fine for synthetic weights."""
+        n = len(values)
+        x = values.reshape(n, 16, 16)
+        scale = np.abs(x).max(axis=2) / np.float32(31)  # [n, 16]
+        d = scale.max(axis=1, keepdims=True) / np.float32(127)
+        d16 = d.astype(np.float16).astype(np.float32)
+        sc = _round_div(scale, d16, 127).astype(np.int8)
+        q = np.clip(np.rint(_safe_div(x, (d16 * sc)[:, :, None])) + 32, 0, 63).astype(np.uint8)
+        q = q.reshape(n, 2, 4, 32)  # [n, half, g, l]
+        lo, hi = q & 0x0F, q >> 4
+        ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+        return _pack(cls, n, ql=ql.reshape(n, 128), qh=qh.reshape(n, 64), scales=sc, d=d)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), np.float32), where=b != 0)
+
+
+def _round_div(a: np.ndarray, b: np.ndarray, top: int) -> np.ndarray:
+    return np.clip(np.rint(_safe_div(a, b)), 0, top).astype(np.uint8)
+
+
+def row_bytes(qtype: T, n_cols: int) -> int:
+    """Bytes of one row of n_cols elements (n_cols must be a multiple of the block size)."""
+    elems, nbytes = _sizes(qtype)
+    if n_cols % elems:
+        raise QuantError(f"a {qtype.name} row of {n_cols} elements is not a whole number of {elems}-element blocks")
+    return n_cols // elems * nbytes
+
+
+def _sizes(qtype: T) -> tuple[int, int]:
+    try:
+        return BLOCK_SIZES[T(qtype)]
+    except (KeyError, ValueError):
+        supported = ", ".join(t.name for t in BLOCK_SIZES)
+        raise QuantError(
+            f"ggml type {qtype!r} is not supported (supported: {supported}); use a model quantized to one of them"
+        ) from None
+
+
+def dequantize(raw: np.ndarray, qtype: T, n_elements: int) -> np.ndarray:
+    """raw uint8[n_bytes] (whole blocks) -> float32[n_elements]."""
+    elems, nbytes = _sizes(qtype)
+    n_blocks = n_elements // elems
+    if n_elements % elems or raw.size != n_blocks * nbytes:
+        need = n_elements // elems * nbytes
+        raise QuantError(f"{n_elements} {T(qtype).name} elements need {need} bytes in whole blocks, got {raw.size}")
+    blocks = raw.reshape(n_blocks, nbytes)
+    fmt = FORMATS[T(qtype)]
+    out = np.empty((n_blocks, elems), dtype=np.float32)
+    for start in range(0, n_blocks, _CHUNK_BLOCKS):
+        out[start : start + _CHUNK_BLOCKS] = fmt.dequantize_blocks(blocks[start : start + _CHUNK_BLOCKS])
+    return out.reshape(n_elements)
+
+
+def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
+    """float32[..., k] (k a multiple of the block size) -> uint8 raw blocks, shape [..., row_bytes]."""
+    qtype = T(qtype)
+    values = np.asarray(values, dtype=np.float32)
+    nbytes = row_bytes(qtype, values.shape[-1])
+    fmt = FORMATS[qtype]
+    if "quantize_blocks" not in vars(fmt):  # no quantizer here: use gguf-py's
+        try:
+            raw = _gguf_quants.quantize(values, qtype)
+        except NotImplementedError:
+            raise QuantError(f"no {qtype.name} quantizer here or in gguf-py: use Q4_K or Q6_K instead") from None
+        return raw.view(np.uint8).reshape(*values.shape[:-1], nbytes)
+    blocks = fmt.quantize_blocks(values.reshape(-1, fmt.block_elems))
+    return blocks.reshape(*values.shape[:-1], nbytes)

@@ -1,0 +1,1 @@
+"""Model facts: hyperparameters from GGUF metadata (`config`) and the registry of known model files."""

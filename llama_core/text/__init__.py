@@ -1,0 +1,1 @@
+"""Text in and out: the tokenizers (byte-level BPE, SentencePiece), pre-tokenization and chat templates."""

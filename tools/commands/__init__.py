@@ -1,0 +1,1 @@
+"""One module per `ukgpu` subcommand, each with `register(subparsers)`."""

@@ -1,0 +1,74 @@
+"""`ukgpu boot DIR`: run an image in QEMU, stream its console, serve until Ctrl-C or poweroff."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ukgpu.kernel.image import build as image, qemu
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("boot", help="boot an image in QEMU and serve its API",
+                                   description="Boot an image built by `ukgpu image build`. "
+                                   "Ctrl-C or SIGTERM powers the guest off (killed after --stop-timeout).")
+    parser.add_argument("dir", help="image folder (from `ukgpu image build -o DIR`)")
+    add_vm_options(parser)
+    parser.set_defaults(func=_boot)
+
+
+def add_vm_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8080,
+                        help="host port (127.0.0.1) forwarded to the guest API (0: any free one)")
+    parser.add_argument("--mem", help="guest RAM, QEMU syntax (default: sized from the image)")
+    parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
+                        help="tcg: emulation, works anywhere (default); kvm: hardware "
+                        "virtualization on a real host")
+    parser.add_argument("--gpu", metavar="BDF",
+                        help="pass this host PCI device (bound to vfio-pci) to the guest")
+    parser.add_argument("--arena", help="guest host-memory arena, e.g. 2G (default: sized "
+                        "from the model)")
+    parser.add_argument("--append", action="append", default=[], metavar="WORD",
+                        help="extra kernel command line word, e.g. ukgpu.ctx=4096 (repeatable)")
+    parser.add_argument("--boot-timeout", type=float, default=600.0,
+                        help="seconds to wait for READY (default 600)")
+    parser.add_argument("--stop-timeout", type=float, default=30.0,
+                        help="seconds to wait for a clean poweroff before killing QEMU")
+
+
+def vm_options(args: argparse.Namespace) -> qemu.BootOptions:
+    return qemu.BootOptions(port=args.port, mem=args.mem, cpus=args.cpus, accel=args.accel,
+                            gpu=args.gpu, arena=args.arena, append=list(args.append))
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _boot(args: argparse.Namespace) -> int:
+    vm = qemu.Vm(image.load(args.dir), vm_options(args), on_line=_echo)
+    # QEMU runs in its own session, so only we see Ctrl-C / SIGTERM: turn both into a poweroff
+    # (also when started in the background, where SIGINT arrives ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    vm.start()
+    try:
+        vm.wait_ready(args.boot_timeout)
+        print(f"ukgpu: serving {vm.url} (OpenAI API under /v1; Ctrl-C powers the guest off)",
+              file=sys.stderr, flush=True)
+        code = vm.wait()
+    except KeyboardInterrupt:
+        print("ukgpu: powering the guest off", file=sys.stderr, flush=True)
+        code = vm.poweroff(args.stop_timeout)
+    finally:
+        vm.kill()
+    if vm.fatal:
+        print(f"ukgpu: error: the guest failed: {vm.fatal}", file=sys.stderr)
+        return 1
+    return code

@@ -1,0 +1,45 @@
+"""`ukgpu serve -m MODEL`: the OpenAI-compatible HTTP API on this machine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ukgpu.llama_core.models import registry
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    parser.add_argument("-m", "--model", required=True, help="known model name or GGUF path")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    parser.add_argument("--slots", type=int, default=4, help="sequences generated in parallel")
+    parser.add_argument("--ctx", type=int, default=2048, help="context size per slot, in tokens")
+    parser.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a slot before new ones get 429")
+    parser.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="largest max_tokens a request may ask for (default: the context)")
+    parser.set_defaults(func=_serve)
+
+
+def model_id(name_or_path: str) -> str:
+    """The id clients send as `model`: the registry name, or the file's stem for a path."""
+    return name_or_path if name_or_path in registry.KNOWN_MODELS else Path(name_or_path).stem
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ukgpu.kernel.api import ApiLimits, create_app, serve
+
+    path = registry.resolve_model(args.model)  # a bad name fails here, before listening
+
+    def load():
+        from ukgpu.llama_core.engine import Engine
+
+        return Engine.load(path, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
+
+    limits = ApiLimits(max_body_bytes=args.max_body, max_queue=args.max_queue,
+                       max_tokens=args.max_tokens)
+    serve(create_app(load, limits, model_id=model_id(args.model)), args.host, args.port)
+    return 0
