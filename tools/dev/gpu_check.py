@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("env", "install", "ptx-check", "tests", "verify", "ptx-bench", "llamacpp", "bench-cuda",
           "bench")
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")
@@ -223,7 +223,7 @@ class Runner:
 
     def phase_verify(self, log) -> str:
         models = [("synthetic-smollm2-135m", self._synthetic(log, "smollm2-135m"))]
-        cached = subprocess.run([self.python, "-c", "from ukgpu.llama_core import registry as r; "
+        cached = subprocess.run([self.python, "-c", "from ukgpu.llama_core.models import registry as r; "
                                  "[print(n, r.model_path(n)) for n in ('smollm2-135m', "
                                  "'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b') if r.is_cached(n)]"],
                                 cwd=ROOT, env=self.env, capture_output=True, text=True)
