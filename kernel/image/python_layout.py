@@ -11,8 +11,10 @@ Choices (measured, see docs/benchmarks/image.md):
   distribution (its RECORD), so `importlib.metadata` works in the guest too.
 - numba/llvmlite are left out: ~210 MB, and JIT compiling under TCG would
   take longer than the numpy fallback path saves.
-- ukgpu: the package folders (llama_core, kernel, gpu, ptx_kernels incl. its
-  build/ artifacts), without tools/ (the host CLI).
+- ukgpu: only what the guest's PID 1 can import (the static import closure of
+  `ukgpu.kernel.guest.init`, see guest_closure.py) plus the data those modules
+  read (ptx_kernels/build/): no image builder, QEMU launcher, Triton generator,
+  VFIO host setup or CLI, and editing those does not change the image.
 
 Guest layout is merged-/usr: every /lib, /bin path of a deb lands under /usr.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.kernel.image.guest_closure import guest_files
 
 PYTHON_DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
 LIB_DEBS = ("libc6", "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", "liblzma5",
@@ -31,7 +34,6 @@ LIB_DEBS = ("libc6", "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", 
 GUEST_DISTS = ("numpy", "starlette", "uvicorn", "h11", "anyio", "sniffio", "idna", "click",
                "jinja2", "markupsafe", "gguf", "pyyaml", "typing_extensions", "tqdm")
 NUMBA_DISTS = ("numba", "llvmlite")
-UKGPU_PACKAGES = ("llama_core", "kernel", "gpu", "ptx_kernels")
 
 STDLIB = "/usr/lib/python3.11"
 SITE = "/usr/lib/python3/dist-packages"
@@ -163,14 +165,8 @@ def _keep_site(parts: tuple[str, ...]) -> bool:
 
 
 def ukgpu_layout(repo: Path) -> Layout:
-    """ukgpu's guest packages from the source tree (tests and caches left out)."""
+    """ukgpu's guest modules and their data files from the source tree (see guest_closure)."""
     out = Layout()
-    for package in UKGPU_PACKAGES:
-        base = repo / package
-        if not (base / "__init__.py").exists():
-            raise PythonLayoutError(f"{base} is not a Python package: run from a ukgpu checkout")
-        for host in sorted(base.rglob("*")):
-            rel = host.relative_to(repo)
-            if host.is_file() and "__pycache__" not in rel.parts and host.suffix != ".pyc":
-                out.files[f"{SITE}/ukgpu/{rel.as_posix()}"] = host
+    for rel, host in guest_files(repo).items():
+        out.files[f"{SITE}/ukgpu/{rel}"] = host
     return out

@@ -109,7 +109,7 @@ def chroot_check(root: Path, modules: tuple[str, ...]) -> str:
 
 _WARM = r"""
 import sys
-from ukgpu.llama_core import cpu_kernels
+from ukgpu.llama_core.cpu import matmul as cpu_kernels
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.sampling import SamplingParams
 seconds = cpu_kernels.warmup()

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from ukgpu.kernel.image import build as image_mod
+from ukgpu.kernel.image.guest_closure import guest_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,9 +21,9 @@ def test_two_builds_from_the_same_inputs_are_byte_identical(tmp_path, monkeypatc
     if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
         pytest.skip("needs apt-get and dpkg-deb (a Debian host): run tools/dev/host_deps.sh")
     snapshot = tmp_path / "src"  # teammates' sources may change while we build
-    for package in image_mod.image_python.UKGPU_PACKAGES:
-        shutil.copytree(image_mod.REPO / package, snapshot / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for rel, source in guest_files(image_mod.REPO).items():
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, snapshot / rel)
     monkeypatch.setattr(image_mod, "REPO", snapshot)
     config = image_mod.BuildConfig(model="smollm2-135m", numba=False)
     inputs = image_mod._resolve(config, log=lambda msg: None)
