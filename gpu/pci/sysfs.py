@@ -2,7 +2,13 @@
 
 `PciBus(root="/sys").devices()` reads `/sys/bus/pci/devices/*` (the root is
 injectable, so tests run on recorded trees).  BAR sizes come from each device's
-`resource` file; the config space is parsed by `pci_config`.  Pure stdlib.
+`resource` file; the config space is parsed by `config_space`.  Pure stdlib.
+
+This is the one reader of PCI sysfs: the VFIO layer (`gpu.vfio.device`, which
+also runs in minimal guests) and the host setup (`gpu.vfio.host`) ask `PciBus`
+for drivers, IOMMU groups and the other binding facts instead of reading links
+themselves.  Those single-fact readers take the device's sysfs name as is
+(`0000:01:00.0`) and never touch the config space or pci.ids.
 """
 
 from __future__ import annotations
@@ -158,15 +164,34 @@ class PciDevice:
 
 
 class PciBus:
-    """PCI devices under `<root>/bus/pci/devices`."""
+    """PCI devices under `<root>/bus/pci/devices`, and the IOMMU groups under `<root>/kernel`."""
 
     def __init__(self, root: str | os.PathLike = "/sys", ids: PciIds | None = None):
         self.root = Path(root)
-        self.ids = ids if ids is not None else PciIds()
+        self._ids = ids
+
+    @property
+    def ids(self) -> PciIds:
+        """Vendor and device names: pci.ids is read on first use (binding facts need none)."""
+        if self._ids is None:
+            self._ids = PciIds()
+        return self._ids
+
+    @property
+    def bus_dir(self) -> Path:
+        return self.root / "bus/pci"
 
     @property
     def devices_dir(self) -> Path:
-        return self.root / "bus/pci/devices"
+        return self.bus_dir / "devices"
+
+    @property
+    def drivers_dir(self) -> Path:
+        return self.bus_dir / "drivers"
+
+    @property
+    def iommu_groups_dir(self) -> Path:
+        return self.root / "kernel/iommu_groups"
 
     def addresses(self) -> list[str]:
         if not self.devices_dir.is_dir():
@@ -183,7 +208,7 @@ class PciBus:
 
     def device(self, bdf: str) -> PciDevice:
         bdf = normalize_bdf(bdf)
-        folder = self.devices_dir / bdf
+        folder = self.device_dir(bdf)
         if not folder.is_dir():
             raise PciError(f"no PCI device {bdf} under {self.devices_dir}: list them with `ukgpu pci`")
         notes: list[str] = []
@@ -197,10 +222,52 @@ class PciBus:
             revision=_hex_attr(folder, "revision", config.revision if config else 0),
             subsystem_vendor_id=_hex_attr(folder, "subsystem_vendor", config.subsystem_vendor_id if config else 0),
             subsystem_id=_hex_attr(folder, "subsystem_device", config.subsystem_id if config else 0),
-            bars=bars, config=config, driver=_link_name(folder / "driver"),
-            iommu_group=_int_or_none(_link_name(folder / "iommu_group")),
+            bars=bars, config=config, driver=self.driver(bdf), iommu_group=self.iommu_group(bdf),
             numa_node=_numa(folder), vendor_name=self.ids.vendor(vendor),
             device_name=self.ids.device(vendor, device), notes=notes)
+
+    # ------------------------------------------------------------ binding facts, one each
+
+    def device_dir(self, bdf: str) -> Path:
+        """The sysfs folder of the device named `bdf` (it may not exist)."""
+        return self.devices_dir / bdf
+
+    def driver(self, bdf: str) -> str | None:
+        """The name of the driver bound to `bdf` (None: unbound, or no such device)."""
+        return _link_name(self.device_dir(bdf) / "driver")
+
+    def iommu_group(self, bdf: str) -> int | None:
+        """The IOMMU group number of `bdf` (None: none, e.g. the IOMMU is off)."""
+        return _int_or_none(_link_name(self.device_dir(bdf) / "iommu_group"))
+
+    def iommu_enabled(self) -> bool:
+        """Whether the kernel made any IOMMU group (none: the IOMMU is off or absent)."""
+        groups = self.iommu_groups_dir
+        return groups.is_dir() and any(groups.iterdir())
+
+    def group_members(self, group: int) -> dict[str, str | None]:
+        """{bdf: driver or None} for every device of IOMMU group `group` ({}: no such group)."""
+        folder = self.iommu_groups_dir / str(group) / "devices"
+        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        return {name: self.driver(name) for name in names}
+
+    def driver_loaded(self, name: str) -> bool:
+        """Whether the PCI driver `name` is registered (its module is loaded or built in)."""
+        return (self.drivers_dir / name).is_dir()
+
+    def is_boot_vga(self, bdf: str) -> bool:
+        """Whether firmware used `bdf` as the boot display (the host console is on it)."""
+        flag = self.device_dir(bdf) / "boot_vga"
+        return flag.is_file() and flag.read_text().strip() == "1"
+
+    def class_devices(self, bdf: str, kind: str, nested: bool = True) -> list[str]:
+        """Names of the `kind` class devices ("net", "block", "drm") the host made from `bdf`.
+
+        `nested` also looks one level down (a virtio function's `virtio0/net/eth0`).
+        """
+        folder = self.device_dir(bdf)
+        patterns = (kind, f"*/{kind}") if nested else (kind,)
+        return [p.name for pattern in patterns for d in folder.glob(pattern) for p in sorted(d.iterdir())]
 
 
 def _read_config(folder: Path, notes: list[str]) -> ConfigSpace | None:

@@ -1,7 +1,7 @@
 """The VFIO user API: container, group, device, BAR mmaps, DMA maps and IRQ eventfds.
 
-Pure stdlib (`fcntl.ioctl` + ctypes structures from `vfio_abi`), so it also runs
-inside a minimal guest.  Typical use::
+Pure stdlib (`fcntl.ioctl` + ctypes structures from `vfio.abi`; sysfs facts
+from `gpu.pci.sysfs`), so it also runs inside a minimal guest.  Typical use::
 
     with open_device("0000:00:03.0") as s:
         bar0 = s.device.map_bar(0)
@@ -21,13 +21,14 @@ import mmap
 import os
 import select
 from dataclasses import dataclass
-from pathlib import Path
 
 from ukgpu.llama_core.errors import UkgpuError
 
+from ukgpu.gpu.pci.sysfs import PciBus
 from ukgpu.gpu.vfio import abi
 
 PAGE_SIZE = mmap.PAGESIZE
+VFIO_DRIVER = "vfio-pci"  # the kernel driver that hands a PCI device to VFIO
 
 
 class VfioError(UkgpuError):
@@ -59,46 +60,31 @@ def _release(steps) -> None:
         raise first
 
 
-# ---------------------------------------------------------------- diagnostics
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def device_driver(bdf: str, sysfs_root: str | os.PathLike = "/sys") -> str | None:
-    link = Path(sysfs_root, "bus/pci/devices", bdf, "driver")
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
-
+# ---------------------------------------------------------------- diagnostics (facts from gpu.pci.sysfs)
 
 def iommu_group_of(bdf: str, sysfs_root: str | os.PathLike = "/sys") -> int:
     """The IOMMU group number of a PCI device, or a VfioError saying how to get one."""
-    root = Path(sysfs_root)
-    if not (root / "bus/pci/devices" / bdf).exists():
+    bus = PciBus(sysfs_root)
+    if not bus.device_dir(bdf).exists():
         raise VfioError(f"no PCI device {bdf}: check the address with `ukgpu pci`")
-    link = root / "bus/pci/devices" / bdf / "iommu_group"
-    if not link.is_symlink():
-        groups = root / "kernel/iommu_groups"
-        if not groups.is_dir() or not any(groups.iterdir()):
+    group = bus.iommu_group(bdf)
+    if group is None:
+        if not bus.iommu_enabled():
             raise VfioError(
                 "no IOMMU groups: enable the IOMMU (VT-d/AMD-Vi in firmware, then boot with "
                 "intel_iommu=on or amd_iommu=on iommu=pt)")
         raise VfioError(f"{bdf} has no IOMMU group: it cannot be used with VFIO")
-    return int(os.path.basename(os.readlink(link)))
+    return group
 
 
 def group_members(group: int, sysfs_root: str | os.PathLike = "/sys") -> dict[str, str | None]:
     """{bdf: driver or None} for every device in an IOMMU group."""
-    folder = Path(sysfs_root, "kernel/iommu_groups", str(group), "devices")
-    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    return {name: device_driver(name, sysfs_root) for name in names}
+    return PciBus(sysfs_root).group_members(group)
 
 
 def _not_viable_message(group: int, sysfs_root) -> str:
     blockers = [f"{bdf} is bound to {drv}" for bdf, drv in group_members(group, sysfs_root).items()
-                if drv not in (None, "vfio-pci", "pcieport")]
+                if drv not in (None, VFIO_DRIVER, "pcieport")]
     detail = "; ".join(blockers) or "a member device is bound to a host driver"
     return (f"IOMMU group {group} is not viable: {detail}. Bind every device of the group to "
             f"vfio-pci (`ukgpu vfio bind BDF --yes`) or unbind it")

@@ -4,8 +4,8 @@ Binding goes through `driver_override` + the current driver's `unbind` +
 `drivers_probe`, touching only the named device.  Every action is a list of
 `SysfsWrite`s: printed in a dry run, performed only when asked.  A device that
 looks in use (open /dev/nvidia*, DRM card nodes or VFIO group files, the boot
-VGA, a bridge) is refused with the reason.  Sysfs and procfs roots are injectable.
-Pure stdlib.
+VGA, a bridge) is refused with the reason.  Sysfs and procfs roots are injectable;
+every sysfs fact comes from `gpu.pci.sysfs.PciBus`.  Pure stdlib.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from pathlib import Path
 
 from ukgpu.gpu.vfio.passthrough import mmio_window_size
 from ukgpu.gpu.pci.sysfs import PciBus, PciDevice, PciIds, human_size, normalize_bdf
-from ukgpu.gpu.vfio.device import VfioError
+from ukgpu.gpu.vfio.device import VFIO_DRIVER, VfioError
 
-VFIO_DRIVER = "vfio-pci"
 # Base classes whose devices, while bound, carry the host's own disks, network or buses.
 _HOST_CLASSES = {0x01: "a storage controller", 0x02: "a network controller", 0x0C: "a serial bus controller"}
 
@@ -84,22 +83,14 @@ class VfioHost:
 
     def __init__(self, sysfs_root: str | os.PathLike = "/sys", proc_root: str | os.PathLike = "/proc",
                  ids: PciIds | None = None):
-        self.sys = Path(sysfs_root)
         self.proc = Path(proc_root)
-        self.bus = PciBus(self.sys, ids if ids is not None else PciIds())
-
-    def _dev_dir(self, bdf: str) -> Path:
-        return self.sys / "bus/pci/devices" / bdf
+        self.bus = PciBus(sysfs_root, ids)
 
     def group_members(self, group: int | None) -> dict[str, str | None]:
-        if group is None:
-            return {}
-        folder = self.sys / "kernel/iommu_groups" / str(group) / "devices"
-        return {p.name: self.bus.device(p.name).driver for p in sorted(folder.iterdir())}
+        return {} if group is None else self.bus.group_members(group)
 
     def iommu_enabled(self) -> bool:
-        groups = self.sys / "kernel/iommu_groups"
-        return groups.is_dir() and any(groups.iterdir())
+        return self.bus.iommu_enabled()
 
     def check(self, bdf: str) -> CheckReport:
         dev = self.bus.device(bdf)
@@ -111,7 +102,7 @@ class VfioHost:
         problems += [f"group member {m} is bound to {drv}: it must be bound to vfio-pci too"
                      for m, drv in members.items() if m != dev.bdf and drv not in (None, VFIO_DRIVER)
                      and not self._is_bridge(m)]
-        vfio = (self.sys / "bus/pci/drivers" / VFIO_DRIVER).is_dir()
+        vfio = self.bus.driver_loaded(VFIO_DRIVER)
         return CheckReport(dev, self.iommu_enabled(), members, vfio, mmio_window_size(dev.bars), problems)
 
     def _is_bridge(self, bdf: str) -> bool:
@@ -122,12 +113,11 @@ class VfioHost:
         reasons = []
         if dev.class_code >> 8 == 0x0604:
             reasons.append(f"{dev.bdf} is a PCI bridge: pass through the devices behind it instead")
-        folder = self._dev_dir(dev.bdf)
         if dev.driver and dev.driver != VFIO_DRIVER:
-            serving = self._host_interfaces(folder) or _HOST_CLASSES.get(dev.class_code >> 16)
+            serving = self._host_interfaces(dev.bdf) or _HOST_CLASSES.get(dev.class_code >> 16)
             if serving:
                 reasons.append(f"{dev.bdf} ({dev.driver}) serves the host: {serving}")
-        if (folder / "boot_vga").is_file() and (folder / "boot_vga").read_text().strip() == "1":
+        if self.bus.is_boot_vga(dev.bdf):
             reasons.append(f"{dev.bdf} is the boot VGA device (the host console uses it)")
         nodes = self._device_nodes(dev)
         holders, hidden = self._open_by(nodes)
@@ -138,17 +128,14 @@ class VfioHost:
                            f"{', '.join(sorted(nodes))} are in use: run as root")
         return reasons
 
-    @staticmethod
-    def _host_interfaces(folder: Path) -> str:
+    def _host_interfaces(self, bdf: str) -> str:
         """Network interfaces or block devices the host made from this device ('' if none)."""
-        found = [f"{kind} {p.name}" for kind in ("net", "block") for pattern in (kind, f"*/{kind}")
-                 for d in folder.glob(pattern) for p in sorted(d.iterdir())]
-        return ", ".join(found)
+        return ", ".join(f"{kind} {name}" for kind in ("net", "block")
+                         for name in self.bus.class_devices(bdf, kind))
 
     def _device_nodes(self, dev: PciDevice) -> set[str]:
         """Device files that belong to this PCI device (or, for nvidia, to every NVIDIA GPU)."""
-        folder = self._dev_dir(dev.bdf)
-        nodes = {f"/dev/dri/{p.name}" for p in (folder / "drm").glob("*")} if (folder / "drm").is_dir() else set()
+        nodes = {f"/dev/dri/{name}" for name in self.bus.class_devices(dev.bdf, "drm", nested=False)}
         if dev.driver == "nvidia":
             nodes.add("/dev/nvidia*")  # nvidia's nodes are not per device in sysfs: be conservative
         if dev.driver == VFIO_DRIVER and dev.iommu_group is not None:
@@ -189,13 +176,12 @@ class VfioHost:
         reasons = self.in_use_reasons(dev)
         if reasons:
             raise VfioError(f"refusing to unbind {dev.bdf} from {dev.driver}: " + "; ".join(reasons))
-        if not (self.sys / "bus/pci/drivers" / VFIO_DRIVER).is_dir():
+        if not self.bus.driver_loaded(VFIO_DRIVER):
             plan.notes.append("the vfio-pci driver is not loaded: run `modprobe vfio-pci` first")
-        folder = self._dev_dir(dev.bdf)
-        plan.writes.append(SysfsWrite(folder / "driver_override", VFIO_DRIVER))
+        plan.writes.append(SysfsWrite(self.bus.device_dir(dev.bdf) / "driver_override", VFIO_DRIVER))
         if dev.driver:
-            plan.writes.append(SysfsWrite(self.sys / "bus/pci/drivers" / dev.driver / "unbind", dev.bdf))
-        plan.writes.append(SysfsWrite(self.sys / "bus/pci/drivers_probe", dev.bdf))
+            plan.writes.append(self._unbind(dev))
+        plan.writes.append(self._probe(dev))
         plan.others = [f"{m} ({drv or 'no driver'})" for m, drv in self.group_members(dev.iommu_group).items()
                        if m != dev.bdf and drv != VFIO_DRIVER and not self._is_bridge(m)]
         return plan
@@ -207,11 +193,16 @@ class VfioHost:
         reasons = self.in_use_reasons(dev)
         if reasons:
             raise VfioError(f"refusing to unbind {dev.bdf}: " + "; ".join(reasons))
-        folder = self._dev_dir(dev.bdf)
         if dev.driver:
-            plan.writes.append(SysfsWrite(self.sys / "bus/pci/drivers" / dev.driver / "unbind", dev.bdf))
+            plan.writes.append(self._unbind(dev))
         else:
             plan.notes.append(f"{dev.bdf} has no driver")
-        plan.writes.append(SysfsWrite(folder / "driver_override", "\n"))
-        plan.writes.append(SysfsWrite(self.sys / "bus/pci/drivers_probe", dev.bdf))
+        plan.writes.append(SysfsWrite(self.bus.device_dir(dev.bdf) / "driver_override", "\n"))
+        plan.writes.append(self._probe(dev))
         return plan
+
+    def _unbind(self, dev: PciDevice) -> SysfsWrite:
+        return SysfsWrite(self.bus.drivers_dir / dev.driver / "unbind", dev.bdf)
+
+    def _probe(self, dev: PciDevice) -> SysfsWrite:
+        return SysfsWrite(self.bus.bus_dir / "drivers_probe", dev.bdf)

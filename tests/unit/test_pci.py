@@ -124,6 +124,26 @@ def test_missing_device_and_missing_sysfs(tmp_path):
         PciBus(tmp_path / "nothing", NO_IDS).devices()
 
 
+def test_binding_facts_one_at_a_time(tmp_path):
+    """What the VFIO layer and the host setup read: no config space, no pci.ids."""
+    b = PciBus(tree.materialize("qemu-edu", tmp_path / "sys"))
+    assert (b.driver("0000:00:01.0"), b.iommu_group("0000:00:01.0")) == ("vfio-pci", 1)
+    assert (b.driver("0000:00:09.0"), b.iommu_group("0000:00:09.0")) == (None, None)  # no such device
+    assert b.iommu_enabled() and b.driver_loaded("vfio-pci") and not b.driver_loaded("nvidia")
+    assert b.group_members(2) == {"0000:00:02.0": "pcieport"} and b.group_members(99) == {}
+    assert not b.is_boot_vga("0000:00:01.0")
+    (b.device_dir("0000:00:01.0") / "boot_vga").write_text("1\n")
+    assert b.is_boot_vga("0000:00:01.0")
+    (b.device_dir("0000:00:01.0") / "virtio0/net/eth0").mkdir(parents=True)
+    (b.device_dir("0000:00:01.0") / "drm/card0").mkdir(parents=True)
+    assert b.class_devices("0000:00:01.0", "net") == ["eth0"]
+    assert b.class_devices("0000:00:01.0", "net", nested=False) == []
+    assert b.class_devices("0000:00:01.0", "drm") == ["card0"]
+    assert b._ids is None, "binding facts must not load pci.ids"
+    dev_vm = PciBus(tree.materialize("dev-vm", tmp_path / "vm"))
+    assert not dev_vm.iommu_enabled() and dev_vm.iommu_group("0000:00:01.0") is None
+
+
 def test_short_config_read_as_user(tmp_path):
     b = bus(tmp_path, "h100-guest")
     cfg_file = b.devices_dir / "0000:00:06.0" / "config"
