@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import all_specs, kernel_fn
+from .loader import STATIC_SHARED_LIMIT
 from .spec import POINTEE, KernelSpec
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -105,7 +106,7 @@ def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
         "cluster_dims": [1, 1, 1],
         "num_stages": spec.num_stages,
         "shared_bytes": md.shared,
-        "needs_opt_in_shared": md.shared > 48 * 1024,
+        "needs_opt_in_shared": md.shared > STATIC_SHARED_LIMIT,
         "constexprs": spec.constexprs,
         "grid": list(spec.grid),
         "sizes": spec.sizes,

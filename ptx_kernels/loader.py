@@ -7,6 +7,13 @@
 
 `launch` checks every limit and alignment the kernel was compiled for and appends the hidden
 trailing scratch pointers (0: every shipped kernel has zero-sized scratch).
+
+Two facts of the launch contract live here and nowhere else: `param_ctype` (the ctypes type
+cuLaunchKernel takes for each manifest parameter type: pointers are 64-bit device addresses,
+`i32` a 4-byte int, `fp32` a 4-byte float) and `STATIC_SHARED_LIMIT` (48 KiB: a kernel that
+needs more dynamic shared memory must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+which the generator records as `needs_opt_in_shared`).  The launcher, the generator and the
+test doubles of the driver all import them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from ukgpu.llama_core.errors import UkgpuError
 
 BUILD_DIR = Path(__file__).resolve().parent / "build"
 TARGETS = ("sm_90a", "sm_80")  # preference order when several fit
+STATIC_SHARED_LIMIT = 48 * 1024  # bytes of shared memory a kernel gets without the opt-in
+SCALAR_CTYPES = {"i32": ctypes.c_int32, "fp32": ctypes.c_float}  # pointers ("*...") are c_void_p
 
 
 class KernelManifestError(UkgpuError):
@@ -33,6 +42,16 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
            ast.Gt: operator.gt, ast.GtE: operator.ge}
 _FUNCS = {"cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+
+
+def param_ctype(type_: str) -> type:
+    """The ctypes type cuLaunchKernel takes for a manifest parameter of Triton type `type_`."""
+    if type_.startswith("*"):
+        return ctypes.c_void_p
+    if type_ not in SCALAR_CTYPES:
+        raise KernelManifestError(f"parameter type {type_!r} has no launch type (known: *ptr, "
+                                  f"{', '.join(SCALAR_CTYPES)}): extend SCALAR_CTYPES or the kernel")
+    return SCALAR_CTYPES[type_]
 
 
 def _eval(node: ast.AST, env: dict[str, int]):
@@ -75,6 +94,10 @@ class Param:
     def is_pointer(self) -> bool:
         return self.type.startswith("*")
 
+    @property
+    def ctype(self) -> type:
+        return param_ctype(self.type)
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -85,9 +108,7 @@ class Launch:
 
     def ctypes_args(self) -> tuple[tuple, tuple]:
         """(values, ctypes types) as cuda-python's cuLaunchKernel takes `kernelParams`."""
-        types = tuple(ctypes.c_void_p if t.startswith("*") else
-                      ctypes.c_int32 if t == "i32" else ctypes.c_float for t, _ in self.args)
-        return tuple(v for _, v in self.args), types
+        return tuple(v for _, v in self.args), tuple(param_ctype(t) for t, _ in self.args)
 
 
 @dataclass(frozen=True)
@@ -145,7 +166,7 @@ class Manifests:
         self.build_dir = build_dir
 
     @classmethod
-    def load(cls, build_dir: Path | str = BUILD_DIR) -> "Manifests":
+    def load(cls, build_dir: Path | str = BUILD_DIR) -> Manifests:
         build_dir = Path(build_dir)
         found = {}
         for target in TARGETS:

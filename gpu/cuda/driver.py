@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ukgpu.llama_core.errors import DeviceError, UkgpuError
+from ukgpu.llama_core.errors import DeviceError
 
 HINTS = {
     "CUDA_ERROR_NO_DEVICE": "no CUDA device is visible: pass the GPU through (VFIO) and check "

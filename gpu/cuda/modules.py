@@ -1,26 +1,26 @@
 """Kernel modules from the `ptx_kernels` manifests, loaded and launched as the manifest says.
 
-`KernelSet.function(name)` picks the artifact for the device (the cubin built for its exact
-architecture, else PTX the driver JITs; `ptx_kernels.loader.Manifests.select`), loads it once,
-and raises the dynamic shared memory limit when the kernel needs more than 48 KiB.  A PTX JIT
-failure carries the JIT's error log.  `launch(name, values)` packs the arguments in the
-manifest's parameter order (hidden trailing scratch pointers = 0), checks the kernel's limits and
-launches on the context's stream: nothing about a kernel is written down twice.  The manifest's
-grid and limit expressions are evaluated once per distinct set of scalar arguments.
+`KernelSet.kernel(name)` picks the artifact for the device (the cubin built for its exact
+architecture, else PTX the driver JITs; `ptx_kernels.loader.Manifests.candidates`; or one
+target's PTX when `force_ptx` asks for it), loads it once, and raises the dynamic shared memory
+limit when the kernel needs more than `loader.STATIC_SHARED_LIMIT` (48 KiB).  A PTX JIT failure
+carries the JIT's error log.  `launch(name, values)` packs the arguments in the manifest's
+parameter order with the loader's parameter types (hidden trailing scratch pointers = 0), checks
+the kernel's limits and launches on the context's stream: nothing about a kernel is written down
+twice.  The manifest's grid and limit expressions are evaluated once per distinct set of scalar
+arguments.  The backend, `ukgpu verify`, the GPU tests and the kernel benchmarks all launch
+through this one class.
 """
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ukgpu.ptx_kernels.loader import Artifact, Entry, KernelManifestError, Manifests
-
 from ukgpu.gpu.cuda.driver import CudaContext, CudaError
+from ukgpu.ptx_kernels.loader import STATIC_SHARED_LIMIT, Artifact, Entry, KernelManifestError, Manifests
 
-STATIC_SHARED_LIMIT = 48 * 1024
 JIT_LOG_BYTES = 8192
 # what a driver says of an image it cannot use (too new, wrong arch, no JIT): try the next one
 REFUSED_IMAGE = frozenset({"CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_IMAGE",
@@ -37,9 +37,7 @@ class LoadedKernel:
     plans: dict = field(default_factory=dict)  # scalar values -> (grid, block, shared bytes)
 
     def __post_init__(self) -> None:
-        self.types = tuple(ctypes.c_void_p if p.is_pointer else
-                           ctypes.c_int32 if p.type == "i32" else ctypes.c_float
-                           for p in self.entry.params)
+        self.types = tuple(p.ctype for p in self.entry.params)
         self.pointers = [p for p in self.entry.params if p.is_pointer and not p.hidden]
 
 

@@ -69,7 +69,6 @@ static CUresult s_cuDevicePrimaryCtxRetain(void **ctx, int dev) {
 }
 static CUresult s_cuDevicePrimaryCtxRelease_v2(int dev) { FWD("cuDevicePrimaryCtxRelease", W(dev)); }
 static CUresult s_cuCtxSetCurrent(void *ctx) { FWD("cuCtxSetCurrent", W(ctx)); }
-static CUresult s_cuCtxSynchronize(void) { return forward("cuCtxSynchronize", 0, 0); }
 static CUresult s_cuModuleLoadData(void **mod, const void *image) {
     FWD("cuModuleLoadData", W(mod), W(image));
 }
@@ -92,14 +91,14 @@ static CUresult s_cuMemcpyHtoD_v2(uint64_t dst, const void *src, size_t n) {
 static CUresult s_cuMemcpyDtoH_v2(void *dst, uint64_t src, size_t n) {
     FWD("cuMemcpyDtoH", W(dst), src, W(n));
 }
-static CUresult s_cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t n) {
-    FWD("cuMemcpyDtoD", dst, src, W(n));
-}
 static CUresult s_cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t n, void *stream) {
     FWD("cuMemcpyHtoDAsync", dst, W(src), W(n), W(stream));
 }
 static CUresult s_cuMemcpyDtoHAsync_v2(void *dst, uint64_t src, size_t n, void *stream) {
     FWD("cuMemcpyDtoHAsync", W(dst), src, W(n), W(stream));
+}
+static CUresult s_cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t n, void *stream) {
+    FWD("cuMemcpyDtoDAsync", dst, src, W(n), W(stream));
 }
 static CUresult s_cuMemsetD32Async(uint64_t dst, unsigned value, size_t n, void *stream) {
     FWD("cuMemsetD32Async", dst, W(value), W(n), W(stream));
@@ -161,7 +160,6 @@ static const struct {
     {"cuDevicePrimaryCtxRetain", 7000, (void *)s_cuDevicePrimaryCtxRetain},
     {"cuDevicePrimaryCtxRelease", 11000, (void *)s_cuDevicePrimaryCtxRelease_v2},
     {"cuCtxSetCurrent", 4000, (void *)s_cuCtxSetCurrent},
-    {"cuCtxSynchronize", 2000, (void *)s_cuCtxSynchronize},
     {"cuModuleLoadData", 2000, (void *)s_cuModuleLoadData},
     {"cuModuleLoadDataEx", 2010, (void *)s_cuModuleLoadDataEx},
     {"cuModuleUnload", 2000, (void *)s_cuModuleUnload},
@@ -171,9 +169,9 @@ static const struct {
     {"cuMemFree", 3020, (void *)s_cuMemFree_v2},
     {"cuMemcpyHtoD", 3020, (void *)s_cuMemcpyHtoD_v2},
     {"cuMemcpyDtoH", 3020, (void *)s_cuMemcpyDtoH_v2},
-    {"cuMemcpyDtoD", 3020, (void *)s_cuMemcpyDtoD_v2},
     {"cuMemcpyHtoDAsync", 3020, (void *)s_cuMemcpyHtoDAsync_v2},
     {"cuMemcpyDtoHAsync", 3020, (void *)s_cuMemcpyDtoHAsync_v2},
+    {"cuMemcpyDtoDAsync", 3020, (void *)s_cuMemcpyDtoDAsync_v2},
     {"cuMemsetD32Async", 3020, (void *)s_cuMemsetD32Async},
     {"cuStreamCreate", 2000, (void *)s_cuStreamCreate},
     {"cuStreamBeginCapture", 10010, (void *)s_cuStreamBeginCapture_v2},

@@ -28,12 +28,13 @@ TESTS = HERE.parent  # the test doubles live in tests/fakes
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+from ukgpu.ptx_kernels.loader import param_ctype  # noqa: E402
+
 from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver, _Stream  # noqa: E402
 
 CUDA_ERROR_UNKNOWN = 999
 DISPATCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                             ctypes.POINTER(ctypes.c_uint64))
-_PARAM_TYPES = {"i32": ("<i", ctypes.c_int32), "fp32": ("<f", ctypes.c_float)}  # (struct, ctypes)
 
 
 def build(out_dir: Path) -> Path:
@@ -206,9 +207,6 @@ class StubDispatch:
     def cuCtxSetCurrent(self, ctx: int) -> int:
         return self.fake.cuCtxSetCurrent(self._obj(ctx))[0]
 
-    def cuCtxSynchronize(self) -> int:
-        return CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED if self.fake._capturing() else 0
-
     def cuMemGetInfo(self, pfree: int, ptotal: int) -> int:
         err, free, total = self.fake.cuMemGetInfo()
         if err == 0:
@@ -231,9 +229,9 @@ class StubDispatch:
     def cuMemcpyDtoH(self, dst: int, src: int, n: int) -> int:
         return self.fake.cuMemcpyDtoH(dst, src, n)[0]
 
-    def cuMemcpyDtoD(self, dst: int, src: int, n: int) -> int:
-        if self.fake._capturing():
-            return CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    def cuMemcpyDtoDAsync(self, dst: int, src: int, n: int, stream: int) -> int:
+        if self._stream(stream).capture is not None:
+            return CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED  # graphs here hold kernels and memsets
         self.fake._copy(self.fake._device_address(dst, n), self.fake._device_address(src, n), n)
         self.fake._written(dst, n)
         return 0
@@ -285,14 +283,11 @@ class StubDispatch:
             return CUresult.CUDA_ERROR_INVALID_VALUE
         values, types = [], []
         for i, p in enumerate(func.entry["params"]):
-            addr = _get(params + 8 * i, "<Q")
-            if p["type"].startswith("*"):
-                values.append(_get(addr, "<Q"))
-                types.append(ctypes.c_void_p)
-            else:
-                fmt, ctype = _PARAM_TYPES[p["type"]]
-                values.append(_get(addr, fmt))
-                types.append(ctype)
+            addr, ctype = _get(params + 8 * i, "<Q"), param_ctype(p["type"])
+            raw = ctypes.string_at(addr, ctypes.sizeof(ctype))
+            values.append(int.from_bytes(raw, "little") if ctype is ctypes.c_void_p
+                          else ctype.from_buffer_copy(raw).value)
+            types.append(ctype)
         return self.fake.cuLaunchKernel(func, gx, gy, gz, bx, by, bz, shared, self._stream(stream),
                                         (tuple(values), tuple(types)), None)[0]
 

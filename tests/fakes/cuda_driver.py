@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ukgpu.ptx_kernels.loader import BUILD_DIR, STATIC_SHARED_LIMIT, param_ctype
+
 from fakes import cuda_kernels as kernels
-from ukgpu.ptx_kernels.loader import BUILD_DIR
 
 ALIGN = 256
 BASE_ADDRESS = 0x7F00_0000_0000
@@ -63,8 +64,6 @@ CUstreamCaptureMode = SimpleNamespace(CU_STREAM_CAPTURE_MODE_GLOBAL=0,
                                       CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1,
                                       CU_STREAM_CAPTURE_MODE_RELAXED=2)
 CUstream_flags = SimpleNamespace(CU_STREAM_DEFAULT=0, CU_STREAM_NON_BLOCKING=1)
-_CTYPES = {"i32": ctypes.c_int32, "fp32": ctypes.c_float}
-_STATIC_SHARED_LIMIT = 48 * 1024
 OK = CUresult.CUDA_SUCCESS
 
 
@@ -89,7 +88,7 @@ class _Stream:
 @dataclass
 class _Function:
     entry: dict
-    max_dynamic_shared: int = _STATIC_SHARED_LIMIT
+    max_dynamic_shared: int = STATIC_SHARED_LIMIT
 
 
 @dataclass
@@ -99,7 +98,7 @@ class _Graph:
 
 def _in_context(fn: Any) -> Any:
     """Calls that need a current context fail in a thread that has not made one current."""
-    def call(self: "FakeDriver", *args: Any) -> tuple:
+    def call(self: FakeDriver, *args: Any) -> tuple:
         if getattr(self._thread, "ctx", None) is None:
             return (CUresult.CUDA_ERROR_INVALID_CONTEXT, None)
         return fn(self, *args)
@@ -383,8 +382,7 @@ class FakeDriver:
             return None, CUresult.CUDA_ERROR_INVALID_VALUE
         args = {}
         for p, v, t in zip(entry["params"], values, types):
-            want = ctypes.c_void_p if p["type"].startswith("*") else _CTYPES[p["type"]]
-            if t is not want or (p["hidden"] and v != 0):
+            if t is not param_ctype(p["type"]) or (p["hidden"] and v != 0):
                 return None, CUresult.CUDA_ERROR_INVALID_VALUE
             args[p["name"]] = v
         return args, None

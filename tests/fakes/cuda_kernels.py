@@ -9,7 +9,8 @@ wrongly fails here rather than producing plausible numbers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

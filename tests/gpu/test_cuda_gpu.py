@@ -57,9 +57,10 @@ def test_every_kernel_meets_its_bound(gpu_reason, backends):
 def _model(name: str, folder: Path | None = None):
     """A cached model (the GPU machine has no network: models are pulled beforehand), or the tiny
     synthetic ones, written on the spot."""
-    from fakes.tiny_models import SHAPES, write_model
-    from ukgpu.llama_core.models import registry
     from ukgpu.llama_core.gguf.file import open_gguf
+    from ukgpu.llama_core.models import registry
+
+    from fakes.tiny_models import SHAPES, write_model
 
     if name in SHAPES:
         return open_gguf(write_model(folder / f"{name}.gguf", SHAPES[name]))

@@ -94,13 +94,9 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     bandwidth: a mat-vec at best streams its weights once)."""
     from bench_ptx_gpu import copy_bandwidth  # this folder's kernel benchmark
 
-    from ukgpu.ptx_kernels.cuda_launch import CudaRunner
+    from ukgpu.gpu.cuda.driver import open_device
 
-    run = CudaRunner()
-    try:
-        return copy_bandwidth(run, nbytes)
-    finally:
-        run.free_all()
+    return copy_bandwidth(open_device(0), nbytes)
 
 
 def roofline_line(name: str, res: dict, copy_gbs: float) -> str:
@@ -158,7 +154,7 @@ def main(argv: list[str]) -> int:
     for name, res in results.items():
         u, ll = res["ukgpu"], res.get("llama.cpp", {})
 
-        def peer(test: str) -> str:
+        def peer(test: str, ll: dict = ll) -> str:
             vals = [ll.get(f"fa{fa}", {}).get(test) for fa in (1, 0)]
             return " / ".join(f"{v:,.0f}" if isinstance(v, float) else "-" for v in vals)
 

@@ -2,82 +2,134 @@
 
     python tests/perf/bench_ptx_gpu.py [--json out.json] [--ptx-target sm_80]
 
-Measures, in one process and one CUDA context:
-- device copy bandwidth: cuMemcpyDtoD of 1 GiB (GB/s counts read + write bytes);
+Kernels launch through the backend's own launcher (`gpu.cuda.modules.KernelSet` over
+`open_device`'s context; `--ptx-target` is its `force_ptx`), buffers come from a `DeviceArena` per
+measurement, freed after it.  Measures, in one process and one CUDA context:
+- device copy bandwidth: cuMemcpyDtoDAsync of 1 GiB (GB/s counts read + write bytes);
 - decode mat-vec GB/s (bytes of the repacked weight planes + x + y per call) for Q4_K and Q8_0 at
   4096x4096, 8960x1536 and 1536x8960, batch 1 (b1) and 8 (b8), as a fraction of copy bandwidth;
 - prefill GEMM TFLOP/s (2*M*N*K per call) for F16, Q8_0 and Q4_K weights at 2048^3 and
   M=512 x 8960x1536, next to torch.matmul (fp16, cuBLAS) on the same shapes when torch has CUDA;
 - decode attention (split + combine, head_dim 128, 12/2 heads) GB/s of K+V read at 512, 4096
   and 32768 cached keys, unsplit and in 16 splits.
-Timings are CUDA-event means over repeated launches after a warm-up.
+Timings are CUDA-event means, recorded on the context's stream, over repeated launches after a
+warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ukgpu.gpu.cuda.arena import DeviceArena
+from ukgpu.gpu.cuda.driver import CudaContext, open_device
+from ukgpu.gpu.cuda.modules import KernelSet
+from ukgpu.gpu.cuda.verify_kernels import Device
 from ukgpu.ptx_kernels import reference as R
-from ukgpu.ptx_kernels.cuda_launch import CudaRunner
 
 MATVEC_SHAPES = [(4096, 4096), (8960, 1536), (1536, 8960)]  # (N, K)
 GEMM_SHAPES = [(2048, 2048, 2048), (512, 8960, 1536)]  # (M, N, K)
+ARENA_BYTES = 256 << 20  # one measurement's buffers (the most: one shape's three GEMMs, ~120 MB)
 
 
-def copy_bandwidth(run: CudaRunner, nbytes: int = 1 << 30) -> float:
-    a, b = run.empty(nbytes), run.empty(nbytes)
-    ms = run.time_ms(lambda: run.copy(b, a, nbytes), iters=10)
+@contextlib.contextmanager
+def scratch(kernels: KernelSet, nbytes: int = ARENA_BYTES) -> Iterator[Device]:
+    """Upload / read helpers over a fresh device arena, freed on exit."""
+    arena = DeviceArena(kernels.cu, nbytes)
+    try:
+        yield Device(kernels, arena)
+    finally:
+        kernels.ctx.sync()
+        arena.free()
+
+
+def time_ms(ctx: CudaContext, fn: Callable[[], None], iters: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds per call of fn() (which enqueues work on the context's stream)."""
+    for _ in range(warmup):
+        fn()
+    cu = ctx.cu
+    start, end = cu.cuEventCreate(0), cu.cuEventCreate(0)
+    try:
+        cu.cuEventRecord(start, ctx.stream)
+        for _ in range(iters):
+            fn()
+        cu.cuEventRecord(end, ctx.stream)
+        cu.cuEventSynchronize(end)
+        return cu.cuEventElapsedTime(start, end) / iters
+    finally:
+        cu.cuEventDestroy(start)
+        cu.cuEventDestroy(end)
+
+
+def copy_bandwidth(ctx: CudaContext, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy of nbytes on the context's stream, GB/s of bytes read + written."""
+    arena = DeviceArena(ctx.cu, 2 * nbytes)
+    try:
+        a, b = arena.alloc(nbytes), arena.alloc(nbytes)
+        ms = time_ms(ctx, lambda: ctx.cu.cuMemcpyDtoDAsync(b, a, nbytes, ctx.stream), iters=10)
+    finally:
+        ctx.sync()
+        arena.free()
     return 2 * nbytes / ms / 1e6  # GB/s
 
 
-def bench_matvec(run: CudaRunner, qtype: str, n: int, k: int, batch: int, rng) -> dict:
+def _artifact(dev: Device, name: str) -> str:
+    art = dev.kernels.kernel(name).artifact
+    return f"{art.target}/{art.kind}"
+
+
+def _timed(dev: Device, names: tuple[str, ...], vals: dict, iters: int, warmup: int) -> float:
+    def step():
+        for name in names:
+            dev.kernels.launch(name, vals)
+
+    return time_ms(dev.kernels.ctx, step, iters=iters, warmup=warmup)
+
+
+def bench_matvec(dev: Device, qtype: str, n: int, k: int, batch: int, rng) -> dict:
     w = R.random_repacked(qtype, n, k, rng)
-    planes = {f"w_{p}": run.upload(a) for p, a in w.planes().items()}
+    planes = {f"w_{p}": dev.put(a) for p, a in w.planes().items()}
     x = rng.standard_normal((batch, k)).astype(np.float32)
     version = "b1" if batch == 1 else "b8"
-    vals = planes | {"x": run.upload(x), "y": run.empty(batch * n * 4), "N": n, "K": k, "B": batch}
+    vals = planes | {"x": dev.put(x), "y": dev.arena.alloc(batch * n * 4), "N": n, "K": k, "B": batch}
     name = f"matvec_{qtype.lower()}_{version}"
-    ms = run.time_ms(lambda: run.launch(name, vals), iters=200, warmup=20)
+    ms = _timed(dev, (name,), vals, iters=200, warmup=20)
     nbytes = sum(a.nbytes for a in w.planes().values()) + x.nbytes + batch * n * 4
     return {"kernel": name, "N": n, "K": k, "B": batch, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
-            "artifact": run.loaded_kinds[name]}
+            "artifact": _artifact(dev, name)}
 
 
-def bench_gemm(run: CudaRunner, qtype: str, m: int, n: int, k: int, rng) -> dict:
+def bench_gemm(dev: Device, qtype: str, m: int, n: int, k: int, rng) -> dict:
     w = R.random_repacked(qtype, n, k, rng)
-    planes = {f"w_{p}": run.upload(a) for p, a in w.planes().items()}
+    planes = {f"w_{p}": dev.put(a) for p, a in w.planes().items()}
     x = rng.standard_normal((m, k)).astype(np.float32)
-    vals = planes | {"x": run.upload(x), "y": run.empty(m * n * 4), "M": m, "N": n, "K": k}
+    vals = planes | {"x": dev.put(x), "y": dev.arena.alloc(m * n * 4), "M": m, "N": n, "K": k}
     name = f"gemm_{qtype.lower()}"
-    ms = run.time_ms(lambda: run.launch(name, vals), iters=20)
+    ms = _timed(dev, (name,), vals, iters=20, warmup=3)
     return {"kernel": name, "M": m, "N": n, "K": k, "us": ms * 1e3,
-            "TFLOP/s": 2 * m * n * k / ms / 1e9, "artifact": run.loaded_kinds[name]}
+            "TFLOP/s": 2 * m * n * k / ms / 1e9, "artifact": _artifact(dev, name)}
 
 
-def bench_attn_decode(run: CudaRunner, hd: int, hq: int, hkv: int, n_keys: int, splits: int,
+def bench_attn_decode(dev: Device, hd: int, hq: int, hkv: int, n_keys: int, splits: int,
                       rng) -> dict:
     """One decode step over n_keys cached keys: GB/s of K+V bytes read (f16)."""
     n_ctx = n_keys
     per_split = -(-n_ctx // splits)
     chunk = -(-per_split // 64) * 64  # a multiple of 64 with splits * chunk >= n_ctx
     kv = rng.standard_normal((n_ctx, hkv, hd)).astype(np.float16)
-    vals = {"q": run.upload(rng.standard_normal((1, hq, hd)).astype(np.float32)),
-            "k_cache": run.upload(kv), "v_cache": run.upload(kv),
-            "part_out": run.empty(hq * splits * hd * 4), "part_ml": run.empty(hq * splits * 8),
-            "out": run.empty(hq * hd * 4), "slots": run.upload(np.zeros(1, np.int32)),
-            "lens": run.upload(np.array([n_keys], np.int32)), "n_ctx": n_ctx, "chunk": chunk,
+    vals = {"q": dev.put(rng.standard_normal((1, hq, hd)).astype(np.float32)),
+            "k_cache": dev.put(kv), "v_cache": dev.put(kv),
+            "part_out": dev.arena.alloc(hq * splits * hd * 4), "part_ml": dev.arena.alloc(hq * splits * 8),
+            "out": dev.arena.alloc(hq * hd * 4), "slots": dev.put(np.zeros(1, np.int32)),
+            "lens": dev.put(np.array([n_keys], np.int32)), "n_ctx": n_ctx, "chunk": chunk,
             "Hq": hq, "Hkv": hkv, "scale": hd ** -0.5, "B": 1, "S": splits}
     names = (f"attn_decode_d{hd}", f"attn_combine_d{hd}")
-
-    def step():
-        run.launch(names[0], vals)
-        run.launch(names[1], vals)
-
-    ms = run.time_ms(step, iters=100, warmup=10)
+    ms = _timed(dev, names, vals, iters=100, warmup=10)
     return {"kernel": f"{names[0]} + combine", "keys": n_keys, "Hq": hq, "Hkv": hkv, "S": splits,
             "us": ms * 1e3, "GB/s": 2 * kv.nbytes / ms / 1e6}
 
@@ -109,41 +161,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--ptx-target", help="force that target's PTX (e.g. sm_80) instead of the cubin")
     args = ap.parse_args(argv)
-    run = CudaRunner(ptx_target=args.ptx_target)
+    kernels = KernelSet(open_device(0), force_ptx=args.ptx_target)
+    cc = kernels.ctx.info.cc
     rng = np.random.default_rng(0)
-    copy = copy_bandwidth(run)
-    print(f"device cc {run.cc[0]}.{run.cc[1]}; cuMemcpyDtoD {copy:.0f} GB/s (read + write)")
-    results = {"cc": list(run.cc), "copy_GBps": copy, "matvec": [], "gemm": []}
+    copy = copy_bandwidth(kernels.ctx)
+    print(f"device cc {cc[0]}.{cc[1]}; cuMemcpyDtoDAsync {copy:.0f} GB/s (read + write)")
+    results = {"cc": list(cc), "copy_GBps": copy, "matvec": [], "gemm": []}
     print("| kernel | N x K | B | us | GB/s | of copy | artifact |\n|---|---|---|---|---|---|---|")
     for qtype in ("Q4_K", "Q8_0"):
         for n, k in MATVEC_SHAPES:
             for batch in (1, 8):
-                r = bench_matvec(run, qtype, n, k, batch, rng)
+                with scratch(kernels) as dev:
+                    r = bench_matvec(dev, qtype, n, k, batch, rng)
                 results["matvec"].append(r)
                 print(f"| {r['kernel']} | {n}x{k} | {batch} | {r['us']:.1f} | {r['GB/s']:.0f} | "
                       f"{r['GB/s'] / copy:.0%} | {r['artifact']} |")
-                run.free_all()
     print("\n| kernel | M x N x K | us | TFLOP/s | artifact |\n|---|---|---|---|---|")
     for m, n, k in GEMM_SHAPES:
-        rows = [bench_gemm(run, q, m, n, k, rng) for q in ("F16", "Q8_0", "Q4_K")]
+        with scratch(kernels) as dev:
+            rows = [bench_gemm(dev, q, m, n, k, rng) for q in ("F16", "Q8_0", "Q4_K")]
         rows.append(bench_torch(m, n, k))
         for r in filter(None, rows):
             results["gemm"].append(r)
             print(f"| {r['kernel']} | {m}x{n}x{k} | {r['us']:.1f} | {r['TFLOP/s']:.1f} | "
                   f"{r.get('artifact', 'cuBLAS')} |")
-        run.free_all()
     print("\n| kernel | keys | Hq/Hkv | S | us | K+V GB/s |\n|---|---|---|---|---|---|")
     for n_keys in (512, 4096, 32768):
         for splits in (1, 16):
-            r = bench_attn_decode(run, 128, 12, 2, n_keys, splits, rng)
+            with scratch(kernels) as dev:
+                r = bench_attn_decode(dev, 128, 12, 2, n_keys, splits, rng)
             results.setdefault("attn_decode", []).append(r)
             print(f"| {r['kernel']} | {n_keys} | 12/2 | {splits} | {r['us']:.1f} | {r['GB/s']:.0f} |")
-            run.free_all()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ukgpu.gpu.cuda.driver import CudaError, Driver, check, open_device
-from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver
 from ukgpu.llama_core.errors import UkgpuError
+
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver
 
 
 def test_check_returns_nothing_one_value_or_a_tuple():

@@ -1,5 +1,7 @@
-"""gpu.cuda_modules against the committed kernel manifests and the fake driver: artifact choice,
-dynamic shared memory opt-in, argument packing, JIT failures and their logs, launch limits."""
+"""gpu.cuda.modules against the committed kernel manifests and the fake driver: artifact choice,
+the image handed to the driver (the selected artifact's bytes, PTX NUL-terminated), dynamic
+shared memory opt-in, the exact cuLaunchKernel arguments, JIT failures and their logs, launch
+limits."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import ctypes
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda.driver import CudaError, open_device
 from ukgpu.gpu.cuda.arena import DeviceArena
-from ukgpu.gpu.cuda.modules import STATIC_SHARED_LIMIT, KernelSet
-from fakes.cuda_driver import FakeDevice, FakeDriver
-from ukgpu.ptx_kernels.loader import KernelManifestError, Manifests
+from ukgpu.gpu.cuda.driver import CudaError, open_device
+from ukgpu.gpu.cuda.modules import KernelSet
+from ukgpu.ptx_kernels.loader import STATIC_SHARED_LIMIT, KernelManifestError, Manifests
+
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver
 
 MANIFESTS = Manifests.load()
 
@@ -20,6 +23,19 @@ MANIFESTS = Manifests.load()
 def kernel_set(**device) -> tuple[KernelSet, FakeDriver]:
     fake = FakeDriver(devices=[FakeDevice(**device)])
     return KernelSet(open_device(0, fake), MANIFESTS), fake
+
+
+def record(fake: FakeDriver, monkeypatch, call: str, answer: tuple | None = None) -> list[tuple]:
+    """The arguments of every `call` the fake receives from now on; with `answer`, the call
+    is not carried out and returns that instead."""
+    seen, real = [], getattr(fake, call)
+
+    def spy(*args):
+        seen.append(args)
+        return answer if answer is not None else real(*args)
+
+    monkeypatch.setattr(fake, call, spy)
+    return seen
 
 
 def test_h100_gets_the_sm90a_cubin_and_others_the_sm80_ptx():
@@ -61,8 +77,7 @@ def test_fake_rejects_a_big_kernel_without_the_opt_in():
     k.function.max_dynamic_shared = STATIC_SHARED_LIMIT  # as if the attribute had not been set
     e = k.entry
     values = tuple(0 for _ in e.params)
-    types = tuple(ctypes.c_void_p if p.is_pointer else ctypes.c_int32 if p.type == "i32"
-                  else ctypes.c_float for p in e.params)
+    types = tuple(p.ctype for p in e.params)
     res = fake.cuLaunchKernel(k.function, 1, 1, 1, *e.block, e.shared_bytes, ks.ctx.stream,
                               (values, types), 0)
     assert res[0].name == "CUDA_ERROR_INVALID_VALUE"
@@ -136,4 +151,54 @@ def test_forcing_the_portable_ptx():
     fake = FakeDriver()
     ks = KernelSet(open_device(0, fake), MANIFESTS, force_ptx="sm_80")
     ks.kernel("gemm_q4_k")
-    assert fake.loaded == [("gemm_q4_k", "sm_80", "ptx")]
+    ks.kernel("add_f32")
+    assert fake.loaded == [("gemm_q4_k", "sm_80", "ptx"), ("add_f32", "sm_80", "ptx")]
+    assert {k["target"] + "/" + k["kind"] for k in ks.describe()} == {"sm_80/ptx"}
+
+
+def test_h100_launch_is_the_cubin_with_the_manifest_arguments(monkeypatch):
+    ks, fake = kernel_set(cc=(9, 0))
+    names = record(fake, monkeypatch, "cuModuleGetFunction")
+    launches = record(fake, monkeypatch, "cuLaunchKernel", answer=(CUresult.CUDA_SUCCESS,))
+    vals = {"w_q": 0x1000, "w_s": 0x2000, "w_m": 0x3000, "x": 0x4000, "y": 0x5000,
+            "N": 4096, "K": 4096, "B": 1}
+    ks.launch("matvec_q4_k_b1", vals)
+    assert ks.describe() == [{"entry": "matvec_q4_k_b1", "target": "sm_90a", "kind": "cubin"}]
+    assert names[0][1] == b"matvec_kernel"
+    entry = MANIFESTS.entry("matvec_q4_k_b1", "sm_90a")
+    fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra = launches[0]
+    assert (gx, gy, gz) == (4096 // entry.constexprs["BLOCK_N"], 1, 1)
+    assert (bx, by, bz) == (entry.data["threads_per_block"], 1, 1)
+    assert shared == entry.shared_bytes and stream is ks.ctx.stream and extra == 0
+    values, ctypes_types = params
+    assert values == (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 4096, 4096, 1, 0, 0)
+    assert ctypes_types[0] is ctypes.c_void_p and ctypes_types[5] is ctypes.c_int32
+
+
+def test_the_loaded_image_is_the_selected_artifact(monkeypatch):
+    ks, fake = kernel_set(cc=(9, 0))
+    images = record(fake, monkeypatch, "cuModuleLoadData")
+    ks.kernel("rmsnorm_f32")
+    assert bytes(images[0][0]) == MANIFESTS.select("rmsnorm_f32", (9, 0)).path.read_bytes()
+    assert bytes(images[0][0]).startswith(b"\x7fELF")
+
+
+def test_other_gpus_get_nul_terminated_sm80_ptx_and_big_shared_is_opted_in(monkeypatch):
+    ks, fake = kernel_set(cc=(8, 6))
+    images = record(fake, monkeypatch, "cuModuleLoadDataEx")
+    opt_in = record(fake, monkeypatch, "cuFuncSetAttribute")
+    ks.kernel("attn_prefill_d128")
+    assert ks.describe() == [{"entry": "attn_prefill_d128", "target": "sm_80", "kind": "ptx"}]
+    art = MANIFESTS.select("attn_prefill_d128", (8, 6))
+    assert bytes(images[0][0]) == art.path.read_bytes() + b"\0" and art.path.read_bytes()[:2] == b"//"
+    entry = MANIFESTS.entry("attn_prefill_d128", "sm_80")
+    assert entry.shared_bytes > STATIC_SHARED_LIMIT
+    attr = fake.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert [(a, v) for _, a, v in opt_in] == [(attr, entry.shared_bytes)]
+
+
+def test_a_failing_module_load_is_a_typed_error_naming_the_call():
+    """(a failing cuInit: test_cuda_driver.py)"""
+    fake = FakeDriver(fail={"cuModuleLoadData": "CUDA_ERROR_INVALID_VALUE"})
+    with pytest.raises(CudaError, match="cuModuleLoadData failed: CUDA_ERROR_INVALID_VALUE"):
+        KernelSet(open_device(0, fake), MANIFESTS).kernel("add_f32")

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ukgpu.ptx_kernels.loader import (
+    STATIC_SHARED_LIMIT,
     KernelManifestError,
     Manifests,
     attention_entries,
@@ -15,6 +16,7 @@ from ukgpu.ptx_kernels.loader import (
     evaluate,
     gemm_entry,
     matvec_entry,
+    param_ctype,
     rope_entry,
 )
 from ukgpu.ptx_kernels.repack import FORMATS
@@ -89,7 +91,14 @@ def test_missing_values_and_shared_memory_opt_in(man):
     e = man.entry("gemm_q4_k", "sm_90a")
     with pytest.raises(KernelManifestError, match="missing"):
         e.launch({"w_q": 16})
-    assert e.shared_bytes > 0 and e.data["needs_opt_in_shared"] == (e.shared_bytes > 48 * 1024)
+    assert e.shared_bytes > 0 and e.data["needs_opt_in_shared"] == (e.shared_bytes > STATIC_SHARED_LIMIT)
+
+
+def test_every_manifest_parameter_type_has_its_launch_type(man):
+    types = {p.type for n in man.names() for p in man.entry(n).params}
+    assert {param_ctype(t) for t in types} == {ctypes.c_void_p, ctypes.c_int32, ctypes.c_float}
+    with pytest.raises(KernelManifestError, match="'i64' has no launch type"):
+        param_ctype("i64")
 
 
 def test_every_entry_exists_for_both_targets_with_a_grid_and_limits(man):
