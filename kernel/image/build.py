@@ -29,6 +29,7 @@ from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.kernel.image import (
     debs,
     elf as image_elf,
+    guest_closure,
     vmlinux as image_kernel,
     python_layout as image_python,
     stage as image_stage,
@@ -143,6 +144,7 @@ def _input_key(inputs: Inputs, config: BuildConfig) -> str:
     digest = hashlib.sha256()
     parts = {
         "builder": BUILDER_VERSION,
+        "builder_sources": _builder_digest(),
         "debs": sorted(p.name for p in inputs.deb_roots.values()),
         "kernel": [inputs.kernel.root.name, manifest.sha256_file(inputs.kernel_image)],
         "model": inputs.model_sha256,
@@ -154,6 +156,16 @@ def _input_key(inputs: Inputs, config: BuildConfig) -> str:
     for guest, host in sorted(inputs.layout.files.items()):  # ukgpu sources change often
         digest.update(guest.encode())
         digest.update(host.read_bytes() if "/ukgpu/" in guest else str(host.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def _builder_digest() -> str:
+    """The image builder's own sources (the closure of this module, not the launcher's): a change
+    to how images are made rebuilds them; the image itself holds only guest files."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parents[2]
+    for name, path in guest_closure.import_closure(here, __name__).items():
+        digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -9,8 +9,9 @@ Choices (measured, see docs/benchmarks/image.md):
   x86-64-v2+ kernels need `-cpu max` under TCG.
 - HTTP stack and gguf: copied from the venv's site-packages, per installed
   distribution (its RECORD), so `importlib.metadata` works in the guest too.
-- numba/llvmlite are left out: ~210 MB, and JIT compiling under TCG would
-  take longer than the numpy fallback path saves.
+- numba/llvmlite (NUMBA_DISTS): ~190 MB, shipped unless the build says
+  `numba=False`; their kernel cache is filled at build time (stage.py), since
+  JIT compiling under TCG would take minutes.
 - ukgpu: only what the guest's PID 1 can import (the static import closure of
   `ukgpu.kernel.guest.init`, see guest_closure.py) plus the data those modules
   read (ptx_kernels/build/): no image builder, QEMU launcher, Triton generator,

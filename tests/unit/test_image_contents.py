@@ -143,3 +143,13 @@ def test_data_ships_with_the_module_that_reads_it(tmp_path, monkeypatch):
     monkeypatch.setattr(guest_closure, "GUEST_DATA", {"ukgpu.app.reader": ("app/missing",)})
     with pytest.raises(guest_closure.GuestClosureError, match="restore it"):
         guest_closure.guest_files(repo, "ukgpu.app.main")
+
+
+def test_the_cache_key_covers_the_builder_but_not_the_launcher():
+    """Editing how images are made rebuilds them; editing the QEMU launcher or the CLI does not."""
+    builder = guest_closure.import_closure(REPO, "ukgpu.kernel.image.build")
+    assert {"ukgpu.kernel.image.stage", "ukgpu.kernel.image.python_layout",
+            "ukgpu.kernel.image.guest_closure"} <= set(builder)
+    assert not {"ukgpu.kernel.image.qemu", "ukgpu.kernel.image.bench"} & set(builder)
+    assert not any(name.startswith("ukgpu.tools") for name in builder)
+    assert len(image_build._builder_digest()) == 64
