@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .repack import FORMATS, Repacked, dequantize_repacked, get_format, repack
+from ukgpu.llama_core.gguf.blocks import BLOCKS
 
-# Byte offsets of the float16 scale fields inside each ggml block, for `random_weight`.
-_F16_FIELDS = {
-    "Q4_0": (0,),
-    "Q4_1": (0, 2),
-    "Q5_0": (0,),
-    "Q8_0": (0,),
-    "Q4_K": (0, 2),
-    "Q6_K": (208,),
-}
+from .repack import FORMATS, Repacked, dequantize_repacked, get_format, repack
 
 
 def random_weight(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -29,9 +21,9 @@ def random_weight(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator
         return vals.view(np.uint8).reshape(-1)
     nb = n_rows * n_cols // fmt.block_elems
     raw = rng.integers(0, 256, (nb, fmt.block_bytes), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    for field in BLOCKS[fmt.qtype].f16_scales:
         scale = (rng.uniform(0.2, 1.0, nb) * 2.0 ** rng.integers(-9, -5, nb)).astype(np.float16)
-        raw[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
+        raw[:, field.offset : field.offset + 2] = scale.view(np.uint8).reshape(nb, 2)
     return raw.reshape(-1)
 
 

@@ -20,6 +20,12 @@ exact in float16), float32 for Q4_K (d*sc, -dmin*m) and Q6_K (d*sc), so the prod
 super-block scale and the sub-block scale stays exact.  Group size G is 32, except Q6_K (16).
 Q5_0 stores q-16 and Q6_K q-32 as signed int8.  Every repack is lossless: `dequantize_repacked`
 equals ggml's dequantization bit for bit.
+
+`LAYOUTS` (keyed by gguf's `GGMLQuantizationType`, as `TensorView.qtype` is) holds only what is
+the device's own: kind, group, scale dtype, offset plane.  Block sizes and field offsets are
+llama_core's `gguf.blocks` table, the bit unpacking (Q5_0's fifth bit, Q4_K's six-bit scales,
+Q6_K's split quants) its `gguf.quants`, both used here as they are.  `FORMATS` is the same layouts by kernel name (the
+manifest's `qtype`, entry names, `Repacked.qtype`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.gguf.blocks import BLOCKS
+from ukgpu.llama_core.gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, k4_nibbles, k4_sub_scales
 
 
 class RepackError(UkgpuError):
@@ -36,26 +45,41 @@ class RepackError(UkgpuError):
 
 
 @dataclass(frozen=True)
-class QFormat:
-    name: str
-    block_elems: int  # elements per ggml block
-    block_bytes: int  # bytes per ggml block
+class DeviceLayout:
+    """How one ggml type lies on the device; its ggml block sizes come from gguf.blocks."""
+
+    qtype: T
     kind: str  # "nibble" | "int8" | "float"
     group: int  # elements per scale in the repacked layout (0 for float)
     scale_dtype: str  # numpy dtype name of the s/m planes ("" for float)
     has_min: bool
 
+    @property
+    def name(self) -> str:
+        """The kernels' name of the type: entry names, the manifest's `qtype`, `Repacked.qtype`."""
+        return self.qtype.name
 
-FORMATS: dict[str, QFormat] = {
-    "Q4_0": QFormat("Q4_0", 32, 18, "nibble", 32, "float16", True),
-    "Q4_1": QFormat("Q4_1", 32, 20, "nibble", 32, "float16", True),
-    "Q5_0": QFormat("Q5_0", 32, 22, "int8", 32, "float16", False),
-    "Q8_0": QFormat("Q8_0", 32, 34, "int8", 32, "float16", False),
-    "Q4_K": QFormat("Q4_K", 256, 144, "nibble", 32, "float32", True),
-    "Q6_K": QFormat("Q6_K", 256, 210, "int8", 16, "float32", False),
-    "F16": QFormat("F16", 1, 2, "float", 0, "", False),
-    "F32": QFormat("F32", 1, 4, "float", 0, "", False),
-}
+    @property
+    def block_elems(self) -> int:
+        return BLOCKS[self.qtype].elems
+
+    @property
+    def block_bytes(self) -> int:
+        return BLOCKS[self.qtype].nbytes
+
+
+LAYOUTS: dict[T, DeviceLayout] = {lay.qtype: lay for lay in (
+    DeviceLayout(T.Q4_0, "nibble", 32, "float16", True),
+    DeviceLayout(T.Q4_1, "nibble", 32, "float16", True),
+    DeviceLayout(T.Q5_0, "int8", 32, "float16", False),
+    DeviceLayout(T.Q8_0, "int8", 32, "float16", False),
+    DeviceLayout(T.Q4_K, "nibble", 32, "float32", True),
+    DeviceLayout(T.Q6_K, "int8", 16, "float32", False),
+    DeviceLayout(T.F16, "float", 0, "", False),
+    DeviceLayout(T.F32, "float", 0, "", False),
+)}
+# The same layouts by kernel name, for code that starts from a manifest entry or an entry name.
+FORMATS: dict[str, DeviceLayout] = {lay.name: lay for lay in LAYOUTS.values()}
 
 
 @dataclass
@@ -78,14 +102,14 @@ class Repacked:
         return out
 
 
-def get_format(qtype: str) -> QFormat:
+def get_format(qtype: str) -> DeviceLayout:
     if qtype not in FORMATS:
         raise RepackError(f"no device layout for {qtype!r}; supported: {', '.join(FORMATS)}")
     return FORMATS[qtype]
 
 
-def _blocks(raw: np.ndarray, fmt: QFormat, n_rows: int, n_cols: int) -> np.ndarray:
-    """raw bytes -> (N, K/block_elems, block_bytes) uint8 view."""
+def _blocks(raw: np.ndarray, fmt: DeviceLayout, n_rows: int, n_cols: int) -> np.ndarray:
+    """raw bytes -> (N * K/block_elems, block_bytes) uint8 view, blocks in row-major order."""
     if n_cols % fmt.block_elems:
         raise RepackError(f"{fmt.name} rows need a multiple of {fmt.block_elems} columns, got {n_cols}")
     nb = n_cols // fmt.block_elems
@@ -95,105 +119,78 @@ def _blocks(raw: np.ndarray, fmt: QFormat, n_rows: int, n_cols: int) -> np.ndarr
             f"{fmt.name} ({n_rows}, {n_cols}) needs {n_rows * nb * fmt.block_bytes} bytes, "
             f"got {raw.size}: pass the tensor's raw GGUF data and its numpy-order shape"
         )
-    return raw.reshape(n_rows, nb, fmt.block_bytes)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    """(..., 2) uint8 -> (...) float16"""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+    return raw.reshape(n_rows * nb, fmt.block_bytes)
 
 
 def _nibbles_to_bytes(q: np.ndarray) -> np.ndarray:
-    """(N, K) uint8 values 0..15 -> (N, K/2) nibble-packed (element i | element i+16 << 4 per 32)."""
-    n, k = q.shape
-    g = q.reshape(n, k // 32, 2, 16)
-    return (g[:, :, 0, :] | (g[:, :, 1, :] << 4)).reshape(n, k // 2).astype(np.uint8)
+    """(M, 32j) uint8 values 0..15 -> (M, 16j) nibble-packed (element i | element i+16 << 4 per 32)."""
+    g = q.reshape(len(q), -1, 2, 16)
+    return (g[:, :, 0, :] | (g[:, :, 1, :] << 4)).reshape(len(q), -1)
 
 
-def _q4_k_scales(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, nb, 12) packed 6-bit scales -> scales, mins, each (N, nb, 8) uint8."""
-    s = sc12.astype(np.uint8)
-    lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63
-    hi_sc = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    return np.concatenate([lo_sc, hi_sc], -1), np.concatenate([lo_m, hi_m], -1)
+# Each `_planes_*`: ggml blocks (M, block_bytes) -> (q, s, m) per block, in ggml's element order;
+# the field views and decoders are quants' own, so this file states no byte offset or bit layout.
+
+def _planes_q4_0(b: np.ndarray) -> tuple:
+    d = Q4_0.field(b, "d")  # (M, 1) float16
+    return Q4_0.field(b, "qs"), d, (d.astype(np.float32) * -8.0).astype(np.float16)
 
 
-def _repack_q4_0(b: np.ndarray, n: int, k: int) -> Repacked:
-    d = _f16(b[..., 0:2])  # (N, nb)
-    m = (d.astype(np.float32) * -8.0).astype(np.float16)
-    return Repacked("Q4_0", n, k, b[..., 2:18].reshape(n, k // 2).copy(), d.copy(), m)
+def _planes_q4_1(b: np.ndarray) -> tuple:
+    return Q4_1.field(b, "qs"), Q4_1.field(b, "d"), Q4_1.field(b, "m")
 
 
-def _repack_q4_1(b: np.ndarray, n: int, k: int) -> Repacked:
-    d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    return Repacked("Q4_1", n, k, b[..., 4:20].reshape(n, k // 2).copy(), d.copy(), m.copy())
+def _planes_q5_0(b: np.ndarray) -> tuple:
+    return Q5_0.signed_quants(b), Q5_0.field(b, "d"), None
 
 
-def _repack_q5_0(b: np.ndarray, n: int, k: int) -> Repacked:
-    d = _f16(b[..., 0:2])
-    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # (N, nb, 1)
-    qs = b[..., 6:22]  # (N, nb, 16)
-    lo = qs & 0x0F
-    hi = qs >> 4
-    bits = (qh >> np.arange(32, dtype=np.uint32)) & 1  # (N, nb, 32)
-    q = np.concatenate([lo, hi], -1).astype(np.int16) | (bits.astype(np.int16) << 4)
-    return Repacked("Q5_0", n, k, (q - 16).astype(np.int8).reshape(n, k), d.copy(), None)
+def _planes_q8_0(b: np.ndarray) -> tuple:
+    return Q8_0.field(b, "qs"), Q8_0.field(b, "d"), None
 
 
-def _repack_q8_0(b: np.ndarray, n: int, k: int) -> Repacked:
-    d = _f16(b[..., 0:2])
-    q = np.ascontiguousarray(b[..., 2:34]).view(np.int8).reshape(n, k)
-    return Repacked("Q8_0", n, k, q.copy(), d.copy(), None)
+def _planes_q4_k(b: np.ndarray) -> tuple:
+    step, offset = k4_sub_scales(Q4_K, b)  # (M, 8) float32
+    q = k4_nibbles(Q4_K.field(b, "qs")).reshape(len(b), -1)  # sub-block 2c = low, 2c+1 = high
+    return _nibbles_to_bytes(q), step, -offset
 
 
-def _repack_q4_k(b: np.ndarray, n: int, k: int) -> Repacked:
-    d = _f16(b[..., 0:2]).astype(np.float32)[..., None]  # (N, nb, 1)
-    dmin = _f16(b[..., 2:4]).astype(np.float32)[..., None]
-    sc, mn = _q4_k_scales(b[..., 4:16])  # (N, nb, 8)
-    qs = b[..., 16:144].reshape(n, -1, 4, 32)  # (N, nb, chunk, 32)
-    q = np.stack([qs & 0x0F, qs >> 4], 3).reshape(n, k)  # sub-block 2c = low, 2c+1 = high
-    s = (d * sc.astype(np.float32)).reshape(n, k // 32)
-    m = (-(dmin * mn.astype(np.float32))).reshape(n, k // 32)
-    return Repacked("Q4_K", n, k, _nibbles_to_bytes(q), s, m)
+def _planes_q6_k(b: np.ndarray) -> tuple:
+    return Q6_K.signed_quants(b), Q6_K.sub_scales(b), None
 
 
-def _repack_q6_k(b: np.ndarray, n: int, k: int) -> Repacked:
-    ql = b[..., 0:128].reshape(n, -1, 2, 64)  # (N, nb, half, 64)
-    qh = b[..., 128:192].reshape(n, -1, 2, 32)  # (N, nb, half, 32)
-    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)  # (N, nb, 16)
-    d = _f16(b[..., 208:210]).astype(np.float32)[..., None]
-    lo = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], 3)
-    hi = np.stack([(qh >> sh) & 3 for sh in (0, 2, 4, 6)], 3)  # (N, nb, half, 4, 32)
-    q = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 32
-    s = (d * sc.astype(np.float32)).reshape(n, k // 16)
-    return Repacked("Q6_K", n, k, q.astype(np.int8).reshape(n, k), s, None)
-
-
-def _repack_float(raw: np.ndarray, qtype: str, n: int, k: int) -> Repacked:
-    dt = np.float16 if qtype == "F16" else np.float32
-    arr = np.ascontiguousarray(raw).view(np.uint8).reshape(-1).view(dt)
-    if arr.size != n * k:
-        raise RepackError(f"{qtype} ({n}, {k}) needs {n * k} values, got {arr.size}")
-    return Repacked(qtype, n, k, arr.reshape(n, k).copy(), None, None)
-
-
-_REPACK = {
-    "Q4_0": _repack_q4_0,
-    "Q4_1": _repack_q4_1,
-    "Q5_0": _repack_q5_0,
-    "Q8_0": _repack_q8_0,
-    "Q4_K": _repack_q4_k,
-    "Q6_K": _repack_q6_k,
+_PLANES = {
+    T.Q4_0: _planes_q4_0,
+    T.Q4_1: _planes_q4_1,
+    T.Q5_0: _planes_q5_0,
+    T.Q8_0: _planes_q8_0,
+    T.Q4_K: _planes_q4_k,
+    T.Q6_K: _planes_q6_k,
 }
+
+
+def _plane(a: np.ndarray | None, n_rows: int) -> np.ndarray | None:
+    """Per-block values (M, ...) -> a new C-contiguous (n_rows, -1) array (never a view of raw)."""
+    if a is None:
+        return None
+    out = np.empty(a.shape, a.dtype)
+    out[...] = a
+    return out.reshape(n_rows, -1)
+
+
+def _repack_float(raw: np.ndarray, fmt: DeviceLayout, n: int, k: int) -> Repacked:
+    arr = np.ascontiguousarray(raw).view(np.uint8).reshape(-1).view(BLOCKS[fmt.qtype].field("x").dtype)
+    if arr.size != n * k:
+        raise RepackError(f"{fmt.name} ({n}, {k}) needs {n * k} values, got {arr.size}")
+    return Repacked(fmt.name, n, k, arr.reshape(n, k).copy(), None, None)
 
 
 def repack(raw: np.ndarray, qtype: str, n_rows: int, n_cols: int) -> Repacked:
     """Raw GGUF blocks of an (n_rows, n_cols) weight -> device planes (see module docstring)."""
     fmt = get_format(qtype)
     if fmt.kind == "float":
-        return _repack_float(raw, qtype, n_rows, n_cols)
-    return _REPACK[qtype](_blocks(raw, fmt, n_rows, n_cols), n_rows, n_cols)
+        return _repack_float(raw, fmt, n_rows, n_cols)
+    q, s, m = _PLANES[fmt.qtype](_blocks(raw, fmt, n_rows, n_cols))
+    return Repacked(qtype, n_rows, n_cols, _plane(q, n_rows), _plane(s, n_rows), _plane(m, n_rows))
 
 
 def dequantize_repacked(r: Repacked) -> np.ndarray:

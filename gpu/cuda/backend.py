@@ -171,7 +171,7 @@ class CudaBackend(Backend):
         return self._weights[key]
 
     def _prepare(self, view: Any) -> DeviceWeight:
-        qtype = getattr(view.qtype, "name", str(view.qtype))
+        qtype = view.qtype.name
         shape = tuple(int(s) for s in view.shape)
         if len(shape) == 1:
             return self._prepare_vector(view, qtype, shape)

@@ -57,7 +57,7 @@ def model_kernels(gguf: Any) -> list[str]:
     for view in gguf.tensors.values():
         if len(view.shape) != 2:
             continue
-        qtype = getattr(view.qtype, "name", str(view.qtype))
+        qtype = view.qtype.name
         if qtype not in FORMATS or view.shape[1] % max(32, _quant_k_multiple(qtype)):
             raise CudaUnsupported(f"{view.name} ({qtype}, {view.shape}) has no CUDA kernel "
                                   f"(types {', '.join(FORMATS)}); use the CPU backend")

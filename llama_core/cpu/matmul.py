@@ -9,7 +9,7 @@ rounding applies it to x first; the result then matches llama.cpp's integer dot 
 
 Paths, chosen per call:
   * numba, n <= MV_MAX_ROWS (decode): kernels that decode the blocks in registers
-    (`cpu_kernels_nb`, `cpu_kernels_nbk`; `cpu_kernels_tile` for repacked handles).
+    (`blocks32`, `superblocks`; `tiled` for repacked handles).
   * numba, n <= MV_CHUNKED_ROWS (short prompts, batched decode): the same kernels on chunks of
     MV_MAX_ROWS rows; decoding the blocks again per chunk still beats a dequantized copy.
   * numba, larger n (prefill): a slab of rows is dequantized by a numba kernel into a small
@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.errors import QuantError
+from ukgpu.llama_core.gguf import quants
+from ukgpu.llama_core.gguf.blocks import BLOCKS
 
 MV_MAX_ROWS = 4  # activation rows one block-kernel call takes (decoded once for all of them)
 MV_CHUNKED_ROWS = 16  # up to here chunks of MV_MAX_ROWS beat dequantize + BLAS (measured on the
@@ -54,7 +55,7 @@ class PreparedWeight:
     qtype: T
     shape: tuple[int, int]  # (out, in)
     rows: np.ndarray | None  # uint8[out, row_bytes], the GGUF blocks (zero copy)
-    tiles: Any = None  # cpu_kernels_tile.TilePack when repacked (then rows is None)
+    tiles: Any = None  # tiled.TilePack when repacked (then rows is None)
 
     @property
     def nbytes(self) -> int:
@@ -197,12 +198,11 @@ def random_blocks(qtype: T, n_out: int, n_in: int, rng: np.random.Generator) -> 
     if qtype in (T.F32, T.F16):
         vals = rng.standard_normal((n_out, n_in)).astype(np.float16 if qtype == T.F16 else np.float32)
         return vals.view(np.uint8)
-    fmt = quants.FORMATS[qtype]
-    raw = rng.integers(0, 256, (n_out * n_in // fmt.block_elems, fmt.block_bytes), dtype=np.uint8)
-    for f in fmt.fields:
-        if f.dtype == "<f2":
-            mag = rng.uniform(0.01, 0.1, raw.shape[0]) * rng.choice([-1.0, 1.0], raw.shape[0])
-            raw[:, f.offset : f.offset + 2] = mag.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    block = BLOCKS[qtype]
+    raw = rng.integers(0, 256, (n_out * n_in // block.elems, block.nbytes), dtype=np.uint8)
+    for f in block.f16_scales:
+        mag = rng.uniform(0.01, 0.1, raw.shape[0]) * rng.choice([-1.0, 1.0], raw.shape[0])
+        raw[:, f.offset : f.offset + 2] = mag.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(n_out, -1)
 
 

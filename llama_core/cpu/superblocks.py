@@ -1,10 +1,11 @@
 """numba kernels on raw GGUF rows for the 256-element super-block formats (Q4_K, Q5_K, Q6_K).
 
-Same contract and lane scheme as `cpu_kernels_nb` (read that first): `mv_*` multiplies a few
+Same contract and lane scheme as `blocks32` (read that first): `mv_*` multiplies a few
 activation rows, `dq_*` dequantizes a slab of rows for BLAS.  `s[t, b]` holds the sums of
 x[t] over 32-element sub-blocks (computed first), which Q4_K/Q5_K's minimums multiply.
 
-Super-block layouts (bytes):
+Super-block layouts (bytes; gguf.blocks.BLOCKS has them, the kernels spell them as literals for
+the reason blocks32 gives):
     Q4_K (144): d f16, dmin f16, scales[12] (8 six-bit scales + 8 six-bit mins), qs[128]
     Q5_K (176): d, dmin, scales[12], qh[32], qs[128]
     Q6_K (210): ql[128], qh[64], scales int8[16], d f16
@@ -23,24 +24,27 @@ from numba import njit, prange
 from ukgpu.llama_core.cpu.blocks32 import (
     CHUNKS,
     OPTS,
-    R,
     SERIAL,
     U4,
     U15,
+    R,
     block_sums,
     chunk_range,
     f16,
 )
+from ukgpu.llama_core.gguf.quants import k4_scales
+
+_k4_scales = njit(inline="always")(k4_scales)  # quants' unpack itself, compiled for bytes
 
 
 @njit(inline="always")
 def scale_min_k4(wr, o, k):
     """Six-bit scale and min of sub-block k (0..7) from the 12 packed bytes at wr[o:]."""
+    j = k & 3
+    sc, mn, sc_hi, mn_hi = _k4_scales(wr[o + j], wr[o + j + 4], wr[o + j + 8])
     if k < 4:
-        return np.float32(wr[o + k] & 63), np.float32(wr[o + k + 4] & 63)
-    sc = (wr[o + k + 4] & 15) | ((wr[o + k - 4] >> 6) << 4)
-    mn = (wr[o + k + 4] >> 4) | ((wr[o + k] >> 6) << 4)
-    return np.float32(sc), np.float32(mn)
+        return np.float32(sc), np.float32(mn)
+    return np.float32(sc_hi), np.float32(mn_hi)
 
 
 @njit(inline="always")

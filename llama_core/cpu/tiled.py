@@ -22,15 +22,23 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from ukgpu.llama_core.cpu.blocks32 import CHUNKS, OPTS, SERIAL, U4, U15, block_sums, h2f
+from ukgpu.llama_core.gguf.blocks import BLOCKS
+from ukgpu.llama_core.gguf.quants import row_bytes
 
-# type -> (header fields (block offset, bytes) in tile order, qs offset, qs bytes)
-_SECTIONS = {
-    T.Q4_0: (((0, 2),), 2, 16),
-    T.Q4_1: (((0, 2), (2, 2)), 4, 16),
-    T.Q5_0: (((2, 4), (0, 2)), 6, 16),
-    T.Q5_1: (((4, 4), (0, 2), (2, 2)), 8, 16),
-    T.Q8_0: (((0, 2),), 2, 32),
-}
+TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+
+
+def _sections(qtype: T) -> tuple[tuple[tuple[int, int], ...], int, int]:
+    """(header fields (block offset, bytes) in tile order, qs offset, qs bytes), from the block
+    table.  Tile order is widest field first (qh's u32 section, then d, then m: each section
+    stays aligned for its view), the order the kernels below read the sections in."""
+    block = BLOCKS[qtype]
+    header = sorted((f for f in block.fields if f.name != "qs"), key=lambda f: -f.size)
+    qs = block.field("qs")
+    return tuple((f.offset, f.size) for f in header), qs.offset, qs.size
+
+
+_SECTIONS = {q: _sections(q) for q in TYPES}
 LANES = 256  # target lanes per tile: X for one activation row is 32 * LANES floats (32 KiB)
 
 
@@ -43,7 +51,7 @@ class TilePack:
 
     @property
     def row_bytes(self) -> int:
-        return self.shape[1] // 32 * (_SECTIONS[self.qtype][1] + _SECTIONS[self.qtype][2])
+        return row_bytes(self.qtype, self.shape[1])
 
 
 def can_repack(qtype: T, n_out: int) -> bool:
@@ -58,15 +66,15 @@ def tile_rows(n_in: int) -> int:
 def repack(rows: np.ndarray, qtype: T) -> TilePack:
     """uint8[out, row_bytes] GGUF rows -> TilePack (a copy of the same size)."""
     n_out, rb = rows.shape
-    hdr, qo, nq = _SECTIONS[qtype]
-    nb = rb // (qo + nq)
+    bpb = BLOCKS[qtype].nbytes
+    nb = rb // bpb
     rt = tile_rows(nb * 32)
     data = np.empty(n_out * rb, np.uint8)
     full = n_out // rt * rt
     if full:
-        data[: full * rb] = _permute(rows[:full], rt * nb, qo + nq, qtype).reshape(-1)
+        data[: full * rb] = _permute(rows[:full], rt * nb, bpb, qtype).reshape(-1)
     if full < n_out:
-        data[full * rb :] = _permute(rows[full:], (n_out - full) * nb, qo + nq, qtype).reshape(-1)
+        data[full * rb :] = _permute(rows[full:], (n_out - full) * nb, bpb, qtype).reshape(-1)
     return TilePack(qtype, (n_out, nb * 32), rt, data)
 
 
@@ -95,7 +103,7 @@ def _unpermute(tiles: np.ndarray, lanes: int, bpb: int, qtype: T) -> np.ndarray:
 def unpack_rows(tp: TilePack, r0: int, r1: int) -> np.ndarray:
     """GGUF rows r0..r1 (uint8[r1 - r0, row_bytes]) rebuilt from a TilePack."""
     n_out, rb, rt = tp.shape[0], tp.row_bytes, tp.rt
-    nb, bpb = tp.shape[1] // 32, rb // (tp.shape[1] // 32)
+    nb, bpb = tp.shape[1] // 32, BLOCKS[tp.qtype].nbytes
     full = n_out // rt * rt
     a, b = r0 // rt * rt, min(n_out, -(-r1 // rt) * rt)  # whole tiles covering r0..r1
     pieces = []
@@ -111,13 +119,13 @@ def unpack_rows(tp: TilePack, r0: int, r1: int) -> np.ndarray:
 
 def matvec(tp: TilePack, x: np.ndarray, y: np.ndarray) -> None:
     """y[n, out] = x[n, in] @ W.T for a TilePack."""
-    q = tp.qtype
+    q, bpb = tp.qtype, BLOCKS[tp.qtype].nbytes
     if q == T.Q8_0:
-        t_q8_0(tp.data, tp.shape[0], tp.rt, x, y)
+        t_q8_0(tp.data, tp.shape[0], tp.rt, bpb, x, y)
     elif q in (T.Q4_0, T.Q4_1):
-        t_q4(tp.data, tp.shape[0], tp.rt, x, y, q == T.Q4_1)
+        t_q4(tp.data, tp.shape[0], tp.rt, bpb, x, y, q == T.Q4_1)
     else:
-        t_q5(tp.data, tp.shape[0], tp.rt, x, y, q == T.Q5_1)
+        t_q5(tp.data, tp.shape[0], tp.rt, bpb, x, y, q == T.Q5_1)
 
 
 @njit(cache=True, fastmath=True)
@@ -147,10 +155,9 @@ def _tile(data, k, rt, n_out, nb, bpb):
 
 
 @njit(**OPTS)
-def t_q4(data, n_out, rt, x, y, has_m):
+def t_q4(data, n_out, rt, bpb, x, y, has_m):
     X, s = expand_x(x, rt), block_sums(x)
     n, nb = x.shape[0], x.shape[1] // 32
-    bpb = 20 if has_m else 18
     ntiles = (n_out + rt - 1) // rt
     nch = min(ntiles, CHUNKS)
     for c in prange(nch):
@@ -182,10 +189,9 @@ def t_q4(data, n_out, rt, x, y, has_m):
 
 
 @njit(**OPTS)
-def t_q5(data, n_out, rt, x, y, has_m):
+def t_q5(data, n_out, rt, bpb, x, y, has_m):
     X, s = expand_x(x, rt), block_sums(x)
     n, nb = x.shape[0], x.shape[1] // 32
-    bpb = 24 if has_m else 22
     ntiles = (n_out + rt - 1) // rt
     nch = min(ntiles, CHUNKS)
     for c in prange(nch):
@@ -223,7 +229,7 @@ def t_q5(data, n_out, rt, x, y, has_m):
 
 
 @njit(**OPTS)
-def t_q8_0(data, n_out, rt, x, y):
+def t_q8_0(data, n_out, rt, bpb, x, y):
     X = expand_x(x, rt)
     n, nb = x.shape[0], x.shape[1] // 32
     ntiles = (n_out + rt - 1) // rt
@@ -231,7 +237,7 @@ def t_q8_0(data, n_out, rt, x, y):
     for c in prange(nch):
         acc = np.empty(rt * nb, np.float32)
         for k in range(c * ntiles // nch, (c + 1) * ntiles // nch):
-            wt, r0, rk = _tile(data, k, rt, n_out, nb, 34)
+            wt, r0, rk = _tile(data, k, rt, n_out, nb, bpb)
             L = rk * nb
             d = wt[: 2 * L].view(np.uint16)
             qs = wt[2 * L :]
@@ -255,8 +261,7 @@ def t_q8_0(data, n_out, rt, x, y):
 def dequantize_tiles(tp: TilePack, r0: int, out: np.ndarray) -> None:
     """out float32[rows, in] = W[r0 : r0 + rows]; r0 and rows are whole tiles (or end at out)."""
     kind = {T.Q4_0: 0, T.Q4_1: 1, T.Q5_0: 2, T.Q5_1: 3, T.Q8_0: 4}[tp.qtype]
-    bpb = tp.row_bytes // (tp.shape[1] // 32)
-    dq_tiles(tp.data, tp.shape[0], tp.rt, bpb, r0 // tp.rt, out, kind)
+    dq_tiles(tp.data, tp.shape[0], tp.rt, BLOCKS[tp.qtype].nbytes, r0 // tp.rt, out, kind)
 
 
 @njit(**SERIAL)

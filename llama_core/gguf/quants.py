@@ -1,26 +1,24 @@
-"""ggml tensor formats: block sizes, block layouts, dequantization, quantization.
+"""ggml tensor formats: dequantization and quantization, one class per type.
 
-A quantized tensor is a sequence of blocks; each block of `block_bytes` bytes
-holds `block_elems` consecutive elements of a row (rows never share a block).
-`BLOCK_SIZES` is the one table of those sizes.  Each format is one class with
+The block facts (elements and bytes per block, field offsets and dtypes) are the table in
+`gguf.blocks`, `BLOCKS`, keyed by gguf's `GGMLQuantizationType`; each class here takes its
+`block` from it and adds the arithmetic:
 
-    fields                     the block layout: `Field(name, offset, size, dtype)`;
-                               offsets/sizes in bytes from the block start,
-                               dtype the little-endian element type of the field
     field(blocks, name)        a view of one field, shape (n_blocks, size/itemsize)
-    dequantize_blocks(blocks)  uint8[n_blocks, block_bytes] -> float32[n_blocks, block_elems]
-    quantize_blocks(values)    float32[n_blocks, block_elems] -> uint8[n_blocks, block_bytes]
+    dequantize_blocks(blocks)  uint8[n_blocks, nbytes] -> float32[n_blocks, elems]
+    quantize_blocks(values)    float32[n_blocks, elems] -> uint8[n_blocks, nbytes]
                                (Q8_0, Q4_1, Q4_K, Q6_K; `quantize` hands Q4_0, Q5_0,
                                Q5_1, F16 and BF16 to gguf-py's reference quantizer)
 
 Element order inside a block (what `dequantize_blocks` returns) is the order of
 the row; the comments on each class say which bits of which field make element e.
 The arithmetic follows ggml's reference order so results are bit-exact with it.
-"""
+The bit unpacking other layouts reuse is public here: `k4_scales` (the Q4_K/Q5_K six-bit
+scales, jitted as is by the numba kernels), `k4_nibbles`, `k4_sub_scales`, and the
+`signed_quants` / `sub_scales` of Q5_0 and Q6_K (ptx_kernels/repack.py builds on them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -28,53 +26,26 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as _gguf_quants
 
 from ukgpu.llama_core.errors import QuantError
-
-# qtype -> (elements per block, bytes per block)
-BLOCK_SIZES: dict[T, tuple[int, int]] = {
-    T.F32: (1, 4),
-    T.F16: (1, 2),
-    T.BF16: (1, 2),
-    T.Q4_0: (32, 18),
-    T.Q4_1: (32, 20),
-    T.Q5_0: (32, 22),
-    T.Q5_1: (32, 24),
-    T.Q8_0: (32, 34),
-    T.Q2_K: (256, 84),
-    T.Q3_K: (256, 110),
-    T.Q4_K: (256, 144),
-    T.Q5_K: (256, 176),
-    T.Q6_K: (256, 210),
-}
+from ukgpu.llama_core.gguf.blocks import BLOCKS, Block, block_of
 
 _CHUNK_BLOCKS = 1 << 14  # bounds the temporaries of one dequantize call
 
 
-@dataclass(frozen=True)
-class Field:
-    name: str
-    offset: int  # bytes from the block start
-    size: int  # bytes
-    dtype: str  # numpy dtype of the field's elements, e.g. "<f2", "u1", "i1", "<u4"
-
-
 class QuantFormat:
-    """One ggml tensor format; subclasses are registered in FORMATS."""
+    """One ggml tensor format's arithmetic; subclasses are registered in FORMATS."""
 
     qtype: ClassVar[T]
-    fields: ClassVar[tuple[Field, ...]]
-    block_elems: ClassVar[int]
-    block_bytes: ClassVar[int]
+    block: ClassVar[Block]
 
     def __init_subclass__(cls) -> None:
-        cls.block_elems, cls.block_bytes = BLOCK_SIZES[cls.qtype]
-        assert sum(f.size for f in cls.fields) == cls.block_bytes, cls.__name__
+        cls.block = BLOCKS[cls.qtype]
         FORMATS[cls.qtype] = cls
 
     @classmethod
     def field(cls, blocks: np.ndarray, name: str) -> np.ndarray:
-        """blocks uint8[n, block_bytes] -> field view [n, size/itemsize] (no copy)."""
-        f = next(f for f in cls.fields if f.name == name)
-        return blocks[:, f.offset : f.offset + f.size].view(np.dtype(f.dtype))
+        """blocks uint8[..., nbytes] -> field view [..., size/itemsize] (no copy)."""
+        f = cls.block.field(name)
+        return blocks[..., f.offset : f.offset + f.size].view(np.dtype(f.dtype))
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -93,9 +64,9 @@ FORMATS: dict[T, type[QuantFormat]] = {}
 
 
 def _pack(cls: type[QuantFormat], n: int, **arrays: np.ndarray) -> np.ndarray:
-    """Assemble blocks uint8[n, block_bytes] from per-field arrays."""
-    out = np.empty((n, cls.block_bytes), dtype=np.uint8)
-    for f in cls.fields:
+    """Assemble blocks uint8[n, nbytes] from per-field arrays."""
+    out = np.empty((n, cls.block.nbytes), dtype=np.uint8)
+    for f in cls.block.fields:
         field = np.ascontiguousarray(arrays[f.name], dtype=f.dtype)
         out[:, f.offset : f.offset + f.size] = field.view(np.uint8).reshape(n, f.size)
     return out
@@ -113,7 +84,6 @@ def _bits(words: np.ndarray, count: int) -> np.ndarray:
 
 class F32(QuantFormat):
     qtype = T.F32
-    fields = (Field("x", 0, 4, "<f4"),)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -126,7 +96,6 @@ class F32(QuantFormat):
 
 class F16(QuantFormat):
     qtype = T.F16
-    fields = (Field("x", 0, 2, "<f2"),)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -137,7 +106,6 @@ class BF16(QuantFormat):
     """The top 16 bits of a float32."""
 
     qtype = T.BF16
-    fields = (Field("x", 0, 2, "<u2"),)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -148,7 +116,6 @@ class Q4_0(QuantFormat):
     """e = d * (q - 8); q of element j<16 is the low nibble of qs[j], of j+16 the high nibble."""
 
     qtype = T.Q4_0
-    fields = (Field("d", 0, 2, "<f2"), Field("qs", 2, 16, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -160,7 +127,6 @@ class Q4_1(QuantFormat):
     """e = d * q + m; nibble order as Q4_0."""
 
     qtype = T.Q4_1
-    fields = (Field("d", 0, 2, "<f2"), Field("m", 2, 2, "<f2"), Field("qs", 4, 16, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -176,35 +142,40 @@ class Q4_1(QuantFormat):
         return _pack(cls, len(values), d=d, m=lo, qs=q[:, :16] | (q[:, 16:] << 4))
 
 
+def _q5(cls: type[QuantFormat], blocks: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1 quants uint8[n, 32]: nibble (as Q4_0) | bit j of the little-endian u32 qh << 4."""
+    return _nibbles(cls.field(blocks, "qs")) | (_bits(cls.field(blocks, "qh"), 32) << 4)
+
+
 class Q5_0(QuantFormat):
-    """e = d * (q - 16); q = nibble (as Q4_0) | bit j of the little-endian u32 qh << 4."""
+    """e = d * (q - 16); q from _q5."""
 
     qtype = T.Q5_0
-    fields = (Field("d", 0, 2, "<f2"), Field("qh", 2, 4, "<u4"), Field("qs", 6, 16, "u1"))
+
+    @classmethod
+    def signed_quants(cls, blocks: np.ndarray) -> np.ndarray:
+        """int8[n, 32]: q - 16, in element order."""
+        return _q5(cls, blocks).astype(np.int8) - np.int8(16)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        q = _nibbles(cls.field(blocks, "qs")) | (_bits(cls.field(blocks, "qh"), 32) << 4)
-        return cls._f32(blocks, "d") * (q.astype(np.int8) - np.int8(16))
+        return cls._f32(blocks, "d") * cls.signed_quants(blocks)
 
 
 class Q5_1(QuantFormat):
-    """e = d * q + m; q as Q5_0."""
+    """e = d * q + m; q from _q5."""
 
     qtype = T.Q5_1
-    fields = (Field("d", 0, 2, "<f2"), Field("m", 2, 2, "<f2"), Field("qh", 4, 4, "<u4"), Field("qs", 8, 16, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        q = _nibbles(cls.field(blocks, "qs")) | (_bits(cls.field(blocks, "qh"), 32) << 4)
-        return cls._f32(blocks, "d") * q + cls._f32(blocks, "m")
+        return cls._f32(blocks, "d") * _q5(cls, blocks) + cls._f32(blocks, "m")
 
 
 class Q8_0(QuantFormat):
     """e = d * qs[e] (int8)."""
 
     qtype = T.Q8_0
-    fields = (Field("d", 0, 2, "<f2"), Field("qs", 2, 32, "i1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -228,25 +199,18 @@ def _crumbs(qs: np.ndarray) -> np.ndarray:
     return ((halves >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(len(qs), 256)
 
 
-def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K 12-byte scales uint8[n, 12] -> (scale, min), each uint8[n, 8] (6-bit values).
-
-    Sub-block j<4: scale = b[j] & 63, min = b[j+4] & 63; j>=4: the low 4 bits come from
-    b[j+4] (scale: low nibble, min: high nibble), the top 2 bits from b[j-4] (scale)
-    and b[j] (min) bits 6-7.
-    """
-    b = packed
-    sc = np.concatenate([b[:, 0:4] & 63, (b[:, 8:12] & 0x0F) | ((b[:, 0:4] >> 6) << 4)], axis=1)
-    mn = np.concatenate([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
-    return sc, mn
+def k4_scales(a, b, c):
+    """The one Q4_K/Q5_K scale unpack: bytes j, j+4, j+8 (j = 0..3) of `scales` -> the six-bit
+    (scale j, min j, scale j+4, min j+4).  Sub-blocks 4..7 take their low four bits from byte
+    j+8 (scale: low nibble, min: high) and their top two from bits 6-7 of bytes j and j+4.
+    Plain operators: numpy runs it on columns (k4_sub_scales), numba jits it for single bytes."""
+    return a & 63, b & 63, (c & 0x0F) | ((a >> 6) << 4), (c >> 4) | ((b >> 6) << 4)
 
 
 class Q2_K(QuantFormat):
     """16 sub-blocks of 16; e = d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[e // 16], q = _crumbs."""
 
     qtype = T.Q2_K
-    fields = (Field("scales", 0, 16, "u1"), Field("qs", 16, 64, "u1"),
-              Field("d", 80, 2, "<f2"), Field("dmin", 82, 2, "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -266,8 +230,6 @@ class Q3_K(QuantFormat):
     """
 
     qtype = T.Q3_K
-    fields = (Field("hmask", 0, 32, "u1"), Field("qs", 32, 64, "u1"),
-              Field("scales", 96, 12, "u1"), Field("d", 108, 2, "<f2"))
 
     @classmethod
     def scales6(cls, blocks: np.ndarray) -> np.ndarray:
@@ -287,30 +249,35 @@ class Q3_K(QuantFormat):
         return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
 
 
+def k4_sub_scales(cls, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K blocks -> (d * scale, dmin * min), float32[n, 8]: sub-block s is d1[s] * q - m1[s]."""
+    b = cls.field(blocks, "scales")
+    sc_lo, mn_lo, sc_hi, mn_hi = k4_scales(b[:, 0:4], b[:, 4:8], b[:, 8:12])
+    d1 = cls._f32(blocks, "d") * np.concatenate([sc_lo, sc_hi], axis=1)  # [n, 8]
+    m1 = cls._f32(blocks, "dmin") * np.concatenate([mn_lo, mn_hi], axis=1)
+    return d1, m1
+
+
 def _k4_values(cls, blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Shared tail of Q4_K/Q5_K: q uint8[n, 8, 32] -> d*sc*q - dmin*min."""
-    sc, mn = _scale_min_k4(cls.field(blocks, "scales"))
-    d1 = cls._f32(blocks, "d") * sc  # [n, 8]
-    m1 = cls._f32(blocks, "dmin") * mn
+    d1, m1 = k4_sub_scales(cls, blocks)
     return (d1[:, :, None] * q - m1[:, :, None]).reshape(len(blocks), 256)
 
 
-def _k4_nibbles(qs: np.ndarray) -> np.ndarray:
+def k4_nibbles(qs: np.ndarray) -> np.ndarray:
     """qs uint8[n, 128] -> uint8[n, 8, 32]: sub-block 2c is the low nibbles of qs[32c:32c+32], 2c+1 the high."""
     chunks = qs.reshape(len(qs), 4, 1, 32)
     return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(len(qs), 8, 32)
 
 
 class Q4_K(QuantFormat):
-    """8 sub-blocks of 32; e = d * sc[s] * q - dmin * min[s] (sc/min from _scale_min_k4, q from _k4_nibbles)."""
+    """8 sub-blocks of 32; e = d * sc[s] * q - dmin * min[s] (sc/min from k4_scales, q from k4_nibbles)."""
 
     qtype = T.Q4_K
-    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"),
-              Field("scales", 4, 12, "u1"), Field("qs", 16, 128, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        return _k4_values(cls, blocks, _k4_nibbles(cls.field(blocks, "qs")))
+        return _k4_values(cls, blocks, k4_nibbles(cls.field(blocks, "qs")))
 
     @classmethod
     def quantize_blocks(cls, values):
@@ -338,14 +305,12 @@ class Q5_K(QuantFormat):
     """As Q4_K with a 5th bit: q[s][l] |= (bit s of qh[l]) << 4."""
 
     qtype = T.Q5_K
-    fields = (Field("d", 0, 2, "<f2"), Field("dmin", 2, 2, "<f2"), Field("scales", 4, 12, "u1"),
-              Field("qh", 16, 32, "u1"), Field("qs", 48, 128, "u1"))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
         qh = cls.field(blocks, "qh")
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
-        return _k4_values(cls, blocks, _k4_nibbles(cls.field(blocks, "qs")) | (high << 4))
+        return _k4_values(cls, blocks, k4_nibbles(cls.field(blocks, "qs")) | (high << 4))
 
 
 class Q6_K(QuantFormat):
@@ -357,19 +322,27 @@ class Q6_K(QuantFormat):
     """
 
     qtype = T.Q6_K
-    fields = (Field("ql", 0, 128, "u1"), Field("qh", 128, 64, "u1"),
-              Field("scales", 192, 16, "i1"), Field("d", 208, 2, "<f2"))
 
     @classmethod
-    def dequantize_blocks(cls, blocks):
+    def signed_quants(cls, blocks: np.ndarray) -> np.ndarray:
+        """int8[n, 256]: q - 32, in element order."""
         n = len(blocks)
         ql = cls.field(blocks, "ql").reshape(n, 2, 64)
         low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [n, 2, 128]
         qh = cls.field(blocks, "qh").reshape(n, 2, 1, 32)
         high = ((qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, 2, 128)
-        q = (low | (high << 4)).astype(np.int8) - np.int8(32)
-        dl = cls._f32(blocks, "d") * cls.field(blocks, "scales")  # [n, 16]
-        return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
+        return ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 256)
+
+    @classmethod
+    def sub_scales(cls, blocks: np.ndarray) -> np.ndarray:
+        """float32[n, 16]: d * scales[s], the step of sub-block s."""
+        return cls._f32(blocks, "d") * cls.field(blocks, "scales")
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = len(blocks)
+        q = cls.signed_quants(blocks).reshape(n, 16, 16)
+        return (cls.sub_scales(blocks)[:, :, None] * q).reshape(n, 256)
 
     @classmethod
     def quantize_blocks(cls, values):
@@ -398,25 +371,17 @@ def _round_div(a: np.ndarray, b: np.ndarray, top: int) -> np.ndarray:
 
 def row_bytes(qtype: T, n_cols: int) -> int:
     """Bytes of one row of n_cols elements (n_cols must be a multiple of the block size)."""
-    elems, nbytes = _sizes(qtype)
-    if n_cols % elems:
-        raise QuantError(f"a {qtype.name} row of {n_cols} elements is not a whole number of {elems}-element blocks")
-    return n_cols // elems * nbytes
-
-
-def _sizes(qtype: T) -> tuple[int, int]:
-    try:
-        return BLOCK_SIZES[T(qtype)]
-    except (KeyError, ValueError):
-        supported = ", ".join(t.name for t in BLOCK_SIZES)
-        raise QuantError(
-            f"ggml type {qtype!r} is not supported (supported: {supported}); use a model quantized to one of them"
-        ) from None
+    block = block_of(qtype)
+    if n_cols % block.elems:
+        raise QuantError(f"a {T(qtype).name} row of {n_cols} elements is not a whole number of "
+                         f"{block.elems}-element blocks")
+    return n_cols // block.elems * block.nbytes
 
 
 def dequantize(raw: np.ndarray, qtype: T, n_elements: int) -> np.ndarray:
     """raw uint8[n_bytes] (whole blocks) -> float32[n_elements]."""
-    elems, nbytes = _sizes(qtype)
+    block = block_of(qtype)
+    elems, nbytes = block.elems, block.nbytes
     n_blocks = n_elements // elems
     if n_elements % elems or raw.size != n_blocks * nbytes:
         need = n_elements // elems * nbytes
@@ -441,5 +406,5 @@ def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
         except NotImplementedError:
             raise QuantError(f"no {qtype.name} quantizer here or in gguf-py: use Q4_K or Q6_K instead") from None
         return raw.view(np.uint8).reshape(*values.shape[:-1], nbytes)
-    blocks = fmt.quantize_blocks(values.reshape(-1, fmt.block_elems))
+    blocks = fmt.quantize_blocks(values.reshape(-1, fmt.block.elems))
     return blocks.reshape(*values.shape[:-1], nbytes)

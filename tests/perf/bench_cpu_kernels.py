@@ -50,7 +50,7 @@ def timeit(fn, reps: int, cpu: bool = False):
 
 
 def bench_shape(q: T, n_out: int, n_in: int, reps: int, rng) -> list[str]:
-    if n_in % quants.BLOCK_SIZES[q][0]:
+    if n_in % quants.FORMATS[q].block.elems:
         return []
     raw = ck.random_blocks(q, n_out, n_in, rng)
     view = ck.RawWeight(q, (n_out, n_in), raw)

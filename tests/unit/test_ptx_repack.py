@@ -5,8 +5,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ukgpu.llama_core.gguf.blocks import BLOCKS
 from ukgpu.ptx_kernels.reference import QTYPES, random_weight
-from ukgpu.ptx_kernels.repack import FORMATS, RepackError, dequantize_repacked, repack
+from ukgpu.ptx_kernels.repack import FORMATS, LAYOUTS, RepackError, dequantize_repacked, repack
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -58,3 +59,10 @@ def test_wrong_sizes_and_types_raise_clear_errors():
         repack(np.zeros(144, np.uint8), "Q4_K", 2, 256)
     with pytest.raises(RepackError, match="supported"):
         repack(np.zeros(10, np.uint8), "IQ2_XS", 1, 256)
+
+
+def test_layouts_are_keyed_by_the_ggml_enum_and_take_block_sizes_from_quants():
+    assert list(FORMATS) == [t.name for t in LAYOUTS]
+    for qtype, layout in LAYOUTS.items():
+        assert FORMATS[qtype.name] is layout and layout.qtype is qtype
+        assert (layout.block_elems, layout.block_bytes) == (BLOCKS[qtype].elems, BLOCKS[qtype].nbytes)

@@ -9,23 +9,25 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.errors import QuantError
+from ukgpu.llama_core.gguf import quants
+from ukgpu.llama_core.gguf.blocks import BLOCKS
 
-ALL_TYPES = list(quants.BLOCK_SIZES)
+ALL_TYPES = list(BLOCKS)
 
 
 def random_blocks(qtype: T, n_blocks: int, seed: int = 0) -> np.ndarray:
     """uint8[n_blocks, block_bytes]: random bits, with finite float fields (as real files have)."""
     rng = np.random.default_rng(seed)
-    fmt = quants.FORMATS[qtype]
-    blocks = rng.integers(0, 256, size=(n_blocks, fmt.block_bytes), dtype=np.uint8)
-    for f in fmt.fields:
+    block = BLOCKS[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, block.nbytes), dtype=np.uint8)
+    for f in block.fields:
         if f.dtype in ("<f2", "<f4"):
             finite = (rng.standard_normal((n_blocks, f.size // int(f.dtype[-1]))) * 0.1).astype(f.dtype)
             blocks[:, f.offset : f.offset + f.size] = finite.view(np.uint8)
     if qtype == T.BF16:
-        blocks = (rng.standard_normal(n_blocks).astype("<f4").view("<u4") >> 16).astype("<u2").view(np.uint8).reshape(n_blocks, 2)
+        top = (rng.standard_normal(n_blocks).astype("<f4").view("<u4") >> 16).astype("<u2")
+        blocks = top.view(np.uint8).reshape(n_blocks, 2)
     return blocks
 
 
@@ -34,19 +36,18 @@ def reference(raw: np.ndarray, qtype: T) -> np.ndarray:
 
 
 def test_table_matches_ggml_sizes():
-    for qtype, sizes in quants.BLOCK_SIZES.items():
-        assert gguf.GGML_QUANT_SIZES[qtype] == sizes
-        fmt = quants.FORMATS[qtype]
-        assert (fmt.block_elems, fmt.block_bytes) == sizes
-        spans = sorted((f.offset, f.offset + f.size) for f in fmt.fields)
-        assert spans[0][0] == 0 and spans[-1][1] == fmt.block_bytes
+    for qtype, block in BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[qtype] == (block.elems, block.nbytes)
+        assert quants.FORMATS[qtype].block is block
+        spans = sorted((f.offset, f.offset + f.size) for f in block.fields)
+        assert spans[0][0] == 0 and spans[-1][1] == block.nbytes
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), "fields must tile the block"
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_random_blocks_bit_exact(qtype):
-    blocks = random_blocks(qtype, 300 if quants.BLOCK_SIZES[qtype][0] > 1 else 4096)
-    n = blocks.shape[0] * quants.BLOCK_SIZES[qtype][0]
+    blocks = random_blocks(qtype, 300 if BLOCKS[qtype].elems > 1 else 4096)
+    n = blocks.shape[0] * BLOCKS[qtype].elems
     mine = quants.dequantize(blocks.reshape(-1), qtype, n)
     ref = reference(blocks.reshape(-1), qtype)
     assert mine.dtype == np.float32 and mine.shape == (n,)
@@ -109,7 +110,8 @@ def test_quantize_matches_ggml_reference(qtype):
 
 
 @pytest.mark.parametrize("qtype,tolerance", [(T.Q8_0, 0.01), (T.Q4_1, 0.1), (T.Q4_K, 0.1), (T.Q6_K, 0.03),
-                                             (T.Q4_0, 0.1), (T.Q5_0, 0.06), (T.F16, 0.001)], ids=lambda v: getattr(v, "name", str(v)))
+                                             (T.Q4_0, 0.1), (T.Q5_0, 0.06), (T.F16, 0.001)],
+                         ids=lambda v: getattr(v, "name", str(v)))
 def test_quantize_round_trip(qtype, tolerance):
     x = np.random.default_rng(7).standard_normal((8, 512)).astype(np.float32)
     raw = quants.quantize(x, qtype)
@@ -127,3 +129,21 @@ def test_errors():
         quants.row_bytes(T.Q4_K, 100)
     with pytest.raises(QuantError, match="no Q5_K quantizer"):
         quants.quantize(np.zeros((1, 256), np.float32), T.Q5_K)
+
+
+def test_f16_scales_are_the_float16_fields_of_quantized_blocks():
+    assert [f.name for f in BLOCKS[T.Q4_K].f16_scales] == ["d", "dmin"]
+    assert [f.name for f in BLOCKS[T.Q6_K].f16_scales] == ["d"]
+    assert [(f.name, f.offset) for f in BLOCKS[T.Q4_1].f16_scales] == [("d", 0), ("m", 2)]
+    assert BLOCKS[T.F16].f16_scales == ()
+
+
+def test_k4_scale_unpack_matches_ggml_get_scale_min_k4():
+    packed = np.random.default_rng(11).integers(0, 256, (500, 12), dtype=np.uint8)
+    sc_lo, mn_lo, sc_hi, mn_hi = quants.k4_scales(packed[:, 0:4], packed[:, 4:8], packed[:, 8:12])
+    sc, mn = np.concatenate([sc_lo, sc_hi], 1), np.concatenate([mn_lo, mn_hi], 1)
+    for row, q in enumerate(packed.astype(int)):  # ggml-quants.c get_scale_min_k4, element by element
+        for j in range(8):
+            want = ((q[j] & 63, q[j + 4] & 63) if j < 4 else
+                    ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)))
+            assert (sc[row, j], mn[row, j]) == want

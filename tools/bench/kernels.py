@@ -83,7 +83,7 @@ def _pick_weights(gguf: Any) -> list[Any]:
     seen, views = set(), []
     for name in names:
         v = gguf.tensors[name]
-        key = (getattr(v.qtype, "name", str(v.qtype)), tuple(v.shape))
+        key = (v.qtype, tuple(v.shape))
         if key not in seen:
             seen.add(key)
             views.append(v)
@@ -137,7 +137,7 @@ def bench_kernels(gguf: Any, model_name: str, backend: Any, runner: str, repeats
     for view in _pick_weights(gguf):
         w = backend.prepare_weight(view)
         rows, cols = view.shape
-        qname = getattr(view.qtype, "name", str(view.qtype))
+        qname = view.qtype.name
         short = view.name.replace("blk.0.", "").replace(".weight", "")
         for kind, n in (("mv", 1), ("mm", n_mm)):
             test = f"{kind} {short} {qname} {rows}x{cols}"

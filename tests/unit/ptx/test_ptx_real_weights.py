@@ -14,8 +14,7 @@ from gguf.quants import dequantize
 
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.models.registry import resolve_model
-from ukgpu.ptx_kernels import reference as R
-from ukgpu.ptx_kernels.repack import FORMATS, dequantize_repacked, repack
+from ukgpu.ptx_kernels.repack import LAYOUTS, dequantize_repacked, repack
 
 ROWS = 12
 
@@ -24,7 +23,7 @@ def _one_tensor_per_type(model: str) -> dict:
     """qtype -> TensorView (shape in numpy order (N, K), data the raw bytes), as the backend sees them."""
     found = {}
     for t in open_gguf(resolve_model(model, pull=False)).tensors.values():
-        if t.qtype.name in FORMATS and len(t.shape) == 2 and t.qtype.name not in found:
+        if t.qtype in LAYOUTS and len(t.shape) == 2 and t.qtype.name not in found:
             found[t.qtype.name] = t
     return found
 
