@@ -1,4 +1,4 @@
-"""Random-weight GGUF models with the exact layout of real ones, for benchmarks.
+"""Random-weight GGUF models with the exact layout of real ones, for benchmarks and tests.
 
 A shape spec (`data/shapes/<name>.json`, written by
 `python -m ukgpu.tools.bench.extract_shapes` from the real model's header) lists
@@ -10,6 +10,17 @@ a tokenizer copied from a cached real model with the same vocabulary (checked
 by fingerprint), or else a minimal byte-level BPE vocabulary of the same size.
 Files are cached by (shape, seed) under `<cache>/synthetic/`.  llama.cpp and
 ukgpu both load them.
+
+`write_spec(spec, path, seed)` is the one GGUF writer of random models: the test suite's tiny
+models (tests/fakes/tiny_models.py) are specs too.  A spec is a dict:
+
+    name       the shape's name (a real shape's may have a tokenizer donor, see DONORS)
+    source     what the layout is of (written into general.source.synthetic)
+    metadata   {key: {"type": GGUFValueType name, "sub_type": name or None, "value": ...}}
+               without the tokenizer arrays
+    tensors    [{"name", "type": GGML type name, "shape": [rows, cols] or [n]}], in file order
+    vocab      {array key: {"type", "length", "sha256"}}: the donor's tokenizer arrays to copy
+               (optional: without a donor the minimal vocabulary is written)
 """
 
 from __future__ import annotations
@@ -17,15 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
+from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.models import registry
-from ukgpu.llama_core.errors import UkgpuError
 
 SHAPES_DIR = Path(__file__).resolve().parents[1] / "data" / "shapes"
 SHAPES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -43,7 +55,7 @@ class SyntheticError(UkgpuError):
 
 def fingerprint(values: list) -> str:
     """sha256 of a metadata array's values (same digest for the same list, whatever read it)."""
-    return hashlib.sha256(json.dumps(values, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(list(values), ensure_ascii=False).encode()).hexdigest()
 
 
 def load_spec(name: str) -> dict[str, Any]:
@@ -128,13 +140,14 @@ def _random_rows(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQu
 
 def vocabulary(spec: dict[str, Any]) -> tuple[dict[str, tuple[list, GGUFValueType]], str]:
     """The tokenizer arrays to write and where they came from ("donor NAME" or "minimal")."""
-    donor = DONORS[spec["name"]]
-    if registry.is_cached(donor):
+    donor = DONORS.get(spec["name"])
+    if donor is not None and registry.is_cached(donor):
         from ukgpu.llama_core.gguf.file import open_gguf
 
         md = open_gguf(registry.model_path(donor)).metadata
-        if all(key in md and fingerprint(md[key]) == want["sha256"] for key, want in spec["vocab"].items()):
-            return {key: (md[key], GGUFValueType[want["type"]]) for key, want in spec["vocab"].items()}, f"donor {donor}"
+        want = spec["vocab"]
+        if all(key in md and fingerprint(md[key]) == w["sha256"] for key, w in want.items()):
+            return {key: (md[key], GGUFValueType[w["type"]]) for key, w in want.items()}, f"donor {donor}"
     n_vocab = next(t["shape"][0] for t in spec["tensors"] if t["name"] == "token_embd.weight")
     return minimal_vocab(n_vocab), "minimal"
 

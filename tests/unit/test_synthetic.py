@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core.models import registry
 from ukgpu.llama_core.gguf import synthetic
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.tools.bench.extract_shapes import read_header, spec_from_header
@@ -74,6 +72,13 @@ def test_qwen_1_5b_spec_matches_its_recorded_header():
 def test_unknown_shape_lists_the_known_ones():
     with pytest.raises(synthetic.SyntheticError, match="smollm2-135m"):
         synthetic.load_spec("gpt-5")
+
+
+def test_a_spec_without_a_donor_gets_the_minimal_vocabulary():
+    """Specs that are not real shapes (the test suite's tiny models) have no tokenizer donor."""
+    spec = {"name": "tiny-x", "tensors": [{"name": "token_embd.weight", "type": "Q8_0", "shape": [300, 64]}]}
+    vocab, source = synthetic.vocabulary(spec)
+    assert source == "minimal" and len(vocab["tokenizer.ggml.tokens"][0]) == 300
 
 
 def cut_to_layers(spec: dict, n_layers: int) -> dict:
