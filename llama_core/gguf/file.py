@@ -1,4 +1,4 @@
-"""Memory-mapped GGUF files: metadata as plain Python values, tensors as zero-copy views.
+"""Memory-mapped GGUF files: metadata as Python values, arrays and tensors left in the mapping.
 
 The header is parsed here (not with gguf-py's GGUFReader, which on the 0.5B model
 took ~5 s and ~380 MB of resident memory for its per-string numpy views) and every
@@ -6,6 +6,14 @@ count, length and offset is checked against the file size before it is used, so 
 corrupt, truncated or hostile file raises GGUFError instead of crashing, hanging or
 allocating without bound.  Tensor data is never read at open time: each
 `TensorView.data` is a read-only uint8 view into the mapping.
+
+Opening a file of N bytes costs O(N) time and at most about N bytes of memory besides
+the mapping: metadata arrays are `GGUFArray`s, not lists (a list of Python ints or
+strings costs 9-12x the bytes it was read from: a 16M-entry vocabulary took 1.5 GB
+and 69 s).  A numeric array is a numpy view of the mapping; a string array keeps one
+8-byte offset per string and decodes a string when it is read.  The Python objects
+that do get made per entry (keys, scalars, arrays of arrays, tensor infos) are capped
+in number, since each costs ~10x its bytes in the file.
 
 Format (little-endian): magic "GGUF", version u32 (2 or 3), tensor count u64,
 metadata count u64; metadata entries (key string, value type u32, value); tensor
@@ -22,6 +30,8 @@ import mmap
 import stat
 import os
 import struct
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -39,12 +49,16 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_ARRAY_LEN = 1 << 24  # 16M elements: 100x the largest vocabulary seen
 MAX_NESTING = 2
+MAX_OBJECTS = 1 << 16  # metadata entries plus arrays inside arrays (real files: ~50 entries)
+MAX_TENSORS = 1 << 16  # the largest real models have a few thousand tensors
+_ITER_CHUNK = 1 << 14  # numeric arrays are iterated through Python lists of this many values
 
 # GGUF value type -> struct format / numpy dtype of the scalar types; 8 = string, 9 = array
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NP_SCALARS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1",
                10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,88 @@ def _mapping_of(arr: np.ndarray) -> object:
         obj = nxt
 
 
+class GGUFArray(Sequence):
+    """A metadata array read in place: an immutable sequence of Python values.
+
+    Numbers are a numpy view of the mapping (`np.asarray(arr)` gives it without a
+    copy); strings are decoded (and checked for UTF-8) when read; an array of arrays
+    holds GGUFArrays.  It compares equal to a list or tuple with the same values.
+    """
+
+    __slots__ = ("what", "kind", "_data", "_buf")
+
+    def __init__(self, what: str, kind: str, data: Any, buf: Any = None):
+        self.what = what  # "<path>: metadata '<key>'", for error messages
+        self.kind = kind  # "number", "bool", "string" or "array"
+        self._data = data  # numpy view | int64 offsets of the strings (n + 1) | list of GGUFArray
+        self._buf = buf
+
+    def __len__(self) -> int:
+        return len(self._data) - 1 if self.kind == "string" else len(self._data)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for {self.what} ({n} items)")
+        index %= n
+        if self.kind == "string":
+            return self._string(index)
+        if self.kind == "array":
+            return self._data[index]
+        value = self._data[index].item()
+        return bool(value) if self.kind == "bool" else value
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.kind == "string":
+            return (self._string(i) for i in range(len(self)))
+        if self.kind == "array":
+            return iter(self._data)
+        return (v for i in range(0, len(self), _ITER_CHUNK) for v in self._chunk(i))
+
+    def _chunk(self, start: int) -> list:
+        values = self._data[start : start + _ITER_CHUNK]
+        return (values != 0).tolist() if self.kind == "bool" else values.tolist()
+
+    def _string(self, i: int) -> str:
+        start, end = int(self._data[i]) + 8, int(self._data[i + 1])
+        try:
+            return self._buf[start:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError(f"{self.what}[{i}] is not valid UTF-8 ({exc.reason}): the file is corrupt; download it again") from None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self.kind not in ("number", "bool"):
+            raise TypeError(f"{self.what} is an array of {self.kind}s, not of numbers")
+        values = self._data != 0 if self.kind == "bool" else self._data
+        return values if dtype is None else values.astype(dtype)
+
+    def tolist(self) -> list:
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (GGUFArray, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<GGUFArray of {len(self)} {self.kind}s: {self.what}>"
+
+
 class _Cursor:
     """Bounds-checked little-endian reads from the mapped file."""
 
     def __init__(self, buf: mmap.mmap, path: Path):
         self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+        self.objects = 0  # Python objects made for the metadata so far (see MAX_OBJECTS)
+
+    def count_object(self, what: str) -> None:
+        self.objects += 1
+        if self.objects > MAX_OBJECTS:
+            raise self.fail(f"{what}: more than {MAX_OBJECTS} metadata entries and nested arrays")
 
     def fail(self, what: str) -> GGUFError:
         return GGUFError(f"{self.path}: {what} (at byte {self.pos}); the file is corrupt or truncated: download it again")
@@ -141,7 +232,7 @@ class _Cursor:
             return self.array(what, depth + 1)
         raise self.fail(f"{what} has unknown value type {vtype}")
 
-    def array(self, what: str, depth: int) -> list:
+    def array(self, what: str, depth: int) -> GGUFArray:
         itype = self.scalar("I", what)
         n = self.scalar("Q", what)
         if itype not in _SCALARS and itype not in (_STRING, _ARRAY):
@@ -149,12 +240,36 @@ class _Cursor:
         smallest = struct.calcsize("<" + _SCALARS[itype]) if itype in _SCALARS else 8  # string/array: a u64 length
         if n > MAX_ARRAY_LEN or n * smallest > self.size - self.pos:
             raise self.fail(f"{what} claims {n} array elements, more than the file can hold")
+        label = f"{self.path}: {what}"
         if itype in _NP_SCALARS:
             dtype = np.dtype(_NP_SCALARS[itype])
             values = np.frombuffer(self.buf, dtype, count=n, offset=self.pos)
             self.pos += n * dtype.itemsize
-            return (values != 0).tolist() if itype == 7 else values.tolist()
-        return [self.value(itype, what, depth) for _ in range(n)]
+            return GGUFArray(label, "bool" if itype == 7 else "number", values)
+        if itype == _STRING:
+            return GGUFArray(label, "string", self.string_offsets(n, what), self.buf)
+        items = []
+        for _ in range(n):
+            self.count_object(what)
+            items.append(self.value(itype, what, depth))
+        return GGUFArray(label, "array", items)
+
+    def string_offsets(self, n: int, what: str) -> np.ndarray:
+        """Offsets of n consecutive strings (each: u64 length, bytes) and of their end; UTF-8 is
+        checked when a string is read.  One tight loop: this is most of the time an open takes."""
+        offsets = array("q")
+        append, unpack, pos = offsets.append, _U64.unpack_from, self.pos
+        try:
+            for _ in range(n):
+                append(pos)
+                pos += 8 + unpack(self.buf, pos)[0]
+        except struct.error:
+            pos = self.size + 1  # a length field past the end of the file
+        if pos > self.size:
+            raise self.fail(f"{what}: its {n} strings run past the end of the file")
+        append(pos)
+        self.pos = pos
+        return np.frombuffer(offsets, dtype=np.int64)
 
 
 class GGUFFile:
@@ -209,6 +324,9 @@ def _header(cur: _Cursor) -> tuple[int, int, int]:
     remaining = cur.size - cur.pos
     if n_kv * 13 > remaining or n_tensors * 29 > remaining:  # smallest possible entries
         raise cur.fail(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in {remaining} bytes")
+    if n_kv > MAX_OBJECTS or n_tensors > MAX_TENSORS:
+        raise cur.fail(f"{n_kv} metadata entries and {n_tensors} tensors: more than the {MAX_OBJECTS} and"
+                       f" {MAX_TENSORS} a model file has")
     return version, n_tensors, n_kv
 
 
@@ -218,6 +336,7 @@ def _metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
         key = cur.string(f"metadata key #{i}")
         if key in metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
+        cur.count_object(f"metadata key {key!r}")
         metadata[key] = cur.value(cur.scalar("I", f"type of {key!r}"), f"metadata {key!r}")
     return metadata
 

@@ -20,6 +20,7 @@ Shapes are numpy order (rows first): `y = W @ x` for W of shape [out, in].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,8 +108,20 @@ class ModelConfig:
         return layer_names(i)
 
 
+# Accepted range of each hyperparameter (`{arch}.` + key): about 4x the largest released
+# model's, so a corrupt or hostile value is refused by name before anything is sized by it.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "block_count": (1, 4096), "embedding_length": (1, 1 << 17), "feed_forward_length": (1, 1 << 20),
+    "attention.head_count": (1, 4096), "attention.head_count_kv": (1, 4096),
+    "attention.key_length": (1, 4096), "rope.dimension_count": (2, 4096), "context_length": (1, 1 << 24),
+    "rope.scaling.original_context_length": (1, 1 << 24),
+    # floats: finite and above the lower bound
+    "rope.freq_base": (0.0, 1e12), "rope.scaling.factor": (0.0, 1e4), "attention.layer_norm_rms_epsilon": (0.0, 1.0),
+}
+
+
 class _Meta:
-    """Typed reads of `{arch}.*` keys with errors naming the key and the file."""
+    """Typed, range-checked reads of `{arch}.*` keys with errors naming the key and the file."""
 
     def __init__(self, metadata: Mapping[str, Any], arch: str, path: Path):
         self.metadata, self.arch, self.path = metadata, arch, path
@@ -121,8 +134,15 @@ class _Meta:
             return default
         value = self.metadata[full]
         if not _is_kind(value, kind):
-            raise GGUFError(f"{self.path}: metadata key {full!r} should be {kind.__name__}, got {value!r}")
-        return kind(value)
+            raise GGUFError(f"{self.path}: metadata key {full!r} should be {kind.__name__}, got {value!r:.80}")
+        value = kind(value)
+        lo, hi = _BOUNDS.get(key.removeprefix("{arch}."), (-math.inf, math.inf))
+        if not (lo <= value <= hi if kind is int else lo < value <= hi) or (kind is float and not math.isfinite(value)):
+            raise GGUFError(f"{self.path}: metadata key {full!r} = {value} is outside {lo:g}..{hi:g}: the file is corrupt")
+        return value
+
+    def fail(self, key: str, why: str) -> GGUFError:
+        return GGUFError(f"{self.path}: metadata key {key.replace('{arch}', self.arch)!r} {why}: the file is corrupt")
 
 
 def _is_kind(value: Any, kind: type) -> bool:
@@ -136,23 +156,30 @@ def _is_kind(value: Any, kind: type) -> bool:
 def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any], path: Path) -> ModelConfig:
     """Build and check the config; tensors map names to objects with a `.shape`."""
     arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(f"{path}: architecture {arch!r} (general.architecture) is not supported: use a {' or '.join(SUPPORTED_ARCHS)} model")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
+        raise GGUFError(f"{path}: architecture {arch!r:.80} (general.architecture) is not supported: use a {' or '.join(SUPPORTED_ARCHS)} model")
     m = _Meta(metadata, arch, path)
-    dim, n_heads = m.get("{arch}.embedding_length", int), m.get("{arch}.attention.head_count", int)
-    n_kv_heads = m.get("{arch}.attention.head_count_kv", int, n_heads)
-    _positive(path, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-    head_dim = m.get("{arch}.attention.key_length", int, dim // n_heads)
+    n_layers = m.get("{arch}.block_count", int)
+    _check_blocks(m, n_layers, tensors)
+    dim, heads = m.get("{arch}.embedding_length", int), _heads(m)
+    head_dim = m.get("{arch}.attention.key_length", int, None)
+    if head_dim is None:
+        if dim % heads[0]:
+            raise m.fail("{arch}.attention.head_count", f"= {heads[0]} does not divide embedding_length {dim}")
+        head_dim = dim // heads[0]
+    rope_dim = m.get("{arch}.rope.dimension_count", int, head_dim)
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise m.fail("{arch}.rope.dimension_count", f"= {rope_dim} is not an even number up to the head size {head_dim}")
     if TOKEN_EMBD not in tensors:
         raise GGUFError(f"{path}: tensor {TOKEN_EMBD!r} is missing: not a complete model")
     cfg = ModelConfig(
         arch=arch,
-        n_layers=m.get("{arch}.block_count", int),
+        n_layers=n_layers,
         dim=dim,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
+        n_heads=heads[0],
+        n_kv_heads=heads[1],
         head_dim=head_dim,
-        rope_dim=m.get("{arch}.rope.dimension_count", int, head_dim),
+        rope_dim=rope_dim,
         ffn_dim=m.get("{arch}.feed_forward_length", int),
         vocab_size=tensors[TOKEN_EMBD].shape[0],
         ctx_len=m.get("{arch}.context_length", int),
@@ -163,17 +190,26 @@ def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any], pa
         has_qkv_bias=layer_names(0).attn_q_bias in tensors,
         tied_embeddings=OUTPUT not in tensors,
     )
-    _positive(path, n_layers=cfg.n_layers, ffn_dim=cfg.ffn_dim, ctx_len=cfg.ctx_len, head_dim=head_dim)
-    if n_heads % n_kv_heads or cfg.rope_dim > head_dim:
-        raise GGUFError(f"{path}: {n_heads} heads / {n_kv_heads} kv heads / rope dim {cfg.rope_dim} do not fit together")
     _check_shapes(cfg, tensors, path)
     return cfg
 
 
-def _positive(path: Path, **values: int) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise GGUFError(f"{path}: {key} = {value} must be positive: the metadata is corrupt")
+def _heads(m: _Meta) -> tuple[int, int]:
+    """(query heads, key/value heads); the second must divide the first."""
+    n_heads = m.get("{arch}.attention.head_count", int)
+    n_kv_heads = m.get("{arch}.attention.head_count_kv", int, n_heads)
+    if n_heads % n_kv_heads:
+        raise m.fail("{arch}.attention.head_count_kv", f"= {n_kv_heads} does not divide head_count {n_heads}")
+    return n_heads, n_kv_heads
+
+
+def _check_blocks(m: _Meta, n_layers: int, tensors: Mapping[str, Any]) -> None:
+    """block_count may not exceed the blocks the file has tensors for (`blk.{i}.*`): checked before
+    anything is built per block, so a huge count costs nothing (the shape check then names any
+    tensor missing from blocks 0 .. n-1)."""
+    present = {name.split(".", 2)[1] for name in tensors if name.startswith("blk.")}
+    if n_layers > len(present):
+        raise m.fail("{arch}.block_count", f"= {n_layers} but the file has tensors for {len(present)} blocks")
 
 
 def _rope_scaling(m: _Meta) -> RopeScaling | None:

@@ -18,17 +18,22 @@ Decoding leaves control tokens out unless `special=True`.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Any, Iterable
 
+import numpy as np
+
 from ukgpu.llama_core.errors import TokenizerError
+from ukgpu.llama_core.text import vocab_keys as keys
 from ukgpu.llama_core.text.pretokenize import pre_config
 from ukgpu.llama_core.text.bpe import BpeModel, byte_alphabet_inverse
 from ukgpu.llama_core.text.spm import SPACE, SpmModel
 
 # token attributes (bit flags)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE, LSTRIP, RSTRIP = (1 << i for i in range(8))
-# `tokenizer.ggml.token_type` value -> attribute (0 = undefined)
-_TYPE_ATTR = {0: 0, 1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
+# `tokenizer.ggml.token_type` value -> attribute (0 = undefined, as is any other value)
+_TYPE_ATTR = np.array([0, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE])
+_BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 _ASCII_SPACE = " \t\n\v\f\r"
 
@@ -68,15 +73,15 @@ class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary."""
 
     def __init__(self, md: dict[str, Any]):
-        kind = md.get("tokenizer.ggml.model")
+        kind = keys.text(md, "tokenizer.ggml.model", "")
         if kind not in ("llama", "gpt2"):
             raise TokenizerError(
-                f"unsupported tokenizer.ggml.model {kind!r}: only 'llama' (SentencePiece) and"
+                f"unsupported tokenizer.ggml.model {kind!r:.40}: only 'llama' (SentencePiece) and"
                 " 'gpt2' (byte-level BPE) vocabularies are supported; use such a model"
             )
         self.kind = "spm" if kind == "llama" else "bpe"
-        self.tokens: list[str] = _token_list(md)
-        self._attrs = _token_attrs(md, len(self.tokens))
+        self.tokens: list[str] = keys.tokens(md)
+        self._attrs = _token_attrs(md, self.tokens)
         self.token_to_id = {text: i for i, text in enumerate(self.tokens)}
         self._roles = self._read_roles(md)
         self._configure(md)
@@ -102,8 +107,8 @@ class Tokenizer:
         n = len(self.tokens)
         roles = {r: i for r, i in _DEFAULT_ROLES[self.kind].items() if i < n}
         for key, role in _ROLE_KEYS.items():
-            value = md.get(f"tokenizer.ggml.{key}")
-            if isinstance(value, int) and 0 <= value < n:
+            value = keys.token_id(md, f"tokenizer.ggml.{key}", n)
+            if value is not None:
                 roles[role] = value
         return roles
 
@@ -111,27 +116,23 @@ class Tokenizer:
         if self.kind == "spm":
             self.pre = "default"
             add_bos, self.add_space_prefix, self.clean_spaces = True, True, False
-            scores = md.get("tokenizer.ggml.scores") or [0.0] * len(self.tokens)
-            if len(scores) < len(self.tokens):
-                raise TokenizerError(
-                    f"tokenizer.ggml.scores has {len(scores)} entries for {len(self.tokens)} tokens:"
-                    " the GGUF file is damaged; re-convert the model"
-                )
-            self._model: SpmModel | BpeModel = SpmModel(self.token_to_id, [float(s) for s in scores])
+            scores = keys.numbers(md, "tokenizer.ggml.scores", len(self.tokens), integers=False)
+            scores = [0.0] * len(self.tokens) if scores is None else scores.tolist()
+            self._model: SpmModel | BpeModel = SpmModel(self.token_to_id, scores)
         else:
-            self.pre = md.get("tokenizer.ggml.pre") or "default"
+            self.pre = keys.text(md, "tokenizer.ggml.pre", "") or "default"
             config = pre_config(self.pre)
             add_bos, self.add_space_prefix, self.clean_spaces = config.add_bos, False, config.clean_spaces
-            merges = md.get("tokenizer.ggml.merges")
+            merges = keys.merges(md)
             if not merges:
                 raise TokenizerError(
                     "a 'gpt2' vocabulary without tokenizer.ggml.merges: re-convert the model"
                     " with its merges"
                 )
             self._model = BpeModel(self.token_to_id, merges, self.pre)
-        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos))
-        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", self.add_space_prefix))
+        self.add_bos = keys.flag(md, "tokenizer.ggml.add_bos_token", add_bos)
+        self.add_eos = keys.flag(md, "tokenizer.ggml.add_eos_token", False)
+        self.add_space_prefix = keys.flag(md, "tokenizer.ggml.add_space_prefix", self.add_space_prefix)
         if self.add_bos and self.bos_id is None:
             raise TokenizerError("the vocabulary asks for a BOS token but has none: fix add_bos_token")
 
@@ -333,23 +334,17 @@ class IncrementalDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _token_list(md: dict[str, Any]) -> list[str]:
-    tokens = md.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise TokenizerError("the GGUF file has no tokenizer.ggml.tokens: it cannot be used for text")
-    return [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-
-
-def _token_attrs(md: dict[str, Any], n: int) -> list[int]:
-    types = md.get("tokenizer.ggml.token_type")
+def _token_attrs(md: dict[str, Any], tokens: list[str]) -> list[int]:
+    """Attribute bits per token from `tokenizer.ggml.token_type`; a byte token must read <0xNN>."""
+    key = "tokenizer.ggml.token_type"
+    types = keys.numbers(md, key, len(tokens), integers=True)
     if types is None:
-        return [NORMAL] * n
-    if len(types) < n:
-        raise TokenizerError(
-            f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens:"
-            " the GGUF file is damaged; re-convert the model"
-        )
-    return [_TYPE_ATTR.get(int(t), 0) for t in types[:n]]
+        return [NORMAL] * len(tokens)
+    known = (types >= 0) & (types < len(_TYPE_ATTR))
+    for i in np.flatnonzero(types == 6).tolist():
+        if not _BYTE_TOKEN.fullmatch(tokens[i]):
+            raise keys.fail(key, f"marks token {i} ({tokens[i]!r:.40}) as a byte, but it is not <0xNN>")
+    return np.where(known, _TYPE_ATTR[np.where(known, types, 0)], 0).tolist()
 
 
 def _split_on(fragment: str, piece: str, token: int, attr: int) -> list[str | int]:
