@@ -118,6 +118,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     # floats: finite and above the lower bound
     "rope.freq_base": (0.0, 1e12), "rope.scaling.factor": (0.0, 1e4), "attention.layer_norm_rms_epsilon": (0.0, 1.0),
 }
+_ANY = (-math.inf, math.inf)
 
 
 class _Meta:
@@ -136,13 +137,20 @@ class _Meta:
         if not _is_kind(value, kind):
             raise GGUFError(f"{self.path}: metadata key {full!r} should be {kind.__name__}, got {value!r:.80}")
         value = kind(value)
-        lo, hi = _BOUNDS.get(key.removeprefix("{arch}."), (-math.inf, math.inf))
-        if not (lo <= value <= hi if kind is int else lo < value <= hi) or (kind is float and not math.isfinite(value)):
+        lo, hi = _BOUNDS.get(key.removeprefix("{arch}."), _ANY)
+        if kind in (int, float) and not _in_range(value, lo, hi):
             raise GGUFError(f"{self.path}: metadata key {full!r} = {value} is outside {lo:g}..{hi:g}: the file is corrupt")
         return value
 
     def fail(self, key: str, why: str) -> GGUFError:
         return GGUFError(f"{self.path}: metadata key {key.replace('{arch}', self.arch)!r} {why}: the file is corrupt")
+
+
+def _in_range(value: float, lo: float, hi: float) -> bool:
+    """lo <= value <= hi for an int; lo < value <= hi, and finite, for a float."""
+    if isinstance(value, int):
+        return lo <= value <= hi
+    return math.isfinite(value) and lo < value <= hi
 
 
 def _is_kind(value: Any, kind: type) -> bool:
