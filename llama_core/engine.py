@@ -42,7 +42,13 @@ class EngineError(UkgpuError):
 
 
 class ContextFullError(EngineError):
-    """Prompt plus max_tokens do not fit the context."""
+    """Prompt plus max_tokens do not fit the context (the numbers are kept for callers)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+        super().__init__(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the "
+                         f"context of {n_ctx} tokens: shorten the prompt, lower max_tokens or load "
+                         "the engine with a larger n_ctx")
+        self.prompt_tokens, self.max_tokens, self.n_ctx = prompt_tokens, max_tokens, n_ctx
 
 
 class NoFreeSlotError(EngineError):
@@ -163,11 +169,7 @@ class Engine:
             raise EngineError("the prompt is empty: give at least one token")
         if max_tokens < 1:
             raise EngineError(f"max_tokens={max_tokens}: ask for at least one token")
-        if len(prompt) + max_tokens > self.n_ctx:
-            raise ContextFullError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context "
-                f"of {self.n_ctx} tokens: shorten the prompt, lower max_tokens or load the "
-                "engine with a larger n_ctx")
+        self.room(len(prompt), max_tokens)
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise EngineError(f"prompt token ids must lie in [0, {vocab}): check the tokenizer")
@@ -183,6 +185,13 @@ class Engine:
                        n_cached=reused)
         self._live[slot] = seq
         return seq
+
+    def room(self, n_prompt: int, max_tokens: int = 1) -> int:
+        """Tokens a prompt of n_prompt leaves for generation; ContextFullError below max_tokens.
+        The one context check (`start` and the HTTP API ask here); reads only n_ctx: any thread."""
+        if self.n_ctx - n_prompt < max_tokens:
+            raise ContextFullError(n_prompt, max_tokens, self.n_ctx)
+        return self.n_ctx - n_prompt
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's KV slot back (idempotent).  The slot keeps the ids of the
@@ -294,6 +303,8 @@ class Engine:
         return self.generate(self.chat_ids(messages), params, max_tokens, stop)
 
     def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
+        """The chat template applied to messages, as ids (`ChatTemplateError` if it refuses): the
+        one path for chat prompts.  It touches no slot, so it may run off the stepping thread."""
         from ukgpu.llama_core.text.chat import render_chat
 
         text = render_chat(self.gguf, messages, add_generation_prompt=True)

@@ -6,7 +6,8 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ukgpu.kernel.api import engine_facts, generation, openapi, schema
+from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.metrics import Metrics
@@ -28,30 +30,29 @@ log = logging.getLogger(__name__)
 class EngineHost:
     """The engine, its scheduler and what the schemas need to know; loads in the background."""
 
-    def __init__(self, engine_or_loader: Any, limits: ApiLimits, model_id: str,
-                 metrics: Metrics) -> None:
+    def __init__(self, engine_or_loader: ServedEngine | Callable[[], ServedEngine],
+                 limits: ApiLimits, model_id: str, metrics: Metrics) -> None:
         self.limits = limits
         self.metrics = metrics
         self.facts = schema.ModelFacts(model_id)
-        self.engine: Any = None
+        self.engine: ServedEngine | None = None
         self.scheduler: Scheduler | None = None
         self.failure: str | None = None
-        if hasattr(engine_or_loader, "step"):
-            self._attach(engine_or_loader)
-        else:
+        if callable(engine_or_loader):
             threading.Thread(target=self._load, args=(engine_or_loader,),
                              name="ukgpu-model-load", daemon=True).start()
+        else:
+            self._attach(engine_or_loader)
 
-    def _load(self, loader: Callable[[], Any]) -> None:
+    def _load(self, loader: Callable[[], ServedEngine]) -> None:
         try:
             self._attach(loader())
         except Exception as exc:  # reported by /health and every generation request
             log.exception("model load failed")
             self.failure = f"{type(exc).__name__}: {exc}"
 
-    def _attach(self, engine: Any) -> None:
-        n_slots = self.limits.n_slots or engine_facts.slot_count(engine)
-        scheduler = Scheduler(engine, n_slots, self.limits.max_queue, self.metrics)
+    def _attach(self, engine: ServedEngine) -> None:
+        scheduler = Scheduler(engine, self.limits.max_queue, self.metrics)
         scheduler.start()
         self.facts = engine_facts.model_facts(engine, self.facts.model_id)
         self.engine, self.scheduler = engine, scheduler
@@ -60,10 +61,10 @@ class EngineHost:
     def status(self) -> str:
         return "ready" if self.scheduler else ("failed" if self.failure else "loading")
 
-    def require_ready(self) -> Scheduler:
-        if self.scheduler is None:
+    def require_ready(self) -> tuple[ServedEngine, Scheduler]:
+        if self.engine is None or self.scheduler is None:
             raise model_failed(self.failure) if self.failure else model_loading()
-        return self.scheduler
+        return self.engine, self.scheduler
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -116,9 +117,11 @@ def _too_large(size: int, limit: int) -> ApiError:
                     "Send a shorter prompt.", code="body_too_large")
 
 
-def create_app(engine_or_loader: Any, limits: ApiLimits | None = None, *,
-               model_id: str = "ukgpu", arena: Any = None) -> Starlette:
-    """The API around an `Engine`, or around a zero-argument loader that returns one.
+def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
+               limits: ApiLimits | None = None, *, model_id: str = "ukgpu",
+               arena: Any = None) -> _CountRequests:
+    """The API around an engine (`engine_protocol.ServedEngine`: `llama_core.engine.Engine`), or
+    around a zero-argument loader that returns one.  Its slot count is the engine's.
 
     With a loader the server answers at once: /health says "loading" (503) until
     the engine is ready.  `arena` (kernel.arena.Arena) adds its usage to /metrics.
@@ -143,18 +146,18 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
 
     async def generate(request: Request, kind: generation.Kind) -> Response:
         body = await read_json(request, limits.max_body_bytes)
-        scheduler = host.require_ready()
+        engine, scheduler = host.require_ready()
         if isinstance(body.get("model"), str) and body["model"] != host.facts.model_id:
             raise ApiError(404, f"The model '{body['model']}' does not exist here; this server "
                            f"serves '{host.facts.model_id}' (see GET /v1/models).",
                            param="model", code="model_not_found")
         request_schema = (schema.chat_request if kind.chat else schema.completion_request)
         body = validate(request_schema(host.facts, limits), body)
-        ids = await run_in_threadpool(generation.prompt_ids, host.engine, kind, body, host.facts)
-        job_args = dict(
-            prompt_ids=ids, params=engine_facts.sampling_params(body),
-            max_tokens=generation.max_new_tokens(kind, body, len(ids), host.facts, limits),
-            stop=generation.stop_list(body))
+        ids = await run_in_threadpool(generation.prompt_ids, engine, kind, body)
+        job_args = {  # the context check (max_tokens) comes before the sampler's
+            "prompt_ids": ids,
+            "max_tokens": generation.max_new_tokens(engine, kind, body, len(ids), host.facts, limits),
+            "params": engine_facts.sampling_params(body), "stop": generation.stop_list(body)}
         gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args)
         if body["stream"]:
             return gen.stream(bool((body.get("stream_options") or {}).get("include_usage")))
@@ -182,7 +185,7 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
 
     async def metrics(request: Request) -> Response:
         scheduler = host.scheduler
-        gauges = {
+        gauges: dict[str, tuple[str, float]] = {
             "ukgpu_queue_depth": ("Requests waiting for a slot.",
                                   scheduler.queue_depth if scheduler else 0),
             "ukgpu_active_slots": ("Sequences being generated.",
@@ -194,16 +197,16 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
 
     async def tokenize(request: Request) -> Response:
         body = validate(schema.tokenize_request(limits), await read_json(request, limits.max_body_bytes))
-        host.require_ready()
-        ids = await run_in_threadpool(host.engine.tokenizer.encode, body["content"],
+        engine, _ = host.require_ready()
+        ids = await run_in_threadpool(engine.tokenizer.encode, body["content"],
                                       add_special=body["add_special"])
         return JSONResponse({"tokens": [int(i) for i in ids]})
 
     async def detokenize(request: Request) -> Response:
         raw = await read_json(request, limits.max_body_bytes)
-        host.require_ready()
+        engine, _ = host.require_ready()
         body = validate(schema.detokenize_request(host.facts), raw)
-        text = await run_in_threadpool(host.engine.tokenizer.decode, body["tokens"])
+        text = await run_in_threadpool(engine.tokenizer.decode, body["tokens"])
         return JSONResponse({"content": text})
 
     async def openapi_json(request: Request) -> Response:
@@ -222,7 +225,8 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
     return [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in table]
 
 
-async def _http_error(request: Request, exc: HTTPException) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # the app registers it for HTTPException alone
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}. "
                    "See GET /openapi.json for the endpoints.", type=kind)

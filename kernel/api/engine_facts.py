@@ -1,35 +1,48 @@
-"""What the API needs to know about a loaded `llama_core.engine.Engine`, in one place."""
+"""What the API asks a loaded engine (`engine_protocol.ServedEngine`), in one place, with the
+engine's typed refusals turned into OpenAI-shaped 400s.
+
+The engine owns the rules (its chat template, its context size, its sampler's ranges); these
+helpers only translate.  llama_core is imported inside them, so the server can answer while
+the model loads.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import bad_request
 from ukgpu.kernel.api.schema import ModelFacts
 
 
-def model_facts(engine: Any, model_id: str) -> ModelFacts:
-    return ModelFacts(model_id=model_id, n_ctx=int(engine.n_ctx), vocab_size=vocab_size(engine))
+def model_facts(engine: ServedEngine, model_id: str) -> ModelFacts:
+    return ModelFacts(model_id=model_id, n_ctx=int(engine.n_ctx),
+                      vocab_size=int(engine.tokenizer.vocab_size))
 
 
-def vocab_size(engine: Any) -> int | None:
-    size = getattr(engine.tokenizer, "vocab_size", None)
-    return int(size) if size is not None else None
-
-
-def slot_count(engine: Any) -> int:
-    return int(engine.n_slots)
-
-
-def render_chat(engine: Any, messages: list[dict]) -> str:
-    """The model's own chat template applied to `messages`; a template refusal is a 400."""
-    from ukgpu.llama_core.text.chat import ChatTemplateError, render_chat as render
+def chat_ids(engine: ServedEngine, messages: list[dict]) -> list[int]:
+    """The engine's chat prompt ids for `messages`; a template refusal is a 400."""
+    from ukgpu.llama_core.text.chat import ChatTemplateError
 
     try:
-        return render(engine.gguf, messages, add_generation_prompt=True)
+        return list(engine.chat_ids(messages))
     except ChatTemplateError as exc:
         raise bad_request(f"The model's chat template refused the messages: {exc}", "messages",
                           "chat_template_error") from None
+
+
+def room(engine: ServedEngine, n_prompt: int, param: str) -> int:
+    """Tokens the engine leaves for generation after the prompt; a prompt that leaves none is
+    a 400 on `param` (what the client should shorten)."""
+    from ukgpu.llama_core.engine import ContextFullError
+
+    try:
+        return engine.room(n_prompt)
+    except ContextFullError as exc:
+        raise bad_request(
+            f"The prompt is {exc.prompt_tokens} tokens but the context holds {exc.n_ctx} "
+            "(including at least one generated token); shorten it or restart with a larger --ctx.",
+            param, "context_length_exceeded") from None
 
 
 def sampling_params(body: dict) -> Any:

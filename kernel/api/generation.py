@@ -6,17 +6,19 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
 
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ukgpu.kernel.api import engine_facts
+from ukgpu.kernel.api.engine_protocol import ServedEngine, TokenEvent
 from ukgpu.kernel.api.errors import ApiError, bad_request, error_body
-from ukgpu.kernel.api.schema import ModelFacts, max_tokens_cap
+from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.scheduler import Failed, Finished, Job, Scheduler
+from ukgpu.kernel.api.schema import ModelFacts, max_tokens_cap
 
 _DISCONNECTED = object()  # queue item: the client went away
 
@@ -43,12 +45,11 @@ class Outcome:
     cached_tokens: int = 0  # prompt tokens reused from a slot's KV cache
 
 
-def prompt_ids(engine: Any, kind: Kind, body: dict, facts: ModelFacts) -> list[int]:
-    """Token ids of the prompt, checked against the context size."""
+def prompt_ids(engine: ServedEngine, kind: Kind, body: dict) -> list[int]:
+    """Token ids of the prompt (chat: the engine's own `chat_ids`).  Runs in a request thread:
+    tokenizing a long prompt must not hold up the scheduler's."""
     if kind.chat:
-        text = engine_facts.render_chat(engine, [_plain_message(m) for m in body["messages"]])
-        ids = list(engine.tokenizer.encode(text, add_special=True, parse_special=True))
-        param = "messages"
+        ids = engine_facts.chat_ids(engine, [_plain_message(m) for m in body["messages"]])
     else:
         prompt = body["prompt"]
         if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -56,15 +57,15 @@ def prompt_ids(engine: Any, kind: Kind, body: dict, facts: ModelFacts) -> list[i
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
             ids = list(engine.tokenizer.encode(text, add_special=True))
-        param = "prompt"
     if not ids:
+        param = prompt_param(kind)
         raise bad_request(f"'{param}' encodes to no tokens; send some text.", param, "empty_prompt")
-    if len(ids) >= facts.n_ctx:
-        raise bad_request(
-            f"The prompt is {len(ids)} tokens but the context holds {facts.n_ctx} "
-            "(including at least one generated token); shorten it or restart with a larger --ctx.",
-            param, "context_length_exceeded")
     return ids
+
+
+def prompt_param(kind: Kind) -> str:
+    """The request field that holds the prompt."""
+    return "messages" if kind.chat else "prompt"
 
 
 def _plain_message(message: dict) -> dict:
@@ -74,15 +75,17 @@ def _plain_message(message: dict) -> dict:
     return {"role": message["role"], "content": content}
 
 
-def max_new_tokens(kind: Kind, body: dict, n_prompt: int, facts, limits) -> int:
-    """Requested max_tokens (or the default), clipped to the room left in the context."""
-    room = facts.n_ctx - n_prompt
+def max_new_tokens(engine: ServedEngine, kind: Kind, body: dict, n_prompt: int,
+                   facts: ModelFacts, limits: ApiLimits) -> int:
+    """Requested max_tokens (or the default), clipped to the room the engine says the prompt
+    leaves in the context; a 400 when it leaves none."""
+    room = engine_facts.room(engine, n_prompt, prompt_param(kind))
     asked = body.get("max_completion_tokens") if kind.chat else None
     asked = asked if asked is not None else body.get("max_tokens")
-    cap = max_tokens_cap(facts, limits)
+    cap = max_tokens_cap(facts, limits) or room  # a cap is always known once loaded
     if asked is None:
         asked = cap if kind.chat else min(limits.default_max_tokens, cap)
-    return max(1, min(asked, room))
+    return min(asked, room)
 
 
 def stop_list(body: dict) -> list[str]:
@@ -108,7 +111,7 @@ class Generation:
         self.n_prompt = len(self.job.prompt_ids)
         scheduler.submit(self.job)
 
-    async def _items(self) -> AsyncIterator[object]:
+    async def _items(self) -> AsyncIterator[Sequence[TokenEvent] | Finished | Failed]:
         """Engine output in order until the job ends; cancels the job if the consumer stops."""
         try:
             while True:
@@ -140,7 +143,7 @@ class Generation:
             pass
         self.queue.put_nowait(_DISCONNECTED)
 
-    def _absorb(self, outcome: Outcome, item: object) -> str:
+    def _absorb(self, outcome: Outcome, item: Sequence[TokenEvent] | Finished) -> str:
         """Fold events into `outcome`; returns the new text."""
         if isinstance(item, Finished):
             outcome.finish_reason = "length" if item.finish_reason == "length" else "stop"

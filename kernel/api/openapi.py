@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ukgpu.kernel.api import schema
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.schema import ModelFacts
@@ -91,7 +93,8 @@ def _generation(summary: str, request: dict, result: dict) -> dict:
 
 
 def _simple(method: str, summary: str, ok: dict, request: dict | None = None, errors=()) -> dict:
-    op = {"summary": summary, "responses": {"200": {"description": "OK", "content": ok}}}
+    op: dict[str, Any] = {"summary": summary,
+                          "responses": {"200": {"description": "OK", "content": ok}}}
     if request is not None:
         op["requestBody"] = {"required": True, "content": _json(request)}
     op["responses"].update(_errors(*errors))

@@ -6,6 +6,23 @@ whose client went away is cancelled and its slot freed before its next step.
 The engine starts each job in the free slot whose KV cache already holds the
 longest prefix of its prompt (a chat resending its history) and evaluates only
 the rest; `Finished` says how many prompt tokens that saved.
+
+The slot count is the engine's own (`engine.n_slots`, from `--slots` or
+`ukgpu.slots=`): the API has no second number that could admit a sequence the
+engine has no slot for.
+
+Which thread calls what on the engine (`engine_protocol.ServedEngine`):
+- "ukgpu-model-load" (when the app got a loader) builds it and starts the
+  scheduler; nothing else sees the engine before;
+- the scheduler thread ("ukgpu-scheduler"), and no other, calls `start`,
+  `step_all` and `release`: they own the KV slots and the model's device;
+- Starlette's thread pool (one request thread each) tokenizes: `chat_ids`,
+  `tokenizer.encode` / `decode`, several at once.  Never the scheduler thread:
+  a long prompt takes a while to tokenize and would stall every sequence;
+- the event loop reads the constants `n_ctx` and `n_slots`, asks `room`
+  (which reads only `n_ctx`) and, for /health, the backend facts;
+- the event loop submits and cancels jobs and reads the gauges; results come
+  back to it through `deliver`.
 """
 
 from __future__ import annotations
@@ -13,9 +30,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from ukgpu.kernel.api.engine_protocol import ServedEngine, TokenEvent
 from ukgpu.kernel.api.errors import queue_full
 from ukgpu.kernel.api.metrics import Metrics
 
@@ -45,20 +64,20 @@ class Job:
     params: Any  # llama_core.sampling.SamplingParams
     max_tokens: int
     stop: list[str]
-    deliver: Callable[[object], None]  # list[TokenEvent] | Finished | Failed; must not block
+    deliver: Callable[[object], object]  # events | Finished | Failed; must not block
     cancelled: threading.Event = field(default_factory=threading.Event)
-    seq: Any = None  # the engine's Sequence once started
+    seq: Any = None  # the engine's sequence handle once started
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
 class Scheduler:
-    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Metrics) -> None:
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+    def __init__(self, engine: ServedEngine, max_queue: int, metrics: Metrics) -> None:
+        if engine.n_slots < 1:
+            raise ValueError(f"the engine has {engine.n_slots} slots: load it with at least one")
         self.engine = engine
-        self.n_slots = n_slots
+        self.n_slots = engine.n_slots  # never more sequences than the engine has slots
         self.max_queue = max_queue
         self.metrics = metrics
         self._pending: deque[Job] = deque()
@@ -114,7 +133,7 @@ class Scheduler:
             if self._stopping:
                 return None
             self._pending = deque(j for j in self._pending if not j.cancelled.is_set())
-            admitted = []
+            admitted: list[Job] = []
             while self._pending and len(self._active) + len(admitted) < self.n_slots:
                 admitted.append(self._pending.popleft())
             return admitted
@@ -140,7 +159,7 @@ class Scheduler:
             else:
                 self._deliver(job, result)
 
-    def _deliver(self, job: Job, events: list) -> None:
+    def _deliver(self, job: Job, events: Sequence[TokenEvent]) -> None:
         self.metrics.count_generated(sum(1 for e in events if e.token_id is not None))
         if events:
             _send(job, events)

@@ -40,14 +40,15 @@ def _text(limits: ApiLimits, **extra) -> dict:
 
 
 def _token_ids(facts: ModelFacts) -> dict:
+    """Ids in the vocabulary; how many fit the context is the engine's to say (Engine.room),
+    for token ids as for text, with the same context_length_exceeded error."""
     item = _int(0, facts.vocab_size - 1 if facts.vocab_size else None)
-    schema = {"type": "array", "items": item, "minItems": 1}
-    if facts.n_ctx is not None:
-        schema["maxItems"] = facts.n_ctx - 1  # room for one generated token
-    return schema
+    return {"type": "array", "items": item, "minItems": 1}
 
 
 def max_tokens_cap(facts: ModelFacts, limits: ApiLimits) -> int | None:
+    """The largest max_tokens a request may name (a limit, not the context check: a larger
+    one than the prompt leaves room for is clipped to the room)."""
     caps = [c for c in (limits.max_tokens, facts.n_ctx) if c is not None]
     return min(caps) if caps else None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def config(app: Any, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info"):

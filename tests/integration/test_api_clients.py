@@ -28,10 +28,14 @@ CHAT = [{"role": "user", "content": "Name three fruits."}]
 
 
 @pytest.fixture(scope="module")
-def url(smollm2_path):
+def engine(smollm2_path):
     from ukgpu.llama_core.engine import Engine
 
-    engine = Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=4)
+    return Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=4)
+
+
+@pytest.fixture(scope="module")
+def url(engine):
     with background(create_app(engine, LIMITS, model_id=MODEL)) as base:
         yield base
 
@@ -68,6 +72,11 @@ def test_chat_stream_equals_greedy_text(oai):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == message.content
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_a_chat_prompt_is_the_engines_chat_ids(oai, engine):
+    full = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, temperature=0)
+    assert full.usage.prompt_tokens == len(engine.chat_ids(CHAT))
 
 
 def test_usage_counts_prompt_tokens(oai, url):

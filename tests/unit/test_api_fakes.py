@@ -1,19 +1,24 @@
-"""A small deterministic engine with the `llama_core.engine.Engine` contract, for API tests.
+"""A small deterministic engine with the API's engine contract (`engine_protocol.ServedEngine`,
+which `llama_core.engine.Engine` satisfies), for API tests.
 
 Tokens are UTF-8 bytes; generation emits one letter per step, chosen from the
-prompt, so every request has one reproducible answer.  Prompts containing
+prompt, so every request has one reproducible answer.  The chat template is
+"<role>content" per message, then "<assistant>".  Prompts containing
 "boom" make `step` raise; `gate` (a threading.Event) can hold every step and
-`delay` slows each one down.
+`delay` slows each one down.  Context and slot refusals are the engine's own
+typed errors, so the API's mapping of them is what the tests see.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ukgpu.kernel.api import engine_facts
-from ukgpu.llama_core.engine import Stats
+from ukgpu.kernel.api.engine_protocol import ServedEngine
+from ukgpu.llama_core.engine import ContextFullError, NoFreeSlotError, Stats
 
 
 @dataclass
@@ -43,6 +48,10 @@ class FakeSeq:
     stats: Stats = field(default_factory=Stats)  # what the scheduler reads (cached_tokens)
 
 
+class FakeModel:
+    backend = None  # no device: /health reports none
+
+
 @dataclass
 class FakeEngine:
     n_ctx: int = 64
@@ -50,13 +59,27 @@ class FakeEngine:
     gate: threading.Event | None = None
     delay: float = 0.0  # seconds per step
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    model: FakeModel = field(default_factory=FakeModel)
+    backend_note: str = ""
     live: set = field(default_factory=set)
     released: list = field(default_factory=list)
+    chats: list = field(default_factory=list)  # the messages of every chat_ids call
     steps: int = 0
 
+    def chat_ids(self, messages) -> list[int]:
+        self.chats.append([dict(m) for m in messages])
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+
+    def room(self, n_prompt: int, max_tokens: int = 1) -> int:
+        if self.n_ctx - n_prompt < max_tokens:
+            raise ContextFullError(n_prompt, max_tokens, self.n_ctx)
+        return self.n_ctx - n_prompt
+
     def start(self, prompt_ids, params, max_tokens, stop) -> FakeSeq:
+        self.room(len(prompt_ids), max_tokens)
         if len(self.live) >= self.n_slots:
-            raise RuntimeError("no free slot")
+            raise NoFreeSlotError(f"all {self.n_slots} slots are busy")
         seq = FakeSeq(list(prompt_ids), max_tokens, list(stop))
         self.live.add(seq)
         return seq
@@ -77,9 +100,9 @@ class FakeEngine:
         reason = "length" if seq.n >= seq.max_tokens else None
         return [FakeEvent(ord(letter), letter, reason)]
 
-    def step_all(self, seqs: list[FakeSeq]) -> list:
+    def step_all(self, seqs: Sequence[FakeSeq]) -> list[list[FakeEvent] | Exception]:
         """The engine's contract: each sequence's events, or its exception in its place."""
-        out = []
+        out: list[list[FakeEvent] | Exception] = []
         for seq in seqs:
             try:
                 out.append(self.step(seq))
@@ -96,8 +119,9 @@ class FakeEngine:
         return "".join(chr(ord("a") + (total + i) % 26) for i in range(n))
 
 
-def fake_render_chat(engine, messages) -> str:
-    return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+def served(engine: FakeEngine) -> ServedEngine:
+    """What mypy checks: the fake has every member the API calls, with compatible types."""
+    return engine
 
 
 def fake_params(body: dict) -> dict:
@@ -105,6 +129,5 @@ def fake_params(body: dict) -> dict:
 
 
 def use_fakes(monkeypatch) -> None:
-    """Route chat rendering and sampling parameters to the fakes above."""
-    monkeypatch.setattr(engine_facts, "render_chat", fake_render_chat)
+    """Route sampling parameters to the fake above (the fake engine has no sampler)."""
     monkeypatch.setattr(engine_facts, "sampling_params", fake_params)

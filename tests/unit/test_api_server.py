@@ -9,11 +9,11 @@ import time
 
 import httpx
 import pytest
+from test_api_fakes import FakeEngine, FakeTokenizer, served, use_fakes
 
 from ukgpu.kernel.api import ApiLimits, create_app
+from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.server import background
-
-from test_api_fakes import FakeEngine, use_fakes
 
 MODEL = "fake-model"
 
@@ -101,6 +101,21 @@ def test_chat_uses_the_template(client, engine):
         "role": "assistant", "content": engine.expected("<user>yo<assistant>", 3)}
 
 
+def test_chat_prompt_ids_come_from_the_engine(client, engine):
+    """The API asks the engine's `chat_ids` (no template rendering of its own), with the
+    content parts joined into plain text."""
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "y"}, {"type": "text", "text": "o"}]}]
+    resp = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                     "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert engine.chats == [[{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "yo"}]]
+    prompt = "<system>be brief<user>yo<assistant>"
+    assert resp.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert resp.json()["choices"][0]["message"]["content"] == engine.expected(prompt, 2)
+
+
 def test_chat_stream_starts_with_role(client):
     with client.stream("POST", "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -147,6 +162,29 @@ def test_prompt_over_context_is_400(client, engine):
     err = assert_error(complete(client, prompt="x" * engine.n_ctx), 400, param="prompt",
                        code="context_length_exceeded")
     assert "--ctx" in err["message"]
+
+
+@pytest.mark.parametrize("kind", ["text", "ids", "chat"])
+def test_the_engine_decides_what_fits_the_context(client, engine, kind):
+    """Whatever the prompt's form, the engine's `room` refuses a prompt that leaves no room
+    to generate, with one error; token ids no longer fail the schema with another."""
+    n = engine.n_ctx
+    path, body, param = {
+        "text": ("/v1/completions", {"prompt": "x" * n}, "prompt"),
+        "ids": ("/v1/completions", {"prompt": [120] * n}, "prompt"),
+        "chat": ("/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "x" * (n - len("<user><assistant>"))}]},
+                 "messages"),
+    }[kind]
+    err = assert_error(client.post(path, json={"model": MODEL, **body}), 400, param=param,
+                       code="context_length_exceeded")
+    assert err["message"] == (f"The prompt is {n} tokens but the context holds {n} (including "
+                              "at least one generated token); shorten it or restart with a "
+                              "larger --ctx.")
+    one_less = {"ids": {"prompt": [120] * (n - 1)}, "text": {"prompt": "x" * (n - 1)}}.get(kind)
+    if one_less is not None:  # one token of room: max_tokens is clipped to it
+        usage = complete(client, **one_less, max_tokens=5).json()["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (n - 1, 1)
 
 
 def test_oversized_body_rejected_before_reading_it(url):
@@ -239,7 +277,7 @@ def test_queue_full_is_429_and_metrics_show_it(url, engine):
                              (threads[2:], "ukgpu_queue_depth 2")):
             for t in group:
                 t.start()
-            _wait(lambda: gauge in c.get("/metrics").text, timeout=1.5)
+            _wait(lambda g=gauge: g in c.get("/metrics").text, timeout=1.5)
         assert_error(complete(c, prompt="q"), 429, code="queue_full")
         for t in threads:
             t.join(20)
@@ -273,6 +311,35 @@ def test_disconnect_while_waiting_frees_the_slot(url, engine):
     assert engine.released[0].n < 30
 
 
+def test_the_engine_alone_sets_the_slot_count(url, engine):
+    """ApiLimits has no slot count of its own (a larger one let the scheduler start more
+    sequences than the engine had slots, and the extra request got a 500): the scheduler
+    takes the engine's, and requests beyond it wait in the queue."""
+    with pytest.raises(TypeError):
+        ApiLimits(n_slots=engine.n_slots + 1)
+    engine.delay = 0.02
+    results = []
+
+    def send():
+        with httpx.Client(base_url=url, timeout=20) as c:
+            results.append(complete(c, prompt="q", max_tokens=5).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(engine.n_slots + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert results == [200] * len(threads)
+    with httpx.Client(base_url=url, timeout=10) as c:
+        assert f"ukgpu_slots {engine.n_slots}" in c.get("/metrics").text
+
+
+def test_the_fake_engine_has_what_the_api_calls(engine):
+    """mypy checks the types through `served`; this checks the names on every run."""
+    members = {name for name in vars(ServedEngine) if not name.startswith("_")}
+    assert members and members <= set(dir(served(engine)))
+
+
 def test_health_is_503_while_loading_then_ready(monkeypatch):
     use_fakes(monkeypatch)
     release = threading.Event()
@@ -303,12 +370,16 @@ def test_failed_load_is_reported(monkeypatch):
 def test_chat_template_refusal_is_a_400():
     from types import SimpleNamespace
 
-    from ukgpu.kernel.api import engine_facts
+    from ukgpu.kernel.api import generation
     from ukgpu.kernel.api.errors import ApiError
+    from ukgpu.llama_core.engine import Engine
 
-    engine = SimpleNamespace(gguf="{{ raise_exception('roles must alternate') }}")
+    engine = SimpleNamespace(gguf="{{ raise_exception('roles must alternate') }}",
+                             tokenizer=FakeTokenizer())
+    engine.chat_ids = lambda messages: Engine.chat_ids(engine, messages)  # the real method
     with pytest.raises(ApiError) as info:
-        engine_facts.render_chat(engine, [{"role": "user", "content": "x"}])
+        generation.prompt_ids(engine, generation.CHAT,
+                              {"messages": [{"role": "user", "content": "x"}]})
     assert (info.value.status, info.value.code) == (400, "chat_template_error")
     assert "roles must alternate" in info.value.message
 

@@ -117,6 +117,14 @@ def test_prompt_plus_max_tokens_beyond_context_is_refused(engine):
         engine.start([], GREEDY, max_tokens=1)
 
 
+def test_room_is_the_one_context_check(engine):
+    """`start` and the HTTP API (which clips max_tokens to the room) ask `room` alone."""
+    assert engine.room(150) == 10 and engine.room(150, max_tokens=10) == 10
+    with pytest.raises(ContextFullError) as info:
+        engine.room(160)
+    assert (info.value.prompt_tokens, info.value.max_tokens, info.value.n_ctx) == (160, 1, 160)
+
+
 def test_slots_run_out_and_come_back(engine):
     a = engine.start([1, 2], GREEDY, 2)
     b = engine.start([1, 2], GREEDY, 2)

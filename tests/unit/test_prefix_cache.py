@@ -213,7 +213,7 @@ def test_stats_rate_counts_only_evaluated_tokens(recorded):
 
 
 def test_the_scheduler_reports_cached_tokens(recorded):
-    scheduler = Scheduler(recorded, n_slots=2, max_queue=4, metrics=Metrics())
+    scheduler = Scheduler(recorded, max_queue=4, metrics=Metrics())
     scheduler.start()
     try:
         finals = []
