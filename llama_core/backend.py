@@ -1,19 +1,47 @@
-"""The `Backend` interface: every operation the forward pass needs.
+"""The `Backend` interface: every operation the forward pass needs, and every call the engine,
+the benchmarks and the API make on a backend.
 
 `model.py` speaks only to this interface, so a device backend (the CUDA one in
 `ukgpu.gpu.cuda.backend`) replaces `CpuBackend` without touching the model.
 Activations are backend arrays (`Act`); the model never looks inside them
 except through `to_host`.  Weights are opaque handles from `prepare_weight`.
+Which backend runs a model is decided in one place, `ukgpu.llama_core.backend_choice`.
 
 Shapes below: n = tokens in this call, d = model width, H/Hkv = query/KV
 heads, hd = head dim.
+
+Decode steps (`decode`, `decode_greedy`) give what `Model.forward([token], pos, kv,
+all_logits=False)` gives; the defaults here run exactly that.  A device backend may instead
+record that forward once and replay the recording for every later token of the same KV cache
+(the CUDA backend: a CUDA graph, `ukgpu.gpu.cuda.graph`).  The contract of that capture:
+
+- What the backend does.  It first runs one step eagerly (the kernels load, the step's logits
+  are real), then calls `Model.forward` again with a placeholder token and position while its
+  ops *record* instead of run: each op only enqueues device work on the captured stream.  Values
+  that change per step (token id, position, key count) are not uploaded: the ops read them from
+  fixed device words that each replay rewrites first.  While recording there is no host<->device
+  copy, no synchronisation, no device allocation (buffers come from the backend's own pools) and
+  no kernel load (the eager step loaded them); `to_host` returns a zero-filled placeholder of
+  the right shape and only marks its argument as the recording's output.  A recording belongs
+  to one (model, KV cache) pair: it bakes in the cache's and the weights' device addresses and
+  is dropped with either.
+- What `Model.forward` must therefore keep true of a one-token call (`Model.forward_batch` is
+  never recorded): the same sequence of backend calls, with the same shapes, whatever the token
+  and position.  No branch or loop on token ids or on start_pos, no shape or slice computed from
+  start_pos (positions reach the device only as the start_pos argument of `rope` and
+  `attention`, token ids only through `embedding`); exactly one `to_host`, on the final logits,
+  whose value it returns without reading it, and no other host read of an activation.  Python
+  code in `forward` runs once, at capture: replays run only the recorded device work, so
+  per-step host side effects (counters, logging, caches kept in Python) would silently stop.
+  The backend checks the context bound on the host before each replay, as `forward` does.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +73,8 @@ class KVCache:
 
 
 class Backend(ABC):
-    """Operations of a llama-family forward pass over one sequence."""
+    """Operations of a llama-family forward pass over one sequence, and the whole decode steps,
+    memory report and release that callers use (those have defaults for a host backend)."""
 
     name: str
     max_batch: int = 1  # sequences one decode step may carry (`Model.forward_batch`)
@@ -93,10 +122,34 @@ class Backend(ABC):
 
     @abstractmethod
     def to_host(self, x: Act) -> np.ndarray:
-        """x as a numpy array."""
+        """x as a numpy array (while a decode step is being recorded: a placeholder, see the
+        module docstring)."""
 
     def concat_rows(self, parts: list[Act]) -> Act:
         """The rows of `parts` ([n_i, d] each) stacked: [sum n_i, d].  Only backends with
         max_batch > 1 need it."""
         raise NotImplementedError(f"the {self.name} backend decodes one sequence per step "
                                   "(max_batch 1): call Model.forward per sequence")
+
+    # --- whole steps and lifetime (defaults: nothing beyond the ops above) -------------
+    def decode(self, model: Any, token: int, start_pos: int, kv: KVCache) -> np.ndarray:
+        """Logits float[1, vocab] of `token` at `start_pos` of `kv` (a one-token decode step of
+        `model`, a `Model` on this backend).  Default: `model.forward` itself; a device backend
+        may replay a recorded step instead (the capture contract: module docstring)."""
+        return model.forward(np.array([token]), start_pos, kv, all_logits=False)
+
+    def decode_greedy(self, model: Any, token: int, start_pos: int, kv: KVCache) -> int:
+        """The argmax token after `token` at `start_pos` (what `decode` then a greedy `Sampler`
+        pick).  Default: `decode`'s logits as float32, as the sampler reads them, first index
+        on ties; a device backend may compute it on the device and copy back only the id."""
+        logits = np.asarray(self.decode(model, token, start_pos, kv)[-1], dtype=np.float32)
+        return int(np.argmax(logits))
+
+    def usage(self) -> str:
+        """One line on the device memory the backend holds, for reports; "" when it holds none
+        of its own (the CPU backend: its arrays are the process's)."""
+        return ""
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: a host backend has nothing to free
+        """Free what the backend holds on its device; it is unusable afterwards.  Default:
+        nothing to free (host arrays go with their last reference)."""

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
 import numpy as np
 
 from ukgpu.llama_core.backend import Backend, KVCache
+from ukgpu.llama_core.backend_choice import check_kind, cpu_fallback, open_backend
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.model import Model
@@ -148,17 +149,22 @@ class Engine:
         "auto" (CUDA when usable, else the CPU with one line on stderr saying why; a CUDA
         failure while running moves every sequence to the CPU), "cuda" (raises when unusable
         or failing) or a Backend instance (with `fallback`, the backend to move to when it
-        fails while running)."""
+        fails while running).  The choice itself: `backend_choice.open_backend`."""
         if n_ctx < 2 or n_slots < 1:
             raise EngineError(f"n_ctx={n_ctx}, n_slots={n_slots}: need n_ctx >= 2 and n_slots >= 1")
         if isinstance(model, Model):
             note = model.backend.name
         else:
             gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(str(model)))
-            chosen, note = _pick_backend(backend, gguf, n_ctx=n_ctx, n_slots=n_slots)
+            if isinstance(backend, Backend):
+                chosen, note = backend, backend.name
+            else:
+                check_kind(backend, EngineError)
+                chosen, note = open_backend(backend, gguf, n_ctx=n_ctx, n_slots=n_slots)
+                if backend != "cpu":  # which device answers, or why not the GPU
+                    print(f"ukgpu: {note}", file=sys.stderr)
+                fallback = cpu_fallback(backend, chosen) or fallback  # "auto": run-time failures too
             model = Model(gguf, chosen)
-            if backend == "auto" and chosen.name != "cpu":  # "auto" also covers run-time failures
-                fallback = _cpu_backend
         return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note, fallback)
 
     # --- requests ----------------------------------------------------------
@@ -323,15 +329,15 @@ class Engine:
         return best, min(best_len, len(prompt) - 1)
 
     def _next_token(self, seq: Sequence) -> int:
-        """Sample the next token; a backend with a device-side greedy decode (CUDA graphs)
-        computes plain greedy tokens without copying logits back."""
+        """Sample the next token; a plain greedy decode step is the backend's `decode_greedy`
+        (the argmax the sampler would take; CUDA graphs compute it without copying logits back)."""
         p = seq.params
         plain_greedy = p.greedy and p.repeat_penalty == 1 and not (p.presence_penalty or
                                                                   p.frequency_penalty)
-        decode_greedy = getattr(self.model.backend, "decode_greedy", None)
-        if seq.prefilled and plain_greedy and decode_greedy is not None:
+        if seq.prefilled and plain_greedy:
             t0 = time.perf_counter()
-            token = decode_greedy(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
+            token = self.model.backend.decode_greedy(self.model, seq.tokens[-1], seq.n_cached,
+                                                     seq.kv)
             self._count_decode(seq, time.perf_counter() - t0)
             return int(token)
         return seq.sampler(self._forward(seq), seq.tokens)
@@ -352,13 +358,8 @@ class Engine:
                          prefill_seconds=time.perf_counter() - t0, cached_tokens=start)
             seq.stats.add(done)
             self.stats.add(done)
-        else:
-            decode = getattr(self.model.backend, "decode", None)  # graph replay where offered
-            if decode is not None:
-                logits = decode(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
-            else:
-                logits = self.model.forward(np.asarray(seq.tokens[-1:]), seq.n_cached, seq.kv,
-                                            all_logits=False)
+        else:  # one token: the backend's decode step (a graph replay on CUDA)
+            logits = self.model.backend.decode(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
             self._count_decode(seq, time.perf_counter() - t0)
         return logits[-1]  # [vocab]
 
@@ -377,12 +378,10 @@ class Engine:
         self._held = [[] for _ in range(self.n_slots)]
         for slot, seq in self._live.items():
             seq.kv, seq.n_cached, seq.kv_suspect = self._kv[slot], 0, False
-        close = getattr(failed, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - the device is already broken; nothing more to free
-                pass
+        try:
+            failed.close()
+        except Exception:  # noqa: BLE001 - the device is already broken; nothing more to free
+            pass
         return True
 
     def _finish(self, seq: Sequence, token: int, reason: str, flush: bool = True) -> TokenEvent:
@@ -417,31 +416,3 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
                 break
     return best
 
-
-def _cpu_backend() -> Backend:
-    from ukgpu.llama_core.cpu.backend import CpuBackend
-
-    return CpuBackend()
-
-
-def _pick_backend(kind: str | Backend, gguf: GGUFFile, **sizes: int) -> tuple[Backend, str]:
-    from ukgpu.llama_core.cpu.backend import CpuBackend
-
-    if isinstance(kind, Backend):
-        return kind, kind.name
-    if kind == "cpu":
-        return CpuBackend(), "backend: cpu (requested)"
-    if kind not in ("auto", "cuda"):
-        raise EngineError(f"backend {kind!r}: use 'cpu', 'auto' or 'cuda'")
-    try:
-        from ukgpu.gpu.cuda.backend import select_backend
-    except ImportError as exc:
-        if kind == "cuda":
-            raise EngineError(f"the CUDA backend cannot be imported ({exc}): install ukgpu[gpu] "
-                              "or use --backend cpu") from exc
-        note = f"backend: cpu (CUDA backend unavailable: {exc})"
-        print(f"ukgpu: {note}", file=sys.stderr)
-        return CpuBackend(), note
-    backend, note = select_backend(kind, gguf, **sizes)  # sizes: n_ctx, n_slots for the device arena
-    print(f"ukgpu: {note}", file=sys.stderr)  # which device answers, or why not the GPU
-    return backend, note

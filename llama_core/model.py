@@ -5,6 +5,11 @@ file, never copies); `Model.forward` runs a batch of tokens of one sequence at
 positions start_pos.. through every layer, reading the KV cache it is given and
 writing the new keys and values into it.  Prefill (n tokens) and decode
 (1 token) take the same path.
+
+A device backend may record one-token `forward` calls and replay them per token (CUDA graphs), so
+`forward` keeps the capture contract of `ukgpu.llama_core.backend`: the same backend calls and
+shapes whatever the token and position, no host read but the final `to_host`, and nothing done
+in Python that a later step would need repeated.
 """
 
 from __future__ import annotations
@@ -110,7 +115,9 @@ class Model:
     def forward(self, tokens: np.ndarray, start_pos: int, kv: KVCache,
                 all_logits: bool = True) -> np.ndarray:
         """Logits float[n, vocab] for tokens int[n] at start_pos.. (float[1, vocab], the
-        last position only, when all_logits is False)."""
+        last position only, when all_logits is False).  A one-token call may be recorded once
+        and replayed by the backend (`Backend.decode`): keep the capture contract of
+        `ukgpu.llama_core.backend` when changing this code."""
         c, w, be = self.config, self.weights, self.backend
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if start_pos + len(tokens) > kv.n_ctx:

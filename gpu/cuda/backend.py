@@ -8,8 +8,11 @@ the tensor-core GEMM above that.
 
 Positions, KV row indices and key counts are read by the kernels from device memory, never baked
 into launches, so a decode step can be captured once as a CUDA graph and replayed per token
-(`cuda_graph.DecodeGraphs`, used by `decode` / `decode_greedy`).  Creation, probing and the
-auto fallback live in `cuda_select`.
+(`graph.DecodeGraphs`, used by `decode` / `decode_greedy`; the capture contract is in
+`ukgpu.llama_core.backend`): while `capturing`, the ops read token, position and key count from
+the graph's `StepBuffers` and `to_host` only names the output.  Creation with the device and
+model checks, and probing, live in `select`; choosing between this backend and the CPU one in
+`ukgpu.llama_core.backend_choice`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
+from ukgpu.gpu.cuda.driver import CudaContext
+from ukgpu.gpu.cuda.graph import DecodeGraphs, StepBuffers
+from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.ptx_kernels.loader import (
@@ -30,10 +37,6 @@ from ukgpu.ptx_kernels.loader import (
     rope_entry,
 )
 from ukgpu.ptx_kernels.repack import FORMATS, repack
-
-from ukgpu.gpu.cuda.driver import CudaContext
-from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
-from ukgpu.gpu.cuda.modules import KernelSet
 
 MATVEC_MAX_ROWS = 8
 MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
@@ -77,41 +80,10 @@ class DeviceKV:
         return self.base + i * self.layer_stride
 
 
-@dataclass
-class StepBuffers:
-    """int32 device words a captured decode graph reads each step (16-byte apart)."""
-
-    base: int
-
-    @property
-    def ids(self) -> int:
-        return self.base
-
-    @property
-    def pos(self) -> int:  # also the KV row: each sequence's cache is its own slot 0
-        return self.base + 16
-
-    @property
-    def lens(self) -> int:
-        return self.base + 32
-
-    @property
-    def slot(self) -> int:
-        return self.base + 48
-
-    @staticmethod
-    def words(token: int, pos: int) -> np.ndarray:
-        w = np.zeros(16, dtype=np.int32)
-        w[0], w[4], w[8], w[12] = token, pos, pos + 1, 0
-        return w
-
-
 class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, ctx: CudaContext, kernels: KernelSet, arena: DeviceArena):
-        from ukgpu.gpu.cuda.graph import DecodeGraphs
-
         self.ctx, self.cu, self.kernels, self.arena = ctx, ctx.cu, kernels, arena
         self.pool = BufferPool(arena)
         self.kv_pool = BufferPool(arena, "kv cache")
@@ -122,13 +94,6 @@ class CudaBackend(Backend):
         self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's ids/positions
         self.graphs = DecodeGraphs(self)
         self._weights: dict[tuple, DeviceWeight] = {}  # uploaded once per GGUF tensor
-
-    @classmethod
-    def create(cls, device: int = 0, gguf: Any = None, **kw: Any) -> "CudaBackend":
-        """Open the GPU, check that it and the model are supported, preload the kernels."""
-        from ukgpu.gpu.cuda.select import create_backend
-
-        return create_backend(device=device, gguf=gguf, **kw)
 
     # --- transfers -----------------------------------------------------------
     def upload(self, arr: np.ndarray, tag: str) -> int:
@@ -330,6 +295,7 @@ class CudaBackend(Backend):
         return self.graphs.step(model, int(token), int(start_pos), kv, greedy=True)
 
     def usage(self) -> str:
+        """The device arena's use: "<used>/<capacity> MiB used: " then MiB per tag."""
         return self.arena.usage()
 
     def close(self) -> None:
@@ -339,16 +305,3 @@ class CudaBackend(Backend):
         self.graphs.release()
         self.arena.free()
 
-
-def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:
-    """(ok, reason): can this machine run the CUDA backend?  See `cuda_select.probe`."""
-    from ukgpu.gpu.cuda.select import probe as _probe
-
-    return _probe(device, driver)
-
-
-def select_backend(kind: str = "auto", gguf: Any = None, **kw: Any) -> tuple[Backend, str]:
-    """(backend, one line saying which and why); see `cuda_select.select_backend`."""
-    from ukgpu.gpu.cuda.select import select_backend as _select
-
-    return _select(kind, gguf, **kw)

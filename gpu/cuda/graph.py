@@ -7,6 +7,12 @@ position and key count from the backend's `StepBuffers` instead of uploading the
 names the logits buffer instead of copying it, and an argmax kernel is appended.  The graph is
 instantiated once; each later step is one 64-byte upload of the step words, one `cuGraphLaunch`,
 and one download (4 bytes for greedy, the logits row otherwise): no per-kernel Python launches.
+
+What a backend and `Model.forward` must keep true for this to be valid (no host syncs or reads
+while recording, no shape or branch that depends on the token or position) is the capture
+contract in `ukgpu.llama_core.backend`.  This module imports nothing of the backend: it drives
+the `CudaBackend` through its `ctx`, `cu`, `capturing`, `captured_output`, `step` (the
+`StepBuffers` defined here), `argmax` and `to_host`.
 """
 
 from __future__ import annotations
@@ -17,9 +23,37 @@ from typing import Any
 
 import numpy as np
 
-from ukgpu.gpu.cuda.driver import CudaError
 from ukgpu.gpu.cuda.arena import DeviceBuffer
-from ukgpu.gpu.cuda.backend import StepBuffers
+from ukgpu.gpu.cuda.driver import CudaError
+
+
+@dataclass
+class StepBuffers:
+    """int32 device words a captured decode graph reads each step (16-byte apart)."""
+
+    base: int
+
+    @property
+    def ids(self) -> int:
+        return self.base
+
+    @property
+    def pos(self) -> int:  # also the KV row: each sequence's cache is its own slot 0
+        return self.base + 16
+
+    @property
+    def lens(self) -> int:
+        return self.base + 32
+
+    @property
+    def slot(self) -> int:
+        return self.base + 48
+
+    @staticmethod
+    def words(token: int, pos: int) -> np.ndarray:
+        w = np.zeros(16, dtype=np.int32)
+        w[0], w[4], w[8], w[12] = token, pos, pos + 1, 0
+        return w
 
 
 @dataclass

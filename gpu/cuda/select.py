@@ -1,17 +1,21 @@
-"""Choosing the CUDA backend: probe, creation with checks, and the auto fallback to the CPU.
+"""Opening the CUDA backend: the probe, and creation with every check done up front.
 
 `probe()` answers "can this machine run the CUDA backend?" without a model: driver, device,
 compute capability (sm_80+), and a loadable artifact of every model-independent kernel.
 `create_backend(gguf=...)` also checks the model (weight types, head size, rope) and preloads
 every kernel the model needs, so a PTX/cubin load failure surfaces at load time, never as wrong
-output later.  `select_backend("auto")` returns the CPU backend with one line saying why when
-any of that fails; `"cuda"` raises the error instead.
+output later; it raises the reason (`UkgpuError` subclasses).  Choosing between this backend and
+the CPU one ("auto" | "cuda" | "cpu") is `ukgpu.llama_core.backend_choice.open_backend`'s.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena
+from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
+from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
+from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.ptx_kernels.loader import (
     KernelManifestError,
@@ -23,11 +27,6 @@ from ukgpu.ptx_kernels.loader import (
     rope_entry,
 )
 from ukgpu.ptx_kernels.repack import FORMATS
-
-from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
-from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena
-from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
-from ukgpu.gpu.cuda.modules import KernelSet
 
 MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "rmsnorm_f32", "argmax_f32",
@@ -104,6 +103,9 @@ def default_arena_bytes(ctx: CudaContext, gguf: Any, n_ctx: int, n_slots: int) -
 def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
                    arena_bytes: int | None = None, n_ctx: int = 2048, n_slots: int = 1,
                    manifests: Manifests | None = None) -> CudaBackend:
+    """Open GPU `device`, check that it and the model are supported, preload the kernels and
+    reserve the arena (sized for the weights, n_slots caches of n_ctx and activations, unless
+    arena_bytes says)."""
     ctx = open_device(device, driver)
     _check_device(ctx)
     names = model_kernels(gguf) if gguf is not None else list(COMMON_KERNELS)
@@ -112,17 +114,3 @@ def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
     size = arena_bytes or default_arena_bytes(ctx, gguf, n_ctx, n_slots)
     return CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
 
-
-def select_backend(kind: str = "auto", gguf: Any = None, **kw: Any) -> tuple[Any, str]:
-    """(backend, one line saying which and why).  kind: "auto" | "cuda" | "cpu"."""
-    from ukgpu.llama_core.cpu.backend import CpuBackend
-
-    if kind == "cpu":
-        return CpuBackend(), "backend: cpu (requested)"
-    try:
-        be = create_backend(gguf=gguf, **kw)
-    except UkgpuError as exc:
-        if kind == "cuda":
-            raise
-        return CpuBackend(), f"backend: cpu (CUDA unavailable: {exc})"
-    return be, f"backend: cuda ({be.ctx.info.line()})"

@@ -177,10 +177,9 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         status = host.status
         body = {"status": status}
         engine = host.engine if status == "ready" else None
-        backend = getattr(getattr(engine, "model", None), "backend", None)
-        if backend is not None:  # which device answers, and why (a run-time fallback says so)
-            body["backend"] = backend.name
-            body["backend_note"] = str(getattr(engine, "backend_note", ""))
+        if engine is not None and engine.model.backend is not None:
+            body["backend"] = engine.model.backend.name  # which device answers, and why
+            body["backend_note"] = engine.backend_note  # (a run-time fallback says so)
         return JSONResponse(body, 200 if status == "ready" else 503)
 
     async def metrics(request: Request) -> Response:

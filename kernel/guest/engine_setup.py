@@ -2,15 +2,18 @@
 
 The GGUF file is memory-mapped (a file in the initramfs' tmpfs, or the
 read-only model disk), so weights are never copied; the KV cache comes from
-the arena through the backend's allocator.  GPU modules are imported inside
-guards: a missing or broken GPU stack means CPU inference plus one line that
-says why.
+the arena through the backend's allocator.  The backend is chosen by
+`llama_core.backend_choice.open_backend`, told to look for an NVIDIA GPU on the
+PCI bus before trying the driver: a missing or broken GPU stack means CPU
+inference plus one line that says why (`ukgpu: backend cpu (no NVIDIA GPU on
+the PCI bus)`), unless ukgpu.backend=cuda demands the GPU.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ukgpu.kernel.guest.arena import Arena, format_size
 from ukgpu.kernel.guest.syscalls import InitError
@@ -25,6 +28,8 @@ NUMBA_ENV = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
 def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Arena, str]:
     """(engine, arena, backend note) for the model at `path`."""
     os.environ.update(NUMBA_ENV)
+    from ukgpu.llama_core.backend_choice import cpu_fallback
+    from ukgpu.llama_core.engine import Engine
     from ukgpu.llama_core.gguf.file import open_gguf
 
     gguf = open_gguf(path)
@@ -32,48 +37,22 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
     ctx = min(cfg.ctx, mc.ctx_len) if mc.ctx_len else cfg.ctx
     cfg.ctx = ctx
     arena = Arena(arena_size(cfg, mc.n_layers, mc.n_kv_heads, mc.head_dim))
-    backend, note = pick_backend(cfg.backend, arena, gguf)
-    from ukgpu.llama_core.engine import Engine
-
-    from ukgpu.llama_core.cpu.backend import CpuBackend
-
+    backend, note = _open_backend(cfg, gguf, arena)
     # ukgpu.backend=auto on a GPU: a device lost while serving moves the engine to the CPU
-    fallback = (lambda: CpuBackend(alloc=arena.alloc)) if cfg.backend == "auto" and note == "cuda" \
-        else None
-    engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots, fallback=fallback)
+    engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots,
+                         fallback=cpu_fallback(cfg.backend, backend, alloc=arena.alloc))
     print(f"ukgpu: model {path}: {mc.arch}, {mc.n_layers} layers, ctx {ctx}, {cfg.slots} slots; "
           f"arena {format_size(arena.size)} ({format_size(arena.used)} used)", flush=True)
-    return engine, arena, note
+    return engine, arena, note.removeprefix("backend: ")  # logged as "backend cpu (why)"
 
 
-def pick_backend(wanted: str, arena: Arena, gguf: Any = None) -> tuple[Any, str]:
-    """The CUDA backend when a GPU is present and works (or is demanded), else the CPU one
-    with its KV cache in the arena."""
-    reason = "ukgpu.backend=cpu"
-    if wanted in ("auto", "cuda"):
-        backend, reason = _try_cuda(gguf)
-        if backend is not None:
-            return backend, "cuda"
-        if wanted == "cuda":
-            raise InitError(f"ukgpu.backend=cuda but the GPU cannot be used: {reason}")
-    from ukgpu.llama_core.cpu.backend import CpuBackend
+def _open_backend(cfg: Any, gguf: Any, arena: Arena) -> tuple[Any, str]:
+    """The backend ukgpu.backend asks for: the CUDA one when an NVIDIA GPU is on the PCI bus and
+    works (or is demanded), else the CPU one with its KV cache in the arena; and its note."""
+    from ukgpu.llama_core.backend_choice import open_backend
 
-    return CpuBackend(alloc=arena.alloc), f"cpu ({reason})"
-
-
-def _try_cuda(gguf: Any) -> tuple[Any, str]:
     try:
-        from ukgpu.gpu.pci.sysfs import PciBus
-
-        gpus = PciBus("/sys").nvidia_gpus()
-    except Exception as exc:  # the GPU stack is optional in the guest
-        return None, f"PCI scan failed: {type(exc).__name__}: {exc}"
-    if not gpus:
-        return None, "no NVIDIA GPU on the PCI bus"
-    try:
-        from ukgpu.gpu.cuda.backend import select_backend
-
-        backend, _ = select_backend("cuda", gguf)
-        return backend, ""
-    except Exception as exc:
-        return None, f"GPU {gpus[0].bdf} found but CUDA is unusable: {type(exc).__name__}: {exc}"
+        return open_backend(cfg.backend, gguf, alloc=arena.alloc, n_ctx=cfg.ctx,
+                            n_slots=cfg.slots, pci_root="/sys")
+    except Exception as exc:  # only ukgpu.backend=cuda lets the GPU's failure out
+        raise InitError(f"ukgpu.backend={cfg.backend} but the GPU cannot be used: {exc}") from exc

@@ -10,6 +10,9 @@ Products are exact float math on the dequantized weights.  (llama.cpp's CPU
 path instead rounds each activation vector to 8-bit blocks before its dot
 products, which moves its logits by a few % of their range; see
 docs/benchmarks/cpu.md.)
+
+Decode steps, `usage` and `close` are the `Backend` defaults: a decode step is the model's own
+one-token forward, and there is no device memory to report or free.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda.backend import probe
+from ukgpu.gpu.cuda.select import probe
 from ukgpu.gpu.cuda.verify_kernels import kernel_checks, nmse
 
 pytestmark = pytest.mark.gpu

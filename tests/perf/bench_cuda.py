@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    from ukgpu.gpu.cuda.backend import probe
+    from ukgpu.gpu.cuda.select import probe
     from ukgpu.llama_core.gguf.synthetic import build_synthetic
 
     ok, reason = probe()

@@ -275,7 +275,7 @@ def test_unknown_and_unavailable_backends_have_reasons():
     assert "unknown backend" in backend_run.backend_unavailable("tpu")
     reason = backend_run.backend_unavailable("cuda")
     try:
-        from ukgpu.gpu.cuda.backend import probe
+        from ukgpu.gpu.cuda.select import probe
         ok, _ = probe()
     except Exception:  # no driver bindings at all: then there must be a reason too
         ok = False

@@ -35,13 +35,19 @@ def golden() -> dict[str, np.ndarray]:
         return {k: data[k] for k in ("prompt_ids", "greedy_ids")}
 
 
+class ScriptedBackend(CpuBackend):
+    """The `Backend` defaults under the scripted model: a decode step is its `forward`."""
+
+    name = "scripted"
+
+
 class ScriptedModel:
     """Answers every forward with logits whose argmax is the next scripted token."""
 
     def __init__(self, gguf, script: list[int]) -> None:
         self.gguf, self.script = gguf, script
         self.config = SimpleNamespace(vocab_size=gguf.config.vocab_size)
-        self.backend = SimpleNamespace(name="scripted")
+        self.backend = ScriptedBackend()
         self.calls: list[tuple[int, int]] = []  # (n tokens, start_pos)
 
     def new_kv(self, n_ctx: int) -> KVCache:
@@ -145,6 +151,49 @@ def test_auto_backend_falls_back_to_cpu_with_one_line(smollm2, capsys):
         assert len(err) == 1 and "cpu" in err[0] and eng.backend_note in err[0]
     with pytest.raises(EngineError, match="'cpu', 'auto' or 'cuda'"):
         Engine.load(smollm2, backend="tpu")
+
+
+def test_a_backend_decode_step_is_the_models_forward_by_default(smollm2):
+    """The `Backend` defaults (the CPU's): `decode` is a one-token forward, `decode_greedy` the
+    token a greedy sampler picks from it; no device memory to report or free."""
+    from ukgpu.llama_core.sampling import Sampler
+
+    model = Model(smollm2, CpuBackend())
+    a, b = model.new_kv(16), model.new_kv(16)
+    for kv in (a, b):
+        model.forward(np.array([1, 504, 3458]), 0, kv)
+    got = model.backend.decode(model, 314, 3, a)
+    want = model.forward(np.array([314]), 3, b, all_logits=False)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(a.k[:, :, :4], b.k[:, :, :4])
+    assert model.backend.decode_greedy(model, 314, 3, a) == Sampler(GREEDY)(want[-1])
+    assert model.backend.usage() == "" and model.backend.close() is None
+
+
+def test_decode_steps_go_through_the_backend(smollm2):
+    """Past the prompt, plain greedy steps are `decode_greedy`, sampled ones `decode`."""
+    class Counting(CpuBackend):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def decode(self, model, token, start_pos, kv):
+            self.calls.append("decode")
+            return super().decode(model, token, start_pos, kv)
+
+        def decode_greedy(self, model, token, start_pos, kv):
+            self.calls.append("greedy")
+            return super().decode_greedy(model, token, start_pos, kv)
+
+    backend = Counting()
+    eng = Engine.load(Model(smollm2, backend), n_ctx=32)
+    greedy = [e.token_id for e in eng.generate([1, 504, 3458], GREEDY, 4)]
+    assert backend.calls == ["greedy", "decode"] * 3  # the default decode_greedy decodes
+    backend.calls.clear()
+    list(eng.generate([1, 504, 3458], SamplingParams(temperature=0.8, seed=1), 4))
+    assert backend.calls == ["decode"] * 3
+    plain = Engine.load(Model(smollm2, CpuBackend()), n_ctx=32)
+    assert [e.token_id for e in plain.generate([1, 504, 3458], GREEDY, 4)] == greedy
 
 
 # --- streaming rules on a scripted model ---------------------------------

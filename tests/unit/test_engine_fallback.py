@@ -87,14 +87,36 @@ def test_the_guest_init_gives_a_gpu_engine_under_auto_a_cpu_fallback(smollm2_pat
     from types import SimpleNamespace
 
     from ukgpu.kernel.guest import engine_setup as init_model
+    from ukgpu.llama_core import backend_choice
 
-    monkeypatch.setattr(init_model, "pick_backend", lambda wanted, arena, gguf: (DyingDevice(3), "cuda"))
+    monkeypatch.setattr(backend_choice, "open_backend",
+                        lambda kind, gguf, **kw: (DyingDevice(3), "backend: cuda (a GPU)"))
     for wanted, has_fallback in (("auto", True), ("cuda", False)):
         cfg = SimpleNamespace(ctx=64, slots=1, backend=wanted)
         engine, arena, note = init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
-        assert note == "cuda" and (engine.fallback is not None) == has_fallback
+        assert note == "cuda (a GPU)" and (engine.fallback is not None) == has_fallback
     engine, arena, _ = init_model.load(str(smollm2_path), SimpleNamespace(ctx=64, slots=1, backend="auto"),
                                        lambda *a: 64 << 20)
     used = arena.used
     assert [e.token_id for e in engine.generate(PROMPTS[0], GREEDY, 4)]  # the device dies at once
     assert engine.model.backend.name == "cpu" and arena.used > used  # its KV cache: in the arena
+
+
+def test_the_guest_refuses_to_boot_when_the_demanded_gpu_cannot_be_used(smollm2_path, monkeypatch):
+    """ukgpu.backend=cuda: the chooser's reason becomes the guest's InitError; the chooser was
+    told to check the PCI bus and to put a CPU cache in the arena."""
+    from types import SimpleNamespace
+
+    from ukgpu.kernel.guest import engine_setup as init_model
+    from ukgpu.kernel.guest.syscalls import InitError
+    from ukgpu.llama_core import backend_choice
+
+    def no_gpu(kind, gguf, **kw):
+        assert kind == "cuda" and kw["pci_root"] == "/sys" and kw["alloc"] is not None
+        raise backend_choice.BackendChoiceError("no NVIDIA GPU on the PCI bus: pass one through")
+
+    monkeypatch.setattr(backend_choice, "open_backend", no_gpu)
+    cfg = SimpleNamespace(ctx=64, slots=1, backend="cuda")
+    with pytest.raises(InitError, match="^ukgpu.backend=cuda but the GPU cannot be used: no NVIDIA "
+                                        "GPU on the PCI bus"):
+        init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)

@@ -120,13 +120,24 @@ def test_a_cancelled_sequence_offers_what_went_through_the_model(model, golden):
 
 # --- slots, forward calls and failures on a recording model ----------------
 
+class RecordingBackend(CpuBackend):
+    """The `Backend` defaults under the recording model (a decode step is its `forward`), one
+    sequence per pass."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_batch = 1
+
+
 class RecordingModel:
     """Answers every forward with logits picking token 100; `fail` makes the next call raise."""
 
     def __init__(self, gguf) -> None:
         self.gguf = gguf
         self.config = SimpleNamespace(vocab_size=gguf.config.vocab_size)
-        self.backend = SimpleNamespace(name="recording", max_batch=1)  # one sequence per pass
+        self.backend = RecordingBackend()
         self.calls: list[tuple[int, int]] = []  # (n tokens, start_pos)
         self.fail = False
 

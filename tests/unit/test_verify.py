@@ -88,7 +88,7 @@ def test_no_gpu_exits_2_and_says_what_was_checked(tmp_path, driver, words):
 
 
 def test_cli_on_this_machine_without_a_gpu(tmp_path, capsys):
-    from ukgpu.gpu.cuda.backend import probe
+    from ukgpu.gpu.cuda.select import probe
 
     if probe()[0]:
         pytest.skip("this machine has a usable GPU: the no-GPU exit path is not reachable")

@@ -2,7 +2,7 @@
 
 pp<N>: one forward pass of N prompt tokens into an empty KV cache (last-position
 logits only); tg<N>: N greedy single-token steps starting from an empty cache
-(through the backend's `decode_greedy` when it has one, e.g. CUDA graph replay);
+(the backend's `decode_greedy`: the model's forward on the CPU, a CUDA graph replay);
 ttft: prefill plus choosing the first token.  Prompt ids are seeded random ids,
 so the peer sees the same token count with no tokenizer in the timing.  One
 warm-up of each test precedes the timed repeats.  Each (model, backend) pair runs
@@ -43,24 +43,21 @@ def backend_unavailable(name: str) -> str | None:
     if name != "cuda":
         return f"unknown backend {name!r} (known: cpu, cuda)"
     try:
-        from ukgpu.gpu.cuda import backend as cuda_backend
+        from ukgpu.gpu.cuda.select import probe
     except ImportError as exc:
-        return f"ukgpu.gpu.cuda.backend cannot be imported ({exc})"
+        return f"ukgpu.gpu.cuda.select cannot be imported ({exc})"
     try:
-        ok, reason = cuda_backend.probe()
+        ok, reason = probe()
     except Exception as exc:  # a probe that fails is itself the reason
-        return f"cuda_backend.probe() raised {type(exc).__name__}: {exc}"
+        return f"the CUDA probe raised {type(exc).__name__}: {exc}"
     return None if ok else reason
 
 
 def make_backend(name: str, gguf=None):
-    if name == "cpu":
-        from ukgpu.llama_core.cpu.backend import CpuBackend
+    """Backend `name` ("cpu" | "cuda") for the model `gguf`; a GPU that cannot run it raises."""
+    from ukgpu.llama_core.backend_choice import open_backend
 
-        return CpuBackend()
-    from ukgpu.gpu.cuda.backend import CudaBackend
-
-    return CudaBackend.create(gguf=gguf)
+    return open_backend(name, gguf)[0]
 
 
 def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig) -> Entry:
@@ -91,7 +88,7 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
         token = int(prompt[0])
         t3 = time.perf_counter()
         for pos in range(cfg.n_gen):
-            token = decode(model, token, pos, kv)
+            token = model.backend.decode_greedy(model, token, pos, kv)
         t4 = time.perf_counter()
         if i >= cfg.warmup:
             pp.append(t1 - t0)
@@ -106,17 +103,10 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     ]
     info = {"load_s": round(load_s, 3), "model_file": str(model_path), "n_ctx": n_ctx,
             "backend": type(model.backend).__name__, "threads": _threads()}
-    if hasattr(model.backend, "usage"):  # device backends report their memory use
-        info["device_memory"] = model.backend.usage()
+    usage = model.backend.usage()
+    if usage:  # device backends report their memory use
+        info["device_memory"] = usage
     return Entry(model_name, backend_name, "backend", True, None, results, info)
-
-
-def decode(model, token: int, pos: int, kv) -> int:
-    """One greedy decode step: the backend's own fast path (e.g. CUDA graphs) when it has one."""
-    fast = getattr(model.backend, "decode_greedy", None)
-    if fast is not None:
-        return int(fast(model, token, pos, kv))
-    return int(np.argmax(model.forward(np.array([token]), pos, kv, all_logits=False)[-1]))
 
 
 def _threads() -> int | None:
