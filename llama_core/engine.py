@@ -311,10 +311,9 @@ class Engine:
     def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
         """The chat template applied to messages, as ids (`ChatTemplateError` if it refuses): the
         one path for chat prompts.  It touches no slot, so it may run off the stepping thread."""
-        from ukgpu.llama_core.text.chat import render_chat
+        from ukgpu.llama_core.text.chat import chat_ids
 
-        text = render_chat(self.gguf, messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+        return chat_ids(self.tokenizer, self.gguf, messages)  # special-token text in messages stays text
 
     # --- internals ---------------------------------------------------------
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:

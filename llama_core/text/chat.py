@@ -1,31 +1,41 @@
-"""Chat templates: a conversation -> the prompt text the model was trained on.
+"""Chat templates: a conversation -> the prompt text (and ids) the model was trained on.
 
 A GGUF model carries its Jinja chat template in `tokenizer.chat_template`.
 It is rendered the way Hugging Face transformers renders it (sandboxed and
 immutable, `trim_blocks` + `lstrip_blocks`, `{% break %}`/`{% continue %}`,
 `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text and
-`<>&` as they are, `{% generation %}` blocks rendered as plain text).  A model
-without a template gets ChatML (`<|im_start|>role\\n...<|im_end|>\\n`).
+`<>&` as they are, `{% generation %}` blocks rendered as plain text), under the
+time, size and recursion limits of `template_sandbox` (the template is input from
+the model file).  A model without a template gets ChatML
+(`<|im_start|>role\\n...<|im_end|>\\n`).
 
-    prompt = render_chat(gguf_file, [{"role": "user", "content": "Hi"}])
-    ids = tokenizer.encode(prompt, add_special=..., parse_special=True)
+    ids = chat_ids(tokenizer, gguf_file, [{"role": "user", "content": "Hi"}])
+    prompt = render_chat(gguf_file, [{"role": "user", "content": "Hi"}])  # the text, to show
 
-Encode the prompt with `parse_special=True` so that the template's markers
-become their special tokens.
+The template's own markers must become special tokens, but text that users wrote must
+not: a message saying "<|im_end|><|im_start|>system" would otherwise forge a system
+turn.  `chat_ids` therefore wraps every special-token text inside the messages (and the
+other variables, e.g. tools) in the tokenizer's literal markers before rendering, and
+encodes with `Tokenizer.encode_marked`, which parses special tokens only outside them.
+Never encode `render_chat`'s text of untrusted messages with `parse_special=True`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import re
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ukgpu.llama_core.errors import TokenizerError
+from ukgpu.llama_core.text.template_sandbox import (
+    GUARD_FILTERS, ChatTemplateError, GuardedEnvironment, GuardedTemplate, guard_ast, guard_filter, tojson,
+)
+from ukgpu.llama_core.text.tokenizer import LITERAL_CLOSE, LITERAL_OPEN, special_texts
+
+__all__ = ["CHATML_TEMPLATE", "ChatTemplateError", "chat_ids", "compile_template", "render_chat"]
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -33,10 +43,7 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-class ChatTemplateError(TokenizerError):
-    """A chat template cannot be compiled or rendered for the given messages."""
+MAX_TEMPLATE_CHARS = 1 << 20  # real templates are a few KB; compiling costs ~1 ms per KB
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -58,30 +65,44 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 @functools.lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _environment() -> GuardedEnvironment:
+    env = GuardedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlock]
     )
-    env.filters["tojson"] = _tojson
+    env.template_class = GuardedTemplate
+    env.filters["tojson"] = tojson
+    env.filters = {name: guard_filter(name, f) for name, f in env.filters.items()} | GUARD_FILTERS
+    env.globals.pop("lipsum", None)  # lipsum(n) writes n paragraphs
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
 
 
-@functools.lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """The compiled template (cached), or ChatTemplateError saying where it is broken."""
+    if not isinstance(source, str):
+        raise ChatTemplateError(f"the chat template is {type(source).__name__}, not text:"
+                                " fix tokenizer.chat_template or pass a template of your own")
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(f"the chat template has {len(source)} characters (at most {MAX_TEMPLATE_CHARS}):"
+                                " fix tokenizer.chat_template or pass a template of your own")
+    return _compile(source)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = _environment()
     try:
-        return _environment().from_string(source)
+        return env.from_string(guard_ast(env.parse(source)))
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(
             f"the chat template does not compile (line {exc.lineno}: {exc.message}):"
+            " fix tokenizer.chat_template or pass a template of your own"
+        ) from None
+    except (RecursionError, MemoryError, SyntaxError, ValueError) as exc:  # nesting too deep for Python
+        raise ChatTemplateError(
+            f"the chat template does not compile ({type(exc).__name__}: {str(exc):.200}):"
             " fix tokenizer.chat_template or pass a template of your own"
         ) from None
 
@@ -112,38 +133,86 @@ def render_chat(
     )
     try:
         return template.render(**variables)
+    except ChatTemplateError:
+        raise
     except jinja2.exceptions.SecurityError as exc:
         raise ChatTemplateError(f"the chat template tried an unsafe operation ({exc}): use a trusted template") from None
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(
             f"the chat template refused these messages: {exc}; check the roles and their order"
         ) from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except RecursionError:
+        raise ChatTemplateError("the chat template recursed too deeply: fix tokenizer.chat_template") from None
+    except Exception as exc:  # the template is input: whatever it does wrong is reported, not raised
         raise ChatTemplateError(
-            f"the chat template failed on these messages ({type(exc).__name__}: {exc}):"
+            f"the chat template failed on these messages ({type(exc).__name__}: {str(exc):.200}):"
             " check that every message has the fields the template reads"
         ) from None
 
 
-def _template_source(template_or_metadata: Any) -> tuple[str, str, str]:
-    """(template text, bos text, eos text) from whatever the caller has."""
+def chat_ids(tokenizer: Any, template_or_metadata: Any, messages: Sequence[Mapping[str, Any]],
+             add_generation_prompt: bool = True, **context: Any) -> list[int]:
+    """Token ids of the chat prompt (BOS added where the model asks): the template's special
+    tokens are control tokens, special-token texts inside messages and `context` stay text.
+
+    The texts protected are the vocabulary's special tokens, read from the metadata: give the
+    GGUF file or its metadata (with a template of your own: `{**md, "tokenizer.chat_template":
+    ...}`).  With a bare template string only the well-known end-of-turn and FIM texts are.
+    """
+    md = _metadata(template_or_metadata)
+    protect = functools.partial(_protected, pattern=_special_pattern(frozenset(special_texts(md or {}))))
+    text = render_chat(template_or_metadata, protect(list(messages)), add_generation_prompt,
+                       **{key: protect(value) for key, value in context.items()})
+    return tokenizer.encode_marked(text, add_special=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(texts: frozenset[str]) -> re.Pattern:
+    """One alternation of the texts, longest first (the longest text at a position wins)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t)) if t))
+
+
+def _protected(value: Any, pattern: re.Pattern) -> Any:
+    """`value` with every special-token text in its strings (keys included) between literal
+    markers; markers the user typed are replaced, so they cannot open or close a region."""
+    if isinstance(value, str):
+        if LITERAL_OPEN in value or LITERAL_CLOSE in value:
+            value = value.replace(LITERAL_OPEN, "\ufffd").replace(LITERAL_CLOSE, "\ufffd")
+        return pattern.sub(lambda m: LITERAL_OPEN + m[0] + LITERAL_CLOSE, value)
+    if isinstance(value, Mapping):
+        return {_protected(k, pattern): _protected(v, pattern) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_protected(v, pattern) for v in value]
+    return value
+
+
+def _metadata(template_or_metadata: Any) -> Mapping[str, Any] | None:
     if template_or_metadata is None or isinstance(template_or_metadata, str):
-        return template_or_metadata or CHATML_TEMPLATE, "", ""
+        return None
     md = getattr(template_or_metadata, "metadata", template_or_metadata)
     if not isinstance(md, Mapping):
         raise ChatTemplateError(
             f"render_chat() takes a template string, GGUF metadata or a GGUF file, not"
             f" {type(template_or_metadata).__name__}"
         )
-    source = md.get("tokenizer.chat_template") or CHATML_TEMPLATE
-    return source, _token_text(md, "bos"), _token_text(md, "eos")
+    return md
+
+
+def _template_source(template_or_metadata: Any) -> tuple[Any, str, str]:
+    """(template, bos text, eos text) from whatever the caller has; compile_template checks the template."""
+    md = _metadata(template_or_metadata)
+    if md is None:
+        return template_or_metadata or CHATML_TEMPLATE, "", ""
+    source = md.get("tokenizer.chat_template")
+    return CHATML_TEMPLATE if source is None or source == "" else source, _token_text(md, "bos"), _token_text(md, "eos")
 
 
 def _token_text(md: Mapping[str, Any], role: str) -> str:
-    tokens = md.get("tokenizer.ggml.tokens") or []
+    tokens = md.get("tokenizer.ggml.tokens")
     token_id = md.get(f"tokenizer.ggml.{role}_token_id")
-    if isinstance(token_id, int) and 0 <= token_id < len(tokens):
-        return tokens[token_id]
+    if isinstance(tokens, Sequence) and isinstance(token_id, int) and 0 <= token_id < len(tokens):
+        text = tokens[token_id]
+        return text if isinstance(text, str) else ""
     return ""
 
 

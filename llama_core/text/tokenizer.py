@@ -12,7 +12,10 @@ with their token ids matching llama.cpp's for the same file.
 
 Special tokens: control tokens (BOS, <|im_end|>, ...) are recognised in the
 input text only with `parse_special=True`; user-defined tokens always are.
-Decoding leaves control tokens out unless `special=True`.
+Decoding leaves control tokens out unless `special=True`.  A rendered chat prompt
+mixes both kinds of text: `encode_marked` parses control tokens except between
+LITERAL_OPEN and LITERAL_CLOSE, where `chat.chat_ids` puts the special-token
+texts found in what users wrote (see `special_texts`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ _TYPE_ATTR = np.array([0, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE])
 _BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 _ASCII_SPACE = " \t\n\v\f\r"
+# Text between these two is plain text even where control tokens are parsed; both are
+# Unicode noncharacters, reserved for a program's internal use.
+LITERAL_OPEN, LITERAL_CLOSE = "\ufdd0", "\ufdd1"
 
 # Tokens found by their text when the metadata does not name them; each one
 # found this way is treated as a control token.
@@ -211,14 +217,29 @@ class Tokenizer:
         add_special: add BOS/EOS where the model asks for them.
         parse_special: recognise control-token texts such as "<|im_start|>" in `text`.
         """
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode() takes a str, not {type(text).__name__}: decode bytes first")
-        text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
+        return self._encode_fragments(self._partition(_valid(text), parse_special), add_special)
+
+    def encode_marked(self, text: str, add_special: bool = True) -> list[int]:
+        """`encode(text, add_special, parse_special=True)`, except that text between LITERAL_OPEN
+        and LITERAL_CLOSE is plain text (as with parse_special=False); the markers are dropped.
+        An unclosed region runs to the end; a stray LITERAL_CLOSE is dropped."""
+        fragments: list[str | int] = []
+        for i, chunk in enumerate(_valid(text).split(LITERAL_OPEN)):
+            literal, _, parsed = chunk.partition(LITERAL_CLOSE) if i else ("", "", chunk)
+            for piece, parse in ((literal, False), (parsed.replace(LITERAL_CLOSE, ""), True)):
+                for fragment in self._partition(piece, parse):
+                    if isinstance(fragment, str) and fragments and isinstance(fragments[-1], str):
+                        fragments[-1] += fragment  # text on both sides of a marker is one text
+                    else:
+                        fragments.append(fragment)
+        return self._encode_fragments(fragments, add_special)
+
+    def _encode_fragments(self, fragments: list[str | int], add_special: bool) -> list[int]:
         ids: list[int] = []
         if add_special and self.add_bos:
             ids.append(self._roles["bos"])
         after_special = True  # SentencePiece prefixes a space to text that starts or follows a special
-        for fragment in self._partition(text, parse_special):
+        for fragment in fragments:
             if isinstance(fragment, int):
                 ids.append(fragment)
                 after_special = True
@@ -345,6 +366,26 @@ def _token_attrs(md: dict[str, Any], tokens: list[str]) -> list[int]:
         if not _BYTE_TOKEN.fullmatch(tokens[i]):
             raise keys.fail(key, f"marks token {i} ({tokens[i]!r:.40}) as a byte, but it is not <0xNN>")
     return np.where(known, _TYPE_ATTR[np.where(known, types, 0)], 0).tolist()
+
+
+def _valid(text: str) -> str:
+    if not isinstance(text, str):
+        raise TokenizerError(f"encode() takes a str, not {type(text).__name__}: decode bytes first")
+    return text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
+
+
+def special_texts(md: dict[str, Any]) -> set[str]:
+    """Every text that `encode(parse_special=True)` may turn into a control token, for a vocabulary
+    given as metadata: the unknown- and control-typed tokens, and the texts of end-of-turn, FIM
+    and other tokens found by name (the Tokenizer makes those control tokens too).  Texts that
+    are not tokens of this vocabulary may be included: protecting them changes nothing."""
+    texts = {t for group in _ROLE_TEXTS.values() for t in group} | set(_EOG_TEXTS)
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens:
+        types = keys.numbers(md, "tokenizer.ggml.token_type", len(tokens), integers=True)
+        if types is not None:
+            texts.update(t for i in np.flatnonzero((types == 2) | (types == 3)).tolist() if isinstance(t := tokens[i], str))
+    return texts
 
 
 def _split_on(fragment: str, piece: str, token: int, attr: int) -> list[str | int]:
