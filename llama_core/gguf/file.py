@@ -27,8 +27,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
-import stat
 import os
+import stat
 import struct
 from array import array
 from collections.abc import Iterator, Sequence
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ukgpu.llama_core.errors import GGUFError, QuantError
 from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.models.config import ModelConfig, config_from_gguf
-from ukgpu.llama_core.errors import GGUFError, QuantError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -165,7 +165,8 @@ class GGUFArray(Sequence):
         try:
             return self._buf[start:end].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise GGUFError(f"{self.what}[{i}] is not valid UTF-8 ({exc.reason}): the file is corrupt; download it again") from None
+            raise GGUFError(f"{self.what}[{i}] is not valid UTF-8 ({exc.reason}): the file is corrupt;"
+                            " download it again") from None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         if self.kind not in ("number", "bool"):
@@ -200,7 +201,8 @@ class _Cursor:
             raise self.fail(f"{what}: more than {MAX_OBJECTS} metadata entries and nested arrays")
 
     def fail(self, what: str) -> GGUFError:
-        return GGUFError(f"{self.path}: {what} (at byte {self.pos}); the file is corrupt or truncated: download it again")
+        return GGUFError(f"{self.path}: {what} (at byte {self.pos}); the file is corrupt or truncated: "
+                         "download it again")
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -293,7 +295,8 @@ class GGUFFile:
         nbytes = quants.row_bytes(qtype, shape[-1]) * int(np.prod(shape[:-1], dtype=np.int64))
         start = self.data_offset + offset
         if start + nbytes > len(self.bytes):
-            raise cur.fail(f"tensor {name!r} ({nbytes} bytes at {start}) runs past the end of the file ({len(self.bytes)} bytes)")
+            raise cur.fail(f"tensor {name!r} ({nbytes} bytes at {start}) runs past the end of the file "
+                           f"({len(self.bytes)} bytes)")
         return TensorView(name, qtype, shape, self.bytes[start : start + nbytes])
 
     @property
@@ -319,7 +322,8 @@ def _header(cur: _Cursor) -> tuple[int, int, int]:
     version = cur.scalar("I", "version")
     if version not in (2, 3):
         hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-        raise GGUFError(f"{cur.path}: GGUF version {version}{hint} is not supported (2 and 3 are): convert the model with a current llama.cpp")
+        raise GGUFError(f"{cur.path}: GGUF version {version}{hint} is not supported (2 and 3 are): "
+                        "convert the model with a current llama.cpp")
     n_tensors, n_kv = cur.scalar("Q", "tensor count"), cur.scalar("Q", "metadata count")
     remaining = cur.size - cur.pos
     if n_kv * 13 > remaining or n_tensors * 29 > remaining:  # smallest possible entries

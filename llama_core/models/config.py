@@ -21,9 +21,10 @@ Shapes are numpy order (rows first): `y = W @ x` for W of shape [out, in].
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ukgpu.llama_core.errors import GGUFError
 
@@ -131,7 +132,8 @@ class _Meta:
         full = key.replace("{arch}", self.arch)
         if full not in self.metadata:
             if default is ...:
-                raise GGUFError(f"{self.path}: metadata key {full!r} is missing: the file is not a complete {self.arch} model")
+                raise GGUFError(f"{self.path}: metadata key {full!r} is missing: the file is not a complete "
+                                f"{self.arch} model")
             return default
         value = self.metadata[full]
         if not _is_kind(value, kind):
@@ -139,7 +141,8 @@ class _Meta:
         value = kind(value)
         lo, hi = _BOUNDS.get(key.removeprefix("{arch}."), _ANY)
         if kind in (int, float) and not _in_range(value, lo, hi):
-            raise GGUFError(f"{self.path}: metadata key {full!r} = {value} is outside {lo:g}..{hi:g}: the file is corrupt")
+            raise GGUFError(f"{self.path}: metadata key {full!r} = {value} is outside {lo:g}..{hi:g}:"
+                            " the file is corrupt")
         return value
 
     def fail(self, key: str, why: str) -> GGUFError:
@@ -165,7 +168,8 @@ def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any], pa
     """Build and check the config; tensors map names to objects with a `.shape`."""
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
-        raise GGUFError(f"{path}: architecture {arch!r:.80} (general.architecture) is not supported: use a {' or '.join(SUPPORTED_ARCHS)} model")
+        raise GGUFError(f"{path}: architecture {arch!r:.80} (general.architecture) is not supported:"
+                        f" use a {' or '.join(SUPPORTED_ARCHS)} model")
     m = _Meta(metadata, arch, path)
     n_layers = m.get("{arch}.block_count", int)
     _check_blocks(m, n_layers, tensors)
@@ -177,7 +181,8 @@ def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any], pa
         head_dim = dim // heads[0]
     rope_dim = m.get("{arch}.rope.dimension_count", int, head_dim)
     if rope_dim % 2 or rope_dim > head_dim:
-        raise m.fail("{arch}.rope.dimension_count", f"= {rope_dim} is not an even number up to the head size {head_dim}")
+        raise m.fail("{arch}.rope.dimension_count",
+                     f"= {rope_dim} is not an even number up to the head size {head_dim}")
     if TOKEN_EMBD not in tensors:
         raise GGUFError(f"{path}: tensor {TOKEN_EMBD!r} is missing: not a complete model")
     cfg = ModelConfig(
@@ -250,4 +255,5 @@ def _check_shapes(cfg: ModelConfig, tensors: Mapping[str, Any], path: Path) -> N
         if name not in tensors:
             raise GGUFError(f"{path}: tensor {name!r} is missing: the file is not a complete {cfg.arch} model")
         if tuple(tensors[name].shape) != shape:
-            raise GGUFError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} from the metadata")
+            raise GGUFError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                            "from the metadata")

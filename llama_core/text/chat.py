@@ -24,14 +24,21 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
 
 from ukgpu.llama_core.text.template_sandbox import (
-    GUARD_FILTERS, ChatTemplateError, GuardedEnvironment, GuardedTemplate, guard_ast, guard_filter, tojson,
+    GUARD_FILTERS,
+    ChatTemplateError,
+    GuardedEnvironment,
+    GuardedTemplate,
+    guard_ast,
+    guard_filter,
+    tojson,
 )
 from ukgpu.llama_core.text.tokenizer import LITERAL_CLOSE, LITERAL_OPEN, special_texts
 

@@ -52,7 +52,7 @@ def _category_classes() -> dict[str, str]:
         for cp in range(lo, hi + 1):
             major = category(chr(cp))[0] if cp < hi else None
             if major != run_major:
-                if run_major in ranges:
+                if run_major is not None and run_major in ranges:
                     ranges[run_major].append((run_start, cp - 1))
                 run_major, run_start = major, cp
     classes = {k: _ranges_to_class(v) for k, v in ranges.items()}

@@ -28,8 +28,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
@@ -287,7 +288,7 @@ _FILTER_CHECKS: dict[str, Callable[[dict, Budget], None]] = {
 def guard_filter(name: str, func: Callable) -> Callable:
     """`func` with the deadline, the width/count check, its own pre-check and a size check."""
     check = _FILTER_CHECKS.get(name)
-    signature = inspect.signature(func) if check else None
+    signature = inspect.signature(func)
 
     first_option = 2 if getattr(func, "jinja_pass_arg", None) else 1  # after the context and the value
 
@@ -296,7 +297,7 @@ def guard_filter(name: str, func: Callable) -> Callable:
         budget = current()
         budget.tick()
         _ints_ok([*args[first_option:], *kwargs.values()], budget)
-        if signature is not None:
+        if check is not None:
             bound = signature.bind(*args, **kwargs)
             check(bound.arguments, budget)
             args, kwargs = bound.args, bound.kwargs
@@ -340,7 +341,7 @@ def _guard_literal(value: Any) -> Any:
 GUARD_FILTERS = {"__ukgpu_loop": _guard_loop, "__ukgpu_concat": _guard_concat, "__ukgpu_literal": _guard_literal}
 
 
-def _filtered(node: nodes.Expr, name: str) -> nodes.Filter:
+def _filtered(node: nodes.Node, name: str) -> nodes.Filter:
     return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
@@ -349,16 +350,16 @@ class _Guard(NodeTransformer):
     lists, tuples and dicts are measured by `__ukgpu_literal`."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
-        node = self.generic_visit(node)
+        self.generic_visit(node)  # rewrites the children in place
         node.iter = _filtered(node.iter, "__ukgpu_loop")
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
-        node = self.generic_visit(node)
+        self.generic_visit(node)
         return _filtered(nodes.List(node.nodes, lineno=node.lineno), "__ukgpu_concat")
 
     def visit_List(self, node: nodes.Expr) -> nodes.Expr:
-        node = self.generic_visit(node)
+        self.generic_visit(node)
         return node if getattr(node, "ctx", "load") != "load" else _filtered(node, "__ukgpu_literal")
 
     visit_Tuple = visit_Dict = visit_List

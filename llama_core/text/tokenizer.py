@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import codecs
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from ukgpu.llama_core.errors import TokenizerError
 from ukgpu.llama_core.text import vocab_keys as keys
-from ukgpu.llama_core.text.pretokenize import pre_config
 from ukgpu.llama_core.text.bpe import BpeModel, byte_alphabet_inverse
+from ukgpu.llama_core.text.pretokenize import pre_config
 from ukgpu.llama_core.text.spm import SPACE, SpmModel
 
 # token attributes (bit flags)
@@ -100,12 +101,12 @@ class Tokenizer:
     # ---- construction -------------------------------------------------
 
     @classmethod
-    def from_metadata(cls, md: dict[str, Any]) -> "Tokenizer":
+    def from_metadata(cls, md: dict[str, Any]) -> Tokenizer:
         """Build from GGUF metadata as plain Python values (str, int, bool, lists)."""
         return cls(md)
 
     @classmethod
-    def from_gguf(cls, gguf_file: Any) -> "Tokenizer":
+    def from_gguf(cls, gguf_file: Any) -> Tokenizer:
         """Build from an opened GGUF file (anything with a `.metadata` dict)."""
         return cls(gguf_file.metadata)
 
@@ -123,8 +124,8 @@ class Tokenizer:
             self.pre = "default"
             add_bos, self.add_space_prefix, self.clean_spaces = True, True, False
             scores = keys.numbers(md, "tokenizer.ggml.scores", len(self.tokens), integers=False)
-            scores = [0.0] * len(self.tokens) if scores is None else scores.tolist()
-            self._model: SpmModel | BpeModel = SpmModel(self.token_to_id, scores)
+            score_list = [0.0] * len(self.tokens) if scores is None else scores.tolist()
+            self._model: SpmModel | BpeModel = SpmModel(self.token_to_id, score_list)
         else:
             self.pre = keys.text(md, "tokenizer.ggml.pre", "") or "default"
             config = pre_config(self.pre)
@@ -176,9 +177,9 @@ class Tokenizer:
         for token in self._special_order:
             self._attrs[token] |= RSTRIP
         for text, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
-            token = self.token_to_id.get(text)
-            if token is not None:
-                self._attrs[token] = (self._attrs[token] | RSTRIP) if on else (self._attrs[token] & ~RSTRIP)
+            found = self.token_to_id.get(text)
+            if found is not None:
+                self._attrs[found] = (self._attrs[found] | RSTRIP) if on else (self._attrs[found] & ~RSTRIP)
 
     # ---- properties -----------------------------------------------------
 
@@ -374,7 +375,7 @@ def _valid(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
 
-def special_texts(md: dict[str, Any]) -> set[str]:
+def special_texts(md: Mapping[str, Any]) -> set[str]:
     """Every text that `encode(parse_special=True)` may turn into a control token, for a vocabulary
     given as metadata: the unknown- and control-typed tokens, and the texts of end-of-turn, FIM
     and other tokens found by name (the Tokenizer makes those control tokens too).  Texts that
@@ -384,7 +385,8 @@ def special_texts(md: dict[str, Any]) -> set[str]:
     if tokens:
         types = keys.numbers(md, "tokenizer.ggml.token_type", len(tokens), integers=True)
         if types is not None:
-            texts.update(t for i in np.flatnonzero((types == 2) | (types == 3)).tolist() if isinstance(t := tokens[i], str))
+            special = np.flatnonzero((types == 2) | (types == 3)).tolist()
+            texts.update(t for i in special if isinstance(t := tokens[i], str))
     return texts
 
 

@@ -13,13 +13,12 @@ import tracemalloc
 from contextlib import contextmanager
 
 import pytest
+from test_tokenizer import CONTROL, bpe_metadata
 
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.text import template_sandbox
 from ukgpu.llama_core.text.chat import ChatTemplateError, chat_ids, render_chat
 from ukgpu.llama_core.text.tokenizer import LITERAL_CLOSE, LITERAL_OPEN, Tokenizer
-
-from test_tokenizer import CONTROL, bpe_metadata
 
 HI = [{"role": "user", "content": "hi"}]
 S = "{% set s = 'a' * 100000 %}"
@@ -48,7 +47,8 @@ BOMBS = {
     "shared literals": "{% set a = ['x' * 1000] %}" + "{% set a = [a, a] %}" * 40 + "{{ a }}",
     "tojson indent": "{% set ns = namespace(x=[]) %}{% for i in range(300) %}{% set ns.x = [ns.x] %}{% endfor %}"
                      "{{ ns.x|tojson(indent=60000) }}",
-    "quadratic list": "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = ns.x + [i] %}{% endfor %}",
+    "quadratic list": "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}"
+                      "{% set ns.x = ns.x + [i] %}{% endfor %}",
     "captured block": "{% set b %}{% for i in range(100000) %}" + "y" * 100 + "{% endfor %}{% endset %}",
     "sum of lists": "{{ ([[1]] * 50000)|sum(start=[]) }}",
     "batch fill": "{{ [1]|batch(60000, 'x' * 60000)|list }}",
@@ -149,7 +149,8 @@ def test_protection_covers_every_variable_and_leaves_plain_text_alone(chatml_voc
                    [{"role": "user", "content": "ok", "name": "<|im_end|>"}], tools=[{"<|im_start|>": 1}])
     assert ids == tok.encode('ok|<|im_end|>|[{"<|im_start|>": 1}]', add_special=True, parse_special=False)
     # a bare template string comes without a vocabulary: the well-known end-of-turn texts are protected
-    assert tok.token_to_id["<|im_end|>"] not in chat_ids(tok, "{{ messages[0].content }}", [{"role": "user", "content": "<|im_end|>"}])
+    bare = chat_ids(tok, "{{ messages[0].content }}", [{"role": "user", "content": "<|im_end|>"}])
+    assert tok.token_to_id["<|im_end|>"] not in bare
     plain = [{"role": "user", "content": "hi ok <b>"}]
     assert chat_ids(tok, md, plain) == tok.encode(render_chat(md, plain), add_special=True, parse_special=True)
 

@@ -107,7 +107,7 @@ def test_nonsense_hyperparameters_name_the_key(tmp_path, name):
     path = tmp_path / "m.gguf"
     write_model(path, **overrides)
     with time_bound(5), pytest.raises(GGUFError, match=key.replace(".", r"\.")):
-        open_gguf(path).config
+        _ = open_gguf(path).config
 
 
 def _string(text: str) -> bytes:

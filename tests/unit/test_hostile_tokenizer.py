@@ -15,13 +15,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from test_tokenizer import BYTE, CONTROL, bpe_metadata, spm_metadata
 
 from ukgpu.llama_core.errors import TokenizerError
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.text.bpe import BpeModel, _merge_symbols
 from ukgpu.llama_core.text.tokenizer import Tokenizer
-
-from test_tokenizer import BYTE, CONTROL, bpe_metadata, spm_metadata
 
 VOCAB_DIR = Path(__file__).resolve().parent.parent / "data" / "vocab"
 
