@@ -8,8 +8,9 @@ KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `st
 - decode (flash-decoding): one query per batch row b, q (B, Hq, D) f32; slot `slots[b]` and key
   count `lens[b]` (current token included) are read on the device, so the launches can live in a
   CUDA graph.  `attn_decode` grid (B, Hkv, S): split sp covers keys [sp*chunk, (sp+1)*chunk) for
-  all query heads sharing a kv head (K/V read once per group) and writes unnormalized partials; `attn_combine` grid (B, Hq) merges the S partials into
-  out (B, Hq, D) f32.  Pick S and chunk (multiple of 64, S*chunk >= n_ctx) once per n_ctx;
+  all query heads sharing a kv head (K/V read once per group) and writes unnormalized partials;
+  `attn_combine` grid (B, Hq) merges the S partials into out (B, Hq, D) f32.
+  Pick S and chunk (multiple of 64, S*chunk >= n_ctx) once per n_ctx;
   splits past lens[b] cost one early exit.
 Limits: Hq % Hkv == 0, Hq / Hkv <= 16 (decode); head_dim is a constexpr (64 or 128); lens[b] >= 1.
 Reference: `reference.attention`.

@@ -10,8 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import (load_weights, unused_planes, weight_constexprs, weight_limits,
-                      weight_params)
+from .dequant import load_weights, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 

@@ -51,7 +51,7 @@ class KernelSpec:
         if list(arg_names[n:]) != list(self.constexprs) or len(arg_names) != n + len(self.constexprs):
             raise ValueError(f"{self.name}: params + constexprs do not match kernel args {arg_names}")
         sig = {a: t for a, (_, t) in zip(arg_names, self.params)}
-        sig.update({k: "constexpr" for k in self.constexprs})
+        sig.update(dict.fromkeys(self.constexprs, "constexpr"))
         return sig
 
     def attrs(self) -> dict:

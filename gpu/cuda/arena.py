@@ -72,7 +72,7 @@ class Block:
 
     ptr: int
     nbytes: int
-    pool: "BufferPool"
+    pool: BufferPool
 
     def __del__(self) -> None:
         self.pool._release(self)
@@ -122,7 +122,7 @@ class DeviceBuffer:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def rows(self, start: int, stop: int) -> "DeviceBuffer":
+    def rows(self, start: int, stop: int) -> DeviceBuffer:
         """Rows start..stop-1 of a 2-D buffer, as a view."""
         n, width = self.shape
         start, stop, _ = slice(start, stop).indices(n)

@@ -46,7 +46,8 @@ def decode_splits(n_ctx: int) -> tuple[int, int]:
     """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about 256 keys per
     split, at most MAX_DECODE_SPLITS splits, chunk a multiple of 64 with S * chunk >= n_ctx."""
     splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // 256)))
-    chunk = -(-(-(-n_ctx // splits)) // 64) * 64
+    per_split = -(-n_ctx // splits)  # ceil division
+    chunk = -(-per_split // 64) * 64
     return splits, chunk
 
 

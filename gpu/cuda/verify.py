@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ukgpu.llama_core.errors import UkgpuError
-
 from ukgpu.gpu.cuda.verify_kernels import Check, kernel_checks, nmse_check
+from ukgpu.llama_core.errors import UkgpuError
 
 LAYER_BOUND = 1e-3
 LOGITS_BOUND = 1e-3

@@ -11,16 +11,17 @@ operands pass through float16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 
-from ukgpu.ptx_kernels import reference as ref
-from ukgpu.ptx_kernels.repack import FORMATS
-
 from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.modules import KernelSet
+from ukgpu.ptx_kernels import reference as ref
+from ukgpu.ptx_kernels.repack import FORMATS
 
 BOUNDS = {"matvec": 5e-4, "gemm": 5e-4, "attn": 5e-4, "rope": 1e-6, "default": 1e-7}
 NAN32 = 0x7FC00000
@@ -213,9 +214,13 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
     return checks
 
 
+def _check_weights_of(qtype: str, dev: Device, rng: np.random.Generator) -> list[Check]:
+    return check_weight_kernels(dev, qtype, rng)
+
+
 CASES: list[Callable[[Device, np.random.Generator], list[Check]]] = [
     check_rmsnorm, check_rope, check_attention, check_elementwise,
-] + [(lambda q: lambda dev, rng: check_weight_kernels(dev, q, rng))(q) for q in FORMATS]
+] + [partial(_check_weights_of, q) for q in FORMATS]
 
 
 def kernel_checks(kernels: KernelSet, arena: DeviceArena, seed: int = 0) -> list[Check]:

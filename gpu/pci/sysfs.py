@@ -18,9 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ukgpu.llama_core.errors import UkgpuError
-
 from ukgpu.gpu.pci.config_space import ConfigError, ConfigSpace, parse_config
+from ukgpu.llama_core.errors import UkgpuError
 
 NVIDIA_VENDOR = 0x10DE
 PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids", "/usr/share/pci.ids")

@@ -22,10 +22,9 @@ import os
 import select
 from dataclasses import dataclass
 
-from ukgpu.llama_core.errors import UkgpuError
-
 from ukgpu.gpu.pci.sysfs import PciBus
 from ukgpu.gpu.vfio import abi
+from ukgpu.llama_core.errors import UkgpuError
 
 PAGE_SIZE = mmap.PAGESIZE
 VFIO_DRIVER = "vfio-pci"  # the kernel driver that hands a PCI device to VFIO
@@ -423,7 +422,7 @@ class VfioSession:
         steps.append(self.container.close)
         _release(steps)
 
-    def __enter__(self) -> "VfioSession":
+    def __enter__(self) -> VfioSession:
         return self
 
     def __exit__(self, *exc) -> None:

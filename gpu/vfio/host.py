@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ukgpu.gpu.vfio.passthrough import mmio_window_size
 from ukgpu.gpu.pci.sysfs import PciBus, PciDevice, PciIds, human_size, normalize_bdf
 from ukgpu.gpu.vfio.device import VFIO_DRIVER, VfioError
+from ukgpu.gpu.vfio.passthrough import mmio_window_size
 
 # Base classes whose devices, while bound, carry the host's own disks, network or buses.
 _HOST_CLASSES = {0x01: "a storage controller", 0x02: "a network controller", 0x0C: "a serial bus controller"}
@@ -65,7 +65,8 @@ class CheckReport:
         out = [f"{d.bdf} {d.vendor_id:04x}:{d.device_id:04x} class {d.class_code:06x} "
                f"{d.vendor_name} {d.device_name}".rstrip(),
                f"  driver: {d.driver or '(none)'}   NUMA node: {'-' if d.numa_node is None else d.numa_node}",
-               f"  IOMMU: {'on' if self.iommu_enabled else 'OFF'}   group: {'-' if d.iommu_group is None else d.iommu_group}"]
+               f"  IOMMU: {'on' if self.iommu_enabled else 'OFF'}   "
+               f"group: {'-' if d.iommu_group is None else d.iommu_group}"]
         for bdf, drv in self.group_members.items():
             out.append(f"    member {bdf}: {drv or '(no driver)'}")
         out += [f"  {bar.describe()}" for bar in d.bars]

@@ -18,7 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from ukgpu.kernel.image import debs, build as image, qemu
+from ukgpu.kernel.image import build as image
+from ukgpu.kernel.image import debs, qemu
 from ukgpu.kernel.image.initramfs import Initramfs
 
 FLOOR_INIT = b"#!/bin/sh\n/bin/busybox echo FLOOR-READY\n/bin/busybox poweroff -f\n"

@@ -33,9 +33,10 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from ukgpu.llama_core.errors import UkgpuError
 
@@ -126,7 +127,7 @@ class Initramfs:
 
     def size_by(self, prefixes: dict[str, str | tuple[str, ...]]) -> dict[str, int]:
         """Payload bytes per label: {label: prefix(es)}; the first matching label wins."""
-        totals = {label: 0 for label in prefixes} | {"other": 0}
+        totals = dict.fromkeys(prefixes, 0) | {"other": 0}
         for path, entry in self.entries.items():
             if not stat.S_ISREG(entry.mode):
                 continue

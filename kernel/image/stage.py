@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from ukgpu.llama_core.errors import UkgpuError
-
-from ukgpu.kernel.image.python_layout import SITE, STDLIB, Layout
 from ukgpu.kernel.guest.engine_setup import NUMBA_ENV
+from ukgpu.kernel.image.python_layout import SITE, STDLIB, Layout
+from ukgpu.llama_core.errors import UkgpuError
 
 
 class StageError(UkgpuError):

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig
 from ukgpu.llama_core.cpu import matmul as cpu_kernels
 from ukgpu.llama_core.gguf import quants
-from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig
 from ukgpu.llama_core.gguf.file import TensorView
 
 _SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in float64 mode (32 MiB)

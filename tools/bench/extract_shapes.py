@@ -13,7 +13,6 @@ same one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import struct
 import sys

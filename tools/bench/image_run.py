@@ -10,7 +10,8 @@ from ukgpu.tools.bench.schema import Entry, Result
 
 def bench_image(image_dir: Path, repeats: int, timeout_s: float = 600.0) -> Entry:
     try:
-        from ukgpu.kernel.image import build as image, qemu
+        from ukgpu.kernel.image import build as image
+        from ukgpu.kernel.image import qemu
     except ImportError as exc:
         return Entry.unavailable("-", "image", "image", f"the image tools cannot be imported ({exc})")
     from ukgpu.llama_core.errors import UkgpuError

@@ -14,7 +14,8 @@ read + written) and a dense GEMM (numpy on the CPU, torch/cuBLAS on the GPU).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ def bench_kernels(gguf: Any, model_name: str, backend: Any, runner: str, repeats
             except KernelMismatch as exc:
                 failures[test] = str(exc)
                 continue
-            secs = timed(lambda: backend.to_host(backend.matmul(x, w)), repeats)
+            secs = timed(lambda x=x, w=w: backend.to_host(backend.matmul(x, w)), repeats)
             nbytes = int(np.asarray(view.data).nbytes) + n * cols * 4 + n * rows * 4
             flops = 2 * n * rows * cols
             results.append(Result.of(test, "GB/s", [nbytes / s / 1e9 for s in secs], n=n, qtype=qname,

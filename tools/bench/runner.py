@@ -33,8 +33,8 @@ class BenchRequest:
 
 
 def _targets(req: BenchRequest) -> list[tuple[str, Path]]:
-    from ukgpu.llama_core.models.registry import resolve_model
     from ukgpu.llama_core.gguf.synthetic import build_synthetic
+    from ukgpu.llama_core.models.registry import resolve_model
 
     found = [(str(m), resolve_model(m)) for m in req.models]
     found += [(f"synthetic:{s}", build_synthetic(s, seed=req.run.seed, progress=True)) for s in req.synthetic]
@@ -100,7 +100,8 @@ def _kernel_entries(req: BenchRequest, targets: list[tuple[str, Path]]) -> list[
             out.append(Entry.unavailable("-", backend, "ceilings", reason))
             out += [Entry.unavailable(name, backend, "kernels", reason) for name, _ in targets]
             continue
-        out.append(kernels.cpu_ceilings(req.run.repeats) if backend == "cpu" else kernels.cuda_ceilings(req.run.repeats))
+        ceilings = kernels.cpu_ceilings if backend == "cpu" else kernels.cuda_ceilings
+        out.append(ceilings(req.run.repeats))
         for name, path in tqdm(targets, desc=f"kernels {backend}", unit="model", file=sys.stderr):
             gguf = open_gguf(path)
             be = backend_run.make_backend(backend, gguf)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from ukgpu.llama_core.errors import UkgpuError
-
 from ukgpu.tools.bench.stats import summarize
 
 SCHEMA_VERSION = 1
@@ -46,7 +45,7 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, test: str, unit: str, samples: list[float], **extra: Any) -> "Result":
+    def of(cls, test: str, unit: str, samples: list[float], **extra: Any) -> Result:
         s = summarize(samples)
         return cls(test, unit, [float(v) for v in samples], s.median, s.min, s.max, s.q1, s.q3, extra)
 
@@ -62,7 +61,7 @@ class Entry:
     info: dict[str, Any] = field(default_factory=dict)  # e.g. threads, model file, backend detail
 
     @classmethod
-    def unavailable(cls, model: str, runner: str, kind: str, reason: str) -> "Entry":
+    def unavailable(cls, model: str, runner: str, kind: str, reason: str) -> Entry:
         return cls(model, runner, kind, False, reason)
 
 
