@@ -247,7 +247,10 @@ class Engine:
                         out[i] = exc
                 continue  # after a fallback to the CPU: these sequences step (re-prefill) below
             for i, seq, token in zip(group, batch, tokens):
-                out[i] = self._emit(seq, token)
+                try:  # e.g. an id the tokenizer cannot decode fails this sequence alone
+                    out[i] = self._emit(seq, token)
+                except Exception as exc:  # noqa: BLE001 - reported in its place
+                    out[i] = exc
         for i, seq in enumerate(seqs):
             if out[i] is None:
                 try:

@@ -59,6 +59,9 @@ class EngineHost:
 
     @property
     def status(self) -> str:
+        if self.scheduler is not None and not self.scheduler.alive:
+            self.failure = self.failure or f"the generation loop stopped ({self.scheduler.failure or 'shut down'})"
+            return "failed"
         return "ready" if self.scheduler else ("failed" if self.failure else "loading")
 
     def require_ready(self) -> tuple[ServedEngine, Scheduler]:
@@ -176,6 +179,8 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
     async def health(request: Request) -> Response:
         status = host.status
         body = {"status": status}
+        if host.failure is not None:
+            body["error"] = host.failure
         engine = host.engine if status == "ready" else None
         if engine is not None and engine.model.backend is not None:
             body["backend"] = engine.model.backend.name  # which device answers, and why

@@ -70,3 +70,12 @@ def model_failed(reason: str) -> ApiError:
         type="server_error",
         code="model_load_failed",
     )
+
+
+def scheduler_stopped(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        f"The generation loop stopped ({reason}); GET /health says so. Restart the server.",
+        type="server_error",
+        code="scheduler_stopped",
+    )

@@ -23,6 +23,13 @@ Which thread calls what on the engine (`engine_protocol.ServedEngine`):
   (which reads only `n_ctx`) and, for /health, the backend facts;
 - the event loop submits and cancels jobs and reads the gauges; results come
   back to it through `deliver`.
+
+Supervision: a failure of one sequence comes back from `step_all` in its place and fails that
+job alone.  Anything else a pass of the loop raises (a bug, an engine call that raised instead
+of reporting) fails the jobs of that pass with a 500, releases their slots and the loop goes on
+with the next request.  If the loop itself cannot continue (`_admit` raised, or a
+`BaseException`), `failure` says why, every waiting job fails, `submit` answers 503 and /health
+reports "failed" instead of "ready": a dead scheduler never leaves requests hanging.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ukgpu.kernel.api.engine_protocol import ServedEngine, TokenEvent
-from ukgpu.kernel.api.errors import queue_full
+from ukgpu.kernel.api.errors import queue_full, scheduler_stopped
 from ukgpu.kernel.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class Scheduler:
         self._active: list[Job] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self.failure: str | None = None  # why the loop stopped serving; None while it serves
         self._thread = threading.Thread(target=self._run, name="ukgpu-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -106,6 +114,8 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue `job`; raises a 429 `ApiError` when the queue is full."""
         with self._wake:
+            if self.failure is not None:
+                raise scheduler_stopped(self.failure)
             if len(self._pending) >= self.max_queue:
                 raise queue_full(self.max_queue)
             self._pending.append(job)
@@ -116,14 +126,37 @@ class Scheduler:
         with self._wake:
             self._wake.notify()
 
+    @property
+    def alive(self) -> bool:
+        """True while the loop serves (before `start` too); False once it has stopped or died."""
+        return self.failure is None and (self._thread.ident is None or self._thread.is_alive())
+
     def _run(self) -> None:
-        while True:
-            admitted = self._admit()
-            if admitted is None:
-                return
-            for job in admitted:
-                self._start(job)
-            self._step_all()
+        try:
+            while True:
+                admitted = self._admit()
+                if admitted is None:
+                    return
+                try:
+                    for job in admitted:
+                        self._start(job)
+                    self._step_all()
+                except Exception as exc:  # noqa: BLE001 - fail this pass's jobs, keep serving
+                    log.exception("a scheduler pass failed; failing its requests and going on")
+                    self._fail([*admitted, *self._active], exc)
+        except BaseException as exc:
+            log.critical("the scheduler stopped: %s: %s", type(exc).__name__, exc, exc_info=True)
+            with self._wake:
+                self.failure = f"{type(exc).__name__}: {exc}"
+                stranded, self._pending = [*self._pending, *self._active], deque()
+            self._fail(stranded, exc)  # logged above; nothing above this thread to raise to
+
+    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
+        """Fail each job (a job in both lists once), releasing the slot of any that had one."""
+        for job in dict.fromkeys(jobs):
+            if job in self._active:
+                self._retire(job)
+            _send(job, Failed(exc))
 
     def _admit(self) -> list[Job] | None:
         """Wait for work; move queued jobs into free slots. None means stop."""
