@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig
 from ukgpu.llama_core.cpu import matmul as cpu_kernels
@@ -79,8 +80,8 @@ class CpuWeight:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, dtype: np.dtype = np.float32, alloc: Allocator | None = None) -> None:
-        self.dtype = np.dtype(dtype)
+    def __init__(self, dtype: npt.DTypeLike = np.float32, alloc: Allocator | None = None) -> None:
+        self.dtype: np.dtype[Any] = np.dtype(dtype)
         self.alloc = alloc or _zeros
         self.use_kernels = self.dtype == np.float32
         # decode steps batch up to the rows the block kernels take in one pass over the weights
@@ -105,6 +106,7 @@ class CpuBackend(Backend):
 
     def _rows(self, w: CpuWeight, rows: Any) -> np.ndarray:
         """Dequantized rows of a matrix weight: [len(rows), in] in self.dtype."""
+        assert w.raw is not None  # only quantized matrices are read by rows
         return _dequantize_rows(w.raw[rows], w.qtype, w.shape[-1]).astype(self.dtype, copy=False)
 
     # --- ops ---------------------------------------------------------------
@@ -138,7 +140,8 @@ class CpuBackend(Backend):
         return out
 
     def _rope_table(self, rope: RopeConfig, end: int) -> tuple[np.ndarray, np.ndarray]:
-        cos, sin = self._rope_tables.get(rope, (np.empty((0, 0)), None))
+        cached = self._rope_tables.get(rope)
+        cos, sin = cached if cached is not None else (np.empty((0, 0)), np.empty((0, 0)))
         if cos.shape[0] < end:
             size = max(end, 2 * cos.shape[0], 256)
             angles = np.outer(np.arange(size) * rope.scale, rope.inv_freq())  # [pos, n_rot/2]

@@ -59,7 +59,10 @@ class PreparedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.tiles.data.nbytes if self.tiles is not None else self.rows.nbytes
+        if self.tiles is not None:
+            return self.tiles.data.nbytes
+        assert self.rows is not None  # a weight is either raw rows or tiles
+        return self.rows.nbytes
 
 
 def numba_enabled(use_numba: bool | None = None) -> bool:
@@ -122,6 +125,7 @@ def qmatmul(x: np.ndarray, w: Any, *, use_numba: bool | None = None) -> np.ndarr
         raise QuantError(f"qmatmul: activations of shape {np.shape(x)} do not fit a ({n_out}, {n_in}) weight; "
                          f"pass [n, {n_in}]")
     if pw.qtype == T.F32:
+        assert pw.rows is not None  # F32 is never tiled
         y = x2 @ pw.rows.view(np.float32).T
     elif numba_enabled(use_numba) and pw.qtype in NUMBA_KERNEL_TYPES:
         y = _numba_matmul(x2, pw)
@@ -148,6 +152,7 @@ def _numba_matmul(x: np.ndarray, pw: PreparedWeight) -> np.ndarray:
 def _raw_rows(pw: PreparedWeight, r0: int, r1: int) -> np.ndarray:
     """uint8[r1 - r0, row_bytes]: GGUF blocks of rows r0..r1 (rebuilt if repacked)."""
     if pw.tiles is None:
+        assert pw.rows is not None
         return pw.rows[r0:r1]
     return _kernels()[2].unpack_rows(pw.tiles, r0, r1)
 

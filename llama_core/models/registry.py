@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from tqdm import tqdm
 
@@ -246,10 +246,11 @@ class _Members:
 
     def open(self, name: str) -> BinaryIO:
         if self._zip is not None:
-            return self._zip.open(name)
+            return cast(BinaryIO, self._zip.open(name))
+        assert self._tar is not None  # an archive is either a zip or a tar
         stream = self._tar.extractfile(name)
         assert stream is not None  # only regular files are listed
-        return stream
+        return cast(BinaryIO, stream)
 
     def close(self) -> None:
         for handle in (self._zip, self._tar):
