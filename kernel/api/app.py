@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from ukgpu.kernel.api import engine_facts, generation, openapi, schema
+from ukgpu.kernel.api import engine_facts, generation, openapi, schema, security
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
@@ -122,12 +123,13 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
                limits: ApiLimits | None = None, *, model_id: str = "ukgpu",
-               arena: Any = None) -> _CountRequests:
+               arena: Any = None, policy: security.Policy | None = None) -> _CountRequests:
     """The API around an engine (`engine_protocol.ServedEngine`: `llama_core.engine.Engine`), or
     around a zero-argument loader that returns one.  Its slot count is the engine's.
 
     With a loader the server answers at once: /health says "loading" (503) until
     the engine is ready.  `arena` (kernel.arena.Arena) adds its usage to /metrics.
+    `policy` (security.Policy): API key and allowed Host/Origin; default: local names, no key.
     """
     limits = limits or ApiLimits()
     metrics = Metrics()
@@ -141,7 +143,8 @@ def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error},
                     lifespan=lifespan)
-    return _CountRequests(app, metrics, {r.path for r in routes})
+    guarded = security.guard(app, policy or security.Policy())
+    return _CountRequests(guarded, metrics, {r.path for r in routes})
 
 
 def _routes(host: EngineHost, arena: Any) -> list[Route]:
@@ -240,7 +243,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 class _CountRequests:
     """ASGI wrapper counting responses by path and status for /metrics."""
 
-    def __init__(self, app: Starlette, metrics: Metrics, paths: set[str]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: set[str]) -> None:
         self.app = app
         self.metrics = metrics
         self.paths = paths

@@ -28,13 +28,14 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
 from ukgpu.llama_core.errors import TokenizerError
@@ -65,23 +66,25 @@ def _limit(what: str) -> TemplateLimitError:
 def size(value: Any, limit: int) -> int:
     """About how many characters `value` renders to, counted until past `limit`.  A container
     counts every item each time it holds it, as str() and join would, so a list holding one
-    string a thousand times counts it a thousand times: sharing cannot hide growth."""
+    string a thousand times counts it a thousand times: sharing cannot hide growth.  Dict views
+    and namespaces print what they hold, so they count it too."""
     total, stack = 0, [value]
     while stack and total <= limit:
         item = stack.pop()
         if isinstance(item, (str, bytes)):
             total += len(item)
-        elif isinstance(item, bool) or not isinstance(item, (int, list, tuple, set, frozenset, dict, range)):
-            total += 8
-        elif isinstance(item, int):
+        elif isinstance(item, int) and not isinstance(item, bool):
             total += item.bit_length() // 3 + 1
         elif isinstance(item, range):
             total += 8 * len(item)
-        else:
+        elif isinstance(item, Namespace):
+            stack.append(object.__getattribute__(item, "_Namespace__attrs"))
+        elif isinstance(item, Collection):
             total += 2 + 2 * len(item)
             if total <= limit:
-                stack.extend(item.keys() if isinstance(item, dict) else item)
-                stack.extend(item.values() if isinstance(item, dict) else ())
+                stack.extend(item.items() if isinstance(item, Mapping) else item)
+        else:
+            total += 8
     return total
 
 
