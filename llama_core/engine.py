@@ -334,8 +334,8 @@ class Engine:
         """Sample the next token; a plain greedy decode step is the backend's `decode_greedy`
         (the argmax the sampler would take; CUDA graphs compute it without copying logits back)."""
         p = seq.params
-        plain_greedy = p.greedy and p.repeat_penalty == 1 and not (p.presence_penalty or
-                                                                  p.frequency_penalty)
+        plain_greedy = p.greedy and p.repeat_penalty == 1 and not (
+            p.presence_penalty or p.frequency_penalty) and p.grammar is None  # these need the logits
         if seq.prefilled and plain_greedy:
             t0 = time.perf_counter()
             token = self.model.backend.decode_greedy(self.model, seq.tokens[-1], seq.n_cached,

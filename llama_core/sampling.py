@@ -12,13 +12,19 @@ Order of the steps (each one off at its neutral value):
    (keep the smallest set whose probability reaches p), `min_p` (drop tokens
    below min_p times the top probability), and a draw from what remains with
    `np.random.Generator(seed)`: the same seed gives the same tokens.
+
+0. with `grammar` (a `llama_core.grammar.GrammarSpec`), before all of the above:
+   every token the grammar refuses goes to -inf (`Sampler.constrain`), and the
+   chosen token advances the sequence's matcher; the sampler owns that matcher,
+   so the grammar state lives and ends with the sequence.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +48,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    grammar: Any = None  # a llama_core.grammar.GrammarSpec: only tokens it allows are sampled
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,16 +69,27 @@ class SamplingParams:
 
 
 class Sampler:
-    """Stateful only in its random generator; one per sequence."""
+    """Stateful in its random generator and its grammar matcher; one per sequence."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
+
+    def constrain(self, logits: np.ndarray) -> np.ndarray:
+        """logits with the tokens the grammar refuses at -inf (unchanged without a grammar)."""
+        return logits if self.matcher is None else self.matcher.mask(logits)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """The next token for logits float[vocab], after `history` (prompt + output)."""
+        token = self._choose(self.constrain(np.asarray(logits, dtype=np.float32)), history)
+        if self.matcher is not None:
+            self.matcher.accept(token)
+        return token
+
+    def _choose(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
-        logits = self._penalized(np.asarray(logits, dtype=np.float32), history)
+        logits = self._penalized(logits, history)
         if p.greedy:
             return int(np.argmax(logits))
         # Shift before scaling, in float64: a tiny temperature then sends every other token to

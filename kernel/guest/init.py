@@ -10,13 +10,16 @@ Steps, each timed and reported on the serial console:
  7. the model (memory-mapped) and a backend: a GPU when one is found and usable, else CPU
  8. the HTTP API; then `READY ...` with the timings
 
-Shutdown: `POST /admin/poweroff`, or the line `poweroff` on the serial console
-(`stacks` there prints every thread's stack).
+Shutdown: the line `poweroff` on the serial console (`stacks` there prints every
+thread's stack).  Only the process that runs QEMU holds the console; the API port
+has no shutdown route, since whatever can reach that port (the host's browser
+included, through the 127.0.0.1 port forward) must not be able to power the guest off.
 Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hangs.
 
 Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
   ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|off
+  ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
   ip=<addr>::<gw>:<netmask>::<dev>:off | ip=off
 """
 
@@ -31,8 +34,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from ukgpu.kernel.guest import syscalls as init_sys
 from ukgpu.kernel import manifest
+from ukgpu.kernel.guest import syscalls as init_sys
 from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 
 DEFAULT_NET = NetConfig("10.0.2.15/24", "10.0.2.2", "eth0")
@@ -202,11 +205,15 @@ class Guest:
         return load(self.model_file(), self.cfg, arena_size)
 
     def start_api(self, engine, arena) -> None:
-        from ukgpu.kernel.api.app import create_app
-        from ukgpu.kernel.api.server import config
         import uvicorn
 
-        app = with_admin(create_app(engine, model_id=self.doc["model"]["name"], arena=arena), self)
+        from ukgpu.kernel.api import security
+        from ukgpu.kernel.api.app import create_app
+        from ukgpu.kernel.api.server import config
+
+        # clients arrive through QEMU's port forward with Host 127.0.0.1:<host port>: a local name
+        policy = security.policy_for("0.0.0.0", self.cfg.extra.get("api_key"))
+        app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy)
         self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning"))
         thread = threading.Thread(target=self.server.run, name="ukgpu-http", daemon=True)
         thread.start()
@@ -221,29 +228,6 @@ class Guest:
             self.server.should_exit = True
             time.sleep(0.3)
         init_sys.power_off()
-
-
-def with_admin(app, guest: Guest):
-    """The API plus POST /admin/poweroff (answers 202, then powers the guest off)."""
-
-    async def wrapped(scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == "/admin/poweroff":
-            if scope["method"] != "POST":
-                await _respond(send, 405, b'{"error": {"message": "use POST"}}')
-                return
-            await _respond(send, 202, b'{"status": "powering off"}')
-            threading.Timer(0.2, guest.shutdown, args=("POST /admin/poweroff",)).start()
-            return
-        await app(scope, receive, send)
-
-    return wrapped
-
-
-async def _respond(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def serial_commands(guest: Guest) -> None:

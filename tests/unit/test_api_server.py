@@ -37,7 +37,8 @@ def url(engine, limits, monkeypatch):
 
 @pytest.fixture
 def client(url):
-    with httpx.Client(base_url=url, timeout=10) as c:
+    # raw bodies (content=) are JSON too: the API refuses other media types (test_api_security.py)
+    with httpx.Client(base_url=url, timeout=10, headers={"Content-Type": "application/json"}) as c:
         yield c
 
 
@@ -190,7 +191,7 @@ def test_the_engine_decides_what_fits_the_context(client, engine, kind):
 def test_oversized_body_rejected_before_reading_it(url):
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{")
         reply = _read_reply(sock)
     assert reply.startswith("HTTP/1.1 413"), reply
@@ -304,7 +305,7 @@ def test_disconnect_while_waiting_frees_the_slot(url, engine):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": MODEL, "prompt": "long", "max_tokens": 30}).encode()
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         _wait(lambda: len(engine.live) == 1)
     _wait(lambda: not engine.live, timeout=1.0)

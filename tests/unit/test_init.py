@@ -1,14 +1,13 @@
-"""The guest init steps that run on the host: command line, arena sizing, manifest checks, admin."""
+"""The guest init steps that run on the host: command line, arena sizing, manifest checks, console."""
 
-import asyncio
 import hashlib
-import json
-import threading
+import io
+import sys
 
 import pytest
 
 from ukgpu.kernel import manifest
-from ukgpu.kernel.guest.init import BootConfig, DEFAULT_NET, arena_size, parse_ip, with_admin
+from ukgpu.kernel.guest.init import DEFAULT_NET, BootConfig, arena_size, parse_ip, serial_commands
 from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 from ukgpu.kernel.manifest import ManifestError
 
@@ -114,48 +113,27 @@ def test_runtime_dirs_are_not_reported_as_unlisted(tmp_path):
     assert manifest.verify(doc, str(root)) == []
 
 
+class _PoweredOff(Exception):
+    """Stands for the power-off that never returns."""
+
+
 class _Guest:
     def __init__(self):
         self.reasons = []
-        self.done = threading.Event()
 
     def shutdown(self, reason):
         self.reasons.append(reason)
-        self.done.set()
+        raise _PoweredOff
 
 
-def _call(app, method, path):
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path, "headers": []}
-    asyncio.run(app(scope, receive, send))
-    return sent
-
-
-def test_admin_poweroff_answers_then_shuts_down_and_passes_other_paths():
-    seen = []
-
-    async def api(scope, receive, send):
-        seen.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
+def test_poweroff_is_a_console_command_and_the_key_a_boot_parameter(monkeypatch, capsys):
     guest = _Guest()
-    app = with_admin(api, guest)
-    assert _call(app, "GET", "/health")[0]["status"] == 200 and seen == ["/health"]
-    assert _call(app, "GET", "/admin/poweroff")[0]["status"] == 405
-    assert not guest.reasons
-    sent = _call(app, "POST", "/admin/poweroff")
-    assert sent[0]["status"] == 202
-    assert json.loads(sent[1]["body"]) == {"status": "powering off"}
-    assert guest.done.wait(5) and guest.reasons == ["POST /admin/poweroff"]
-    assert seen == ["/health"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("halt\n\npoweroff\n"))
+    with pytest.raises(_PoweredOff):
+        serial_commands(guest)
+    assert guest.reasons == ["poweroff on the serial console"]
+    assert "unknown console command 'halt'" in capsys.readouterr().out
+    assert BootConfig.parse("ukgpu.manifest=ab ukgpu.api_key=s3cret").extra == {"api_key": "s3cret"}
 
 
 def test_model_disk_check_reads_the_model_bytes_of_a_sector_padded_device(tmp_path):

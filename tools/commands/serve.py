@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ukgpu.llama_core.models import registry
@@ -21,12 +22,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="largest max_tokens a request may ask for (default: the context)")
+    add_security_options(parser)
     parser.set_defaults(func=_serve)
+
+
+def add_security_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but "
+                        "/health (default: $UKGPU_API_KEY; none: no key)")
+    parser.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="accept this Host name besides localhost, 127.0.0.1, [::1] and the "
+                        "--host address (repeatable)")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages from this origin (scheme://host[:port]) call the API "
+                        "(repeatable; default: none)")
 
 
 def model_id(name_or_path: str) -> str:
     """The id clients send as `model`: the registry name, or the file's stem for a path."""
     return name_or_path if name_or_path in registry.KNOWN_MODELS else Path(name_or_path).stem
+
+
+def security_policy(args: argparse.Namespace, env=os.environ):
+    """The API key and allowed names from the flags; SystemExit with the reason when unusable."""
+    from ukgpu.kernel.api import security
+
+    try:
+        key = security.resolve_key(args.api_key, args.api_key_file, env)
+    except ValueError as exc:
+        raise SystemExit(f"ukgpu serve: error: {exc}") from None
+    return security.policy_for(args.host, key, args.allowed_host, args.allowed_origin)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -41,5 +66,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = ApiLimits(max_body_bytes=args.max_body, max_queue=args.max_queue,
                        max_tokens=args.max_tokens)
-    serve(create_app(load, limits, model_id=model_id(args.model)), args.host, args.port)
+    app = create_app(load, limits, model_id=model_id(args.model), policy=security_policy(args))
+    serve(app, args.host, args.port)
     return 0
