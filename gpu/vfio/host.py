@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ukgpu.gpu.pci.sysfs import PciBus, PciDevice, PciIds, human_size, normalize_bdf
-from ukgpu.gpu.vfio.device import VFIO_DRIVER, VfioError
+from ukgpu.gpu.vfio.iommu import VFIO_DRIVER, VfioError
 from ukgpu.gpu.vfio.passthrough import mmio_window_size
 
 # Base classes whose devices, while bound, carry the host's own disks, network or buses.

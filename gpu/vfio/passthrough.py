@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ukgpu.gpu.pci.sysfs import Bar, PciBus, normalize_bdf
-from ukgpu.gpu.vfio.device import VFIO_DRIVER, VfioError
+from ukgpu.gpu.vfio.iommu import VFIO_DRIVER, VfioError
 
 MIN_WINDOW = 1 << 32  # QEMU's q35 default hole is a few GiB: never go below 4 GiB
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.gpu.vfio.passthrough import mmio_window_size, qemu_vfio_args
 from ukgpu.gpu.pci.sysfs import Bar, PciIds
-from ukgpu.gpu.vfio.device import VfioError
 from ukgpu.gpu.vfio.host import VfioHost
+from ukgpu.gpu.vfio.iommu import VfioError
+from ukgpu.gpu.vfio.passthrough import mmio_window_size, qemu_vfio_args
 from ukgpu.tools.cli import main
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.gpu.vfio import device as vfio
+from ukgpu.gpu.vfio import iommu as vfio
 from ukgpu.gpu.vfio.device import (
     Container,
     Group,
