@@ -43,7 +43,6 @@ from ukgpu.llama_core.errors import TokenizerError
 MAX_SECONDS = 2.0
 MAX_ITERATIONS = 1 << 20
 MAX_DEPTH = 100
-MAX_INT_ARG = 1 << 16  # widths, counts and indents given to filters and string methods
 MAX_INT_BITS = 1 << 16
 OUTPUT_FLOOR = 1 << 20  # characters, plus OUTPUT_FACTOR x the variables' size
 OUTPUT_FACTOR = 4
@@ -137,8 +136,10 @@ def budget_for(variables: dict[str, Any]) -> Iterator[Budget]:
 
 
 def _ints_ok(values: Any, budget: Budget) -> None:
+    """Integer arguments of filters, string methods and formats are widths and counts: each must
+    fit the size limit (`center(10**9)`, `batch(10**9, fill)`)."""
     for value in values:
-        if isinstance(value, int) and abs(value) > MAX_INT_ARG:
+        if isinstance(value, int):
             budget.room(abs(value), f"a width or count of {value}")
 
 
