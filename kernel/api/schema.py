@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ukgpu.kernel.api.limits import ApiLimits
+from ukgpu.kernel.api.structured import response_format_property
 
 _N_HINT = "This server generates exactly one choice per request: send n=1 or omit it."
 
@@ -86,6 +87,7 @@ def sampling_properties(facts: ModelFacts, limits: ApiLimits) -> dict:
             "properties": {"include_usage": {"type": "boolean", "default": False}},
         },
         "user": {"type": "string"},
+        "response_format": response_format_property(),
     }
 
 

@@ -33,7 +33,7 @@ PYTHON_DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
 LIB_DEBS = ("libc6", "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", "liblzma5",
             "libuuid1", "libcrypt1", "libgcc-s1", "libstdc++6")
 GUEST_DISTS = ("numpy", "starlette", "uvicorn", "h11", "anyio", "sniffio", "idna", "click",
-               "jinja2", "markupsafe", "gguf", "pyyaml", "typing_extensions", "tqdm")
+               "jinja2", "markupsafe", "gguf", "pyyaml", "typing_extensions", "tqdm", "llguidance")
 NUMBA_DISTS = ("numba", "llvmlite")
 
 STDLIB = "/usr/lib/python3.11"

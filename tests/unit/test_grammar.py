@@ -1,0 +1,122 @@
+"""Constrained decoding: the sampler's grammar mask, llguidance over our GGUF tokenizer, and
+response_format's 400s."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import jsonschema
+import numpy as np
+import pytest
+
+from ukgpu.kernel.api import structured
+from ukgpu.kernel.api.errors import ApiError
+from ukgpu.llama_core.grammar import GrammarError, GrammarSpec
+from ukgpu.llama_core.sampling import Sampler, SamplingParams
+from ukgpu.llama_core.text.tokenizer import Tokenizer
+
+
+class _OnlyToken:
+    """A grammar allowing one token id, recording what the sampler accepted."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed, self.accepted = allowed, []
+
+    def matcher(self):
+        return self
+
+    def mask(self, logits):
+        out = np.full_like(logits, -np.inf)
+        out[self.allowed] = logits[self.allowed]
+        return out
+
+    def accept(self, token):
+        self.accepted.append(token)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_mask_hook_overrides_the_best_logit_and_advances(temperature):
+    grammar = _OnlyToken(3)
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=1, grammar=grammar))
+    logits = np.array([9.0, 5.0, 1.0, -2.0, 0.5], dtype=np.float32)
+    assert [sampler(logits) for _ in range(3)] == [3, 3, 3]
+    assert grammar.accepted == [3, 3, 3]
+
+
+def test_mask_comes_before_penalties():
+    """A repeat penalty on the only allowed token cannot push the choice outside the grammar."""
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=10.0, grammar=_OnlyToken(1)))
+    assert sampler(np.array([2.0, 1.0, 0.0], dtype=np.float32), history=[1, 1, 1]) == 1
+
+
+def test_no_grammar_leaves_logits_alone():
+    sampler = Sampler(SamplingParams(temperature=0))
+    logits = np.array([0.0, 3.0], dtype=np.float32)
+    assert sampler.constrain(logits) is logits and sampler(logits) == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2) -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}}
+
+
+def test_masked_random_walk_is_always_valid_json(tokenizer):
+    """Uniform logits: whatever the draw, the masked choice keeps the text inside the schema, and
+    it ends with an end-of-generation token once the object closes."""
+    for seed in range(3):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, grammar=GrammarSpec.json_schema(tokenizer, SCHEMA)))
+        ids: list[int] = []
+        for _ in range(200):
+            token = sampler(np.zeros(tokenizer.vocab_size, dtype=np.float32))
+            if token in tokenizer.eog_ids:
+                break
+            ids.append(token)
+        else:
+            pytest.fail(f"seed {seed}: no end after 200 tokens: {tokenizer.decode(ids)!r}")
+        assert sampler.matcher is not None and sampler.matcher.done
+        jsonschema.validate(json.loads(tokenizer.decode(ids)), SCHEMA)
+
+
+def test_control_tokens_are_never_text(tokenizer):
+    sampler = Sampler(SamplingParams(temperature=0, grammar=GrammarSpec.json_schema(tokenizer)))
+    masked = sampler.constrain(np.zeros(tokenizer.vocab_size, dtype=np.float32))
+    allowed = np.flatnonzero(np.isfinite(masked))
+    assert allowed.size and not any(tokenizer.is_control(int(t)) for t in allowed)
+    assert all(tokenizer.token_bytes(int(t)).lstrip().startswith(b"{") for t in allowed)
+
+
+def test_unresolvable_schema_is_a_grammar_error(tokenizer):
+    with pytest.raises(GrammarError, match="nope"):
+        GrammarSpec.json_schema(tokenizer, {"$ref": "#/definitions/nope"})
+
+
+def _constrain(tokenizer, fmt):
+    return structured.constrain(SimpleNamespace(tokenizer=tokenizer), {"response_format": fmt},
+                                SamplingParams())
+
+
+def test_response_format_text_adds_no_grammar(tokenizer):
+    assert _constrain(tokenizer, {"type": "text"}).grammar is None
+    assert _constrain(tokenizer, {"type": "json_object"}).grammar is not None
+
+
+@pytest.mark.parametrize("fmt, param, code", [
+    ({"type": "json_schema"}, "response_format.json_schema", "missing_required_parameter"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x"}}},
+     "response_format", "unsupported_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "enum": ["v" * 1000] * (structured.MAX_SCHEMA_CHARS // 1000 + 1)}}},
+     "response_format.json_schema.schema", "schema_too_large"),
+])
+def test_bad_response_format_is_400_naming_it(tokenizer, fmt, param, code):
+    with pytest.raises(ApiError) as info:
+        _constrain(tokenizer, fmt)
+    assert info.value.status == 400
+    body = info.value.body()["error"]
+    assert (body["param"], body["code"]) == (param, code)
