@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
 PROMPT  ?= What is the capital of France?
 
-.PHONY: demo test venv models host-deps test-host-deps clean
+.PHONY: demo test lint venv models host-deps test-host-deps clean
 
 $(STAMP): pyproject.toml tools/dev/bootstrap.sh
 	bash tools/dev/bootstrap.sh $(PY) $(VENV)
@@ -29,8 +29,12 @@ test-host-deps:
 demo: $(STAMP) host-deps
 	$(BIN)/ukgpu demo -m $(MODEL) -p "$(PROMPT)"
 
-# Command 2: the whole test suite.
-test: $(STAMP) test-host-deps models
+# The fast lane (well under a minute): ruff, mypy, the layering and size-budget tests.
+lint: $(STAMP)
+	bash tools/dev/lint.sh $(BIN)
+
+# Command 2: the whole test suite, after the fast lane.
+test: $(STAMP) lint test-host-deps models
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:

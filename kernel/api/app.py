@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ukgpu.kernel.api import engine_facts, generation, openapi, schema, security, structured
+from ukgpu.kernel.api import engine_facts, generation, logprobs, openapi, schema, security, structured
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
@@ -163,9 +163,11 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         job_args = {  # the context check (max_tokens) comes before the sampler's
             "prompt_ids": ids,
             "max_tokens": generation.max_new_tokens(engine, kind, body, len(ids), host.facts, limits),
-            "params": engine_facts.sampling_params(body), "stop": generation.stop_list(body)}
+        top_k = logprobs.asked(kind.chat, body)  # alternatives per token; None: no logprobs
+            "params": engine_facts.sampling_params(body, top_k), "stop": generation.stop_list(body)}
         job_args["params"] = await run_in_threadpool(structured.constrain, engine, body, job_args["params"])
-        gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args)
+        gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args,
+                                    want_logprobs=top_k is not None)
         if body["stream"]:
             return gen.stream(bool((body.get("stream_options") or {}).get("include_usage")))
         return await gen.respond(request)
