@@ -32,6 +32,7 @@ from ukgpu.llama_core.backend import Backend, KVCache
 from ukgpu.llama_core.backend_choice import check_kind, cpu_fallback, open_backend
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
+from ukgpu.llama_core.logprobs import TokenLogprob, token_logprob
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.models.registry import resolve_model
 from ukgpu.llama_core.sampling import Sampler, SamplingParams
@@ -61,6 +62,7 @@ class TokenEvent:
     token_id: int | None  # None: text released at the end, with no new token
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    logprob: TokenLogprob | None = None  # when params.logprobs asked; none for an end-of-text token
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Sequence:
     held: str = ""  # decoded text not yet emitted (may begin a stop string)
     finish_reason: str | None = None
     stats: Stats = field(default_factory=Stats)
+    logprob: TokenLogprob | None = None  # of the token just sampled, until _emit hands it on
 
     @property
     def generated(self) -> list[int]:
@@ -275,10 +278,28 @@ class Engine:
         for row, seq in zip(logits, seqs):  # each waited for the whole pass
             seq.n_cached += 1
             seq.stats.decode_seconds += seconds
-            tokens.append(int(seq.sampler(row, seq.tokens)))
+            tokens.append(self._sample(seq, row))
         return tokens
 
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
+        """The sampler's choice from logits[vocab]; keeps its logprob when the params ask."""
+        k = seq.params.logprobs
+        masked = seq.sampler.constrain(logits) if k is not None else logits  # before sampling moves
+        token = int(seq.sampler(logits, seq.tokens))  # the grammar on (it keeps the mask it made)
+        if k is not None:
+            seq.logprob = token_logprob(masked, token, k, self.tokenizer.token_bytes)
+        return token
+
     def _emit(self, seq: Sequence, token: int) -> list[TokenEvent]:
+        """Append a sampled token and return the events it releases, the token's logprob on the
+        last (an end-of-text token has none: its text is not in the output)."""
+        info, seq.logprob = seq.logprob, None
+        events = self._release(seq, token)
+        if token not in self.tokenizer.eog_ids:
+            events[-1].logprob = info
+        return events
+
+    def _release(self, seq: Sequence, token: int) -> list[TokenEvent]:
         """Append a sampled token and return the events it releases (finish, stop strings)."""
         seq.tokens.append(token)
         seq.stats.generated_tokens += 1
@@ -334,7 +355,7 @@ class Engine:
         """Sample the next token; a plain greedy decode step is the backend's `decode_greedy`
         (the argmax the sampler would take; CUDA graphs compute it without copying logits back)."""
         p = seq.params
-        plain_greedy = p.greedy and p.repeat_penalty == 1 and not (
+        plain_greedy = p.greedy and p.repeat_penalty == 1 and p.logprobs is None and not (
             p.presence_penalty or p.frequency_penalty) and p.grammar is None  # these need the logits
         if seq.prefilled and plain_greedy:
             t0 = time.perf_counter()
@@ -342,7 +363,7 @@ class Engine:
                                                      seq.kv)
             self._count_decode(seq, time.perf_counter() - t0)
             return int(token)
-        return seq.sampler(self._forward(seq), seq.tokens)
+        return self._sample(seq, self._forward(seq))
 
     def _count_decode(self, seq: Sequence, seconds: float) -> None:
         seq.n_cached += 1

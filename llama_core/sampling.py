@@ -17,6 +17,9 @@ Order of the steps (each one off at its neutral value):
    every token the grammar refuses goes to -inf (`Sampler.constrain`), and the
    chosen token advances the sequence's matcher; the sampler owns that matcher,
    so the grammar state lives and ends with the sequence.
+
+`logprobs` does not change the choice: it asks the engine to report the sampled
+token's log-probability and that many alternatives (`llama_core.logprobs`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.logprobs import MAX_TOP
 
 _TOP_P_FIRST_GUESS = 1024  # candidates sorted before falling back to a full sort
 
@@ -48,6 +52,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k: the token's and the k likeliest
     grammar: Any = None  # a llama_core.grammar.GrammarSpec: only tokens it allows are sampled
 
     def __post_init__(self) -> None:
@@ -58,6 +63,8 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 turns it off)"),
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP,
+             f"logprobs must be None or in [0, {MAX_TOP}]"),
         ]
         for ok, message in checks:
             if not ok:

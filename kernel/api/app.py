@@ -22,6 +22,7 @@ from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.metrics import Metrics
+from ukgpu.kernel.api.prompt_bound import check_prompt_chars, with_prompt_bound
 from ukgpu.kernel.api.scheduler import Scheduler
 from ukgpu.kernel.api.validate import validate
 
@@ -55,6 +56,7 @@ class EngineHost:
     def _attach(self, engine: ServedEngine) -> None:
         scheduler = Scheduler(engine, self.limits.max_queue, self.metrics)
         scheduler.start()
+        self.limits = with_prompt_bound(self.limits, engine.n_ctx, engine.tokenizer)
         self.facts = engine_facts.model_facts(engine, self.facts.model_id)
         self.engine, self.scheduler = engine, scheduler
 
@@ -153,6 +155,7 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
     async def generate(request: Request, kind: generation.Kind) -> Response:
         body = await read_json(request, limits.max_body_bytes)
         engine, scheduler = host.require_ready()
+        check_prompt_chars(kind.chat, body, host.limits)  # before tokenizing: O(characters)
         if isinstance(body.get("model"), str) and body["model"] != host.facts.model_id:
             raise ApiError(404, f"The model '{body['model']}' does not exist here; this server "
                            f"serves '{host.facts.model_id}' (see GET /v1/models).",
@@ -206,7 +209,7 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def tokenize(request: Request) -> Response:
-        body = validate(schema.tokenize_request(limits), await read_json(request, limits.max_body_bytes))
+        body = validate(schema.tokenize_request(host.limits), await read_json(request, limits.max_body_bytes))
         engine, _ = host.require_ready()
         ids = await run_in_threadpool(engine.tokenizer.encode, body["content"],
                                       add_special=body["add_special"])

@@ -45,17 +45,18 @@ def room(engine: ServedEngine, n_prompt: int, param: str) -> int:
             param, "context_length_exceeded") from None
 
 
-def sampling_params(body: dict) -> Any:
-    """The engine's SamplingParams; values the sampler refuses are a 400."""
+def sampling_params(body: dict, logprobs: int | None = None) -> Any:
+    """The engine's SamplingParams (logprobs: alternatives per token, None for no logprobs);
+    values the sampler refuses are a 400."""
     from ukgpu.llama_core.sampling import SamplingError, SamplingParams
 
     try:
-        return _params(SamplingParams, body)
+        return _params(SamplingParams, body, logprobs)
     except SamplingError as exc:
         raise bad_request(f"Invalid sampling parameters: {exc}", code="invalid_value") from None
 
 
-def _params(SamplingParams: type, body: dict) -> Any:
+def _params(SamplingParams: type, body: dict, logprobs: int | None) -> Any:
     return SamplingParams(
         temperature=float(body["temperature"]),
         top_k=int(body["top_k"]),
@@ -65,4 +66,5 @@ def _params(SamplingParams: type, body: dict) -> Any:
         frequency_penalty=float(body["frequency_penalty"]),
         repeat_penalty=float(body["repeat_penalty"]),
         seed=body.get("seed"),
+        logprobs=logprobs,
     )

@@ -15,6 +15,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 
+class Alternative(Protocol):
+    """One of the likeliest tokens at a position (`llama_core.logprobs`)."""
+
+    @property
+    def token(self) -> bytes: ...
+    @property
+    def logprob(self) -> float: ...
+
+
+class TokenLogprob(Protocol):
+    """A generated token's logprob and the alternatives asked for."""
+
+    @property
+    def token(self) -> bytes: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top(self) -> Sequence[Alternative]: ...
+
+
 class TokenEvent(Protocol):
     """What one step releases: a token (None at the end) and the text it completes."""
 
@@ -24,6 +44,8 @@ class TokenEvent(Protocol):
     def text(self) -> str: ...
     @property
     def finish_reason(self) -> str | None: ...  # "stop" | "length" on the last event
+    @property
+    def logprob(self) -> TokenLogprob | None: ...  # when the sampling params ask for logprobs
 
 
 class SequenceStats(Protocol):

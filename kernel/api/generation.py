@@ -7,13 +7,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ukgpu.kernel.api import engine_facts
+from ukgpu.kernel.api import engine_facts, logprobs
 from ukgpu.kernel.api.engine_protocol import ServedEngine, TokenEvent
 from ukgpu.kernel.api.errors import ApiError, bad_request, error_body
 from ukgpu.kernel.api.limits import ApiLimits
@@ -43,6 +43,9 @@ class Outcome:
     completion_tokens: int = 0
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens reused from a slot's KV cache
+    logprobs: list = field(default_factory=list)  # each token's TokenLogprob, when asked
+    n_sent: int = 0  # of those, already in stream chunks
+    sent_chars: int = 0  # characters of the tokens already sent (completions' text_offset)
 
 
 def prompt_ids(engine: ServedEngine, kind: Kind, body: dict) -> list[int]:
@@ -98,8 +101,10 @@ def stop_list(body: dict) -> list[str]:
 class Generation:
     """One request's life: submit, then gather (non-streaming) or stream its events."""
 
-    def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict) -> None:
+    def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict,
+                 want_logprobs: bool = False) -> None:
         self.scheduler = scheduler
+        self.want_logprobs = want_logprobs
         self.kind = kind
         self.model_id = model_id
         self.id = kind.id_prefix + uuid.uuid4().hex[:24]
@@ -152,6 +157,7 @@ class Generation:
         new = "".join(e.text for e in item)
         outcome.text += new
         outcome.completion_tokens += sum(1 for e in item if e.token_id is not None)
+        outcome.logprobs += [e.logprob for e in item if e.logprob is not None]
         return new
 
     def _usage(self, outcome: Outcome) -> dict:
@@ -170,6 +176,8 @@ class Generation:
             choice["message"] = {"role": "assistant", "content": outcome.text}
         else:
             choice.update(text=outcome.text, logprobs=None)
+        if self.want_logprobs:
+            choice["logprobs"] = self._logprobs_block(outcome.logprobs, 0)
         return {**self._envelope(self.kind.object_name, choice), "usage": self._usage(outcome)}
 
     def stream(self, include_usage: bool) -> StreamingResponse:
@@ -188,20 +196,36 @@ class Generation:
                 yield _event(engine_failure(item.error).body())
                 break
             new = self._absorb(outcome, item)
-            if new or outcome.finish_reason:
-                yield _event(self._chunk(new, outcome.finish_reason))
+            if new or outcome.finish_reason or len(outcome.logprobs) > outcome.n_sent:
+                yield _event(self._chunk(new, outcome.finish_reason, self._fresh_logprobs(outcome)))
         if include_usage and outcome.finish_reason:
             yield _event({**self._envelope(self.kind.chunk_object, {}), "choices": [],
                           "usage": self._usage(outcome)})
         yield b"data: [DONE]\n\n"
 
-    def _chunk(self, delta: str | dict, finish_reason: str | None) -> dict:
+    def _logprobs_block(self, entries: list, offset: int) -> dict:
+        return (logprobs.chat_block(entries) if self.kind.chat
+                else logprobs.completion_block(entries, offset))
+
+    def _fresh_logprobs(self, outcome: Outcome) -> dict | None:
+        """The logprobs of the tokens not yet streamed (None when not asked for)."""
+        if not self.want_logprobs:
+            return None
+        fresh, offset = outcome.logprobs[outcome.n_sent:], outcome.sent_chars
+        outcome.n_sent = len(outcome.logprobs)
+        outcome.sent_chars += logprobs.text_length(fresh)
+        return self._logprobs_block(fresh, offset)
+
+    def _chunk(self, delta: str | dict, finish_reason: str | None,
+               logprobs_block: dict | None = None) -> dict:
         choice: dict = {"index": 0, "finish_reason": finish_reason}
         if self.kind.chat:
             choice["delta"] = delta if isinstance(delta, dict) else (
                 {"content": delta} if delta else {})
         else:
             choice.update(text=delta, logprobs=None)
+        if logprobs_block is not None:
+            choice["logprobs"] = logprobs_block
         return self._envelope(self.kind.chunk_object, choice)
 
 

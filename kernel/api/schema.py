@@ -100,7 +100,9 @@ def completion_request(facts: ModelFacts, limits: ApiLimits) -> dict:
         ],
         "description": "Text, a list holding one text, or token ids.",
     }
-    props = {"prompt": prompt, **sampling_properties(facts, limits)}
+    props = {"prompt": prompt, **sampling_properties(facts, limits),
+             "logprobs": _int(0, 5, nullable=True,
+                              description="Report each token's logprob and this many alternatives.")}
     return {"type": "object", "required": ["model", "prompt"], "properties": props}
 
 
@@ -123,6 +125,10 @@ def chat_request(facts: ModelFacts, limits: ApiLimits) -> dict:
         "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": 256},
         **sampling_properties(facts, limits),
         "max_completion_tokens": _int(1, max_tokens_cap(facts, limits), nullable=True),
+        "logprobs": {"type": ["boolean", "null"], "default": False,
+                     "description": "Report each generated token's logprob."},
+        "top_logprobs": _int(0, 20, nullable=True,
+                             description="Alternatives per token (needs logprobs: true)."),
     }
     return {"type": "object", "required": ["model", "messages"], "properties": props}
 

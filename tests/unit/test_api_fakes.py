@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ukgpu.kernel.api import engine_facts
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.llama_core.engine import ContextFullError, NoFreeSlotError, Stats
+from ukgpu.llama_core.logprobs import Alternative, TokenLogprob
 
 
 @dataclass
@@ -26,6 +27,7 @@ class FakeEvent:
     token_id: int | None
     text: str
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 class FakeTokenizer:
@@ -45,6 +47,7 @@ class FakeSeq:
     stop: list[str]
     text: str = ""
     n: int = 0
+    top_k: int | None = None  # logprobs asked: alternatives per token
     stats: Stats = field(default_factory=Stats)  # what the scheduler reads (cached_tokens)
 
 
@@ -80,7 +83,8 @@ class FakeEngine:
         self.room(len(prompt_ids), max_tokens)
         if len(self.live) >= self.n_slots:
             raise NoFreeSlotError(f"all {self.n_slots} slots are busy")
-        seq = FakeSeq(list(prompt_ids), max_tokens, list(stop))
+        seq = FakeSeq(list(prompt_ids), max_tokens, list(stop),
+                      top_k=params.get("logprobs") if isinstance(params, dict) else None)
         self.live.add(seq)
         return seq
 
@@ -98,7 +102,7 @@ class FakeEngine:
             if seq.text.endswith(s):
                 return [FakeEvent(ord(letter), "", "stop")]
         reason = "length" if seq.n >= seq.max_tokens else None
-        return [FakeEvent(ord(letter), letter, reason)]
+        return [FakeEvent(ord(letter), letter, reason, fake_logprob(letter, seq.top_k))]
 
     def step_all(self, seqs: Sequence[FakeSeq]) -> list[list[FakeEvent] | Exception]:
         """The engine's contract: each sequence's events, or its exception in its place."""
@@ -119,13 +123,22 @@ class FakeEngine:
         return "".join(chr(ord("a") + (total + i) % 26) for i in range(n))
 
 
+def fake_logprob(letter: str, top_k: int | None) -> TokenLogprob | None:
+    """The fake's logprobs: the chosen letter -0.5, then the next codes -1, -2, ..."""
+    if top_k is None:
+        return None
+    top = [Alternative(ord(letter), letter.encode(), -0.5)]
+    top += [Alternative(ord(letter) + i, chr(ord(letter) + i).encode(), -float(i)) for i in range(1, top_k)]
+    return TokenLogprob(ord(letter), letter.encode(), -0.5, tuple(top[:top_k]))
+
+
 def served(engine: FakeEngine) -> ServedEngine:
     """What mypy checks: the fake has every member the API calls, with compatible types."""
     return engine
 
 
-def fake_params(body: dict) -> dict:
-    return {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed")}
+def fake_params(body: dict, logprobs: int | None = None) -> dict:
+    return {**{k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed")}, "logprobs": logprobs}
 
 
 def use_fakes(monkeypatch) -> None:

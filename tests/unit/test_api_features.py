@@ -1,0 +1,98 @@
+"""logprobs through the HTTP API, in OpenAI's shapes, over the fake engine (whose logprobs are
+fixed: the chosen letter -0.5, then the next codes -1, -2, ...), read with the official client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from test_api_fakes import FakeEngine, use_fakes
+
+from ukgpu.kernel.api import ApiLimits, create_app
+from ukgpu.kernel.api.server import background
+
+MODEL = "fake-model"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def url(engine, monkeypatch):
+    use_fakes(monkeypatch)
+    with background(create_app(engine, ApiLimits(max_tokens=32), model_id=MODEL)) as base:
+        yield base
+
+
+@pytest.fixture
+def oai(url):
+    with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10) as client:
+        yield client
+
+
+def test_chat_logprobs_shape(oai, engine):
+    out = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, logprobs=True,
+                                      top_logprobs=2)
+    choice = out.choices[0]
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    assert len(content) == 4 == out.usage.completion_tokens
+    first = content[0]
+    assert first.logprob == -0.5 and first.bytes == list(first.token.encode())
+    assert [(a.token, a.logprob) for a in first.top_logprobs] == [
+        (first.token, -0.5), (chr(ord(first.token) + 1), -1.0)]
+
+
+def test_chat_stream_logprobs_per_chunk(oai):
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=0)
+    full = oai.chat.completions.create(**kwargs)
+    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in full.choices[0].logprobs.content]
+    assert all(t.top_logprobs == [] for t in streamed)
+
+
+def test_chat_without_logprobs_has_none(oai):
+    out = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    assert out.choices[0].logprobs is None
+
+
+def test_completion_logprobs_shape_and_offsets(oai):
+    out = oai.completions.create(model=MODEL, prompt="abc", max_tokens=4, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.token_logprobs == [-0.5] * 4
+    assert lp.text_offset == [0, 1, 2, 3]
+    assert all(len(d) == 3 and d[t] == -0.5 for d, t in zip(lp.top_logprobs, lp.tokens))
+    chunks = list(oai.completions.create(model=MODEL, prompt="abc", max_tokens=4, logprobs=3,
+                                         stream=True))
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset  # continued across chunks
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
+])
+def test_logprobs_limits_are_400s(url, path, body, param):
+    resp = httpx.post(url + path, json={"model": MODEL, **body}, timeout=10)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def _request_schema(doc: dict, path: str) -> dict:
+    return doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+
+def test_openapi_publishes_the_limits(url):
+    doc = httpx.get(url + "/openapi.json", timeout=10).json()
+    chat = _request_schema(doc, "/v1/chat/completions")["properties"]
+    completion = _request_schema(doc, "/v1/completions")["properties"]
+    assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
+    assert "boolean" in chat["logprobs"]["type"]
+    assert (completion["logprobs"]["minimum"], completion["logprobs"]["maximum"]) == (0, 5)
