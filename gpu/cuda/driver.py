@@ -4,8 +4,8 @@ Every driver call returns `(err, *values)`.  `Driver` wraps the binding module
 so that `cu.cuMemAlloc(n)` returns the value(s) or raises `CudaError` naming
 the call, the error and what to do about it.  `open_device` initializes the
 driver, retains the device's primary context and creates the stream all work
-runs on.  Any module with the same surface can stand in for the bindings
-(`gpu.fake_driver.FakeDriver` does, for machines without a GPU).
+runs on.  Any module with the same surface can stand in for the bindings (the test
+suite's numpy device under tests/ does, on machines without a GPU).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Files are cached by (shape, seed) under `<cache>/synthetic/`.  llama.cpp and
 ukgpu both load them.
 
 `write_spec(spec, path, seed)` is the one GGUF writer of random models: the test suite's tiny
-models (tests/fakes/tiny_models.py) are specs too.  A spec is a dict:
+models (under tests/) are specs too.  A spec is a dict:
 
     name       the shape's name (a real shape's may have a tokenizer donor, see DONORS)
     source     what the layout is of (written into general.source.synthetic)
