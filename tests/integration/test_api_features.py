@@ -1,0 +1,91 @@
+"""logprobs through the official `openai` client against the real SmolLM2-135M model.
+
+Each reported logprob is checked against the log-softmax of logits computed here directly
+with `Model.forward` over the same token ids (greedy answers: the sampled token is the argmax,
+so the reference sequence is rebuilt step by step from the logits themselves).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+
+from ukgpu.kernel.api import ApiLimits, create_app
+from ukgpu.kernel.api.server import background
+from ukgpu.llama_core.logprobs import log_softmax
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "smollm2-135m"
+N_CTX = 256
+MAX_TOKENS = 6
+CHAT = [{"role": "user", "content": "Name three fruits."}]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    from ukgpu.llama_core.engine import Engine
+
+    return Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=2)
+
+
+@pytest.fixture(scope="module")
+def oai(engine):
+    with background(create_app(engine, ApiLimits(max_tokens=32), model_id=MODEL)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        yield client
+        client.close()
+
+
+def greedy_reference(engine, prompt: list[int], n: int) -> list[tuple[int, np.ndarray]]:
+    """(argmax id, log-softmax row) for n greedy steps, from direct forward passes."""
+    kv = engine.model.new_kv(N_CTX)
+    logits = engine.model.forward(np.array(prompt), 0, kv, all_logits=False)[-1]
+    out, pos = [], len(prompt)
+    for _ in range(n):
+        row = log_softmax(logits)
+        token = int(np.argmax(row))
+        out.append((token, row))
+        logits = engine.model.forward(np.array([token]), pos, kv, all_logits=False)[-1]
+        pos += 1
+    return out
+
+
+def check(engine, reference, tokens: list[tuple[bytes, float, list[tuple[bytes, float]]]], k: int):
+    assert len(tokens) >= 1
+    for (token, row), (got_bytes, got_lp, got_top) in zip(reference, tokens):
+        assert got_bytes == engine.tokenizer.token_bytes(token)
+        assert got_lp == pytest.approx(row[token], abs=2e-3)
+        best = np.argsort(-row, kind="stable")[:k]
+        assert [b for b, _ in got_top] == [engine.tokenizer.token_bytes(int(i)) for i in best]
+        assert [lp for _, lp in got_top] == pytest.approx(row[best], abs=2e-3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_log_softmax_of_the_logits(oai, engine, stream):
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, logprobs=True,
+                  top_logprobs=3)
+    if stream:
+        content = [t for c in oai.chat.completions.create(stream=True, **kwargs)
+                   if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    else:
+        content = oai.chat.completions.create(**kwargs).choices[0].logprobs.content
+    tokens = [(bytes(t.bytes), t.logprob, [(bytes(a.bytes), a.logprob) for a in t.top_logprobs])
+              for t in content]
+    check(engine, greedy_reference(engine, engine.chat_ids(CHAT), len(tokens)), tokens, 3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_are_log_softmax_of_the_logits(oai, engine, stream):
+    prompt = "The capital of France is"
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=2)
+    if stream:
+        blocks = [c.choices[0].logprobs for c in oai.completions.create(stream=True, **kwargs)
+                  if c.choices[0].logprobs]
+    else:
+        blocks = [oai.completions.create(**kwargs).choices[0].logprobs]
+    tokens = [(tok.encode(), lp, [(t.encode(), v) for t, v in top.items()])
+              for b in blocks for tok, lp, top in zip(b.tokens, b.token_logprobs, b.top_logprobs)]
+    ids = engine.tokenizer.encode(prompt, add_special=True)
+    check(engine, greedy_reference(engine, ids, len(tokens)), tokens, 2)
