@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ukgpu.kernel.api import unsupported
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.structured import response_format_property
 
@@ -100,7 +101,8 @@ def completion_request(facts: ModelFacts, limits: ApiLimits) -> dict:
         ],
         "description": "Text, a list holding one text, or token ids.",
     }
-    props = {"prompt": prompt, **sampling_properties(facts, limits),
+    props = {**unsupported.completion_properties(),  # first: a field implemented later overrides
+             "prompt": prompt, **sampling_properties(facts, limits),
              "logprobs": _int(0, 5, nullable=True,
                               description="Report each token's logprob and this many alternatives.")}
     return {"type": "object", "required": ["model", "prompt"], "properties": props}
@@ -122,6 +124,7 @@ def chat_request(facts: ModelFacts, limits: ApiLimits) -> dict:
         },
     }
     props = {
+        **unsupported.chat_properties(),  # first: a field implemented later overrides
         "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": 256},
         **sampling_properties(facts, limits),
         "max_completion_tokens": _int(1, max_tokens_cap(facts, limits), nullable=True),

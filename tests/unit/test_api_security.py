@@ -187,3 +187,41 @@ def test_serve_accepts_the_flags():
     policy = serve_cmd.security_policy(args, env={})
     assert policy.api_key == "k" and {"a.lan", "b.lan", "127.0.0.1"} <= policy.hosts()
     assert policy.allowed_origins == ("http://a.lan:3000",)
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/completions", "logit_bias", {"50256": -100}), ("/v1/completions", "echo", True),
+    ("/v1/completions", "best_of", 3), ("/v1/completions", "suffix", "tail"),
+    ("/v1/chat/completions", "logit_bias", {"1": 5}), ("/v1/chat/completions", "functions",
+                                                       [{"name": "f", "parameters": {}}]),
+    ("/v1/chat/completions", "modalities", ["text", "audio"]),
+    ("/v1/chat/completions", "reasoning_effort", "high"), ("/v1/chat/completions", "store", True),
+    ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
+])
+def test_unimplemented_fields_are_400_naming_them(path, field, value):
+    body = dict(ROUTES[0][2] if path == "/v1/completions" else ROUTES[1][2])
+    with _client() as c:
+        err = _error(c.post(path, json={**body, field: value}), 400, "invalid_value")
+        assert err["param"] == field and f"does not implement '{field}'" in err["message"]
+        doc = c.get("/openapi.json").json()["paths"][path]["post"]["requestBody"]
+        assert field in doc["content"]["application/json"]["schema"]["properties"]
+
+
+@pytest.mark.parametrize(("path", "off"), [
+    ("/v1/completions", {"echo": False, "best_of": 1, "logit_bias": {}, "suffix": None}),
+    ("/v1/chat/completions", {"logit_bias": {}, "store": False, "modalities": ["text"],
+                              "functions": None, "user": "u", "metadata": {"k": "v"}}),
+])
+def test_the_off_values_clients_send_by_default_are_accepted(path, off):
+    body = dict(ROUTES[0][2] if path == "/v1/completions" else ROUTES[1][2])
+    with _client() as c:
+        resp = c.post(path, json={**body, **off})
+        assert resp.status_code == 200, resp.text
+
+
+def test_openai_client_gets_bad_request_for_echo():
+    with background(create_app(FakeEngine(), model_id=MODEL)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt="abc", max_tokens=2, echo=True)
+        assert info.value.param == "echo"
