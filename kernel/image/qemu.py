@@ -23,12 +23,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
-from ukgpu.llama_core.errors import UkgpuError
 
 from ukgpu.kernel.image.build import Image
+from ukgpu.llama_core.errors import UkgpuError
 
 MiB = 1 << 20
 GUEST_PORT = 8080
@@ -47,6 +46,7 @@ class BootOptions:
     gpu: str | None = None  # PCI address of a GPU bound to vfio-pci on the host
     arena: str | None = None  # ukgpu.arena= for the guest, e.g. 2G
     append: list[str] = field(default_factory=list)  # extra kernel command line words
+    api_key: str | None = None  # ukgpu.api_key= for the guest: its API then needs this key
     qemu: str = "qemu-system-x86_64"
     extra_args: list[str] = field(default_factory=list)
 
@@ -77,6 +77,11 @@ def qemu_command(image: Image, opts: BootOptions, port: int) -> list[str]:
     cmdline = [image.info["cmdline"], *opts.append]
     if opts.arena:
         cmdline.append(f"ukgpu.arena={opts.arena}")
+    if opts.api_key:
+        if not opts.api_key.isprintable() or any(c.isspace() or c == '"' for c in opts.api_key):
+            raise BootError("the API key must be printable, without spaces or quotes: it is "
+                            "passed on the guest's kernel command line")
+        cmdline.append(f"ukgpu.api_key={opts.api_key}")
     cmd = [opts.qemu, "-M", "q35", *accel, "-smp", str(opts.cpus),
            "-m", opts.mem or f"{default_mem_mib(image)}M",
            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",

@@ -225,3 +225,27 @@ def test_openai_client_gets_bad_request_for_echo():
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=MODEL, prompt="abc", max_tokens=2, echo=True)
         assert info.value.param == "echo"
+
+
+def test_boot_passes_the_key_file_to_the_guest_command_line(tmp_path, monkeypatch):
+    import shutil
+
+    from ukgpu.kernel.image import qemu
+    from ukgpu.kernel.image.build import Image
+    from ukgpu.tools.commands import boot as boot_cmd
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.delenv(security.KEY_ENV, raising=False)
+    image = Image(tmp_path, {"kernel": "vmlinux", "initramfs": "initramfs.cpio",
+                             "cmdline": "console=ttyS0 ukgpu.manifest=ab",
+                             "sizes": {"initramfs": 1 << 20}, "model": {"size": 1 << 20, "disk": False}})
+    parser = argparse.ArgumentParser()
+    boot_cmd.register(parser.add_subparsers())
+    (tmp_path / "key").write_text("k-123\n")
+    args = parser.parse_args(["boot", str(tmp_path), "--api-key-file", str(tmp_path / "key")])
+    cmd = qemu.qemu_command(image, boot_cmd.vm_options(args), port=1)
+    assert cmd[cmd.index("-append") + 1] == "console=ttyS0 ukgpu.manifest=ab ukgpu.api_key=k-123"
+    no_key = qemu.qemu_command(image, boot_cmd.vm_options(parser.parse_args(["boot", "d"])), port=1)
+    assert "api_key" not in " ".join(no_key)
+    with pytest.raises(qemu.BootError, match="without spaces"):
+        qemu.qemu_command(image, qemu.BootOptions(api_key="a b"), port=1)

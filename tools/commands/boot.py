@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from ukgpu.kernel.image import build as image, qemu
+from ukgpu.kernel.image import build as image
+from ukgpu.kernel.image import qemu
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +34,11 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
                         "from the model)")
     parser.add_argument("--append", action="append", default=[], metavar="WORD",
                         help="extra kernel command line word, e.g. ukgpu.ctx=4096 (repeatable)")
+    parser.add_argument("--api-key-file", metavar="PATH",
+                        help="the guest API then needs 'Authorization: Bearer KEY' with the key "
+                        "on this file's first line (default: $UKGPU_API_KEY; none: no key). The "
+                        "key travels on the guest's kernel command line, which host users can "
+                        "see in QEMU's arguments")
     parser.add_argument("--boot-timeout", type=float, default=600.0,
                         help="seconds to wait for READY (default 600)")
     parser.add_argument("--stop-timeout", type=float, default=30.0,
@@ -39,8 +46,14 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
 
 
 def vm_options(args: argparse.Namespace) -> qemu.BootOptions:
+    from ukgpu.kernel.api import security
+
+    try:
+        key = security.resolve_key(None, args.api_key_file, os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"ukgpu: error: {exc}") from None
     return qemu.BootOptions(port=args.port, mem=args.mem, cpus=args.cpus, accel=args.accel,
-                            gpu=args.gpu, arena=args.arena, append=list(args.append))
+                            gpu=args.gpu, arena=args.arena, append=list(args.append), api_key=key)
 
 
 def _echo(line: str) -> None:

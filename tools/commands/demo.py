@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from ukgpu.kernel.image import build as image, qemu
+from ukgpu.kernel.image import build as image
+from ukgpu.kernel.image import qemu
 from ukgpu.llama_core.errors import UkgpuError
-
 from ukgpu.tools.commands.boot import add_vm_options, vm_options
 
 
@@ -39,12 +39,15 @@ def _demo(args: argparse.Namespace) -> int:
     build_s = time.monotonic() - start
     _say(f"image {built.dir} ready in {build_s:.1f}s; booting (TCG is slow: about a minute)")
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if args.console else None
-    with qemu.Vm(built, vm_options(args), on_line=echo) as vm:
+    opts = vm_options(args)
+    auth = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+    with qemu.Vm(built, opts, on_line=echo) as vm:
         ready = vm.wait_ready(args.boot_timeout)
         body = {"model": built.info["model"]["name"], "max_tokens": args.max_tokens,
                 "temperature": 0, "messages": [{"role": "user", "content": args.prompt}]}
         asked = time.monotonic()
-        resp = httpx.post(vm.url + "/v1/chat/completions", json=body, timeout=args.boot_timeout)
+        resp = httpx.post(vm.url + "/v1/chat/completions", json=body, headers=auth,
+                          timeout=args.boot_timeout)
         answer_s = time.monotonic() - asked
         if resp.status_code != 200:
             raise UkgpuError(f"the guest answered {resp.status_code}: {resp.text[:500]}")
