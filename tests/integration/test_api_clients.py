@@ -202,3 +202,39 @@ def _fuzz(operation, url: str) -> None:
             assert response.status_code < 400, response.text
 
     check()
+
+
+def test_a_keyed_server_answers_the_same_with_the_key_and_nothing_without(oai, smollm2_path):
+    """A second server (its own engine) with an API key: the official client with the key gets
+    the keyless server's greedy answers; without it, 401 on every route but /health; a page's
+    cross-site text/plain POST and a foreign Host are refused before any generation."""
+    from ukgpu.kernel.api import security
+    from ukgpu.llama_core.engine import Engine
+
+    keyed_engine = Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=1)
+    app = create_app(keyed_engine, LIMITS, model_id=MODEL, policy=security.Policy(api_key="k-int"))
+    with background(app) as base:
+        good = openai.OpenAI(base_url=base + "/v1", api_key="k-int", max_retries=0, timeout=120)
+        bad = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        chat = {"model": MODEL, "messages": CHAT, "max_tokens": 4, "temperature": 0}
+        assert good.completions.create(**ask).choices[0].text == \
+            oai.completions.create(**ask).choices[0].text
+        assert good.chat.completions.create(**chat).choices[0].message.content == \
+            oai.chat.completions.create(**chat).choices[0].message.content
+        for call in (bad.models.list, lambda: bad.completions.create(**ask),
+                     lambda: bad.chat.completions.create(**chat)):
+            with pytest.raises(openai.AuthenticationError):
+                call()
+        for path in ("/metrics", "/openapi.json", "/tokenize", "/detokenize", "/admin/poweroff"):
+            assert httpx.post(base + path, json={}).status_code == 401, path
+        assert httpx.get(base + "/health").status_code == 200
+        page = httpx.post(base + "/v1/completions", content=b'{"prompt": "x"}', headers={
+            "Origin": "http://evil.example", "Content-Type": "text/plain",
+            "Authorization": "Bearer k-int"})
+        assert page.status_code == 403 and page.json()["error"]["code"] == "origin_not_allowed"
+        rebound = httpx.get(base + "/v1/models", headers={"Host": "evil.example:80",
+                                                          "Authorization": "Bearer k-int"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+        good.close()
+        bad.close()
