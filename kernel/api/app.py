@@ -12,7 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -21,7 +21,7 @@ from ukgpu.kernel.api import engine_facts, generation, logprobs, openapi, schema
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
-from ukgpu.kernel.api.metrics import Metrics
+from ukgpu.kernel.api.metrics import CLIENT_CLOSED, Metrics
 from ukgpu.kernel.api.prompt_bound import check_prompt_chars, with_prompt_bound
 from ukgpu.kernel.api.scheduler import Scheduler
 from ukgpu.kernel.api.validate import validate
@@ -85,6 +85,9 @@ def _endpoint(handler):
             return await handler(request)
         except ApiError as exc:
             return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+        except ClientDisconnect:  # gone mid-body: no one to answer; /metrics counts it as 499
+            log.info("client disconnected before its request body ended on %s", request.url.path)
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
             log.exception("unexpected error on %s", request.url.path)
             err = ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error")

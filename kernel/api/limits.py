@@ -22,3 +22,26 @@ class ApiLimits:
         for name in ("max_body_bytes", "max_queue", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ApiLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one TCP connection may hold (`server.config`; `ukgpu serve --max-connections ...`).
+
+    A client that opens a connection and sends nothing, or half a request line, or headers
+    without their end, or a body slower than the deadline, would otherwise keep a descriptor
+    and a protocol object forever: a few hundred of them lock every other client out.
+    Defaults suit a server in a small VM: tens of clients, requests of at most a megabyte.
+    """
+
+    max_connections: int = 64  # connections answered at once; a request on one more gets 503
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to the end of headers
+    body_timeout: float = 60.0  # seconds from the end of headers to the end of the body
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"ServerLimits.max_connections must be >= 1, got {self.max_connections}")
+        for name in ("header_timeout", "body_timeout", "keep_alive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerLimits.{name} must be > 0 seconds, got {getattr(self, name)}")

@@ -1,4 +1,8 @@
-"""Server counters and their Prometheus text exposition (format 0.0.4)."""
+"""Server counters and their Prometheus text exposition (format 0.0.4).
+
+`ukgpu_requests_total{path,status}` counts answers by status; a client that disconnected before
+its request body ended is counted with status 499 (`CLIENT_CLOSED`), not as a server error.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 _RATE_WINDOW_S = 10.0
+CLIENT_CLOSED = 499  # status counted for a client that left before its request was read (nginx's code)
 
 
 class Metrics:

@@ -1,0 +1,119 @@
+"""Read deadlines for uvicorn's h11 protocol: headers and bodies arrive in time or the
+connection goes.
+
+uvicorn (0.55) closes idle keep-alive connections (`timeout_keep_alive`) and, with
+`limit_concurrency`, answers 503 to requests beyond the cap, but it has no deadline for a
+request still arriving: a client that sends half a request line, headers without their blank
+line, or a body that never ends holds its connection forever.  `deadline_protocol` returns a
+subclass of `H11Protocol` with two timers:
+
+- the header deadline runs from the connection's start, and again from the end of each
+  response (the next pipelined or keep-alive request), to the end of the request's headers.
+  When it fires on a connection that sent part of a request, the client gets a 408 (JSON, the
+  API's error shape) and the connection closes; one that sent nothing is closed silently, like
+  an idle keep-alive connection.
+- the body deadline runs from the end of the headers to the end of the body.  When it fires the
+  connection closes; the application sees the client disconnect (`http.disconnect`), which it
+  counts as such rather than as a server error.
+
+Both are logged as one warning line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ukgpu.kernel.api.errors import error_body
+from ukgpu.kernel.api.limits import ServerLimits
+
+log = logging.getLogger(__name__)
+
+
+def timeout_response(seconds: float) -> bytes:
+    """A complete HTTP/1.1 408 with an OpenAI-shaped body, closing the connection."""
+    body = json.dumps(error_body(f"The request did not arrive within {seconds:g} s; send it whole and "
+                                 "promptly.", "invalid_request_error", None, "request_timeout")).encode()
+    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    return head + body
+
+
+def deadline_protocol(limits: ServerLimits) -> type[H11Protocol]:
+    """An `H11Protocol` subclass enforcing `limits.header_timeout` and `limits.body_timeout`."""
+
+    class DeadlineH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _timer_kind: str | None = None  # "headers" | "body" while a deadline runs
+        _got_bytes = False  # since the last response: an idle connection closes without a 408
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm("headers")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._got_bytes = True
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            waiting_headers = self.conn.their_state is h11.IDLE
+            super().handle_events()
+            if waiting_headers and self.conn.their_state is h11.SEND_BODY:
+                self._arm("body")
+            elif waiting_headers and self.conn.their_state is not h11.IDLE:
+                self._disarm()  # a whole request without a body (or an error already answered)
+            elif self.conn.their_state is not h11.SEND_BODY and self._timer_kind == "body":
+                self._disarm()  # the body ended
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._got_bytes = False
+                self._arm("headers")
+
+        def _arm(self, kind: str) -> None:
+            self._disarm()
+            if kind == "body":
+                self._timer = self.loop.call_later(limits.body_timeout, self._body_late)
+            else:
+                self._timer = self.loop.call_later(limits.header_timeout, self._headers_late)
+            self._timer_kind = kind
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_kind = None, None
+
+        def _headers_late(self) -> None:
+            self._timer, self._timer_kind = None, None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self._got_bytes:
+                log.warning("%s: request headers not complete after %g s; answered 408",
+                            _peer(self), limits.header_timeout)
+                self.transport.write(timeout_response(limits.header_timeout))
+            self.transport.close()
+
+        def _body_late(self) -> None:
+            self._timer, self._timer_kind = None, None
+            if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+                return
+            log.warning("%s: request body not complete after %g s; connection closed",
+                        _peer(self), limits.body_timeout)
+            self.transport.close()
+
+    return DeadlineH11Protocol
+
+
+def _peer(protocol: H11Protocol) -> str:
+    client = protocol.client
+    return f"{client[0]}:{client[1]}" if client else "a client"

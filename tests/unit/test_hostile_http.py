@@ -1,0 +1,208 @@
+"""Hostile HTTP transport against a real uvicorn server on 127.0.0.1 (fake engine): partial
+request lines, headers and bodies, idle and surplus connections, pipelining, oversized headers,
+garbage.  Each connection is answered or closed within its deadline, no answer is a 5xx, the
+server logs no traceback, and a normal request still answers in under a second.
+
+Deadlines here are short (`LIMITS`) so the whole file runs in seconds; `fuzz_round` is shared
+with tests/integration/test_api_attacks.py, which runs it longer against the real model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import time
+
+import httpx
+import pytest
+from test_api_fakes import FakeEngine
+
+from ukgpu.kernel.api import create_app
+from ukgpu.kernel.api.limits import ServerLimits
+from ukgpu.kernel.api.server import background
+
+MODEL = "fake-model"
+LIMITS = ServerLimits(max_connections=8, header_timeout=0.5, body_timeout=0.5, keep_alive=0.5)
+BODY = b'{"model": "fake-model", "prompt": "hi", "max_tokens": 2}'
+REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+
+
+class Tracebacks(logging.Handler):
+    """Every log record carrying an exception, from the app's loggers and uvicorn's."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+@pytest.fixture
+def server():
+    seen = Tracebacks()
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "ukgpu")]
+    for lg in loggers:
+        lg.addHandler(seen)
+    try:
+        with background(create_app(FakeEngine(), model_id=MODEL), limits=LIMITS) as url:
+            host, port = url.removeprefix("http://").split(":")
+            yield (host, int(port)), url, seen
+    finally:
+        for lg in loggers:
+            lg.removeHandler(seen)
+    assert not seen.records, [r.getMessage() for r in seen.records]
+
+
+def connect(addr) -> socket.socket:
+    sock = socket.create_connection(addr, timeout=5)
+    sock.settimeout(5)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes; and how long that took."""
+    t0, data = time.monotonic(), b""
+    sock.settimeout(within)
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic() - t0
+
+
+def status_of(data: bytes) -> int | None:
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+
+def normal_request_time(url: str) -> float:
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=5)
+    assert r.status_code == 200, r.text
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("sent", [b"POS", b"POST /v1/completions HTT", b"GET /health HTTP/1.1\r\nHost: x\r\n"])
+def test_a_request_that_stops_midway_gets_408_within_the_deadline(server, sent):
+    addr, _, _ = server
+    with connect(addr) as sock:
+        sock.sendall(sent)
+        data, took = read_until_closed(sock, 3)
+    assert status_of(data) == 408 and b'"request_timeout"' in data
+    assert 0.4 < took < 1.5
+
+
+def test_an_idle_connection_is_closed_silently(server):
+    addr, _, _ = server
+    with connect(addr) as sock:
+        data, took = read_until_closed(sock, 3)
+    assert data == b"" and took < 1.5
+
+
+def test_a_body_that_stops_midway_closes_the_connection(server):
+    addr, url, _ = server
+    with connect(addr) as sock:
+        sock.sendall(REQUEST[:-10])
+        data, took = read_until_closed(sock, 3)
+    assert status_of(data) in (None, 408) and took < 1.5
+    deadline = time.monotonic() + 2
+    while 'status="499"' not in (metrics := httpx.get(url + "/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert 'ukgpu_requests_total{path="/v1/completions",status="499"} 1' in metrics  # a disconnect
+    assert 'status="500"' not in metrics
+
+
+def test_a_slow_writer_within_the_deadline_is_answered(server):
+    addr, _, _ = server
+    with connect(addr) as sock:
+        for k in range(0, len(REQUEST), len(REQUEST) // 4):
+            sock.sendall(REQUEST[k:k + len(REQUEST) // 4])
+            time.sleep(0.05)
+        assert status_of(sock.recv(65536)) == 200
+
+
+def test_pipelined_requests_are_all_answered(server):
+    addr, _, _ = server
+    with connect(addr) as sock:
+        sock.sendall(REQUEST * 3)
+        data, _ = read_until_closed(sock, 3)  # then the keep-alive deadline closes it
+    assert data.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_connections_beyond_the_cap_get_503_and_the_rest_go_on(server):
+    addr, url, _ = server
+    idle = [connect(addr) for _ in range(LIMITS.max_connections)]
+    try:
+        time.sleep(0.05)
+        with connect(addr) as sock:
+            sock.sendall(REQUEST)
+            data, _ = read_until_closed(sock, 3)
+        assert status_of(data) == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.1)
+    assert normal_request_time(url) < 1.0
+
+
+@pytest.mark.parametrize("sent", [
+    b"\x00\xff garbage \r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"GET /health HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 5000 + b"\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_malformed_requests_get_a_4xx_not_a_hang(server, sent):
+    addr, _, _ = server
+    with connect(addr) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(sent)
+        data, took = read_until_closed(sock, 3)
+    assert status_of(data) is None or 400 <= status_of(data) < 500, data[:200]
+    assert took < 1.5
+
+
+def fuzz_round(addr, rng: random.Random, n: int) -> list[socket.socket]:
+    """Open n hostile connections (left for the server to settle); returns their sockets."""
+    socks = []
+    for _ in range(n):
+        sock = connect(addr)
+        cut = rng.randrange(len(REQUEST) + 1)
+        kind = rng.choice(["partial", "garbage", "pipelined", "idle", "halfclose", "whole"])
+        with contextlib.suppress(OSError):
+            if kind == "partial":
+                sock.sendall(REQUEST[:cut])
+            elif kind == "garbage":
+                sock.sendall(rng.randbytes(rng.randrange(1, 2000)))
+            elif kind == "pipelined":
+                sock.sendall(REQUEST * 2 + REQUEST[:cut])
+            elif kind == "halfclose":
+                sock.sendall(REQUEST[:cut])
+                sock.shutdown(socket.SHUT_WR)
+            elif kind == "whole":
+                sock.sendall(REQUEST)
+        socks.append(sock)
+    return socks
+
+
+def settle(socks: list[socket.socket], within: float) -> None:
+    """Every socket is answered or closed by the server within `within` seconds, never a 5xx."""
+    for sock in socks:
+        data, took = read_until_closed(sock, within)
+        for status in (int(line.split(b" ", 2)[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")):
+            assert status < 500 or status == 503, data[:300]
+        assert took < within, "a connection neither answered nor closed"
+        sock.close()
+
+
+def test_fuzzed_connections_settle_and_normal_requests_stay_fast(server):
+    addr, url, _ = server
+    rng = random.Random(1234)
+    for _ in range(3):
+        socks = fuzz_round(addr, rng, 6)
+        assert normal_request_time(url) < 1.0  # during the attack
+        settle(socks, 3.0)
+    assert normal_request_time(url) < 1.0  # after it
