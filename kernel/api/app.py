@@ -166,10 +166,10 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         request_schema = (schema.chat_request if kind.chat else schema.completion_request)
         body = validate(request_schema(host.facts, limits), body)
         ids = await run_in_threadpool(generation.prompt_ids, engine, kind, body)
+        top_k = logprobs.asked(kind.chat, body)  # alternatives per token; None: no logprobs
         job_args = {  # the context check (max_tokens) comes before the sampler's
             "prompt_ids": ids,
             "max_tokens": generation.max_new_tokens(engine, kind, body, len(ids), host.facts, limits),
-        top_k = logprobs.asked(kind.chat, body)  # alternatives per token; None: no logprobs
             "params": engine_facts.sampling_params(body, top_k), "stop": generation.stop_list(body)}
         job_args["params"] = await run_in_threadpool(structured.constrain, engine, body, job_args["params"])
         gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args,
@@ -268,4 +268,4 @@ class _CountRequests:
                 self.metrics.count_request(path, message["status"])
             await send(message)
 
-        await self.app(scope, receive, send=counting_send)
+        await self.app(scope, receive, counting_send)

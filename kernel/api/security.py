@@ -81,10 +81,10 @@ def resolve_key(flag: str | None, path: str | None, env: Mapping[str, str]) -> s
         if not key:
             raise ValueError(f"the API key file {path} is empty; write the key on its first line")
         return key
-    key = flag if flag is not None else env.get(KEY_ENV)
-    if key is not None and not key.strip():
+    given = flag if flag is not None else env.get(KEY_ENV)
+    if given is not None and not given.strip():
         raise ValueError("the API key is empty; give a non-empty key or none")
-    return key.strip() if key is not None else None
+    return given.strip() if given is not None else None
 
 
 def guard(app: ASGIApp, policy: Policy) -> ASGIApp:
