@@ -173,7 +173,8 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
             "params": engine_facts.sampling_params(body, top_k), "stop": generation.stop_list(body)}
         job_args["params"] = await run_in_threadpool(structured.constrain, engine, body, job_args["params"])
         gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args,
-                                    want_logprobs=top_k is not None)
+                                    want_logprobs=top_k is not None,
+                                    n=generation.choice_count(body, engine.n_slots))
         if body["stream"]:
             return gen.stream(bool((body.get("stream_options") or {}).get("include_usage")))
         return await gen.respond(request)

@@ -8,6 +8,7 @@ the model loads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ukgpu.kernel.api.engine_protocol import ServedEngine
@@ -54,6 +55,13 @@ def sampling_params(body: dict, logprobs: int | None = None) -> Any:
         return _params(SamplingParams, body, logprobs)
     except SamplingError as exc:
         raise bad_request(f"Invalid sampling parameters: {exc}", code="invalid_value") from None
+
+
+def seeded(params: Any, index: int) -> Any:
+    """The SamplingParams of choice `index` of a request: seed + index when it has a seed."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def _params(SamplingParams: type, body: dict, logprobs: int | None) -> Any:

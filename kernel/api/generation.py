@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from starlette.background import BackgroundTask
@@ -91,6 +91,15 @@ def max_new_tokens(engine: ServedEngine, kind: Kind, body: dict, n_prompt: int,
     return min(asked, room)
 
 
+def choice_count(body: dict, n_slots: int) -> int:
+    """The request's n; a 400 naming n when the engine has fewer slots (choices run at once)."""
+    n = body.get("n") or 1
+    if n > n_slots:
+        raise bad_request(f"n={n} choices need {n} slots but this server has {n_slots}; send n <= "
+                          f"{n_slots} or restart it with more --slots.", "n", "invalid_value")
+    return n
+
+
 def stop_list(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -99,10 +108,14 @@ def stop_list(body: dict) -> list[str]:
 
 
 class Generation:
-    """One request's life: submit, then gather (non-streaming) or stream its events."""
+    """One request's life: submit, then gather (non-streaming) or stream its events.
+
+    `n` choices are n jobs (n slots, decoded together by the engine's `step_all`), job i
+    sampling with seed + i when the request has a seed; each prefills the prompt itself.
+    """
 
     def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict,
-                 want_logprobs: bool = False) -> None:
+                 want_logprobs: bool = False, n: int = 1) -> None:
         self.scheduler = scheduler
         self.want_logprobs = want_logprobs
         self.kind = kind
@@ -111,37 +124,53 @@ class Generation:
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.job = Job(deliver=lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
-                       **job_args)
-        self.n_prompt = len(self.job.prompt_ids)
-        scheduler.submit(self.job)
-
-    async def _items(self) -> AsyncIterator[Sequence[TokenEvent] | Finished | Failed]:
-        """Engine output in order until the job ends; cancels the job if the consumer stops."""
+        self.jobs = [Job(deliver=self._deliverer(loop, i),
+                         **{**job_args, "params": engine_facts.seeded(job_args["params"], i)})
+                     for i in range(n)]
+        self.n_prompt = len(job_args["prompt_ids"])
         try:
-            while True:
+            for job in self.jobs:
+                scheduler.submit(job)
+        except BaseException:  # a full queue: none of the choices runs
+            self.cancel()
+            raise
+
+    def _deliverer(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[object], object]:
+        return lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.scheduler.cancel(job)
+
+    async def _items(self) -> AsyncIterator[tuple[int, Sequence[TokenEvent] | Finished | Failed]]:
+        """(choice index, engine output) in order until every job ends; cancels them all when one
+        fails or the consumer stops."""
+        running = len(self.jobs)
+        try:
+            while running:
                 item = await self.queue.get()
                 if item is _DISCONNECTED:
                     return
                 yield item
-                if isinstance(item, (Finished, Failed)):
+                if isinstance(item[1], Failed):
                     return
+                running -= isinstance(item[1], Finished)
         finally:
-            self.scheduler.cancel(self.job)
+            self.cancel()
 
     async def respond(self, request: Request) -> JSONResponse:
         watcher = asyncio.create_task(self._watch_disconnect(request))
-        outcome = Outcome()
+        outcomes = [Outcome() for _ in self.jobs]
         try:
-            async for item in self._items():
+            async for index, item in self._items():
                 if isinstance(item, Failed):
                     raise engine_failure(item.error)
-                self._absorb(outcome, item)
+                self._absorb(outcomes[index], item)
         finally:
             watcher.cancel()
-        if outcome.finish_reason is None:  # the client left; nobody reads this
+        if any(o.finish_reason is None for o in outcomes):  # the client left; nobody reads this
             return JSONResponse(error_body("client disconnected", "client_closed"), 499)
-        return JSONResponse(self._result(outcome))
+        return JSONResponse(self._result(outcomes))
 
     async def _watch_disconnect(self, request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -160,47 +189,53 @@ class Generation:
         outcome.logprobs += [e.logprob for e in item if e.logprob is not None]
         return new
 
-    def _usage(self, outcome: Outcome) -> dict:
-        done = outcome.completion_tokens
+    def _usage(self, outcomes: list[Outcome]) -> dict:
+        """The prompt counted once, the tokens of every choice; cached: the first choice's."""
+        done = sum(o.completion_tokens for o in outcomes)
         return {"prompt_tokens": self.n_prompt, "completion_tokens": done,
                 "total_tokens": self.n_prompt + done,
-                "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": outcomes[0].cached_tokens}}
 
-    def _envelope(self, object_name: str, choice: dict) -> dict:
+    def _envelope(self, object_name: str, *choices: dict) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created,
-                "model": self.model_id, "choices": [choice]}
+                "model": self.model_id, "choices": list(choices)}
 
-    def _result(self, outcome: Outcome) -> dict:
-        choice: dict = {"index": 0, "finish_reason": outcome.finish_reason}
-        if self.kind.chat:
-            choice["message"] = {"role": "assistant", "content": outcome.text}
-        else:
-            choice.update(text=outcome.text, logprobs=None)
-        if self.want_logprobs:
-            choice["logprobs"] = self._logprobs_block(outcome.logprobs, 0)
-        return {**self._envelope(self.kind.object_name, choice), "usage": self._usage(outcome)}
+    def _result(self, outcomes: list[Outcome]) -> dict:
+        choices = []
+        for index, outcome in enumerate(outcomes):
+            choice: dict = {"index": index, "finish_reason": outcome.finish_reason}
+            if self.kind.chat:
+                choice["message"] = {"role": "assistant", "content": outcome.text}
+            else:
+                choice.update(text=outcome.text, logprobs=None)
+            if self.want_logprobs:
+                choice["logprobs"] = self._logprobs_block(outcome.logprobs, 0)
+            choices.append(choice)
+        return {**self._envelope(self.kind.object_name, *choices), "usage": self._usage(outcomes)}
 
     def stream(self, include_usage: bool) -> StreamingResponse:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         # The background task also covers a client that leaves before the first chunk.
         return StreamingResponse(self._sse(include_usage), media_type="text/event-stream",
                                  headers=headers,
-                                 background=BackgroundTask(self.scheduler.cancel, self.job))
+                                 background=BackgroundTask(self.cancel))
 
     async def _sse(self, include_usage: bool) -> AsyncIterator[bytes]:
-        outcome = Outcome()
+        outcomes = [Outcome() for _ in self.jobs]
         if self.kind.chat:
-            yield _event(self._chunk({"role": "assistant", "content": ""}, None))
-        async for item in self._items():
+            for index in range(len(outcomes)):
+                yield _event(self._chunk(index, {"role": "assistant", "content": ""}, None))
+        async for index, item in self._items():
             if isinstance(item, Failed):
                 yield _event(engine_failure(item.error).body())
                 break
+            outcome = outcomes[index]
             new = self._absorb(outcome, item)
             if new or outcome.finish_reason or len(outcome.logprobs) > outcome.n_sent:
-                yield _event(self._chunk(new, outcome.finish_reason, self._fresh_logprobs(outcome)))
-        if include_usage and outcome.finish_reason:
-            yield _event({**self._envelope(self.kind.chunk_object, {}), "choices": [],
-                          "usage": self._usage(outcome)})
+                yield _event(self._chunk(index, new, outcome.finish_reason,
+                                         self._fresh_logprobs(outcome)))
+        if include_usage and all(o.finish_reason for o in outcomes):
+            yield _event({**self._envelope(self.kind.chunk_object), "usage": self._usage(outcomes)})
         yield b"data: [DONE]\n\n"
 
     def _logprobs_block(self, entries: list, offset: int) -> dict:
@@ -216,9 +251,9 @@ class Generation:
         outcome.sent_chars += logprobs.text_length(fresh)
         return self._logprobs_block(fresh, offset)
 
-    def _chunk(self, delta: str | dict, finish_reason: str | None,
+    def _chunk(self, index: int, delta: str | dict, finish_reason: str | None,
                logprobs_block: dict | None = None) -> dict:
-        choice: dict = {"index": 0, "finish_reason": finish_reason}
+        choice: dict = {"index": index, "finish_reason": finish_reason}
         if self.kind.chat:
             choice["delta"] = delta if isinstance(delta, dict) else (
                 {"content": delta} if delta else {})

@@ -13,7 +13,7 @@ from ukgpu.kernel.api import unsupported
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.structured import response_format_property
 
-_N_HINT = "This server generates exactly one choice per request: send n=1 or omit it."
+MAX_CHOICES = 8  # n: choices per request (each takes a KV slot; more than the engine has is a 400)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def sampling_properties(facts: ModelFacts, limits: ApiLimits) -> dict:
             ],
             "x-hint": "Send a non-empty string or a list of at most 4 non-empty strings.",
         },
-        "n": _int(1, 1, nullable=True, default=1, **{"x-hint": _N_HINT}),
+        "n": _int(1, MAX_CHOICES, nullable=True, default=1,
+                  description="Choices to generate, each in its own slot; at most the server's slots."),
         "stream": {"type": ["boolean", "null"], "default": False},
         "stream_options": {
             "type": ["object", "null"],

@@ -1,4 +1,4 @@
-"""logprobs through the official `openai` client against the real SmolLM2-135M model.
+"""logprobs and n > 1 through the official `openai` client against the real SmolLM2-135M model.
 
 Each reported logprob is checked against the log-softmax of logits computed here directly
 with `Model.forward` over the same token ids (greedy answers: the sampled token is the argmax,
@@ -27,7 +27,7 @@ CHAT = [{"role": "user", "content": "Name three fruits."}]
 def engine(smollm2_path):
     from ukgpu.llama_core.engine import Engine
 
-    return Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=2)
+    return Engine.load(smollm2_path, backend="cpu", n_ctx=N_CTX, n_slots=3)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,33 @@ def test_completion_logprobs_are_log_softmax_of_the_logits(oai, engine, stream):
               for b in blocks for tok, lp, top in zip(b.tokens, b.token_logprobs, b.top_logprobs)]
     ids = engine.tokenizer.encode(prompt, add_special=True)
     check(engine, greedy_reference(engine, ids, len(tokens)), tokens, 2)
+
+
+def test_n_choices_greedy_are_identical_and_sampled_have_indices(oai):
+    greedy = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, n=3,
+                                         temperature=0)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1
+    single = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS,
+                                         temperature=0)
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counted once
+    sampled = oai.completions.create(model=MODEL, prompt="My favourite word is", max_tokens=8, n=3,
+                                     temperature=1.5, seed=11)
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
+    assert len({c.text for c in sampled.choices}) > 1  # seeds 11, 12, 13 at a high temperature
+    again = oai.completions.create(model=MODEL, prompt="My favourite word is", max_tokens=8, n=3,
+                                   temperature=1.5, seed=11)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+
+
+def test_n_choices_stream(oai):
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, n=2,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] != ""
+    assert chunks[-1].usage.completion_tokens > 0

@@ -141,6 +141,12 @@ def fake_params(body: dict, logprobs: int | None = None) -> dict:
     return {**{k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed")}, "logprobs": logprobs}
 
 
+def fake_seeded(params: dict, index: int) -> dict:
+    seed = params.get("seed")
+    return {**params, "seed": None if seed is None else seed + index}
+
+
 def use_fakes(monkeypatch) -> None:
     """Route sampling parameters to the fake above (the fake engine has no sampler)."""
     monkeypatch.setattr(engine_facts, "sampling_params", fake_params)
+    monkeypatch.setattr(engine_facts, "seeded", fake_seeded)

@@ -96,3 +96,36 @@ def test_openapi_publishes_the_limits(url):
     assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
     assert "boolean" in chat["logprobs"]["type"]
     assert (completion["logprobs"]["minimum"], completion["logprobs"]["maximum"]) == (0, 5)
+
+
+def test_n_choices_each_have_their_index(oai, engine):
+    out = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content  # the fake is deterministic
+    assert out.usage.completion_tokens == 6
+    assert out.usage.prompt_tokens == len(engine.chat_ids(CHAT))  # the prompt counted once
+
+
+def test_n_choices_stream_with_their_index(oai):
+    chunks = list(oai.completions.create(model=MODEL, prompt="abc", max_tokens=3, n=2, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts[0] == texts[1] and len(texts[0]) == 3
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_seeds_differ_per_choice(url, engine):
+    seen = []
+    engine.start = _recording(engine.start, seen)
+    httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "seed": 5,
+                                              "max_tokens": 1}, timeout=10).raise_for_status()
+    assert sorted(p["seed"] for p in seen) == [5, 6]
+
+
+def _recording(start, seen):
+    def wrapped(prompt_ids, params, max_tokens, stop):
+        seen.append(params)
+        return start(prompt_ids, params, max_tokens, stop)
+    return wrapped

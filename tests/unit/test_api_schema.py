@@ -56,8 +56,9 @@ def test_missing_required_field_is_named():
     assert rejects({"model": "m"}).param == "prompt"
 
 
-def test_hint_explains_n():
-    assert "one choice" in rejects({"model": "m", "prompt": "x", "n": 3}).message
+def test_n_is_bounded():
+    assert rejects({"model": "m", "prompt": "x", "n": schema.MAX_CHOICES + 1}).param == "n"
+    assert validate(COMPLETION, {"model": "m", "prompt": "x", "n": schema.MAX_CHOICES})["n"] == schema.MAX_CHOICES
 
 
 def test_prompt_forms_accepted():

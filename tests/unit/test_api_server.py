@@ -143,9 +143,9 @@ def test_bad_fields_are_400_with_param(client, body, param):
     assert_error(complete(client, **body), 400, param=param)
 
 
-def test_n_above_one_says_why(client):
-    err = assert_error(complete(client, prompt="x", n=2), 400, param="n")
-    assert "one choice" in err["message"]
+def test_n_above_the_slots_says_why(client, engine):
+    err = assert_error(complete(client, prompt="x", n=engine.n_slots + 1), 400, param="n")
+    assert "slots" in err["message"]
 
 
 def test_malformed_json_and_non_objects(client):
