@@ -67,14 +67,16 @@ def _result(object_name: str, choice: dict) -> dict:
             "object": {"type": "string", "enum": [object_name]},
             "created": _COUNT,
             "model": {"type": "string"},
-            "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
+            "choices": {"type": "array", "items": choice, "minItems": 1,
+                        "maxItems": schema.MAX_CHOICES},  # n of them
             "usage": _USAGE,
         },
     }
 
 
 def _choice(extra: dict) -> dict:
-    props = {"index": {"type": "integer", "enum": [0]}, "finish_reason": _FINISH, **extra}
+    props = {"index": {"type": "integer", "minimum": 0, "maximum": schema.MAX_CHOICES - 1},
+             "finish_reason": _FINISH, **extra}
     return {"type": "object", "required": sorted(props), "properties": props}
 
 
