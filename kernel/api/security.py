@@ -61,6 +61,14 @@ def policy_for(bind_host: str, api_key: str | None = None, allowed_hosts=(),
     return Policy(api_key or None, hosts, tuple(o.rstrip("/").lower() for o in allowed_origins))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def _is_wildcard(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_unspecified

@@ -249,3 +249,12 @@ def test_boot_passes_the_key_file_to_the_guest_command_line(tmp_path, monkeypatc
     assert "api_key" not in " ".join(no_key)
     with pytest.raises(qemu.BootError, match="without spaces"):
         qemu.qemu_command(image, qemu.BootOptions(api_key="a b"), port=1)
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(capsys):
+    serve_cmd.security_policy(_args(host="0.0.0.0"), env={})
+    assert "without an API key" in capsys.readouterr().err
+    for quiet in (_args(host="0.0.0.0", api_key="k"), _args(host="127.0.0.1"), _args(host="::1"),
+                  _args(host="localhost")):
+        serve_cmd.security_policy(quiet, env={})
+        assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ukgpu.llama_core.models import registry
@@ -51,6 +52,9 @@ def security_policy(args: argparse.Namespace, env=os.environ):
         key = security.resolve_key(args.api_key, args.api_key_file, env)
     except ValueError as exc:
         raise SystemExit(f"ukgpu serve: error: {exc}") from None
+    if key is None and not security.is_loopback(args.host):
+        print(f"ukgpu serve: warning: listening on {args.host} without an API key: anyone who can "
+              "reach the port can use the model; give --api-key or --api-key-file", file=sys.stderr)
     return security.policy_for(args.host, key, args.allowed_host, args.allowed_origin)
 
 
