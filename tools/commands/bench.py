@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.synthetic import SHAPES
+from ukgpu.tools import argtypes
 
 EPILOG = """\
 Tests are named like llama-bench: ppN = N prompt tokens in one forward pass, tgN = N
@@ -52,13 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="interpreter whose llama_cpp to use (default: this one if it has llama_cpp)")
     parser.add_argument("--llama-bench", metavar="PATH",
                         help="llama-bench binary to use for the peers (default: llama_cpp, else one on PATH)")
-    parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (ppN), default 512")
-    parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tgN), default 128")
-    parser.add_argument("-r", "--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the repeats (default 1)")
-    parser.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("-p", "--n-prompt", type=argtypes.positive, default=512,
+                        help="prompt tokens (ppN), default 512")
+    parser.add_argument("-n", "--n-gen", type=argtypes.positive, default=128,
+                        help="generated tokens (tgN), default 128")
+    parser.add_argument("-r", "--repeats", type=argtypes.positive, default=3,
+                        help="timed repeats after one warm-up (default 3)")
+    parser.add_argument("--warmup", type=argtypes.non_negative, default=1,
+                        help="untimed runs before the repeats (default 1)")
+    parser.add_argument("-t", "--threads", type=argtypes.int_in(1, 1024), default=len(os.sched_getaffinity(0)),
                         help="threads for ukgpu (numba) and the peer alike (default: usable cores)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt ids and synthetic weights seed")
+    parser.add_argument("--seed", type=argtypes.non_negative, default=0, help="prompt ids and synthetic weights seed")
     parser.add_argument("--no-kernels", action="store_true", help="skip per-kernel timings and ceilings")
     parser.add_argument("--image", type=Path, metavar="DIR", help="also time boot-to-READY of this image")
     parser.add_argument("-o", "--output", type=Path, help="write the results JSON here")

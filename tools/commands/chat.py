@@ -15,7 +15,7 @@ import sys
 
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.errors import UkgpuError
-
+from ukgpu.tools import argtypes
 from ukgpu.tools.commands.generate import (
     add_model_args,
     add_sampling_args,
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="talk with a model interactively (/exit leaves)")
     add_model_args(parser)
     add_sampling_args(parser)
-    parser.add_argument("-n", "--n-predict", type=int, default=512, metavar="N",
+    parser.add_argument("-n", "--n-predict", type=argtypes.positive, default=512, metavar="N",
                         help="reply length limit in tokens (default 512)")
     parser.add_argument("--system", default=None, help="a system message opening the conversation")
     parser.set_defaults(func=_chat)

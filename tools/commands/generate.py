@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from ukgpu.llama_core.engine import Engine, Stats
 from ukgpu.llama_core.sampling import SamplingParams
+from ukgpu.tools import argtypes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="complete a prompt with a model (streams tokens)")
     add_model_args(parser)
     parser.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads stdin)")
-    parser.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
+    parser.add_argument("-n", "--n-predict", type=argtypes.positive, default=128, metavar="N",
                         help="tokens to generate at most (default 128)")
     add_sampling_args(parser)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -29,22 +31,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a known model name (`ukgpu models list`) or a .gguf path")
     parser.add_argument("--backend", choices=("cpu", "auto", "cuda"), default="auto",
                         help="auto: CUDA when usable, else the CPU (default)")
-    parser.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens")
-    parser.add_argument("-t", "--threads", type=int, default=None,
+    parser.add_argument("-c", "--ctx", type=argtypes.ctx, default=2048, help="context size in tokens")
+    parser.add_argument("-t", "--threads", type=argtypes.int_in(1, 1024), default=None,
                         help="CPU threads for the matmul kernels (default: all cores)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="0 turns it off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1 turns it off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="0 turns it off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 turns it off (default)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="penalty window (-1: all)")
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--temp", type=argtypes.float_in(0.0), default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=argtypes.non_negative, default=40, help="0 turns it off (default 40)")
+    g.add_argument("--top-p", type=argtypes.float_in(0.0, 1.0), default=0.95, help="1 turns it off (default 0.95)")
+    g.add_argument("--min-p", type=argtypes.float_in(0.0, 1.0), default=0.05, help="0 turns it off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=argtypes.float_in(0.0, above=True), default=1.0,
+                   help="1 turns it off (default)")
+    g.add_argument("--repeat-last-n", type=argtypes.int_in(-1), default=64, help="penalty window (-1: all)")
+    g.add_argument("--presence-penalty", type=argtypes.float_in(-2.0, 2.0), default=0.0)
+    g.add_argument("--frequency-penalty", type=argtypes.float_in(-2.0, 2.0), default=0.0)
+    g.add_argument("--seed", type=argtypes.int_in(0, 2**64 - 1), default=None, help="makes sampling reproducible")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

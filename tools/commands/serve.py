@@ -8,21 +8,23 @@ import sys
 from pathlib import Path
 
 from ukgpu.llama_core.models import registry
+from ukgpu.tools import argtypes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
     parser.add_argument("-m", "--model", required=True, help="known model name or GGUF path")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
-    parser.add_argument("--slots", type=int, default=4, help="sequences generated in parallel")
-    parser.add_argument("--ctx", type=int, default=2048, help="context size per slot, in tokens")
+    parser.add_argument("--port", type=argtypes.port, default=8080, help="TCP port (default 8080)")
+    parser.add_argument("--slots", type=argtypes.int_in(1, 256), default=4, help="sequences generated in parallel")
+    parser.add_argument("--ctx", type=argtypes.ctx, default=2048, help="context size per slot, in tokens")
     parser.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=argtypes.positive, default=64,
                         help="requests that may wait for a slot before new ones get 429")
-    parser.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--max-body", type=argtypes.positive, default=1 << 20, help="largest request body, bytes")
+    parser.add_argument("--max-tokens", type=argtypes.positive, default=None,
                         help="largest max_tokens a request may ask for (default: the context)")
+    add_server_limits(parser)
     add_security_options(parser)
     parser.set_defaults(func=_serve)
 
@@ -37,6 +39,32 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="let web pages from this origin (scheme://host[:port]) call the API "
                         "(repeatable; default: none)")
+
+
+def add_server_limits(parser: argparse.ArgumentParser) -> None:
+    """Prompt and connection limits (kernel/api/limits.py says why each exists)."""
+    from ukgpu.kernel.api.limits import ServerLimits
+
+    d = ServerLimits()
+    parser.add_argument("--max-prompt-chars", type=argtypes.positive, default=None, metavar="N",
+                        help="refuse longer prompts before tokenizing (default: the context times "
+                        "the longest vocabulary entry, which no prompt that fits exceeds)")
+    parser.add_argument("--max-connections", type=argtypes.positive, default=d.max_connections,
+                        help=f"connections served at once; a request on one more gets 503 "
+                        f"(default {d.max_connections})")
+    parser.add_argument("--header-timeout", type=argtypes.seconds, default=d.header_timeout, metavar="S",
+                        help=f"seconds for a request's line and headers to arrive (default {d.header_timeout:g})")
+    parser.add_argument("--body-timeout", type=argtypes.seconds, default=d.body_timeout, metavar="S",
+                        help=f"seconds for a request's body to arrive (default {d.body_timeout:g})")
+    parser.add_argument("--keep-alive", type=argtypes.seconds, default=d.keep_alive, metavar="S",
+                        help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive:g})")
+
+
+def server_limits(args: argparse.Namespace):
+    from ukgpu.kernel.api.limits import ServerLimits
+
+    return ServerLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, keep_alive=args.keep_alive)
 
 
 def model_id(name_or_path: str) -> str:
@@ -69,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         return Engine.load(path, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
 
     limits = ApiLimits(max_body_bytes=args.max_body, max_queue=args.max_queue,
-                       max_tokens=args.max_tokens)
+                       max_tokens=args.max_tokens, max_prompt_chars=args.max_prompt_chars)
     app = create_app(load, limits, model_id=model_id(args.model), policy=security_policy(args))
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, limits=server_limits(args))
     return 0
