@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from ukgpu.kernel.api import engine_facts, generation, logprobs, openapi, schema, security, structured
+from ukgpu.kernel.api.body_text import check_text
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
 from ukgpu.kernel.api.limits import ApiLimits
@@ -114,6 +115,7 @@ async def read_json(request: Request, limit: int) -> dict:
                           code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object.", code="invalid_json")
+    check_text(body)  # a lone surrogate is not text: 400 before anything echoes or tokenizes it
     return body
 
 

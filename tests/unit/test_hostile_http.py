@@ -206,3 +206,17 @@ def test_fuzzed_connections_settle_and_normal_requests_stay_fast(server):
         assert normal_request_time(url) < 1.0  # during the attack
         settle(socks, 3.0)
     assert normal_request_time(url) < 1.0  # after it
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"model": "\\ud800", "prompt": "hi"}', "model"),
+    (b'{"model": "fake-model", "prompt": ["ok", "x\\udfff"]}', "prompt[1]"),
+    (b'{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, raw, param):
+    _, url, _ = server
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    r = httpx.post(url + path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == (param, "invalid_text", "invalid_request_error")
