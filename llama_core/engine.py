@@ -332,12 +332,13 @@ class Engine:
         """`generate` on the model's chat template applied to messages."""
         return self.generate(self.chat_ids(messages), params, max_tokens, stop)
 
-    def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
+    def chat_ids(self, messages: Seq[Mapping[str, Any]], **context: Any) -> list[int]:
         """The chat template applied to messages, as ids (`ChatTemplateError` if it refuses): the
-        one path for chat prompts.  It touches no slot, so it may run off the stepping thread."""
+        one path for chat prompts.  It touches no slot, so it may run off the stepping thread.
+        context: more template variables, e.g. tools=[function definitions]."""
         from ukgpu.llama_core.text.chat import chat_ids
 
-        return chat_ids(self.tokenizer, self.gguf, messages)  # special-token text in messages stays text
+        return chat_ids(self.tokenizer, self.gguf, messages, **context)  # special-token text stays text
 
     # --- internals ---------------------------------------------------------
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:

@@ -28,7 +28,6 @@ import numpy as np
 
 from ukgpu.llama_core.errors import UkgpuError
 
-_JSON_OPTIONS = {"whitespace_flexible": False}
 _ANY_OBJECT = {"type": "object"}
 _tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tokenizer -> LLTokenizer
 _tokenizers_lock = threading.Lock()
@@ -93,7 +92,8 @@ class GrammarSpec:
 
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema if schema is not None else _ANY_OBJECT), overrides=_JSON_OPTIONS)
+                json.dumps(schema if schema is not None else _ANY_OBJECT),
+                overrides={"whitespace_flexible": False})  # compact JSON: see the module docstring
         except (ValueError, TypeError) as exc:
             raise GrammarError(f"the JSON schema is not usable: {exc}") from None
         return cls(tokenizer, grammar)

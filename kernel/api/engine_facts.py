@@ -21,12 +21,13 @@ def model_facts(engine: ServedEngine, model_id: str) -> ModelFacts:
                       vocab_size=int(engine.tokenizer.vocab_size))
 
 
-def chat_ids(engine: ServedEngine, messages: list[dict]) -> list[int]:
-    """The engine's chat prompt ids for `messages`; a template refusal is a 400."""
+def chat_ids(engine: ServedEngine, messages: list[dict], **context: Any) -> list[int]:
+    """The engine's chat prompt ids for `messages` (context: template variables such as
+    tools); a template refusal is a 400."""
     from ukgpu.llama_core.text.chat import ChatTemplateError
 
     try:
-        return list(engine.chat_ids(messages))
+        return list(engine.chat_ids(messages, **context))
     except ChatTemplateError as exc:
         raise bad_request(f"The model's chat template refused the messages: {exc}", "messages",
                           "chat_template_error") from None

@@ -93,9 +93,9 @@ class ServedEngine(Protocol):
     @property
     def backend_note(self) -> str: ...  # why that backend (a fallback says so)
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The chat template applied to messages, as prompt ids; raises
-        `ChatTemplateError` when the template refuses them."""
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]], **context: Any) -> list[int]:
+        """The chat template applied to messages (and template variables such as tools), as
+        prompt ids; raises `ChatTemplateError` when the template refuses them."""
         ...
 
     def room(self, n_prompt: int, max_tokens: int = 1) -> int:

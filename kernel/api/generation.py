@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ukgpu.kernel.api import engine_facts, logprobs
+from ukgpu.kernel.api import engine_facts, logprobs, structured
 from ukgpu.kernel.api.engine_protocol import ServedEngine, TokenEvent
 from ukgpu.kernel.api.errors import ApiError, bad_request, error_body
 from ukgpu.kernel.api.limits import ApiLimits
@@ -52,7 +52,8 @@ def prompt_ids(engine: ServedEngine, kind: Kind, body: dict) -> list[int]:
     """Token ids of the prompt (chat: the engine's own `chat_ids`).  Runs in a request thread:
     tokenizing a long prompt must not hold up the scheduler's."""
     if kind.chat:
-        ids = engine_facts.chat_ids(engine, [_plain_message(m) for m in body["messages"]])
+        ids = engine_facts.chat_ids(engine, [_plain_message(m) for m in body["messages"]],
+                                    **structured.template_context(body))
     else:
         prompt = body["prompt"]
         if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -75,7 +76,7 @@ def _plain_message(message: dict) -> dict:
     content = message["content"]
     if isinstance(content, list):
         content = "".join(part["text"] for part in content)
-    return {"role": message["role"], "content": content}
+    return structured.template_message(message, content)
 
 
 def max_new_tokens(engine: ServedEngine, kind: Kind, body: dict, n_prompt: int,
@@ -115,8 +116,9 @@ class Generation:
     """
 
     def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict,
-                 want_logprobs: bool = False, n: int = 1) -> None:
+                 want_logprobs: bool = False, n: int = 1, tools: bool = False) -> None:
         self.scheduler = scheduler
+        self.tools = tools  # parse chat replies for tool calls (structured.tools_on)
         self.want_logprobs = want_logprobs
         self.kind = kind
         self.model_id = model_id
@@ -206,6 +208,9 @@ class Generation:
             choice: dict = {"index": index, "finish_reason": outcome.finish_reason}
             if self.kind.chat:
                 choice["message"] = {"role": "assistant", "content": outcome.text}
+                if self.tools:
+                    called = structured.tool_message(choice["message"], outcome.text)
+                    choice["finish_reason"] = called or outcome.finish_reason
             else:
                 choice.update(text=outcome.text, logprobs=None)
             if self.want_logprobs:
@@ -231,6 +236,11 @@ class Generation:
                 break
             outcome = outcomes[index]
             new = self._absorb(outcome, item)
+            if self.tools:  # held until the reply is whole: only then is it a call or text
+                if outcome.finish_reason:
+                    delta, called = structured.final_delta(outcome.text)
+                    yield _event(self._chunk(index, delta, called or outcome.finish_reason))
+                continue
             if new or outcome.finish_reason or len(outcome.logprobs) > outcome.n_sent:
                 yield _event(self._chunk(index, new, outcome.finish_reason,
                                          self._fresh_logprobs(outcome)))

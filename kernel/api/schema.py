@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ukgpu.kernel.api import unsupported
 from ukgpu.kernel.api.limits import ApiLimits
-from ukgpu.kernel.api.structured import response_format_property
+from ukgpu.kernel.api.structured import message_tool_properties, response_format_property, tools_properties
 
 MAX_CHOICES = 8  # n: choices per request (each takes a KV slot; more than the engine has is a 400)
 
@@ -119,9 +119,11 @@ def chat_request(facts: ModelFacts, limits: ApiLimits) -> dict:
         "type": "object",
         "required": ["role", "content"],
         "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": {"anyOf": [_text(limits), {"type": "array", "items": part, "minItems": 1}]},
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {"anyOf": [_text(limits), {"type": "array", "items": part, "minItems": 1},
+                                  {"type": "null"}]},  # null: an assistant message with tool_calls
             "name": {"type": "string"},
+            **message_tool_properties(),
         },
     }
     props = {
@@ -133,6 +135,7 @@ def chat_request(facts: ModelFacts, limits: ApiLimits) -> dict:
                      "description": "Report each generated token's logprob."},
         "top_logprobs": _int(0, 20, nullable=True,
                              description="Alternatives per token (needs logprobs: true)."),
+        **tools_properties(),
     }
     return {"type": "object", "required": ["model", "messages"], "properties": props}
 

@@ -116,3 +116,68 @@ def test_unsupported_schema_is_400_naming_response_format(oai):
         oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4,
                                     response_format={"type": "yaml"})  # type: ignore[arg-type]
     assert info.value.body["param"] == "response_format.type"
+
+
+# --- tools (Qwen2.5-Coder-0.5B: its chat template renders tools) ------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"type": "string", "maxLength": 20}}}}}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen05_path):
+    from ukgpu.llama_core.engine import Engine
+
+    engine = Engine.load(qwen05_path, backend="cpu", n_ctx=1024, n_slots=1)
+    with background(create_app(engine, ApiLimits(), model_id="qwen")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=180)
+        yield client
+        client.close()
+
+
+def _one_call(choice, tool):
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    return call
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_constrained_tool_call_validates(qwen, tool_choice):
+    reply = qwen.chat.completions.create(model="qwen", messages=WEATHER_ASK, tools=[WEATHER, TIME],
+                                         tool_choice=tool_choice, temperature=0, max_tokens=60)
+    _one_call(reply.choices[0], TIME if isinstance(tool_choice, dict) else WEATHER)
+
+
+def test_streamed_tool_call_and_the_answer_after_it(qwen):
+    chunks = list(qwen.chat.completions.create(model="qwen", messages=WEATHER_ASK, tools=[WEATHER],
+                                               tool_choice="required", temperature=0, max_tokens=60,
+                                               stream=True))
+    calls = [c for ch in chunks if ch.choices for c in (ch.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    args = json.loads(calls[0].function.arguments)
+    history = WEATHER_ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0].id, "type": "function",
+             "function": {"name": "get_weather", "arguments": calls[0].function.arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature_c": 21, "sky": "clear"}'}]
+    reply = qwen.chat.completions.create(model="qwen", messages=history, tools=[WEATHER], tool_choice="none",
+                                         temperature=0, max_tokens=40)
+    assert args["city"] and reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+    assert "21" in reply.choices[0].message.content  # the tool's result reached the prompt
+
+
+def test_auto_tool_choice_parses_the_models_own_call(qwen):
+    """Unconstrained: the model writes the call in its template's format, which is parsed."""
+    reply = qwen.chat.completions.create(model="qwen", messages=WEATHER_ASK, tools=[WEATHER],
+                                         temperature=0, max_tokens=60)
+    assert _one_call(reply.choices[0], WEATHER).function.arguments

@@ -312,10 +312,12 @@ def test_disconnect_while_waiting_frees_the_slot(url, engine):
     assert engine.released[0].n < 30
 
 
+@pytest.mark.parametrize("limits", [ApiLimits(max_body_bytes=4096, max_queue=8, max_tokens=32)])
 def test_the_engine_alone_sets_the_slot_count(url, engine):
     """ApiLimits has no slot count of its own (a larger one let the scheduler start more
     sequences than the engine had slots, and the extra request got a 500): the scheduler
-    takes the engine's, and requests beyond it wait in the queue."""
+    takes the engine's, and requests beyond it wait in the queue (deep enough here that all
+    of them can arrive before the scheduler admits any, so no 429 can occur)."""
     with pytest.raises(TypeError):
         ApiLimits(n_slots=engine.n_slots + 1)
     engine.delay = 0.02

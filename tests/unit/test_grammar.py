@@ -70,7 +70,8 @@ def test_masked_random_walk_is_always_valid_json(tokenizer):
     """Uniform logits: whatever the draw, the masked choice keeps the text inside the schema, and
     it ends with an end-of-generation token once the object closes."""
     for seed in range(3):
-        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, grammar=GrammarSpec.json_schema(tokenizer, SCHEMA)))
+        grammar = GrammarSpec.json_schema(tokenizer, SCHEMA)
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, grammar=grammar))
         ids: list[int] = []
         for _ in range(200):
             token = sampler(np.zeros(tokenizer.vocab_size, dtype=np.float32))
@@ -120,3 +121,54 @@ def test_bad_response_format_is_400_naming_it(tokenizer, fmt, param, code):
     assert info.value.status == 400
     body = info.value.body()["error"]
     assert (body["param"], body["code"]) == (param, code)
+
+
+# --- tool calls ----------------------------------------------------------------
+
+
+def test_qwen_tool_call_blocks_parse_with_arguments_as_json_text():
+    from ukgpu.llama_core.text.tool_calls import ToolCall, parse
+
+    text = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "now", "arguments": "{}"}</tool_call>')
+    assert parse(text) == ("Checking.", [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("now", "{}")])
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', "plain answer", '{"a": 1}',
+])
+def test_malformed_calls_stay_text(text):
+    from ukgpu.llama_core.text.tool_calls import parse
+
+    assert parse(text) == (text.strip(), [])
+
+
+def test_a_bare_call_object_counts():
+    from ukgpu.llama_core.text.tool_calls import ToolCall, parse
+
+    assert parse(' {"name": "f", "arguments": {"x": 1}}\n') == ("", [ToolCall("f", '{"x": 1}')])
+
+
+def test_streamed_tool_calls_carry_index_id_name_arguments():
+    delta, reason = structured.final_delta('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>')
+    assert reason == "tool_calls" and "content" not in delta
+    (call,) = delta["tool_calls"]
+    assert call["index"] == 0 and call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert structured.final_delta("hello") == ({"content": "hello"}, None)
+
+
+def test_history_tool_calls_reach_the_template_as_objects():
+    msg = {"role": "assistant", "content": None,
+           "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}
+    assert structured.template_message(msg, None)["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
+    assert structured.template_message({"role": "tool", "tool_call_id": "c1"}, "22")["tool_call_id"] == "c1"
+
+
+def test_named_tool_choice_must_be_a_listed_function():
+    body = {"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}
+    with pytest.raises(ApiError) as info:
+        structured.constrain(SimpleNamespace(tokenizer=None), body, SamplingParams())
+    assert info.value.body()["error"]["param"] == "tool_choice"
