@@ -168,8 +168,11 @@ def template_context(body: dict) -> dict:
 def _called_functions(body: dict) -> list[dict] | None:
     """The functions the reply must call one of (None: the reply is free)."""
     choice, tools = body.get("tool_choice"), body.get("tools") or []
-    if "messages" not in body or not tools or choice in (None, "none", "auto"):  # chat fields only
+    if "messages" not in body or choice in (None, "none", "auto"):  # chat fields only
         return None
+    if not tools:
+        raise bad_request("tool_choice 'required' or a named function needs the functions in "
+                          "'tools'; send tools or omit tool_choice.", "tool_choice", "invalid_value")
     functions = [t["function"] for t in tools]
     if choice == "required":
         return functions

@@ -172,3 +172,39 @@ def test_named_tool_choice_must_be_a_listed_function():
     with pytest.raises(ApiError) as info:
         structured.constrain(SimpleNamespace(tokenizer=None), body, SamplingParams())
     assert info.value.body()["error"]["param"] == "tool_choice"
+
+
+def test_forcing_a_call_needs_tools():
+    with pytest.raises(ApiError) as info:
+        structured.constrain(SimpleNamespace(tokenizer=None), {"messages": [], "tool_choice": "required"},
+                             SamplingParams())
+    assert info.value.body()["error"]["param"] == "tool_choice"
+
+
+def test_limits_are_published_in_the_request_schema():
+    from ukgpu.kernel.api.limits import ApiLimits
+    from ukgpu.kernel.api.schema import ModelFacts, chat_request, completion_request
+
+    chat = chat_request(ModelFacts("m", 64, 100), ApiLimits())["properties"]
+    assert chat["tools"]["maxItems"] == structured.MAX_TOOLS
+    schema = chat["response_format"]["properties"]["json_schema"]["properties"]["schema"]
+    assert schema["x-max-chars"] == structured.MAX_SCHEMA_CHARS
+    assert "response_format" in completion_request(ModelFacts("m", 64, 100), ApiLimits())["properties"]
+
+
+def test_a_grammar_keeps_the_engine_off_the_logit_free_greedy_path(smollm2, monkeypatch):
+    """decode_greedy (CUDA: an on-device argmax) returns no logits to mask: a grammar must not use it."""
+    from ukgpu.llama_core.engine import Engine
+
+    engine = Engine.load(smollm2, backend="cpu", n_ctx=128)
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("decode_greedy used under a grammar")
+
+    monkeypatch.setattr(engine.model.backend, "decode_greedy", no_logits)
+    schema = {"type": "object", "required": ["a"], "additionalProperties": False,
+              "properties": {"a": {"type": "boolean"}}}
+    spec = GrammarSpec.json_schema(engine.tokenizer, schema)
+    text = "".join(e.text for e in engine.generate(engine.chat_ids([{"role": "user", "content": "hi"}]),
+                                                   SamplingParams(temperature=0, grammar=spec), max_tokens=16))
+    assert json.loads(text) in ({"a": True}, {"a": False})
