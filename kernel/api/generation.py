@@ -239,7 +239,8 @@ class Generation:
             if self.tools:  # held until the reply is whole: only then is it a call or text
                 if outcome.finish_reason:
                     delta, called = structured.final_delta(outcome.text)
-                    yield _event(self._chunk(index, delta, called or outcome.finish_reason))
+                    yield _event(self._chunk(index, delta, called or outcome.finish_reason,
+                                             self._fresh_logprobs(outcome)))
                 continue
             if new or outcome.finish_reason or len(outcome.logprobs) > outcome.n_sent:
                 yield _event(self._chunk(index, new, outcome.finish_reason,

@@ -160,8 +160,9 @@ def test_constrained_tool_call_validates(qwen, tool_choice):
 def test_streamed_tool_call_and_the_answer_after_it(qwen):
     chunks = list(qwen.chat.completions.create(model="qwen", messages=WEATHER_ASK, tools=[WEATHER],
                                                tool_choice="required", temperature=0, max_tokens=60,
-                                               stream=True))
+                                               stream=True, logprobs=True))
     calls = [c for ch in chunks if ch.choices for c in (ch.choices[0].delta.tool_calls or [])]
+    assert chunks[-1].choices[0].logprobs.content  # the held reply's logprobs come with it
     assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     args = json.loads(calls[0].function.arguments)
