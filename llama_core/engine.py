@@ -30,6 +30,7 @@ import numpy as np
 
 from ukgpu.llama_core.backend import Backend, KVCache
 from ukgpu.llama_core.backend_choice import check_kind, cpu_fallback, open_backend
+from ukgpu.llama_core.embedding import embed
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.logprobs import TokenLogprob, token_logprob
@@ -331,6 +332,10 @@ class Engine:
              max_tokens: int = 256, stop: Seq[str] = ()) -> Iterator[TokenEvent]:
         """`generate` on the model's chat template applied to messages."""
         return self.generate(self.chat_ids(messages), params, max_tokens, stop)
+
+    def embed(self, ids: Seq[int]) -> np.ndarray:
+        """ids' pooled, unit-length embedding (`llama_core.embedding`); on the stepping thread."""
+        return embed(self.model, ids)
 
     def chat_ids(self, messages: Seq[Mapping[str, Any]], **context: Any) -> list[int]:
         """The chat template applied to messages, as ids (`ChatTemplateError` if it refuses): the

@@ -119,6 +119,22 @@ class Model:
         and replayed by the backend (`Backend.decode`): keep the capture contract of
         `ukgpu.llama_core.backend` when changing this code."""
         c, w, be = self.config, self.weights, self.backend
+        x = self._layers(tokens, start_pos, kv)
+        if not all_logits:
+            x = be.take_rows(x, slice(-1, None))  # [1, d]
+        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
+        return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+
+    def hidden_states(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> np.ndarray:
+        """float[n, d]: the final hidden state of each token after the output norm (what the
+        output matrix turns into logits), for embeddings.  Eager on every backend."""
+        c, w, be = self.config, self.weights, self.backend
+        return np.asarray(be.to_host(be.rmsnorm(self._layers(tokens, start_pos, kv),
+                                                w.output_norm, c.rms_eps)))
+
+    def _layers(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> Any:
+        """The residual stream [n, d] after every block, for tokens int[n] at start_pos.."""
+        w, be = self.weights, self.backend
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if start_pos + len(tokens) > kv.n_ctx:
             raise ContextOverflowError(
@@ -129,10 +145,7 @@ class Model:
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
                 return self._rope_attend(q, k, v, kv, i, start_pos)  # [n, H*hd]
             x = self._block(x, lw, attend)
-        if not all_logits:
-            x = be.take_rows(x, slice(-1, None))  # [1, d]
-        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
-        return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+        return x
 
     def forward_batch(self, tokens: np.ndarray, positions: list[int], kvs: list[KVCache]) -> np.ndarray:
         """One decode step of B sequences: token b at position positions[b] of cache kvs[b].

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ukgpu.kernel.api import engine_facts, generation, logprobs, openapi, schema, security, structured
+from ukgpu.kernel.api import embeddings, engine_facts, generation, logprobs, openapi, schema, security, structured
 from ukgpu.kernel.api.body_text import check_text
 from ukgpu.kernel.api.engine_protocol import ServedEngine
 from ukgpu.kernel.api.errors import ApiError, bad_request, model_failed, model_loading
@@ -229,12 +229,19 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         text = await run_in_threadpool(engine.tokenizer.decode, body["tokens"])
         return JSONResponse({"content": text})
 
+    async def embed(request: Request) -> Response:
+        body = await read_json(request, limits.max_body_bytes)
+        engine, scheduler = host.require_ready()
+        body = validate(embeddings.request_schema(host.facts, host.limits), body)
+        return await embeddings.respond(scheduler, engine, body, host.facts.model_id)
+
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(openapi.build(host.facts, limits))
 
     table = [
         ("/v1/completions", completions, ["POST"]),
         ("/v1/chat/completions", chat, ["POST"]),
+        ("/v1/embeddings", embed, ["POST"]),
         ("/v1/models", models, ["GET"]),
         ("/health", health, ["GET"]),
         ("/metrics", metrics, ["GET"]),

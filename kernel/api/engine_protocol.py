@@ -115,3 +115,7 @@ class ServedEngine(Protocol):
     def release(self, seq: Any) -> None:
         """Free the sequence's slot (idempotent)."""
         ...
+
+    def embed(self, ids: Sequence[int]) -> Any:
+        """float[d], unit length: the pooled embedding of ids (scheduler thread only)."""
+        ...

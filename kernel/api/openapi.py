@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ukgpu.kernel.api import schema
+from ukgpu.kernel.api import embeddings, schema
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.schema import ModelFacts
 
@@ -137,6 +137,19 @@ def _models_list() -> dict:
     }
 
 
+def _embeddings_list() -> dict:
+    vector = {"anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}
+    item = {"type": "object", "required": ["object", "index", "embedding"],
+            "properties": {"object": {"type": "string", "enum": ["embedding"]}, "index": _COUNT,
+                           "embedding": vector}}  # base64: little-endian float32
+    usage = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
+             "properties": {"prompt_tokens": _COUNT, "total_tokens": _COUNT}}
+    return {"type": "object", "required": ["object", "data", "model", "usage"],
+            "properties": {"object": {"type": "string", "enum": ["list"]},
+                           "data": {"type": "array", "items": item}, "model": {"type": "string"},
+                           "usage": usage}}
+
+
 def build(facts: ModelFacts, limits: ApiLimits) -> dict:
     completion = _result("text_completion", _choice({"text": {"type": "string"}}))
     message = {
@@ -155,6 +168,9 @@ def build(facts: ModelFacts, limits: ApiLimits) -> dict:
         "/v1/chat/completions": _generation(
             "Answer a conversation (the model's chat template)",
             schema.chat_request(facts, limits), chat),
+        "/v1/embeddings": _simple("post", "Embed texts or token ids (pooled, unit length)",
+                                  _json(_embeddings_list()),
+                                  embeddings.request_schema(facts, limits), (400, 413, 429, 500, 503)),
         "/v1/models": _simple("get", "The served model", _json(_models_list())),
         "/health": _health(),
         "/metrics": _simple("get", "Prometheus metrics", text),

@@ -74,6 +74,8 @@ class Job:
     deliver: Callable[[object], object]  # events | Finished | Failed; must not block
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq: Any = None  # the engine's sequence handle once started
+    task: Callable[[Any], object] | None = None  # instead of generating: one call on the engine,
+    # its result delivered (embeddings); it runs on this thread between steps and holds no slot
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -172,6 +174,12 @@ class Scheduler:
             return admitted
 
     def _start(self, job: Job) -> None:
+        if job.task is not None:
+            try:
+                _send(job, job.task(self.engine))
+            except Exception as exc:  # this task failed; others go on
+                _send(job, Failed(exc))
+            return
         try:
             job.seq = self.engine.start(job.prompt_ids, job.params, job.max_tokens, job.stop)
         except Exception as exc:  # the engine refused this request; others go on

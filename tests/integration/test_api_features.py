@@ -1,4 +1,4 @@
-"""logprobs and n > 1 through the official `openai` client against the real SmolLM2-135M model.
+"""logprobs, n > 1 and embeddings through the official `openai` client against the real SmolLM2-135M model.
 
 Each reported logprob is checked against the log-softmax of logits computed here directly
 with `Model.forward` over the same token ids (greedy answers: the sampled token is the argmax,
@@ -119,3 +119,23 @@ def test_n_choices_stream(oai):
             texts[choice.index] += choice.delta.content or ""
     assert texts[0] == texts[1] != ""
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_embeddings_equal_the_pooled_hidden_state(oai, engine):
+    texts = ["The cat sat on the mat", "Quarterly revenue grew"]
+    out = oai.embeddings.create(model=MODEL, input=texts)  # base64 on the wire, decoded by the client
+    floats = oai.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    m = engine.model
+    for text, item, plain in zip(texts, out.data, floats.data):
+        ids = engine.tokenizer.encode(text, add_special=True)
+        hidden = m.hidden_states(np.array(ids), 0, m.new_kv(len(ids))).astype(np.float64).mean(axis=0)
+        expected = hidden / np.linalg.norm(hidden)
+        np.testing.assert_allclose(item.embedding, expected, atol=1e-5)
+        np.testing.assert_allclose(plain.embedding, expected, atol=1e-5)
+    assert out.usage.prompt_tokens == sum(len(engine.tokenizer.encode(t, add_special=True)) for t in texts)
+
+
+def test_embeddings_refuse_dimensions(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.embeddings.create(model=MODEL, input="x", dimensions=16)
+    assert caught.value.body["param"] == "dimensions"

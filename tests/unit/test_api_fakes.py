@@ -118,6 +118,12 @@ class FakeEngine:
         self.live.discard(seq)
         self.released.append(seq)
 
+    def embed(self, ids: Sequence[int]) -> list[float]:
+        """A fixed 3-vector per input: (len, first id, last id), unit length."""
+        v = [float(len(ids)), float(ids[0]), float(ids[-1])]
+        norm = sum(x * x for x in v) ** 0.5
+        return [x / norm for x in v]
+
     def expected(self, prompt: str, n: int) -> str:
         total = sum(prompt.encode("utf-8"))
         return "".join(chr(ord("a") + (total + i) % 26) for i in range(n))

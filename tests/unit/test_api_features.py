@@ -129,3 +129,38 @@ def _recording(start, seen):
         seen.append(params)
         return start(prompt_ids, params, max_tokens, stop)
     return wrapped
+
+
+def test_embeddings_shapes_and_usage(oai, engine):
+    out = oai.embeddings.create(model=MODEL, input=["ab", "xyz"])
+    assert out.object == "list" and out.model == MODEL
+    assert [d.index for d in out.data] == [0, 1]
+    assert out.data[1].embedding == pytest.approx(engine.embed(list(b"xyz")))
+    assert out.usage.prompt_tokens == out.usage.total_tokens == 5
+
+
+def test_embeddings_of_token_ids_and_base64(oai, engine):
+    ids = oai.embeddings.create(model=MODEL, input=[[1, 2, 3], [4]], encoding_format="float")
+    assert ids.data[0].embedding == pytest.approx(engine.embed([1, 2, 3]))
+    # the client asks for base64 by default and decodes it to floats itself
+    b64 = oai.embeddings.create(model=MODEL, input=[7, 8])
+    assert b64.data[0].embedding == pytest.approx(engine.embed([7, 8]), abs=1e-6)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "a", "dimensions": 8}, "dimensions"),
+    ({"input": ["a"] * 65}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "a" * 65}, "input"),  # more tokens than the fake's 64-token context
+])
+def test_embeddings_limits_are_400s(url, body, param):
+    resp = httpx.post(url + "/v1/embeddings", json={"model": MODEL, **body}, timeout=10)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_openapi_publishes_embeddings(url):
+    doc = httpx.get(url + "/openapi.json", timeout=10).json()
+    props = _request_schema(doc, "/v1/embeddings")["properties"]
+    assert props["input"]["anyOf"][1]["maxItems"] == 64 and props["dimensions"]["enum"] == [None]

@@ -250,7 +250,7 @@ def test_models_tokenize_detokenize(client):
 
 def test_openapi_lists_every_endpoint(client):
     doc = client.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/models",
+    assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models",
                                  "/health", "/metrics", "/tokenize", "/detokenize",
                                  "/openapi.json"}
     schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]
