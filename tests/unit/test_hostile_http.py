@@ -3,8 +3,8 @@ request lines, headers and bodies, idle and surplus connections, pipelining, ove
 garbage.  Each connection is answered or closed within its deadline, no answer is a 5xx, the
 server logs no traceback, and a normal request still answers in under a second.
 
-Deadlines here are short (`LIMITS`) so the whole file runs in seconds; `fuzz_round` is shared
-with tests/integration/test_api_attacks.py, which runs it longer against the real model.
+Deadlines here are short (`LIMITS`) so the whole file runs in seconds; tests/fakes/http_attacks.py
+holds the attacks, shared with tests/integration/test_api_attacks.py (the real model, longer).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import socket
 import time
 
 import httpx
 import pytest
 from test_api_fakes import FakeEngine
 
+from tests.fakes.http_attacks import connect, fuzz_round, read_until_closed, settle, status_of
 from ukgpu.kernel.api import create_app
 from ukgpu.kernel.api.limits import ServerLimits
 from ukgpu.kernel.api.server import background
@@ -56,26 +56,6 @@ def server():
         for lg in loggers:
             lg.removeHandler(seen)
     assert not seen.records, [r.getMessage() for r in seen.records]
-
-
-def connect(addr) -> socket.socket:
-    sock = socket.create_connection(addr, timeout=5)
-    sock.settimeout(5)
-    return sock
-
-
-def read_until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes; and how long that took."""
-    t0, data = time.monotonic(), b""
-    sock.settimeout(within)
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data, time.monotonic() - t0
-
-
-def status_of(data: bytes) -> int | None:
-    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
 
 def normal_request_time(url: str) -> float:
@@ -165,44 +145,11 @@ def test_malformed_requests_get_a_4xx_not_a_hang(server, sent):
     assert took < 1.5
 
 
-def fuzz_round(addr, rng: random.Random, n: int) -> list[socket.socket]:
-    """Open n hostile connections (left for the server to settle); returns their sockets."""
-    socks = []
-    for _ in range(n):
-        sock = connect(addr)
-        cut = rng.randrange(len(REQUEST) + 1)
-        kind = rng.choice(["partial", "garbage", "pipelined", "idle", "halfclose", "whole"])
-        with contextlib.suppress(OSError):
-            if kind == "partial":
-                sock.sendall(REQUEST[:cut])
-            elif kind == "garbage":
-                sock.sendall(rng.randbytes(rng.randrange(1, 2000)))
-            elif kind == "pipelined":
-                sock.sendall(REQUEST * 2 + REQUEST[:cut])
-            elif kind == "halfclose":
-                sock.sendall(REQUEST[:cut])
-                sock.shutdown(socket.SHUT_WR)
-            elif kind == "whole":
-                sock.sendall(REQUEST)
-        socks.append(sock)
-    return socks
-
-
-def settle(socks: list[socket.socket], within: float) -> None:
-    """Every socket is answered or closed by the server within `within` seconds, never a 5xx."""
-    for sock in socks:
-        data, took = read_until_closed(sock, within)
-        for status in (int(line.split(b" ", 2)[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")):
-            assert status < 500 or status == 503, data[:300]
-        assert took < within, "a connection neither answered nor closed"
-        sock.close()
-
-
 def test_fuzzed_connections_settle_and_normal_requests_stay_fast(server):
     addr, url, _ = server
     rng = random.Random(1234)
     for _ in range(3):
-        socks = fuzz_round(addr, rng, 6)
+        socks = fuzz_round(addr, REQUEST, rng, 6)
         assert normal_request_time(url) < 1.0  # during the attack
         settle(socks, 3.0)
     assert normal_request_time(url) < 1.0  # after it
