@@ -7,7 +7,8 @@ slots.  Whether a prompt fits the context is the engine's to say as well (Engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,17 @@ class ServerLimits:
         for name in ("header_timeout", "body_timeout", "keep_alive"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerLimits.{name} must be > 0 seconds, got {getattr(self, name)}")
+
+
+def server_limits_from(options: Mapping[str, str]) -> ServerLimits:
+    """ServerLimits from text options (the guest's `ukgpu.max_connections=`, `ukgpu.header_timeout=`,
+    `ukgpu.body_timeout=`, `ukgpu.keep_alive=`); others are ignored, missing ones keep their default.
+    ValueError names the option when a value is not a number or out of range."""
+    values: dict[str, float | int] = {}
+    for f in fields(ServerLimits):
+        if f.name in options:
+            try:
+                values[f.name] = int(options[f.name]) if f.type == "int" else float(options[f.name])
+            except ValueError:
+                raise ValueError(f"{f.name}={options[f.name]!r} is not a number") from None
+    return ServerLimits(**values)  # type: ignore[arg-type]

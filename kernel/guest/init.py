@@ -20,6 +20,8 @@ Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
   ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|off
   ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
+  ukgpu.max_connections=<n>  ukgpu.header_timeout=<s>  ukgpu.body_timeout=<s>  ukgpu.keep_alive=<s>
+  (connection limits, kernel/api/limits.py ServerLimits; defaults suit a small VM)
   ip=<addr>::<gw>:<netmask>::<dev>:off | ip=off
 """
 
@@ -209,12 +211,18 @@ class Guest:
 
         from ukgpu.kernel.api import security
         from ukgpu.kernel.api.app import create_app
+        from ukgpu.kernel.api.limits import server_limits_from
         from ukgpu.kernel.api.server import config
+
+        try:
+            limits = server_limits_from(self.cfg.extra)
+        except ValueError as exc:
+            raise InitError(f"bad kernel command line parameter: {exc}") from None
 
         # clients arrive through QEMU's port forward with Host 127.0.0.1:<host port>: a local name
         policy = security.policy_for("0.0.0.0", self.cfg.extra.get("api_key"))
         app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy)
-        self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning"))
+        self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning", limits))
         thread = threading.Thread(target=self.server.run, name="ukgpu-http", daemon=True)
         thread.start()
         while not self.server.started:

@@ -167,3 +167,13 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(server, raw, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert (err["param"], err["code"], err["type"]) == (param, "invalid_text", "invalid_request_error")
+
+
+def test_guest_options_set_the_connection_limits():
+    from ukgpu.kernel.api.limits import server_limits_from
+
+    limits = server_limits_from({"max_connections": "10", "header_timeout": "2.5", "api_key": "k"})
+    assert (limits.max_connections, limits.header_timeout, limits.body_timeout) == (10, 2.5, 60.0)
+    for bad in ({"keep_alive": "soon"}, {"max_connections": "0"}, {"body_timeout": "-1"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            server_limits_from(bad)
