@@ -44,74 +44,77 @@ def timeout_response(seconds: float) -> bytes:
     return head + body
 
 
-def deadline_protocol(limits: ServerLimits) -> type[H11Protocol]:
-    """An `H11Protocol` subclass enforcing `limits.header_timeout` and `limits.body_timeout`."""
+class DeadlineH11Protocol(H11Protocol):
+    """H11Protocol with the header and body deadlines of `limits` (see the module docstring)."""
 
-    class DeadlineH11Protocol(H11Protocol):
-        _timer: asyncio.TimerHandle | None = None
-        _timer_kind: str | None = None  # "headers" | "body" while a deadline runs
-        _got_bytes = False  # since the last response: an idle connection closes without a 408
+    limits = ServerLimits()
+    _timer: asyncio.TimerHandle | None = None
+    _timer_kind: str | None = None  # "headers" | "body" while a deadline runs
+    _got_bytes = False  # since the last response: an idle connection closes without a 408
 
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm("headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        waiting_headers = self.conn.their_state is h11.IDLE
+        super().handle_events()
+        if waiting_headers and self.conn.their_state is h11.SEND_BODY:
+            self._arm("body")
+        elif waiting_headers and self.conn.their_state is not h11.IDLE:
+            self._disarm()  # a whole request without a body (or an error already answered)
+        elif self.conn.their_state is not h11.SEND_BODY and self._timer_kind == "body":
+            self._disarm()  # the body ended
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._got_bytes = False
             self._arm("headers")
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def _arm(self, kind: str) -> None:
+        self._disarm()
+        if kind == "body":
+            self._timer = self.loop.call_later(self.limits.body_timeout, self._body_late)
+        else:
+            self._timer = self.loop.call_later(self.limits.header_timeout, self._headers_late)
+        self._timer_kind = kind
 
-        def data_received(self, data: bytes) -> None:
-            self._got_bytes = True
-            super().data_received(data)
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_kind = None, None
 
-        def handle_events(self) -> None:
-            waiting_headers = self.conn.their_state is h11.IDLE
-            super().handle_events()
-            if waiting_headers and self.conn.their_state is h11.SEND_BODY:
-                self._arm("body")
-            elif waiting_headers and self.conn.their_state is not h11.IDLE:
-                self._disarm()  # a whole request without a body (or an error already answered)
-            elif self.conn.their_state is not h11.SEND_BODY and self._timer_kind == "body":
-                self._disarm()  # the body ended
+    def _headers_late(self) -> None:
+        self._timer, self._timer_kind = None, None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self._got_bytes:
+            log.warning("%s: request headers not complete after %g s; answered 408",
+                        _peer(self), self.limits.header_timeout)
+            self.transport.write(timeout_response(self.limits.header_timeout))
+        self.transport.close()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._got_bytes = False
-                self._arm("headers")
+    def _body_late(self) -> None:
+        self._timer, self._timer_kind = None, None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        log.warning("%s: request body not complete after %g s; connection closed",
+                    _peer(self), self.limits.body_timeout)
+        self.transport.close()
 
-        def _arm(self, kind: str) -> None:
-            self._disarm()
-            if kind == "body":
-                self._timer = self.loop.call_later(limits.body_timeout, self._body_late)
-            else:
-                self._timer = self.loop.call_later(limits.header_timeout, self._headers_late)
-            self._timer_kind = kind
 
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer, self._timer_kind = None, None
-
-        def _headers_late(self) -> None:
-            self._timer, self._timer_kind = None, None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-                return
-            if self._got_bytes:
-                log.warning("%s: request headers not complete after %g s; answered 408",
-                            _peer(self), limits.header_timeout)
-                self.transport.write(timeout_response(limits.header_timeout))
-            self.transport.close()
-
-        def _body_late(self) -> None:
-            self._timer, self._timer_kind = None, None
-            if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
-                return
-            log.warning("%s: request body not complete after %g s; connection closed",
-                        _peer(self), limits.body_timeout)
-            self.transport.close()
-
-    return DeadlineH11Protocol
+def deadline_protocol(limits: ServerLimits) -> type[H11Protocol]:
+    """A `DeadlineH11Protocol` subclass enforcing `limits` (uvicorn instantiates the class)."""
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"limits": limits})
 
 
 def _peer(protocol: H11Protocol) -> str:

@@ -38,7 +38,7 @@ class ServerLimits:
     max_connections: int = 64  # connections answered at once; a request on one more gets 503
     header_timeout: float = 10.0  # seconds from connect (or the last response) to the end of headers
     body_timeout: float = 60.0  # seconds from the end of headers to the end of the body
-    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
+    keep_alive: int = 5  # whole seconds an idle keep-alive connection stays open (uvicorn's default)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:

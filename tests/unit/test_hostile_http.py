@@ -24,7 +24,7 @@ from ukgpu.kernel.api.limits import ServerLimits
 from ukgpu.kernel.api.server import background
 
 MODEL = "fake-model"
-LIMITS = ServerLimits(max_connections=8, header_timeout=0.5, body_timeout=0.5, keep_alive=0.5)
+LIMITS = ServerLimits(max_connections=8, header_timeout=0.5, body_timeout=0.5, keep_alive=1)
 BODY = b'{"model": "fake-model", "prompt": "hi", "max_tokens": 2}'
 REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
            b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))

@@ -56,7 +56,7 @@ def add_server_limits(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds for a request's line and headers to arrive (default {d.header_timeout:g})")
     parser.add_argument("--body-timeout", type=argtypes.seconds, default=d.body_timeout, metavar="S",
                         help=f"seconds for a request's body to arrive (default {d.body_timeout:g})")
-    parser.add_argument("--keep-alive", type=argtypes.seconds, default=d.keep_alive, metavar="S",
+    parser.add_argument("--keep-alive", type=argtypes.positive, default=d.keep_alive, metavar="S",
                         help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive:g})")
 
 
