@@ -24,18 +24,25 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ukgpu.llama_core.errors import UkgpuError
-
+from ukgpu.kernel import manifest
 from ukgpu.kernel.image import (
     debs,
-    elf as image_elf,
     guest_closure,
-    vmlinux as image_kernel,
+)
+from ukgpu.kernel.image import (
+    elf as image_elf,
+)
+from ukgpu.kernel.image import (
     python_layout as image_python,
+)
+from ukgpu.kernel.image import (
     stage as image_stage,
 )
-from ukgpu.kernel import manifest
+from ukgpu.kernel.image import (
+    vmlinux as image_kernel,
+)
 from ukgpu.kernel.image.initramfs import Initramfs
+from ukgpu.llama_core.errors import UkgpuError
 
 BUILDER_VERSION = "1"
 DEFAULT_MODEL = "smollm2-135m"

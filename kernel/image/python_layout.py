@@ -26,8 +26,8 @@ import importlib.metadata as md
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.kernel.image.guest_closure import guest_files
+from ukgpu.llama_core.errors import UkgpuError
 
 PYTHON_DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
 LIB_DEBS = ("libc6", "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", "liblzma5",

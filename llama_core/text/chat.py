@@ -143,7 +143,8 @@ def render_chat(
     except ChatTemplateError:
         raise
     except jinja2.exceptions.SecurityError as exc:
-        raise ChatTemplateError(f"the chat template tried an unsafe operation ({exc}): use a trusted template") from None
+        raise ChatTemplateError(f"the chat template tried an unsafe operation ({exc}): "
+                                "use a trusted template") from None
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(
             f"the chat template refused these messages: {exc}; check the roles and their order"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+
 def _load_guest_builder():
     """vfio_guest/build.py under a name of its own (a plain `import build` could find pypa's)."""
     spec = importlib.util.spec_from_file_location("ukgpu_vfio_guest_build",

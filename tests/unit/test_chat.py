@@ -8,9 +8,9 @@ from datetime import datetime
 
 import pytest
 
-from ukgpu.llama_core.text.chat import ChatTemplateError, render_chat
 from ukgpu.llama_core.errors import TokenizerError
 from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.text.chat import ChatTemplateError, render_chat
 from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

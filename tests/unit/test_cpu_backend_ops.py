@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from ukgpu.llama_core.cpu import backend as cpu_backend
-from ukgpu.llama_core.backend import RopeConfig
 from ukgpu.llama_core.model import Model
 
 

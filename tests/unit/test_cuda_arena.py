@@ -7,8 +7,9 @@ import gc
 import numpy as np
 import pytest
 
-from ukgpu.gpu.cuda.driver import Driver, open_device
 from ukgpu.gpu.cuda.arena import ALIGN, BufferPool, CudaArenaExhausted, DeviceArena, DeviceBuffer
+from ukgpu.gpu.cuda.driver import Driver, open_device
+
 from fakes.cuda_driver import FakeDriver
 
 

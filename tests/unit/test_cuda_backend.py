@@ -9,12 +9,13 @@ import pytest
 
 from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
 from ukgpu.gpu.cuda.select import create_backend, model_kernels
-from fakes.tiny_models import SHAPES, write_model
 from ukgpu.gpu.cuda.verify_kernels import nmse
-from fakes.cuda_driver import FakeDriver
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.model import ContextOverflowError, Model
+
+from fakes.cuda_driver import FakeDriver
+from fakes.tiny_models import SHAPES, write_model
 
 PROMPT = np.array([3, 17, 99, 250, 4, 511, 0, 42, 77, 300, 12, 13], dtype=np.int64)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ukgpu.llama_core.gguf import quants
-from ukgpu.llama_core.models.config import expected_shapes
 from ukgpu.llama_core.errors import GGUFError
+from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.models.config import expected_shapes
 
 DIM, FFN, VOCAB, HEADS, KV_HEADS = 64, 96, 128, 4, 2
 
@@ -192,6 +192,7 @@ def test_block_device_size_comes_from_seeking_to_the_end(tmp_path, monkeypatch):
     """A model disk in the VM is a block device: st_size is 0 there, the real size is at SEEK_END."""
     import os
     import stat as stat_mod
+
     from ukgpu.llama_core.gguf import file as gguf_file
 
     p = tmp_path / "disk.bin"

@@ -14,10 +14,16 @@ import pytest
 
 from ukgpu.kernel.image import (
     debs,
-    elf as image_elf,
-    vmlinux as image_kernel,
-    python_layout as image_python,
     qemu,
+)
+from ukgpu.kernel.image import (
+    elf as image_elf,
+)
+from ukgpu.kernel.image import (
+    python_layout as image_python,
+)
+from ukgpu.kernel.image import (
+    vmlinux as image_kernel,
 )
 from ukgpu.kernel.image.build import Image
 from ukgpu.kernel.image.initramfs import Initramfs, InitramfsError

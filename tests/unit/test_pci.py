@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ukgpu.gpu.pci.config_space import ConfigError, parse_config
 from ukgpu.gpu.pci.sysfs import (
     PciBus,
     PciError,
@@ -18,7 +19,6 @@ from ukgpu.gpu.pci.sysfs import (
     normalize_bdf,
     parse_resource,
 )
-from ukgpu.gpu.pci.config_space import ConfigError, parse_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data" / "sysfs"))
 import sysfs_tree as tree  # noqa: E402

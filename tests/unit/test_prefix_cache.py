@@ -243,9 +243,10 @@ def test_the_scheduler_reports_cached_tokens(recorded):
 
 def test_reuse_on_the_cuda_backend_keeps_its_decode_graph(tmp_path):
     from ukgpu.gpu.cuda.select import create_backend
-    from fakes.tiny_models import SHAPES, write_model
-    from fakes.cuda_driver import FakeDriver
     from ukgpu.llama_core.gguf.file import open_gguf
+
+    from fakes.cuda_driver import FakeDriver
+    from fakes.tiny_models import SHAPES, write_model
 
     gguf = open_gguf(write_model(tmp_path / "tiny.gguf", SHAPES["tiny-llama"]))
 

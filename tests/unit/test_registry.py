@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ukgpu.llama_core.models import registry
 from ukgpu.llama_core.errors import ModelNotFoundError, PullError
+from ukgpu.llama_core.models import registry
 from ukgpu.llama_core.models.registry import KnownModel
 
 

@@ -9,9 +9,9 @@ import unicodedata
 import pytest
 
 from ukgpu.llama_core.errors import TokenizerError
+from ukgpu.llama_core.text.bpe import byte_alphabet
 from ukgpu.llama_core.text.pretokenize import PreTokenizer, _category_classes
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer, _clean_spaces
-from ukgpu.llama_core.text.bpe import byte_alphabet
 
 CONTROL, NORMAL, BYTE, USER = 3, 1, 6, 4
 

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_tokenizer_vocab import check_golden, check_vocab_facts
 
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
-
-from test_tokenizer_vocab import check_golden, check_vocab_facts
 
 VOCAB_DIR = Path(__file__).resolve().parent.parent / "data" / "vocab"
 

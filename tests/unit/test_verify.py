@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from fakes import cuda_kernels as cuda_fake_kernels
-from fakes.tiny_models import SHAPES, write_model
 from ukgpu.gpu.cuda.verify import EXIT_MISMATCH, EXIT_NO_GPU, EXIT_OK, VerifyOptions, run
-from fakes.cuda_driver import FakeDevice, FakeDriver
 from ukgpu.tools.cli import main
+
+from fakes import cuda_kernels as cuda_fake_kernels
+from fakes.cuda_driver import FakeDevice, FakeDriver
+from fakes.tiny_models import SHAPES, write_model
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ukgpu.kernel.image import build as image
 from ukgpu.kernel.guest.arena import parse_size
+from ukgpu.kernel.image import build as image
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     " 'id  piece' line per token; with --decode, print the text of the given ids.",
     )
     parser.add_argument("text", nargs="?", metavar="TEXT", help="text to tokenize (default: standard input)")
-    parser.add_argument("-m", "--model", default="smollm2-135m", help="known model name or .gguf path (default: %(default)s)")
+    parser.add_argument("-m", "--model", default="smollm2-135m",
+                        help="known model name or .gguf path (default: %(default)s)")
     parser.add_argument("--ids", action="store_true", help="print only the ids, on one line")
     parser.add_argument("--no-special", action="store_true",
                         help="add no BOS/EOS and read special-token texts such as <|im_end|> as plain text")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ukgpu.gpu.vfio.passthrough import qemu_vfio_args
 from ukgpu.gpu.pci.sysfs import human_size, normalize_bdf
 from ukgpu.gpu.vfio.device import describe, open_device
 from ukgpu.gpu.vfio.host import Plan, VfioHost
+from ukgpu.gpu.vfio.passthrough import qemu_vfio_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

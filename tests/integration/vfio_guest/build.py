@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ukgpu.kernel.image import debs
-from ukgpu.kernel.image.vmlinux import vmlinux_bytes
 from ukgpu.kernel.image.initramfs import Initramfs
+from ukgpu.kernel.image.vmlinux import vmlinux_bytes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]

@@ -97,10 +97,10 @@ def main() -> dict:
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs")
     sys.path.insert(0, "/opt")
-    from ukgpu.gpu.vfio.host import VfioHost
     import edu_check
 
     from ukgpu.gpu.vfio.device import VfioError, open_device
+    from ukgpu.gpu.vfio.host import VfioHost
 
     result = {"modules": load_modules()}
     bdf, *shared_edus = find_edus()
