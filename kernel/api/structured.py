@@ -151,12 +151,12 @@ def template_message(message: dict, content: str | None) -> dict:
 
 
 def _arguments(raw: Any) -> Any:
+    """JSON text as the object it holds; other text as given (the template prints it)."""
     if isinstance(raw, str):
         try:
             return json.loads(raw)
         except ValueError:
-            raise bad_request("An assistant message's tool_calls[].function.arguments must be a JSON "
-                              "object as text.", "messages", "invalid_value") from None
+            return raw
     return raw if raw is not None else {}
 
 

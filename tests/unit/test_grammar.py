@@ -208,3 +208,9 @@ def test_a_grammar_keeps_the_engine_off_the_logit_free_greedy_path(smollm2, monk
     text = "".join(e.text for e in engine.generate(engine.chat_ids([{"role": "user", "content": "hi"}]),
                                                    SamplingParams(temperature=0, grammar=spec), max_tokens=16))
     assert json.loads(text) in ({"a": True}, {"a": False})
+
+
+def test_history_arguments_that_are_not_json_reach_the_template_as_text():
+    msg = {"role": "assistant", "content": None,
+           "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "x=1"}}]}
+    assert structured.template_message(msg, None)["tool_calls"][0]["function"]["arguments"] == "x=1"
