@@ -176,7 +176,7 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
         job_args["params"] = await run_in_threadpool(structured.constrain, engine, body, job_args["params"])
         gen = generation.Generation(scheduler, kind, host.facts.model_id, job_args,
                                     want_logprobs=top_k is not None,
-                                    n=generation.choice_count(body, engine.n_slots),
+                                    n=body["n"] or 1,  # the schema bounds n by the slots
                                     tools=kind.chat and structured.tools_on(body))
         if body["stream"]:
             return gen.stream(bool((body.get("stream_options") or {}).get("include_usage")))

@@ -34,7 +34,7 @@ MAX_TOTAL_TOKENS = 16384
 
 
 def request_schema(facts: ModelFacts, limits: ApiLimits) -> dict:
-    ids = _token_ids(facts)
+    ids = {**_token_ids(facts), **({"maxItems": facts.n_ctx} if facts.n_ctx else {})}
     many = {"minItems": 1, "maxItems": MAX_INPUTS}
     return {"type": "object", "required": ["model", "input"], "properties": {
         "model": {"type": "string", "enum": [facts.model_id]},
@@ -60,7 +60,7 @@ def input_ids(engine: ServedEngine, body: dict) -> list[list[int]]:
     for i, ids in enumerate(inputs):
         if not ids or len(ids) > engine.n_ctx:
             raise bad_request(f"input {i} is {len(ids)} tokens; each input needs 1 to {engine.n_ctx} "
-                              "(the context): shorten or split it.", "input", "invalid_value")
+                              "(the context): shorten or split it.", "input", "context_length_exceeded")
     total = sum(len(ids) for ids in inputs)
     if total > MAX_TOTAL_TOKENS:
         raise bad_request(f"the inputs are {total} tokens in all; send at most {MAX_TOTAL_TOKENS} per "

@@ -17,7 +17,7 @@ from ukgpu.kernel.api.schema import ModelFacts
 
 
 def model_facts(engine: ServedEngine, model_id: str) -> ModelFacts:
-    return ModelFacts(model_id=model_id, n_ctx=int(engine.n_ctx),
+    return ModelFacts(model_id=model_id, n_ctx=int(engine.n_ctx), n_slots=int(engine.n_slots),
                       vocab_size=int(engine.tokenizer.vocab_size))
 
 

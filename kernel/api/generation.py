@@ -92,15 +92,6 @@ def max_new_tokens(engine: ServedEngine, kind: Kind, body: dict, n_prompt: int,
     return min(asked, room)
 
 
-def choice_count(body: dict, n_slots: int) -> int:
-    """The request's n; a 400 naming n when the engine has fewer slots (choices run at once)."""
-    n = body.get("n") or 1
-    if n > n_slots:
-        raise bad_request(f"n={n} choices need {n} slots but this server has {n_slots}; send n <= "
-                          f"{n_slots} or restart it with more --slots.", "n", "invalid_value")
-    return n
-
-
 def stop_list(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:

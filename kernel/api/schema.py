@@ -21,6 +21,7 @@ class ModelFacts:
     model_id: str
     n_ctx: int | None = None  # None while the model is loading
     vocab_size: int | None = None
+    n_slots: int | None = None  # bounds n (choices run at once, one slot each)
 
 
 def _int(lo: int, hi: int | None = None, *, nullable: bool = False, **extra) -> dict:
@@ -81,8 +82,10 @@ def sampling_properties(facts: ModelFacts, limits: ApiLimits) -> dict:
             ],
             "x-hint": "Send a non-empty string or a list of at most 4 non-empty strings.",
         },
-        "n": _int(1, MAX_CHOICES, nullable=True, default=1,
-                  description="Choices to generate, each in its own slot; at most the server's slots."),
+        "n": _int(1, min(MAX_CHOICES, facts.n_slots or MAX_CHOICES), nullable=True, default=1,
+                  description="Choices to generate, each in its own slot; at most the server's slots.",
+                  **{"x-hint": f"n is at most {MAX_CHOICES} and at most the server's slots (each "
+                               "choice takes one); send a smaller n or restart it with more --slots."}),
         "stream": {"type": ["boolean", "null"], "default": False},
         "stream_options": {
             "type": ["object", "null"],

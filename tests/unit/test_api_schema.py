@@ -59,6 +59,8 @@ def test_missing_required_field_is_named():
 def test_n_is_bounded():
     assert rejects({"model": "m", "prompt": "x", "n": schema.MAX_CHOICES + 1}).param == "n"
     assert validate(COMPLETION, {"model": "m", "prompt": "x", "n": schema.MAX_CHOICES})["n"] == schema.MAX_CHOICES
+    two_slots = schema.completion_request(schema.ModelFacts("m", 128, 100, n_slots=2), ApiLimits())
+    assert two_slots["properties"]["n"]["maximum"] == 2  # each choice takes a slot
 
 
 def test_prompt_forms_accepted():
