@@ -138,9 +138,10 @@ def tools_on(body: dict) -> bool:
 
 
 def template_message(message: dict, content: str | None) -> dict:
-    """A request message as chat templates read it: tool calls with their arguments as objects
-    (the templates serialize them with tojson), a tool result with its call id."""
-    out: dict = {"role": message["role"], "content": content}
+    """A request message as chat templates read it: text content ("" for null), tool calls with
+    their arguments as objects (the templates serialize them with tojson), a tool result with
+    its call id."""
+    out: dict = {"role": message["role"], "content": content or ""}  # templates concatenate it
     if message.get("tool_calls"):
         out["tool_calls"] = [{"type": "function", "function": {
             "name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}}

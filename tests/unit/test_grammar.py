@@ -214,3 +214,8 @@ def test_history_arguments_that_are_not_json_reach_the_template_as_text():
     msg = {"role": "assistant", "content": None,
            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "x=1"}}]}
     assert structured.template_message(msg, None)["tool_calls"][0]["function"]["arguments"] == "x=1"
+
+
+def test_null_content_reaches_the_template_as_empty_text():
+    assert structured.template_message({"role": "developer", "content": None}, None) == {
+        "role": "developer", "content": ""}
