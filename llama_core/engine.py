@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +88,7 @@ class Stats:
         n = max(self.generated_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds else 0.0
 
-    def add(self, other: "Stats") -> None:
+    def add(self, other: Stats) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.generated_tokens += other.generated_tokens
         self.prefill_seconds += other.prefill_seconds
@@ -148,7 +150,7 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path | GGUFFile | Model, backend: str | Backend = "auto",
              n_ctx: int = 2048, n_slots: int = 1,
-             fallback: Callable[[], Backend] | None = None) -> "Engine":
+             fallback: Callable[[], Backend] | None = None) -> Engine:
         """An engine for a model name, path, opened GGUF file or Model.  backend: "cpu",
         "auto" (CUDA when usable, else the CPU with one line on stderr saying why; a CUDA
         failure while running moves every sequence to the CPU), "cuda" (raises when unusable

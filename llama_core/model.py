@@ -14,17 +14,18 @@ in Python that a later step would need repeated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
-from ukgpu.llama_core.models.config import ModelConfig
 from ukgpu.llama_core.errors import GGUFError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
+from ukgpu.llama_core.models.config import ModelConfig
 from ukgpu.llama_core.models.registry import resolve_model
 
 
@@ -67,7 +68,7 @@ class Weights:
     output: Any  # token_embd when the model ties its embeddings
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, backend: Backend) -> "Weights":
+    def from_gguf(cls, gguf: GGUFFile, backend: Backend) -> Weights:
         c = gguf.config
 
         def w(name: str) -> Any:
@@ -102,7 +103,7 @@ class Model:
 
     @classmethod
     def load(cls, model: str | Path, backend: Backend | None = None,
-             dtype: np.dtype = np.float32) -> "Model":
+             dtype: npt.DTypeLike = np.float32) -> Model:
         """Open a model by name or path; `dtype` picks the CPU backend's precision."""
         from ukgpu.llama_core.cpu.backend import CpuBackend
 
