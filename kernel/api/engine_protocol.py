@@ -1,7 +1,7 @@
 """The engine the API drives, as a `typing.Protocol`: everything the routes and the scheduler
 call on it, and nothing more.
 
-`llama_core.engine.Engine` satisfies it, and so does the tests' fake engine; mypy checks
+`llama_core.engine.Engine` satisfies it, and so does the test suite's stand-in engine; mypy checks
 both against it.  The API never imports the engine class itself at module level (the server
 answers /health while the model still loads), so this is its only description of one.
 Members are read-only properties where the API only reads, so an engine may keep them as
@@ -75,7 +75,7 @@ class Backend(Protocol):
 
 class ModelOnDevice(Protocol):
     @property
-    def backend(self) -> Backend | None: ...  # None: no device behind it (the tests' fake)
+    def backend(self) -> Backend | None: ...  # None: no device behind it (the tests' stand-in)
 
 
 class ServedEngine(Protocol):
