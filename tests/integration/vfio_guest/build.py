@@ -34,7 +34,7 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
                "libc6", "libffi8", "zlib1g", "libexpat1"]
 VFIO_MODULES = ["vfio_pci", "vfio_iommu_type1"]  # plus what they depend on, in insmod order
 # What the guest runs from the repo, at /opt/ukgpu/<path> (all pure stdlib).
-UKGPU_FILES = ["llama_core/errors.py", "gpu/vfio/abi.py", "gpu/vfio/device.py", "gpu/vfio/host.py",
+UKGPU_FILES = ["llama_core/errors.py", "gpu/vfio/abi.py", "gpu/vfio/iommu.py", "gpu/vfio/device.py", "gpu/vfio/host.py",
                "gpu/pci/sysfs.py", "gpu/pci/config_space.py", "gpu/vfio/passthrough.py", "tools/commands/vfio.py"]
 GUEST_FILES = ["init.py", "edu_check.py"]
 STDLIB = "usr/lib/python3.11"
