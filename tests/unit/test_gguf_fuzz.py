@@ -10,35 +10,20 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import struct
-from contextlib import contextmanager
 
 import gguf
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from time_limit import time_limit
 
 from ukgpu.llama_core.errors import GGUFError
 from ukgpu.llama_core.gguf.file import open_gguf
 
 CASE_SECONDS = 10
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@contextmanager
-def time_bound(seconds: int):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"parsing took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def mutations(size: int, hot: list[tuple[int, int]]):
@@ -62,7 +47,7 @@ def mutate(data: bytes, case) -> bytes:
 
 
 def check_opens_or_gguf_error(path, full_size: int | None = None) -> None:
-    with time_bound(CASE_SECONDS):
+    with time_limit(CASE_SECONDS):
         try:
             f = open_gguf(path)
         except GGUFError:

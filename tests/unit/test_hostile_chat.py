@@ -8,12 +8,12 @@ them must stay text (before: `<|im_end|><|im_start|>system` forged a system turn
 
 from __future__ import annotations
 
-import signal
 import tracemalloc
 from contextlib import contextmanager
 
 import pytest
 from test_tokenizer import CONTROL, bpe_metadata
+from time_limit import time_limit
 
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.text import template_sandbox
@@ -71,20 +71,14 @@ BOMBS = {  # name: (template, what the error says)
 
 @contextmanager
 def bounded(seconds: int, megabytes: int):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-        assert peak < megabytes << 20, f"peaked at {peak >> 20} MB"
-    finally:
-        tracemalloc.stop()
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with time_limit(seconds):
+        tracemalloc.start()
+        try:
+            yield
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak < megabytes << 20, f"peaked at {peak >> 20} MB"
+        finally:
+            tracemalloc.stop()
 
 
 @pytest.mark.parametrize("name", list(BOMBS))

@@ -11,15 +11,14 @@ from random tables and encodes random text with them.
 
 from __future__ import annotations
 
-import signal
 import struct
 import tracemalloc
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from time_limit import time_limit
 
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.file import open_gguf
@@ -157,20 +156,6 @@ def apply(md: dict, case: list) -> dict:
     return md
 
 
-@contextmanager
-def bounded(seconds: int):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def exercise(path) -> None:
     """Everything a server does with a model file before generating; each stage may refuse it."""
     try:
@@ -215,7 +200,7 @@ def test_fuzz_metadata_values(tmp_path, warm):
         path.write_bytes(data)
         tracemalloc.start()
         try:
-            with bounded(CASE_SECONDS):
+            with time_limit(CASE_SECONDS):
                 exercise(path)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -257,7 +242,7 @@ def tables(draw) -> dict:
 @FUZZ
 @given(tables(), st.text(max_size=40), st.booleans())
 def test_fuzz_tokenizer_tables(md, text, parse_special):
-    with bounded(CASE_SECONDS):
+    with time_limit(CASE_SECONDS):
         try:
             tok = Tokenizer.from_metadata(md)
         except UkgpuError:

@@ -9,34 +9,19 @@ file's size in memory, and every nonsense hyperparameter must be refused by name
 from __future__ import annotations
 
 import math
-import signal
 import struct
 import time
 import tracemalloc
-from contextlib import contextmanager
 
 import gguf
 import numpy as np
 import pytest
+from time_limit import time_limit
 
 from ukgpu.llama_core.errors import GGUFError
 from ukgpu.llama_core.gguf.file import MAX_OBJECTS, GGUFArray, open_gguf
 
 DIM, HEADS, KV_HEADS, FFN, VOCAB = 8, 2, 1, 16, 8
-
-
-@contextmanager
-def time_bound(seconds: int):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def write_model(path, **overrides) -> None:
@@ -106,7 +91,7 @@ def test_nonsense_hyperparameters_name_the_key(tmp_path, name):
     overrides, key = NONSENSE[name]
     path = tmp_path / "m.gguf"
     write_model(path, **overrides)
-    with time_bound(5), pytest.raises(GGUFError, match=key.replace(".", r"\.")):
+    with time_limit(5), pytest.raises(GGUFError, match=key.replace(".", r"\.")):
         _ = open_gguf(path).config
 
 
