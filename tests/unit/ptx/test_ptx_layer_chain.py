@@ -4,8 +4,12 @@ relies on (fused QKV row strides, bias add, NEOX rope into a separate Q buffer, 
 slot * n_ctx + pos written by store_rows and read by both attention kernels, split decode +
 combine, GEMM and mat-vec agreeing, argmax on the logits).
 
-Weights mix the quant types (Q4_K, Q6_K, Q4_1, Q5_0, Q8_0 tied embedding/output).
-Bound: logits within 2e-2 * max|logits| (the prefill GEMM rounds operands to f16, the cache is f16).
+Weights mix the quant types (Q4_K, Q6_K, Q4_1, Q5_0, Q8_0 tied embedding/output).  The attention
+norm is scaled down (0.3) so the scores stay in the range of trained models: with full-size random
+q/k the softmax is near one-hot and amplifies float16 rounding into a seed lottery.
+Bounds, against max|logits|: prefill within 1e-2 of a reference that rounds the GEMM operands to
+float16 as the kernel does; decode (f32 mat-vec over the f16 cache) within 2e-2 of the float64
+forward.  Over 30 seeds the worst cases were 0.26% and 0.33%.
 """
 
 import math
@@ -27,25 +31,33 @@ def _weights(rng):
               "up": ("Q4_1", FFN, DM), "down": ("Q5_0", DM, FFN), "emb": ("Q8_0", VOCAB, DM)}
     w = {name: R.random_repacked(*shape, rng) for name, shape in shapes.items()}
     norms = {n: (1 + 0.1 * rng.standard_normal(DM)).astype(np.float32) for n in ("attn", "ffn", "out")}
+    norms["attn"] *= np.float32(0.3)
     bias = (0.1 * rng.standard_normal(NQKV)).astype(np.float32)
     return w, norms, bias
 
 
-def _reference(w, norms, bias, ids):
-    """float64 forward of all tokens (positions 0..T-1) -> logits (T, VOCAB)."""
+def _reference(w, norms, bias, ids, f16_gemm=False):
+    """float64 forward of all tokens (positions 0..T-1) -> logits (T, VOCAB); with f16_gemm every
+    matrix product rounds both operands to float16 first, as the prefill GEMM does."""
     t = len(ids)
     deq = {k: dequantize_repacked(v).astype(np.float64) for k, v in w.items()}
+
+    def mm(a, name):
+        if f16_gemm:
+            return a.astype(np.float16).astype(np.float64) @ deq[name].astype(np.float16).astype(np.float64).T
+        return a @ deq[name].T
+
     x = deq["emb"][ids]
-    qkv = R.rmsnorm(x, norms["attn"], EPS) @ deq["qkv"].T + bias
+    qkv = mm(R.rmsnorm(x, norms["attn"], EPS), "qkv") + bias
     pos = np.arange(t)
     q = R.rope(qkv[:, : HQ * HD].reshape(t, HQ, HD), pos, BASE, neox=True)
     k = R.rope(qkv[:, HQ * HD : (HQ + HKV) * HD].reshape(t, HKV, HD), pos, BASE, neox=True)
     v = qkv[:, (HQ + HKV) * HD :].reshape(t, HKV, HD)
     k, v = k.astype(np.float16), v.astype(np.float16)  # the cache is float16
-    x = x + R.attention(q, k, v, pos, HD ** -0.5).reshape(t, -1) @ deq["o"].T
+    x = x + mm(R.attention(q, k, v, pos, HD ** -0.5).reshape(t, -1), "o")
     h = R.rmsnorm(x, norms["ffn"], EPS)
-    x = x + R.swiglu(h @ deq["gate"].T, h @ deq["up"].T) @ deq["down"].T
-    return R.rmsnorm(x, norms["out"], EPS) @ deq["emb"].T
+    x = x + mm(R.swiglu(mm(h, "gate"), mm(h, "up")), "down")
+    return mm(R.rmsnorm(x, norms["out"], EPS), "emb")
 
 
 def _planes(w):
@@ -140,12 +152,13 @@ def test_prefill_then_decode_matches_numpy(rng):
     w, norms, bias = _weights(rng)
     ids = rng.integers(0, VOCAB, 6).astype(np.int32)
     want = _reference(w, norms, bias, ids)  # (6, VOCAB)
+    want_f16 = _reference(w, norms, bias, ids[:5], f16_gemm=True)
     chain = Chain(w, norms, bias)
     got_prefill = chain.prefill(ids[:5])
     got_decode = chain.decode(int(ids[5]), pos=5)
-    tol = 2e-2 * np.abs(want).max()
-    np.testing.assert_allclose(got_prefill, want[:5], atol=tol, rtol=0)
-    np.testing.assert_allclose(got_decode, want[5:], atol=tol, rtol=0)
+    top = np.abs(want).max()
+    np.testing.assert_allclose(got_prefill, want_f16, atol=1e-2 * top, rtol=0)
+    np.testing.assert_allclose(got_decode, want[5:], atol=2e-2 * top, rtol=0)
     # untouched cache rows (the other slot, positions past the sequence) keep their NaN poison
     k = chain.k_cache.reshape(N_SLOTS, N_CTX, HKV, HD)
     assert np.isnan(k[0]).all() and np.isnan(k[SLOT, 6:]).all() and not np.isnan(k[SLOT, :6]).any()
