@@ -115,9 +115,12 @@ class Sampler:
         ids = np.fromiter(counts.keys(), dtype=np.int64)
         n = np.fromiter(counts.values(), dtype=np.float32)
         logits = logits.copy()
-        seen = logits[ids]
-        seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
-        logits[ids] = seen - n * p.frequency_penalty - p.presence_penalty
+        seen = logits[ids].astype(np.float64)
+        with np.errstate(over="ignore", divide="ignore"):  # a tiny penalty divides to inf: clipped below
+            seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        # Kept finite: an inf logit would turn the max-shift of `_choose` into inf - inf = NaN.
+        big = float(np.finfo(np.float32).max)
+        logits[ids] = np.clip(seen - n * p.frequency_penalty - p.presence_penalty, -big, big)
         return logits
 
     def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -78,6 +78,19 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative():
     assert penalized[3] == pytest.approx(-1.2)
 
 
+def test_extreme_penalty_keeps_logits_finite_and_sampling_defined():
+    """A denormal repeat_penalty (the schema allows any value above 0) divides a positive logit
+    to inf; the penalized logits stay finite, so sampling still draws a real token."""
+    logits = np.array([3.0, 2.5, -1.0], dtype=np.float32)
+    for penalty in (5e-324, 1e-300):
+        params = SamplingParams(temperature=0.7, repeat_penalty=penalty, seed=1)
+        sampler = Sampler(params)
+        with np.errstate(over="raise", divide="raise", invalid="raise"):
+            penalized = sampler._penalized(logits, [0, 2])
+            assert np.isfinite(penalized).all()
+            assert sampler(logits, history=[0, 2]) == 0  # boosted to the float32 maximum
+
+
 def test_repeat_last_n_limits_the_window():
     logits = np.array([3.0, 2.5, 0.0], dtype=np.float32)
     in_window = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=2))
