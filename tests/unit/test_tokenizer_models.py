@@ -1,8 +1,11 @@
-"""The default models' tokenizers vs llama.cpp.
+"""The real models' tokenizers vs llama.cpp.
 
 `tests/data/vocab/<model>.tokens.json` holds llama.cpp's ids and
 detokenizations for a list of tricky strings (tools/dev/golden_tokens.py); a
 second test asks llama.cpp itself, live, when llama-cpp-python is installed.
+The two default models are pulled on first use; Gemma 3 270M (262,144
+SentencePiece pieces) is checked where it has been pulled
+(`ukgpu models pull gemma3-270m`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pytest
 from test_tokenizer_vocab import check_golden, check_vocab_facts
 
 from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.models import registry
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
 
 VOCAB_DIR = Path(__file__).resolve().parent.parent / "data" / "vocab"
@@ -29,6 +33,18 @@ def smollm(smollm2_path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def qwen(qwen05_path) -> Tokenizer:
     return Tokenizer.from_gguf(open_gguf(qwen05_path))
+
+
+@pytest.fixture(scope="module")
+def gemma3_path() -> Path:
+    if not registry.is_cached("gemma3-270m"):
+        pytest.skip("gemma3-270m is not pulled here: run `ukgpu models pull gemma3-270m`")
+    return registry.model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_path) -> Tokenizer:
+    return Tokenizer.from_gguf(open_gguf(gemma3_path))
 
 
 def golden(name: str) -> dict:
@@ -85,10 +101,10 @@ def test_encoding_2kb_is_fast(qwen):
     assert elapsed < 0.1, f"encoding 2 KB took {elapsed * 1e3:.1f} ms"
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
-def test_live_against_llama_cpp(name, request):
+@pytest.mark.parametrize("fixture", ["smollm2_path", "qwen05_path", "gemma3_path"])
+def test_live_against_llama_cpp(fixture, request):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here")
-    path = request.getfixturevalue("smollm2_path" if name.startswith("smollm") else "qwen05_path")
+    path = request.getfixturevalue(fixture)
     tok = Tokenizer.from_gguf(open_gguf(path))
     ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     rng = random.Random(1)
@@ -98,3 +114,37 @@ def test_live_against_llama_cpp(name, request):
         for parse_special in (False, True):
             expected = ref.tokenize(text.encode("utf-8"), add_bos=True, special=parse_special)
             assert tok.encode(text, add_special=True, parse_special=parse_special) == expected, text
+
+
+def test_gemma3_matches_llama_cpp(gemma):
+    assert gemma.kind == "spm" and not gemma.add_space_prefix and gemma.add_bos
+    check_golden(gemma, golden("gemma3-270m"))
+    check_vocab_facts(gemma, golden("gemma3-270m"))
+
+
+def test_gemma3_turn_markers_and_whitespace_tokens(gemma):
+    """<start_of_turn>/<end_of_turn> are control tokens (parsed only on request) and end a turn;
+    newline and space runs are user-defined pieces, taken whole even in plain text."""
+    start, end = gemma.token_to_id["<start_of_turn>"], gemma.token_to_id["<end_of_turn>"]
+    assert end in gemma.eog_ids and gemma.eot_id == end and start not in gemma.eog_ids
+    ids = gemma.encode("<start_of_turn>user\nHi<end_of_turn>", add_special=False, parse_special=True)
+    assert ids[0] == start and ids[-1] == end
+    assert start not in gemma.encode("<start_of_turn>user", add_special=False)
+    assert gemma.encode("\n\n\n", add_special=False) == [gemma.token_to_id["\n\n\n"]]
+    assert gemma.encode("Hi", add_special=True)[:1] == [gemma.bos_id]
+
+
+def test_gemma3_vocabulary_loads_and_encodes_fast(gemma3_path):
+    """262,144 pieces: building the tokenizer stays well under a few seconds and 2 KB of text
+    encodes in milliseconds (the special-token scan is one pass per special text)."""
+    gguf = open_gguf(gemma3_path)
+    start = time.perf_counter()
+    tok = Tokenizer.from_gguf(gguf)
+    loaded = time.perf_counter() - start
+    text = ("The quick brown fox, naïve café 日本語 🦙 def f(x):\n    return x\n\n" * 40)[:2048]
+    start = time.perf_counter()
+    ids = tok.encode(text, add_special=False)
+    encoded = time.perf_counter() - start
+    assert tok.decode(ids) == text
+    assert loaded < 5.0, f"loading the 262k vocabulary took {loaded:.2f} s"
+    assert encoded < 0.2, f"encoding 2 KB took {encoded * 1e3:.1f} ms"

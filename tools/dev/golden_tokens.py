@@ -4,8 +4,8 @@ Runs under a Python that has `llama-cpp-python` (for instance
 `/root/ref/venv/bin/python tools/dev/golden_tokens.py`); it uses nothing from
 ukgpu, so the golden data is independent of the code it checks.
 
-For every vocabulary in tests/data/vocab (ggml-vocab-*.gguf) and for the two
-default models it writes `tests/data/vocab/<name>.tokens.json`:
+For every vocabulary in tests/data/vocab (ggml-vocab-*.gguf) and for the pulled
+models in MODELS it writes `tests/data/vocab/<name>.tokens.json`:
 
     special_ids    bos / eos / eot as llama.cpp reports them (null if none)
     add_bos        whether llama.cpp adds BOS for add_special
@@ -32,8 +32,8 @@ import struct
 import sys
 from pathlib import Path
 
-VOCAB_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "vocab"
-MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+VOCAB_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "vocab"
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
 INP_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 TRICKY_TEXTS = (
@@ -83,6 +83,14 @@ TRICKY_TEXTS = (
     "a" * 300,
     "supercalifragilisticexpialidocious" * 4,
     "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～",
+    # the chat markers of the model families (Gemma 3, Llama 3, Phi-3, Mistral, Qwen 3)
+    "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+    "<|user|>\nHi there<|end|>\n<|assistant|>\n",
+    "<s>[INST] Hi there [/INST] Hello</s>[INST] again [/INST]",
+    "<|im_start|>assistant\n<think>\nreasoning\n</think>\n\nanswer<|im_end|>",
+    "<unused0> <mask> [multimodal] <start_of_image> <eos>",
+    "a\n\n\n\nb    c\t\t\td \n \n\n  \t",
 )
 
 
