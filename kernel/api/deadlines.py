@@ -1,11 +1,10 @@
 """Read deadlines for uvicorn's h11 protocol: headers and bodies arrive in time or the
 connection goes.
 
-uvicorn (0.55) closes idle keep-alive connections (`timeout_keep_alive`) and, with
-`limit_concurrency`, answers 503 to requests beyond the cap, but it has no deadline for a
-request still arriving: a client that sends half a request line, headers without their blank
-line, or a body that never ends holds its connection forever.  `deadline_protocol` returns a
-subclass of `H11Protocol` with two timers:
+uvicorn (0.55) closes idle keep-alive connections (`timeout_keep_alive`), but it has no
+deadline for a request still arriving: a client that sends half a request line, headers without
+their blank line, or a body that never ends holds its connection forever.  `deadline_protocol`
+returns a subclass of `H11Protocol` with two timers and a connection cap:
 
 - the header deadline runs from the connection's start, and again from the end of each
   response (the next pipelined or keep-alive request), to the end of the request's headers.
@@ -16,7 +15,12 @@ subclass of `H11Protocol` with two timers:
   connection closes; the application sees the client disconnect (`http.disconnect`), which it
   counts as such rather than as a server error.
 
-Both are logged as one warning line, never a traceback.
+- the connection cap: a connection made while `max_connections` others are open is served by a
+  one-line app that answers every request 503 (JSON, the API's error shape, `Retry-After: 1`)
+  and closes.  (uvicorn's own `limit_concurrency` answers a plain-text 503 that clients cannot
+  parse as an API error.)
+
+All are logged as one warning line, never a traceback.
 """
 
 from __future__ import annotations
@@ -44,6 +48,21 @@ def timeout_response(seconds: float) -> bytes:
     return head + body
 
 
+def connections_full_app(max_connections: int) -> Any:
+    """An ASGI app answering 503 (JSON, closing the connection): the server holds its cap."""
+    body = json.dumps(error_body(f"The server has {max_connections} connections open, its cap; retry "
+                                 "shortly or reuse a keep-alive connection.", "server_error", None,
+                                 "too_many_connections")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1"), (b"connection", b"close")]
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return app
+
+
 class DeadlineH11Protocol(H11Protocol):
     """H11Protocol with the header and body deadlines of `limits` (see the module docstring)."""
 
@@ -54,6 +73,10 @@ class DeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:  # the set includes this one
+            log.warning("%s: %d connections open, the cap; its requests get 503", _peer(self),
+                        self.limits.max_connections)
+            self.app = connections_full_app(self.limits.max_connections)
         self._arm("headers")
 
     def connection_lost(self, exc: Exception | None) -> None:

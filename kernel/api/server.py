@@ -23,10 +23,9 @@ def config(app: Any, host: str = "127.0.0.1", port: int = 8080, log_level: str =
     from ukgpu.kernel.api.deadlines import deadline_protocol
 
     limits = limits or ServerLimits()
-    # uvicorn counts the connection asking as well: one more serves exactly max_connections
+    # the connection cap is the protocol's (a JSON 503), not uvicorn's limit_concurrency (plain text)
     return uvicorn.Config(app, host=host, port=port, loop="asyncio", http=deadline_protocol(limits),
-                          ws="none", lifespan="on", log_level=log_level, timeout_keep_alive=limits.keep_alive,
-                          limit_concurrency=limits.max_connections + 1)
+                          ws="none", lifespan="on", log_level=log_level, timeout_keep_alive=limits.keep_alive)
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",

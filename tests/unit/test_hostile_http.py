@@ -10,6 +10,7 @@ holds the attacks, shared with tests/integration/test_api_attacks.py (the real m
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
@@ -121,6 +122,9 @@ def test_connections_beyond_the_cap_get_503_and_the_rest_go_on(server):
             sock.sendall(REQUEST)
             data, _ = read_until_closed(sock, 3)
         assert status_of(data) == 503
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"retry-after: 1" in head.lower() and b"application/json" in head.lower()
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
     finally:
         for sock in idle:
             sock.close()
