@@ -38,6 +38,7 @@ record that forward once and replay the recording for every later token of the s
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,16 +52,54 @@ Allocator = Callable[[tuple[int, ...], np.dtype], Any]  # alloc(shape, dtype) ->
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding as a GGUF file describes it."""
+    """Rotary position embedding as a GGUF file describes it.
+
+    Every backend rotates pair i of a head at position p by the angle p * inv_freq()[i] and
+    multiplies the rotated pair by `mscale`: linear scaling, per-pair frequency factors
+    (llama3's `rope_freqs.weight`, phi3's long/short factors) and the YaRN ramp are all folded
+    into that one per-pair table, as llama.cpp's rope does (its YaRN mix of interpolated and
+    extrapolated angles is linear in the position, so it folds too).
+    """
 
     n_rot: int  # leading dims of each head that rotate (rope.dimension_count)
     base: float  # rope.freq_base
     neox: bool  # True: pairs (i, i + n_rot/2) (qwen2); False: adjacent pairs (llama)
-    scale: float = 1.0  # linear scaling: positions are multiplied by this
+    scale: float = 1.0  # linear scaling: positions are multiplied by this (1 / scaling factor)
+    freq_factors: tuple[float, ...] | None = None  # [n_rot/2]: pair i's frequency is divided by it
+    ext_factor: float = 0.0  # YaRN extrapolation mix (1.0 for rope scaling type yarn)
+    attn_factor: float = 1.0  # multiplies cos and sin (YaRN / longrope attention factor)
+    beta_fast: float = 32.0  # YaRN ramp: rotations per context below which pairs interpolate
+    beta_slow: float = 1.0
+    orig_ctx: int = 0  # the context the model was trained with (YaRN's ramp bounds)
 
     def inv_freq(self) -> np.ndarray:
-        """float64[n_rot/2]: the angle per position of each rotated pair."""
-        return self.base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
+        """float64[n_rot/2]: the effective angle per position of each rotated pair."""
+        theta = self.base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
+        if self.freq_factors is not None:
+            theta = theta / np.asarray(self.freq_factors, dtype=np.float64)
+        interp = self.scale * theta
+        if self.ext_factor == 0.0:
+            return interp
+        mix = self._yarn_ramp() * self.ext_factor  # 1: extrapolate (keep), 0: interpolate
+        return interp * (1.0 - mix) + theta * mix
+
+    @property
+    def mscale(self) -> float:
+        """The factor on cos and sin: attn_factor, times YaRN's 1 + 0.1 ln(1/scale)."""
+        if self.ext_factor == 0.0:
+            return self.attn_factor
+        return self.attn_factor * (1.0 + 0.1 * math.log(1.0 / self.scale))
+
+    def _yarn_ramp(self) -> np.ndarray:
+        """float64[n_rot/2]: 1 for the fast pairs (kept), 0 for the slow ones (interpolated),
+        linear between YaRN's correction dims."""
+        def corr_dim(rotations: float) -> float:
+            return self.n_rot * math.log(self.orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(self.base))
+
+        low = max(0.0, math.floor(corr_dim(self.beta_fast)))
+        high = min(self.n_rot - 1.0, math.ceil(corr_dim(self.beta_slow)))
+        y = (np.arange(self.n_rot // 2, dtype=np.float64) - low) / max(0.001, high - low)
+        return 1.0 - np.clip(y, 0.0, 1.0)
 
 
 @dataclass
@@ -101,16 +140,34 @@ class Backend(ABC):
 
     @abstractmethod
     def rope(self, x: Act, start_pos: int, n_heads: int, rope: RopeConfig) -> Act:
-        """Rotate x [n, n_heads*hd] for positions start_pos .. start_pos+n-1."""
+        """Rotate x [n, n_heads*hd] for positions start_pos .. start_pos+n-1: pair i of each
+        head at position p by the angle p * rope.inv_freq()[i], the pair then times rope.mscale
+        (x may be rotated in place and returned)."""
 
     @abstractmethod
-    def attention(self, q: Act, k: Act, v: Act, kv: KVCache, layer: int, start_pos: int) -> Act:
+    def attention(self, q: Act, k: Act, v: Act, kv: KVCache, layer: int, start_pos: int,
+                  window: int = 0, scale: float | None = None) -> Act:
         """Store k, v [n, Hkv*hd] at start_pos in `kv`, then causal GQA attention of
-        q [n, H*hd] over positions 0 .. start_pos+n-1: [n, H*hd]."""
+        q [n, H*hd] over positions 0 .. start_pos+n-1: [n, H*hd].  window > 0: a sliding
+        window, the query at position i sees the keys j with i - window < j <= i (llama.cpp's
+        standard SWA mask).  scale: the factor on q.k; None for 1/sqrt(hd)."""
+
+    @abstractmethod
+    def rmsnorm_heads(self, x: Act, weight: Any, n_heads: int, eps: float) -> Act:
+        """RMSNorm of each head's hd values of x [n, n_heads*hd], times weight [hd] (the
+        per-head q/k norms of qwen3 and gemma3): [n, n_heads*hd]."""
 
     @abstractmethod
     def swiglu(self, gate: Act, up: Act) -> Act:
         """silu(gate) * up, both [n, d_ff]."""
+
+    @abstractmethod
+    def gelu_gate(self, gate: Act, up: Act) -> Act:
+        """gelu_tanh(gate) * up, both [n, d_ff] (gemma3's FFN)."""
+
+    @abstractmethod
+    def scale(self, x: Act, s: float) -> Act:
+        """x * s (gemma3's embedding scale; x may be updated in place and returned)."""
 
     @abstractmethod
     def add(self, x: Act, y: Act) -> Act:

@@ -53,6 +53,17 @@ def _rope_rows_numpy(x, n_heads, start_pos, cos, sin, n_rot, neox):
     xh[ib] = a * s + b * c
 
 
+def _hidden_keys(start_pos: int, n: int, end: int, window: int) -> np.ndarray | None:
+    """bool[n, end]: the keys query i (position start_pos+i) may not see (later ones, and with
+    a window those at or before position - window); None when every query sees every key."""
+    pos = start_pos + np.arange(n)[:, None]  # [n, 1]
+    keys = np.arange(end)[None, :]  # [1, T]
+    hidden = keys > pos
+    if window > 0:
+        hidden |= keys <= pos - window
+    return hidden if hidden.any() else None
+
+
 def _numba_ops():
     """The compiled rope / decode-attention loops, or None (no numba, or UKGPU_NO_NUMBA=1)."""
     if not cpu_kernels.numba_enabled():
@@ -144,8 +155,9 @@ class CpuBackend(Backend):
         cos, sin = cached if cached is not None else (np.empty((0, 0)), np.empty((0, 0)))
         if cos.shape[0] < end:
             size = max(end, 2 * cos.shape[0], 256)
-            angles = np.outer(np.arange(size) * rope.scale, rope.inv_freq())  # [pos, n_rot/2]
-            cos, sin = np.cos(angles).astype(self.dtype), np.sin(angles).astype(self.dtype)
+            angles = np.outer(np.arange(size, dtype=np.float64), rope.inv_freq())  # [pos, n_rot/2]
+            cos = (rope.mscale * np.cos(angles)).astype(self.dtype)
+            sin = (rope.mscale * np.sin(angles)).astype(self.dtype)
             self._rope_tables[rope] = (cos, sin)
         return cos, sin
 
@@ -156,30 +168,37 @@ class CpuBackend(Backend):
         return x
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVCache, layer: int,
-                  start_pos: int) -> np.ndarray:
+                  start_pos: int, window: int = 0, scale: float | None = None) -> np.ndarray:
         n = q.shape[0]
         _, n_kv, _, hd = kv.k.shape
         n_heads = q.shape[1] // hd
         group = n_heads // n_kv
         end = start_pos + n
+        factor = self.dtype.type(1.0 / np.sqrt(hd) if scale is None else scale)
         kv.k[layer, :, start_pos:end] = k.reshape(n, n_kv, hd).transpose(1, 0, 2)
         kv.v[layer, :, start_pos:end] = v.reshape(n, n_kv, hd).transpose(1, 0, 2)
+        first = max(0, end - window) if window > 0 else 0  # the earliest key any query sees
         if n == 1 and self._ops:  # decode: one fused loop instead of a dozen small numpy calls
             out = np.empty_like(q[0])
-            self._ops.attend_one(q[0], kv.k[layer], kv.v[layer], end, self.dtype.type(1.0 / np.sqrt(hd)), out)
+            self._ops.attend_one(q[0], kv.k[layer], kv.v[layer], end, factor, out, first)
             return out[None]
         keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]  # [Hkv, T, hd]
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
         scores = qg @ keys.transpose(0, 2, 1)  # [Hkv, G*n, T]
-        scores *= self.dtype.type(1.0 / np.sqrt(hd))
-        if n > 1:  # query i (position start_pos+i) sees keys 0 .. start_pos+i
-            future = np.arange(end)[None, :] > (start_pos + np.arange(n))[:, None]  # [n, T]
-            scores.reshape(n_kv, group, n, end)[:, :, future] = -np.inf
+        scores *= factor
+        hidden = _hidden_keys(start_pos, n, end, window)  # [n, T]
+        if hidden is not None:
+            scores.reshape(n_kv, group, n, end)[:, :, hidden] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         out = scores @ values  # [Hkv, G*n, hd]
         return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+
+    def rmsnorm_heads(self, x: np.ndarray, weight: CpuWeight, n_heads: int, eps: float) -> np.ndarray:
+        n, width = x.shape
+        heads = x.reshape(n * n_heads, width // n_heads)  # [n*H, hd]
+        return self.rmsnorm(heads, weight, eps).reshape(n, width)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         # silu(g) = g * sigmoid(g); exp(-g) may overflow to inf for very negative g -> 0, fine
@@ -187,6 +206,24 @@ class CpuBackend(Backend):
             gate /= 1.0 + np.exp(-gate)
         gate *= up
         return gate
+
+    def gelu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        # gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+        inner = gate * gate
+        inner *= self.dtype.type(0.044715)
+        inner += 1.0
+        inner *= gate
+        inner *= self.dtype.type(np.sqrt(2.0 / np.pi))
+        np.tanh(inner, out=inner)
+        inner += 1.0
+        inner *= 0.5
+        gate *= inner
+        gate *= up
+        return gate
+
+    def scale(self, x: np.ndarray, s: float) -> np.ndarray:
+        x *= self.dtype.type(s)
+        return x
 
     def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         x += y

@@ -32,20 +32,21 @@ _FAST = {"reassoc", "contract", "arcp"}
 PARALLEL_MIN_WORK = 1 << 15  # heads * keys * head_dim below which threads cost more than they save
 
 
-def attend_one(q, keys, values, end, scale, out):
-    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] up to `end` -> out [H*hd];
-    the heads run on numba's threads once the work pays for them."""
-    work = q.shape[0] * end
-    (_attend_heads_par if work >= PARALLEL_MIN_WORK else _attend_heads)(q, keys, values, end, scale, out)
+def attend_one(q, keys, values, end, scale, out, first=0):
+    """One query row: q [H*hd] over keys/values [Hkv, n_ctx, hd] at positions first .. end-1
+    (first > 0: a sliding window) -> out [H*hd]; the heads run on numba's threads once the
+    work pays for them."""
+    work = q.shape[0] * (end - first)
+    (_attend_heads_par if work >= PARALLEL_MIN_WORK else _attend_heads)(q, keys, values, first, end, scale, out)
 
 
 @njit(inline="always")
-def _attend_head(q, keys, values, end, scale, out, h, group, hd):  # pragma: no cover - compiled
+def _attend_head(q, keys, values, first, end, scale, out, h, group, hd):  # pragma: no cover - compiled
     g = h // group
     qh = q[h * hd:(h + 1) * hd]
-    scores = np.empty(end, dtype=q.dtype)
+    scores = np.zeros(end, dtype=q.dtype)
     top = -np.inf
-    for t in range(end):
+    for t in range(first, end):
         kt = keys[g, t]
         acc = q.dtype.type(0.0)
         for d in range(hd):
@@ -53,11 +54,11 @@ def _attend_head(q, keys, values, end, scale, out, h, group, hd):  # pragma: no 
         scores[t] = acc * scale
         top = max(top, scores[t])
     total = q.dtype.type(0.0)
-    for t in range(end):
+    for t in range(first, end):
         scores[t] = np.exp(scores[t] - top)
         total += scores[t]
     acc_out = np.zeros(hd, dtype=q.dtype)
-    for t in range(end):
+    for t in range(first, end):
         p = scores[t] / total
         vt = values[g, t]
         for d in range(hd):
@@ -66,16 +67,16 @@ def _attend_head(q, keys, values, end, scale, out, h, group, hd):  # pragma: no 
 
 
 @njit(cache=True, fastmath=_FAST)
-def _attend_heads(q, keys, values, end, scale, out):  # pragma: no cover - compiled
+def _attend_heads(q, keys, values, first, end, scale, out):  # pragma: no cover - compiled
     hd = keys.shape[2]
     n_heads = q.shape[0] // hd
     for h in range(n_heads):
-        _attend_head(q, keys, values, end, scale, out, h, n_heads // keys.shape[0], hd)
+        _attend_head(q, keys, values, first, end, scale, out, h, n_heads // keys.shape[0], hd)
 
 
 @njit(cache=True, fastmath=_FAST, parallel=True)
-def _attend_heads_par(q, keys, values, end, scale, out):  # pragma: no cover - compiled
+def _attend_heads_par(q, keys, values, first, end, scale, out):  # pragma: no cover - compiled
     hd = keys.shape[2]
     n_heads = q.shape[0] // hd
     for h in prange(n_heads):
-        _attend_head(q, keys, values, end, scale, out, h, n_heads // keys.shape[0], hd)
+        _attend_head(q, keys, values, first, end, scale, out, h, n_heads // keys.shape[0], hd)
