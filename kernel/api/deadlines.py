@@ -20,6 +20,13 @@ returns a subclass of `H11Protocol` with two timers and a connection cap:
   and closes.  (uvicorn's own `limit_concurrency` answers a plain-text 503 that clients cannot
   parse as an API error.)
 
+- half-closed clients: a client that sends a whole request and then shuts down its sending side
+  (`shutdown(SHUT_WR)`, as `curl`-style one-shot clients and some proxies do) still gets its
+  answer.  The server sees the same end-of-file when a client goes away entirely, so at EOF it
+  writes one `100 Continue` (every HTTP/1.1 client skips it) and looks `HALF_CLOSE_PROBE` seconds
+  later: a socket closed for good has answered with a reset, and the request is dropped as a
+  disconnect (freeing its slot); otherwise the response is sent and the connection closed.
+
 All are logged as one warning line, never a traceback.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from typing import Any
 
 import h11
@@ -37,6 +45,8 @@ from ukgpu.kernel.api.errors import error_body
 from ukgpu.kernel.api.limits import ServerLimits
 
 log = logging.getLogger(__name__)
+
+HALF_CLOSE_PROBE = 0.1  # seconds from the probe write to the look for a reset (loopback: microseconds)
 
 
 def timeout_response(seconds: float) -> bytes:
@@ -70,6 +80,7 @@ class DeadlineH11Protocol(H11Protocol):
     _timer: asyncio.TimerHandle | None = None
     _timer_kind: str | None = None  # "headers" | "body" while a deadline runs
     _got_bytes = False  # since the last response: an idle connection closes without a 408
+    _half_closed = False  # the client sent EOF after a whole request: close after the response
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -87,6 +98,26 @@ class DeadlineH11Protocol(H11Protocol):
         self._got_bytes = True
         super().data_received(data)
 
+    def eof_received(self) -> bool | None:
+        """Keep a half-closed connection open while its whole request is answered (see the module
+        docstring); any other EOF closes the transport (asyncio does so on a falsy return)."""
+        cycle = self.cycle
+        if self.conn.their_state is not h11.DONE or cycle is None or cycle.response_complete:
+            return None
+        self._half_closed = True
+        if not cycle.response_started and self.conn.our_state is h11.SEND_RESPONSE:
+            self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        self.loop.call_later(HALF_CLOSE_PROBE, self._gone_after_eof)
+        return True
+
+    def _gone_after_eof(self) -> None:
+        """Drop the request when the probe was answered with a reset (the client closed for good)."""
+        sock = self.transport.get_extra_info("socket")
+        if self.transport.is_closing() or sock is None:
+            return
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.transport.abort()  # connection_lost: the application sees http.disconnect
+
     def handle_events(self) -> None:
         waiting_headers = self.conn.their_state is h11.IDLE
         super().handle_events()
@@ -99,6 +130,9 @@ class DeadlineH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._half_closed:
+            self.transport.close()
+            return
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._got_bytes = False
             self._arm("headers")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import time
 
 import httpx
@@ -103,6 +104,23 @@ def test_a_slow_writer_within_the_deadline_is_answered(server):
             sock.sendall(REQUEST[k:k + len(REQUEST) // 4])
             time.sleep(0.05)
         assert status_of(sock.recv(65536)) == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_half_closed_client_still_gets_its_answer(server, stream):
+    """shutdown(SHUT_WR) after a whole request: the answer comes (after one 100 Continue, which
+    HTTP/1.1 clients skip), then the server closes the connection."""
+    addr, _, _ = server
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": stream}).encode()
+    with connect(addr) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.shutdown(socket.SHUT_WR)
+        data, took = read_until_closed(sock, 3)
+    assert took < 3, "the server kept the half-closed connection open after answering"
+    statuses = [int(line.split(b" ", 2)[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses[-1] == 200 and set(statuses) <= {100, 200}, data[:300]
+    assert (b"data: [DONE]" in data) if stream else (b'"choices"' in data)
 
 
 def test_pipelined_requests_are_all_answered(server):
