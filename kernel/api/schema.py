@@ -82,10 +82,12 @@ def sampling_properties(facts: ModelFacts, limits: ApiLimits) -> dict:
             ],
             "x-hint": "Send a non-empty string or a list of at most 4 non-empty strings.",
         },
-        "n": _int(1, min(MAX_CHOICES, facts.n_slots or MAX_CHOICES), nullable=True, default=1,
-                  description="Choices to generate, each in its own slot; at most the server's slots.",
-                  **{"x-hint": f"n is at most {MAX_CHOICES} and at most the server's slots (each "
-                               "choice takes one); send a smaller n or restart it with more --slots."}),
+        "n": _int(1, min(MAX_CHOICES, facts.n_slots or MAX_CHOICES, limits.max_queue), nullable=True, default=1,
+                  description="Choices to generate, each in its own slot; at most the server's slots "
+                              "and its queue depth.",
+                  **{"x-hint": f"n is at most {MAX_CHOICES}, the server's slots and its queue depth "
+                               "(each choice takes one of each); send a smaller n or restart it with "
+                               "more --slots / --max-queue."}),
         "stream": {"type": ["boolean", "null"], "default": False},
         "stream_options": {
             "type": ["object", "null"],

@@ -164,3 +164,14 @@ def test_openapi_publishes_embeddings(url):
     doc = httpx.get(url + "/openapi.json", timeout=10).json()
     props = _request_schema(doc, "/v1/embeddings")["properties"]
     assert props["input"]["anyOf"][1]["maxItems"] == 64 and props["dimensions"]["enum"] == [None]
+
+
+def test_n_beyond_the_queue_depth_is_a_400_not_a_429(engine, monkeypatch):
+    """n jobs can never all wait in a queue shallower than n: retrying (429) would never help."""
+    use_fakes(monkeypatch)
+    with background(create_app(engine, ApiLimits(max_tokens=32, max_queue=2), model_id=MODEL)) as base:
+        resp = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 3}, timeout=10)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
+        ok = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "max_tokens": 2},
+                        timeout=10)
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
