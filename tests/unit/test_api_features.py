@@ -169,6 +169,7 @@ def test_openapi_publishes_embeddings(url):
 def test_n_beyond_the_queue_depth_is_a_400_not_a_429(engine, monkeypatch):
     """n jobs can never all wait in a queue shallower than n: retrying (429) would never help."""
     use_fakes(monkeypatch)
+    engine.n_slots = 4
     with background(create_app(engine, ApiLimits(max_tokens=32, max_queue=2), model_id=MODEL)) as base:
         resp = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 3}, timeout=10)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
