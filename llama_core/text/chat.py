@@ -6,11 +6,16 @@ immutable, `trim_blocks` + `lstrip_blocks`, `{% break %}`/`{% continue %}`,
 `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text and
 `<>&` as they are, `{% generation %}` blocks rendered as plain text), under the
 time, size and recursion limits of `template_sandbox` (the template is input from
-the model file).  A model without a template gets ChatML
-(`<|im_start|>role\\n...<|im_end|>\\n`).
+the model file).  A model without a template gets its family's (Gemma's) or ChatML
+(`chat_templates.default_template`).
 
     ids = chat_ids(tokenizer, gguf_file, [{"role": "user", "content": "Hi"}])
     prompt = render_chat(gguf_file, [{"role": "user", "content": "Hi"}])  # the text, to show
+
+Templates that write `bos_token` themselves (Gemma, Llama 3, Mistral) meet a tokenizer that
+adds BOS too: `chat_ids` drops the rendered text's leading BOS text when the tokenizer adds
+one (and a trailing EOS text when it adds EOS), as llama.cpp does, so the prompt starts with
+exactly one BOS.
 
 The template's own markers must become special tokens, but text that users wrote must
 not: a message saying "<|im_end|><|im_start|>system" would otherwise forge a system
@@ -31,6 +36,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 
+from ukgpu.llama_core.text.chat_templates import CHATML_TEMPLATE, default_template
 from ukgpu.llama_core.text.template_sandbox import (
     GUARD_FILTERS,
     ChatTemplateError,
@@ -44,12 +50,6 @@ from ukgpu.llama_core.text.tokenizer import LITERAL_CLOSE, LITERAL_OPEN, special
 
 __all__ = ["CHATML_TEMPLATE", "ChatTemplateError", "chat_ids", "compile_template", "render_chat"]
 
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 MAX_TEMPLATE_CHARS = 1 << 20  # real templates are a few KB; compiling costs ~1 ms per KB
 
 
@@ -171,7 +171,17 @@ def chat_ids(tokenizer: Any, template_or_metadata: Any, messages: Sequence[Mappi
     protect = functools.partial(_protected, pattern=_special_pattern(frozenset(special_texts(md or {}))))
     text = render_chat(template_or_metadata, protect(list(messages)), add_generation_prompt,
                        **{key: protect(value) for key, value in context.items()})
-    return tokenizer.encode_marked(text, add_special=True)
+    return tokenizer.encode_marked(_without_added_specials(tokenizer, text), add_special=True)
+
+
+def _without_added_specials(tokenizer: Any, text: str) -> str:
+    """`text` less a leading BOS text and a trailing EOS text where the tokenizer adds those
+    tokens itself (texts inside messages are between literal markers, so never at the ends)."""
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        text = text.removeprefix(tokenizer.token_text(tokenizer.bos_id))
+    if tokenizer.add_eos and tokenizer.eos_id is not None:
+        text = text.removesuffix(tokenizer.token_text(tokenizer.eos_id))
+    return text
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,7 +222,9 @@ def _template_source(template_or_metadata: Any) -> tuple[Any, str, str]:
     if md is None:
         return template_or_metadata or CHATML_TEMPLATE, "", ""
     source = md.get("tokenizer.chat_template")
-    return CHATML_TEMPLATE if source is None or source == "" else source, _token_text(md, "bos"), _token_text(md, "eos")
+    if source is None or source == "":
+        source = default_template(md)
+    return source, _token_text(md, "bos"), _token_text(md, "eos")
 
 
 def _token_text(md: Mapping[str, Any], role: str) -> str:
