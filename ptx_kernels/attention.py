@@ -12,8 +12,15 @@ KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `st
   `attn_combine` grid (B, Hq) merges the S partials into out (B, Hq, D) f32.
   Pick S and chunk (multiple of 64, S*chunk >= n_ctx) once per n_ctx;
   splits past lens[b] cost one early exit.
-Limits: Hq % Hkv == 0, Hq / Hkv <= 16 (decode); head_dim is a constexpr (64 or 128); lens[b] >= 1.
-Reference: `reference.attention`.
+- window (both): 0 is full causal attention; window > 0 is sliding-window attention, a query at
+  position i sees keys j with i - window < j <= i (gemma3's local layers, llama.cpp's standard
+  SWA).  Key blocks wholly before a program's first visible key are skipped (prefill: from the
+  block's first query; decode: splits before lens - window exit at once).  A block where a row
+  sees no key yet leaves that row's running max at -inf, so the exponentials are taken against 0
+  there (no -inf - -inf).
+- scale: the score scale, 1/sqrt(head_dim) for most models, the model's own where it says so.
+Limits: Hq % Hkv == 0, Hq / Hkv <= 16 (decode); head_dim is a constexpr (64, 128 or 256);
+lens[b] >= 1; window >= 0.  Reference: `reference.attention`.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import KernelSpec
+from .spec import ATTN_HEAD_DIMS, KernelSpec
 
 
 @triton.jit
-def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
+def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -40,16 +47,20 @@ def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     n_keys = start + tl.minimum(T, (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, n_keys, BLOCK_N):
+    lo = tl.where(window > 0, tl.maximum(start + pid_m * BLOCK_M - window + 1, 0), 0)
+    lo_q = tl.where(window > 0, q_pos - window, -1)  # (BM,) last hidden key of each query
+    for n0 in range(lo // BLOCK_N * BLOCK_N, n_keys, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)  # (BN,) key positions
         kv_off = (rn[:, None] * Hkv + kvh) * HEAD_DIM + d[None, :]
         kv_ok = rn[:, None] < n_keys
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0)  # (BN, D) f16
         s = tl.dot(q, tl.trans(k))  # (BM, BN)
-        s = tl.where(rn[None, :] <= q_pos[:, None], s, -float("inf"))
+        seen = (rn[None, :] <= q_pos[:, None]) & (rn[None, :] > lo_q[:, None])
+        s = tl.where(seen, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
@@ -60,10 +71,11 @@ def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale,
 
 @triton.jit
 def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr, n_ctx, chunk,
-                       Hq, Hkv, scale, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                       Hq, Hkv, scale, window, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                        GROUP_PAD: tl.constexpr):
     """Split `sp` of row b for all query heads of kv head `kvh` (K/V read once per group):
-    keys [sp*chunk, min((sp+1)*chunk, lens[b])).  float32 math (ieee dots, no tensor cores)."""
+    keys [max(sp*chunk, lens[b]-window), min((sp+1)*chunk, lens[b])) (no lower bound when
+    window is 0).  float32 math (ieee dots, no tensor cores)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -74,21 +86,24 @@ def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (b * Hq + h)[:, None] * HEAD_DIM + d[None, :], mask=g_ok[:, None], other=0)
     q = q * scale  # (GP, D)
-    n_keys = tl.minimum(tl.load(lens_ptr + b), (sp + 1) * chunk)
+    n_len = tl.load(lens_ptr + b)
+    n_keys = tl.minimum(n_len, (sp + 1) * chunk)
+    lo = tl.where(window > 0, tl.maximum(n_len - window, 0), 0)  # first visible key
     base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
     m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    for s0 in range(sp * chunk, n_keys, BLOCK_S):
+    for s0 in range(tl.maximum(sp * chunk, lo // BLOCK_S * BLOCK_S), n_keys, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
-        s_ok = rs < n_keys
+        s_ok = (rs < n_keys) & (rs >= lo)
         kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
         k = tl.load(k_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)  # (BS, D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
         s = tl.where(s_ok[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_off, mask=s_ok[:, None], other=0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -116,50 +131,66 @@ def attn_combine_kernel(po_ptr, pml_ptr, o_ptr, S, HEAD_DIM: tl.constexpr, MAX_S
 
 MAX_SPLITS = 32
 GROUP_PAD = 16  # query heads per kv head, padded (tl.dot needs 16 rows)
-DECODE_TILE = {64: (32, 4), 128: (64, 8)}  # head_dim -> (keys per step, warps): no spills
+# head_dim -> (keys per step, warps) of decode: no spills; warps of the combine
+DECODE_TILE = {64: (32, 4), 128: (64, 8), 256: (32, 8)}
+COMBINE_WARPS = {64: 1, 128: 1, 256: 4}
+# head_dim -> (BLOCK_M, BLOCK_N, warps, stages) of prefill; d256 halves the key tile to keep the
+# f16 K/V tiles (32 KiB per stage) and the (64, 256) f32 accumulator in bounds
+PREFILL_TILE = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
+
+
+def _prefill(hd: int) -> KernelSpec:
+    bm, bn, warps, stages = PREFILL_TILE[hd]
+    return KernelSpec(
+        name=f"attn_prefill_d{hd}", family="attention", fn="attn_prefill_kernel",
+        params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("out", "*fp32"),
+                ("T", "i32"), ("start", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32"),
+                ("window", "i32")),
+        constexprs={"HEAD_DIM": hd, "BLOCK_M": bm, "BLOCK_N": bn},
+        grid=(f"cdiv(T, {bm})", "Hq", "1"), sizes={},
+        limits=("T >= 1", "start >= 0", "Hkv >= 1", "Hq % Hkv == 0", "window >= 0"),
+        reference="reference.attention", num_warps=warps, num_stages=stages,
+        aligned=("q", "k_cache", "v_cache", "out"),
+        doc=f"causal GQA prefill, head_dim {hd}: q (T, Hq, {hd}) over the slot's cache rows "
+            "(window > 0: sliding window)",
+        deps=("spec",),
+    )
+
+
+def _decode(hd: int) -> KernelSpec:
+    return KernelSpec(
+        name=f"attn_decode_d{hd}", family="attention", fn="attn_decode_kernel",
+        params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"),
+                ("part_out", "*fp32"), ("part_ml", "*fp32"), ("slots", "*i32"), ("lens", "*i32"),
+                ("n_ctx", "i32"), ("chunk", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32"),
+                ("window", "i32")),
+        constexprs={"HEAD_DIM": hd, "BLOCK_S": DECODE_TILE[hd][0], "GROUP_PAD": GROUP_PAD},
+        grid=("B", "Hkv", "S"),
+        sizes={"B": "batch rows (sequences)", "S": f"key splits (1..{MAX_SPLITS})"},
+        limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", f"Hq // Hkv <= {GROUP_PAD}", "n_ctx >= 1",
+                f"1 <= S <= {MAX_SPLITS}", "chunk % 64 == 0", "S * chunk >= n_ctx", "window >= 0"),
+        reference="reference.attention", num_warps=DECODE_TILE[hd][1], num_stages=1,
+        aligned=("q", "k_cache", "v_cache", "part_out", "part_ml"),
+        doc=f"GQA decode, head_dim {hd}, split S ways over the keys (window > 0: sliding window): "
+            f"part_out (B, Hq, S, {hd}) and part_ml (B, Hq, S, 2) = (max score, sum of exp) per "
+            "split; then attn_combine",
+        deps=("spec",),
+    )
+
+
+def _combine(hd: int) -> KernelSpec:
+    return KernelSpec(
+        name=f"attn_combine_d{hd}", family="attention", fn="attn_combine_kernel",
+        params=(("part_out", "*fp32"), ("part_ml", "*fp32"), ("out", "*fp32"), ("S", "i32")),
+        constexprs={"HEAD_DIM": hd, "MAX_SPLITS": MAX_SPLITS},
+        grid=("B", "Hq", "1"), sizes={"B": "batch rows", "Hq": "query heads"},
+        limits=("B >= 1", "Hq >= 1", f"1 <= S <= {MAX_SPLITS}"),
+        reference="reference.attention", num_warps=COMBINE_WARPS[hd], num_stages=1,
+        aligned=("part_out", "part_ml", "out"),
+        doc=f"merges the S splits of attn_decode_d{hd} into out (B, Hq, {hd}) f32",
+        deps=("spec",),
+    )
 
 
 def specs() -> list[KernelSpec]:
-    out = []
-    for hd in (64, 128):
-        out.append(KernelSpec(
-            name=f"attn_prefill_d{hd}", family="attention", fn="attn_prefill_kernel",
-            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("out", "*fp32"),
-                    ("T", "i32"), ("start", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32")),
-            constexprs={"HEAD_DIM": hd, "BLOCK_M": 64, "BLOCK_N": 64},
-            grid=("cdiv(T, 64)", "Hq", "1"), sizes={},
-            limits=("T >= 1", "start >= 0", "Hkv >= 1", "Hq % Hkv == 0"),
-            reference="reference.attention", num_warps=4, num_stages=2,
-            aligned=("q", "k_cache", "v_cache", "out"),
-            doc=f"causal GQA prefill, head_dim {hd}: q (T, Hq, {hd}) over the slot's cache rows",
-            deps=("spec",),
-        ))
-        out.append(KernelSpec(
-            name=f"attn_decode_d{hd}", family="attention", fn="attn_decode_kernel",
-            params=(("q", "*fp32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"),
-                    ("part_out", "*fp32"), ("part_ml", "*fp32"), ("slots", "*i32"), ("lens", "*i32"),
-                    ("n_ctx", "i32"), ("chunk", "i32"), ("Hq", "i32"), ("Hkv", "i32"), ("scale", "fp32")),
-            constexprs={"HEAD_DIM": hd, "BLOCK_S": DECODE_TILE[hd][0], "GROUP_PAD": GROUP_PAD},
-            grid=("B", "Hkv", "S"),
-            sizes={"B": "batch rows (sequences)", "S": f"key splits (1..{MAX_SPLITS})"},
-            limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", f"Hq // Hkv <= {GROUP_PAD}", "n_ctx >= 1",
-                    f"1 <= S <= {MAX_SPLITS}",
-                    "chunk % 64 == 0", "S * chunk >= n_ctx"),
-            reference="reference.attention", num_warps=DECODE_TILE[hd][1], num_stages=1,
-            aligned=("q", "k_cache", "v_cache", "part_out", "part_ml"),
-            doc=f"GQA decode, head_dim {hd}, split S ways over the keys: part_out (B, Hq, S, {hd}) "
-                "and part_ml (B, Hq, S, 2) = (max score, sum of exp) per split; then attn_combine",
-            deps=("spec",),
-        ))
-        out.append(KernelSpec(
-            name=f"attn_combine_d{hd}", family="attention", fn="attn_combine_kernel",
-            params=(("part_out", "*fp32"), ("part_ml", "*fp32"), ("out", "*fp32"), ("S", "i32")),
-            constexprs={"HEAD_DIM": hd, "MAX_SPLITS": MAX_SPLITS},
-            grid=("B", "Hq", "1"), sizes={"B": "batch rows", "Hq": "query heads"},
-            limits=("B >= 1", "Hq >= 1", f"1 <= S <= {MAX_SPLITS}"),
-            reference="reference.attention", num_warps=1, num_stages=1,
-            aligned=("part_out", "part_ml", "out"),
-            doc=f"merges the S splits of attn_decode_d{hd} into out (B, Hq, {hd}) f32",
-            deps=("spec",),
-        ))
-    return out
+    return [make(hd) for hd in ATTN_HEAD_DIMS for make in (_prefill, _decode, _combine)]

@@ -1,6 +1,11 @@
-"""Small row/element kernels: swiglu, residual add, argmax, KV-cache row store.
+"""Small row/element kernels: swiglu, geglu, scale, residual add, argmax, KV-cache row store.
 
 - swiglu: out[i] = silu(gate[i]) * up[i] over n elements (float32).   ref `reference.swiglu`
+- geglu: out[i] = gelu_tanh(gate[i]) * up[i] (gemma3's FFN), with
+  0.5 g (1 + tanh(u)) written as g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3): one exp,
+  no overflow (exp(-2u) -> inf gives g / inf = -0).                  ref `reference.geglu`
+- scale: out[i] = x[i] * s (gemma3's sqrt(d) embedding scale; out may alias x).
+                                                                       ref `reference.scale`
 - add: out[i] = a[i] + b[i] (residual; out may alias a).               ref `reference.add`
 - add_bias: out[m, j] = x[m, j] + bias[j] over n = M*N elements (qwen2's
   Q/K/V biases; out may alias x).                                      ref `reference.add_bias`
@@ -27,6 +32,23 @@ def swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(gate_ptr + i, mask=ok, other=0)
     u = tl.load(up_ptr + i, mask=ok, other=0)
     tl.store(out_ptr + i, g / (1.0 + tl.exp(-g)) * u, mask=ok)
+
+
+@triton.jit
+def geglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    g = tl.load(gate_ptr + i, mask=ok, other=0)
+    u = tl.load(up_ptr + i, mask=ok, other=0)
+    two_u = 1.5957691216057308 * (g + 0.044715 * g * g * g)  # 2 * sqrt(2/pi) * (...)
+    tl.store(out_ptr + i, g / (1.0 + tl.exp(-two_u)) * u, mask=ok)
+
+
+@triton.jit
+def scale_kernel(x_ptr, out_ptr, n, s, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    tl.store(out_ptr + i, tl.load(x_ptr + i, mask=ok) * s, mask=ok)
 
 
 @triton.jit
@@ -83,6 +105,12 @@ def specs() -> list[KernelSpec]:
         _flat("swiglu_f32", "swiglu_kernel",
               (("gate", "*fp32"), ("up", "*fp32"), ("out", "*fp32"), ("n", "i32")),
               "reference.swiglu", "out = silu(gate) * up, n float32 elements"),
+        _flat("geglu_f32", "geglu_kernel",
+              (("gate", "*fp32"), ("up", "*fp32"), ("out", "*fp32"), ("n", "i32")),
+              "reference.geglu", "out = gelu_tanh(gate) * up, n float32 elements"),
+        _flat("scale_f32", "scale_kernel",
+              (("x", "*fp32"), ("out", "*fp32"), ("n", "i32"), ("s", "fp32")),
+              "reference.scale", "out = x * s, n float32 elements"),
         _flat("add_f32", "add_kernel",
               (("a", "*fp32"), ("b", "*fp32"), ("out", "*fp32"), ("n", "i32")),
               "reference.add", "out = a + b, n float32 elements"),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.ptx_kernels.spec import ATTN_HEAD_DIMS, ROPE_DIMS
 
 BUILD_DIR = Path(__file__).resolve().parent / "build"
 TARGETS = ("sm_90a", "sm_80")  # preference order when several fit
@@ -228,12 +229,19 @@ def embedding_entry(qtype: str) -> str:
     return f"embedding_{qtype.lower()}"
 
 
-def rope_entry(neox: bool, head_dim: int) -> str:
-    return f"rope_{'neox' if neox else 'norm'}_d{head_dim}"
+def rope_entry(neox: bool, n_rot: int) -> str:
+    """The rope entry that rotates n_rot dims of a head: the smallest compiled size >= n_rot."""
+    fits = [d for d in ROPE_DIMS if n_rot <= d]
+    if n_rot < 2 or n_rot % 2 or not fits:
+        raise KernelManifestError(f"no rope kernel rotates {n_rot} dims (even, 2..{ROPE_DIMS[-1]})")
+    return f"rope_{'neox' if neox else 'norm'}_d{fits[0]}"
 
 
 def attention_entries(head_dim: int) -> dict[str, str]:
-    """{"prefill", "decode", "combine"} entry names for a head size."""
+    """{"prefill", "decode", "combine"} entry names for a head size (one of ATTN_HEAD_DIMS)."""
+    if head_dim not in ATTN_HEAD_DIMS:
+        raise KernelManifestError(f"no attention kernels for head_dim {head_dim} "
+                                  f"(compiled: {', '.join(map(str, ATTN_HEAD_DIMS))})")
     return {k: f"attn_{k}_d{head_dim}" for k in ("prefill", "decode", "combine")}
 
 

@@ -50,20 +50,27 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
 
-def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
-    """x (T, H, D), pos (T,) -> rotated (T, H, D).  NORM rotates pairs (2i, 2i+1), NEOX (i, i+D/2)."""
+def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool, *, freqs: np.ndarray | None = None,
+         n_rot: int | None = None, mscale: float = 1.0) -> np.ndarray:
+    """x (T, H, D), pos (T,) -> rotated (T, H, D): the first n_rot (default D) dims of each head
+    rotate, NORM by pairs (2i, 2i+1), NEOX by (i, i+n_rot/2); the rest are copied.  The angle of
+    pair i is pos * freqs[i] (default base^(-2i/n_rot)); cos and sin are scaled by mscale."""
     t, h, d = x.shape
-    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,)
-    ang = pos.astype(np.float64)[:, None, None] * inv  # (T, 1, D/2)
-    cos, sin = np.cos(ang), np.sin(ang)
+    n_rot = d if n_rot is None else n_rot
+    inv = (base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot) if freqs is None
+           else np.asarray(freqs, np.float64))  # (n_rot/2,)
+    ang = pos.astype(np.float64)[:, None, None] * inv  # (T, 1, n_rot/2)
+    cos, sin = np.cos(ang) * mscale, np.sin(ang) * mscale
     x = x.astype(np.float64)
-    a, b = (x[..., : d // 2], x[..., d // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
+    r = x[..., :n_rot]
+    half = n_rot // 2
+    a, b = (r[..., :half], r[..., half:]) if neox else (r[..., 0::2], r[..., 1::2])
     ra, rb = a * cos - b * sin, a * sin + b * cos
-    out = np.empty_like(x)
+    out = x.copy()
     if neox:
-        out[..., : d // 2], out[..., d // 2 :] = ra, rb
+        out[..., :half], out[..., half:n_rot] = ra, rb
     else:
-        out[..., 0::2], out[..., 1::2] = ra, rb
+        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = ra, rb
     return out
 
 
@@ -73,19 +80,25 @@ def _softmax_rows(s: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
+              window: int = 0) -> np.ndarray:
     """Causal GQA attention of queries at positions q_pos over keys 0..S-1.
 
-    q (T, Hq, D), k/v (S, Hkv, D) -> (T, Hq, D); query t sees keys 0..q_pos[t].
+    q (T, Hq, D), k/v (S, Hkv, D) -> (T, Hq, D); query t sees keys 0..q_pos[t], and with
+    window > 0 only the last `window` of them: q_pos[t] - window < j <= q_pos[t].
     """
     t, hq, d = q.shape
     s_len, hkv, _ = k.shape
     grp = hq // hkv
     out = np.zeros((t, hq, d))
+    j = np.arange(s_len)[None, :]
+    hidden = j > q_pos[:, None]
+    if window > 0:
+        hidden |= j <= q_pos[:, None] - window
     for h in range(hq):
         kh, vh = k[:, h // grp].astype(np.float64), v[:, h // grp].astype(np.float64)  # (S, D)
         scores = q[:, h].astype(np.float64) @ kh.T * scale  # (T, S)
-        scores[np.arange(s_len)[None, :] > q_pos[:, None]] = -np.inf
+        scores[hidden] = -np.inf
         out[:, h] = _softmax_rows(scores) @ vh
     return out
 
@@ -93,6 +106,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     g = gate.astype(np.float64)
     return g / (1.0 + np.exp(-g)) * up
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * up."""
+    g = gate.astype(np.float64)
+    return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3))) * up
+
+
+def scale(x: np.ndarray, s: float) -> np.ndarray:
+    return x.astype(np.float64) * s
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

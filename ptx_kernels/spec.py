@@ -17,8 +17,13 @@ POINTEE = {
     "*u8": "uint8",
     "*i8": "int8",
     "*i32": "int32",
+    "*fp64": "float64",
 }
 SCALARS = {"i32": "int32", "fp32": "float32"}
+
+# head sizes the per-head kernels are compiled for (the launcher picks from these, no Triton import)
+ROPE_DIMS = (64, 128, 256)  # rope_*_d<D>: rotates n_rot <= D dims of a head
+ATTN_HEAD_DIMS = (64, 128, 256)  # attn_*_d<D>: head_dim == D
 
 
 @dataclass(frozen=True)

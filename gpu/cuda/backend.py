@@ -4,7 +4,11 @@ Weights are repacked (`ptx_kernels.repack`) and uploaded once into the device ar
 lives on the device in float16, laid out (n_ctx, Hkv, hd) per layer as the attention kernels read
 it.  Activations are `DeviceBuffer`s recycled through a `BufferPool`.  Every op enqueues kernels
 on one stream; only `to_host` waits.  Matrix products pick the mat-vec kernels for 1..8 rows and
-the tensor-core GEMM above that.
+the tensor-core GEMM above that.  Rope reads a float64 table of each `RopeConfig`'s effective
+per-pair frequencies (`RopeConfig.inv_freq()`), uploaded once per config (a model may have two:
+gemma3's local and global layers) on its first eager use, so a recorded step never uploads it.
+Per-layer constants (sliding window, score scale, rope table) are launch values, fixed per layer,
+so the recorded step stays valid for every position.
 
 Positions, KV row indices and key counts are read by the kernels from device memory, never baked
 into launches, so a decode step can be captured once as a CUDA graph and replayed per token
@@ -95,6 +99,7 @@ class CudaBackend(Backend):
         self._live: dict[tuple[int, int, int], DeviceBuffer] = {}  # this forward's ids/positions
         self.graphs = DecodeGraphs(self)
         self._weights: dict[tuple, DeviceWeight] = {}  # uploaded once per GGUF tensor
+        self._rope_tables: dict[RopeConfig, int] = {}  # float64 inv_freq, once per config
 
     # --- transfers -----------------------------------------------------------
     def upload(self, arr: np.ndarray, tag: str) -> int:
@@ -224,16 +229,28 @@ class CudaBackend(Backend):
     def rope(self, x: DeviceBuffer, start_pos: int, n_heads: int, rope: RopeConfig) -> DeviceBuffer:
         n, width = x.shape
         hd = width // n_heads
-        if rope.n_rot != hd or rope.scale != 1.0:
-            raise CudaUnsupported(f"rope over {rope.n_rot} of {hd} dims with scale {rope.scale} "
-                                  "has no CUDA kernel; use the CPU backend")
+        if rope.n_rot > hd:
+            raise CudaUnsupported(f"rope over {rope.n_rot} dims of {hd}-dim heads: the model "
+                                  "file is inconsistent")
         pos, _ = self._pos_lens(start_pos, n)
-        self.launch(rope_entry(rope.neox, hd), x=x.ptr, y=x.ptr, pos=pos,
-                    stride_x=width, stride_y=width, log2_base=math.log2(rope.base), T=n, H=n_heads)
+        self.launch(rope_entry(rope.neox, rope.n_rot), x=x.ptr, y=x.ptr, pos=pos,
+                    freqs=self._rope_table(rope), stride_x=width, stride_y=width, head_dim=hd,
+                    n_rot=rope.n_rot, mscale=rope.mscale, T=n, H=n_heads)
         return x
 
+    def _rope_table(self, rope: RopeConfig) -> int:
+        """Device float64[n_rot/2] of the config's effective frequencies (made on first use)."""
+        if rope not in self._rope_tables:
+            if self.capturing:
+                raise CudaUnsupported("a rope config first seen while recording a decode step "
+                                      "(the eager step must use every config the forward uses)")
+            table = np.ascontiguousarray(rope.inv_freq(), dtype=np.float64)
+            self._rope_tables[rope] = self.upload(table, "rope")
+        return self._rope_tables[rope]
+
     def attention(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kv: KVCache,
-                  layer: int, start_pos: int) -> DeviceBuffer:
+                  layer: int, start_pos: int, window: int = 0,
+                  scale: float | None = None) -> DeviceBuffer:
         n = q.shape[0]
         keys, values = kv.k, kv.v
         hkv, hd = keys.n_kv_heads, keys.head_dim
@@ -245,7 +262,8 @@ class CudaBackend(Backend):
                         src_stride=hkv * hd, T=n)
         out = self.new((n, hq * hd))
         common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=hq, Hkv=hkv,
-                      scale=1.0 / math.sqrt(hd))
+                      scale=1.0 / math.sqrt(hd) if scale is None else float(scale),
+                      window=int(window))
         if n == 1:
             self._attn_decode(common, hd, lens, kv.n_ctx)
         else:
@@ -267,6 +285,23 @@ class CudaBackend(Backend):
     def swiglu(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
         self.launch("swiglu_f32", gate=gate.ptr, up=up.ptr, out=gate.ptr, n=gate.size)
         return gate
+
+    def rmsnorm_heads(self, x: DeviceBuffer, weight: DeviceWeight, n_heads: int,
+                      eps: float) -> DeviceBuffer:
+        """Per-head RMSNorm: rmsnorm_f32 over the n * n_heads rows of hd values."""
+        n, width = x.shape
+        y = self.new(x.shape)
+        self.launch("rmsnorm_f32", x=x.ptr, weight=weight.vec, y=y.ptr, D=width // n_heads,
+                    eps=eps, M=n * n_heads)
+        return y
+
+    def gelu_gate(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
+        self.launch("geglu_f32", gate=gate.ptr, up=up.ptr, out=gate.ptr, n=gate.size)
+        return gate
+
+    def scale(self, x: DeviceBuffer, s: float) -> DeviceBuffer:
+        self.launch("scale_f32", x=x.ptr, out=x.ptr, n=x.size, s=float(s))
+        return x
 
     def add(self, x: DeviceBuffer, y: DeviceBuffer) -> DeviceBuffer:
         self.launch("add_f32", a=x.ptr, b=y.ptr, out=x.ptr, n=x.size)

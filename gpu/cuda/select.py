@@ -29,9 +29,8 @@ from ukgpu.ptx_kernels.loader import (
 from ukgpu.ptx_kernels.repack import FORMATS
 
 MIN_CC = (8, 0)
-COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "rmsnorm_f32", "argmax_f32",
-                  "store_rows_f16")
-HEAD_DIMS = (64, 128)
+COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
+                  "argmax_f32", "store_rows_f16")
 ACTIVATION_BYTES = 1 << 30  # arena headroom for activations beyond weights and KV
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
@@ -46,13 +45,11 @@ def model_kernels(gguf: Any) -> list[str]:
     from ukgpu.llama_core.model import rope_config
 
     cfg, rope = gguf.config, rope_config(gguf.config)
-    if cfg.head_dim not in HEAD_DIMS:
-        raise CudaUnsupported(f"head_dim {cfg.head_dim} has no attention kernel (have "
-                              f"{HEAD_DIMS}); use the CPU backend")
-    if rope.n_rot != cfg.head_dim or rope.scale != 1.0:
-        raise CudaUnsupported("partial or scaled rope has no CUDA kernel; use the CPU backend")
-    names = set(COMMON_KERNELS) | set(attention_entries(cfg.head_dim).values())
-    names.add(rope_entry(rope.neox, cfg.head_dim))
+    try:
+        names = set(COMMON_KERNELS) | set(attention_entries(cfg.head_dim).values())
+        names.add(rope_entry(rope.neox, rope.n_rot))
+    except KernelManifestError as exc:
+        raise CudaUnsupported(f"{exc}; use the CPU backend") from exc
     for view in gguf.tensors.values():
         if len(view.shape) != 2:
             continue

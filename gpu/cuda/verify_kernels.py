@@ -22,6 +22,7 @@ from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.ptx_kernels import reference as ref
 from ukgpu.ptx_kernels.repack import FORMATS
+from ukgpu.ptx_kernels.spec import ATTN_HEAD_DIMS
 
 BOUNDS = {"matvec": 5e-4, "gemm": 5e-4, "attn": 5e-4, "rope": 1e-6, "default": 1e-7}
 NAN32 = 0x7FC00000
@@ -115,52 +116,64 @@ def check_weight_kernels(dev: Device, qtype: str, rng: np.random.Generator) -> l
 
 
 def check_rmsnorm(dev: Device, rng: np.random.Generator) -> list[Check]:
-    m, d = 5, 576
-    x, w = rng.standard_normal((m, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
-    y = dev.poisoned(m * d)
-    dev.run("rmsnorm_f32", x=dev.put(x), weight=dev.put(w), y=y, D=d, eps=1e-5, M=m)
-    return [nmse_check("kernel", "rmsnorm_f32", dev.get(y, (m, d), np.float32),
-                       ref.rmsnorm(x, w, 1e-5), _bound("rmsnorm"))]
+    checks = []
+    for name, m, d in (("rmsnorm_f32", 5, 576), ("rmsnorm_f32 per head (hd 256)", 12, 256)):
+        x, w = rng.standard_normal((m, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+        y = dev.poisoned(m * d)
+        dev.run("rmsnorm_f32", x=dev.put(x), weight=dev.put(w), y=y, D=d, eps=1e-5, M=m)
+        checks.append(nmse_check("kernel", name, dev.get(y, (m, d), np.float32),
+                                 ref.rmsnorm(x, w, 1e-5), _bound("rmsnorm")))
+    return checks
+
+
+ROPE_CASES = ((64, 64, 64), (128, 128, 128), (256, 256, 256), (128, 96, 96), (64, 128, 64))
 
 
 def check_rope(dev: Device, rng: np.random.Generator) -> list[Check]:
+    """Every rope entry: llama3-style scaled tables, partial rotation, mscale, large positions."""
     checks = []
     for mode in ("norm", "neox"):
-        for hd in (64, 128):
-            t, h, base = 9, 4, 10000.0
+        for d, hd, n_rot in ROPE_CASES:
+            t, h = 9, 4
             x = rng.standard_normal((t, h, hd)).astype(np.float32)
-            pos = rng.integers(0, 512, t).astype(np.int32)
+            pos = rng.integers(0, 1 << 17, t).astype(np.int32)
+            freqs = 5e5 ** (-np.arange(0, n_rot, 2) / n_rot) / rng.uniform(1, 8, n_rot // 2)
             y = dev.poisoned(x.size)
-            name = f"rope_{mode}_d{hd}"
-            dev.run(name, x=dev.put(x), y=y, pos=dev.put(pos), stride_x=h * hd, stride_y=h * hd,
-                    log2_base=math.log2(base), T=t, H=h)
-            checks.append(nmse_check("kernel", name, dev.get(y, x.shape, np.float32),
-                                     ref.rope(x, pos, base, mode == "neox"), _bound(name)))
+            name = f"rope_{mode}_d{d}"
+            dev.run(name, x=dev.put(x), y=y, pos=dev.put(pos), freqs=dev.put(freqs),
+                    stride_x=h * hd, stride_y=h * hd, head_dim=hd, n_rot=n_rot, mscale=1.25,
+                    T=t, H=h)
+            want = ref.rope(x, pos, 0.0, mode == "neox", freqs=freqs, n_rot=n_rot, mscale=1.25)
+            label = name if d == hd == n_rot else f"{name} (head_dim {hd}, n_rot {n_rot})"
+            checks.append(nmse_check("kernel", label,
+                                     dev.get(y, x.shape, np.float32), want, _bound(name)))
     return checks
 
 
 def check_attention(dev: Device, rng: np.random.Generator) -> list[Check]:
     checks = []
     hq, hkv = 8, 2
-    for hd in (64, 128):
-        t, start = 70, 30
-        s = start + t
-        q = rng.standard_normal((t, hq, hd)).astype(np.float32)
-        k = rng.standard_normal((s, hkv, hd)).astype(np.float16)
-        v = rng.standard_normal((s, hkv, hd)).astype(np.float16)
-        out = dev.poisoned(q.size)
-        scale = 1.0 / math.sqrt(hd)
-        name = f"attn_prefill_d{hd}"
-        dev.run(name, q=dev.put(q), k_cache=dev.put(k), v_cache=dev.put(v), out=out, T=t,
-                start=start, Hq=hq, Hkv=hkv, scale=scale)
-        expected = ref.attention(q, k, v, start + np.arange(t), scale)
-        checks.append(nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected,
-                                 _bound(name)))
-        checks.append(_check_decode(dev, rng, hd, hq, hkv))
+    for hd in ATTN_HEAD_DIMS:
+        for window in (0, 40):
+            t, start = 70, 30
+            s = start + t
+            q = rng.standard_normal((t, hq, hd)).astype(np.float32)
+            k = rng.standard_normal((s, hkv, hd)).astype(np.float16)
+            v = rng.standard_normal((s, hkv, hd)).astype(np.float16)
+            out = dev.poisoned(q.size)
+            scale = 1.0 / math.sqrt(hd)
+            name = f"attn_prefill_d{hd}" + (f" window {window}" if window else "")
+            dev.run(f"attn_prefill_d{hd}", q=dev.put(q), k_cache=dev.put(k), v_cache=dev.put(v),
+                    out=out, T=t, start=start, Hq=hq, Hkv=hkv, scale=scale, window=window)
+            expected = ref.attention(q, k, v, start + np.arange(t), scale, window)
+            checks.append(nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected,
+                                     _bound(name)))
+            checks.append(_check_decode(dev, rng, hd, hq, hkv, window))
     return checks
 
 
-def _check_decode(dev: Device, rng: np.random.Generator, hd: int, hq: int, hkv: int) -> Check:
+def _check_decode(dev: Device, rng: np.random.Generator, hd: int, hq: int, hkv: int,
+                  window: int) -> Check:
     n_slots, n_ctx = 3, 128
     slots, lens = np.array([2, 0, 1], np.int32), np.array([17, 1, 100], np.int32)
     k = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)
@@ -170,14 +183,14 @@ def _check_decode(dev: Device, rng: np.random.Generator, hd: int, hq: int, hkv: 
     scale = 1.0 / math.sqrt(hd)
     splits, chunk = 2, 64  # row 2 spans both splits; rows 0 and 1 leave the second one empty
     part, ml = dev.poisoned(3 * hq * splits * hd), dev.poisoned(3 * hq * splits * 2)
-    name = f"attn_decode_d{hd} + attn_combine_d{hd}"
+    name = f"attn_decode_d{hd} + attn_combine_d{hd}" + (f" window {window}" if window else "")
     dev.run(f"attn_decode_d{hd}", q=dev.put(q), k_cache=dev.put(k), v_cache=dev.put(v),
             part_out=part, part_ml=ml, slots=dev.put(slots), lens=dev.put(lens), n_ctx=n_ctx,
-            chunk=chunk, Hq=hq, Hkv=hkv, scale=scale, B=3, S=splits)
+            chunk=chunk, Hq=hq, Hkv=hkv, scale=scale, window=window, B=3, S=splits)
     dev.run(f"attn_combine_d{hd}", part_out=part, part_ml=ml, out=out, S=splits, B=3, Hq=hq)
     expected = np.stack([
         ref.attention(q[b:b + 1], k[slots[b], :lens[b]], v[slots[b], :lens[b]],
-                      np.array([lens[b] - 1]), scale)[0] for b in range(3)])
+                      np.array([lens[b] - 1]), scale, window)[0] for b in range(3)])
     return nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected, _bound(name))
 
 
@@ -185,11 +198,16 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
     n = 5000
     a, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     checks = []
-    for name, fn, args in (("swiglu_f32", ref.swiglu, ("gate", "up")), ("add_f32", ref.add, ("a", "b"))):
+    for name, fn, args in (("swiglu_f32", ref.swiglu, ("gate", "up")),
+                           ("geglu_f32", ref.geglu, ("gate", "up")), ("add_f32", ref.add, ("a", "b"))):
         out = dev.poisoned(n)
         dev.run(name, **{args[0]: dev.put(a), args[1]: dev.put(b)}, out=out, n=n)
         checks.append(nmse_check("kernel", name, dev.get(out, (n,), np.float32), fn(a, b),
                                  _bound(name)))
+    out = dev.poisoned(n)
+    dev.run("scale_f32", x=dev.put(a), out=out, n=n, s=25.3)
+    checks.append(nmse_check("kernel", "scale_f32", dev.get(out, (n,), np.float32),
+                             ref.scale(a, 25.3), _bound("scale")))
     logits = rng.standard_normal((4, n)).astype(np.float32)
     out = dev.poisoned(4, word=0xFFFFFFFF)
     dev.run("argmax_f32", logits=dev.put(logits), out=out, V=n, B=4)

@@ -74,15 +74,19 @@ def rmsnorm(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 
 def rope(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     t, h = grid[0], grid[1]
-    d = e["constexprs"]["HEAD_DIM"]
+    hd, n_rot = a["head_dim"], a["n_rot"]
+    if not 2 <= n_rot <= min(hd, 2 * e["constexprs"]["HALF"]):
+        raise EmulationError(f"{e['name']}: n_rot={n_rot} outside 2..min(head_dim, entry size)")
     sx, sy = a["stride_x"], a["stride_y"]
-    x = mem.view(a["x"], np.float32, (t - 1) * sx + h * d)
-    rows = np.stack([x[i * sx:i * sx + h * d] for i in range(t)]).reshape(t, h, d)
+    x = mem.view(a["x"], np.float32, (t - 1) * sx + h * hd)
+    rows = np.stack([x[i * sx:i * sx + h * hd] for i in range(t)]).reshape(t, h, hd)
     pos = mem.view(a["pos"], np.int32, t).copy()
-    out = ref.rope(rows, pos, 2.0 ** a["log2_base"], bool(e["constexprs"]["NEOX"]))
-    y = mem.view(a["y"], np.float32, (t - 1) * sy + h * d)
+    freqs = mem.view(a["freqs"], np.float64, n_rot // 2).copy()
+    out = ref.rope(rows, pos, 0.0, bool(e["constexprs"]["NEOX"]), freqs=freqs, n_rot=n_rot,
+                   mscale=a["mscale"])
+    y = mem.view(a["y"], np.float32, (t - 1) * sy + h * hd)
     for i in range(t):
-        y[i * sy:i * sy + h * d] = out[i].reshape(-1)
+        y[i * sy:i * sy + h * hd] = out[i].reshape(-1)
 
 
 def attn_prefill(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
@@ -92,7 +96,7 @@ def attn_prefill(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     q = mem.view(a["q"], np.float32, t * hq * d).reshape(t, hq, d)
     k = mem.view(a["k_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
     v = mem.view(a["v_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
-    out = ref.attention(q, k, v, start + np.arange(t), a["scale"])
+    out = ref.attention(q, k, v, start + np.arange(t), a["scale"], a["window"])
     mem.view(a["out"], np.float32, t * hq * d)[:] = out.reshape(-1)
 
 
@@ -100,7 +104,7 @@ def attn_decode(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     """Split sp of row b: unnormalized (acc, max, sum) over keys [sp*chunk, min(lens, (sp+1)*chunk))."""
     d = e["constexprs"]["HEAD_DIM"]
     b, hq, n_split = grid[0], a["Hq"], grid[2]
-    hkv, n_ctx, chunk = a["Hkv"], a["n_ctx"], a["chunk"]
+    hkv, n_ctx, chunk, window = a["Hkv"], a["n_ctx"], a["chunk"], a["window"]
     slots, lens = mem.view(a["slots"], np.int32, b), mem.view(a["lens"], np.int32, b)
     q = mem.view(a["q"], np.float32, b * hq * d).reshape(b, hq, d).astype(np.float64) * a["scale"]
     part = mem.view(a["part_out"], np.float32, b * hq * n_split * d).reshape(b, hq, n_split, d)
@@ -113,8 +117,9 @@ def attn_decode(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
         rows = n_ctx * hkv * d * 2 * int(slots[i])
         k = mem.view(a["k_cache"] + rows, np.float16, n * hkv * d).reshape(n, hkv, d)
         v = mem.view(a["v_cache"] + rows, np.float16, n * hkv * d).reshape(n, hkv, d)
+        first = max(0, n - window) if window > 0 else 0  # the sliding window's first key
         for sp in range(n_split):
-            lo, hi = sp * chunk, min(n, (sp + 1) * chunk)
+            lo, hi = max(first, sp * chunk), min(n, (sp + 1) * chunk)
             if lo >= hi:
                 part[i, :, sp], ml[i, :, sp, 0], ml[i, :, sp, 1] = 0, -np.inf, 0
                 continue
@@ -142,6 +147,17 @@ def swiglu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     n = a["n"]
     g, u = mem.view(a["gate"], np.float32, n), mem.view(a["up"], np.float32, n)
     mem.view(a["out"], np.float32, n)[:] = ref.swiglu(g, u)
+
+
+def geglu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    n = a["n"]
+    g, u = mem.view(a["gate"], np.float32, n), mem.view(a["up"], np.float32, n)
+    mem.view(a["out"], np.float32, n)[:] = ref.geglu(g, u)
+
+
+def scale(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    n = a["n"]
+    mem.view(a["out"], np.float32, n)[:] = ref.scale(mem.view(a["x"], np.float32, n), a["s"])
 
 
 def add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
@@ -176,7 +192,7 @@ def store_rows(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
     "matvec": matmul, "gemm": matmul, "embedding": embedding, "rmsnorm": rmsnorm, "rope": rope,
     "attn_prefill": attn_prefill, "attn_decode": attn_decode, "attn_combine": attn_combine,
-    "swiglu": swiglu, "add": add, "add_bias": add_bias,
+    "swiglu": swiglu, "geglu": geglu, "scale": scale, "add": add, "add_bias": add_bias,
     "argmax": argmax, "store_rows": store_rows,
 }
 

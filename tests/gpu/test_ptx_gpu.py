@@ -6,11 +6,11 @@ arena (`ARENA_BYTES`), freed after it; `verify_kernels.Device` uploads and reads
 
 Skips with the reason when cuda-python, the driver or a GPU is missing.
 Bounds (FMA and libdevice math on the GPU): f32 mat-vec 1e-4 * (|x| @ |W|.T); f16 GEMM
-4e-3 * (|x| @ |W|.T); elementwise 1e-5 relative; rope 2e-3 * |x|; attention decode 1e-3 * max|v|,
-prefill 1e-2 * max|v|; embedding 1e-6 relative; argmax and store_rows exact.
+4e-3 * (|x| @ |W|.T); elementwise 1e-5 relative; rope 1e-5 * |x|; attention decode 1e-3 * max|v|,
+prefill 1e-2 * max|v|; embedding 1e-6 relative; argmax and store_rows exact.  The kernels the
+newer model families add (scaled rope tables with partial rotation and positions to 2^20,
+head_dim 256, sliding windows, geglu, scale) have their own tests at the end, same bounds.
 """
-
-import math
 
 import numpy as np
 import pytest
@@ -129,11 +129,13 @@ def test_rope(gpu, mode, hd, rng):
     pos = np.array([0, 1, 2, 100, 2047, 4095], np.int32)
     y = np.full((t, h * hd), np.nan, np.float32)
     dy = gpu.put(y)
+    freqs = 1e4 ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     gpu.kernels.launch(f"rope_{mode}_d{hd}", {"x": gpu.put(x), "y": dy, "pos": gpu.put(pos),
-                                              "stride_x": stride, "stride_y": h * hd,
-                                              "log2_base": math.log2(1e4), "T": t, "H": h})
+                                              "freqs": gpu.put(freqs), "stride_x": stride,
+                                              "stride_y": h * hd, "head_dim": hd, "n_rot": hd,
+                                              "mscale": 1.0, "T": t, "H": h})
     want = R.rope(x[:, : h * hd].reshape(t, h, hd), pos, 1e4, mode == "neox").reshape(t, -1)
-    np.testing.assert_allclose(gpu.get(dy, y.shape, y.dtype), want, atol=2e-3 * np.abs(x).max(), rtol=0)
+    np.testing.assert_allclose(gpu.get(dy, y.shape, y.dtype), want, atol=1e-5 * np.abs(x).max(), rtol=0)
 
 
 @pytest.mark.parametrize("hd", [64, 128])
@@ -150,14 +152,16 @@ def test_attention_prefill_and_decode(gpu, hd, rng):
     slot_bytes = n_ctx * hkv * hd * 2
     gpu.kernels.launch(f"attn_prefill_d{hd}", {"q": gpu.put(q), "k_cache": dk + slot_bytes,
                                                "v_cache": dv + slot_bytes, "out": do, "T": t,
-                                               "start": start, "Hq": hq, "Hkv": hkv, "scale": scale})
+                                               "start": start, "Hq": hq, "Hkv": hkv, "scale": scale,
+                                               "window": 0})
     slots, lens = np.array([2, 0, 1], np.int32), np.array([1, 300, 129], np.int32)
     qd = rng.standard_normal((3, hq, hd)).astype(np.float32)
     od = np.full_like(qd, np.nan)
     dod = gpu.put(od)
     splits, chunk = 5, 64  # 5 * 64 >= n_ctx; row 0 leaves four splits empty
     dpo, dpml = gpu.arena.alloc(3 * hq * splits * hd * 4), gpu.arena.alloc(3 * hq * splits * 2 * 4)
-    sizes = {"n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": hkv, "scale": scale, "B": 3, "S": splits}
+    sizes = {"n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": hkv, "scale": scale, "window": 0,
+             "B": 3, "S": splits}
     gpu.kernels.launch(f"attn_decode_d{hd}", sizes | {"q": gpu.put(qd), "k_cache": dk, "v_cache": dv,
                                                       "part_out": dpo, "part_ml": dpml,
                                                       "slots": gpu.put(slots), "lens": gpu.put(lens)})
@@ -185,6 +189,76 @@ def test_argmax_and_store_rows(gpu, rng):
                                           "W": width, "src_stride": width, "T": 3})
     np.testing.assert_array_equal(gpu.get(dout, out.shape, out.dtype), R.argmax(logits))
     np.testing.assert_array_equal(gpu.get(ddst, dst.shape, dst.dtype), R.store_rows(dst, src, rows))
+
+
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+@pytest.mark.parametrize("d,hd,n_rot", [(256, 256, 256), (128, 96, 96), (64, 128, 64)])
+def test_rope_scaled_table(gpu, mode, d, hd, n_rot, rng):
+    t, h = 6, 4
+    x = rng.standard_normal((t, h * hd)).astype(np.float32)
+    pos = np.array([0, 5, 4095, 32767, 131071, 1 << 20], np.int32)
+    freqs = 5e5 ** (-np.arange(0, n_rot, 2) / n_rot) / rng.uniform(1, 8, n_rot // 2)
+    dx = gpu.put(x)
+    gpu.kernels.launch(f"rope_{mode}_d{d}", {"x": dx, "y": dx, "pos": gpu.put(pos),
+                                             "freqs": gpu.put(freqs), "stride_x": h * hd,
+                                             "stride_y": h * hd, "head_dim": hd, "n_rot": n_rot,
+                                             "mscale": 1.25, "T": t, "H": h})
+    want = R.rope(x.reshape(t, h, hd), pos, 0.0, mode == "neox", freqs=freqs, n_rot=n_rot,
+                  mscale=1.25).reshape(t, -1)
+    np.testing.assert_allclose(gpu.get(dx, x.shape, x.dtype), want, atol=1.25e-5 * np.abs(x).max(),
+                               rtol=0)
+
+
+def test_geglu_scale_and_head_norm(gpu, rng):
+    n = 70000
+    g = (rng.standard_normal(n) * 6).astype(np.float32)
+    g[:3] = [-100.0, 100.0, 0.0]
+    u = rng.standard_normal(n).astype(np.float32)
+    dg = gpu.put(g)
+    gpu.kernels.launch("geglu_f32", {"gate": dg, "up": gpu.put(u), "out": dg, "n": n})
+    ds = gpu.put(u)
+    gpu.kernels.launch("scale_f32", {"x": ds, "out": ds, "n": n, "s": 25.3})
+    x = rng.standard_normal((3 * 4, 256)).astype(np.float32)  # 3 tokens x 4 heads of 256
+    w = rng.standard_normal(256).astype(np.float32)
+    dy = gpu.put(np.full_like(x, np.nan))
+    gpu.kernels.launch("rmsnorm_f32", {"x": gpu.put(x), "weight": gpu.put(w), "y": dy, "D": 256,
+                                       "eps": 1e-6, "M": 12})
+    np.testing.assert_allclose(gpu.get(dg, g.shape, g.dtype), R.geglu(g, u), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gpu.get(ds, u.shape, u.dtype), R.scale(u, 25.3), rtol=1e-6)
+    np.testing.assert_allclose(gpu.get(dy, x.shape, x.dtype), R.rmsnorm(x, w, 1e-6), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("hd", [64, 256])
+@pytest.mark.parametrize("window", [0, 1, 50, 512])
+def test_attention_window_and_head_dim_256(gpu, hd, window, rng):
+    hq, hkv, n_ctx, start, t = 8, 2, 320, 100, 150
+    k = rng.standard_normal((1, n_ctx, hkv, hd)).astype(np.float16)
+    v = rng.standard_normal((1, n_ctx, hkv, hd)).astype(np.float16)
+    dk, dv = gpu.put(k), gpu.put(v)
+    scale = 0.0625
+    q = rng.standard_normal((t, hq, hd)).astype(np.float32)
+    do = gpu.put(np.full_like(q, np.nan))
+    gpu.kernels.launch(f"attn_prefill_d{hd}", {"q": gpu.put(q), "k_cache": dk, "v_cache": dv,
+                                               "out": do, "T": t, "start": start, "Hq": hq,
+                                               "Hkv": hkv, "scale": scale, "window": window})
+    want = R.attention(q, k[0, : start + t], v[0, : start + t], start + np.arange(t), scale, window)
+    np.testing.assert_allclose(gpu.get(do, q.shape, q.dtype), want, atol=1e-2 * np.abs(v).max(), rtol=0)
+    lens, splits, chunk = np.array([start + t], np.int32), 5, 64
+    qd = rng.standard_normal((1, hq, hd)).astype(np.float32)
+    dod = gpu.put(np.full_like(qd, np.nan))
+    dpo, dpml = gpu.arena.alloc(hq * splits * hd * 4), gpu.arena.alloc(hq * splits * 2 * 4)
+    sizes = {"n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": hkv, "scale": scale,
+             "window": window, "B": 1, "S": splits}
+    gpu.kernels.launch(f"attn_decode_d{hd}", sizes | {"q": gpu.put(qd), "k_cache": dk, "v_cache": dv,
+                                                      "part_out": dpo, "part_ml": dpml,
+                                                      "slots": gpu.put(np.zeros(1, np.int32)),
+                                                      "lens": gpu.put(lens)})
+    gpu.kernels.launch(f"attn_combine_d{hd}", sizes | {"part_out": dpo, "part_ml": dpml, "out": dod})
+    n = int(lens[0])
+    want = R.attention(qd, k[0, :n], v[0, :n], np.array([n - 1]), scale, window)
+    np.testing.assert_allclose(gpu.get(dod, qd.shape, qd.dtype), want, atol=1e-3 * np.abs(v).max(),
+                               rtol=0)
 
 
 def test_artifact_kind_matches_the_device(gpu):

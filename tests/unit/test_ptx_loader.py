@@ -63,7 +63,7 @@ def test_launch_packs_params_in_order_with_hidden_zeros(man):
 def test_unused_planes_may_be_omitted_and_floats_pack_as_float(man):
     e = man.entry("attn_decode_d128")
     vals = {"q": 16, "k_cache": 32, "v_cache": 48, "part_out": 64, "part_ml": 80, "slots": 96,
-            "lens": 112, "n_ctx": 4096, "chunk": 256, "Hq": 12, "Hkv": 2, "scale": 0.088, "B": 4, "S": 16}
+            "lens": 112, "n_ctx": 4096, "chunk": 256, "Hq": 12, "Hkv": 2, "scale": 0.088, "window": 0, "B": 4, "S": 16}
     launch = e.launch(vals)
     assert launch.grid == (4, 2, 16)  # (B, Hkv, S): one program per kv head and split
     _, types = launch.ctypes_args()
@@ -124,8 +124,14 @@ def test_name_helpers_cover_every_supported_type_and_head_size(man):
     for qtype in FORMATS:
         assert {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype),
                 embedding_entry(qtype)} <= names
-    for hd in (64, 128):
+    for hd in (64, 128, 256):
         assert {rope_entry(True, hd), rope_entry(False, hd), *attention_entries(hd).values()} <= names
+    assert rope_entry(False, 96) == "rope_norm_d128"  # partial / odd sizes: the next entry up
+    for bad in (1, 97, 512):
+        with pytest.raises(KernelManifestError, match="rope"):
+            rope_entry(True, bad)
+    with pytest.raises(KernelManifestError, match="head_dim 96"):
+        attention_entries(96)
     assert matvec_entry("Q4_K", 5) == "matvec_q4_k_b8"
     with pytest.raises(KernelManifestError, match="GEMM"):
         matvec_entry("Q4_K", 9)

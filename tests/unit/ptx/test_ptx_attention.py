@@ -34,17 +34,17 @@ def test_attn_prefill(hd, start, t, rng):
     scale = hd ** -0.5
     out = run_spec(f"attn_prefill_d{hd}",
                    {"q": q, "k_cache": k, "v_cache": v, "out": np.full_like(q, np.nan)},
-                   {"T": t, "start": start, "Hq": HQ, "Hkv": HKV, "scale": scale})
+                   {"T": t, "start": start, "Hq": HQ, "Hkv": HKV, "scale": scale, "window": 0})
     want = R.attention(q, k[0, : start + t], v[0, : start + t], start + np.arange(t), scale)
     np.testing.assert_allclose(out["out"], want, atol=1e-2 * np.abs(v[0, : start + t]).max(), rtol=0)
 
 
-def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk):
+def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk, window=0):
     b, hq = len(slots), q.shape[1]
     part_o = np.full((b, hq, splits, hd), np.nan, np.float32)
     part_ml = np.full((b, hq, splits, 2), np.nan, np.float32)
     vals = {"B": b, "S": splits, "n_ctx": n_ctx, "chunk": chunk, "Hq": hq, "Hkv": k.shape[2],
-            "scale": hd ** -0.5}
+            "scale": hd ** -0.5, "window": window}
     parts = run_spec(f"attn_decode_d{hd}", {"q": q, "k_cache": k, "v_cache": v, "part_out": part_o,
                                             "part_ml": part_ml, "slots": slots, "lens": lens}, vals)
     out = run_spec(f"attn_combine_d{hd}", {"part_out": parts["part_out"], "part_ml": parts["part_ml"],
