@@ -98,7 +98,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._got_bytes = True
         super().data_received(data)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
         """Keep a half-closed connection open while its whole request is answered (see the module
         docstring); any other EOF closes the transport (asyncio does so on a falsy return)."""
         cycle = self.cycle

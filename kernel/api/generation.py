@@ -19,6 +19,7 @@ from ukgpu.kernel.api.errors import ApiError, bad_request, error_body
 from ukgpu.kernel.api.limits import ApiLimits
 from ukgpu.kernel.api.scheduler import Failed, Finished, Job, Scheduler
 from ukgpu.kernel.api.schema import ModelFacts, max_tokens_cap
+from ukgpu.kernel.api.tool_stream import ToolStream
 
 _DISCONNECTED = object()  # queue item: the client went away
 
@@ -218,6 +219,7 @@ class Generation:
 
     async def _sse(self, include_usage: bool) -> AsyncIterator[bytes]:
         outcomes = [Outcome() for _ in self.jobs]
+        tool_streams = [ToolStream() for _ in self.jobs]
         if self.kind.chat:
             for index in range(len(outcomes)):
                 yield _event(self._chunk(index, {"role": "assistant", "content": ""}, None))
@@ -227,10 +229,14 @@ class Generation:
                 break
             outcome = outcomes[index]
             new = self._absorb(outcome, item)
-            if self.tools:  # held until the reply is whole: only then is it a call or text
-                if outcome.finish_reason:
-                    delta, called = structured.final_delta(outcome.text)
-                    yield _event(self._chunk(index, delta, called or outcome.finish_reason,
+            if self.tools:  # content as it settles, each call when its block closes
+                stream = tool_streams[index]
+                deltas = stream.feed(outcome.text, bool(outcome.finish_reason))
+                for delta in deltas[:-1]:
+                    yield _event(self._chunk(index, delta, None))
+                if deltas or outcome.finish_reason:
+                    reason = stream.finish_reason(outcome.finish_reason) if outcome.finish_reason else None
+                    yield _event(self._chunk(index, deltas[-1] if deltas else {}, reason,
                                              self._fresh_logprobs(outcome)))
                 continue
             if new or outcome.finish_reason or len(outcome.logprobs) > outcome.n_sent:

@@ -210,8 +210,9 @@ def _tool_grammar(engine: Any, functions: list[dict]) -> Any:
 
 
 def final_delta(text: str) -> tuple[dict, str | None]:
-    """The one streamed delta of a whole reply when tools are on: `delta.tool_calls` (each with
-    its index, id, name and all its arguments) and "tool_calls", or the text as content."""
+    """The delta of a whole reply judged at once (`tool_stream`, for a reply that opened with "{"):
+    `delta.tool_calls` (each with its index, id, name and all its arguments) and "tool_calls", or
+    the text as content."""
     message: dict = {"content": text}
     called = tool_message(message, text)
     if called is None:
