@@ -31,15 +31,22 @@ from ukgpu.llama_core.errors import TokenizerError
 from ukgpu.llama_core.text import vocab_keys as keys
 from ukgpu.llama_core.text.bpe import BpeModel, byte_alphabet_inverse
 from ukgpu.llama_core.text.pretokenize import pre_config
+from ukgpu.llama_core.text.special_split import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    RSTRIP,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    SpecialSplitter,
+)
 from ukgpu.llama_core.text.spm import SPACE, SpmModel
 
-# token attributes (bit flags)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE, LSTRIP, RSTRIP = (1 << i for i in range(8))
 # `tokenizer.ggml.token_type` value -> attribute (0 = undefined, as is any other value)
 _TYPE_ATTR = np.array([0, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE])
 _BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
 
-_ASCII_SPACE = " \t\n\v\f\r"
 # Text between these two is plain text even where control tokens are parsed; both are
 # Unicode noncharacters, reserved for a program's internal use.
 LITERAL_OPEN, LITERAL_CLOSE = "\ufdd0", "\ufdd1"
@@ -89,12 +96,13 @@ class Tokenizer:
         self.kind = "spm" if kind == "llama" else "bpe"
         self.tokens: list[str] = keys.tokens(md)
         self._attrs = _token_attrs(md, self.tokens)
-        self.token_to_id = {text: i for i, text in enumerate(self.tokens)}
+        self.token_to_id = dict(zip(self.tokens, range(len(self.tokens))))  # a repeated text: its last id
         self._roles = self._read_roles(md)
         self._configure(md)
         self._find_roles_by_text()
         self.eog_ids = self._collect_eog()
-        self._special_order = self._special_tokens()
+        self._splitter = SpecialSplitter(self.tokens, self._attrs)
+        self._special_order = self._splitter.order
         self._apply_name_quirks(md)
         self._bytes_cache: dict[int, bytes] = {}
 
@@ -162,12 +170,6 @@ class Tokenizer:
                 eog.add(token)
                 self._attrs[token] |= CONTROL
         return frozenset(eog)
-
-    def _special_tokens(self) -> list[int]:
-        """Tokens matched in raw text before tokenizing, longest text first."""
-        mask = CONTROL | USER_DEFINED | UNKNOWN
-        found = [i for i, a in enumerate(self._attrs) if a & mask]
-        return sorted(found, key=lambda i: (-len(self.tokens[i]), i))
 
     def _apply_name_quirks(self, md: dict[str, Any]) -> None:
         """Phi-3's special tokens swallow the whitespace that follows them."""
@@ -256,21 +258,7 @@ class Tokenizer:
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Split `text` on special-token texts, longest first: text pieces and token ids."""
-        fragments: list[str | int] = [text] if text else []
-        skip = 0 if parse_special else (CONTROL | UNKNOWN)
-        for token in self._special_order:
-            attr = self._attrs[token]
-            piece = self.tokens[token]
-            if attr & skip or piece not in text:
-                continue
-            out: list[str | int] = []
-            for fragment in fragments:
-                if isinstance(fragment, int) or piece not in fragment:
-                    out.append(fragment)
-                else:
-                    out += _split_on(fragment, piece, token, attr)
-            fragments = out
-        return fragments
+        return self._splitter.split(text, parse_special)
 
     # ---- decoding -------------------------------------------------------
 
@@ -388,29 +376,6 @@ def special_texts(md: Mapping[str, Any]) -> set[str]:
             special = np.flatnonzero((types == 2) | (types == 3)).tolist()
             texts.update(t for i in special if isinstance(t := tokens[i], str))
     return texts
-
-
-def _split_on(fragment: str, piece: str, token: int, attr: int) -> list[str | int]:
-    """`fragment` cut at every occurrence of `piece` (replaced by `token`)."""
-    out: list[str | int] = []
-    start = 0
-    while True:
-        at = fragment.find(piece, start)
-        if at < 0:
-            break
-        left = fragment[start:at]
-        if attr & LSTRIP:
-            left = left.rstrip(_ASCII_SPACE)
-        if left:
-            out.append(left)
-        out.append(token)
-        start = at + len(piece)
-        if attr & RSTRIP:
-            while start < len(fragment) and fragment[start] in _ASCII_SPACE:
-                start += 1
-    if start < len(fragment):
-        out.append(fragment[start:])
-    return out
 
 
 def _clean_spaces(data: bytes) -> bytes:
