@@ -124,14 +124,14 @@ def test_name_helpers_cover_every_supported_type_and_head_size(man):
     for qtype in FORMATS:
         assert {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype),
                 embedding_entry(qtype)} <= names
-    for hd in (64, 128, 256):
+    for hd in (64, 96, 128, 256):
         assert {rope_entry(True, hd), rope_entry(False, hd), *attention_entries(hd).values()} <= names
     assert rope_entry(False, 96) == "rope_norm_d128"  # partial / odd sizes: the next entry up
     for bad in (1, 97, 512):
         with pytest.raises(KernelManifestError, match="rope"):
             rope_entry(True, bad)
-    with pytest.raises(KernelManifestError, match="head_dim 96"):
-        attention_entries(96)
+    with pytest.raises(KernelManifestError, match="head_dim 80"):
+        attention_entries(80)
     assert matvec_entry("Q4_K", 5) == "matvec_q4_k_b8"
     with pytest.raises(KernelManifestError, match="GEMM"):
         matvec_entry("Q4_K", 9)

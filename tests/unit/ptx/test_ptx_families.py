@@ -6,7 +6,7 @@
   product pos * freq would be off by ~pos * 6e-8 rad: 2e-3 at 32k);
 - per-head RMSNorm (qwen3/gemma3 q/k norms) as rmsnorm_f32 over n*H rows of hd;
 - geglu (gemma3's GELU-tanh gated FFN), scale (gemma3's embedding scale): 1e-5 relative;
-- sliding-window attention, prefill and split decode, head_dim 64 and 256, windows smaller
+- sliding-window attention, prefill and split decode, head_dim 64, 96 (padded) and 256, windows smaller
   than, equal to and larger than the key tiles; cache rows outside every window hold NaN
   only where no query may read them.  Bounds as test_ptx_attention.py.
 """
@@ -105,7 +105,7 @@ def test_attn_prefill_window(hd, start, t, window, rng):
     np.testing.assert_allclose(out, want, atol=1e-2 * np.abs(vv).max(), rtol=0)
 
 
-@pytest.mark.parametrize("hd", [64, 256])
+@pytest.mark.parametrize("hd", [64, 96, 256])
 @pytest.mark.parametrize("window", [1, 20, 64, 100, 1000])
 def test_attn_decode_window(hd, window, rng):
     n_ctx, splits, chunk, hq, hkv = 192, 3, 64, 4, 2
