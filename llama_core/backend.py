@@ -182,6 +182,11 @@ class Backend(ABC):
         """x as a numpy array (while a decode step is being recorded: a placeholder, see the
         module docstring)."""
 
+    @abstractmethod
+    def copy_kv(self, src: KVCache, dst: KVCache, n_tokens: int) -> None:
+        """Make dst hold src's keys and values of positions 0 .. n_tokens-1 in every layer (two
+        sequences sharing a prompt prefix: n choices of one request, one system prompt)."""
+
     def concat_rows(self, parts: list[Act]) -> Act:
         """The rows of `parts` ([n_i, d] each) stacked: [sum n_i, d].  Only backends with
         max_batch > 1 need it."""

@@ -13,7 +13,8 @@ the backend's `max_batch` sequences in one forward pass.  A released slot rememb
 keys and values it holds; `start` puts a new prompt in the free slot sharing the
 longest leading run of tokens with it and prefills only the rest (multi-turn
 chats resend their history), so `Stats.cached_tokens` of the prompt are never
-re-evaluated.  Text is streamed through the tokenizer's
+re-evaluated.  A prefill also copies in a longer prefix held by a live sequence
+(`Backend.copy_kv`): the n choices of one prompt prefill it once.  Text is streamed through the tokenizer's
 incremental decoder; text that might be the beginning of a stop string is held
 back until it is clear, and a stop string itself is never emitted.
 """
@@ -24,22 +25,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ukgpu.llama_core.backend import Backend, KVCache
+from ukgpu.llama_core.backend import Backend
 from ukgpu.llama_core.backend_choice import check_kind, cpu_fallback, open_backend
 from ukgpu.llama_core.embedding import embed
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
-from ukgpu.llama_core.logprobs import TokenLogprob, token_logprob
+from ukgpu.llama_core.logprobs import token_logprob
 from ukgpu.llama_core.model import Model
 from ukgpu.llama_core.models.registry import resolve_model
 from ukgpu.llama_core.sampling import Sampler, SamplingParams
+from ukgpu.llama_core.sequence import Sequence, Stats, TokenEvent, common_prefix_len, find_stop, stop_prefix_len
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = ["ContextFullError", "Engine", "EngineError", "NoFreeSlotError", "Sequence", "Stats", "TokenEvent"]
 
 
 class EngineError(UkgpuError):
@@ -58,73 +61,6 @@ class ContextFullError(EngineError):
 
 class NoFreeSlotError(EngineError):
     """Every KV slot is in use."""
-
-
-@dataclass
-class TokenEvent:
-    token_id: int | None  # None: text released at the end, with no new token
-    text: str
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
-    logprob: TokenLogprob | None = None  # when params.logprobs asked; none for an end-of-text token
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0  # the whole prompt, cached or not
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    cached_tokens: int = 0  # prompt tokens whose keys/values a slot already held
-
-    @property
-    def prefill_tps(self) -> float:
-        """Prompt tokens per second actually run through the model (cached ones excluded)."""
-        evaluated = self.prompt_tokens - self.cached_tokens
-        return evaluated / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        """Tokens per second of the single-token forwards (the first token comes from prefill)."""
-        n = max(self.generated_tokens - 1, 0)
-        return n / self.decode_seconds if self.decode_seconds else 0.0
-
-    def add(self, other: Stats) -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.generated_tokens += other.generated_tokens
-        self.prefill_seconds += other.prefill_seconds
-        self.decode_seconds += other.decode_seconds
-        self.cached_tokens += other.cached_tokens
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request: its tokens, its KV slot and its streaming state."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop: list[str]
-    slot: int
-    kv: KVCache
-    sampler: Sampler
-    decoder: IncrementalDecoder
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    n_cached: int = 0  # leading tokens whose keys/values are in kv (a reused prefix at first)
-    kv_suspect: bool = False  # a forward pass raised: kv may be partly written
-    held: str = ""  # decoded text not yet emitted (may begin a stop string)
-    finish_reason: str | None = None
-    stats: Stats = field(default_factory=Stats)
-    logprob: TokenLogprob | None = None  # of the token just sampled, until _emit hands it on
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
-
-    @property
-    def prefilled(self) -> bool:
-        """Whether kv holds the prompt and every fed token (then each step is one decode of
-        the last sampled token); False again after the cache was lost to a device failure."""
-        return self.n_cached >= max(len(self.prompt_ids), len(self.tokens) - 1)
 
 
 class Engine:
@@ -310,13 +246,13 @@ class Engine:
         if token in self.tokenizer.eog_ids:
             return [self._finish(seq, token, "stop")]
         seq.held += seq.decoder.push(token)
-        cut = _find_stop(seq.held, seq.stop)
+        cut = find_stop(seq.held, seq.stop)
         if cut is not None:
             seq.held = seq.held[:cut]
             return [self._finish(seq, token, "stop", flush=False)]
         if len(seq.generated) >= seq.max_tokens:
             return [self._finish(seq, token, "length")]
-        keep = _stop_prefix_len(seq.held, seq.stop)
+        keep = stop_prefix_len(seq.held, seq.stop)
         text, seq.held = seq.held[:len(seq.held) - keep], seq.held[len(seq.held) - keep:]
         return [TokenEvent(token, text)]
 
@@ -354,7 +290,7 @@ class Engine:
         again, since sampling needs its logits."""
         best, best_len = self._free[0], 0
         for slot in self._free:
-            n = _common_prefix_len(self._held[slot], prompt)
+            n = common_prefix_len(self._held[slot], prompt)
             if n > best_len:
                 best, best_len = slot, n
         return best, min(best_len, len(prompt) - 1)
@@ -381,6 +317,7 @@ class Engine:
     def _forward(self, seq: Sequence) -> np.ndarray:
         t0 = time.perf_counter()
         if not seq.prefilled:  # the tokens the slot does not hold yet (the prompt), in one pass
+            self._share_prefix(seq)
             start, first = seq.n_cached, not seq.generated
             logits = self.model.forward(np.asarray(seq.tokens[start:]), start, seq.kv,
                                         all_logits=False)
@@ -393,6 +330,22 @@ class Engine:
             logits = self.model.backend.decode(self.model, seq.tokens[-1], seq.n_cached, seq.kv)
             self._count_decode(seq, time.perf_counter() - t0)
         return logits[-1]  # [vocab]
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Before a prefill: copy in the keys and values of the longest prompt prefix another live
+        sequence holds beyond what seq's slot has (the n choices of one request, started together,
+        prefill once; so do requests opening with one system prompt).  The last prompt token is
+        still evaluated: sampling needs its logits."""
+        donor, best = None, seq.n_cached
+        for other in self._live.values():
+            if other is seq or other.kv_suspect or other.n_cached <= best:
+                continue
+            n = min(common_prefix_len(other.tokens[:other.n_cached], seq.tokens), len(seq.tokens) - 1)
+            if n > best:
+                donor, best = other, n
+        if donor is not None:
+            self.model.backend.copy_kv(donor.kv, seq.kv, best)
+            seq.n_cached = best
 
     def _fall_back(self, exc: DeviceError) -> bool:
         """After a device failure: rebuild the model on the fallback backend, give every slot a
@@ -420,30 +373,3 @@ class Engine:
         seq.held = ""
         seq.finish_reason = reason
         return TokenEvent(token, text, reason)
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    """How many leading ids a and b share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in text, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that begins some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-

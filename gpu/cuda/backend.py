@@ -79,6 +79,7 @@ class DeviceKV:
     layer_stride: int  # bytes
     n_kv_heads: int
     head_dim: int
+    n_layers: int
     owner: Any = None  # the pool block: back to the pool when the KVCache is dropped
 
     def layer(self, i: int) -> int:
@@ -172,8 +173,17 @@ class CudaBackend(Backend):
         for _ in ("k", "v"):
             block = self.kv_pool.take(n_layers * stride)
             self.cu.cuMemsetD32Async(block.ptr, 0, n_layers * stride // 4, self.ctx.stream)
-            halves.append(DeviceKV(block.ptr, stride, n_kv_heads, head_dim, block))
+            halves.append(DeviceKV(block.ptr, stride, n_kv_heads, head_dim, n_layers, block))
         return KVCache(halves[0], halves[1], n_ctx)
+
+    def copy_kv(self, src: KVCache, dst: KVCache, n_tokens: int) -> None:
+        """Rows 0 .. n_tokens-1 of every layer (contiguous: a layer is (n_ctx, Hkv, hd) float16),
+        device to device on the stream."""
+        self.ctx.ensure_current()
+        for s, d in ((src.k, dst.k), (src.v, dst.v)):
+            nbytes = n_tokens * s.n_kv_heads * s.head_dim * 2
+            for i in range(s.n_layers):
+                self.cu.cuMemcpyDtoDAsync(d.layer(i), s.layer(i), nbytes, self.ctx.stream)
 
     # --- per-forward device words --------------------------------------------
     def _ids(self, tokens: np.ndarray) -> int:

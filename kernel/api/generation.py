@@ -104,7 +104,8 @@ class Generation:
     """One request's life: submit, then gather (non-streaming) or stream its events.
 
     `n` choices are n jobs (n slots, decoded together by the engine's `step_all`), job i
-    sampling with seed + i when the request has a seed; each prefills the prompt itself.
+    sampling with seed + i when the request has a seed; the engine prefills the prompt once and
+    copies its keys and values to the other choices (`Engine._share_prefix`).
     """
 
     def __init__(self, scheduler: Scheduler, kind: Kind, model_id: str, job_args: dict,

@@ -115,6 +115,10 @@ class CpuBackend(Backend):
         shape = (n_layers, n_kv_heads, n_ctx, head_dim)
         return KVCache(self.alloc(shape, self.dtype), self.alloc(shape, self.dtype), n_ctx)
 
+    def copy_kv(self, src: KVCache, dst: KVCache, n_tokens: int) -> None:
+        dst.k[:, :, :n_tokens] = src.k[:, :, :n_tokens]
+        dst.v[:, :, :n_tokens] = src.v[:, :, :n_tokens]
+
     def _rows(self, w: CpuWeight, rows: Any) -> np.ndarray:
         """Dequantized rows of a matrix weight: [len(rows), in] in self.dtype."""
         assert w.raw is not None  # only quantized matrices are read by rows

@@ -293,6 +293,14 @@ class FakeDriver:
         return (OK,)
 
     @_in_context
+    def cuMemcpyDtoDAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
+        if stream is not None and stream.capture is not None:
+            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)  # not needed inside a graph
+        self._copy(self._device_address(int(dst), nbytes), self._device_address(int(src), nbytes), nbytes)
+        self._written(int(dst), nbytes)
+        return (OK,)
+
+    @_in_context
     def cuMemsetD32Async(self, dst: int, value: int, count: int, stream: Any) -> tuple:
         if stream is not None and stream.capture is not None:
             stream.capture.append(("memset", int(dst), int(value), int(count)))
