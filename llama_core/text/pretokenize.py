@@ -84,11 +84,24 @@ def _llama3_like(digits: str) -> str:
     )
 
 
+def _cased_words(contractions: str, digits: str) -> str:
+    """Words split at lower-to-upper case changes (Mistral's tekken, GPT-4o).  Upper and lower
+    case are ASCII's, as in llama.cpp: any other letter counts as both."""
+    upper, lower = "(?=[{L}])[^a-z]", "(?=[{L}])[^A-Z]"
+    return (
+        f"[^\\r\\n{{L}}{{N}}]?(?:{upper})*(?:{lower})+{contractions}"
+        f"|[^\\r\\n{{L}}{{N}}]?(?:{upper})+(?:{lower})*{contractions}"
+        f"|[{{N}}]{digits}| ?[^{{s}}{{L}}{{N}}]+[\\r\\n/]*|[{{s}}]*[\\r\\n]+|[{{s}}]+(?![^{{s}}])|[{{s}}]+"
+    )
+
+
 # pre-tokenizer family -> its expressions, applied in order
 _FAMILIES: dict[str, tuple[str, ...]] = {
     "gpt2": (_GPT2,),
     "llama3": (_llama3_like("{1,3}"),),
     "qwen2": (_llama3_like(""),),
+    "tekken": (_cased_words("", ""),),
+    "gpt-4o": (_cased_words(_CONTRACTIONS_ANYCASE + "?", "{1,3}"),),
     "starcoder": ("[{N}]", _GPT2),
     "falcon": ("[{P}$+<=>^~|`]+", _GPT2, "[0-9][0-9][0-9]"),
     "deepseek-coder": (
@@ -132,6 +145,9 @@ PRE_TOKENIZERS: dict[str, PreConfig] = {
     "smollm": PreConfig("starcoder", clean_spaces=False),
     "falcon": PreConfig("falcon"),
     "deepseek-coder": PreConfig("deepseek-coder", clean_spaces=False),
+    "tekken": PreConfig("tekken", clean_spaces=False, ignore_merges=True, add_bos=True),
+    "gpt-4o": PreConfig("gpt-4o", clean_spaces=False),
+    "llama4": PreConfig("gpt-4o", clean_spaces=False),
 }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.text.pretokenize import PreTokenizer
 from ukgpu.llama_core.text.tokenizer import Tokenizer
 
 VOCAB_DIR = Path(__file__).resolve().parent.parent / "data" / "vocab"
@@ -138,3 +139,18 @@ def test_decode_inverts_encode_on_arbitrary_text(name):
         assert tok.decode(tok.encode(s, add_special=True)) == s
 
     round_trip()
+
+
+@pytest.mark.parametrize("pre", ["tekken", "gpt-4o"])
+def test_synthetic_vocabularies_match_llama_cpp(pre):
+    """Mistral's tekken and GPT-4o's pre-tokenizers (Mistral Nemo/Small, Phi-4-mini): no shipped
+    vocabulary uses them, so tools/dev/synthetic_vocab.py writes one whose pair merges make
+    every word boundary show in the ids, and llama.cpp's ids for it are the reference."""
+    tok = Tokenizer.from_gguf(open_gguf(VOCAB_DIR / f"synthetic-{pre}.gguf"))
+    assert tok.pre == pre
+    data = golden(f"synthetic-{pre}")
+    check_golden(tok, data)
+    check_vocab_facts(tok, data)
+    assert PreTokenizer(pre).split("camelCaseWord HTTPServer") == ["camel", "Case", "Word", " HTTPServer"]
+    whole = tok.encode("camel", add_special=False) == [tok.token_to_id["camel"]]  # no merge path leads there
+    assert whole == (pre == "tekken")  # tekken takes a word that is a vocabulary entry whole

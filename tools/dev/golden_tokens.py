@@ -4,8 +4,9 @@ Runs under a Python that has `llama-cpp-python` (for instance
 `/root/ref/venv/bin/python tools/dev/golden_tokens.py`); it uses nothing from
 ukgpu, so the golden data is independent of the code it checks.
 
-For every vocabulary in tests/data/vocab (ggml-vocab-*.gguf) and for the pulled
-models in MODELS it writes `tests/data/vocab/<name>.tokens.json`:
+For every vocabulary in tests/data/vocab (ggml-vocab-*.gguf from the
+llama-cpp-python sdist, synthetic-*.gguf from tools/dev/synthetic_vocab.py) and
+for the pulled models in MODELS it writes `tests/data/vocab/<name>.tokens.json`:
 
     special_ids    bos / eos / eot as llama.cpp reports them (null if none)
     add_bos        whether llama.cpp adds BOS for add_special
@@ -91,6 +92,9 @@ TRICKY_TEXTS = (
     "<|im_start|>assistant\n<think>\nreasoning\n</think>\n\nanswer<|im_end|>",
     "<unused0> <mask> [multimodal] <start_of_image> <eos>",
     "a\n\n\n\nb    c\t\t\td \n \n\n  \t",
+    # case changes and slashes, where tekken and gpt-4o cut words
+    "HelloWorld camelCaseWord HTTPServer ÉcoleÉTÉ getHTTPResponseCode",
+    "don't DON'T it's I'LL x/y\n/ a\r\n/b path/to/file.txt",
 )
 
 
@@ -191,6 +195,8 @@ def main() -> int:
         name = gguf.name[len("ggml-vocab-"):-len(".gguf")]
         inp = [(t, False, False) for t in read_inp(gguf.with_name(gguf.name + ".inp"))]
         jobs.append((name, gguf, inp + tricky_cases()))
+    for gguf in sorted(VOCAB_DIR.glob("synthetic-*.gguf")):
+        jobs.append((gguf.name[:-len(".gguf")], gguf, tricky_cases()))
     for name in MODELS:
         jobs.append((name, default_model_path(name), tricky_cases()))
     for name, path, texts in jobs:
