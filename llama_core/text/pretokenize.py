@@ -147,7 +147,6 @@ PRE_TOKENIZERS: dict[str, PreConfig] = {
     "deepseek-coder": PreConfig("deepseek-coder", clean_spaces=False),
     "tekken": PreConfig("tekken", clean_spaces=False, ignore_merges=True, add_bos=True),
     "gpt-4o": PreConfig("gpt-4o", clean_spaces=False),
-    "llama4": PreConfig("gpt-4o", clean_spaces=False),
 }
 
 
