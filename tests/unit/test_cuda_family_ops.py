@@ -7,6 +7,8 @@ global one) decoded from a captured CUDA graph."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -20,6 +22,7 @@ from ukgpu.llama_core.gguf.file import TensorView
 from fakes.cuda_driver import FakeDriver
 
 F32 = GGMLQuantizationType.F32
+_ACT_IDS = itertools.count()
 
 
 def _view(name: str, arr: np.ndarray) -> TensorView:
@@ -32,8 +35,9 @@ def _backends():
 
 
 def _acts(be, arr: np.ndarray):
-    """arr [n, d] as an activation of `be` (the rows of an embedding table)."""
-    table = be.prepare_weight(_view(f"act{arr.shape}{float(arr[0, 0])}", arr))
+    """arr [n, d] as an activation of `be` (the rows of an embedding table; a unique name, as
+    the backend caches weights by name, address and shape)."""
+    table = be.prepare_weight(_view(f"act{next(_ACT_IDS)}", arr))
     return be.embedding(table, np.arange(arr.shape[0]))
 
 
@@ -140,3 +144,26 @@ def test_two_rope_configs_and_windows_decode_from_a_captured_graph(monkeypatch):
     monkeypatch.setattr(TwoLayerStep, "LAYERS", ((TwoLayerStep.LAYERS[0][0], 0), TwoLayerStep.LAYERS[1]))
     unwindowed = cm.forward(prompt, 0, cpu.alloc_kv(2, 32, 2, 64))
     assert nmse(unwindowed, windowed) > 1e-3  # the window changes the result: the test can fail
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
+def test_row_slices_of_a_fused_tensor_are_separate_weights(qtype):
+    """phi3's attn_qkv / ffn_up are split into row ranges of one GGUF tensor at load time: each
+    range is its own device weight (same tensor name, different bytes) and multiplies alone."""
+    from ukgpu.ptx_kernels.reference import random_weight
+
+    gpu, cpu = _backends()
+    rows, k = (64, 32, 32), 256
+    qt = GGMLQuantizationType[qtype]
+    fused = TensorView("blk.0.attn_qkv.weight", qt, (sum(rows), k),
+                       random_weight(qtype, sum(rows), k, np.random.default_rng(5)))
+    x = np.random.default_rng(6).standard_normal((3, k))
+    want = cpu.matmul(x, cpu.prepare_weight(fused))
+    start = 0
+    for n in rows:
+        part = TensorView(fused.name, qt, (n, k),
+                          fused.data[start * fused.row_bytes:(start + n) * fused.row_bytes])
+        got = gpu.to_host(gpu.matmul(_acts(gpu, x), gpu.prepare_weight(part)))
+        assert nmse(got, want[:, start:start + n]) < 1e-10
+        start += n
+    assert sum(w.name == fused.name for w in gpu._weights.values()) == len(rows)
