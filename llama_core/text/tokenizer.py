@@ -1,8 +1,9 @@
 """The tokenizer of a GGUF model, built from its `tokenizer.ggml.*` metadata.
 
 Two vocabulary kinds are supported: SentencePiece-style (`llama`: Llama 1/2,
-Phi-3, ...) and byte-level BPE (`gpt2`: GPT-2, Llama 3, Qwen2, SmolLM, ...),
-with their token ids matching llama.cpp's for the same file.
+Mistral 7B, Phi-3, Gemma 3, ...) and byte-level BPE (`gpt2`: GPT-2, Llama 3,
+Qwen 2/3, SmolLM, Mistral Nemo, Phi-4-mini, ...), with their token ids matching
+llama.cpp's for the same file.
 
     tok = Tokenizer.from_gguf(open_gguf(path))
     ids = tok.encode("Hello", add_special=True)        # BOS prepended if the model asks

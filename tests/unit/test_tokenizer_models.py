@@ -148,3 +148,15 @@ def test_gemma3_vocabulary_loads_and_encodes_fast(gemma3_path):
     assert tok.decode(ids) == text
     assert loaded < 5.0, f"loading the 262k vocabulary took {loaded:.2f} s"
     assert encoded < 0.2, f"encoding 2 KB took {encoded * 1e3:.1f} ms"
+
+
+def test_gemma3_streaming_decode_spells_byte_fallback(gemma):
+    """Characters outside Gemma's pieces are spelled with <0xNN> byte tokens: streamed, the
+    text appears only once each UTF-8 sequence is complete."""
+    text = "naïve 日本語 🦙🚀 👩‍👩‍👧\n\n\tx = 1  # ok"
+    ids = gemma.encode(text, add_special=False)
+    assert any(gemma.token_text(i).startswith("<0x") for i in ids)
+    stream = IncrementalDecoder(gemma)
+    chunks = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == text == gemma.decode(ids)
+    assert all("\ufffd" not in c for c in chunks)
