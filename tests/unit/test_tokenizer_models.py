@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from test_model_live import reference_python
 from test_tokenizer_vocab import check_golden, check_vocab_facts
 
 from ukgpu.llama_core.gguf.file import open_gguf
@@ -101,19 +103,38 @@ def test_encoding_2kb_is_fast(qwen):
     assert elapsed < 0.1, f"encoding 2 KB took {elapsed * 1e3:.1f} ms"
 
 
+LIVE_SCRIPT = r"""
+import json, sys
+import llama_cpp
+ref = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+texts = json.loads(open(sys.argv[2], encoding="utf-8").read())
+ids = [[ref.tokenize(t.encode("utf-8"), add_bos=True, special=p) for p in (False, True)] for t in texts]
+open(sys.argv[3], "w").write(json.dumps(ids))
+"""
+
+
 @pytest.mark.parametrize("fixture", ["smollm2_path", "qwen05_path", "gemma3_path"])
-def test_live_against_llama_cpp(fixture, request):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here")
+def test_live_against_llama_cpp(fixture, request, tmp_path):
+    """Random strings (special-token texts among them) tokenized by llama.cpp itself, run under
+    a Python that has llama-cpp-python (as in test_model_live.py)."""
+    python = reference_python()
+    if python is None:
+        pytest.skip("llama-cpp-python not importable and no reference Python found; "
+                    "set UKGPU_LLAMA_CPP_PYTHON to a Python that has it")
     path = request.getfixturevalue(fixture)
     tok = Tokenizer.from_gguf(open_gguf(path))
-    ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     rng = random.Random(1)
-    alphabet = "ab cd\n\t  'sé日本🦙😁,.!?0123456789<|im_end|>" + "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(40))
-    for _ in range(200):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60)))
-        for parse_special in (False, True):
-            expected = ref.tokenize(text.encode("utf-8"), add_bos=True, special=parse_special)
-            assert tok.encode(text, add_special=True, parse_special=parse_special) == expected, text
+    alphabet = list("ab cd\n\t  'sé日本🦙😁,.!?0123456789") + ["<|im_end|>", "<end_of_turn>", "<start_of_turn>",
+                                                            "\n\n", "   ", "<bos>", "<s>"]
+    alphabet += [chr(rng.randrange(0x20, 0x3000)) for _ in range(40)]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60))) for _ in range(300)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    subprocess.run([python, "-c", LIVE_SCRIPT, str(path), str(tmp_path / "texts.json"), str(tmp_path / "ids.json")],
+                   check=True, timeout=300, capture_output=True)
+    expected = json.loads((tmp_path / "ids.json").read_text())
+    for text, (plain, parsed) in zip(texts, expected):
+        assert tok.encode(text, add_special=True) == plain, text
+        assert tok.encode(text, add_special=True, parse_special=True) == parsed, text
 
 
 def test_gemma3_matches_llama_cpp(gemma):
