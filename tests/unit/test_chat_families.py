@@ -140,3 +140,31 @@ def test_llama3_header_tokens_are_single_control_tokens():
     assert [tok.token_text(i) for i in ids[:4]] == ["<|begin_of_text|>", "<|start_header_id|>", "user",
                                                      "<|end_header_id|>"]
     assert ids.count(header[0]) == ids.count(header[1]) == 2 and all(tok.is_control(h) for h in header)
+
+
+def test_llama32_template_dates_tools_and_one_bos():
+    """Llama 3.1/3.2's template: a dated system header (strftime_now when no date_string is
+    given), tools in the first user turn, tool calls as JSON, tool results in ipython turns."""
+    from datetime import datetime
+
+    llama32 = (DATA / "templates" / "llama3.2.jinja").read_text(encoding="utf-8")
+    md = {**metadata("llama3"), "tokenizer.chat_template": llama32}
+    head = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    ask = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "2+2?"}]
+    assert render_chat(md, ask, date_string="26 Jul 2024") == (
+        f"{head}Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert f"Today Date: {datetime.now().strftime('%d %b %Y')}\n" in render_chat(md, ask[1:])
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    called = ask[1:] + [{"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2}}}]},
+                        {"role": "tool", "content": "4"}]
+    text = render_chat(md, called, tools=tools, date_string="1 Jan 2026")
+    assert text.startswith(f"{head}Environment: ipython\n")
+    assert '    "function": {\n        "name": "add",' in text  # tojson(indent=4) in the first user turn
+    assert text.endswith('{"name": "add", "parameters": {"a": 2}}<|eot_id|>'
+                         '<|start_header_id|>ipython<|end_header_id|>\n\n"4"<|eot_id|>'
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    tok = Tokenizer.from_metadata(md)
+    ids = chat_ids(tok, md, called, tools=tools, date_string="1 Jan 2026")
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert ids.count(tok.token_to_id["<|eot_id|>"]) == 4  # system, user, tool call, tool result
