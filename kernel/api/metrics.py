@@ -2,6 +2,14 @@
 
 `ukgpu_requests_total{path,status}` counts answers by status; a client that disconnected before
 its request body ended is counted with status 499 (`CLIENT_CLOSED`), not as a server error.
+
+Routers that balance over many guests (vllm-router, LiteLLM, the Gateway API Inference
+Extension's endpoint pickers) score each backend from vLLM's metric names, so the scheduler
+gauges are also written under those names (`VLLM_GAUGES`), beside ukgpu's own:
+`vllm:num_requests_waiting` = `ukgpu_queue_depth`, `vllm:num_requests_running` =
+`ukgpu_active_slots`, and `vllm:kv_cache_usage_perc` = active slots / slots, a 0-1 fraction as
+in vLLM: each slot owns a fixed KV region of `n_ctx` tokens, allocated once, so the share of
+KV cache taken by running sequences is the share of slots they hold.
 """
 
 from __future__ import annotations
@@ -68,12 +76,34 @@ class Metrics:
                          self.tokens_per_second())
         for name, (help_text, value) in gauges.items():
             lines += _metric(name, "gauge", help_text, value)
+        lines += _vllm_lines(gauges)
         lines += _arena_lines(arena)
         return "\n".join(lines) + "\n"
 
 
 def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+
+
+# vLLM's name -> (help, the ukgpu gauge it mirrors); the KV fraction is computed in _vllm_lines
+VLLM_GAUGES = {
+    "vllm:num_requests_waiting": ("Requests waiting for a slot (vLLM's name).", "ukgpu_queue_depth"),
+    "vllm:num_requests_running": ("Sequences being generated (vLLM's name).", "ukgpu_active_slots"),
+}
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+
+
+def _vllm_lines(gauges: dict[str, tuple[str, float]]) -> list[str]:
+    """The scheduler gauges again under vLLM's names; nothing if the scheduler gauges are absent."""
+    if not all(source in gauges for _, source in VLLM_GAUGES.values()) or "ukgpu_slots" not in gauges:
+        return []
+    lines: list[str] = []
+    for name, (help_text, source) in VLLM_GAUGES.items():
+        lines += _metric(name, "gauge", help_text, gauges[source][1])
+    slots = gauges["ukgpu_slots"][1]
+    usage = min(1.0, gauges["ukgpu_active_slots"][1] / slots) if slots > 0 else 0.0
+    lines += _metric(VLLM_KV_USAGE, "gauge", "KV cache in use by running sequences, 0-1 (vLLM's name).", usage)
+    return lines
 
 
 def _arena_lines(arena: Any) -> list[str]:
