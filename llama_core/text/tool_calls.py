@@ -7,12 +7,15 @@ Qwen2.5 (and the Hermes format it follows) writes each call as
     </tool_call>
 
 as its chat template tells it to (a reply that is only such an object, the tags left out,
-counts too).  `parse` returns the text outside the calls and the calls,
-each with its arguments re-serialized as a JSON string (OpenAI's `function.arguments`).  A
-block that is not a JSON object with a string "name" stays text: the caller then answers
-with content, as for any other reply.  `grammar_lark` is the same format as a grammar, for
-tool_choice "required" or a named function: one call whose arguments validate against the
-function's parameters schema.
+counts too).  Llama 3.x answers with the bare object and names the arguments "parameters";
+Mistral writes a JSON list of calls after its [TOOL_CALLS] control token (which decoding
+leaves out of the text): a reply that is only such a list counts as well.
+
+`parse` returns the text outside the calls and the calls, each with its arguments
+re-serialized as a JSON string (OpenAI's `function.arguments`).  A block that is not a JSON
+object with a string "name" stays text: the caller then answers with content, as for any
+other reply.  `grammar_lark` is the same format as a grammar, for tool_choice "required" or
+a named function: one call whose arguments validate against the function's parameters schema.
 """
 
 from __future__ import annotations
@@ -45,10 +48,25 @@ def parse(text: str) -> tuple[str, list[ToolCall]]:
         last = block.end()
         calls.append(call)
     rest.append(text[last:])
-    if not calls and '"arguments"' in text:  # a bare call: the model left out the tags
-        call = _call(text.strip())
-        return ("", [call]) if call is not None else (text.strip(), [])
+    if not calls and ('"arguments"' in text or '"parameters"' in text):  # bare calls, no tags
+        bare = _bare_calls(text.strip().removeprefix("[TOOL_CALLS]"))
+        return ("", bare) if bare else (text.strip(), [])
     return "".join(rest).strip(), calls
+
+
+def _bare_calls(text: str) -> list[ToolCall]:
+    """One call object or a non-empty list of them (every one valid), else []."""
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return []
+        if not isinstance(items, list):
+            return []
+        calls = [_call(json.dumps(item)) for item in items]
+        return [c for c in calls if c is not None] if calls and None not in calls else []
+    call = _call(text)
+    return [call] if call is not None else []
 
 
 def _call(body: str) -> ToolCall | None:
