@@ -130,18 +130,20 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
                limits: ApiLimits | None = None, *, model_id: str = "ukgpu",
-               arena: Any = None, policy: security.Policy | None = None) -> _CountRequests:
+               arena: Any = None, policy: security.Policy | None = None,
+               health_extra: dict | None = None) -> _CountRequests:
     """The API around an engine (`engine_protocol.ServedEngine`: `llama_core.engine.Engine`), or
     around a zero-argument loader that returns one.  Its slot count is the engine's.
 
     With a loader the server answers at once: /health says "loading" (503) until
     the engine is ready.  `arena` (kernel.arena.Arena) adds its usage to /metrics.
     `policy` (security.Policy): API key and allowed Host/Origin; default: local names, no key.
+    `health_extra`: fields every /health answer carries (the guest: whether its image was checked).
     """
     limits = limits or ApiLimits()
     metrics = Metrics()
     host = EngineHost(engine_or_loader, limits, model_id, metrics)
-    routes = _routes(host, arena)
+    routes = _routes(host, arena, health_extra or {})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -154,7 +156,7 @@ def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
     return _CountRequests(guarded, metrics, {r.path for r in routes})
 
 
-def _routes(host: EngineHost, arena: Any) -> list[Route]:
+def _routes(host: EngineHost, arena: Any, health_extra: dict) -> list[Route]:
     limits = host.limits
 
     async def generate(request: Request, kind: generation.Kind) -> Response:
@@ -194,7 +196,7 @@ def _routes(host: EngineHost, arena: Any) -> list[Route]:
 
     async def health(request: Request) -> Response:
         status = host.status
-        body = {"status": status}
+        body = {"status": status, **health_extra}
         if host.failure is not None:
             body["error"] = host.failure
         engine = host.engine if status == "ready" else None

@@ -63,9 +63,15 @@ class BootConfig:
 
     @classmethod
     def parse(cls, cmdline: str) -> BootConfig:
-        cfg = cls()
+        """Every word once: a second ukgpu.manifest= or ukgpu.verify= (e.g. appended after the host's
+        own) is refused, never taken as an override."""
+        cfg, seen = cls(), set()
         for word in cmdline.split():
             key, _, value = word.partition("=")
+            if key in ("ukgpu.manifest", "ukgpu.verify") and key in seen:
+                raise InitError(f"{key}= appears twice on the kernel command line: refusing to guess "
+                                "which one the host meant; boot with `ukgpu boot`")
+            seen.add(key)
             try:
                 cfg._set(key, value)
             except ValueError as exc:
@@ -166,6 +172,11 @@ class Guest:
             say("image check skipped (ukgpu.verify=off)")
             return
         model = self.model_file()
+        disk = self.doc["model"].get("disk") and model == self.doc["model"]["path"]
+        if model not in self.doc["files"] and not disk:
+            raise manifest.ManifestError(f"ukgpu.model={model} is not a file of the image's manifest: "
+                                         "only the image's own model is served (or boot without the "
+                                         "check: ukgpu boot --insecure-skip-verify)")
         skip = (model,) if model in self.doc["files"] else ()
         problems = manifest.verify(self.doc, "/", workers=os.cpu_count() or 1, skip=skip)
         if problems:
@@ -221,7 +232,9 @@ class Guest:
 
         # clients arrive through QEMU's port forward with Host 127.0.0.1:<host port>: a local name
         policy = security.policy_for("0.0.0.0", self.cfg.extra.get("api_key"))
-        app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy)
+        checked = {"image_verified": self.cfg.verify != "off"}  # on every /health answer
+        app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy,
+                         health_extra=checked)
         self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning", limits))
         thread = threading.Thread(target=self.server.run, name="ukgpu-http", daemon=True)
         thread.start()

@@ -28,6 +28,7 @@ from ukgpu.kernel import manifest
 from ukgpu.kernel.image import (
     debs,
     guest_closure,
+    trust,
 )
 from ukgpu.kernel.image import (
     elf as image_elf,
@@ -114,6 +115,12 @@ def build(config: BuildConfig, log=print) -> Image:
     else:
         log(f"image: reusing cached build {cached}")
     image = Image(cached, json.loads((cached / "image.json").read_text()))
+    try:  # the host's record (trust.py): checked against the files, also for a cached build
+        digest = trust.pin_folder(cached, image.info, trust.digest_of(trust.record_of(image.info)))
+    except trust.TrustError as exc:
+        raise ImageError(f"the cached build is damaged ({exc}); rebuild it with --force") from None
+    log(f"image: digest {digest} (pinned on this host for `ukgpu boot`; elsewhere: "
+        f"`ukgpu boot DIR --pin {digest}`)")
     if config.out is not None:
         image = _export(image, Path(config.out))
     return image
@@ -322,9 +329,6 @@ def _export(image: Image, out: Path) -> Image:
         dest = out / name
         if dest.exists():
             dest.unlink()
-        try:
-            os.link(image.dir / name, dest)
-        except OSError:
-            shutil.copy2(image.dir / name, dest)
+        shutil.copy2(image.dir / name, dest)  # a copy: editing the export never edits the cache
     print(f"image: written to {out}", file=sys.stderr)
     return load(out)

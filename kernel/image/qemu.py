@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ukgpu.kernel.image import trust
 from ukgpu.kernel.image.build import Image
 from ukgpu.llama_core.errors import UkgpuError
 
@@ -47,6 +48,7 @@ class BootOptions:
     arena: str | None = None  # ukgpu.arena= for the guest, e.g. 2G
     append: list[str] = field(default_factory=list)  # extra kernel command line words
     api_key: str | None = None  # ukgpu.api_key= for the guest: its API then needs this key
+    verify: bool = True  # False: boot without the host's record and the guest's check (said on /health)
     qemu: str = "qemu-system-x86_64"
     extra_args: list[str] = field(default_factory=list)
 
@@ -66,7 +68,13 @@ def default_mem_mib(image: Image) -> int:
     return max(2048, math.ceil(need / (256 * MiB)) * 256)
 
 
-def qemu_command(image: Image, opts: BootOptions, port: int) -> list[str]:
+_HOST_KEYS = ("ukgpu.manifest", "ukgpu.verify")  # set from the host's record only, never by --append
+
+
+def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verified | None = None) -> list[str]:
+    """QEMU's arguments.  With `boot` (what `trust.verify_for_boot` checked) the kernel, initramfs
+    and command line are the verified copies and the host's record; without, the image folder's
+    own (`Vm` only does that when opts.verify is False, and then tells the guest)."""
     if opts.accel not in ("tcg", "kvm"):
         raise BootError(f"--accel {opts.accel}: use tcg (emulation, works anywhere) or kvm")
     if shutil.which(opts.qemu) is None:
@@ -74,7 +82,13 @@ def qemu_command(image: Image, opts: BootOptions, port: int) -> list[str]:
                         "(or run tools/dev/host_deps.sh)")
     accel = ["-accel", "kvm", "-cpu", "host"] if opts.accel == "kvm" else \
         ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    cmdline = [image.info["cmdline"], *opts.append]
+    for word in opts.append:
+        if word.partition("=")[0] in _HOST_KEYS:
+            raise BootError(f"--append {word}: {word.partition('=')[0]} comes from the host's record of "
+                            "the image only; to boot without the image check use --insecure-skip-verify")
+    cmdline = [boot.cmdline if boot else image.info["cmdline"], *opts.append]
+    if not opts.verify:
+        cmdline.append("ukgpu.verify=off")
     if opts.arena:
         cmdline.append(f"ukgpu.arena={opts.arena}")
     if opts.api_key:
@@ -86,8 +100,8 @@ def qemu_command(image: Image, opts: BootOptions, port: int) -> list[str]:
            "-m", opts.mem or f"{default_mem_mib(image)}M",
            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
            "-no-reboot",
-           "-kernel", str(image.dir / image.info["kernel"]),
-           "-initrd", str(image.dir / image.info["initramfs"]),
+           "-kernel", str(boot.kernel if boot else image.dir / image.info["kernel"]),
+           "-initrd", str(boot.initramfs if boot else image.dir / image.info["initramfs"]),
            "-append", " ".join(cmdline),
            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PORT}",
            "-device", "virtio-net-pci,netdev=n0,romfile=",
@@ -129,7 +143,13 @@ class Vm:
         self.ready: dict[str, float] | None = None
         self.fatal: str | None = None
         self._ready_event = threading.Event()
-        self.command = qemu_command(image, self.opts, self.port)
+        # the host's record, not the folder, says what boots (kernel/image/trust.py)
+        self.boot = trust.verify_for_boot(image.dir) if self.opts.verify else None
+        try:
+            self.command = qemu_command(image, self.opts, self.port, self.boot)
+        except BaseException:
+            self._cleanup()
+            raise
         self.proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self.started_at = 0.0
@@ -191,7 +211,13 @@ class Vm:
         code = self.proc.wait(timeout)
         if self._reader:
             self._reader.join(5)
+        self._cleanup()
         return code
+
+    def _cleanup(self) -> None:
+        """Remove the private copies of the boot files (QEMU has exited)."""
+        if self.boot is not None:
+            self.boot.cleanup()
 
     def poweroff(self, timeout: float = 30.0) -> int:
         """Ask the guest to power off; kill QEMU if it is still running after `timeout`."""
@@ -213,6 +239,8 @@ class Vm:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is None or self.proc.poll() is not None:
+            self._cleanup()
 
     def __enter__(self) -> Vm:
         return self.start()

@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Boot an image built by `ukgpu image build`. "
                                    "Ctrl-C or SIGTERM powers the guest off (killed after --stop-timeout).")
     parser.add_argument("dir", help="image folder (from `ukgpu image build -o DIR`)")
+    parser.add_argument("--pin", metavar="DIGEST",
+                        help="an image built on another host: check the folder against the digest its "
+                        "`ukgpu image build` printed, record it as trusted on this host, then boot")
     add_vm_options(parser)
     parser.set_defaults(func=_boot)
 
@@ -39,6 +42,9 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
                         "on this file's first line (default: $UKGPU_API_KEY; none: no key). The "
                         "key travels on the guest's kernel command line, which host users can "
                         "see in QEMU's arguments")
+    parser.add_argument("--insecure-skip-verify", dest="verify", action="store_false",
+                        help="boot files this host has no record of, without the guest's image check "
+                        "(its /health then says image_verified: false); for debugging images only")
     parser.add_argument("--boot-timeout", type=float, default=600.0,
                         help="seconds to wait for READY (default 600)")
     parser.add_argument("--stop-timeout", type=float, default=30.0,
@@ -53,7 +59,8 @@ def vm_options(args: argparse.Namespace) -> qemu.BootOptions:
     except ValueError as exc:
         raise SystemExit(f"ukgpu: error: {exc}") from None
     return qemu.BootOptions(port=args.port, mem=args.mem, cpus=args.cpus, accel=args.accel,
-                            gpu=args.gpu, arena=args.arena, append=list(args.append), api_key=key)
+                            gpu=args.gpu, arena=args.arena, append=list(args.append), api_key=key,
+                            verify=getattr(args, "verify", True))
 
 
 def _echo(line: str) -> None:
@@ -65,7 +72,12 @@ def _interrupt(signum, frame) -> None:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    vm = qemu.Vm(image.load(args.dir), vm_options(args), on_line=_echo)
+    from ukgpu.kernel.image import trust
+
+    img = image.load(args.dir)
+    if args.pin:
+        trust.pin_folder(img.dir, img.info, args.pin)
+    vm = qemu.Vm(img, vm_options(args), on_line=_echo)
     # QEMU runs in its own session, so only we see Ctrl-C / SIGTERM: turn both into a poweroff
     # (also when started in the background, where SIGINT arrives ignored).
     signal.signal(signal.SIGINT, _interrupt)
