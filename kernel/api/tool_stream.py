@@ -5,8 +5,9 @@ The reply arrives as growing text.  Outside a `<tool_call>` block, text is strea
 except a tail that could be the start of the opening tag (held until the next text settles
 it).  A block, once closed, becomes one `delta.tool_calls` entry (its index, id, name and whole
 arguments, which are re-serialized JSON and so are not split); a block that is not a valid call
-streams as the text it is.  A reply that opens with `{` may be a call written without its tags,
-so it is held until the reply ends and then judged whole (`structured.final_delta`).  Whitespace
+streams as the text it is.  A reply that opens with `{` or `[` may be a call written without tags
+(Llama 3's bare object, Mistral's list after its dropped `[TOOL_CALLS]` token), so it is held
+until the reply ends and then judged whole (`structured.final_delta`).  Whitespace
 between calls is dropped, as in the non-streamed message.
 """
 
@@ -31,7 +32,7 @@ class ToolStream:
     def feed(self, text: str, done: bool) -> list[dict]:
         """The deltas the text now settles (content and tool-call deltas, in order)."""
         if self.bare is None and text.strip():
-            self.bare = text.lstrip().startswith("{")
+            self.bare = text.lstrip()[0] in "{["  # Llama 3's bare object, Mistral's list of calls
         if self.bare:
             if not done:
                 return []
