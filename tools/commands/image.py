@@ -1,8 +1,10 @@
-"""`ukgpu image build`: a bootable VM image (kernel + initramfs + manifest) serving one model."""
+"""`ukgpu image build`: a bootable VM image (kernel + initramfs + manifest) serving one model.
+`ukgpu image export --oci DIR`: that image as OCI images for KubeVirt (kernel/image/export.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="leave numba/llvmlite out (-210 MiB; the CPU backend must not need them)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_build)
+    export = verbs.add_parser("export", help="write an image as OCI images (KubeVirt kernelBoot)",
+                              description="Write the boot files (and a model disk) as OCI images into "
+                              "an OCI layout folder, with the kernel arguments the guest needs "
+                              "(DIR/kernel-args.json). No container daemon is used.")
+    export.add_argument("--oci", type=Path, required=True, metavar="DIR", help="OCI layout folder to write")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("-m", "--model", default=None,
+                        help=f"build (or reuse) the image for this model (default {image.DEFAULT_MODEL})")
+    source.add_argument("image_dir", nargs="?", type=Path, default=None,
+                        help="an image folder (from `ukgpu image build -o DIR`) instead of -m")
+    export.add_argument("--gzip", action="store_true", help="gzip the layers (smaller, slower to write)")
+    export.add_argument("--append", action="append", default=[], metavar="WORD",
+                        help="extra kernel argument, e.g. ukgpu.slots=4 (repeatable)")
+    export.set_defaults(func=_export)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -37,4 +53,17 @@ def _build(args: argparse.Namespace) -> int:
                                force=args.force)
     built = image.build(config, log=lambda msg: print(msg, file=sys.stderr))
     print(built.dir)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ukgpu.kernel.image import export
+
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.image_dir is not None:
+        built = image.load(args.image_dir)
+    else:
+        built = image.build(image.BuildConfig(model=args.model or image.DEFAULT_MODEL), log=say)
+    done = export.export_oci(built, args.oci, compress=args.gzip, extra_args=list(args.append), log=say)
+    print(json.dumps(done.args, sort_keys=True, indent=1))
     return 0
