@@ -1,10 +1,25 @@
-"""The llama / qwen2 forward pass, backend-agnostic.
+"""The forward pass of every supported architecture (llama, qwen2, qwen3, gemma3, phi3),
+backend-agnostic.
 
-`Weights` holds backend handles of the GGUF tensors (views of the mapped
-file, never copies); `Model.forward` runs a batch of tokens of one sequence at
+`Weights` (`ukgpu.llama_core.layers`) holds backend handles of the GGUF tensors (views of the
+mapped file, never copies); `Model.forward` runs a batch of tokens of one sequence at
 positions start_pos.. through every layer, reading the KV cache it is given and
 writing the new keys and values into it.  Prefill (n tokens) and decode
 (1 token) take the same path.
+
+One block, with what each family adds (`ModelConfig.family`):
+
+    x = embedding(tokens)  (* sqrt(d): gemma3)
+    per layer:  h = rmsnorm(x, attn_norm)
+                q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv)      (the biases: qwen2)
+                q, k = rmsnorm_heads(q), rmsnorm_heads(k)        (qwen3, gemma3)
+                a = attention(rope(q), rope(k), v) Wo            (gemma3: a sliding window and
+                                                                  their own rope on local layers)
+                x = x + rmsnorm(a, post_attention_norm)          (the norm: gemma3)
+                h = rmsnorm(x, ffn_norm)
+                f = (silu | gelu_tanh)(h Wgate) * (h Wup) Wdown  (gelu: gemma3)
+                x = x + rmsnorm(f, post_ffw_norm)                (the norm: gemma3)
+    logits = rmsnorm(x, output_norm) Woutput
 
 A device backend may record one-token `forward` calls and replay them per token (CUDA graphs), so
 `forward` keeps the capture contract of `ukgpu.llama_core.backend`: the same backend calls and
@@ -15,80 +30,23 @@ in Python that a later step would need repeated.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
-from ukgpu.llama_core.errors import GGUFError, UkgpuError
+from ukgpu.llama_core.backend import Backend, KVCache
+from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
-from ukgpu.llama_core.models.config import ModelConfig
+from ukgpu.llama_core.layers import RopeTable, Weights, rope_config
 from ukgpu.llama_core.models.registry import resolve_model
+
+__all__ = ["ContextOverflowError", "Model", "Weights", "rope_config"]
 
 
 class ContextOverflowError(UkgpuError):
     """More tokens than the KV cache holds."""
-
-
-def rope_config(config: ModelConfig) -> RopeConfig:
-    """The rotary embedding of a model; linear scaling only."""
-    scaling = config.rope_scaling
-    if scaling is not None and scaling.type != "linear":
-        raise GGUFError(f"rope scaling {scaling.type!r} is not supported (only linear); "
-                        "use a model without long-context rope scaling")
-    return RopeConfig(n_rot=config.rope_dim, base=config.rope_base,
-                      neox=config.rope_style == "neox",
-                      scale=1.0 / scaling.factor if scaling is not None else 1.0)
-
-
-@dataclass
-class LayerWeights:
-    attn_norm: Any
-    wq: Any
-    wk: Any
-    wv: Any
-    bq: Any | None  # qwen2 only
-    bk: Any | None
-    bv: Any | None
-    wo: Any
-    ffn_norm: Any
-    w_gate: Any
-    w_up: Any
-    w_down: Any
-
-
-@dataclass
-class Weights:
-    token_embd: Any
-    layers: list[LayerWeights]
-    output_norm: Any
-    output: Any  # token_embd when the model ties its embeddings
-
-    @classmethod
-    def from_gguf(cls, gguf: GGUFFile, backend: Backend) -> Weights:
-        c = gguf.config
-
-        def w(name: str) -> Any:
-            return backend.prepare_weight(gguf.tensors[name])
-
-        def bias(name: str) -> Any | None:
-            return w(name) if c.has_qkv_bias else None
-
-        layers = []
-        for i in range(c.n_layers):
-            n = c.layer(i)
-            layers.append(LayerWeights(
-                attn_norm=w(n.attn_norm), wq=w(n.attn_q), wk=w(n.attn_k), wv=w(n.attn_v),
-                bq=bias(n.attn_q_bias), bk=bias(n.attn_k_bias), bv=bias(n.attn_v_bias),
-                wo=w(n.attn_output), ffn_norm=w(n.ffn_norm),
-                w_gate=w(n.ffn_gate), w_up=w(n.ffn_up), w_down=w(n.ffn_down),
-            ))
-        embd = w(c.token_embd)
-        output = embd if c.tied_embeddings else w(c.output)
-        return cls(embd, layers, w(c.output_norm), output)
 
 
 class Model:
@@ -98,7 +56,8 @@ class Model:
         self.gguf = gguf
         self.backend = backend
         self.config = gguf.config  # shapes were checked when the file was opened
-        self.rope = rope_config(self.config)
+        self.ropes = RopeTable(gguf)
+        self.rope = self.ropes.base  # the global layers' rope, before frequency factors
         self.weights = Weights.from_gguf(gguf, backend)
 
     @classmethod
@@ -135,13 +94,13 @@ class Model:
 
     def _layers(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> Any:
         """The residual stream [n, d] after every block, for tokens int[n] at start_pos.."""
-        w, be = self.weights, self.backend
+        w = self.weights
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if start_pos + len(tokens) > kv.n_ctx:
             raise ContextOverflowError(
                 f"{start_pos + len(tokens)} tokens do not fit a {kv.n_ctx}-token KV cache; "
                 "shorten the input or raise n_ctx")
-        x = be.embedding(w.token_embd, tokens)  # [n, d]
+        x = self._embed(tokens)  # [n, d]
         for i, lw in enumerate(w.layers):
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
                 return self._rope_attend(q, k, v, kv, i, start_pos)  # [n, H*hd]
@@ -163,7 +122,7 @@ class Model:
                 raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
                                            "shorten the input or raise n_ctx")
         rows = [slice(b, b + 1) for b in range(len(tokens))]
-        x = be.embedding(w.token_embd, tokens)  # [B, d]
+        x = self._embed(tokens)  # [B, d]
         for i, lw in enumerate(w.layers):
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
                 return be.concat_rows([  # [B, H*hd]
@@ -174,12 +133,19 @@ class Model:
         x = be.rmsnorm(x, w.output_norm, c.rms_eps)
         return be.to_host(be.matmul(x, w.output))  # [B, vocab]
 
+    def _embed(self, tokens: np.ndarray) -> Any:
+        """The embedding rows of tokens int[n] (times sqrt(d) on gemma3): [n, d]."""
+        x = self.backend.embedding(self.weights.token_embd, tokens)
+        scale = self.config.embed_scale
+        return x if scale == 1.0 else self.backend.scale(x, scale)
+
     def _rope_attend(self, q: Any, k: Any, v: Any, kv: KVCache, layer: int, start_pos: int) -> Any:
         """Rotate q, k for positions start_pos.., store k, v in kv and attend: [n, H*hd]."""
         c, be = self.config, self.backend
-        q = be.rope(q, start_pos, c.n_heads, self.rope)
-        k = be.rope(k, start_pos, c.n_kv_heads, self.rope)
-        return be.attention(q, k, v, kv, layer, start_pos)
+        rope = self.ropes.layer_rope(layer, kv.n_ctx)
+        q = be.rope(q, start_pos, c.n_heads, rope)
+        k = be.rope(k, start_pos, c.n_kv_heads, rope)
+        return be.attention(q, k, v, kv, layer, start_pos, window=c.layer_window(layer), scale=c.attn_scale)
 
     def _block(self, x: Any, lw: Any, attend: Callable[[Any, Any, Any], Any]) -> Any:
         """One transformer block on x [n, d]; `attend(q, k, v)` places and attends."""
@@ -188,7 +154,16 @@ class Model:
         q = be.matmul(h, lw.wq, lw.bq)  # [n, H*hd]
         k = be.matmul(h, lw.wk, lw.bk)  # [n, Hkv*hd]
         v = be.matmul(h, lw.wv, lw.bv)
-        x = be.add(x, be.matmul(attend(q, k, v), lw.wo))  # [n, d]
+        if lw.q_norm is not None:
+            q = be.rmsnorm_heads(q, lw.q_norm, c.n_heads, c.rms_eps)
+            k = be.rmsnorm_heads(k, lw.k_norm, c.n_kv_heads, c.rms_eps)
+        a = be.matmul(attend(q, k, v), lw.wo)  # [n, d]
+        if lw.attn_post_norm is not None:
+            a = be.rmsnorm(a, lw.attn_post_norm, c.rms_eps)
+        x = be.add(x, a)
         h = be.rmsnorm(x, lw.ffn_norm, c.rms_eps)
-        ff = be.swiglu(be.matmul(h, lw.w_gate), be.matmul(h, lw.w_up))  # [n, d_ff]
-        return be.add(x, be.matmul(ff, lw.w_down))
+        gate_act = be.gelu_gate if c.family.ffn_act == "gelu" else be.swiglu
+        f = be.matmul(gate_act(be.matmul(h, lw.w_gate), be.matmul(h, lw.w_up)), lw.w_down)  # [n, d]
+        if lw.ffn_post_norm is not None:
+            f = be.rmsnorm(f, lw.ffn_post_norm, c.rms_eps)
+        return be.add(x, f)

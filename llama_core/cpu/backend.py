@@ -212,18 +212,18 @@ class CpuBackend(Backend):
         return gate
 
     def gelu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        # gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
-        inner = gate * gate
-        inner *= self.dtype.type(0.044715)
-        inner += 1.0
-        inner *= gate
-        inner *= self.dtype.type(np.sqrt(2.0 / np.pi))
-        np.tanh(inner, out=inner)
-        inner += 1.0
-        inner *= 0.5
-        gate *= inner
-        gate *= up
-        return gate
+        """gelu_tanh(gate) * up as llama.cpp's CPU path computes it: GELU read from a
+        half-precision table, so the argument and the GELU are rounded to float16 (between -10
+        and 10; 0 below, the identity above).  Exact GELU moves gemma3-270m's logits by up to
+        1.4e-3 of their range from llama.cpp's, the table 8e-4 (tests/unit/test_model_families.py)."""
+        x = gate.astype(np.float16).astype(np.float64)
+        g = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * x * (1.0 + 0.044715 * x * x)))
+        g = g.astype(np.float16).astype(self.dtype)
+        g[gate <= -10.0] = 0.0
+        high = gate >= 10.0
+        g[high] = gate[high]
+        g *= up
+        return g
 
     def scale(self, x: np.ndarray, s: float) -> np.ndarray:
         x *= self.dtype.type(s)

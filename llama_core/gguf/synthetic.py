@@ -21,6 +21,12 @@ models (under tests/) are specs too.  A spec is a dict:
     tensors    [{"name", "type": GGML type name, "shape": [rows, cols] or [n]}], in file order
     vocab      {array key: {"type", "length", "sha256"}}: the donor's tokenizer arrays to copy
                (optional: without a donor the minimal vocabulary is written)
+
+A tensor may carry "values" (a list of floats, F32 only): written as given instead of random
+(rope frequency factors).  Besides the real shapes, `load_spec` knows the small per-family
+layouts of `family_specs` (syn-llama3, syn-qwen3, syn-gemma3, syn-phi3, ...).  The same
+(spec, seed) always gives the same bytes: the golden logits of tests/data/golden name the
+file by its sha256, and the tests rebuild it and check that digest.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf import quants
+from ukgpu.llama_core.gguf.family_specs import FAMILY_SPECS
 from ukgpu.llama_core.models import registry
 
 SHAPES_DIR = Path(__file__).resolve().parents[1] / "data" / "shapes"
@@ -59,9 +66,13 @@ def fingerprint(values: list) -> str:
 
 
 def load_spec(name: str) -> dict[str, Any]:
+    """The spec of a real shape (data/shapes) or of a family layout (`family_specs`)."""
+    if name in FAMILY_SPECS:
+        return FAMILY_SPECS[name]()
     path = SHAPES_DIR / f"{name}.json"
     if name not in SHAPES or not path.is_file():
-        raise SyntheticError(f"unknown synthetic shape {name!r}; use one of: {', '.join(SHAPES)}")
+        raise SyntheticError(f"unknown synthetic shape {name!r}; use one of: "
+                             f"{', '.join((*SHAPES, *FAMILY_SPECS))}")
     return json.loads(path.read_text())
 
 
@@ -123,6 +134,10 @@ def write_spec(spec: dict[str, Any], path: Path, seed: int, progress: bool = Fal
 def _random_tensor(rng: np.random.Generator, t: dict[str, Any]) -> np.ndarray:
     qtype = GGMLQuantizationType[t["type"]]
     shape = tuple(t["shape"])
+    if "values" in t:
+        if qtype != GGMLQuantizationType.F32 or len(t["values"]) != int(np.prod(shape)):
+            raise SyntheticError(f"tensor {t['name']}: given values must be F32 and fill {shape}")
+        return np.asarray(t["values"], dtype=np.float32).reshape(shape)
     if len(shape) == 1:  # norms (near 1) and biases (small)
         center = 1.0 if t["name"].endswith("norm.weight") else 0.0
         values = (center + WEIGHT_STD * rng.standard_normal(shape[0], dtype=np.float32)).astype(np.float32)

@@ -186,3 +186,24 @@ def test_llama_cpp_loads_and_runs_the_synthetic_model(built, which):
     assert done.returncode == 0, done.stderr[-2000:]
     n_vocab, n_ids = map(int, done.stdout.split())
     assert n_vocab == 49152 and n_ids >= 2
+
+
+def test_family_layouts_are_specs_too(tmp_path):
+    """The per-family layouts load by name, are listed in the unknown-shape error, and write
+    given values (rope factors) exactly while the rest stays random and seeded."""
+    from ukgpu.llama_core.gguf.family_specs import FAMILY_SPECS
+
+    with pytest.raises(synthetic.SyntheticError, match="syn-gemma3"):
+        synthetic.load_spec("syn-unknown")
+    spec = synthetic.load_spec("syn-llama3")
+    assert spec["name"] == "syn-llama3" and set(FAMILY_SPECS) >= {"syn-qwen3", "syn-gemma3", "syn-phi3"}
+    paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for path in paths:
+        synthetic.write_spec(spec, path, seed=5)
+    assert paths[0].read_bytes() == paths[1].read_bytes()  # (spec, seed) -> the same bytes
+    freqs = next(t for t in spec["tensors"] if t["name"] == "rope_freqs.weight")
+    got = open_gguf(paths[0]).tensors["rope_freqs.weight"].dequantize()
+    assert np.array_equal(got, np.asarray(freqs["values"], dtype=np.float32)) and got.max() == 8.0
+    bad = dict(spec, tensors=[dict(t, values=[1.0]) if t is freqs else t for t in spec["tensors"]])
+    with pytest.raises(synthetic.SyntheticError, match="rope_freqs.weight"):
+        synthetic.write_spec(bad, tmp_path / "c.gguf", seed=5)

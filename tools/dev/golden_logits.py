@@ -19,6 +19,11 @@ extended by 64 tokens one at a time:
                   prompt lands from its batched prefill (the last position), a
                   yardstick for comparing against this reference.
 
+The small random-weight layouts of each model family (`syn-*`, written by ukgpu's one
+synthetic writer, `llama_core/gguf/synthetic.py`, from (spec, seed): this tool asks the
+project's interpreter, `--ukgpu-python`, to write the file) get the `<name>.npz` reference only;
+the tests rebuild the file from the same spec and seed and check its sha256 before comparing.
+
 Each file holds:
 
     prompt_ids   int32[64]           the prompt, tokenized by llama.cpp
@@ -29,6 +34,8 @@ Each file holds:
     greedy_ids   int32[64]           the greedy continuation
     greedy_margin float32[64]        top-1 minus top-2 logit at each greedy step
     decode_spread float32            (.q.npz only) see above
+    model_sha256, llama_cpp_version  the file checked, the reference's version
+    seed                             (syn-* only) the synthetic file's seed
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +62,11 @@ N_PROMPT = 64
 N_GREEDY = 64
 TOP_K = 16
 MODELS = {"smollm2-135m": (0, 21, 42, 63), "qwen2.5-coder-0.5b": (0, 63)}
+SYNTHETIC = ("syn-llama3", "syn-llama-yarn", "syn-mistral", "syn-qwen3", "syn-gemma3", "syn-phi3")
+SYNTHETIC_FULL_POS = tuple(range(0, N_PROMPT, 8)) + (N_PROMPT - 1,)
+SYNTHETIC_SEED = 0
+WRITE_SYNTHETIC = ("import sys; from pathlib import Path; from ukgpu.llama_core.gguf import synthetic; "
+                   "synthetic.write_spec(synthetic.load_spec(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))")
 GGML_TYPE_F32 = 0
 LLAMA_FTYPE_ALL_F32 = 0
 
@@ -180,17 +193,39 @@ def write(out: Path, data: dict[str, np.ndarray]) -> None:
           f"{data['greedy_margin'].min():.4f}", file=sys.stderr)
 
 
+def write_synthetic(name: str, dst: Path, python: str) -> None:
+    """The family layout `name` written by ukgpu's synthetic writer (in the project's Python)."""
+    subprocess.run([python, "-c", WRITE_SYNTHETIC, name, str(dst), str(SYNTHETIC_SEED)], check=True,
+                   env=dict(os.environ, PYTHONPATH=""))
+
+
+def synthetic_golden(name: str, args: argparse.Namespace, version: str) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        path = Path(tmp) / f"{name}.gguf"
+        write_synthetic(name, path, args.ukgpu_python)
+        common = {"model_sha256": np.array(sha256(path)), "llama_cpp_version": np.array(version),
+                  "seed": np.int32(SYNTHETIC_SEED)}
+        f32_path = Path(tmp) / f"{name}.f32.gguf"
+        dequantize_to_f32(path, f32_path, args.threads)
+        write(args.out / f"{name}.npz", {**golden_for(f32_path, SYNTHETIC_FULL_POS, args.threads), **common})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests/data/golden")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[2] / "tests/data/golden")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tmp", type=Path, default=None, help="room for the F32 model (~4x)")
-    parser.add_argument("models", nargs="*", default=list(MODELS), help=f"of {list(MODELS)}")
+    parser.add_argument("--ukgpu-python", default=str(Path(__file__).parents[2] / ".venv/bin/python"),
+                        help="a Python with ukgpu installed, to write the syn-* files")
+    parser.add_argument("models", nargs="*", default=list(MODELS), help=f"of {[*MODELS, *SYNTHETIC]}")
     args = parser.parse_args(argv)
     import llama_cpp
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
+        if name in SYNTHETIC:
+            synthetic_golden(name, args, llama_cpp.__version__)
+            continue
         path = default_model_path(name)
         if not path.exists():
             raise SystemExit(f"{path} missing: run `ukgpu models pull {name}` first")
