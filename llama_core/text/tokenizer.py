@@ -15,15 +15,15 @@ Special tokens: control tokens (BOS, <|im_end|>, ...) are recognised in the
 input text only with `parse_special=True`; user-defined tokens always are.
 Decoding leaves control tokens out unless `special=True`.  A rendered chat prompt
 mixes both kinds of text: `encode_marked` parses control tokens except between
-LITERAL_OPEN and LITERAL_CLOSE, where `chat.chat_ids` puts the special-token
-texts found in what users wrote (see `special_texts`).
+LITERAL_OPEN and LITERAL_CLOSE, where `chat.chat_ids` puts the control-token
+texts found in what users wrote (`control_texts`).
 """
 
 from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,9 @@ class Tokenizer:
         self._splitter = SpecialSplitter(self.tokens, self._attrs)
         self._special_order = self._splitter.order
         self._apply_name_quirks(md)
+        # every text that encode(parse_special=True) turns into a control (or unknown) token
+        self.control_texts = frozenset(self.tokens[i] for i in self._special_order
+                                       if self._attrs[i] & (CONTROL | UNKNOWN))
         self._bytes_cache: dict[int, bytes] = {}
 
     # ---- construction -------------------------------------------------
@@ -362,21 +365,6 @@ def _valid(text: str) -> str:
     if not isinstance(text, str):
         raise TokenizerError(f"encode() takes a str, not {type(text).__name__}: decode bytes first")
     return text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
-
-
-def special_texts(md: Mapping[str, Any]) -> set[str]:
-    """Every text that `encode(parse_special=True)` may turn into a control token, for a vocabulary
-    given as metadata: the unknown- and control-typed tokens, and the texts of end-of-turn, FIM
-    and other tokens found by name (the Tokenizer makes those control tokens too).  Texts that
-    are not tokens of this vocabulary may be included: protecting them changes nothing."""
-    texts = {t for group in _ROLE_TEXTS.values() for t in group} | set(_EOG_TEXTS)
-    tokens = md.get("tokenizer.ggml.tokens")
-    if tokens:
-        types = keys.numbers(md, "tokenizer.ggml.token_type", len(tokens), integers=True)
-        if types is not None:
-            special = np.flatnonzero((types == 2) | (types == 3)).tolist()
-            texts.update(t for i in special if isinstance(t := tokens[i], str))
-    return texts
 
 
 def _clean_spaces(data: bytes) -> bytes:

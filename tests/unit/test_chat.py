@@ -157,3 +157,26 @@ def test_bad_messages_are_rejected_clearly():
         render_chat(None, [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
     with pytest.raises(ChatTemplateError, match="failed on these messages"):
         render_chat(None, [{"role": "user", "content": None}])
+
+
+def test_protection_finds_what_one_alternation_of_all_texts_finds():
+    """The prefix-grouped finder wraps exactly what a single longest-first regex would."""
+    import random
+    import re
+
+    from ukgpu.llama_core.text.chat import _TextFinder
+    from ukgpu.llama_core.text.tokenizer import LITERAL_CLOSE, LITERAL_OPEN
+
+    texts = frozenset(["<end_of_turn>", "<end>", "<e", "<unused1>", "<unused12>", "<unused123>", "[INST]",
+                       "<|im_end|>", "<|im_end|>x", "ab", "abcdefghij", "abcdefghik"])
+    whole = re.compile("|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t))))
+    finder = _TextFinder(texts)
+    rng = random.Random(5)
+    alphabet = ["a", "b", "c", "<", ">", "e", "x", " ", "1", "2"] + sorted(texts)
+    wrapped = 0
+    for _ in range(2000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20)))
+        expected = whole.sub(lambda m: LITERAL_OPEN + m[0] + LITERAL_CLOSE, s)
+        assert finder.wrap(s) == expected, s
+        wrapped += expected != s
+    assert wrapped > 500
