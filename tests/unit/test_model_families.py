@@ -141,3 +141,19 @@ class _With:
 
     def __init__(self, gguf, config) -> None:
         self.tensors, self.config = gguf.tensors, config
+
+
+def test_batched_decode_step_matches_one_sequence_at_a_time(family: Family):
+    """`forward_batch` (two sequences at different positions, past gemma3's window) gives each
+    sequence's own one-token logits."""
+    model, prompt = family.model, family.ref["prompt_ids"]
+    kvs = [model.new_kv(64), model.new_kv(64)]
+    lens = [40, 57]
+    for kv, n in zip(kvs, lens):
+        model.forward(prompt[:n], 0, kv, all_logits=False)
+    tokens = np.array([prompt[40], prompt[57]])
+    batched = model.forward_batch(tokens, lens, kvs)  # [2, vocab]
+    for b, n in enumerate(lens):
+        kv = model.new_kv(64)
+        single = model.forward(prompt[:n + 1], 0, kv)[-1]
+        assert _rel_err(batched[b], single) < 1e-9
