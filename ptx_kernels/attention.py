@@ -19,7 +19,7 @@ KV cache of one layer: k/v (n_slots, n_ctx, Hkv, D) float16, rows written by `st
   sees no key yet leaves that row's running max at -inf, so the exponentials are taken against 0
   there (no -inf - -inf).
 - scale: the score scale, 1/sqrt(head_dim) for most models, the model's own where it says so.
-- head_dim: a constexpr (64, 96, 128 or 256); 96 (Phi-3 mini) is padded to 128 in registers
+- head_dim: a constexpr (32, 64, 96, 128 or 256); 96 (Phi-3 mini) is padded to 128 in registers
   (D_PAD) with masked loads and stores, the cache and q/out rows stay 96 wide.
 Limits: Hq % Hkv == 0, Hq / Hkv <= 16 (decode);
 lens[b] >= 1; window >= 0.  Reference: `reference.attention`.
@@ -141,11 +141,12 @@ def attn_combine_kernel(po_ptr, pml_ptr, o_ptr, S, HEAD_DIM: tl.constexpr, D_PAD
 MAX_SPLITS = 32
 GROUP_PAD = 16  # query heads per kv head, padded (tl.dot needs 16 rows)
 # head_dim -> (keys per step, warps) of decode: no spills; warps of the combine
-DECODE_TILE = {64: (32, 4), 96: (64, 8), 128: (64, 8), 256: (32, 8)}
-COMBINE_WARPS = {64: 1, 96: 1, 128: 1, 256: 4}
+DECODE_TILE = {32: (32, 4), 64: (32, 4), 96: (64, 8), 128: (64, 8), 256: (32, 8)}
+COMBINE_WARPS = {32: 1, 64: 1, 96: 1, 128: 1, 256: 4}
 # head_dim -> (BLOCK_M, BLOCK_N, warps, stages) of prefill; d256 halves the key tile to keep the
 # f16 K/V tiles (32 KiB per stage) and the (64, 256) f32 accumulator in bounds
-PREFILL_TILE = {64: (64, 64, 4, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
+PREFILL_TILE = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2),
+                256: (64, 32, 8, 2)}
 
 
 def _pad(hd: int) -> int:

@@ -23,7 +23,7 @@ SCALARS = {"i32": "int32", "fp32": "float32"}
 
 # head sizes the per-head kernels are compiled for (the launcher picks from these, no Triton import)
 ROPE_DIMS = (64, 128, 256)  # rope_*_d<D>: rotates n_rot <= D dims of a head
-ATTN_HEAD_DIMS = (64, 96, 128, 256)  # attn_*_d<D>: head_dim == D
+ATTN_HEAD_DIMS = (32, 64, 96, 128, 256)  # attn_*_d<D>: head_dim == D
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def test_rope(gpu, mode, hd, rng):
     np.testing.assert_allclose(gpu.get(dy, y.shape, y.dtype), want, atol=1e-5 * np.abs(x).max(), rtol=0)
 
 
-@pytest.mark.parametrize("hd", [64, 96, 128])
+@pytest.mark.parametrize("hd", [32, 64, 96, 128])
 def test_attention_prefill_and_decode(gpu, hd, rng):
     hq, hkv, n_slots, n_ctx = 12, 2, 3, 300
     k = rng.standard_normal((n_slots, n_ctx, hkv, hd)).astype(np.float16)

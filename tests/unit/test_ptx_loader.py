@@ -124,7 +124,7 @@ def test_name_helpers_cover_every_supported_type_and_head_size(man):
     for qtype in FORMATS:
         assert {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype),
                 embedding_entry(qtype)} <= names
-    for hd in (64, 96, 128, 256):
+    for hd in (32, 64, 96, 128, 256):
         assert {rope_entry(True, hd), rope_entry(False, hd), *attention_entries(hd).values()} <= names
     assert rope_entry(False, 96) == "rope_norm_d128"  # partial / odd sizes: the next entry up
     for bad in (1, 97, 512):

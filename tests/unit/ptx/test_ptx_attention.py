@@ -24,7 +24,7 @@ def _cache(rng, n_slots, n_ctx, hd, hkv=HKV):
     return k, v
 
 
-@pytest.mark.parametrize("hd", [64, 96, 128])
+@pytest.mark.parametrize("hd", [32, 64, 96, 128])
 @pytest.mark.parametrize("start,t", [(0, 70), (37, 5), (0, 1)])
 def test_attn_prefill(hd, start, t, rng):
     k, v = _cache(rng, 1, start + t + 20, hd)
@@ -52,7 +52,7 @@ def _decode(hd, q, k, v, slots, lens, n_ctx, splits, chunk, window=0):
     return out["out"]
 
 
-@pytest.mark.parametrize("hd", [64, 96, 128])
+@pytest.mark.parametrize("hd", [32, 64, 96, 128])
 @pytest.mark.parametrize("splits,chunk,n_ctx,hq,hkv", [
     (1, 128, 128, HQ, HKV), (3, 64, 150, 14, 2), (2, 64, 128, 4, 4), (2, 64, 100, 16, 1)])
 def test_attn_decode(hd, splits, chunk, n_ctx, hq, hkv, rng):
