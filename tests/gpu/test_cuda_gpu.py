@@ -1,5 +1,6 @@
 """The CUDA backend on a real GPU: every kernel through the backend's launcher, the real models
-against the CPU reference, graph-captured decode, and `ukgpu verify` end to end.
+and every family's synthetic layout (llama3, yarn, mistral, qwen3, gemma3 with its sliding
+window, phi3) against the CPU reference, graph-captured decode, and `ukgpu verify` end to end.
 
 Skips with the reason when there is no usable GPU (no driver, no device, pre-sm_80, missing
 kernels).  Real models must be in the model cache (the GPU machine has no network); the tiny
@@ -56,20 +57,29 @@ def test_every_kernel_meets_its_bound(gpu_reason, backends):
 
 def _model(name: str, folder: Path | None = None):
     """A cached model (the GPU machine has no network: models are pulled beforehand), or the tiny
-    synthetic ones, written on the spot."""
+    and per-family synthetic ones, written on the spot."""
+    from ukgpu.llama_core.gguf.family_specs import FAMILY_SPECS
     from ukgpu.llama_core.gguf.file import open_gguf
+    from ukgpu.llama_core.gguf.synthetic import load_spec, write_spec
     from ukgpu.llama_core.models import registry
 
     from fakes.tiny_models import SHAPES, write_model
 
     if name in SHAPES:
         return open_gguf(write_model(folder / f"{name}.gguf", SHAPES[name]))
+    if name in FAMILY_SPECS:
+        write_spec(load_spec(name), folder / f"{name}.gguf", seed=0)
+        return open_gguf(folder / f"{name}.gguf")
     if not registry.is_cached(name):
         pytest.skip(f"{name} is not in the model cache: `ukgpu models pull {name}` first")
     return open_gguf(registry.model_path(name))
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "smollm2-135m", "qwen2.5-coder-0.5b"])
+FAMILIES = ["syn-llama3", "syn-llama-yarn", "syn-mistral", "syn-qwen3", "syn-gemma3", "syn-phi3"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", *FAMILIES, "smollm2-135m",
+                                  "qwen2.5-coder-0.5b", "gemma3-270m"])
 def test_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, name, backends, tmp_path):
     from ukgpu.llama_core.cpu.backend import CpuBackend
     from ukgpu.llama_core.model import Model
@@ -116,15 +126,16 @@ def test_graph_decode_is_much_faster_than_eager(gpu_reason, backends):
     assert graph_s < eager_s / 2
 
 
-def test_verify_cli_passes_on_this_gpu(gpu_reason, tmp_path):
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_verify_cli_passes_on_this_gpu(gpu_reason, name, tmp_path):
     import json
 
     from ukgpu.llama_core.models import registry
     from ukgpu.tools.cli import main
 
-    _model("smollm2-135m")  # skips when it is not cached
+    _model(name)  # skips when it is not cached
     out = tmp_path / "verify.json"
-    code = main(["verify", "-m", str(registry.model_path("smollm2-135m")), "--json", str(out)])
+    code = main(["verify", "-m", str(registry.model_path(name)), "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 0, [c for c in report["checks"] if not c["ok"]]
     assert report["status"] == "pass"
