@@ -1,8 +1,10 @@
 """Boot the real image under QEMU (TCG): READY, a completion over HTTP, clean poweroff (console only), and a
-tampered image refused at boot.  Failing tests carry the guest's serial console."""
+tampered image refused (by the host before boot, and by the guest if the host was fooled).  Failing tests carry the guest's serial console."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -10,7 +12,7 @@ import httpx
 import pytest
 
 from ukgpu.kernel.image import build as image_mod
-from ukgpu.kernel.image import qemu
+from ukgpu.kernel.image import qemu, trust
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,7 +85,27 @@ def _same_fs(a, b) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
-def test_tampered_image_is_refused_at_boot(built_image, tmp_path, refused_boot):
+def test_tampered_image_is_refused_by_the_host_then_by_the_guest(built_image, tmp_path, refused_boot,
+                                                                  monkeypatch):
+    """The host has no record of the changed initramfs and refuses it before QEMU starts; pinned
+    anyway (a host fooled into trusting it), the guest's manifest check still refuses the file."""
     bad, victim = _tampered_copy(built_image, tmp_path / "bad")
+    with pytest.raises(trust.TrustError, match="no record of an image"):
+        qemu.Vm(bad, qemu.BootOptions(port=0))
+    fooled = json.loads(json.dumps(bad.info))
+    fooled["sha256"]["initramfs.cpio"] = hashlib.sha256((bad.dir / "initramfs.cpio").read_bytes()).hexdigest()
+    monkeypatch.setattr(trust, "trust_dir", lambda: tmp_path / "trusted")  # not the host's real record
+    trust.pin(fooled)
     vm = refused_boot(bad)
     assert vm.fatal and "image tampered" in vm.fatal and victim in vm.fatal, vm.tail()
+
+
+def test_an_appended_cpio_is_refused_before_boot(built_image, tmp_path):
+    """The kernel unpacks concatenated archives, later entries winning: an appended cpio could
+    replace the checker itself, so the host refuses the file before the guest runs anything."""
+    dest = tmp_path / "appended"
+    shutil.copytree(built_image.dir, dest)
+    with open(dest / "initramfs.cpio", "ab") as f:
+        f.write(b"070701" + b"0" * 104 + b"TRAILER!!!\0")
+    with pytest.raises(trust.TrustError, match="no record of an image"):
+        qemu.Vm(image_mod.load(dest), qemu.BootOptions(port=0))
