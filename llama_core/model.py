@@ -56,8 +56,7 @@ class Model:
         self.gguf = gguf
         self.backend = backend
         self.config = gguf.config  # shapes were checked when the file was opened
-        self.ropes = RopeTable(gguf)
-        self.rope = self.ropes.base  # the global layers' rope, before frequency factors
+        self.ropes = RopeTable(gguf)  # each layer's rope: `self.ropes.layer_rope(i, kv.n_ctx)`
         self.weights = Weights.from_gguf(gguf, backend)
 
     @classmethod
