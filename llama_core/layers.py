@@ -121,14 +121,14 @@ class RopeTable:
         c = self.config = gguf.config
         self.base = rope_config(c)
         self.local = RopeConfig(n_rot=c.rope_dim, base=c.rope_base_local, neox=c.rope_style == "neox")
-        self.freqs = _factors(gguf, c.rope_freqs) if c.rope_freqs else None
-        self.long_short = tuple(_factors(gguf, n) for n in c.rope_factors) if c.rope_factors else None
+        self.global_ = replace(self.base, freq_factors=_factors(gguf, c.rope_freqs)) if c.rope_freqs else self.base
+        self.long_short = tuple(replace(self.base, freq_factors=_factors(gguf, n)) for n in c.rope_factors) \
+            if c.rope_factors else None
 
     def layer_rope(self, i: int, n_ctx: int) -> RopeConfig:
         """Layer i's rope for a KV cache of n_ctx positions."""
         if self.config.is_local(i):
             return self.local
-        factors = self.freqs
         if self.long_short is not None:
-            factors = self.long_short[0] if n_ctx > self.config.orig_ctx else self.long_short[1]
-        return replace(self.base, freq_factors=factors) if factors is not None else self.base
+            return self.long_short[0] if n_ctx > self.config.orig_ctx else self.long_short[1]
+        return self.global_
