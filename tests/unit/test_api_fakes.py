@@ -32,6 +32,7 @@ class FakeEvent:
 
 class FakeTokenizer:
     vocab_size = 256
+    control_texts: frozenset[str] = frozenset()  # bytes only: no control tokens to protect
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
