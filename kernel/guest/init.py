@@ -11,14 +11,15 @@ Steps, each timed and reported on the serial console:
  8. the HTTP API; then `READY ...` with the timings
 
 Shutdown: the line `poweroff` on the serial console (`stacks` there prints every
-thread's stack).  Only the process that runs QEMU holds the console; the API port
+thread's stack), or the ACPI power button (QEMU's `system_powerdown`, a KubeVirt stop or a
+node drain), watched from step 4 on.  Only the process that runs QEMU holds the console; the API port
 has no shutdown route, since whatever can reach that port (the host's browser
 included, through the 127.0.0.1 port forward) must not be able to power the guest off.
 Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hangs.
 
 Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
-  ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|off
+  ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|host|off
   ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
   ukgpu.max_connections=<n>  ukgpu.header_timeout=<s>  ukgpu.body_timeout=<s>  ukgpu.keep_alive=<s>
   (connection limits, kernel/api/limits.py ServerLimits; defaults suit a small VM)
@@ -37,6 +38,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from ukgpu.kernel import manifest
+from ukgpu.kernel.guest import power_button
 from ukgpu.kernel.guest import syscalls as init_sys
 from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 
@@ -94,8 +96,8 @@ class BootConfig:
             setattr(self, name, int(value))
         elif name == "backend" and value not in ("auto", "cpu", "cuda"):
             raise ValueError("use auto, cpu or cuda")
-        elif name == "verify" and value not in ("full", "off"):
-            raise ValueError("use full or off")
+        elif name == "verify" and value not in ("full", "host", "off"):
+            raise ValueError("use full, host or off")
         elif name in ("model", "backend", "verify"):
             setattr(self, name, value)
         elif key.startswith("ukgpu."):
@@ -151,6 +153,7 @@ class Guest:
             self.cfg = BootConfig.parse(f.read())
         self.step("verify", self.verify_image)
         self.step("modules", self.load_modules)
+        power_button.watch(lambda: self.shutdown("the ACPI power button"))
         self.step("network", init_sys.configure_network, self.cfg.net)
         model_check = self.check_model_in_background()
         engine, arena, backend_note = self.step("model_load", self.load_model)
@@ -171,12 +174,12 @@ class Guest:
         if self.cfg.verify == "off":
             say("image check skipped (ukgpu.verify=off)")
             return
-        model = self.model_file()
-        disk = self.doc["model"].get("disk") and model == self.doc["model"]["path"]
-        if model not in self.doc["files"] and not disk:
-            raise manifest.ManifestError(f"ukgpu.model={model} is not a file of the image's manifest: "
-                                         "only the image's own model is served (or boot without the "
-                                         "check: ukgpu boot --insecure-skip-verify)")
+        if self.cfg.verify == "host":  # `ukgpu boot` hashed this very initramfs against its record
+            self._check_model_path()
+            say(f"image verified by the host before boot: {len(self.doc['files'])} files pinned by the "
+                "initramfs digest in its record, not hashed again")
+            return
+        model = self._check_model_path()
         skip = (model,) if model in self.doc["files"] else ()
         problems = manifest.verify(self.doc, "/", workers=os.cpu_count() or 1, skip=skip)
         if problems:
@@ -186,6 +189,15 @@ class Guest:
                                          "rebuild it with `ukgpu image build`")
         say(f"image verified: {len(self.doc['files']) - len(skip)} files match the manifest")
 
+    def _check_model_path(self) -> str:
+        model = self.model_file()
+        disk = self.doc["model"].get("disk") and model == self.doc["model"]["path"]
+        if model not in self.doc["files"] and not disk:
+            raise manifest.ManifestError(f"ukgpu.model={model} is not a file of the image's manifest: "
+                                         "only the image's own model is served (or boot without the "
+                                         "check: ukgpu boot --insecure-skip-verify)")
+        return model
+
     def model_file(self) -> str:
         return self.cfg.model or self.doc["model"]["path"]
 
@@ -194,7 +206,9 @@ class Guest:
         waits for it."""
         path, model = self.model_file(), self.doc["model"]
         on_disk = bool(model.get("disk")) and path == model["path"]
-        if self.cfg.verify != "full" or not (on_disk or path in self.doc["files"]):
+        if self.cfg.verify == "off" or not (on_disk or path in self.doc["files"]):
+            return None
+        if self.cfg.verify == "host" and not on_disk:  # inside the initramfs the host hashed
             return None
 
         def run() -> None:

@@ -52,6 +52,7 @@ GUEST_MODELS = "/models"
 MODEL_DISK = "/dev/vda"
 NET_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_rng")
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
+POWER_MODULES = ("button", "evdev")  # the ACPI power button as an input device (kernel/guest/power_button.py)
 GUEST_IMPORTS = ("numpy", "starlette", "uvicorn", "ukgpu.kernel.guest.init", "ukgpu.kernel.guest.engine_setup",
                  "ukgpu.kernel.api.app", "ukgpu.kernel.api.server", "ukgpu.llama_core.engine",
                  "ukgpu.llama_core.cpu.backend", "ukgpu.llama_core.text.chat")
@@ -246,7 +247,7 @@ def _add_system(layout: image_python.Layout, inputs: Inputs) -> None:
     layout.files["/usr/bin/busybox"] = inputs.deb_roots["busybox-static"] / "bin" / "busybox"
     layout.links["/usr/bin/sh"] = "busybox"
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES if not debs.is_builtin(tree, m)]
     for ko in debs.module_closure(tree, wanted):
         layout.files[_module_guest(tree, ko)] = ko
 
@@ -264,7 +265,7 @@ def _manifest(root: Path, inputs: Inputs, model_guest: str | None) -> dict:
         elif path.is_file():
             files[guest] = manifest.digests(path)
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES if not debs.is_builtin(tree, m)]
     return {
         "format": manifest.FORMAT,
         "files": files,

@@ -13,8 +13,11 @@ chain of trust starts on the host, not inside the image:
 2. `ukgpu boot` hashes both files while copying them into a private folder (0700), looks the
    pair up here, and boots the copies with the command line from the record, never from
    `image.json`: the bytes QEMU reads are the bytes checked, with no window to swap them.
-3. The guest's init (now known-good code) checks every file of the unpacked initramfs and the
-   model against the manifest whose digest is on that command line.
+3. The guest's init (now known-good code) loads the manifest whose digest is on that command
+   line.  Told `ukgpu.verify=host` (what `ukgpu boot` adds after step 2) it does not hash the
+   initramfs's files again, since the host just hashed the whole archive, and checks only what
+   the host did not: a model on a disk.  Booted any other way (no verify word: another launcher)
+   it checks every file and the model itself.
 
 `ukgpu boot --insecure-skip-verify` skips 1-3 on request; the guest then says so on /health.
 """

@@ -14,6 +14,7 @@ import tempfile
 
 import httpx
 import pytest
+from test_api_fakes import FakeEngine
 
 from ukgpu.kernel.api import create_app
 from ukgpu.kernel.api.server import background
@@ -21,8 +22,6 @@ from ukgpu.kernel.guest import init as guest_init
 from ukgpu.kernel.guest.syscalls import InitError
 from ukgpu.kernel.image import build, qemu, trust
 from ukgpu.kernel.manifest import ManifestError
-
-from test_api_fakes import FakeEngine
 
 CMDLINE = "console=ttyS0 panic=-1 quiet ukgpu.manifest=" + "ab" * 32
 
@@ -64,7 +63,7 @@ def test_a_pinned_image_boots_private_copies_with_the_records_command_line(cache
         assert stat.S_IMODE(boot.kernel.stat().st_mode) == 0o400
         cmd = qemu.qemu_command(build.load(image.dir), qemu.BootOptions(), 1, boot)
         assert cmd[cmd.index("-initrd") + 1] == str(boot.initramfs)
-        assert cmd[cmd.index("-append") + 1] == CMDLINE
+        assert cmd[cmd.index("-append") + 1] == CMDLINE + " ukgpu.verify=host"
     finally:
         boot.cleanup()
     assert not boot.folder.exists()
