@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml tools/dev/bootstrap.sh
 
 venv: $(STAMP)
 
-TEST_MODELS := smollm2-135m qwen2.5-coder-0.5b
+TEST_MODELS := smollm2-135m qwen2.5-coder-0.5b gemma3-270m
 
 models: $(STAMP)
 	for m in $(TEST_MODELS); do $(BIN)/ukgpu models pull $$m || exit 1; done
