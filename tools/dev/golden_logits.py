@@ -61,7 +61,10 @@ PROMPT_TEXT = (
 N_PROMPT = 64
 N_GREEDY = 64
 TOP_K = 16
-MODELS = {"smollm2-135m": (0, 21, 42, 63), "qwen2.5-coder-0.5b": (0, 63)}
+MODELS = {"smollm2-135m": (0, 21, 42, 63), "qwen2.5-coder-0.5b": (0, 63), "gemma3-270m": (0, 63)}
+# Prompts that start with BOS, as llama.cpp tokenizes them in normal use (the vocabulary says so;
+# SmolLM2's and Qwen's do not, and the synthetic files' goldens were made without it).
+ADD_BOS = {"gemma3-270m"}
 SYNTHETIC = ("syn-llama3", "syn-llama-yarn", "syn-mistral", "syn-qwen3", "syn-gemma3", "syn-phi3")
 SYNTHETIC_FULL_POS = tuple(range(0, N_PROMPT, 8)) + (N_PROMPT - 1,)
 SYNTHETIC_SEED = 0
@@ -121,8 +124,8 @@ def open_reference(path: Path, n_threads: int):
     )
 
 
-def prompt_ids(llm) -> list[int]:
-    ids = llm.tokenize(PROMPT_TEXT.encode(), add_bos=False, special=False)
+def prompt_ids(llm, add_bos: bool = False) -> list[int]:
+    ids = llm.tokenize(PROMPT_TEXT.encode(), add_bos=add_bos, special=False)
     if len(ids) < N_PROMPT:
         raise SystemExit(f"prompt text gives only {len(ids)} tokens; lengthen PROMPT_TEXT")
     return [int(t) for t in ids[:N_PROMPT]]
@@ -133,9 +136,10 @@ def top2_margin(row: np.ndarray) -> float:
     return float(two.max() - two.min())
 
 
-def golden_for(path: Path, full_pos: tuple[int, ...], n_threads: int) -> dict[str, np.ndarray]:
+def golden_for(path: Path, full_pos: tuple[int, ...], n_threads: int,
+               add_bos: bool = False) -> dict[str, np.ndarray]:
     llm = open_reference(path, n_threads)
-    ids = prompt_ids(llm)
+    ids = prompt_ids(llm, add_bos)
     llm.eval(ids)
     logits = np.array(llm.scores[:N_PROMPT], dtype=np.float32)  # [64, vocab]
     order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_K]
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{path} missing: run `ukgpu models pull {name}` first")
         common = {"model_sha256": np.array(sha256(path)),
                   "llama_cpp_version": np.array(llama_cpp.__version__)}
-        quant = golden_for(path, MODELS[name], args.threads)
+        quant = golden_for(path, MODELS[name], args.threads, name in ADD_BOS)
         llm = open_reference(path, args.threads)
         quant["decode_spread"] = np.float32(decode_spread(
             llm, list(map(int, quant["prompt_ids"])), quant["full_logits"][-1]))
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             f32_path = Path(tmp) / f"{name}.f32.gguf"
             dequantize_to_f32(path, f32_path, args.threads)
-            write(args.out / f"{name}.npz", {**golden_for(f32_path, MODELS[name], args.threads),
+            write(args.out / f"{name}.npz", {**golden_for(f32_path, MODELS[name], args.threads, name in ADD_BOS),
                                              **common})
     return 0
 
