@@ -23,8 +23,10 @@ from ukgpu.kernel.image import stage as image_stage
 REPO = image_build.REPO
 PREFIX = f"{image_python.SITE}/ukgpu/"
 # Host side only: building and booting images, generating and checking kernels, VFIO host setup, CLI.
+# ptx_kernels/spec.py ships: pure Python (no Triton), it holds the one table of compiled head sizes
+# that the guest's loader picks kernels from.
 HOST_ONLY = ("kernel/image/*", "ptx_kernels/generate.py", "ptx_kernels/check.py",
-             "ptx_kernels/catalog.py", "ptx_kernels/spec.py", "ptx_kernels/attention.py",
+             "ptx_kernels/catalog.py", "ptx_kernels/attention.py",
              "ptx_kernels/dequant.py", "ptx_kernels/elementwise.py", "ptx_kernels/embedding.py",
              "ptx_kernels/gemm.py", "ptx_kernels/matvec.py", "ptx_kernels/rmsnorm.py",
              "ptx_kernels/rope.py", "gpu/vfio/host.py", "gpu/vfio/passthrough.py", "tools/*")
