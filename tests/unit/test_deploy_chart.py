@@ -127,3 +127,11 @@ def test_a_typo_in_a_template_fails(tmp_path):
     (pool,) = by_kind(render(chart, values_for(tmp_path, disk=False)))["VirtualMachinePool"]
     with pytest.raises(jsonschema.ValidationError, match="masquarade"):
         validate(pool)
+
+
+@pytest.mark.parametrize("typo", ["gpu.enable=true", "probes.readiness.periodSecond=5", "inferencePool.picker.weight.queue=1"])
+def test_a_misspelt_value_is_refused_by_the_values_schema(tmp_path, typo):
+    args = [a for v in values_for(tmp_path, disk=False) for a in ("-f", str(v))]
+    assert helm("template", "r1", str(CHART), *args).returncode == 0
+    done = helm("template", "r1", str(CHART), *args, "--set", typo)
+    assert done.returncode != 0 and "not allowed" in done.stderr, done.stderr
