@@ -21,6 +21,8 @@ Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
   ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|host|off
   ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
+  ukgpu.allowed_hosts=<name>,<name>  (Host header names accepted besides local ones: the names a
+  Service or gateway in front of the guest is reached by)
   ukgpu.max_connections=<n>  ukgpu.header_timeout=<s>  ukgpu.body_timeout=<s>  ukgpu.keep_alive=<s>
   (connection limits, kernel/api/limits.py ServerLimits; defaults suit a small VM)
   ip=<addr>::<gw>:<netmask>::<dev>:off | ip=off
@@ -117,6 +119,15 @@ def parse_ip(value: str) -> NetConfig | None:
     if gw:
         ipaddress.IPv4Address(gw)
     return NetConfig(f"{client}/{prefix}", gw or None, device or "eth0")
+
+
+def api_policy(cfg: BootConfig):
+    """The API's key and Host names: clients through QEMU's port forward send a local name
+    (127.0.0.1:<host port>); `ukgpu.allowed_hosts=` adds the names a Service or gateway uses."""
+    from ukgpu.kernel.api import security
+
+    names = [n for n in cfg.extra.get("allowed_hosts", "").split(",") if n]
+    return security.policy_for("0.0.0.0", cfg.extra.get("api_key"), allowed_hosts=names)
 
 
 def arena_size(cfg: BootConfig, n_layers: int, n_kv_heads: int, head_dim: int) -> int:
@@ -234,7 +245,6 @@ class Guest:
     def start_api(self, engine, arena) -> None:
         import uvicorn
 
-        from ukgpu.kernel.api import security
         from ukgpu.kernel.api.app import create_app
         from ukgpu.kernel.api.limits import server_limits_from
         from ukgpu.kernel.api.server import config
@@ -244,8 +254,7 @@ class Guest:
         except ValueError as exc:
             raise InitError(f"bad kernel command line parameter: {exc}") from None
 
-        # clients arrive through QEMU's port forward with Host 127.0.0.1:<host port>: a local name
-        policy = security.policy_for("0.0.0.0", self.cfg.extra.get("api_key"))
+        policy = api_policy(self.cfg)
         checked = {"image_verified": self.cfg.verify != "off"}  # on every /health answer
         app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy,
                          health_extra=checked)

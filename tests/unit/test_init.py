@@ -157,3 +157,14 @@ def test_model_disk_check_reads_the_model_bytes_of_a_sector_padded_device(tmp_pa
     disk.write_bytes(data[:1000])
     assert "1000 bytes, the model has" in manifest.verify_model_disk(str(disk), model)
     assert "cannot read it" in manifest.verify_model_disk(str(tmp_path / "none"), model)
+
+
+def test_allowed_hosts_on_the_command_line_extend_the_local_names():
+    from ukgpu.kernel.api import security
+    from ukgpu.kernel.guest.init import api_policy
+
+    plain = api_policy(BootConfig.parse("ukgpu.api_key=k"))
+    assert plain.api_key == "k" and not plain.allowed_hosts
+    cfg = BootConfig.parse("ukgpu.allowed_hosts=ukgpu.default.svc,gw.example")
+    assert api_policy(cfg).allowed_hosts == ("ukgpu.default.svc", "gw.example")
+    assert isinstance(api_policy(cfg), security.Policy)
