@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ukgpu.kernel import manifest
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.models.registry import cache_dir
 
@@ -93,7 +94,7 @@ def pin_folder(image_dir: Path, info: dict, expected_digest: str) -> str:
         raise TrustError(f"{image_dir}: its image.json gives digest {digest}, not {expected_digest}: "
                          "the folder was changed or is another image; get it again from its builder")
     for name in BOOT_FILES:
-        got = _sha256(image_dir / name)
+        got = manifest.sha256_file(image_dir / name)
         if got != record["sha256"][name]:
             raise TrustError(f"{image_dir / name} does not match its record (sha256 {got}): the file "
                              "was changed; get the image again from its builder")
@@ -131,14 +132,6 @@ def _find(sums: dict[str, str]) -> tuple[dict | None, str]:
         if record.get("sha256") == sums and digest_of(record) == path.stem:
             return record, path.stem
     return None, ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:
