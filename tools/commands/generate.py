@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ukgpu.llama_core.cpu.compile import ensure_compiled
 from ukgpu.llama_core.engine import Engine, Stats
 from ukgpu.llama_core.sampling import SamplingParams
 from ukgpu.tools import argtypes
@@ -64,6 +65,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
         import numba
 
         numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
+    if args.backend != "cuda":  # compile time must not land in the first prompt's speed
+        ensure_compiled(sys.stderr)
     return Engine.load(args.model, backend=args.backend, n_ctx=args.ctx)
 
 

@@ -92,8 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
     path = registry.resolve_model(args.model)  # a bad name fails here, before listening
 
     def load():
+        from ukgpu.llama_core.cpu.compile import ensure_compiled
         from ukgpu.llama_core.engine import Engine
 
+        if args.backend != "cuda":  # before the first request, not inside it
+            ensure_compiled(sys.stderr)
         return Engine.load(path, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
 
     limits = ApiLimits(max_body_bytes=args.max_body, max_queue=args.max_queue,
