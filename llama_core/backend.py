@@ -117,6 +117,7 @@ class Backend(ABC):
 
     name: str
     max_batch: int = 1  # sequences one decode step may carry (`Model.forward_batch`)
+    max_prefill_rows: int | None = None  # rows of one prefill pass (`Model.forward`); None: all
 
     @abstractmethod
     def prepare_weight(self, view: Any) -> Any:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,8 @@ from ukgpu.llama_core.layers import RopeTable, Weights, rope_config
 from ukgpu.llama_core.models.registry import resolve_model
 
 __all__ = ["ContextOverflowError", "Model", "Weights", "rope_config"]
+
+Logits = Literal["all", "last", "none"]  # which logits one pass of `Model.forward` returns
 
 
 class ContextOverflowError(UkgpuError):
@@ -74,31 +76,59 @@ class Model:
     def forward(self, tokens: np.ndarray, start_pos: int, kv: KVCache,
                 all_logits: bool = True) -> np.ndarray:
         """Logits float[n, vocab] for tokens int[n] at start_pos.. (float[1, vocab], the
-        last position only, when all_logits is False).  A one-token call may be recorded once
-        and replayed by the backend (`Backend.decode`): keep the capture contract of
-        `ukgpu.llama_core.backend` when changing this code."""
-        c, w, be = self.config, self.weights, self.backend
-        x = self._layers(tokens, start_pos, kv)
-        if not all_logits:
-            x = be.take_rows(x, slice(-1, None))  # [1, d]
-        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
-        return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+        last position only, when all_logits is False).  A prompt longer than the backend's
+        `max_prefill_rows` runs as consecutive passes of at most that many rows (each writes its
+        keys and values, the next attends to them), so a device's activation memory is sized
+        for one chunk, not for the context; the logits are those of one pass.  A one-token call
+        may be recorded once and replayed by the backend (`Backend.decode`): keep the capture
+        contract of `ukgpu.llama_core.backend` when changing this code."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        want: Logits = "all" if all_logits else "last"
+        parts = [self._forward_rows(chunk, pos, kv, want if all_logits or last else "none")
+                 for chunk, pos, last in self._chunks(tokens, start_pos, kv)]
+        kept = [p for p in parts if p is not None]
+        return kept[0] if len(kept) == 1 else np.concatenate(kept)
 
     def hidden_states(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> np.ndarray:
         """float[n, d]: the final hidden state of each token after the output norm (what the
-        output matrix turns into logits), for embeddings.  Eager on every backend."""
+        output matrix turns into logits), for embeddings.  Eager on every backend; chunked
+        like `forward`."""
         c, w, be = self.config, self.weights, self.backend
-        return np.asarray(be.to_host(be.rmsnorm(self._layers(tokens, start_pos, kv),
-                                                w.output_norm, c.rms_eps)))
-
-    def _layers(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> Any:
-        """The residual stream [n, d] after every block, for tokens int[n] at start_pos.."""
-        w = self.weights
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return np.concatenate([
+            np.asarray(be.to_host(be.rmsnorm(self._layers(chunk, pos, kv), w.output_norm, c.rms_eps)))
+            for chunk, pos, _ in self._chunks(tokens, start_pos, kv)])
+
+    def _chunks(self, tokens: np.ndarray, start_pos: int, kv: KVCache
+                ) -> list[tuple[np.ndarray, int, bool]]:
+        """(tokens, start position, is last) of each pass: one unless the backend bounds the
+        rows of a pass (`Backend.max_prefill_rows`).  The whole prompt is checked against the
+        cache first, so an overflow writes nothing."""
         if start_pos + len(tokens) > kv.n_ctx:
             raise ContextOverflowError(
                 f"{start_pos + len(tokens)} tokens do not fit a {kv.n_ctx}-token KV cache; "
                 "shorten the input or raise n_ctx")
+        rows = self.backend.max_prefill_rows or max(len(tokens), 1)
+        starts = range(0, max(len(tokens), 1), rows)
+        return [(tokens[s:s + rows], start_pos + s, s + rows >= len(tokens)) for s in starts]
+
+    def _forward_rows(self, tokens: np.ndarray, start_pos: int, kv: KVCache,
+                      logits: Logits) -> np.ndarray | None:
+        """One pass over tokens int[n]: logits float[n, vocab] ("all"), the last row's
+        float[1, vocab] ("last"), or None ("none": a prompt chunk before the last, which only
+        fills the cache)."""
+        c, w, be = self.config, self.weights, self.backend
+        x = self._layers(tokens, start_pos, kv)
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = be.take_rows(x, slice(-1, None))  # [1, d]
+        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
+        return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+
+    def _layers(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> Any:
+        """The residual stream [n, d] after every block, for tokens int[n] at start_pos.."""
+        w = self.weights
         x = self._embed(tokens)  # [n, d]
         for i, lw in enumerate(w.layers):
             def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena
-from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
+from ukgpu.gpu.cuda.backend import MAX_DECODE_SPLITS, CudaBackend, CudaUnsupported
 from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.errors import UkgpuError
@@ -31,7 +31,7 @@ from ukgpu.ptx_kernels.repack import FORMATS
 MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
                   "argmax_f32", "store_rows_f16")
-ACTIVATION_BYTES = 1 << 30  # arena headroom for activations beyond weights and KV
+PREFILL_ROWS = 512  # rows of one prefill pass (`Backend.max_prefill_rows`): what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
 
@@ -82,19 +82,55 @@ def probe(device: int = 0, driver: Any = None) -> tuple[bool, str]:
     return True, f"{ctx.info.line()}; kernels: {', '.join(sorted(kinds))}"
 
 
+def activation_bytes(cfg: Any, rows: int = PREFILL_ROWS, logit_rows: int | None = None,
+                     n_slots: int = 1) -> int:
+    """Bytes of the arena's activation pool for passes of at most `rows` rows of model `cfg`
+    (`CudaBackend.max_prefill_rows`), with logits of up to `logit_rows` rows (all rows of a
+    pass by default: `Model.forward(all_logits=True)`), and the logits row each of `n_slots`
+    decode graphs keeps.
+
+    Every buffer a pass allocates is one "kind" (the residual, a norm's output, q, k, v, ...)
+    with at most one live instance (a block's buffers go when it returns), so a pass of r rows
+    holds at most the sum of the kinds' size classes.  The pool keeps each power-of-two class
+    it ever handed out, and passes of fewer rows use smaller classes: the classes one kind takes
+    over all r <= rows sum to less than twice its class at `rows`, hence the factor 2.  Measured
+    on the stand-in: a pool high-water mark of 0.3-0.6 of this bound (tests/unit/
+    test_cuda_arena_sizing.py)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    logit_rows = rows if logit_rows is None else logit_rows
+    widths = [cfg.dim] * 7 + [q, q, q, kv, kv, kv, kv, cfg.ffn_dim, cfg.ffn_dim]
+    # x, 2 norms, wo, ffn out, 2 post norms; q, its head norm, the attention output; k, v and
+    # their head norms; gate, up.  Then the final norm and logits, the token ids and positions.
+    kinds = [rows * w * 4 for w in widths] + [
+        logit_rows * cfg.dim * 4, logit_rows * cfg.vocab_size * 4, rows * 4, (rows + 12) * 4]
+    pool = 2 * sum(BufferPool.size_class(b) for b in kinds)
+    decode = (BufferPool.size_class(q * MAX_DECODE_SPLITS * 4)  # split attention partials
+              + BufferPool.size_class(cfg.n_heads * MAX_DECODE_SPLITS * 8))
+    graphs = n_slots * (BufferPool.size_class(cfg.vocab_size * 4) + BufferPool.size_class(4))
+    return pool + 2 * decode + graphs
+
+
 def default_arena_bytes(ctx: CudaContext, gguf: Any, n_ctx: int, n_slots: int) -> int:
+    """Weights (repacked), the KV caches of n_slots sequences of n_ctx tokens, and the
+    activations of one prefill chunk (`activation_bytes`)."""
     free = int(ctx.free_bytes() * 0.9)
     if gguf is None:
         return min(free, 4 << 30)
+    want = arena_bytes_for(gguf, n_ctx, n_slots)
+    if want > free:
+        raise CudaError("arena", "CUDA_ERROR_OUT_OF_MEMORY",
+                        f"the model needs ~{want / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free: "
+                        "lower n_ctx / n_slots or use a smaller model")
+    return want
+
+
+def arena_bytes_for(gguf: Any, n_ctx: int, n_slots: int, rows: int = PREFILL_ROWS) -> int:
+    """The device arena a model needs: repacked weights + KV caches + activations."""
     cfg = gguf.config
     weights = sum(int(v.data.nbytes) for v in gguf.tensors.values())
     kv = 2 * BufferPool.size_class(cfg.n_layers * n_ctx * cfg.n_kv_heads * cfg.head_dim * 2) * n_slots
-    want = int(weights * REPACK_GROWTH) + kv + ACTIVATION_BYTES
-    if want > free:
-        raise CudaError("arena", "CUDA_ERROR_OUT_OF_MEMORY",
-                        f"the model needs ~{want / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
-                        "lower n_ctx / n_slots or use a smaller model")
-    return want
+    small = 1 << 20  # the step words, rope tables, alignment of each upload
+    return int(weights * REPACK_GROWTH) + kv + activation_bytes(cfg, rows, n_slots=n_slots) + small
 
 
 def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
@@ -109,5 +145,7 @@ def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
     kernels = KernelSet(ctx, manifests)
     kernels.preload(names)
     size = arena_bytes or default_arena_bytes(ctx, gguf, n_ctx, n_slots)
-    return CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
+    backend = CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
+    backend.max_prefill_rows = PREFILL_ROWS  # prompts run in chunks the activation share holds
+    return backend
 

@@ -119,7 +119,7 @@ def test_an_unsupported_model_falls_back(tiny, monkeypatch):
 
 
 def test_model_too_big_for_the_device(tiny):
-    fake = FakeDriver(devices=[FakeDevice(total_bytes=64 << 20)])
+    fake = FakeDriver(devices=[FakeDevice(total_bytes=16 << 20)])  # the arena wants ~25 MB
     with pytest.raises(CudaError, match="GiB is free"):
         open_backend("cuda", tiny, driver=fake)
 
