@@ -1,7 +1,8 @@
 """ukgpu's CUDA backend vs llama.cpp CUDA: pp512 and tg128 on synthetic models of real shapes.
 
     python tests/perf/bench_cuda.py [--llama-bench PATH] [--json out.json] [--repeats 5]
-                                    [--models qwen2.5-coder-1.5b smollm2-135m]
+                                    [--models qwen2.5-coder-1.5b smollm2-135m] [--quick]
+                                    [--llama-only]
 
 Not collected by pytest; needs an NVIDIA GPU (sm_80+) and the NVIDIA driver.  Models are the
 random-weight files of `llama_core.synthetic` (every tensor with the real model's type and shape:
@@ -18,7 +19,9 @@ Qwen2.5-Coder-1.5B Q4_K_M, SmolLM2-135M Q4_1), built on first use, so nothing la
   bandwidth measured in the same run.
 Each is repeated `--repeats` times after a warm-up; the median is reported.  llama.cpp numbers come
 from a `llama-bench` binary built with -DGGML_CUDA=ON (`-ngl 99 -p 512 -n 128 -o json`), with
-flash attention on and off, when `--llama-bench` is given.
+flash attention on and off, when `--llama-bench` is given; `--llama-only` runs llama-bench alone
+(the GPU kit's second command).  `--quick` (the kit's dry run under the stand-in driver) measures
+pp16 / tg4 / tg2 eager once: its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
 N_PROMPT, N_GEN, N_EAGER = 512, 128, 32
+QUICK = (16, 4, 2)  # --quick: N_PROMPT, N_GEN, N_EAGER
 
 
 def _median_rate(tokens: int, seconds: list[float]) -> float:
@@ -123,13 +127,35 @@ def bench_llama_cpp(binary: str, path: Path, repeats: int) -> dict:
     return out
 
 
+def llama_only(args: argparse.Namespace) -> int:
+    """llama-bench alone on the synthetic models (no CUDA context of ours)."""
+    from ukgpu.llama_core.gguf.synthetic import build_synthetic
+
+    results = {name: {"llama.cpp": bench_llama_cpp(args.llama_bench, build_synthetic(name), args.repeats)}
+               for name in args.models}
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--llama-bench", help="llama-bench binary built with CUDA")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="pp16/tg4, once (a dry run)")
+    ap.add_argument("--llama-only", action="store_true", help="only llama-bench (needs --llama-bench)")
     args = ap.parse_args(argv)
+    global N_PROMPT, N_GEN, N_EAGER
+    if args.quick:
+        N_PROMPT, N_GEN, N_EAGER = QUICK
+        args.repeats = 1
+    if args.llama_only:
+        if not args.llama_bench:
+            ap.error("--llama-only needs --llama-bench")
+        return llama_only(args)
     from ukgpu.gpu.cuda.select import probe
     from ukgpu.llama_core.gguf.synthetic import build_synthetic
 
@@ -138,7 +164,7 @@ def main(argv: list[str]) -> int:
         print(f"bench_cuda: no usable CUDA GPU: {reason}", file=sys.stderr)
         return 2
     print(reason)
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs(16 << 20 if args.quick else 1 << 30)
     print(f"device copy bandwidth: {copy_gbs:,.0f} GB/s (read + write)")
     results = {}
     for name in args.models:
