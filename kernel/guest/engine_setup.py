@@ -7,6 +7,13 @@ the arena through the backend's allocator.  The backend is chosen by
 PCI bus before trying the driver: a missing or broken GPU stack means CPU
 inference plus one line that says why (`ukgpu: backend cpu (no NVIDIA GPU on
 the PCI bus)`), unless ukgpu.backend=cuda demands the GPU.
+
+A GPU backend then passes the boot self-test (`ukgpu.gpu.cuda.self_test`: the kernel checks of
+`ukgpu verify` on the kernels the model uses) before it serves: if a kernel is wrong the guest
+closes the GPU and serves from the CPU, and the note (logged, on the READY line and in /health's
+backend_note) names the kernel: `cpu (GPU self-test failed: matvec_q4_k_b1 NMSE 1.0e-02 >
+5.0e-04)`.  Under ukgpu.backend=cuda a failed self-test is a boot error; ukgpu.gpu_selftest=off
+skips it.
 """
 
 from __future__ import annotations
@@ -38,9 +45,12 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
     cfg.ctx = ctx
     arena = Arena(arena_size(cfg, mc.n_layers, mc.n_kv_heads, mc.head_dim))
     backend, note = _open_backend(cfg, gguf, arena)
+    if backend.name == "cuda" and cfg.gpu_selftest != "off":
+        backend, note = _self_test(cfg, gguf, arena, backend, note)
     # ukgpu.backend=auto on a GPU: a device lost while serving moves the engine to the CPU
     engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots,
                          fallback=cpu_fallback(cfg.backend, backend, alloc=arena.alloc))
+    engine.backend_note = note  # /health says which backend answers, and why
     print(f"ukgpu: model {path}: {mc.arch}, {mc.n_layers} layers, ctx {ctx}, {cfg.slots} slots; "
           f"arena {format_size(arena.size)} ({format_size(arena.used)} used)", flush=True)
     return engine, arena, note.removeprefix("backend: ")  # logged as "backend cpu (why)"
@@ -56,3 +66,22 @@ def _open_backend(cfg: Any, gguf: Any, arena: Arena) -> tuple[Any, str]:
                             n_slots=cfg.slots, pci_root="/sys")
     except Exception as exc:  # only ukgpu.backend=cuda lets the GPU's failure out
         raise InitError(f"ukgpu.backend={cfg.backend} but the GPU cannot be used: {exc}") from exc
+
+
+def _self_test(cfg: Any, gguf: Any, arena: Arena, backend: Any, note: str) -> tuple[Any, str]:
+    """The CUDA backend with the self-test's line in its note when the model's kernels pass;
+    else the CPU backend and the failure (ukgpu.backend=cuda: an InitError)."""
+    from ukgpu.gpu.cuda.self_test import self_test
+    from ukgpu.llama_core.backend_choice import cpu_backend
+
+    result = self_test(backend, gguf)
+    if result.ok:
+        return backend, f"{note.removesuffix(')')}; {result.summary()})"
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001 - a faulted context may refuse to free; the CPU serves anyway
+        pass
+    if cfg.backend == "cuda":
+        raise InitError(f"ukgpu.backend=cuda but the GPU cannot be used: {result.summary()} "
+                        "(ukgpu.gpu_selftest=off serves from it anyway)")
+    return cpu_backend(arena.alloc), f"backend: cpu ({result.summary()})"

@@ -20,6 +20,8 @@ Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hang
 Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
   ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|host|off
+  ukgpu.gpu_selftest=on|off  (on: a GPU serves only after its kernels pass the boot self-test,
+  else the CPU serves and READY says why; see kernel/guest/engine_setup.py)
   ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
   ukgpu.allowed_hosts=<name>,<name>  (Host header names accepted besides local ones: the names a
   Service or gateway in front of the guest is reached by)
@@ -62,6 +64,7 @@ class BootConfig:
     model: str | None = None  # override the manifest's model path
     backend: str = "auto"
     verify: str = "full"
+    gpu_selftest: str = "on"
     net: NetConfig | None = DEFAULT_NET
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -100,7 +103,9 @@ class BootConfig:
             raise ValueError("use auto, cpu or cuda")
         elif name == "verify" and value not in ("full", "host", "off"):
             raise ValueError("use full, host or off")
-        elif name in ("model", "backend", "verify"):
+        elif name == "gpu_selftest" and value not in ("on", "off"):
+            raise ValueError("use on or off")
+        elif name in ("model", "backend", "verify", "gpu_selftest"):
             setattr(self, name, value)
         elif key.startswith("ukgpu."):
             self.extra[name] = value
@@ -140,6 +145,13 @@ def arena_size(cfg: BootConfig, n_layers: int, n_kv_heads: int, head_dim: int) -
     return kv + kv // 4 + 64 * MiB
 
 
+def ready_line(total: float, times: dict[str, float], port: int, backend_note: str) -> str:
+    """`READY total=9.10s <step>=<s>... port=8080 backend=cuda (GPU 0: ...)`: the timings
+    `kernel.image.qemu.parse_ready` reads, then which backend serves and why (last: free text)."""
+    shown = " ".join(f"{k}={v:.2f}s" for k, v in times.items())
+    return f"READY total={total:.2f}s {shown} port={port} backend={backend_note}"
+
+
 class Guest:
     """The boot sequence; each step records its duration in `self.times`."""
 
@@ -174,10 +186,8 @@ class Guest:
         if self.model_problem:
             raise manifest.ManifestError(f"image tampered or corrupt, refusing to serve: "
                                          f"{self.model_problem}; rebuild it with `ukgpu image build`")
-        total = init_sys.uptime()
-        shown = " ".join(f"{k}={v:.2f}s" for k, v in self.times.items())
         say(f"backend {backend_note}")
-        print(f"READY total={total:.2f}s {shown} port={self.cfg.port}", flush=True)
+        print(ready_line(init_sys.uptime(), self.times, self.cfg.port, backend_note), flush=True)
         serial_commands(self)
 
     def verify_image(self) -> None:
