@@ -66,7 +66,8 @@ def test_matvec_timing_comes_from_graph_replays_not_python_launches(kernels):
     counts = bench.FULL["matvec"]
     with bench.scratch(ks) as dev:
         r = bench.bench_matvec(dev, "Q8_0", 256, 256, 1, np.random.default_rng(0))
-    assert "matvec_q8_0_b1" not in fake.launches  # never launched eagerly
+    assert fake.launches == []  # no kernel launched eagerly (the stand-in names a kernel by its
+    # image, and identical images share a name: count them all)
     assert fake.graph_launches == counts.warmup + counts.replays
     assert fake.graph_kernel_runs == counts.per_graph * (counts.warmup + counts.replays)
     assert r["us"] == pytest.approx(GRAPH_RUN_MS * 1e3)  # one kernel's device time, not Python's

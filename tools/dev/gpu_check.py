@@ -9,17 +9,17 @@ Each step runs in its own process under its own deadline (tools/dev/kit_steps.py
 recorded as `timeout`, then the next step runs) and is written to OUT/summary.json as it ends; its
 output is OUT/<step>.log.  Only the standard library is used until `install` has made SITE
 (links to this tree's packages as `ukgpu.*`, plus the carried wheels), so the machine's own Python
-with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 465):
+with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 460):
 
   env         15   nvidia-smi, Python, numpy, the driver binding, ptxas on PATH or not
-  install     30   SITE/ukgpu -> this tree; pip install --no-index --no-deps the wheels in --wheels
-  ptx-check   30   `ukgpu ptx check` (--no-ptxas unless ptxas is on PATH)
-  tests      150   pytest tests/gpu
+  install     25   SITE/ukgpu -> this tree; pip install --no-index --no-deps the wheels in --wheels
+  ptx-check   25   `ukgpu ptx check` (--no-ptxas unless ptxas is on PATH)
+  tests      140   pytest tests/gpu
   verify      90   `ukgpu verify` on synthetic SmolLM2-135M, then layers + e2e on --slice (real weights)
-  ptx-bench   50   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
-  bench-cuda 130   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
+  ptx-bench   45   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
+  bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
 
-`llama` runs one step, llama-bench (300 s): the prebuilt llama-bench (from --archive; built from
+`llama` runs one step, llama-bench (240 s): the prebuilt llama-bench (from --archive; built from
 --llama-cpp with CMake and nvcc if no archive is there) on the same synthetic models, its results
 in OUT/llama-bench.json, its step added to the same summary.json.  --dry-run (the stand-in driver,
 no GPU) shrinks the benchmarks: bench_ptx_gpu --quick, bench_cuda --quick.
@@ -46,7 +46,7 @@ ROOT = HERE.parents[1]
 KIT = ROOT / "build" / "kit"  # ignored by git; what the device machine needs travels here
 RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 140, "verify": 90,
              "ptx-bench": 45, "bench-cuda": 120}
-LLAMA_STEPS = {"llama-bench": 300}
+LLAMA_STEPS = {"llama-bench": 240}
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")
 PACKAGES = ("llama_core", "gpu", "ptx_kernels", "kernel", "tools")  # pyproject's package-dir
 
@@ -152,6 +152,8 @@ class Phases:
 
     def llama_bench(self) -> str:
         binary = self._llama_binary()
+        if not (self.site / "ukgpu").is_dir():  # a fresh machine: `run` did not go first
+            self.install()
         libs = self.py("import site, pathlib; d = {str(p.parent) for s in site.getsitepackages() "
                        "for p in pathlib.Path(s, 'nvidia').rglob('lib*.so.13')}; print(':'.join(sorted(d)))")
         env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)}
