@@ -94,8 +94,10 @@ def activation_bytes(cfg: Any, rows: int = PREFILL_ROWS, logit_rows: int | None 
     holds at most the sum of the kinds' size classes.  The pool keeps each power-of-two class
     it ever handed out, and passes of fewer rows use smaller classes: the classes one kind takes
     over all r <= rows sum to less than twice its class at `rows`, hence the factor 2.  Measured
-    on the stand-in: a pool high-water mark of 0.3-0.6 of this bound (tests/unit/
-    test_cuda_arena_sizing.py)."""
+    on the stand-in (tiny-llama, tests/unit/test_cuda_arena_sizing.py): one 4096-token prompt
+    peaks at 0.26 of this bound, prompts of six lengths then decode on two slots at 0.34.
+    Qwen2.5 1.5B: 1.22 GiB (1 GiB of it the logits of all 512 rows), whatever n_ctx; a one-pass
+    8K prompt would need ~3.3 GiB by the same count."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     logit_rows = rows if logit_rows is None else logit_rows
     widths = [cfg.dim] * 7 + [q, q, q, kv, kv, kv, kv, cfg.ffn_dim, cfg.ffn_dim]
