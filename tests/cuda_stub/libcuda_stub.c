@@ -114,6 +114,7 @@ static CUresult s_cuStreamEndCapture(void *stream, void **graph) {
 }
 static CUresult s_cuStreamSynchronize(void *stream) { FWD("cuStreamSynchronize", W(stream)); }
 static CUresult s_cuStreamDestroy_v2(void *stream) { FWD("cuStreamDestroy", W(stream)); }
+static CUresult s_cuCtxSynchronize(void) { return forward("cuCtxSynchronize", 0, NULL); }
 static CUresult s_cuEventCreate(void **event, unsigned flags) {
     FWD("cuEventCreate", W(event), W(flags));
 }
@@ -178,6 +179,7 @@ static const struct {
     {"cuStreamEndCapture", 10000, (void *)s_cuStreamEndCapture},
     {"cuStreamSynchronize", 2000, (void *)s_cuStreamSynchronize},
     {"cuStreamDestroy", 4000, (void *)s_cuStreamDestroy_v2},
+    {"cuCtxSynchronize", 2000, (void *)s_cuCtxSynchronize},
     {"cuEventCreate", 2000, (void *)s_cuEventCreate},
     {"cuEventRecord", 2000, (void *)s_cuEventRecord},
     {"cuEventSynchronize", 2000, (void *)s_cuEventSynchronize},

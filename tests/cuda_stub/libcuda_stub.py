@@ -5,7 +5,9 @@ dispatch function; from then on every driver call that cuda-python's real bindin
 here as (entry point name, 64-bit words) and is carried out by `tests/fakes/cuda_driver.FakeDriver`:
 handles become small integers, output parameters are written through the pointers the bindings
 passed, kernel parameter arrays are decoded with the manifest's parameter types, JIT logs are
-written into the caller's buffer.  The process must have been started with LD_LIBRARY_PATH
+written into the caller's buffer.  Stream order, faults, capture and graph rules are the fake's
+(tests/fakes/cuda_streams.py): work is queued and runs at a sync, a fault is reported at the next
+sync and is sticky; events are recorded when the stream reaches them.  The process must have been started with LD_LIBRARY_PATH
 pointing at the library's folder, so that the bindings' dlopen("libcuda.so.1") finds it.
 
 An exception in here never turns into success: it is printed, remembered in `errors`, and
@@ -91,7 +93,7 @@ class StubDispatch:
         self.fake = fake or FakeDriver()
         self.handles: dict[int, Any] = {}
         self._next = 0x1000
-        self.default_stream = _Stream()
+        self.default_stream: _Stream = self.fake.null_stream
         self.calls: dict[str, int] = {}
         self.errors: list[str] = []
         self._strings: dict[int, ctypes.Array] = {}  # error names handed out as const char*
@@ -230,11 +232,7 @@ class StubDispatch:
         return self.fake.cuMemcpyDtoH(dst, src, n)[0]
 
     def cuMemcpyDtoDAsync(self, dst: int, src: int, n: int, stream: int) -> int:
-        if self._stream(stream).capture is not None:
-            return CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED  # graphs here hold kernels and memsets
-        self.fake._copy(self.fake._device_address(dst, n), self.fake._device_address(src, n), n)
-        self.fake._written(dst, n)
-        return 0
+        return self.fake.cuMemcpyDtoDAsync(dst, src, n, self._stream(stream))[0]
 
     def cuMemcpyHtoDAsync(self, dst: int, src: int, n: int, stream: int) -> int:
         return self.fake.cuMemcpyHtoDAsync(dst, src, n, self._stream(stream))[0]
@@ -295,11 +293,13 @@ class StubDispatch:
         return self._handle_out(pstream, self.fake.cuStreamCreate(flags))
 
     def cuStreamDestroy(self, stream: int) -> int:
-        self._obj(stream)
-        return 0
+        return self.fake.cuStreamDestroy(self.handles.pop(stream))[0]
 
     def cuStreamSynchronize(self, stream: int) -> int:
         return self.fake.cuStreamSynchronize(self._stream(stream))[0]
+
+    def cuCtxSynchronize(self) -> int:
+        return self.fake.cuCtxSynchronize()[0]
 
     def cuStreamBeginCapture(self, stream: int, mode: int) -> int:
         if mode not in (0, 1, 2):
@@ -328,12 +328,20 @@ class StubDispatch:
         return 0
 
     def cuEventRecord(self, event: int, stream: int) -> int:
-        self._stream(stream)
-        self.events[event] = time.perf_counter()  # work is synchronous here
-        return 0
+        """The event completes when the stream's queued work before it has run."""
+        if event not in self.events:
+            return CUresult.CUDA_ERROR_INVALID_HANDLE
+        if self.fake.sticky is not None:
+            return self.fake.sticky
+
+        def reached() -> None:
+            self.events[event] = time.perf_counter()
+        return self.fake.enqueue_host(self._stream(stream), reached)
 
     def cuEventSynchronize(self, event: int) -> int:
-        return 0 if event in self.events else CUresult.CUDA_ERROR_INVALID_HANDLE
+        if event not in self.events:
+            return CUresult.CUDA_ERROR_INVALID_HANDLE
+        return self.fake.cuCtxSynchronize()[0]
 
     def cuEventDestroy(self, event: int) -> int:
         self.events.pop(event)

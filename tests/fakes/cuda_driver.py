@@ -1,26 +1,28 @@
 """A fake of the cuda-python driver API surface ukgpu uses, for machines without a GPU.
 
 `FakeDriver` is a drop-in for `cuda.bindings.driver` as `gpu.cuda.Driver` calls it: every
-function returns `(CUresult, *values)`.  Device memory is host memory at fake addresses; modules
-are recognized by their bytes against the kernel manifests, and launches run the numpy emulation
-of `cuda_fake_kernels` after checking the argument list against the manifest (count, ctypes
-type, hidden params 0), the block size and the dynamic shared memory opt-in.  Stream capture
-records launches into graphs that `cuGraphLaunch` replays; synchronous calls during a capture
-fail as on real hardware.  Knobs make the failure paths reachable: no driver library, no
-device, a chosen call failing with a chosen error, an old driver's PTX ISA limit.
-
-It stands in for the driver, not for the GPU's numerics: emulation is float64/float32 numpy.
+function returns `(CUresult, *values)`.  Device memory is host memory at fake addresses (never
+reused after a free, so a use of freed memory is caught); modules are recognized by their bytes
+against the kernel manifests, and a launch checks the argument list against the manifest (count,
+ctypes type, hidden params 0), the block size, the grid limits and the dynamic shared memory
+opt-in -- those errors are the launch's own, as on hardware.  The launch is then queued: streams,
+syncs, faults (reported at the next sync, sticky, like a lost context), pageable copies, capture
+invalidation and graph bookkeeping follow the rules written in `cuda_streams`.  Kernels run as
+the numpy emulations of `cuda_kernels`, which round operands where the PTX does (f16 GEMM and
+prefill attention; fp32 mat-vec).  Knobs make the failure paths reachable: no driver library, no
+device, a chosen call failing with a chosen error, an old driver's PTX ISA limit;
+`pinned_sources=True` gives async host sources DMA semantics; `emulate=False` checks and records
+launches (`trace`) without computing them, for cost models on large shapes.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
 import hashlib
 import json
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,31 +32,27 @@ import numpy as np
 from ukgpu.ptx_kernels.loader import BUILD_DIR, STATIC_SHARED_LIMIT, param_ctype
 
 from fakes import cuda_kernels as kernels
+from fakes.cuda_streams import (
+    NO_CONTEXT,
+    OK,
+    CUresult,
+    Fault,
+    SourceChange,
+    StreamsAndGraphs,
+    _Graph,
+    _Stream,
+    host_bytes,
+    in_context,
+    read_host,
+)
+
+__all__ = ["CUresult", "DriverLibraryMissing", "FakeDevice", "FakeDriver", "SourceChange",
+           "_Graph", "_Stream"]
 
 ALIGN = 256
 BASE_ADDRESS = 0x7F00_0000_0000
-
-
-class CUresult(enum.IntEnum):
-    CUDA_SUCCESS = 0
-    CUDA_ERROR_INVALID_VALUE = 1
-    CUDA_ERROR_OUT_OF_MEMORY = 2
-    CUDA_ERROR_NOT_INITIALIZED = 3
-    CUDA_ERROR_NO_DEVICE = 100
-    CUDA_ERROR_INVALID_DEVICE = 101
-    CUDA_ERROR_INVALID_IMAGE = 200
-    CUDA_ERROR_INVALID_CONTEXT = 201
-    CUDA_ERROR_NO_BINARY_FOR_GPU = 209
-    CUDA_ERROR_INVALID_PTX = 218
-    CUDA_ERROR_JIT_COMPILER_NOT_FOUND = 221
-    CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222
-    CUDA_ERROR_INVALID_HANDLE = 400
-    CUDA_ERROR_NOT_FOUND = 500
-    CUDA_ERROR_ILLEGAL_ADDRESS = 700
-    CUDA_ERROR_LAUNCH_FAILED = 719
-    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900
-    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901
-
+TRACE_LIMIT = 200_000  # kernel nodes kept in `trace` (a tuple each); later ones are counted only
+_in_context = in_context
 
 CUdevice_attribute = SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75,
                                      CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76)
@@ -64,7 +62,6 @@ CUstreamCaptureMode = SimpleNamespace(CU_STREAM_CAPTURE_MODE_GLOBAL=0,
                                       CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1,
                                       CU_STREAM_CAPTURE_MODE_RELAXED=2)
 CUstream_flags = SimpleNamespace(CU_STREAM_DEFAULT=0, CU_STREAM_NON_BLOCKING=1)
-OK = CUresult.CUDA_SUCCESS
 
 
 class DriverLibraryMissing(RuntimeError):
@@ -81,29 +78,9 @@ class FakeDevice:
 
 
 @dataclass
-class _Stream:
-    capture: list | None = None  # recorded nodes while capturing
-
-
-@dataclass
 class _Function:
     entry: dict
     max_dynamic_shared: int = STATIC_SHARED_LIMIT
-
-
-@dataclass
-class _Graph:
-    nodes: list = field(default_factory=list)
-
-
-def _in_context(fn: Any) -> Any:
-    """Calls that need a current context fail in a thread that has not made one current."""
-    def call(self: FakeDriver, *args: Any) -> tuple:
-        if getattr(self._thread, "ctx", None) is None:
-            return (CUresult.CUDA_ERROR_INVALID_CONTEXT, None)
-        return fn(self, *args)
-    call.__name__, call.__wrapped__ = fn.__name__, fn
-    return call
 
 
 def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, list[dict]]]:
@@ -118,7 +95,7 @@ def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, list[dict]]]:
     return index
 
 
-class FakeDriver:
+class FakeDriver(StreamsAndGraphs):
     """See the module docstring.  `fail={"cuModuleLoadData": "CUDA_ERROR_INVALID_PTX"}` makes
     that call fail; `library_missing=True` makes every call raise like a machine without libcuda."""
 
@@ -131,43 +108,45 @@ class FakeDriver:
 
     def __init__(self, devices: list[FakeDevice] | None = None, library_missing: bool = False,
                  fail: dict[str, str] | None = None, build_dir: Path = BUILD_DIR,
-                 driver_version: int = 13000):
+                 driver_version: int = 13000, pinned_sources: bool = False,
+                 emulate: bool = True):
         self.devices = [FakeDevice()] if devices is None else devices
         self.library_missing = library_missing
         self.fail = dict(fail or {})
         self.driver_version = driver_version
         self.build_dir = Path(build_dir)
+        self.pinned_sources = pinned_sources
+        self.emulate = emulate
         self._index: dict | None = None
         self.allocs: dict[int, np.ndarray] = {}
+        self.freed: list[tuple[int, int]] = []  # (start, end) of freed allocations
         self._next = BASE_ADDRESS
         self.weight_cache: dict = {}
         self.initialized = False
         self.launches: list[str] = []  # entry names launched eagerly (not from graphs)
-        self.graph_launches = 0
-        self.graph_kernel_runs = 0
+        self.trace: list[tuple[dict, dict, tuple]] = []  # (entry, args, grid) of each kernel run
+        self.trace_dropped = 0
         self._thread = threading.local()  # .ctx: the context current in this thread
         self.loaded: list[tuple[str, str, str]] = []  # (entry, target, kind): entries whose image loaded
+        self._init_streams()
 
     # --- plumbing ----------------------------------------------------------
     def __getattribute__(self, name: str) -> Any:
         attr = object.__getattribute__(self, name)
-        if name.startswith("cu") and object.__getattribute__(self, "library_missing"):
+        if not name.startswith("cu"):
+            return attr
+        if object.__getattribute__(self, "library_missing"):
             def missing(*args: Any) -> Any:  # the real bindings fail at the first call
                 raise DriverLibraryMissing('"cuda" is an NVIDIA driver library and can only be '
                                            "found via system search (fake: library_missing=True)")
             return missing
+        if object.__getattribute__(self, "sticky") is not None and name not in NO_CONTEXT:
+            return object.__getattribute__(self, "lost")(name)
         return attr
 
     def _failing(self, call: str) -> CUresult | None:
         name = self.fail.get(call)
         return None if name is None else CUresult[name]
-
-    def _capturing(self) -> bool:
-        return any(s.capture is not None for s in self.streams)
-
-    @property
-    def streams(self) -> list[_Stream]:
-        return self.__dict__.setdefault("_streams", [])
 
     def _bytes_used(self) -> int:
         return sum(a.nbytes for a in self.allocs.values())
@@ -180,9 +159,18 @@ class FakeDriver:
             if base <= ptr and ptr + nbytes <= base + buf.nbytes:
                 off = ptr - base
                 if off % dtype.itemsize:
-                    raise kernels.EmulationError(f"misaligned {dtype} access at {ptr:#x}")
+                    raise kernels.MisalignedAccess(f"misaligned {dtype} access at {ptr:#x}")
                 return buf[off:off + nbytes].view(dtype)
+        if any(lo <= ptr < hi for lo, hi in self.freed):
+            raise kernels.EmulationError(f"use of freed memory: {nbytes} bytes at {ptr:#x}")
         raise kernels.EmulationError(f"access of {nbytes} bytes at {ptr:#x} outside every allocation")
+
+    def _device_ok(self, ptr: int, nbytes: int) -> bool:
+        try:
+            self.view(int(ptr), np.uint8, nbytes)
+        except kernels.EmulationError:
+            return False
+        return True
 
     # --- init and device ---------------------------------------------------
     def cuGetErrorName(self, err: Any) -> tuple:
@@ -228,25 +216,17 @@ class FakeDriver:
         self._thread.ctx = ctx
         return (OK,)
 
-    @_in_context
-    def cuStreamCreate(self, flags: int) -> tuple:
-        stream = _Stream()
-        self.streams.append(stream)
-        return OK, stream
-
-    @_in_context
+    @in_context
     def cuMemGetInfo(self) -> tuple:
         total = self.device.total_bytes
         return OK, total - self._bytes_used(), total
 
     # --- memory ------------------------------------------------------------
-    @_in_context
+    @in_context
     def cuMemAlloc(self, nbytes: int) -> tuple:
-        bad = self._failing("cuMemAlloc")
+        bad = self._failing("cuMemAlloc") or self._unsafe()
         if bad is not None:
             return bad, 0
-        if self._capturing():  # ukgpu never allocates while capturing: catch it if it does
-            return CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, 0
         if nbytes <= 0 or self._bytes_used() + nbytes > self.device.total_bytes:
             return CUresult.CUDA_ERROR_OUT_OF_MEMORY, 0
         ptr = self._next
@@ -255,59 +235,71 @@ class FakeDriver:
         return OK, ptr
 
     def cuMemFree(self, ptr: int) -> tuple:
-        if self.allocs.pop(int(ptr), None) is None:
+        bad = self._unsafe()
+        if bad is not None:
+            return (bad,)
+        err = self._flush(None)  # the driver waits for the device before it frees
+        buf = self.allocs.pop(int(ptr), None)
+        if buf is None:
             return (CUresult.CUDA_ERROR_INVALID_VALUE,)
-        return (OK,)
+        self.freed.append((int(ptr), int(ptr) + buf.nbytes))
+        self._written(int(ptr), buf.nbytes)
+        return (err,)
 
-    def _copy(self, dst: int, src: int, nbytes: int) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
-    def _device_address(self, ptr: int, nbytes: int) -> int:
-        return self.view(ptr, np.uint8, nbytes).ctypes.data
-
-    @_in_context
+    @in_context
     def cuMemcpyHtoD(self, dst: int, src: int, nbytes: int) -> tuple:
-        if self._capturing():
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-        return self.cuMemcpyHtoDAsync(dst, src, nbytes, None)
+        bad = self._unsafe(self.null_stream) or self._flush(self.null_stream)
+        if bad:
+            return (bad,)
+        if not self._device_ok(dst, nbytes):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        self._store(int(dst), host_bytes(int(src), nbytes))
+        return (OK,)
 
-    @_in_context
+    @in_context
     def cuMemcpyHtoDAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
-        if stream is not None and stream.capture is not None:
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)  # pageable host memory
-        self._copy(self._device_address(int(dst), nbytes), int(src), nbytes)
-        self._written(int(dst), nbytes)
-        return (OK,)
+        s = self._stream(stream)
+        if s.capture is not None and not self.pinned_sources:
+            s.capture_invalid = True  # pageable host memory cannot be a graph's copy source
+            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
+        if not self._device_ok(dst, nbytes):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        staged = host_bytes(int(src), nbytes)  # the staging buffer (kept for the comparison)
+        return (self._enqueue(s, ("htod", int(dst), int(src), int(nbytes), staged)),)
 
-    @_in_context
+    @in_context
     def cuMemcpyDtoH(self, dst: int, src: int, nbytes: int) -> tuple:
-        if self._capturing():
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-        return self.cuMemcpyDtoHAsync(dst, src, nbytes, None)
+        return self._copy_out(self.null_stream, dst, src, nbytes)
 
-    @_in_context
+    @in_context
     def cuMemcpyDtoHAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
-        if stream is not None and stream.capture is not None:
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-        self._copy(int(dst), self._device_address(int(src), nbytes), nbytes)
+        return self._copy_out(self._stream(stream), dst, src, nbytes)
+
+    def _copy_out(self, s: _Stream, dst: int, src: int, nbytes: int) -> tuple:
+        """Into pageable memory: wait for the stream, then copy before returning."""
+        bad = self._unsafe(s) or self._flush(s)
+        if bad:
+            return (bad,)
+        if not self._device_ok(src, nbytes):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        ctypes.memmove(int(dst), self.view(int(src), np.uint8, nbytes).ctypes.data, nbytes)
         return (OK,)
 
-    @_in_context
+    @in_context
     def cuMemcpyDtoDAsync(self, dst: int, src: int, nbytes: int, stream: Any) -> tuple:
-        if stream is not None and stream.capture is not None:
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)  # not needed inside a graph
-        self._copy(self._device_address(int(dst), nbytes), self._device_address(int(src), nbytes), nbytes)
-        self._written(int(dst), nbytes)
-        return (OK,)
+        if not (self._device_ok(dst, nbytes) and self._device_ok(src, nbytes)):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        return (self._enqueue(stream, ("dtod", int(dst), int(src), int(nbytes))),)
 
-    @_in_context
+    @in_context
     def cuMemsetD32Async(self, dst: int, value: int, count: int, stream: Any) -> tuple:
-        if stream is not None and stream.capture is not None:
-            stream.capture.append(("memset", int(dst), int(value), int(count)))
-            return (OK,)
-        self.view(int(dst), np.uint32, count)[:] = value
-        self._written(int(dst), 4 * count)
-        return (OK,)
+        if not self._device_ok(dst, 4 * int(count)):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        return (self._enqueue(stream, ("memset", int(dst), int(value), int(count))),)
+
+    def _store(self, dst: int, data: bytes) -> None:
+        self.view(dst, np.uint8, len(data))[:] = np.frombuffer(data, np.uint8)
+        self._written(dst, len(data))
 
     def _written(self, ptr: int, nbytes: int) -> None:
         """Drop cached dequantized weights whose planes a copy overwrote."""
@@ -315,11 +307,11 @@ class FakeDriver:
             del self.weight_cache[key]
 
     # --- modules -----------------------------------------------------------
-    @_in_context
+    @in_context
     def cuModuleLoadData(self, image: bytes) -> tuple:
         return self._load("cuModuleLoadData", image)
 
-    @_in_context
+    @in_context
     def cuModuleLoadDataEx(self, image: bytes, n: int, options: Any, values: Any) -> tuple:
         return self._load("cuModuleLoadDataEx", image, values[0] if values else None)
 
@@ -360,24 +352,26 @@ class FakeDriver:
             fn.max_dynamic_shared = int(value)
         return (OK,)
 
-    # --- launches and graphs -------------------------------------------------
-    @_in_context
+    # --- launches and execution ------------------------------------------------
+    @in_context
     def cuLaunchKernel(self, fn: _Function, gx: int, gy: int, gz: int, bx: int, by: int, bz: int,
-                       shared: int, stream: _Stream, params: Any, extra: Any) -> tuple:
+                       shared: int, stream: Any, params: Any, extra: Any) -> tuple:
+        s = self._stream(stream)
+        if s.capture is not None and s.capture_invalid:
+            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,)
         bad = self._failing("cuLaunchKernel")
+        args = None
+        if bad is None and not (1 <= gx < 2**31 and 1 <= gy < 2**16 and 1 <= gz < 2**16):
+            bad = CUresult.CUDA_ERROR_INVALID_VALUE  # the hardware grid limits
+        if bad is None:
+            args, bad = self._decode(fn, (bx, by, bz), shared, params)
         if bad is not None:
+            if s.capture is not None:
+                s.capture_invalid = True  # a failed call inside a capture invalidates it
             return (bad,)
-        if not (1 <= gx < 2**31 and 1 <= gy < 2**16 and 1 <= gz < 2**16):
-            return (CUresult.CUDA_ERROR_INVALID_VALUE,)  # the hardware grid limits
-        args, err = self._decode(fn, (bx, by, bz), shared, params)
-        if err is not None:
-            return (err,)
-        node = ("kernel", fn.entry, args, (gx, gy, gz))
-        if stream.capture is not None:
-            stream.capture.append(node)
-            return (OK,)
-        self.launches.append(fn.entry["name"])
-        return (self._run(node),)
+        if s.capture is None:
+            self.launches.append(fn.entry["name"])
+        return (self._enqueue(s, ("kernel", fn.entry, args, (gx, gy, gz))),)
 
     def _decode(self, fn: _Function, block: tuple, shared: int, params: Any) -> tuple:
         entry = fn.entry
@@ -395,51 +389,50 @@ class FakeDriver:
             args[p["name"]] = v
         return args, None
 
-    def _run(self, node: tuple) -> CUresult:
-        if node[0] == "memset":
+    def _run(self, node: tuple) -> None:
+        """Execute one queued node; a fault raises `Fault` (see cuda_streams._flush)."""
+        kind = node[0]
+        if kind == "graph":
+            self.graph_kernel_runs += node[1][0] == "kernel"
+            return self._run(node[1])
+        if kind == "kernel":
+            return self._run_kernel(node[1], node[2], node[3])
+        if kind == "memset":
             self.view(node[1], np.uint32, node[3])[:] = node[2]
-            return OK
-        _, entry, args, grid = node
+            self._written(node[1], 4 * node[3])
+        elif kind == "dtod":
+            self._store(node[1], self.view(node[2], np.uint8, node[3]).tobytes())
+        elif kind == "htod":
+            self._run_htod(*node[1:])
+        elif kind == "host":
+            node[1]()
+        return None
+
+    def _run_htod(self, dst: int, src: int, nbytes: int, staged: bytes) -> None:
+        now = read_host(src, nbytes)
+        if now != staged:
+            self.async_source_changes.append(SourceChange(dst, src, nbytes, now is not None))
+        if not self.pinned_sources:
+            return self._store(dst, staged)
+        if now is None:
+            raise Fault(CUresult.CUDA_ERROR_ILLEGAL_ADDRESS,
+                        f"cuMemcpyHtoDAsync: host source {src:#x} unmapped at execution")
+        return self._store(dst, now)
+
+    def _run_kernel(self, entry: dict, args: dict, grid: tuple) -> None:
+        if len(self.trace) < TRACE_LIMIT:
+            self.trace.append((entry, args, grid))
+        else:
+            self.trace_dropped += 1
         try:
-            kernels.emulator(entry)(self, entry, args, grid)
+            for p in entry["params"]:  # vector loads assume the manifest's pointer divisibility
+                v, div = args[p["name"]], p.get("divisibility", 0)
+                if p["type"].startswith("*") and v and div and v % div:
+                    raise kernels.MisalignedAccess(f"{p['name']}={v:#x} is not {div}-byte aligned")
+            if self.emulate:
+                with np.errstate(all="ignore"):  # f16 overflow is the point, not a warning
+                    kernels.emulator(entry)(self, entry, args, grid)
+        except kernels.MisalignedAccess as exc:
+            raise Fault(CUresult.CUDA_ERROR_MISALIGNED_ADDRESS, f"{entry['name']}: {exc}") from exc
         except (kernels.EmulationError, ValueError, IndexError) as exc:
-            self.last_fault = f"{entry['name']}: {exc}"
-            return CUresult.CUDA_ERROR_ILLEGAL_ADDRESS
-        return OK
-
-    def cuStreamBeginCapture(self, stream: _Stream, mode: int) -> tuple:
-        if stream.capture is not None:
-            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
-        stream.capture = []
-        return (OK,)
-
-    def cuStreamEndCapture(self, stream: _Stream) -> tuple:
-        if stream.capture is None:
-            return CUresult.CUDA_ERROR_INVALID_VALUE, None
-        graph, stream.capture = _Graph(stream.capture), None
-        return OK, graph
-
-    def cuGraphInstantiate(self, graph: _Graph, flags: int) -> tuple:
-        return OK, _Graph(list(graph.nodes))
-
-    @_in_context
-    def cuGraphLaunch(self, exec_: _Graph, stream: _Stream) -> tuple:
-        self.graph_launches += 1
-        for node in exec_.nodes:
-            self.graph_kernel_runs += node[0] == "kernel"
-            err = self._run(node)
-            if err != OK:
-                return (err,)
-        return (OK,)
-
-    def cuGraphDestroy(self, graph: _Graph) -> tuple:
-        return (OK,)
-
-    def cuGraphExecDestroy(self, exec_: _Graph) -> tuple:
-        return (OK,)
-
-    @_in_context
-    def cuStreamSynchronize(self, stream: _Stream) -> tuple:
-        if stream.capture is not None:
-            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-        return (OK,)
+            raise Fault(CUresult.CUDA_ERROR_ILLEGAL_ADDRESS, f"{entry['name']}: {exc}") from exc

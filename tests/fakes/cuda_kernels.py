@@ -1,4 +1,13 @@
-"""numpy emulation of every manifest kernel, for `fake_driver.FakeDriver`.
+"""numpy emulation of every manifest kernel, for `cuda_driver.FakeDriver`.
+
+Numerics follow the PTX sources: the prefill GEMM (ptx_kernels/gemm.py) rounds x and the
+dequantized W tile to float16 and accumulates in float32 (tensor cores); prefill attention
+(ptx_kernels/attention.py) rounds q*scale and the softmax weights p to float16, reads the f16 KV
+cache and runs the same block-wise online softmax (BLOCK_N keys a step, float32 running max, sum
+and accumulator); the decode mat-vec, decode attention and the elementwise kernels compute in
+float32 as their sources do.  So a prefill activation past float16's 65504 becomes inf (then NaN)
+here as on hardware.  Summation order inside a dot differs from the tensor cores (float32
+rounding level only).
 
 Each emulator reads its arguments (by manifest parameter name) and the launch grid, computes the
 kernel's result with the references of `ptx_kernels.reference` in host memory that stands for
@@ -24,6 +33,10 @@ class EmulationError(Exception):
     """A launch whose arguments a real kernel would misread (becomes CUDA_ERROR_ILLEGAL_ADDRESS)."""
 
 
+class MisalignedAccess(EmulationError):
+    """An access off its alignment (becomes CUDA_ERROR_MISALIGNED_ADDRESS)."""
+
+
 def _planes(mem: Mem, a: dict, qtype: str, rows: int, k: int) -> Repacked:
     fmt = FORMATS[qtype]
     if fmt.kind == "float":
@@ -37,22 +50,38 @@ def _planes(mem: Mem, a: dict, qtype: str, rows: int, k: int) -> Repacked:
     return Repacked(qtype, rows, k, q, s, m)
 
 
-def _weight(mem: Mem, a: dict, qtype: str, n: int, k: int) -> np.ndarray:
-    """float32 (N, K), cached until a copy writes into the planes' address range."""
+def _f16(x: np.ndarray) -> np.ndarray:
+    """Round to float16 (cvt.rn.f16.f32: past 65504 is inf) and back to float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _weight(mem: Mem, a: dict, qtype: str, n: int, k: int, f16: bool = False) -> np.ndarray:
+    """float32 (N, K) (`f16`: each element rounded to float16 first), cached until a copy writes
+    into the planes' address range."""
     planes = [a[p] for p in ("w_q", "w_s", "w_m") if a.get(p)]
     key = (min(planes), max(planes) + 1, qtype, n, k)  # (start, end) first: see FakeDriver._written
     if key not in mem.weight_cache:
         mem.weight_cache[key] = dequantize_repacked(_planes(mem, a, qtype, n, k))
-    return mem.weight_cache[key]
+    if not f16:
+        return mem.weight_cache[key]
+    key16 = key + ("f16",)
+    if key16 not in mem.weight_cache:
+        mem.weight_cache[key16] = _f16(mem.weight_cache[key])
+    return mem.weight_cache[key16]
 
 
 def matmul(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    """matvec: fp32 products and sums.  gemm: x and the dequantized W tile rounded to f16,
+    fp32 accumulation (`tl.dot(x.to(f16), w.to(f16), acc)`)."""
     rows = a["B"] if "B" in a else a["M"]
     if e["family"] == "matvec" and not 1 <= rows <= 8:
         raise EmulationError(f"{e['name']}: B={rows} outside 1..8")
     n, k = a["N"], a["K"]
     x = mem.view(a["x"], np.float32, rows * k).reshape(rows, k)
-    y = x @ _weight(mem, a, e["qtype"], n, k).T  # float32: the fake checks plumbing, not rounding
+    if e["family"] == "gemm":
+        y = _f16(x) @ _weight(mem, a, e["qtype"], n, k, f16=True).T
+    else:
+        y = x @ _weight(mem, a, e["qtype"], n, k).T
     mem.view(a["y"], np.float32, rows * n)[:] = y.reshape(-1)
 
 
@@ -90,14 +119,41 @@ def rope(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
 
 
 def attn_prefill(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
-    d = e["constexprs"]["HEAD_DIM"]
-    t, start, hq, hkv = a["T"], a["start"], a["Hq"], a["Hkv"]
+    """attn_prefill_kernel step by step: per (BLOCK_M queries, head) program, key blocks of
+    BLOCK_N from the window's first block to its last query; q*scale and p rounded to f16."""
+    c = e["constexprs"]
+    d, bm, bn = c["HEAD_DIM"], c["BLOCK_M"], c["BLOCK_N"]
+    t, start, hq, hkv, window = a["T"], a["start"], a["Hq"], a["Hkv"], a["window"]
     s = start + t
     q = mem.view(a["q"], np.float32, t * hq * d).reshape(t, hq, d)
-    k = mem.view(a["k_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
-    v = mem.view(a["v_cache"], np.float16, s * hkv * d).reshape(s, hkv, d)
-    out = ref.attention(q, k, v, start + np.arange(t), a["scale"], a["window"])
-    mem.view(a["out"], np.float32, t * hq * d)[:] = out.reshape(-1)
+    k = mem.view(a["k_cache"], np.float16, s * hkv * d).reshape(s, hkv, d).astype(np.float32)
+    v = mem.view(a["v_cache"], np.float16, s * hkv * d).reshape(s, hkv, d).astype(np.float32)
+    kh = np.repeat(k, hq // hkv, axis=1).transpose(1, 0, 2)  # (Hq, S, D)
+    vh = np.repeat(v, hq // hkv, axis=1).transpose(1, 0, 2)
+    qs = _f16(q * np.float32(a["scale"])).transpose(1, 0, 2)  # (Hq, T, D)
+    out = mem.view(a["out"], np.float32, t * hq * d).reshape(t, hq, d)
+    for m0 in range(0, t, bm):
+        rows = np.arange(m0, min(t, m0 + bm))
+        q_pos = start + rows
+        n_keys = start + min(t, m0 + bm)
+        lo = max(start + m0 - window + 1, 0) if window > 0 else 0
+        lo_q = q_pos - window if window > 0 else np.full_like(q_pos, -1)
+        m_i = np.full((hq, len(rows)), -np.inf, np.float32)
+        l_i = np.zeros((hq, len(rows)), np.float32)
+        acc = np.zeros((hq, len(rows), d), np.float32)
+        for n0 in range(lo // bn * bn, n_keys, bn):
+            rn = np.arange(n0, min(n0 + bn, n_keys))
+            sc = np.einsum("hmd,hnd->hmn", qs[:, rows], kh[:, rn])  # f16 x f16 -> f32
+            seen = (rn[None, :] <= q_pos[:, None]) & (rn[None, :] > lo_q[:, None])
+            sc = np.where(seen[None], sc, np.float32(-np.inf))
+            m_new = np.maximum(m_i, sc.max(-1))
+            m_ref = np.where(m_new == -np.inf, np.float32(0), m_new)
+            p = np.exp(sc - m_ref[..., None])
+            alpha = np.exp(m_i - m_ref)
+            l_i = l_i * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + np.einsum("hmn,hnd->hmd", _f16(p), vh[:, rn])
+            m_i = m_new
+        out[rows] = (acc / l_i[..., None]).transpose(1, 0, 2)
 
 
 def attn_decode(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
