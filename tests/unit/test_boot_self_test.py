@@ -104,6 +104,20 @@ def test_a_demanded_gpu_that_fails_its_self_test_is_a_boot_error(tiny_path, fake
         _load(tiny_path, _cfg(backend="cuda"))
 
 
+def test_a_kernel_that_faults_during_the_self_test_leaves_the_cpu_serving(tiny_path, fake_gpu,
+                                                                         monkeypatch):
+    """A fault (sticky, reported at the next sync as on hardware) fails the self-test with the
+    driver's error; the lost GPU is dropped without raising and the CPU serves."""
+    def out_of_bounds(mem, e, a, grid):
+        raise cuda_kernels.EmulationError("planted out-of-bounds write")
+
+    monkeypatch.setitem(cuda_kernels.EMULATORS, "rmsnorm", out_of_bounds)
+    engine, _, note = _load(tiny_path, _cfg())
+    assert engine.model.backend.name == "cpu"
+    assert note.startswith("cpu (GPU self-test failed: rmsnorm: ") and "ILLEGAL_ADDRESS" in note, note
+    assert [e.token_id for e in engine.generate([1, 2, 3], max_tokens=3)]
+
+
 def test_gpu_selftest_off_skips_it(tiny_path, fake_gpu, wrong_kernel):
     engine, _, note = _load(tiny_path, _cfg(gpu_selftest="off"))
     assert engine.model.backend.name == "cuda" and "self-test" not in note
