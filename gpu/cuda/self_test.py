@@ -80,19 +80,15 @@ def self_test(backend: Any, gguf: Any, seed: int = 0) -> SelfTestResult:
     from ukgpu.gpu.cuda.select import model_kernels
 
     used, result, start = set(model_kernels(gguf)), SelfTestResult(), time.perf_counter()
-    backend.ctx.ensure_current()
-    backend.ctx.sync()
-    arena = DeviceArena(backend.cu, SCRATCH_BYTES)
     try:
-        dev, rng = vk.Device(backend.kernels, arena), np.random.default_rng(seed)
-        for label, case in model_cases(gguf):
-            try:
-                checks = [c for c in case(dev, rng) if kernels_named(c) & used]
-            except Exception as exc:  # noqa: BLE001 - a fault or refusal is a failed check
-                result.failures.append(f"{label}: {type(exc).__name__}: {exc}")
-                break  # a fault loses the context: later cases would only repeat it
-            result.checks += len(checks)
-            result.failures += [_failure(c) for c in checks if not c.ok]
+        backend.ctx.ensure_current()
+        backend.ctx.sync()
+        arena = DeviceArena(backend.cu, SCRATCH_BYTES)
+    except Exception as exc:  # noqa: BLE001 - a GPU that cannot even start the test fails it
+        result.failures.append(f"scratch memory: {type(exc).__name__}: {exc}")
+        return result
+    try:
+        _run_cases(result, vk.Device(backend.kernels, arena), gguf, used, seed)
     finally:
         try:
             arena.free()
@@ -100,3 +96,15 @@ def self_test(backend: Any, gguf: Any, seed: int = 0) -> SelfTestResult:
             pass
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _run_cases(result: SelfTestResult, dev: vk.Device, gguf: Any, used: set[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for label, case in model_cases(gguf):
+        try:
+            checks = [c for c in case(dev, rng) if kernels_named(c) & used]
+        except Exception as exc:  # noqa: BLE001 - a fault or refusal is a failed check
+            result.failures.append(f"{label}: {type(exc).__name__}: {exc}")
+            return  # a fault loses the context: later cases would only repeat it
+        result.checks += len(checks)
+        result.failures += [_failure(c) for c in checks if not c.ok]

@@ -148,3 +148,17 @@ def test_the_boot_switch_parses():
     assert BootConfig.parse("").gpu_selftest == "on"
     with pytest.raises(InitError, match="gpu_selftest=maybe"):
         BootConfig.parse("ukgpu.gpu_selftest=maybe")
+
+
+def test_a_gpu_without_room_for_the_checks_fails_the_self_test_instead_of_the_boot(tiny_path):
+    from ukgpu.gpu.cuda import select
+    from ukgpu.llama_core.gguf.file import open_gguf
+
+    from fakes.cuda_driver import FakeDevice
+
+    gguf = open_gguf(tiny_path)
+    full = FakeDriver(devices=[FakeDevice(total_bytes=(32 << 20) + (1 << 20))])
+    result = self_test(select.create_backend(gguf=gguf, driver=full, arena_bytes=32 << 20), gguf)
+    assert not result.ok and result.checks == 0
+    assert result.summary().startswith("GPU self-test failed: scratch memory: CudaError") \
+        and "OUT_OF_MEMORY" in result.summary()
