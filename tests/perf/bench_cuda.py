@@ -173,7 +173,9 @@ def main(argv: list[str]) -> int:
         if args.llama_bench:
             res["llama.cpp"] = bench_llama_cpp(args.llama_bench, path, args.repeats)
         results[name] = res
-        print(json.dumps({name: res}, indent=1))
+        print(json.dumps({name: res}, indent=1), flush=True)
+        if args.json:  # after each model: a run stopped later keeps what it measured
+            args.json.write_text(json.dumps({"copy_gbs": copy_gbs, **results}, indent=2) + "\n")
     print(f"\n| shape | ukgpu pp{N_PROMPT} | ukgpu tg{N_GEN} (graph) | ukgpu tg eager "
           f"| llama.cpp pp{N_PROMPT} fa on/off | llama.cpp tg{N_GEN} fa on/off |")
     print("|---|---|---|---|---|---|")

@@ -12,10 +12,11 @@ output is OUT/<step>.log.  Only the standard library is used until `install` has
 with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 460):
 
   env         15   nvidia-smi, Python, numpy, the driver binding, ptxas on PATH or not
-  install     25   SITE/ukgpu -> this tree; pip install --no-index --no-deps the wheels in --wheels
+  install     25   SITE/ukgpu -> this tree; pip install --no-index --no-deps the wheels in --wheels;
+                   starts building the synthetic models in the background (OUT/synthetic.log)
   ptx-check   25   `ukgpu ptx check` (--no-ptxas unless ptxas is on PATH)
   tests      140   pytest tests/gpu
-  verify      90   `ukgpu verify` on synthetic SmolLM2-135M, then layers + e2e on --slice (real weights)
+  verify      90   `ukgpu verify` layers + e2e on --slice (real weights), then all on synthetic SmolLM2
   ptx-bench   45   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
 
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +112,27 @@ class Phases:
                      *map(str, wheels)])
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.site), self.env.get("PYTHONPATH", "")) if p)
         self.py("import ukgpu.gpu.cuda.backend, ukgpu.llama_core.model, gguf; print('ukgpu imports')")
-        return f"ukgpu linked + {len(wheels)} wheel(s) in {self.site}"
+        self.prebuild()
+        return f"ukgpu linked + {len(wheels)} wheel(s) in {self.site}; synthetic models building"
+
+    def prebuild(self) -> None:
+        """Build the synthetic models in the background (the 1.5B one takes a minute or two of
+        numpy), while the checks run; OUT/synthetic.done marks its end, success or not."""
+        done = self.out / "synthetic.done"
+        done.unlink(missing_ok=True)
+        code = ("import pathlib\nfrom ukgpu.llama_core.gguf.synthetic import build_synthetic\n"
+                f"try:\n    [print(build_synthetic(n), flush=True) for n in {SYNTHETIC[::-1]!r}]\n"
+                f"finally:\n    pathlib.Path({str(done)!r}).touch()\n")
+        with (self.out / "synthetic.log").open("w") as log:
+            subprocess.Popen([self.python, "-c", code], cwd=ROOT, env=self.env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def await_prebuild(self) -> None:
+        """Wait for the background build `install` started (if it did), instead of racing it."""
+        if not (self.out / "synthetic.log").is_file():
+            return
+        while not (self.out / "synthetic.done").is_file():
+            time.sleep(1)
 
     def ptx_check(self) -> str:
         flags = [] if shutil.which("ptxas") else ["--no-ptxas"]
@@ -129,9 +151,9 @@ class Phases:
                        f"print(build_synthetic({name!r}))")
 
     def verify(self) -> str:
-        models = [("synthetic-smollm2-135m", self.synthetic("smollm2-135m"), [])]
-        if self.args.slice.is_file():
-            models.append(("slice", str(self.args.slice.resolve()), ["--layers", "--e2e"]))
+        models = [("slice", str(self.args.slice.resolve()), ["--layers", "--e2e"])
+                  ] if self.args.slice.is_file() else []  # real weights first: 2 blocks, quick
+        models.append(("synthetic-smollm2-135m", self.synthetic("smollm2-135m"), []))
         failed = [name for name, path, levels in models
                   if self.ukgpu("verify", "-m", path, *levels, "--json",
                                 str(self.out / f"verify-{name}.json"), check=False) != 0]
@@ -146,8 +168,10 @@ class Phases:
         return "ptx-bench.json (graph-timed)"
 
     def bench_cuda(self) -> str:
+        self.await_prebuild()
         self.sh([self.python, "tests/perf/bench_cuda.py", "--json", str(self.out / "bench-cuda.json"),
-                 "--repeats", "3", *(["--quick"] if self.args.dry_run else [])])
+                 "--repeats", "3", "--models", *SYNTHETIC[::-1],  # the small one first
+                 *(["--quick"] if self.args.dry_run else [])])
         return "bench-cuda.json (ukgpu alone)"
 
     def llama_bench(self) -> str:
@@ -157,6 +181,7 @@ class Phases:
         libs = self.py("import site, pathlib; d = {str(p.parent) for s in site.getsitepackages() "
                        "for p in pathlib.Path(s, 'nvidia').rglob('lib*.so.13')}; print(':'.join(sorted(d)))")
         env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)}
+        self.await_prebuild()
         for name in SYNTHETIC:
             self.synthetic(name)  # cached when `run` went first on this machine
         self.sh([self.python, "tests/perf/bench_cuda.py", "--llama-only", "--llama-bench", str(binary),
