@@ -3,7 +3,19 @@
 Each program computes a BLOCK_M x BLOCK_N tile of y, walking K in BLOCK_K steps: the x tile is
 rounded to float16 and the W tile (repacked layout, see repack.py) is dequantized in registers
 to float16, then `tl.dot` accumulates in float32 (mma.sync on sm_80, wgmma on sm_90a).
-Precision: both operands pass through float16 (relative rounding 2^-11 each).
+Power-of-two scaling keeps x inside float16's range: in each K step, a row whose max |x| over
+the BLOCK_K tile reaches 2^15 (biased f32 exponent E >= 142) is multiplied by 2^-e, e = E - 141,
+before the cast (its max lands in [2^14, 2^15), far from 65504), and the accumulator goes through
+the dot in the same units: acc = dot(x 2^-e, W, acc 2^-e) 2^e.  All three multiplications are
+exact (powers of two from integer arithmetic on the f32 bits, no log2), and a tile below 2^15
+multiplies by 1: bit for bit the unscaled GEMM.  Why: real checkpoints feed `down` rows with
+channels in the thousands ("massive activations"); a value past 65504 became inf, then NaN
+logits.  Measurements, costs and the choice against bf16/tf32 operands and a separate row-max
+pass: docs/benchmarks/cuda.md.  Cost: no extra memory traffic; per K step a row max over the x
+tile (already in registers) and two multiplies of the accumulator.
+Precision: both operands pass through float16 (relative rounding 2^-11 each); in a scaled tile,
+elements below 2^(e-14) become f16 subnormals (absolute error <= 2^(e-25), negligible against
+the tile's max of 2^(e+14)).
 Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), pointers 16-byte aligned, K divisible by 16.
 Reference: `reference.matvec` (same math, any M).
 """
@@ -21,7 +33,8 @@ from .spec import KernelSpec
 @triton.jit
 def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
                 KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     # The W tile is built as (rows, groups, run) with one scale load per run and contiguous
     # quant loads, then flattened to (BN, BK); nibbles become (rows, groups, [low, high], 16).
     RUN: tl.constexpr = 16 if KIND == 0 else GROUP
@@ -38,6 +51,10 @@ def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0)
+        amax = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)  # (BM,) f32 bits of the row max
+        e = tl.maximum(((amax >> 23) & 255) - X_EXP_SHIFT, 0)  # 0 unless the tile reaches 2^15
+        down = ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^-e
+        up = ((127 + e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^e
         if KIND == 0:
             w_ok = n_ok3 & (k0 + g * 32 < K)
             byte = tl.load(w_q + n3 * row_bytes + k0 // 2 + g * 16 + i, mask=w_ok, other=0).to(tl.int32)
@@ -54,11 +71,12 @@ def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
             if KIND != 2:
                 w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        acc = tl.dot((x * down).to(tl.float16), tl.trans(w.to(tl.float16)), acc * down) * up
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & (rn < N)[None, :])
 
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+X_EXP_SHIFT = 141  # 127 + 14: an x tile row whose max |x| has exponent >= 15 is scaled by 2^-(E - 141)
 
 
 def specs() -> list[KernelSpec]:
@@ -69,8 +87,8 @@ def specs() -> list[KernelSpec]:
             fn="gemm_kernel",
             params=weight_params(qtype) + (("x", "*fp32"), ("y", "*fp32"),
                                            ("M", "i32"), ("N", "i32"), ("K", "i32")),
-            constexprs={**weight_constexprs(qtype), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
-                        "BLOCK_K": BLOCK_K},
+            constexprs={**weight_constexprs(qtype), "X_EXP_SHIFT": X_EXP_SHIFT,
+                        "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
             grid=(f"cdiv(M, {BLOCK_M})", f"cdiv(N, {BLOCK_N})", "1"),
             sizes={},
             limits=weight_limits(qtype, "K") + ("M >= 1", "N >= 1"),
@@ -79,7 +97,8 @@ def specs() -> list[KernelSpec]:
             num_stages=3,
             aligned=("w_q", "w_s", "w_m", "x", "y", "K"),
             unused=unused_planes(qtype),
-            doc=f"y (M, N) f32 = x (M, K) f32 @ W.T via f16 tensor cores, W {qtype} repacked",
+            doc="y (M, N) f32 = x (M, K) f32 @ W.T via f16 tensor cores (x rows scaled by powers of "
+                f"two into f16 range), W {qtype} repacked",
             deps=("dequant", "repack", "spec"),
             qtype=qtype,
         )

@@ -1,13 +1,14 @@
 """numpy emulation of every manifest kernel, for `cuda_driver.FakeDriver`.
 
-Numerics follow the PTX sources: the prefill GEMM (ptx_kernels/gemm.py) rounds x and the
-dequantized W tile to float16 and accumulates in float32 (tensor cores); prefill attention
+Numerics follow the PTX sources: the prefill GEMM (ptx_kernels/gemm.py) rounds x (each row's
+K tile scaled by a power of two first when it reaches 2^15) and the dequantized W tile to
+float16 and accumulates in float32 (tensor cores); prefill attention
 (ptx_kernels/attention.py) rounds q*scale and the softmax weights p to float16, reads the f16 KV
 cache and runs the same block-wise online softmax (BLOCK_N keys a step, float32 running max, sum
 and accumulator); the decode mat-vec, decode attention and the elementwise kernels compute in
-float32 as their sources do.  So a prefill activation past float16's 65504 becomes inf (then NaN)
-here as on hardware.  Summation order inside a dot differs from the tensor cores (float32
-rounding level only).
+float32 as their sources do.  So an operand past float16's 65504 becomes inf (then NaN) here as
+on hardware: q*scale in prefill attention, x in a GEMM built without the scaling.  Summation
+order inside a dot differs from the tensor cores (float32 rounding level only).
 
 Each emulator reads its arguments (by manifest parameter name) and the launch grid, computes the
 kernel's result with the references of `ptx_kernels.reference` in host memory that stands for
@@ -70,16 +71,35 @@ def _weight(mem: Mem, a: dict, qtype: str, n: int, k: int, f16: bool = False) ->
     return mem.weight_cache[key16]
 
 
+def _gemm_f16(x: np.ndarray, w16: np.ndarray, shift: int | None, block_k: int) -> np.ndarray:
+    """gemm_kernel's K loop: x (M, K) f32 and w16 (N, K) (f16 values) -> (M, N) f32.  Each row's
+    BLOCK_K tile of x whose max |x| has biased f32 exponent E > shift is scaled by 2^-(E-shift)
+    before the f16 cast, the accumulator alongside (acc = dot(x 2^-e, W, acc 2^-e) 2^e).  An
+    entry without X_EXP_SHIFT (a build before the scaling) casts x to f16 as it is."""
+    if shift is None or np.abs(x).max(initial=0) < np.float32(2.0 ** (shift - 126)):
+        return _f16(x) @ w16.T  # no tile reaches 2^15: every scale is 1
+    acc = np.zeros((x.shape[0], w16.shape[0]), np.float32)
+    for k0 in range(0, x.shape[1], block_k):
+        xt = x[:, k0:k0 + block_k]
+        amax = np.abs(xt).max(axis=1).astype(np.float32).view(np.int32)
+        e = np.maximum(((amax >> 23) & 255) - shift, 0)
+        down = ((127 - e) << 23).astype(np.int32).view(np.float32)[:, None]  # 2^-e
+        up = ((127 + e) << 23).astype(np.int32).view(np.float32)[:, None]  # 2^e
+        acc = (acc * down + _f16(xt * down) @ w16[:, k0:k0 + block_k].T) * up
+    return acc
+
+
 def matmul(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
-    """matvec: fp32 products and sums.  gemm: x and the dequantized W tile rounded to f16,
-    fp32 accumulation (`tl.dot(x.to(f16), w.to(f16), acc)`)."""
+    """matvec: fp32 products and sums.  gemm: x (scaled per tile, see `_gemm_f16`) and the
+    dequantized W tile rounded to f16, fp32 accumulation (`tl.dot(x.to(f16), w.to(f16), acc)`)."""
     rows = a["B"] if "B" in a else a["M"]
     if e["family"] == "matvec" and not 1 <= rows <= 8:
         raise EmulationError(f"{e['name']}: B={rows} outside 1..8")
     n, k = a["N"], a["K"]
     x = mem.view(a["x"], np.float32, rows * k).reshape(rows, k)
     if e["family"] == "gemm":
-        y = _f16(x) @ _weight(mem, a, e["qtype"], n, k, f16=True).T
+        c = e["constexprs"]
+        y = _gemm_f16(x, _weight(mem, a, e["qtype"], n, k, f16=True), c.get("X_EXP_SHIFT"), c["BLOCK_K"])
     else:
         y = x @ _weight(mem, a, e["qtype"], n, k).T
     mem.view(a["y"], np.float32, rows * n)[:] = y.reshape(-1)

@@ -5,7 +5,9 @@ separate output matrix; qwen2: NEOX rope, Q/K/V biases, tied embeddings).  `writ
 SHAPES["tiny-qwen2"])` writes a file `llama_core.engine.Engine` loads.  Only the shapes live
 here: `tiny_spec` turns one into a shape spec and `llama_core.gguf.synthetic.write_spec` (the
 writer behind `ukgpu bench`'s real-layout models) writes it, with random weights of std 0.02,
-norms near 1 and the minimal byte-level BPE vocabulary.
+norms near 1 and the minimal byte-level BPE vocabulary.  `write_outlier_model` adds what real
+checkpoints have and those weights lack: one "massive activation" channel, a norm weight scaled
+by 1e3..1e5, so the prefill GEMM's input passes float16's 65504.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gguf import GGUFReader
 
 from ukgpu.llama_core.gguf.synthetic import write_spec
 
@@ -101,4 +105,17 @@ def write_model(path: Path | str, s: ModelShape, seed: int = 0) -> Path:
     """Write a random-weight GGUF of shape `s`; returns the path."""
     path = Path(path)
     write_spec(tiny_spec(s), path, seed)
+    return path
+
+
+def write_outlier_model(path: Path | str, s: ModelShape, channel: int = 5, factor: float = 1e5,
+                        norm: str = "ffn_norm", seed: int = 0) -> Path:
+    """`write_model`, then every block's `norm` weight (F32) multiplied by `factor` in one channel:
+    the rows entering gate/up (ffn_norm) carry values near factor x |x_c| / rms(x)."""
+    path = write_model(path, s, seed)
+    reader = GGUFReader(path, "r+")
+    for t in reader.tensors:
+        if t.name.endswith(f".{norm}.weight"):
+            t.data[channel] *= factor  # a memory map of the file: written in place
+    reader.data.flush()
     return path
