@@ -140,9 +140,9 @@ class FakeDriver(StreamsAndGraphs):
                 raise DriverLibraryMissing('"cuda" is an NVIDIA driver library and can only be '
                                            "found via system search (fake: library_missing=True)")
             return missing
-        if object.__getattribute__(self, "sticky") is not None and name not in NO_CONTEXT:
-            return object.__getattribute__(self, "lost")(name)
-        return attr
+        if name in NO_CONTEXT or not callable(attr):
+            return attr
+        return object.__getattribute__(self, "guarded")(name, attr)
 
     def _failing(self, call: str) -> CUresult | None:
         name = self.fail.get(call)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -191,11 +192,9 @@ class StreamsAndGraphs:
         if self.sticky is not None:
             return self.sticky
         covered = self._waited_by(stream)
-        while True:
-            i = next((i for i, (s, _) in enumerate(self._pending) if s in covered), None)
-            if i is None:
-                return OK
-            _, node = self._pending.pop(i)
+        due = [node for s, node in self._pending if s in covered]
+        self._pending = [(s, node) for s, node in self._pending if s not in covered]
+        for node in due:  # running a node never queues another
             try:
                 self._run(node)
             except Fault as fault:
@@ -203,6 +202,7 @@ class StreamsAndGraphs:
                 self.sticky = fault.code
                 self._pending.clear()
                 return fault.code
+        return OK
 
     def _unsafe(self, stream: _Stream | None = None, wait: bool = False) -> CUresult | None:
         """A call a capture forbids: invalidate the captures it offends and return the error.
@@ -220,12 +220,14 @@ class StreamsAndGraphs:
                 bad = CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
         return bad
 
-    def lost(self, name: str) -> Any:
-        """The stand-in for call `name` once the context is lost (see NO_CONTEXT, RELEASES)."""
-        fn = object.__getattribute__(self, name)
-        sticky = self.sticky
-
+    def guarded(self, name: str, fn: Any) -> Any:
+        """Call `name` (the bound `fn`), or, once the context is lost, return the loss (see
+        NO_CONTEXT, RELEASES).  Checked at each call: callers may keep the function."""
+        @functools.wraps(fn)
         def call(*args: Any) -> tuple:
+            sticky = self.sticky
+            if sticky is None:
+                return fn(*args)
             if name in RELEASES:
                 self.sticky = None  # release the handle, then report the loss
                 try:
