@@ -1,0 +1,282 @@
+"""A cost model of the CUDA backend's kernel launches: predicted seconds per node of a launch trace.
+
+Input: a launch trace, one `(entry, args, grid)` per kernel node run (the stand-in driver's
+`FakeDriver.trace`; `entry` is the kernel's manifest entry, `args` its launch arguments by
+parameter name, `grid` its grid), and a `Device`.  Per node:
+
+    t = launch latency + max(bytes / (HBM bandwidth * reach * occupancy),
+                             L2 bytes / (L2 bandwidth * occupancy), flops / (peak * fill))
+
+- bytes: what the kernel must move to or from HBM at least once (weights planes, activations,
+  KV cache rows, outputs), from its family and arguments (`traffic`); re-reads that the L2 (50 MB
+  on an H200) serves are not counted there but in `l2_bytes`: what the CTAs load in all, L2 hits
+  included.  That term matters for the tiled kernels: every one of the GEMM's cdiv(N, 64) column
+  programs loads its 64 rows of f32 x in full (and the per-row scaling's first pass loads them
+  once more), every row program its W tile; every prefill-attention program its keys.
+- flops: 2 per multiply-add; tensor-core families (the f16 GEMM, prefill attention) against the
+  tensor peak, the rest (fp32 mat-vec, decode attention) against the fp32 SIMT peak.  The GEMM's
+  SIMT work (dequantizing W tiles, casting and scaling x tiles: `alu_ops`) runs at half the fp32
+  FLOP rate (one instruction a lane a cycle) and overlaps the tensor cores: the larger wins.
+- occupancy: CTAs resident per SM = min(32, 2048 threads / CTA threads, 228 KiB / CTA shared
+  bytes); the grid fills min(1, CTAs / (132 * that)) of the machine, and HBM bandwidth needs
+  about `warps_to_saturate` resident warps per SM (Little's law: ~4.8 TB/s x ~600 ns latency
+  = ~2.9 MB in flight, ~22 KB per SM, ~2 KB per warp with 16-byte loads), so a small grid gets
+  a proportional share.  `fill` for the compute term: the share of SM-waves that hold a CTA,
+  CTAs / (ceil(CTAs / 132) * 132) (a grid under 132 CTAs leaves SMs idle; the last wave too).
+- launch latency: `node_s` per node of a replayed CUDA graph (each node waits on the one
+  before), `eager_node_s` per eager launch on the device side; eager launches also cost
+  `host_launch_s` of Python each on the host, which overlaps the device work, so an eager run
+  takes max(device sum, host sum).
+
+H200 figures (`H200`): 4.8 TB/s HBM3e (NVIDIA's H200 datasheet); 4.3 TB/s read+write measured by a
+device-to-device copy on the project's H200 (../shared/DESIGN.md), so `reach` = 0.9; 132 SMs
+(sm_90, 228 KiB shared memory and 2048 threads per SM, 32 CTAs at most: CUDA programming guide,
+compute capability 9.0); ~7 TB/s L2 read bandwidth (an estimate from public microbenchmarks of
+the H100, the same die: 5.5-7 TB/s); ~790 TFLOP/s dense bf16/f16 measured there (a bf16 GEMM; the datasheet's
+989 is the boost peak); 67 TFLOP/s fp32 SIMT (datasheet); tf32 half the f16 rate (datasheet: 494
+vs 989 dense); 1.5 us per dependent graph node and 2 us per eager launch on the device (published
+CUDA-graph microbenchmarks of chains of empty kernels on H100: 1.5-2.5 us a node); ~9 us of
+Python per `cuLaunchKernel` from cuda-python (measured, DESIGN.md).  All are predictions until the
+kit measures the real machine: docs/benchmarks/cuda.md holds the predictions to check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from math import ceil
+from typing import Any
+
+from ukgpu.ptx_kernels.repack import FORMATS
+
+Node = tuple[dict, dict, tuple]  # (manifest entry, launch args by name, grid)
+ReadI32 = Callable[[int, int], list[int]]  # (device pointer, count) -> int32 values
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    hbm_bytes_s: float  # peak HBM bandwidth
+    l2_bytes_s: float  # L2 -> SM bandwidth, all SMs
+    reach: float  # fraction of the peak a streaming kernel reaches
+    sms: int
+    tensor_flops: float  # dense f16/bf16 tensor-core FLOP/s
+    fp32_flops: float  # fp32 SIMT FLOP/s
+    node_s: float  # per dependent node of a replayed CUDA graph
+    eager_node_s: float  # device-side cost of one eager launch
+    host_launch_s: float  # host (Python) cost of one eager launch
+    threads_per_sm: int = 2048
+    shared_per_sm: int = 228 * 1024
+    ctas_per_sm: int = 32
+    warps_to_saturate: int = 12
+
+
+H200 = Device("NVIDIA H200 (sm_90)", hbm_bytes_s=4.8e12, l2_bytes_s=7e12, reach=0.9, sms=132, tensor_flops=790e12,
+              fp32_flops=67e12, node_s=1.5e-6, eager_node_s=2.0e-6, host_launch_s=9e-6)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    bytes: float  # HBM
+    flops: float
+    tensor: bool  # flops on tensor cores (else fp32 SIMT)
+    l2_bytes: float = 0.0  # loaded by all CTAs, L2 hits included (0: the HBM bytes)
+    alu_ops: float = 0.0  # SIMT instructions beside the tensor-core flops (the GEMM's dequant)
+
+
+@dataclass
+class NodeCost:
+    name: str
+    family: str
+    seconds: float  # latency + work
+    work_s: float
+    bytes: float
+    flops: float
+    bound: str  # "memory" | "compute" | "latency"
+
+
+@dataclass
+class Prediction:
+    nodes: list[NodeCost] = field(default_factory=list)
+
+    @property
+    def device_s(self) -> float:
+        return sum(n.seconds for n in self.nodes)
+
+    @property
+    def bytes(self) -> float:
+        return sum(n.bytes for n in self.nodes)
+
+    def by_family(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for n in self.nodes:
+            out[n.family] = out.get(n.family, 0.0) + n.seconds
+        return out
+
+
+def weight_bytes_per_element(qtype: str) -> float:
+    """Bytes per weight element of the repacked device layout (ptx_kernels/repack.py)."""
+    fmt = FORMATS[qtype]
+    if fmt.kind == "float":
+        return 2.0 if qtype == "F16" else 4.0
+    scale = {"float16": 2, "float32": 4}[fmt.scale_dtype] * (2 if fmt.has_min else 1)
+    return (0.5 if fmt.kind == "nibble" else 1.0) + scale / fmt.group
+
+
+def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
+    rows = a["B"] if e["family"] == "matvec" else a["M"]
+    n, k = a["N"], a["K"]
+    w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
+    if e["family"] == "matvec":
+        return Traffic(w + x + y, 2.0 * rows * n * k, False)
+    x_passes = e.get("cost_x_passes", 1)  # 2: a separate row-max pass (`gemm_option`)
+    l2 = x * x_passes * grid[1] + w * grid[0] + y  # each column program loads all its x rows
+    # per element: W dequant ~4 ops in every row program, the x cast 1 in every column program;
+    # tile scaling: abs, max, multiply per x element, two acc multiplies per K step
+    alu = 4.0 * n * k * grid[0] + rows * k * grid[1]
+    if "X_EXP_SHIFT" in e.get("constexprs", {}):
+        alu += 3.0 * rows * k * grid[1] + 2.0 * rows * n * k / e["constexprs"].get("BLOCK_K", 64)
+    return Traffic(w + x + y, 2.0 * rows * n * k, True, l2, alu)
+
+
+def _attn_prefill(e: dict, a: dict, grid: tuple) -> Traffic:
+    d = e["constexprs"]["HEAD_DIM"]
+    t, start, hq, hkv, window = a["T"], a["start"], a["Hq"], a["Hkv"], a["window"]
+    keys = sum(min(start + i + 1, window) if window > 0 else start + i + 1 for i in range(t))
+    kv = 2 * 2 * (start + t) * hkv * d  # f16 K and V rows of the slot, read once from HBM
+    bm = e["constexprs"].get("BLOCK_M", 64)
+    block_keys = sum(start + min(t, m0 + bm) for m0 in range(0, t, bm))  # keys each q block loads
+    l2 = 2 * 2 * d * hq * block_keys + 2 * 4 * t * hq * d
+    return Traffic(kv + 2 * 4 * t * hq * d, 4.0 * hq * d * keys, True, l2)
+
+
+def _attn_decode(e: dict, a: dict, grid: tuple, lens: list[int]) -> Traffic:
+    d, (b, hkv, s) = e["constexprs"]["HEAD_DIM"], grid
+    hq, window = a["Hq"], a["window"]
+    keys = sum(min(n, window) if window > 0 else n for n in lens)
+    partials = b * hq * s * (d + 2) * 4
+    return Traffic(2 * 2 * hkv * d * keys + 4 * b * hq * d + partials, 4.0 * hq * d * keys, False)
+
+
+def _elementwise(e: dict, a: dict, grid: tuple) -> Traffic:
+    name = e["name"]
+    if name.startswith(("swiglu", "geglu")):
+        return Traffic(12 * a["n"], 8 * a["n"], False)
+    if name.startswith("add_bias"):
+        return Traffic(8 * a["n"] + 4 * a["N"], a["n"], False)
+    if name.startswith(("add", "scale")):
+        return Traffic((12 if name.startswith("add") else 8) * a["n"], a["n"], False)
+    if name.startswith("argmax"):
+        return Traffic(4 * grid[0] * a["V"], grid[0] * a["V"], False)
+    if name.startswith("store_rows"):
+        return Traffic(6 * grid[0] * a["W"], 0, False)
+    raise ValueError(f"cost model: no traffic rule for kernel {name!r}")
+
+
+def traffic(e: dict, a: dict, grid: tuple, read_i32: ReadI32 | None = None) -> Traffic:
+    """Bytes and flops of one node.  Decode attention reads its key counts (`lens`) from device
+    memory: `read_i32` gives them; without it every row counts n_ctx keys (an upper bound)."""
+    fam, name = e["family"], e["name"]
+    if fam in ("matvec", "gemm"):
+        return _matmul(e, a, grid)
+    if name.startswith("attn_prefill"):
+        return _attn_prefill(e, a, grid)
+    if name.startswith("attn_decode"):
+        lens = read_i32(a["lens"], grid[0]) if read_i32 else [a["n_ctx"]] * grid[0]
+        return _attn_decode(e, a, grid, [int(n) for n in lens])
+    if name.startswith("attn_combine"):
+        d, rows = e["constexprs"]["HEAD_DIM"], grid[0] * grid[1]
+        return Traffic(rows * a["S"] * (d + 2) * 4 + rows * d * 4, 3.0 * rows * a["S"] * d, False)
+    if fam == "embedding":
+        return Traffic(grid[0] * a["K"] * (weight_bytes_per_element(e["qtype"]) + 4), 0, False)
+    if fam == "rmsnorm":
+        return Traffic(8 * grid[0] * a["D"] + 4 * a["D"], 3.0 * grid[0] * a["D"], False)
+    if fam == "rope":
+        size = grid[0] * grid[1] * a["head_dim"]
+        return Traffic(8 * size, 3.0 * size, False)
+    return _elementwise(e, a, grid)
+
+
+def resident_ctas_per_sm(e: dict, dev: Device) -> int:
+    threads = e.get("threads_per_block") or 32 * e.get("num_warps", 4)
+    shared = e.get("shared_bytes", 0)
+    by_shared = dev.shared_per_sm // shared if shared else dev.ctas_per_sm
+    return max(1, min(dev.ctas_per_sm, dev.threads_per_sm // threads, by_shared))
+
+
+def node_cost(node: Node, dev: Device = H200, graph: bool = True,
+              read_i32: ReadI32 | None = None) -> NodeCost:
+    e, a, grid = node
+    tr = traffic(e, a, grid, read_i32)
+    ctas = grid[0] * grid[1] * grid[2]
+    per_sm = resident_ctas_per_sm(e, dev)
+    resident = min(ctas, dev.sms * per_sm)
+    warps = (e.get("threads_per_block") or 32 * e.get("num_warps", 4)) // 32
+    occupancy = min(1.0, resident * warps / (dev.sms * dev.warps_to_saturate))
+    fill = ctas / (ceil(ctas / dev.sms) * dev.sms)  # SMs busy, last wave included
+    mem_s = max(tr.bytes / (dev.hbm_bytes_s * dev.reach), tr.l2_bytes / dev.l2_bytes_s) / occupancy
+    comp_s = max(tr.flops / (dev.tensor_flops if tr.tensor else dev.fp32_flops),
+                 tr.alu_ops / (dev.fp32_flops / 2)) / fill  # tensor cores and ALUs overlap
+    lat = dev.node_s if graph else dev.eager_node_s
+    work = max(mem_s, comp_s)
+    bound = "latency" if lat > work else ("memory" if mem_s >= comp_s else "compute")
+    return NodeCost(e["name"], e["family"], lat + work, work, tr.bytes, tr.flops, bound)
+
+
+def predict(trace: Iterable[Node], dev: Device = H200, graph: bool = True,
+            read_i32: ReadI32 | None = None) -> Prediction:
+    return Prediction([node_cost(n, dev, graph, read_i32) for n in trace])
+
+
+GEMM_OPTIONS = ("f16", "bf16", "f16_tile_scale", "f16_row_prepass", "tf32", "fp32")
+
+
+def gemm_option(node: Node, option: str, dev: Device = H200) -> tuple[Node, Device]:
+    """The same GEMM node as one of the prefill-precision options of issue 15 would run it:
+    f16 / bf16 operands (one pass over x, tensor peak); f16 with power-of-two scaling of each
+    row's x tile (ptx_kernels/gemm.py today: SIMT work only); f16 with a per-row scale from a
+    first pass over the whole row in every program (x loaded twice); tf32 operands (half the
+    tensor rate, f32 tiles in shared memory: fewer CTAs per SM); fp32 without tensor cores."""
+    e, a, grid = node
+    consts = {k: v for k, v in e.get("constexprs", {}).items() if k != "X_EXP_SHIFT"}
+    if option in ("f16_tile_scale", "f16_row_prepass"):
+        consts["X_EXP_SHIFT"] = 141
+    entry = {k: v for k, v in e.items() if k != "cost_x_passes"} | {"constexprs": consts}
+    if option == "f16_row_prepass":
+        entry["cost_x_passes"] = 2
+    if option == "tf32":  # f32 operand tiles: twice the shared memory a stage
+        dev = replace(dev, tensor_flops=dev.tensor_flops / 2)
+        entry["shared_bytes"] = 2 * e.get("shared_bytes", 0)
+    elif option == "fp32":
+        dev = replace(dev, tensor_flops=dev.fp32_flops)
+    elif option not in GEMM_OPTIONS:
+        raise ValueError(f"unknown GEMM option {option!r}; one of {', '.join(GEMM_OPTIONS)}")
+    return (entry, a, grid), dev
+
+
+def gemm_options(trace: Iterable[Node], dev: Device = H200, graph: bool = False,
+                 read_i32: ReadI32 | None = None) -> dict[str, float]:
+    """Device seconds of the whole trace under each GEMM option (other nodes unchanged)."""
+    nodes = list(trace)
+    out = {}
+    for option in GEMM_OPTIONS:
+        total = 0.0
+        for n in nodes:
+            node, d = gemm_option(n, option, dev) if n[0]["family"] == "gemm" else (n, dev)
+            total += node_cost(node, d, graph, read_i32).seconds
+        out[option] = total
+    return out
+
+
+def eager_seconds(p: Prediction, dev: Device = H200) -> float:
+    """An eager run: the host's launches overlap the device's work; the slower side wins."""
+    return max(p.device_s, len(p.nodes) * dev.host_launch_s)
+
+
+def summary(p: Prediction) -> dict[str, Any]:
+    bounds: dict[str, int] = {}
+    for n in p.nodes:
+        bounds[n.bound] = bounds.get(n.bound, 0) + 1
+    return {"nodes": len(p.nodes), "device_ms": round(p.device_s * 1e3, 4),
+            "hbm_mb": round(p.bytes / 1e6, 2), "bound": bounds,
+            "ms_by_family": {k: round(v * 1e3, 4) for k, v in sorted(p.by_family().items())}}
