@@ -365,6 +365,8 @@ def fake_from_env(env: dict | None = None) -> FakeDriver:
     UKGPU_CUDA_STUB_DEVICES="0"         how many devices the driver sees (default 1)
     UKGPU_CUDA_STUB_MEM_MIB="512"       device memory (default 4096)
     UKGPU_CUDA_STUB_DRIVER="12080"      the version cuDriverGetVersion reports (default 13000)
+    UKGPU_CUDA_STUB_PINNED="1"          async host sources are read when the copy runs (DMA)
+    UKGPU_CUDA_STUB_EMULATE="0"         launches are checked and traced, not computed
     """
     env = os.environ if env is None else env
     spec = dict(item.split("=", 1) for item in env.get("UKGPU_CUDA_STUB_FAIL", "").split(",") if item)
@@ -375,7 +377,9 @@ def fake_from_env(env: dict | None = None) -> FakeDriver:
     name = f"NVIDIA stand-in sm_{major}{minor} (libcuda stub)"
     devices = [FakeDevice(name=name, cc=(major, minor), total_bytes=mem) for _ in range(count)]
     return FakeDriver(devices=devices, fail=fail,
-                      driver_version=int(env.get("UKGPU_CUDA_STUB_DRIVER", "13000")))
+                      driver_version=int(env.get("UKGPU_CUDA_STUB_DRIVER", "13000")),
+                      pinned_sources=env.get("UKGPU_CUDA_STUB_PINNED", "0") == "1",
+                      emulate=env.get("UKGPU_CUDA_STUB_EMULATE", "1") != "0")
 
 
 def install(lib_dir: Path | None = None, fake: FakeDriver | None = None) -> StubDispatch:

@@ -323,3 +323,22 @@ print(d.cuGetErrorName(d.cuStreamSynchronize(stream)[0])[1].decode(), stub.fake.
     assert lines[:2] == ["0 True", "700 700"], out.stdout + out.stderr  # launch fine, then lost
     name, fault = lines[2].split(" ", 1)
     assert name == "CUDA_ERROR_ILLEGAL_ADDRESS" and "add_f32" in fault and "freed" in fault
+
+
+def test_the_stub_environment_sets_dma_sources_and_trace_only_launches():
+    sys.path.insert(0, str(ROOT / "tests" / "cuda_stub"))
+    from libcuda_stub import fake_from_env
+
+    fake = fake_from_env({"UKGPU_CUDA_STUB_PINNED": "1", "UKGPU_CUDA_STUB_EMULATE": "0"})
+    assert fake.pinned_sources and not fake.emulate
+    plain = fake_from_env({})
+    assert not plain.pinned_sources and plain.emulate
+
+
+def test_without_emulation_launches_are_checked_and_traced_but_not_computed():
+    fake, stream = device(emulate=False)
+    a, b, out = three(fake, stream)
+    assert add(fake, stream, a, b, out) == E.CUDA_SUCCESS
+    assert add(fake, stream, a + 4, b, out, n=N - 1) == E.CUDA_SUCCESS
+    assert fake.cuStreamSynchronize(stream)[0] == E.CUDA_ERROR_MISALIGNED_ADDRESS  # still checked
+    assert len(fake.trace) == 2 and not fake.view(out, np.float32, N).any()
