@@ -217,7 +217,7 @@ def _options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--archive", type=Path, default=KIT / "llama-bench-cuda-sm90a.tar.xz")
     ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source to build if no --archive")
     ap.add_argument("--dry-run", action="store_true", help="shrunk benchmarks (the stand-in driver)")
-    ap.add_argument("--steps", help="comma-separated subset, in the command's order")
+    ap.add_argument("--steps", "--phases", dest="steps", help="comma-separated subset, in the command's order")
     ap.add_argument("--deadline-scale", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
