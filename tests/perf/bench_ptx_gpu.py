@@ -107,6 +107,8 @@ def graph_time_ms(kernels: KernelSet, names: tuple[str, ...], vals: dict, counts
     ctx, cu = kernels.ctx, kernels.cu
     kernels.preload(list(names))  # module loads are not capturable
     ctx.sync()
+    wait_after_launch = getattr(kernels, "sync", False)  # UKGPU_CUDA_SYNC's debugging mode
+    kernels.sync = False  # a launch recorded into a graph must not wait for the stream
     cu.cuStreamBeginCapture(ctx.stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
     try:
         for _ in range(counts.per_graph):
@@ -116,6 +118,8 @@ def graph_time_ms(kernels: KernelSet, names: tuple[str, ...], vals: dict, counts
         with contextlib.suppress(CudaError):  # leave the stream usable; the cause propagates
             cu.cuGraphDestroy(cu.cuStreamEndCapture(ctx.stream))
         raise
+    finally:
+        kernels.sync = wait_after_launch
     graph = cu.cuStreamEndCapture(ctx.stream)
     try:
         exec_ = cu.cuGraphInstantiate(graph, 0)

@@ -91,3 +91,15 @@ def test_a_launch_refused_while_capturing_leaves_the_stream_usable(kernels):
                                 bench.Counts(2, 1, 0))
         r = bench.bench_gemm(dev, "F16", 32, 64, 64, np.random.default_rng(2), bench.Counts(2, 2, 0))
     assert fake.graph_kernel_runs == 4 and r["us"] == pytest.approx(GRAPH_RUN_MS * 1e3)
+
+
+def test_graph_timing_captures_even_when_eager_launches_wait(kernels, monkeypatch):
+    """UKGPU_CUDA_SYNC=1 (each eager launch waits for the stream) must not reach the capture:
+    a wait inside it would invalidate the graph."""
+    ks, fake = kernels
+    ks.sync = True
+    with bench.scratch(ks) as dev:
+        r = bench.bench_matvec(dev, "Q8_0", 256, 256, 8, np.random.default_rng(3),
+                               bench.Counts(3, 2, 0))
+    assert ks.sync is True and fake.launches == [] and fake.graph_kernel_runs == 6
+    assert r["us"] == pytest.approx(GRAPH_RUN_MS * 1e3)
