@@ -213,6 +213,11 @@ class Backend(ABC):
         of its own (the CPU backend: its arrays are the process's)."""
         return ""
 
+    def runtime_note(self) -> str:
+        """What the backend changed of its own accord while running (e.g. decode no longer
+        from CUDA graphs), for the engine's backend note; "" when nothing."""
+        return ""
+
     def close(self) -> None:  # noqa: B027 - an optional hook: a host backend has nothing to free
         """Free what the backend holds on its device; it is unusable afterwards.  Default:
         nothing to free (host arrays go with their last reference)."""

@@ -1,5 +1,5 @@
 """Which backend runs a model: `open_backend(kind, gguf, ...)`, the one place that decides, and
-`cpu_fallback`, the one rule for what a running engine moves to when its device fails.
+`cpu_fallback`, the one rule for what a running engine moves to when its device is lost.
 
     backend, note = open_backend("auto", gguf, n_ctx=2048, n_slots=1)
     # note: "backend: cuda (GPU 0: NVIDIA H100 ...; kernels: cubin sm_90a)"
@@ -67,9 +67,10 @@ def cpu_backend(alloc: Allocator | None = None) -> Backend:
 
 def cpu_fallback(kind: str, backend: Backend, alloc: Allocator | None = None
                  ) -> Callable[[], Backend] | None:
-    """What an engine rebuilds its model on when `backend`, opened for `kind`, fails while
-    running: under "auto" a device backend falls back to a fresh CPU backend (KV cache from
-    `alloc`); None otherwise ("cuda" wants the error, and the CPU has nothing below it)."""
+    """What an engine rebuilds its model on when `backend`, opened for `kind`, loses its device
+    while running (a sticky `DeviceError`; any other fails only its request): under "auto" a
+    device backend falls back to a fresh CPU backend (KV cache from `alloc`); None otherwise
+    ("cuda" wants the error, and the CPU has nothing below it)."""
     if kind != "auto" or backend.name == "cpu":
         return None
     return functools.partial(cpu_backend, alloc)

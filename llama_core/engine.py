@@ -75,7 +75,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         self.n_slots = n_slots
-        self.backend_note = backend_note
+        self._backend_note = backend_note
         self.stats = Stats()
         self._kv = [model.new_kv(n_ctx) for _ in range(n_slots)]
         self._free = list(range(n_slots))
@@ -89,7 +89,8 @@ class Engine:
              fallback: Callable[[], Backend] | None = None) -> Engine:
         """An engine for a model name, path, opened GGUF file or Model.  backend: "cpu",
         "auto" (CUDA when usable, else the CPU with one line on stderr saying why; a CUDA
-        failure while running moves every sequence to the CPU), "cuda" (raises when unusable
+        failure that loses the GPU context while running moves every sequence to the CPU, any
+        other fails its request), "cuda" (raises when unusable
         or failing) or a Backend instance (with `fallback`, the backend to move to when it
         fails while running).  The choice itself: `backend_choice.open_backend`."""
         if n_ctx < 2 or n_slots < 1:
@@ -108,6 +109,17 @@ class Engine:
                 fallback = cpu_fallback(backend, chosen) or fallback  # "auto": run-time failures too
             model = Model(gguf, chosen)
         return cls(model, Tokenizer.from_gguf(model.gguf), n_ctx, n_slots, note, fallback)
+
+    @property
+    def backend_note(self) -> str:
+        """Which backend answers and why, then what it changed while running (`runtime_note`:
+        e.g. CUDA decode gone eager after a refused graph capture)."""
+        extra = self.model.backend.runtime_note()
+        return f"{self._backend_note}; {extra}" if extra else self._backend_note
+
+    @backend_note.setter
+    def backend_note(self, note: str) -> None:
+        self._backend_note = note
 
     # --- requests ----------------------------------------------------------
     def start(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
@@ -348,10 +360,12 @@ class Engine:
             seq.n_cached = best
 
     def _fall_back(self, exc: DeviceError) -> bool:
-        """After a device failure: rebuild the model on the fallback backend, give every slot a
-        fresh cache and make each live sequence re-prefill its tokens there.  False when this
-        engine has no fallback (the caller asked for that device)."""
-        if self.fallback is None:
+        """After a sticky device failure (the device's context is lost): rebuild the model on the
+        fallback backend, give every slot a fresh cache and make each live sequence re-prefill
+        its tokens there.  False when this engine has no fallback (the caller asked for that
+        device) or the device is still usable (a refused call, memory for one request): that
+        request fails and the engine stays on its device."""
+        if self.fallback is None or not exc.sticky:
             return False
         failed = self.model.backend
         note = f"{failed.name} failed while running ({exc}); continuing on the CPU"

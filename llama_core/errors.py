@@ -29,5 +29,12 @@ class QuantError(UkgpuError):
 
 
 class DeviceError(UkgpuError):
-    """An accelerator failed under a running model (a driver call, a kernel launch); what the
-    device held is lost, the model itself is not: the CPU backend can take over."""
+    """An accelerator failed under a running model (a driver call, a kernel launch).  When it is
+    `sticky`, what the device held is lost, the model itself is not: the CPU backend can take
+    over.  A device error that is not sticky refused one call and left the device usable."""
+
+    @property
+    def sticky(self) -> bool:
+        """True: the device's context is lost, every later call fails (a subclass that can tell
+        a refused call from a lost context says which)."""
+        return True

@@ -133,7 +133,7 @@ class CudaBackend(Backend):
         return out
 
     def launch(self, name: str, **values: Any) -> None:
-        self.kernels.launch(name, values, self.ctx.stream)
+        self.kernels.launch(name, values, self.ctx.stream, sync=False if self.capturing else None)
 
     # --- weights and cache -----------------------------------------------------
     def prepare_weight(self, view: Any) -> DeviceWeight:
@@ -343,6 +343,9 @@ class CudaBackend(Backend):
     def usage(self) -> str:
         """The device arena's use: "<used>/<capacity> MiB used: " then MiB per tag."""
         return self.arena.usage()
+
+    def runtime_note(self) -> str:
+        return self.graphs.eager_reason  # a refused capture: decode runs eagerly
 
     def close(self) -> None:
         """Destroy the decode graphs and free the device arena; the backend is unusable after."""

@@ -35,20 +35,37 @@ HINTS = {
     "CUDA_ERROR_INVALID_IMAGE": "the kernel image is corrupt: rebuild it with `ukgpu ptx build`",
     "CUDA_ERROR_OUT_OF_MEMORY": "device out of memory: lower n_ctx / the arena size, or use a "
                                 "smaller model",
-    "CUDA_ERROR_ILLEGAL_ADDRESS": "a kernel faulted and the context is lost: run "
-                                  "`ukgpu verify --kernels` and report the failing kernel",
-    "CUDA_ERROR_LAUNCH_FAILED": "a kernel failed and the context is lost: run `ukgpu verify --kernels`",
     "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES": "the launch asks for more registers/shared memory than "
                                           "the GPU has: rebuild the kernel with fewer warps",
     "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED": "a synchronous call was made while capturing a CUDA "
                                              "graph: this is a bug in the backend",
 }
+# Errors after which the context is lost ("sticky"): every later call of the process returns the
+# same error, so nothing on the device (weights, caches, graphs) can be used again; only a new
+# process gets a working context (cuda.h: "This leaves the process in an inconsistent state and
+# any further CUDA work will return the same error", or "the context cannot be used anymore").
+# A kernel's fault is reported by whatever call next waits for the stream (usually
+# cuStreamSynchronize), with no kernel named: `SYNC_ENV` makes every eager launch wait.
+STICKY = frozenset({
+    "CUDA_ERROR_ECC_UNCORRECTABLE", "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_TIMEOUT", "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+    "CUDA_ERROR_ASSERT", "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_TENSOR_MEMORY_LEAK",
+})
+SYNC_ENV = "UKGPU_CUDA_SYNC"
+STICKY_HINT = (f"the GPU context is lost (a kernel faulted; the call that reports it is not the "
+               f"kernel): rerun with {SYNC_ENV}=1 to name the kernel, and run `ukgpu verify "
+               "--kernels` to find it")
+NAMED_HINT = ("the GPU context is lost: run `ukgpu verify --kernels` and report the failing kernel "
+              "with this message")
 DRIVER_MISSING = "DRIVER_NOT_FOUND"
 _current = threading.local()  # .ctx: the context this module made current in this thread
 
 
 class CudaError(DeviceError):
-    """A CUDA driver call failed (or the driver is not there at all)."""
+    """A CUDA driver call failed (or the driver is not there at all).  `sticky`: the error is one
+    of STICKY, the context is lost; other errors refuse that call and leave the device usable."""
 
     def __init__(self, call: str, name: str, hint: str = "", detail: str = ""):
         self.call, self.name, self.hint, self.detail = call, name, hint, detail
@@ -58,6 +75,10 @@ class CudaError(DeviceError):
         if hint:
             msg += f": {hint}"
         super().__init__(msg)
+
+    @property
+    def sticky(self) -> bool:
+        return self.name in STICKY
 
 
 def load_bindings() -> Any:
@@ -93,7 +114,7 @@ def check(mod: Any, call: str, result: Any) -> Any:
     err, values = result[0], result[1:]
     if int(err) != 0:
         name = error_name(mod, err)
-        raise CudaError(call, name, HINTS.get(name, ""))
+        raise CudaError(call, name, HINTS.get(name, STICKY_HINT if name in STICKY else ""))
     if not values:
         return None
     return values[0] if len(values) == 1 else values

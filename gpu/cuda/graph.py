@@ -13,10 +13,19 @@ while recording, no shape or branch that depends on the token or position) is th
 contract in `ukgpu.llama_core.backend`.  This module imports nothing of the backend: it drives
 the `CudaBackend` through its `ctx`, `cu`, `capturing`, `captured_output`, `step` (the
 `StepBuffers` defined here), `argmax` and `to_host`.
+
+A capture the driver or the backend refuses (a non-sticky `CudaError`, or a `UkgpuError` such as
+`CudaUnsupported` raised while recording) is ended and any graph it produced destroyed; decode
+then runs eagerly on the GPU (`model.forward` per token, one launch per kernel: slower, same
+numbers) for every later step of this backend, said once on stderr and kept in `eager_reason`.
+Per backend rather than per KV cache: every cache records the same forward, so a refusal would
+repeat for the next cache, costing a failed capture and a line per request.  A sticky error (the
+context is lost) is raised: nothing on this GPU can run any more.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +34,7 @@ import numpy as np
 
 from ukgpu.gpu.cuda.arena import DeviceBuffer
 from ukgpu.gpu.cuda.driver import CudaError
+from ukgpu.llama_core.errors import UkgpuError
 
 
 @dataclass
@@ -71,17 +81,36 @@ class DecodeGraphs:
         self.be = backend
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.captures = 0
+        self.eager_reason = ""  # why decode runs eagerly (a refused capture); "" while graphs do
 
     def step(self, model: Any, token: int, pos: int, kv: Any, greedy: bool) -> Any:
         key = (id(model), id(kv))
         graph = self.graphs.get(key)
-        if graph is None:
-            logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager warm-up
-            self.graphs[key] = self.capture(model, kv)
-            for owner in (kv, model):  # its memory / id may be reused: drop the graph with it
-                weakref.finalize(owner, self._forget, key)
-            return int(np.argmax(logits[0])) if greedy else logits
-        return self.replay(graph, token, pos, kv, greedy)
+        if graph is not None:
+            return self.replay(graph, token, pos, kv, greedy)
+        logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager (warm-up)
+        if not self.eager_reason:
+            graph = self._try_capture(model, kv)
+            if graph is not None:
+                self.graphs[key] = graph
+                for owner in (kv, model):  # its memory / id may be reused: drop the graph with it
+                    weakref.finalize(owner, self._forget, key)
+        return int(np.argmax(logits[0])) if greedy else logits
+
+    def _try_capture(self, model: Any, kv: Any) -> DecodeGraph | None:
+        """The captured graph, or None after a refusal (decode is eager from then on)."""
+        try:
+            return self.capture(model, kv)
+        except CudaError as exc:
+            if exc.sticky:
+                raise
+            reason = str(exc)
+        except UkgpuError as exc:  # the backend refused an op while recording
+            reason = f"{type(exc).__name__}: {exc}"
+        self.eager_reason = f"decode graph capture refused ({reason}); decoding eagerly"
+        print(f"ukgpu: {self.eager_reason} on the GPU (one launch per kernel, slower) from now "
+              "on", file=sys.stderr)
+        return None
 
     def capture(self, model: Any, kv: Any) -> DecodeGraph:
         be, cu = self.be, self.be.cu
@@ -96,17 +125,30 @@ class DecodeGraphs:
             token = be.argmax(logits)
         except BaseException:
             be.capturing = False
-            try:  # end the (now invalid) capture so the stream is usable; the cause propagates
-                cu.cuStreamEndCapture(stream)
-            except CudaError:
-                pass
+            self._abandon(stream)
             raise
         be.capturing = False
         graph = cu.cuStreamEndCapture(stream)
-        exec_ = cu.cuGraphInstantiate(graph, 0)
-        cu.cuGraphDestroy(graph)
+        try:
+            exec_ = cu.cuGraphInstantiate(graph, 0)
+        finally:
+            cu.cuGraphDestroy(graph)
         self.captures += 1
         return DecodeGraph(exec_, logits, token)
+
+    def _abandon(self, stream: Any) -> None:
+        """End a failed capture so the stream is usable again, destroying the graph the driver
+        returns when the capture itself was still valid (the failure was ours); the cause of
+        the failure propagates, so errors here are dropped."""
+        cu = self.be.cu
+        try:
+            graph = cu.cuStreamEndCapture(stream)
+        except CudaError:  # invalidated by the refused call: no graph was made
+            return
+        try:
+            cu.cuGraphDestroy(graph)
+        except CudaError:
+            pass
 
     def replay(self, graph: DecodeGraph, token: int, pos: int, kv: Any, greedy: bool) -> Any:
         be, cu = self.be, self.be.cu

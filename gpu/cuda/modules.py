@@ -10,15 +10,22 @@ the kernel's limits and launches on the context's stream: nothing about a kernel
 twice.  The manifest's grid and limit expressions are evaluated once per distinct set of scalar
 arguments.  The backend, `ukgpu verify`, the GPU tests and the kernel benchmarks all launch
 through this one class.
+
+Faults: a kernel that faults does not fail its launch; the next call that waits for the stream
+reports it, names no kernel, and the context is lost (`driver.STICKY`).  With `UKGPU_CUDA_SYNC=1`
+in the environment when the set is made (or `sync=True`), every eager launch waits for the
+stream, so a fault is raised as a `CudaError` naming the kernel and its grid (slow: a debugging
+mode; launches recorded into a graph never wait).  `ukgpu verify` always launches this way.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ukgpu.gpu.cuda.driver import CudaContext, CudaError
+from ukgpu.gpu.cuda.driver import NAMED_HINT, STICKY_HINT, SYNC_ENV, CudaContext, CudaError
 from ukgpu.ptx_kernels.loader import STATIC_SHARED_LIMIT, Artifact, Entry, KernelManifestError, Manifests
 
 JIT_LOG_BYTES = 8192
@@ -54,10 +61,12 @@ class KernelSet:
     """Loaded kernels of one device, by manifest entry name."""
 
     def __init__(self, ctx: CudaContext, manifests: Manifests | None = None,
-                 force_ptx: str | None = None):
+                 force_ptx: str | None = None, sync: bool | None = None):
         """force_ptx: a target ("sm_80") whose PTX is JIT-compiled instead of the best artifact
-        (verify uses it to check the portable fallback on a GPU that has a cubin)."""
+        (verify uses it to check the portable fallback on a GPU that has a cubin).  sync: wait
+        after every eager launch (None: as the environment's UKGPU_CUDA_SYNC says, read here)."""
         self.ctx = ctx
+        self.sync = os.environ.get(SYNC_ENV, "") not in ("", "0") if sync is None else sync
         self.cu = ctx.cu
         self.manifests = manifests or Manifests.load()
         self.force_ptx = force_ptx
@@ -137,11 +146,14 @@ class KernelSet:
                             detail=f"{art.path.name}" + (f"; JIT log: {text[:600]}" if text else "")
                             ) from exc
 
-    def launch(self, name: str, values: dict, stream: Any = None) -> None:
+    def launch(self, name: str, values: dict, stream: Any = None, sync: bool | None = None
+               ) -> None:
         """Launch entry `name` with `values` (every visible param by name + grid-only sizes).
 
         Grid and limits depend only on the scalar values: the manifest's expressions are
-        evaluated once per distinct set of them; pointers are checked on every launch."""
+        evaluated once per distinct set of them; pointers are checked on every launch.
+        sync: wait for the kernel and name it if it faulted (None: the set's `sync`; a launch
+        recorded into a graph must pass False)."""
         self.ctx.ensure_current()
         k = self.kernel(name)
         pointer_names = {p.name for p in k.pointers}
@@ -154,13 +166,27 @@ class KernelSet:
             self._check_pointers(k, values)
         grid, block, shared = plan
         args = tuple(0 if p.hidden else values.get(p.name, 0) for p in k.entry.params)
+        stream = stream if stream is not None else self.ctx.stream
         try:
-            self.cu.cuLaunchKernel(k.function, *grid, *block, shared,
-                                   stream if stream is not None else self.ctx.stream,
-                                   (args, k.types), 0)
+            self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, (args, k.types), 0)
         except CudaError as exc:
-            raise CudaError(exc.call, exc.name, exc.hint,
-                            detail=f"kernel {name}, grid {grid}") from exc
+            if not exc.sticky:  # this launch was refused (grid, arguments, resources)
+                raise CudaError(exc.call, exc.name, exc.hint,
+                                detail=f"kernel {name}, grid {grid}") from exc
+            raise CudaError(exc.call, exc.name, STICKY_HINT,  # earlier work faulted
+                            detail=f"reported at the launch of {name}; the fault is in work "
+                                   "queued before it") from exc
+        if self.sync if sync is None else sync:
+            self._wait(name, grid, stream)
+
+    def _wait(self, name: str, grid: tuple, stream: Any) -> None:
+        """Wait for the kernel just launched; a fault is raised naming it."""
+        try:
+            self.cu.cuStreamSynchronize(stream)
+        except CudaError as exc:
+            raise CudaError(exc.call, exc.name, NAMED_HINT if exc.sticky else exc.hint,
+                            detail=f"kernel {name}, grid {grid}, waited for right after its "
+                                   "launch") from exc
 
     @staticmethod
     def _check_pointers(k: LoadedKernel, values: dict) -> None:
