@@ -65,15 +65,27 @@ def test_an_unwritten_output_stays_poisoned_and_fails(tmp_path, monkeypatch):
     assert code == EXIT_MISMATCH and not check["ok"] and check["value"] == "inf"
 
 
-def test_a_kernel_that_faults_is_reported_not_raised(tmp_path, monkeypatch):
+def test_a_kernel_that_faults_is_named_and_the_lost_context_stops_the_rest(tmp_path, tiny_path,
+                                                                          monkeypatch):
+    """A fault is reported at a sync, with no kernel name, and loses the context: verify waits
+    after each launch, so the one error names the kernel; every later check is "not run"."""
     def fault(mem, e, a, grid):
         raise cuda_fake_kernels.EmulationError("out of bounds")
 
-    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "rmsnorm", fault)
-    code, report, text = verify(tmp_path, FakeDriver(), layers=False, e2e=False)
-    assert code == EXIT_MISMATCH
-    err = [c for c in report["checks"] if c["metric"] == "error"]
-    assert err and "CUDA_ERROR_ILLEGAL_ADDRESS" in err[0]["detail"]
+    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "rope", fault)
+    code, report, text = verify(tmp_path, FakeDriver(), model=str(tiny_path))
+    assert code == EXIT_MISMATCH and report["status"] == "fail"
+    checks = report["checks"]
+    assert [c["name"] for c in checks[:3]] == ["rmsnorm_f32", "rmsnorm_f32 per head (hd 256)",
+                                               "rope kernels"]
+    assert all(c["ok"] for c in checks[:2])
+    err = [c for c in checks if c["metric"] == "error"]
+    assert len(err) == 1 and "CUDA_ERROR_ILLEGAL_ADDRESS (kernel rope_norm_d64, grid" in err[0]["detail"]
+    rest = checks[3:]
+    assert {c["level"] for c in rest} == {"kernel", "layer", "e2e"}
+    assert all(c["metric"] == "not run" and not c["ok"] and c["detail"] == "not run: the GPU "
+               "context was lost at rope kernels (CUDA_ERROR_ILLEGAL_ADDRESS)" for c in rest)
+    assert "verify: fail" in text
 
 
 @pytest.mark.parametrize("driver, words", [

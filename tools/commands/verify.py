@@ -1,7 +1,9 @@
 """`ukgpu verify`: check the CUDA backend against the CPU reference (kernels, layers, end to end).
 
-Exit status: 0 every check passes, 1 any mismatch, 2 no usable GPU (the kernel manifests and
-artifact hashes are checked instead, and the output says so).
+Exit status: 0 every check passes, 1 any mismatch (a faulted kernel, and the checks a lost GPU
+context left not run, included), 2 no usable GPU (the kernel manifests and artifact hashes are
+checked instead, and the output says so).  Outside verify, `UKGPU_CUDA_SYNC=1` makes the CUDA
+backend wait after every eager launch so that a fault names its kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the CUDA backend next to the float64 CPU reference and compare: every "
                     "kernel on random inputs (NMSE bounds per op), the activations of every "
                     "block of a model, and its logits and greedy continuation. Without a level "
-                    "flag all three run. Exit 0 pass, 1 mismatch, 2 no GPU.")
+                    "flag all three run. Every launch waits for its kernel, so a kernel that "
+                    "faults is named; after a fault that loses the GPU context the remaining "
+                    "checks are reported as not run. Exit 0 pass, 1 mismatch, 2 no GPU.")
     p.add_argument("-m", "--model", default="smollm2-135m",
                    help="model name or GGUF path for --layers/--e2e (default: smollm2-135m)")
     p.add_argument("--kernels", action="store_true", help="kernel-level checks")
