@@ -92,6 +92,10 @@ def test_a_fault_surfaces_at_the_next_sync_and_says_how_to_name_the_kernel():
         ctx.sync()
     assert info.value.sticky and info.value.name == "CUDA_ERROR_ILLEGAL_ADDRESS"
     assert "add_f32" not in str(info.value) and "UKGPU_CUDA_SYNC=1" in str(info.value)
+    with pytest.raises(CudaError, match="reported at the launch of add_f32; the fault is in work "
+                                        "queued before it") as info:
+        add_on_unmapped_memory(ks)  # the context stays lost: every later call reports it
+    assert info.value.sticky
 
 
 def test_a_launch_that_reports_a_lost_context_does_not_blame_its_own_kernel():
