@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from tests.fakes.http_attacks import connect, fuzz_round, settle
+from fakes.http_attacks import connect, fuzz_round, settle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

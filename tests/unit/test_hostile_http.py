@@ -20,10 +20,11 @@ import httpx
 import pytest
 from test_api_fakes import FakeEngine
 
-from tests.fakes.http_attacks import connect, fuzz_round, read_until_closed, settle, status_of
 from ukgpu.kernel.api import create_app
 from ukgpu.kernel.api.limits import ServerLimits
 from ukgpu.kernel.api.server import background
+
+from fakes.http_attacks import connect, fuzz_round, read_until_closed, settle, status_of
 
 MODEL = "fake-model"
 LIMITS = ServerLimits(max_connections=8, header_timeout=0.5, body_timeout=0.5, keep_alive=1)

@@ -11,7 +11,6 @@ import threading
 
 import pytest
 
-from tests.fakes.tiny_models import SHAPES, tiny_spec
 from ukgpu.kernel.api.errors import ApiError
 from ukgpu.kernel.api.metrics import Metrics
 from ukgpu.kernel.api.scheduler import Failed, Finished, Job, Scheduler
@@ -19,6 +18,8 @@ from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.gguf import synthetic
 from ukgpu.llama_core.sampling import SamplingParams
 from ukgpu.llama_core.text.tokenizer import TokenizerError
+
+from fakes.tiny_models import SHAPES, tiny_spec
 
 N_TOKENS = 300  # the tokenizer's size; the embedding has 512 rows
 
