@@ -88,6 +88,7 @@ class DeviceKV:
 
 class CudaBackend(Backend):
     name = "cuda"
+    max_prefill_rows = 512  # prompts run in passes of this many rows: what the arena's share holds
 
     def __init__(self, ctx: CudaContext, kernels: KernelSet, arena: DeviceArena):
         self.ctx, self.cu, self.kernels, self.arena = ctx, ctx.cu, kernels, arena

@@ -31,7 +31,7 @@ from ukgpu.ptx_kernels.repack import FORMATS
 MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
                   "argmax_f32", "store_rows_f16")
-PREFILL_ROWS = 512  # rows of one prefill pass (`Backend.max_prefill_rows`): what the arena holds
+PREFILL_ROWS = CudaBackend.max_prefill_rows  # rows of one prefill pass: what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
 
@@ -147,7 +147,5 @@ def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
     kernels = KernelSet(ctx, manifests)
     kernels.preload(names)
     size = arena_bytes or default_arena_bytes(ctx, gguf, n_ctx, n_slots)
-    backend = CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
-    backend.max_prefill_rows = PREFILL_ROWS  # prompts run in chunks the activation share holds
-    return backend
+    return CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
 

@@ -3,7 +3,7 @@ guest serves from the GPU.
 
     result = self_test(backend, gguf)   # a CudaBackend made by select.create_backend
     result.ok, result.summary()         # "GPU self-test passed: 27 kernel checks in 0.4s"
-                                        # "GPU self-test failed: matvec_q4_k_b1 NMSE 1.0e-02 > 5.0e-04"
+                                        # "GPU self-test failed: matvec_q4_k_b1 NMSE 1.0e-02 > 1.0e-08"
 
 The checks are `verify_kernels`' per-op cases (random inputs, poisoned outputs, a float64
 reference, per-op NMSE bounds), run through the backend's own `KernelSet` on a scratch arena of
@@ -34,7 +34,7 @@ Case = Callable[[vk.Device, np.random.Generator], list[vk.Check]]
 class SelfTestResult:
     checks: int = 0
     seconds: float = 0.0
-    failures: list[str] = field(default_factory=list)  # "matvec_q4_k_b1 NMSE 1.0e-02 > 5.0e-04"
+    failures: list[str] = field(default_factory=list)  # "matvec_q4_k_b1 NMSE 1.0e-02 > 1.0e-08"
 
     @property
     def ok(self) -> bool:

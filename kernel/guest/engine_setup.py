@@ -12,7 +12,7 @@ A GPU backend then passes the boot self-test (`ukgpu.gpu.cuda.self_test`: the ke
 `ukgpu verify` on the kernels the model uses) before it serves: if a kernel is wrong the guest
 closes the GPU and serves from the CPU, and the note (logged, on the READY line and in /health's
 backend_note) names the kernel: `cpu (GPU self-test failed: matvec_q4_k_b1 NMSE 1.0e-02 >
-5.0e-04)`.  Under ukgpu.backend=cuda a failed self-test is a boot error; ukgpu.gpu_selftest=off
+1.0e-08)`.  Under ukgpu.backend=cuda a failed self-test is a boot error; ukgpu.gpu_selftest=off
 skips it.
 """
 
