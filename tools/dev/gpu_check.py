@@ -204,7 +204,7 @@ class Phases:
         if self.args.llama_cpp:
             return build_llama_bench(self.args.llama_cpp, KIT / "llama.cpp", sys.stdout)
         raise CheckError(f"no llama-bench archive at {self.args.archive} (copy "
-                         "../shared/gpu/llama-bench-cuda-sm90a.tar.xz there) and no --llama-cpp SRC")
+                         "a prebuilt llama-bench-cuda-sm90a.tar.xz there) and no --llama-cpp SRC")
 
 
 def _options(ap: argparse.ArgumentParser) -> None:
