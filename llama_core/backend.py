@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,21 @@ class RopeConfig:
         high = min(self.n_rot - 1.0, math.ceil(corr_dim(self.beta_slow)))
         y = (np.arange(self.n_rot // 2, dtype=np.float64) - low) / max(0.001, high - low)
         return 1.0 - np.clip(y, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What the attention of one layer needs besides its activations: head counts, the rope,
+    the sliding window, the q.k scale and the optional per-head q/k RMSNorm weights."""
+
+    n_heads: int
+    n_kv_heads: int
+    rope: RopeConfig
+    window: int = 0  # 0: causal; > 0: sliding window (see `Backend.attention`)
+    scale: float | None = None  # None: 1/sqrt(hd)
+    q_norm: Any = None  # [hd] weight handles (qwen3, gemma3), or None
+    k_norm: Any = None
+    eps: float = 1e-6
 
 
 @dataclass
@@ -194,12 +209,57 @@ class Backend(ABC):
         raise NotImplementedError(f"the {self.name} backend decodes one sequence per step "
                                   "(max_batch 1): call Model.forward per sequence")
 
+    # --- fused steps (defaults: the ops above; a device backend may run each as one kernel) --
+    def norm_matmuls(self, x: Act, norm: Any, eps: float,
+                     mats: Sequence[tuple[Any, Any | None]]) -> list[Act]:
+        """h = rmsnorm(x, norm), then h @ w^T (+ b) for each (w, b) of `mats` (q, k, v of an
+        attention block; the output matrix): one [n, out_i] per matrix."""
+        h = self.rmsnorm(x, norm, eps)
+        return [self.matmul(h, w, b) for w, b in mats]
+
+    def norm_glu(self, x: Act, norm: Any, eps: float, w_gate: Any, w_up: Any, act: str) -> Act:
+        """act(h Wgate^T) * (h Wup^T) with h = rmsnorm(x, norm); act "silu" or "gelu"
+        (`swiglu` / `gelu_gate`): [n, d_ff]."""
+        h = self.rmsnorm(x, norm, eps)
+        gate_act = self.gelu_gate if act == "gelu" else self.swiglu
+        return gate_act(self.matmul(h, w_gate), self.matmul(h, w_up))
+
+    def matmul_add(self, x: Act, a: Act, weight: Any) -> Act:
+        """x + a @ weight^T, the residual update (x may be updated in place and returned)."""
+        return self.add(x, self.matmul(a, weight))
+
+    def attend(self, q: Act, k: Act, v: Act, kv: KVCache, layer: int, start_pos: int,
+               spec: LayerAttention) -> Act:
+        """The attention of one sequence's n rows at start_pos..: per-head q/k norms (when the
+        spec has them), rope of q and k, store k and v in `kv`, attention: [n, H*hd]."""
+        if spec.q_norm is not None:
+            q = self.rmsnorm_heads(q, spec.q_norm, spec.n_heads, spec.eps)
+            k = self.rmsnorm_heads(k, spec.k_norm, spec.n_kv_heads, spec.eps)
+        q = self.rope(q, start_pos, spec.n_heads, spec.rope)
+        k = self.rope(k, start_pos, spec.n_kv_heads, spec.rope)
+        return self.attention(q, k, v, kv, layer, start_pos, window=spec.window, scale=spec.scale)
+
+    def attend_batch(self, q: Act, k: Act, v: Act, kvs: Sequence[KVCache], layer: int,
+                     positions: Sequence[int], spec: LayerAttention) -> Act:
+        """`attend` of B sequences, one row each: row b at positions[b] of kvs[b]: [B, H*hd].
+        Default: one `attend` per row, stacked with `concat_rows`."""
+        rows = [slice(b, b + 1) for b in range(len(positions))]
+        return self.concat_rows([
+            self.attend(self.take_rows(q, r), self.take_rows(k, r), self.take_rows(v, r), kv,
+                        layer, pos, spec) for r, pos, kv in zip(rows, positions, kvs)])
+
     # --- whole steps and lifetime (defaults: nothing beyond the ops above) -------------
     def decode(self, model: Any, token: int, start_pos: int, kv: KVCache) -> np.ndarray:
         """Logits float[1, vocab] of `token` at `start_pos` of `kv` (a one-token decode step of
         `model`, a `Model` on this backend).  Default: `model.forward` itself; a device backend
         may replay a recorded step instead (the capture contract: module docstring)."""
         return model.forward(np.array([token]), start_pos, kv, all_logits=False)
+
+    def decode_batch(self, model: Any, tokens: np.ndarray, positions: Sequence[int],
+                     kvs: Sequence[KVCache]) -> np.ndarray:
+        """Logits float[B, vocab] of one decode step of B sequences (`Model.forward_batch`);
+        a device backend may replay a recorded batched step instead."""
+        return model.forward_batch(tokens, list(positions), list(kvs))
 
     def decode_greedy(self, model: Any, token: int, start_pos: int, kv: KVCache) -> int:
         """The argmax token after `token` at `start_pos` (what `decode` then a greedy `Sampler`

@@ -184,7 +184,7 @@ class Engine:
 
     def step_all(self, seqs: Seq[Sequence]) -> list[list[TokenEvent] | Exception]:
         """One `step` of every sequence, in order.  Sequences past their prompt decode together,
-        up to the backend's `max_batch` per forward pass (`Model.forward_batch`: each weight is
+        up to the backend's `max_batch` per forward pass (`Backend.decode_batch`: each weight is
         read once for the group); the others step alone.  A sequence's failure comes back in
         its place, so the rest go on; an interrupt is raised."""
         out: list[list[TokenEvent] | Exception | None] = [None] * len(seqs)
@@ -217,8 +217,8 @@ class Engine:
         """Sample the next token of each sequence from one batched forward pass."""
         t0 = time.perf_counter()
         try:
-            logits = self.model.forward_batch(np.array([s.tokens[-1] for s in seqs]),
-                                              [s.n_cached for s in seqs], [s.kv for s in seqs])
+            logits = self.model.backend.decode_batch(self.model, np.array([s.tokens[-1] for s in seqs]),
+                                                     [s.n_cached for s in seqs], [s.kv for s in seqs])
         except BaseException:
             for seq in seqs:
                 seq.kv_suspect = True

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ukgpu.llama_core.backend import Backend, KVCache
+from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.layers import RopeTable, Weights, rope_config
@@ -123,16 +123,18 @@ class Model:
             return None
         if logits == "last":
             x = be.take_rows(x, slice(-1, None))  # [1, d]
-        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
-        return be.to_host(be.matmul(x, w.output))  # [n, vocab]
+        (logits,) = be.norm_matmuls(x, w.output_norm, c.rms_eps, [(w.output, None)])
+        return be.to_host(logits)  # [n, vocab]
 
     def _layers(self, tokens: np.ndarray, start_pos: int, kv: KVCache) -> Any:
         """The residual stream [n, d] after every block, for tokens int[n] at start_pos.."""
-        w = self.weights
+        w, be = self.weights, self.backend
         x = self._embed(tokens)  # [n, d]
         for i, lw in enumerate(w.layers):
-            def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
-                return self._rope_attend(q, k, v, kv, i, start_pos)  # [n, H*hd]
+            spec = self.attention_spec(i, kv.n_ctx)
+
+            def attend(q: Any, k: Any, v: Any, i: int = i, spec: LayerAttention = spec) -> Any:
+                return be.attend(q, k, v, kv, i, start_pos, spec)  # [n, H*hd]
             x = self._block(x, lw, attend)
         return x
 
@@ -140,27 +142,28 @@ class Model:
         """One decode step of B sequences: token b at position positions[b] of cache kvs[b].
         Logits float[B, vocab]; row b is what forward([tokens[b]], positions[b], kvs[b]) gives.
         The matrix products run once over all B rows (each weight is read once for the batch);
-        rope and attention run per sequence.  Needs a backend with `max_batch` > 1."""
+        attention through the backend's `attend_batch` (each row its own cache and position;
+        the caches share one n_ctx).  Needs a backend with `max_batch` > 1."""
         c, w, be = self.config, self.weights, self.backend
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if not len(tokens) == len(positions) == len(kvs) or len(tokens) > be.max_batch:
             raise ValueError(f"forward_batch: {len(tokens)} tokens, {len(positions)} positions, "
                              f"{len(kvs)} caches; need equal counts of at most {be.max_batch}")
+        if len({kv.n_ctx for kv in kvs}) > 1:
+            raise ValueError("forward_batch: the KV caches of one batch must have one n_ctx")
         for pos, kv in zip(positions, kvs):
             if pos + 1 > kv.n_ctx:
                 raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
                                            "shorten the input or raise n_ctx")
-        rows = [slice(b, b + 1) for b in range(len(tokens))]
         x = self._embed(tokens)  # [B, d]
         for i, lw in enumerate(w.layers):
-            def attend(q: Any, k: Any, v: Any, i: int = i) -> Any:
-                return be.concat_rows([  # [B, H*hd]
-                    self._rope_attend(be.take_rows(q, row), be.take_rows(k, row),
-                                      be.take_rows(v, row), kv, i, pos)
-                    for row, pos, kv in zip(rows, positions, kvs)])
+            spec = self.attention_spec(i, kvs[0].n_ctx)
+
+            def attend(q: Any, k: Any, v: Any, i: int = i, spec: LayerAttention = spec) -> Any:
+                return be.attend_batch(q, k, v, kvs, i, positions, spec)  # [B, H*hd]
             x = self._block(x, lw, attend)
-        x = be.rmsnorm(x, w.output_norm, c.rms_eps)
-        return be.to_host(be.matmul(x, w.output))  # [B, vocab]
+        (logits,) = be.norm_matmuls(x, w.output_norm, c.rms_eps, [(w.output, None)])
+        return be.to_host(logits)  # [B, vocab]
 
     def _embed(self, tokens: np.ndarray) -> Any:
         """The embedding rows of tokens int[n] (times sqrt(d) on gemma3): [n, d]."""
@@ -168,31 +171,26 @@ class Model:
         scale = self.config.embed_scale
         return x if scale == 1.0 else self.backend.scale(x, scale)
 
-    def _rope_attend(self, q: Any, k: Any, v: Any, kv: KVCache, layer: int, start_pos: int) -> Any:
-        """Rotate q, k for positions start_pos.., store k, v in kv and attend: [n, H*hd]."""
-        c, be = self.config, self.backend
-        rope = self.ropes.layer_rope(layer, kv.n_ctx)
-        q = be.rope(q, start_pos, c.n_heads, rope)
-        k = be.rope(k, start_pos, c.n_kv_heads, rope)
-        return be.attention(q, k, v, kv, layer, start_pos, window=c.layer_window(layer), scale=c.attn_scale)
+    def attention_spec(self, layer: int, n_ctx: int) -> LayerAttention:
+        """Layer `layer`'s attention for a KV cache of n_ctx positions (its rope, window, scale
+        and q/k norms)."""
+        c, lw = self.config, self.weights.layers[layer]
+        return LayerAttention(n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                              rope=self.ropes.layer_rope(layer, n_ctx), window=c.layer_window(layer),
+                              scale=c.attn_scale, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=c.rms_eps)
 
     def _block(self, x: Any, lw: Any, attend: Callable[[Any, Any, Any], Any]) -> Any:
-        """One transformer block on x [n, d]; `attend(q, k, v)` places and attends."""
-        c, be = self.config, self.backend
-        h = be.rmsnorm(x, lw.attn_norm, c.rms_eps)  # [n, d]
-        q = be.matmul(h, lw.wq, lw.bq)  # [n, H*hd]
-        k = be.matmul(h, lw.wk, lw.bk)  # [n, Hkv*hd]
-        v = be.matmul(h, lw.wv, lw.bv)
-        if lw.q_norm is not None:
-            q = be.rmsnorm_heads(q, lw.q_norm, c.n_heads, c.rms_eps)
-            k = be.rmsnorm_heads(k, lw.k_norm, c.n_kv_heads, c.rms_eps)
-        a = be.matmul(attend(q, k, v), lw.wo)  # [n, d]
-        if lw.attn_post_norm is not None:
-            a = be.rmsnorm(a, lw.attn_post_norm, c.rms_eps)
-        x = be.add(x, a)
-        h = be.rmsnorm(x, lw.ffn_norm, c.rms_eps)
-        gate_act = be.gelu_gate if c.family.ffn_act == "gelu" else be.swiglu
-        f = be.matmul(gate_act(be.matmul(h, lw.w_gate), be.matmul(h, lw.w_up)), lw.w_down)  # [n, d]
-        if lw.ffn_post_norm is not None:
-            f = be.rmsnorm(f, lw.ffn_post_norm, c.rms_eps)
-        return be.add(x, f)
+        """One transformer block on x [n, d]; `attend(q, k, v)` places and attends.  Written in
+        the backend's fused steps (norm + projections, projection + residual, norm + gated FFN),
+        which a device backend runs as single kernels and the CPU as the plain ops."""
+        c, be, eps = self.config, self.backend, self.config.rms_eps
+        q, k, v = be.norm_matmuls(x, lw.attn_norm, eps, [(lw.wq, lw.bq), (lw.wk, lw.bk), (lw.wv, lw.bv)])
+        a = attend(q, k, v)  # [n, H*hd]
+        if lw.attn_post_norm is None:
+            x = be.matmul_add(x, a, lw.wo)
+        else:
+            x = be.add(x, be.rmsnorm(be.matmul(a, lw.wo), lw.attn_post_norm, eps))
+        f = be.norm_glu(x, lw.ffn_norm, eps, lw.w_gate, lw.w_up, c.family.ffn_act)  # [n, d_ff]
+        if lw.ffn_post_norm is None:
+            return be.matmul_add(x, f, lw.w_down)
+        return be.add(x, be.rmsnorm(be.matmul(f, lw.w_down), lw.ffn_post_norm, eps))

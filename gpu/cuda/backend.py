@@ -22,6 +22,7 @@ model checks, and probing, live in `select`; choosing between this backend and t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,9 @@ import numpy as np
 from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
 from ukgpu.gpu.cuda.driver import CudaContext
 from ukgpu.gpu.cuda.graph import DecodeGraphs, StepBuffers
+from ukgpu.gpu.cuda.kv_slab import KvPool
 from ukgpu.gpu.cuda.modules import KernelSet
-from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
+from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention, RopeConfig
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.ptx_kernels.loader import (
     attention_entries,
@@ -71,30 +73,17 @@ class DeviceWeight:
     nbytes: int = 0  # device bytes of the planes (what a mat-vec reads)
 
 
-@dataclass
-class DeviceKV:
-    """Keys or values of one sequence: per layer a float16 (n_ctx, Hkv, hd) block at base + i*stride."""
-
-    base: int
-    layer_stride: int  # bytes
-    n_kv_heads: int
-    head_dim: int
-    n_layers: int
-    owner: Any = None  # the pool block: back to the pool when the KVCache is dropped
-
-    def layer(self, i: int) -> int:
-        return self.base + i * self.layer_stride
-
-
 class CudaBackend(Backend):
     name = "cuda"
     max_prefill_rows = 512  # prompts run in passes of this many rows: what the arena's share holds
 
-    def __init__(self, ctx: CudaContext, kernels: KernelSet, arena: DeviceArena):
+    max_batch = MATVEC_MAX_ROWS  # sequences one decode step carries (the b8 mat-vec kernels)
+
+    def __init__(self, ctx: CudaContext, kernels: KernelSet, arena: DeviceArena, kv_slots: int = 1):
         self.ctx, self.cu, self.kernels, self.arena = ctx, ctx.cu, kernels, arena
         self.pool = BufferPool(arena)
-        self.kv_pool = BufferPool(arena, "kv cache")
-        self.step = StepBuffers(arena.alloc(64, "step"))
+        self.kv_pool = KvPool(arena, kv_slots)  # one slab of kv_slots caches per cache shape
+        self.step = StepBuffers(arena.alloc(StepBuffers.NBYTES, "step"))
         self.capturing = False  # ops read token/position from `step` instead of uploading
         self.captured_output: DeviceBuffer | None = None
         self._forward_id = 0
@@ -167,14 +156,14 @@ class CudaBackend(Backend):
         return DeviceWeight(view.name, qtype, shape, {}, vec=self.upload(vec, "weights"))
 
     def alloc_kv(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> KVCache:
-        """A zeroed float16 cache; its memory returns to the KV pool when the KVCache goes."""
+        """A zeroed float16 cache in a slot of the KV pool's slab of this shape (`kv_slab`); the
+        slot returns to the slab when the KVCache goes."""
         self.ctx.ensure_current()
-        stride = n_ctx * n_kv_heads * head_dim * 2
-        halves = []
-        for _ in ("k", "v"):
-            block = self.kv_pool.take(n_layers * stride)
-            self.cu.cuMemsetD32Async(block.ptr, 0, n_layers * stride // 4, self.ctx.stream)
-            halves.append(DeviceKV(block.ptr, stride, n_kv_heads, head_dim, n_layers, block))
+        halves = self.kv_pool.take((n_layers, n_ctx, n_kv_heads, head_dim))
+        words = n_ctx * n_kv_heads * head_dim // 2  # a layer's rows of one slot, in 32-bit words
+        for half in halves:
+            for i in range(n_layers):
+                self.cu.cuMemsetD32Async(half.layer(i), 0, words, self.ctx.stream)
         return KVCache(halves[0], halves[1], n_ctx)
 
     def copy_kv(self, src: KVCache, dst: KVCache, n_tokens: int) -> None:
@@ -244,9 +233,14 @@ class CudaBackend(Backend):
             raise CudaUnsupported(f"rope over {rope.n_rot} dims of {hd}-dim heads: the model "
                                   "file is inconsistent")
         pos, _ = self._pos_lens(start_pos, n)
+        return self._rope_at(x, pos, n_heads, rope)
+
+    def _rope_at(self, x: DeviceBuffer, pos: int, n_heads: int, rope: RopeConfig) -> DeviceBuffer:
+        """Rotate row t of x [n, n_heads*hd] in place by the device int32 position pos[t]."""
+        n, width = x.shape
         self.launch(rope_entry(rope.neox, rope.n_rot), x=x.ptr, y=x.ptr, pos=pos,
-                    freqs=self._rope_table(rope), stride_x=width, stride_y=width, head_dim=hd,
-                    n_rot=rope.n_rot, mscale=rope.mscale, T=n, H=n_heads)
+                    freqs=self._rope_table(rope), stride_x=width, stride_y=width,
+                    head_dim=width // n_heads, n_rot=rope.n_rot, mscale=rope.mscale, T=n, H=n_heads)
         return x
 
     def _rope_table(self, rope: RopeConfig) -> int:
@@ -276,22 +270,75 @@ class CudaBackend(Backend):
                       scale=1.0 / math.sqrt(hd) if scale is None else float(scale),
                       window=int(window))
         if n == 1:
-            self._attn_decode(common, hd, lens, kv.n_ctx)
+            slot = self.step.slot if self.capturing else lens + 16  # slot 0 of its own cache
+            self._attn_decode(common, hd, lens, slot, kv.n_ctx, 1)
         else:
             self.launch(attention_entries(hd)["prefill"], **common, T=n, start=start_pos)
         return out
 
-    def _attn_decode(self, common: dict, hd: int, lens: int, n_ctx: int) -> None:
-        """Split-K decode: S partials over chunks of the keys, then one combine."""
+    def _attn_decode(self, common: dict, hd: int, lens: int, slots: int, n_ctx: int, b: int) -> None:
+        """Split-K decode of b rows (row r: the cache slot slots[r], lens[r] keys): S partials
+        over chunks of the keys, then one combine."""
         splits, chunk = decode_splits(n_ctx)
         hq, out = common["Hq"], common.pop("out")
-        part, ml = self.new((1, hq, splits, hd)), self.new((1, hq, splits, 2))
-        slot = self.step.slot if self.capturing else lens + 16
+        part, ml = self.new((b, hq, splits, hd)), self.new((b, hq, splits, 2))
         names = attention_entries(hd)
-        self.launch(names["decode"], **common, part_out=part.ptr, part_ml=ml.ptr, slots=slot,
-                    lens=lens, n_ctx=n_ctx, chunk=chunk, B=1, S=splits)
+        self.launch(names["decode"], **common, part_out=part.ptr, part_ml=ml.ptr, slots=slots,
+                    lens=lens, n_ctx=n_ctx, chunk=chunk, B=b, S=splits)
         self.launch(names["combine"], part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
-                    B=1, Hq=hq)
+                    B=b, Hq=hq)
+
+    def attend_batch(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kvs: Sequence[KVCache],
+                     layer: int, positions: Sequence[int], spec: LayerAttention) -> DeviceBuffer:
+        """B sequences whose caches share one slab (`kv_slab`): every kernel runs once for all
+        B rows, each row reading its position, key count and slot from device words (a recorded
+        step reads them from the step buffers).  Caches of different slabs: one row at a time."""
+        slab = kvs[0].k.slab
+        if slab is None or any(kv.k.slab is not slab for kv in kvs):
+            if self.capturing:
+                raise CudaUnsupported("a batched decode step over caches of different slabs")
+            return super().attend_batch(q, k, v, kvs, layer, positions, spec)
+        b, hkv, hd = len(kvs), slab.shape[2], slab.shape[3]
+        pos, lens, slots, rows = self._batch_words(positions, [kv.k.slot for kv in kvs], slab.n_ctx)
+        if spec.q_norm is not None:
+            q = self.rmsnorm_heads(q, spec.q_norm, spec.n_heads, spec.eps)
+            k = self.rmsnorm_heads(k, spec.k_norm, spec.n_kv_heads, spec.eps)
+        q = self._rope_at(q, pos, spec.n_heads, spec.rope)
+        k = self._rope_at(k, pos, spec.n_kv_heads, spec.rope)
+        k_base, v_base = slab.k_layer(layer), slab.v_layer(layer)
+        for src, dst in ((k, k_base), (v, v_base)):
+            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=rows, W=hkv * hd,
+                        src_stride=hkv * hd, T=b)
+        out = self.new((b, spec.n_heads * hd))
+        common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=spec.n_heads, Hkv=hkv,
+                      scale=1.0 / math.sqrt(hd) if spec.scale is None else float(spec.scale),
+                      window=int(spec.window))
+        self._attn_decode(common, hd, lens, slots, slab.n_ctx, b)
+        return out
+
+    def _batch_words(self, positions: Sequence[int], slots: Sequence[int], n_ctx: int
+                     ) -> tuple[int, int, int, int]:
+        """Device int32[B] positions, key counts, slots and slab rows (slot*n_ctx + position) of
+        a batched step: the step buffers while recording, else uploaded for this forward."""
+        if self.capturing:
+            st = self.step
+            return st.pos, st.lens, st.slot, st.rows
+        key = (self._forward_id, -2, 0)
+        if key not in self._live:
+            self._live[key] = self._upload_act(StepBuffers.batch_words([0] * len(slots), positions,
+                                                                       slots, n_ctx))
+        base = self._live[key].ptr
+        return base + StepBuffers.POS, base + StepBuffers.LENS, base + StepBuffers.SLOT, base + StepBuffers.ROWS
+
+    def concat_rows(self, parts: list[DeviceBuffer]) -> DeviceBuffer:
+        """The rows of `parts` stacked into a new buffer (device-to-device copies)."""
+        width = parts[0].shape[1]
+        out = self.new((sum(p.shape[0] for p in parts), width))
+        at = out.ptr
+        for part in parts:
+            self.cu.cuMemcpyDtoDAsync(at, part.ptr, part.nbytes, self.ctx.stream)
+            at += part.nbytes
+        return out
 
     def swiglu(self, gate: DeviceBuffer, up: DeviceBuffer) -> DeviceBuffer:
         self.launch("swiglu_f32", gate=gate.ptr, up=up.ptr, out=gate.ptr, n=gate.size)
@@ -336,6 +383,12 @@ class CudaBackend(Backend):
         """Logits float32[1, vocab] of `token` at `start_pos` (same as model.forward, but
         replayed from a CUDA graph after the first step of each KV cache)."""
         return self.graphs.step(model, int(token), int(start_pos), kv, greedy=False)
+
+    def decode_batch(self, model: Any, tokens: np.ndarray, positions: Sequence[int],
+                     kvs: Sequence[KVCache]) -> np.ndarray:
+        """Logits float32[B, vocab] of one step of B sequences, replayed from the batch-size-B
+        graph of their slab after its first step (`graph.DecodeGraphs.step_batch`)."""
+        return self.graphs.step_batch(model, np.asarray(tokens).reshape(-1), list(positions), list(kvs))
 
     def decode_greedy(self, model: Any, token: int, start_pos: int, kv: KVCache) -> int:
         """The argmax token after `token` at `start_pos`, computed on the device."""

@@ -39,38 +39,56 @@ from ukgpu.llama_core.errors import UkgpuError
 
 @dataclass
 class StepBuffers:
-    """int32 device words a captured decode graph reads each step (16-byte apart)."""
+    """int32 device words a recorded decode step reads each replay: int32[8] each of token ids,
+    positions, key counts, cache slots and slab rows (slot * n_ctx + position), one per batch
+    row (one row for a single sequence, whose cache is its own slot 0)."""
 
+    IDS, POS, LENS, SLOT, ROWS = 0, 32, 64, 96, 128  # byte offsets (16-byte aligned)
+    NBYTES = 160
     base: int
 
     @property
     def ids(self) -> int:
-        return self.base
+        return self.base + self.IDS
 
     @property
-    def pos(self) -> int:  # also the KV row: each sequence's cache is its own slot 0
-        return self.base + 16
+    def pos(self) -> int:
+        return self.base + self.POS
 
     @property
     def lens(self) -> int:
-        return self.base + 32
+        return self.base + self.LENS
 
     @property
     def slot(self) -> int:
-        return self.base + 48
+        return self.base + self.SLOT
 
-    @staticmethod
-    def words(token: int, pos: int) -> np.ndarray:
-        w = np.zeros(16, dtype=np.int32)
-        w[0], w[4], w[8], w[12] = token, pos, pos + 1, 0
+    @property
+    def rows(self) -> int:
+        return self.base + self.ROWS
+
+    @classmethod
+    def batch_words(cls, tokens: Any, positions: Any, slots: Any, n_ctx: int) -> np.ndarray:
+        """The words of one step of len(tokens) <= 8 rows."""
+        w = np.zeros(cls.NBYTES // 4, dtype=np.int32)
+        b = len(tokens)
+        pos, slot = np.asarray(positions, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+        w[0:b] = np.asarray(tokens, dtype=np.int64)
+        w[8:8 + b], w[16:16 + b], w[24:24 + b] = pos, pos + 1, slot
+        w[32:32 + b] = slot * n_ctx + pos
         return w
+
+    @classmethod
+    def words(cls, token: int, pos: int) -> np.ndarray:
+        """One sequence (its own cache, slot 0)."""
+        return cls.batch_words([token], [pos], [0], 0)
 
 
 @dataclass
 class DecodeGraph:
     exec: Any
     logits: DeviceBuffer  # float32[1, vocab], written by every replay
-    token: DeviceBuffer  # int32[1], argmax of logits
+    token: DeviceBuffer | None  # int32[1], argmax of logits (single-sequence graphs)
     replays: int = 0
 
 
@@ -80,6 +98,7 @@ class DecodeGraphs:
     def __init__(self, backend: Any):
         self.be = backend
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.batch_graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (model, slab, B)
         self.captures = 0
         self.eager_reason = ""  # why decode runs eagerly (a refused capture); "" while graphs do
 
@@ -90,17 +109,36 @@ class DecodeGraphs:
             return self.replay(graph, token, pos, kv, greedy)
         logits = model.forward(np.array([token]), pos, kv, all_logits=False)  # eager (warm-up)
         if not self.eager_reason:
-            graph = self._try_capture(model, kv)
+            graph = self._try_capture(lambda: self.capture(model, kv))
             if graph is not None:
                 self.graphs[key] = graph
                 for owner in (kv, model):  # its memory / id may be reused: drop the graph with it
                     weakref.finalize(owner, self._forget, key)
         return int(np.argmax(logits[0])) if greedy else logits
 
-    def _try_capture(self, model: Any, kv: Any) -> DecodeGraph | None:
+    def step_batch(self, model: Any, tokens: np.ndarray, positions: list[int], kvs: list[Any]) -> Any:
+        """Logits [B, vocab] of one step of B sequences: replayed from the (model, slab, B)
+        graph when their caches share a slab (`kv_slab`), else `model.forward_batch` eagerly.
+        The first step of each batch size runs eagerly and records the graph."""
+        slab = kvs[0].k.slab
+        if slab is None or any(kv.k.slab is not slab for kv in kvs):
+            return model.forward_batch(tokens, positions, kvs)
+        key = (id(model), id(slab), len(kvs))
+        graph = self.batch_graphs.get(key)
+        if graph is not None:
+            return self.replay_batch(graph, tokens, positions, kvs)
+        logits = model.forward_batch(tokens, positions, kvs)  # eager (warm-up)
+        if not self.eager_reason:
+            graph = self._try_capture(lambda: self.capture_batch(model, kvs))
+            if graph is not None:
+                self.batch_graphs[key] = graph
+                weakref.finalize(model, self._forget, key)  # the slab lives as long as the backend
+        return logits
+
+    def _try_capture(self, record: Any) -> DecodeGraph | None:
         """The captured graph, or None after a refusal (decode is eager from then on)."""
         try:
-            return self.capture(model, kv)
+            return record()
         except CudaError as exc:
             if exc.sticky:
                 raise
@@ -113,6 +151,23 @@ class DecodeGraphs:
         return None
 
     def capture(self, model: Any, kv: Any) -> DecodeGraph:
+        be = self.be
+
+        def run() -> tuple[DeviceBuffer, DeviceBuffer]:
+            model.forward(np.zeros(1, dtype=np.int64), 0, kv, all_logits=False)
+            logits = be.captured_output
+            return logits, be.argmax(logits)
+        return self._record(run)
+
+    def capture_batch(self, model: Any, kvs: list[Any]) -> DecodeGraph:
+        """Record `model.forward_batch` over the caches' slab: rows read token, position, slot
+        from the step buffers, so the graph serves any B sequences of that slab."""
+        def run() -> tuple[DeviceBuffer, None]:
+            model.forward_batch(np.zeros(len(kvs), dtype=np.int64), [0] * len(kvs), kvs)
+            return self.be.captured_output, None
+        return self._record(run)
+
+    def _record(self, run: Any) -> DecodeGraph:
         be, cu = self.be, self.be.cu
         stream = be.ctx.stream
         be.ctx.ensure_current()
@@ -120,9 +175,7 @@ class DecodeGraphs:
         cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         be.capturing, be.captured_output = True, None
         try:
-            model.forward(np.zeros(1, dtype=np.int64), 0, kv, all_logits=False)
-            logits = be.captured_output
-            token = be.argmax(logits)
+            logits, token = run()
         except BaseException:
             be.capturing = False
             self._abandon(stream)
@@ -166,10 +219,27 @@ class DecodeGraphs:
             return int(be.to_host(graph.token)[0])
         return be.to_host(graph.logits)
 
-    def _forget(self, key: tuple[int, int]) -> None:
-        """Finalizer of a KV cache: its graph goes too (nothing to do once the context is lost:
-        the driver freed everything with it)."""
-        graph = self.graphs.pop(key, None)
+    def replay_batch(self, graph: DecodeGraph, tokens: np.ndarray, positions: list[int],
+                     kvs: list[Any]) -> np.ndarray:
+        be, cu = self.be, self.be.cu
+        n_ctx = kvs[0].n_ctx
+        for pos in positions:
+            if not 0 <= pos < n_ctx:
+                from ukgpu.llama_core.model import ContextOverflowError
+
+                raise ContextOverflowError(f"position {pos} does not fit a {n_ctx}-token KV "
+                                           "cache; shorten the input or raise n_ctx")
+        be.ctx.ensure_current()
+        words = StepBuffers.batch_words(tokens, positions, [kv.k.slot for kv in kvs], n_ctx)
+        cu.cuMemcpyHtoDAsync(be.step.base, words.ctypes.data, words.nbytes, be.ctx.stream)
+        cu.cuGraphLaunch(graph.exec, be.ctx.stream)
+        graph.replays += 1
+        return be.to_host(graph.logits)
+
+    def _forget(self, key: tuple) -> None:
+        """Finalizer of a KV cache (or model): its graph goes too (nothing to do once the
+        context is lost: the driver freed everything with it)."""
+        graph = self.graphs.pop(key, None) or self.batch_graphs.pop(key, None)  # type: ignore[call-overload]
         if graph is not None:
             try:
                 self.be.cu.cuGraphExecDestroy(graph.exec)
@@ -177,6 +247,7 @@ class DecodeGraphs:
                 pass
 
     def release(self) -> None:
-        for graph in self.graphs.values():
+        for graph in [*self.graphs.values(), *self.batch_graphs.values()]:
             self.be.cu.cuGraphExecDestroy(graph.exec)
         self.graphs.clear()
+        self.batch_graphs.clear()

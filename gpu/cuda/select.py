@@ -106,9 +106,12 @@ def activation_bytes(cfg: Any, rows: int = PREFILL_ROWS, logit_rows: int | None 
     kinds = [rows * w * 4 for w in widths] + [
         logit_rows * cfg.dim * 4, logit_rows * cfg.vocab_size * 4, rows * 4, (rows + 12) * 4]
     pool = 2 * sum(BufferPool.size_class(b) for b in kinds)
-    decode = (BufferPool.size_class(q * MAX_DECODE_SPLITS * 4)  # split attention partials
-              + BufferPool.size_class(cfg.n_heads * MAX_DECODE_SPLITS * 8))
+    batch = min(max(n_slots, 1), 8)  # rows of a batched decode step
+    decode = (BufferPool.size_class(batch * q * MAX_DECODE_SPLITS * 4)  # split attention partials
+              + BufferPool.size_class(batch * cfg.n_heads * MAX_DECODE_SPLITS * 8))
     graphs = n_slots * (BufferPool.size_class(cfg.vocab_size * 4) + BufferPool.size_class(4))
+    # batched decode graphs (one per batch size 2 .. min(n_slots, 8)), each keeps B logits rows
+    graphs += sum(BufferPool.size_class(b * cfg.vocab_size * 4) for b in range(2, min(n_slots, 8) + 1))
     return pool + 2 * decode + graphs
 
 
@@ -147,5 +150,5 @@ def create_backend(device: int = 0, gguf: Any = None, driver: Any = None,
     kernels = KernelSet(ctx, manifests)
     kernels.preload(names)
     size = arena_bytes or default_arena_bytes(ctx, gguf, n_ctx, n_slots)
-    return CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size))
+    return CudaBackend(ctx, kernels, DeviceArena(ctx.cu, size), kv_slots=n_slots)
 

@@ -70,7 +70,8 @@ class Report:
 
 
 class _Recording:
-    """A backend proxy that keeps a host copy of every residual sum (`add`) of the forward."""
+    """A backend proxy that keeps a host copy of every residual sum (`add`, `matmul_add`) of the
+    forward."""
 
     def __init__(self, inner: Any):
         self.inner, self.blocks = inner, []
@@ -79,7 +80,12 @@ class _Recording:
         return getattr(self.inner, name)
 
     def add(self, x: Any, y: Any) -> Any:
-        out = self.inner.add(x, y)
+        return self._keep(self.inner.add(x, y))
+
+    def matmul_add(self, x: Any, a: Any, weight: Any) -> Any:
+        return self._keep(self.inner.matmul_add(x, a, weight))
+
+    def _keep(self, out: Any) -> Any:
         self.blocks.append(np.array(self.inner.to_host(out), dtype=np.float64))
         return out
 
