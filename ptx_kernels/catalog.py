@@ -6,7 +6,7 @@ import importlib
 
 from .spec import KernelSpec
 
-FAMILIES = ("matvec", "gemm", "embedding", "rmsnorm", "rope", "attention", "elementwise")
+FAMILIES = ("matvec", "matvec_fused", "gemm", "embedding", "rmsnorm", "rope", "attention", "elementwise")
 
 
 def family_module(family: str):

@@ -214,11 +214,19 @@ class Manifests:
                 for _, target, kind, file in sorted(options)]
 
 
+MATVEC_MAX_ROWS = 8  # the mat-vec kernels' largest batch (`b8`); more rows take the GEMM
+
+
 def matvec_entry(qtype: str, batch: int) -> str:
     """Mat-vec entry for a weight type and decode batch (1..8)."""
-    if not 1 <= batch <= 8:
+    if not 1 <= batch <= MATVEC_MAX_ROWS:
         raise KernelManifestError(f"mat-vec batch must be 1..8, got {batch}: use the GEMM entry")
     return f"matvec_{qtype.lower()}_{'b1' if batch == 1 else 'b8'}"
+
+
+def fused_matvec_entry(kind: str, qtype: str, batch: int) -> str:
+    """Fused decode mat-vec entry (`matvec_fused.py`): kind "norm" | "glu" | "add"."""
+    return f"matvec_{kind}_{matvec_entry(qtype, batch)[len('matvec_'):]}"
 
 
 def gemm_entry(qtype: str) -> str:

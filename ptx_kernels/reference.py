@@ -137,3 +137,22 @@ def store_rows(dst: np.ndarray, src: np.ndarray, rows: np.ndarray) -> np.ndarray
     out = dst.copy()
     out[rows] = src.astype(np.float16)
     return out
+
+
+def matvec_norm(w: Repacked, x: np.ndarray, g: np.ndarray, eps: float,
+                bias: np.ndarray | None = None) -> np.ndarray:
+    """rmsnorm(x (B, K), g) @ W.T (+ bias): the fused `matvec_norm` entries."""
+    y = matvec(w, rmsnorm(x, g, eps))
+    return y if bias is None else y + bias
+
+
+def matvec_glu(w_gate: Repacked, w_up: Repacked, x: np.ndarray, g: np.ndarray, eps: float,
+               act: int) -> np.ndarray:
+    """act(h @ Wg.T) * (h @ Wu.T), h = rmsnorm(x, g); act 0 = SiLU, 1 = GELU-tanh."""
+    h = rmsnorm(x, g, eps)
+    return (geglu if act else swiglu)(matvec(w_gate, h), matvec(w_up, h))
+
+
+def matvec_add(w: Repacked, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """y + x @ W.T: the fused residual update."""
+    return y.astype(np.float64) + matvec(w, x)

@@ -30,12 +30,14 @@ import numpy as np
 
 from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
 from ukgpu.gpu.cuda.driver import CudaContext
+from ukgpu.gpu.cuda.fused_ops import FusedMatvecOps
 from ukgpu.gpu.cuda.graph import DecodeGraphs, StepBuffers
 from ukgpu.gpu.cuda.kv_slab import KvPool
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention, RopeConfig
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.ptx_kernels.loader import (
+    MATVEC_MAX_ROWS,
     attention_entries,
     embedding_entry,
     gemm_entry,
@@ -44,7 +46,6 @@ from ukgpu.ptx_kernels.loader import (
 )
 from ukgpu.ptx_kernels.repack import FORMATS, repack
 
-MATVEC_MAX_ROWS = 8
 MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
 
 
@@ -73,7 +74,7 @@ class DeviceWeight:
     nbytes: int = 0  # device bytes of the planes (what a mat-vec reads)
 
 
-class CudaBackend(Backend):
+class CudaBackend(FusedMatvecOps, Backend):
     name = "cuda"
     max_prefill_rows = 512  # prompts run in passes of this many rows: what the arena's share holds
 
@@ -91,6 +92,7 @@ class CudaBackend(Backend):
         self.graphs = DecodeGraphs(self)
         self._weights: dict[tuple, DeviceWeight] = {}  # uploaded once per GGUF tensor
         self._rope_tables: dict[RopeConfig, int] = {}  # float64 inv_freq, once per config
+        self._manifest_names = set(kernels.manifests.names())  # fused kernels used where shipped
 
     # --- transfers -----------------------------------------------------------
     def upload(self, arr: np.ndarray, tag: str) -> int:

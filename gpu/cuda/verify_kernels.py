@@ -162,6 +162,35 @@ def check_weight_kernels(dev: Device, qtype: str, rng: np.random.Generator) -> l
     dev.run(f"embedding_{tag}", **wa, ids=dev.put(ids), out=out, K=k, T=7)
     checks.append(nmse_check("kernel", f"embedding_{tag}", dev.get(out, (7, k), np.float32),
                              ref.embedding(w, ids), _bound("embedding")))
+    # inputs of their own (the other checks' draws stay as they were)
+    return checks + check_fused_matvec(dev, qtype, w, wa, np.random.default_rng([7, *tag.encode()]))
+
+
+def check_fused_matvec(dev: Device, qtype: str, w: Any, wa: dict, rng: np.random.Generator
+                       ) -> list[Check]:
+    """The fused decode mat-vecs (norm + bias, SiLU GLU of two weights, residual add) at batch 1
+    and 5, where the manifest ships them."""
+    n, k, tag, eps = w.n_rows, w.n_cols, qtype.lower(), 1e-6
+    shipped = set(dev.kernels.manifests.names())
+    up = ref.random_repacked(qtype, n, k, rng)
+    ua = {f"u_{p[2:]}": ptr for p, ptr in _weight_args(dev, up).items()}
+    g, bias = rng.uniform(0.5, 1.5, k).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    gp, bp = dev.put(g), dev.put(bias)
+    checks = []
+    for version, rows in (("b1", 1), ("b8", 5)):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        resid = rng.standard_normal((rows, n)).astype(np.float32)
+        cases = (("norm", dict(g=gp, bias=bp, flag=1), ref.matvec_norm(w, x, g, eps, bias)),
+                 ("glu", dict(**ua, g=gp, flag=0), ref.matvec_glu(w, up, x, g, eps, 0)),
+                 ("add", dict(flag=0), ref.matvec_add(w, x, resid)))
+        for kind, extra, want in cases:
+            name = f"matvec_{kind}_{tag}_{version}"
+            if name not in shipped:
+                continue
+            y = dev.put(resid) if kind == "add" else dev.poisoned(rows * n)
+            dev.run(name, **wa, **extra, x=dev.put(x), y=y, N=n, K=k, B=rows, eps=eps)
+            checks.append(nmse_check("kernel", name, dev.get(y, (rows, n), np.float32), want,
+                                     _bound(name)))
     return checks
 
 

@@ -272,6 +272,10 @@ EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
     "argmax": argmax, "store_rows": store_rows,
 }
 
+from .cuda_kernels_matvec_fused import EMULATORS as _MATVEC_FUSED  # noqa: E402 - it uses this module
+
+EMULATORS.update(_MATVEC_FUSED)
+
 
 def emulator(entry: dict) -> Callable[[Mem, dict, dict, tuple], None]:
     name = entry["name"]

@@ -139,6 +139,18 @@ def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
     return Traffic(w + x + y, 2.0 * rows * n * k, True, l2, alu)
 
 
+def _matvec_fused(e: dict, a: dict, grid: tuple) -> Traffic:
+    """`matvec_fused.py`: norm (+bias) reads g (and bias); glu streams two weights; add reads
+    and writes the residual rows."""
+    rows, n, k, mode = a["B"], a["N"], a["K"], e["constexprs"]["MODE"]
+    w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
+    if mode == 1:
+        return Traffic(2 * w + x + 4 * k + y, 4.0 * rows * n * k, False)
+    if mode == 2:
+        return Traffic(w + x + 2 * y, 2.0 * rows * n * k, False)
+    return Traffic(w + x + 4 * k + 4 * n + y, 2.0 * rows * n * k, False)
+
+
 def _attn_prefill(e: dict, a: dict, grid: tuple) -> Traffic:
     d = e["constexprs"]["HEAD_DIM"]
     t, start, hq, hkv, window = a["T"], a["start"], a["Hq"], a["Hkv"], a["window"]
@@ -179,6 +191,8 @@ def traffic(e: dict, a: dict, grid: tuple, read_i32: ReadI32 | None = None) -> T
     fam, name = e["family"], e["name"]
     if fam in ("matvec", "gemm"):
         return _matmul(e, a, grid)
+    if fam == "matvec_fused":
+        return _matvec_fused(e, a, grid)
     if name.startswith("attn_prefill"):
         return _attn_prefill(e, a, grid)
     if name.startswith("attn_decode"):

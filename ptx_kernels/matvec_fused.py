@@ -1,0 +1,172 @@
+"""Decode mat-vecs with their neighbours fused in: one graph node where the plain ops take two
+to four.  Batch 1..8 (`b1`, `b8`), every weight type, the same weight loads as `matvec.py`.
+
+- `matvec_norm_<q>_<b>`: y = rmsnorm(x, g) @ W.T (+ bias): the RMS of each x row is computed in
+  the prologue (every program reads the whole row anyway), the weights multiply x*g, and the
+  dot product is scaled by 1/rms at the end; `has_bias` != 0 adds bias[N].  Replaces rmsnorm +
+  mat-vec (+ add_bias).
+- `matvec_glu_<q>_<b>`: out = act(h @ Wg.T) * (h @ Wu.T), h = rmsnorm(x, g), two weights of one
+  type read in the same loop; `act` 0 = SiLU, 1 = GELU-tanh (as `elementwise.py`).  Replaces
+  rmsnorm + two mat-vecs + swiglu/geglu.
+- `matvec_add_<q>_<b>`: y += x @ W.T, the residual update in place (y is the residual stream,
+  x the attention or FFN output; they never alias).  Replaces mat-vec + add.
+
+Geometry as `matvec.py` (BLOCK_N rows per program, BLOCK_K per step, batch rows on grid axis 1).
+Numerics: float32 throughout; the norm is applied as (sum w*x*g) * inv_rms instead of
+sum w*(x*inv_rms*g): the same value up to float32 rounding (checked against the references).
+Limits: as `matvec.py`; x, y, g, bias rows contiguous.  References: `reference.matvec_norm`,
+`reference.matvec_glu`, `reference.matvec_add`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
+from .repack import FORMATS
+from .spec import KernelSpec
+
+
+@triton.jit
+def _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BB,) 1 / sqrt(mean(x_b^2) + eps) of each batch row."""
+    sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(x_ptr + rb[:, None] * K + kk, mask=b_ok[:, None] & (kk < K), other=0)
+        sq += x * x
+    return tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
+
+
+@triton.jit
+def _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok, b_ok, K, USE_G: tl.constexpr,
+              KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BB, BN) sum_k W[n, k] * x[b, k] (* g[k] when USE_G), loads as `matvec.matvec_kernel`."""
+    RUN: tl.constexpr = 16 if KIND == 0 else GROUP
+    NG: tl.constexpr = BLOCK_K // (2 * RUN) if KIND == 0 else BLOCK_K // RUN
+    g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
+    i = tl.arange(0, RUN)[None, None, :]  # (1, 1, RUN)
+    acc = tl.zeros((BLOCK_B, BLOCK_N, NG, RUN), tl.float32)
+    row_bytes = tl.multiple_of(K // 2, 16)
+    row_groups = K // 32
+    for k0 in range(0, K, BLOCK_K):
+        if KIND == 0:
+            kg = k0 + g * 32
+            g_ok = kg < K
+            w_ok = n_ok & g_ok
+            byte = tl.load(w_q + n3 * row_bytes + k0 // 2 + g * 16 + i, mask=w_ok, other=0).to(tl.int32)
+            s_off = n3 * row_groups + k0 // 32 + g
+            s = tl.load(w_s + s_off, mask=w_ok, other=0).to(tl.float32)
+            w_lo = (byte & 15).to(tl.float32) * s
+            w_hi = (byte >> 4).to(tl.float32) * s
+            if HAS_MIN:
+                m = tl.load(w_m + s_off, mask=w_ok, other=0).to(tl.float32)
+                w_lo += m
+                w_hi += m
+            x_ok = b_ok & g_ok
+            x_lo = tl.load(x_ptr + b3 * K + kg + i, mask=x_ok, other=0)
+            x_hi = tl.load(x_ptr + b3 * K + kg + 16 + i, mask=x_ok, other=0)
+            if USE_G:
+                x_lo = x_lo * tl.load(g_ptr + kg + i, mask=g_ok, other=0)
+                x_hi = x_hi * tl.load(g_ptr + kg + 16 + i, mask=g_ok, other=0)
+            acc += w_lo[None, :, :, :] * x_lo[:, None, :, :] + w_hi[None, :, :, :] * x_hi[:, None, :, :]
+        else:
+            kg = k0 + g * RUN
+            g_ok = kg < K
+            w_ok = n_ok & g_ok
+            w = tl.load(w_q + n3 * K + kg + i, mask=w_ok, other=0).to(tl.float32)
+            if KIND != 2:
+                w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
+            x = tl.load(x_ptr + b3 * K + kg + i, mask=b_ok & g_ok, other=0)
+            if USE_G:
+                x = x * tl.load(g_ptr + kg + i, mask=g_ok, other=0)
+            acc += w[None, :, :, :] * x[:, None, :, :]
+    return tl.sum(tl.sum(acc, axis=3), axis=2)
+
+
+@triton.jit
+def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, flag,
+                        MODE: tl.constexpr, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    # MODE 0: norm (+bias if flag); 1: norm + GLU of W (gate) and U (up), act = flag; 2: y += x W^T
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    n3, b3 = rn[:, None, None], rb[:, None, None]
+    n_ok3, b_ok3 = n3 < N, b3 < B
+    out_ok = b_ok[:, None] & (rn[None, :] < N)
+    out = rb[:, None] * N + rn[None, :]
+    y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, MODE != 2,
+                  KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+    if MODE == 2:
+        y += tl.load(y_ptr + out, mask=out_ok, other=0)
+    else:
+        inv = _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
+        y = y * inv
+        if MODE == 0:
+            if flag != 0:
+                y += tl.load(bias_ptr + rn, mask=rn < N, other=0)[None, :]
+        else:
+            up = _dot_rows(u_q, u_s, u_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, True,
+                           KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B) * inv
+            if flag == 0:
+                y = y / (1.0 + tl.exp(-y)) * up
+            else:
+                two_u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
+                y = y / (1.0 + tl.exp(-two_u)) * up
+    tl.store(y_ptr + out, y, mask=out_ok)
+
+
+# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps), as matvec.VERSIONS
+VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
+MODES = {"norm": 0, "glu": 1, "add": 2}
+_DOCS = {
+    "norm": "y (B, N) f32 = rmsnorm(x (B, K), g) @ W.T (+ bias if has_bias); flag = has_bias",
+    "glu": "y (B, N) f32 = act(h @ W.T) * (h @ U.T), h = rmsnorm(x, g); flag = act (0 silu, 1 gelu)",
+    "add": "y (B, N) f32 += x (B, K) f32 @ W.T (the residual update in place)",
+}
+
+
+def _up_params(qtype: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"u_{name[2:]}", t) for name, t in weight_params(qtype))
+
+
+def specs() -> list[KernelSpec]:
+    out = []
+    for qtype in FORMATS:
+        for mode, code in MODES.items():
+            unused = list(unused_planes(qtype))
+            if mode != "glu":
+                unused += [f"u_{p[2:]}" for p, _ in weight_params(qtype)]
+            else:
+                unused += [f"u_{p[2:]}" for p in unused_planes(qtype)]
+            if mode == "add":
+                unused += ["g", "bias"]
+            elif mode == "glu":
+                unused += ["bias"]
+            for version, (bb, bn, bk, warps) in VERSIONS.items():
+                out.append(KernelSpec(
+                    name=f"matvec_{mode}_{qtype.lower()}_{version}",
+                    family="matvec_fused",
+                    fn="matvec_fused_kernel",
+                    params=weight_params(qtype) + _up_params(qtype) + (
+                        ("x", "*fp32"), ("g", "*fp32"), ("bias", "*fp32"), ("y", "*fp32"),
+                        ("N", "i32"), ("K", "i32"), ("B", "i32"), ("eps", "fp32"), ("flag", "i32")),
+                    constexprs={"MODE": code, **weight_constexprs(qtype), "BLOCK_N": bn, "BLOCK_K": bk,
+                                "BLOCK_B": bb},
+                    grid=(f"cdiv(N, {bn})", f"cdiv(B, {bb})", "1"),
+                    sizes={},
+                    limits=weight_limits(qtype, "K") + ("1 <= B <= 8", "N >= 1"),
+                    reference=f"reference.matvec_{mode}",
+                    num_warps=warps,
+                    num_stages=1,
+                    aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "x", "y", "K"),
+                    unused=tuple(unused),
+                    doc=f"{_DOCS[mode]}; W, U {qtype} repacked (N, K)",
+                    deps=("dequant", "repack", "spec"),
+                    qtype=qtype,
+                ))
+    return out
