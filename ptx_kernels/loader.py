@@ -225,7 +225,7 @@ def matvec_entry(qtype: str, batch: int) -> str:
 
 
 def fused_matvec_entry(kind: str, qtype: str, batch: int) -> str:
-    """Fused decode mat-vec entry (`matvec_fused.py`): kind "norm" | "glu" | "add"."""
+    """Fused decode mat-vec entry (`matvec_fused.py`): kind "norm" | "qkv" | "glu" | "add"."""
     return f"matvec_{kind}_{matvec_entry(qtype, batch)[len('matvec_'):]}"
 
 

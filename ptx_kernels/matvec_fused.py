@@ -8,6 +8,9 @@ to four.  Batch 1..8 (`b1`, `b8`), every weight type, the same weight loads as `
 - `matvec_glu_<q>_<b>`: out = act(h @ Wg.T) * (h @ Wu.T), h = rmsnorm(x, g), two weights of one
   type read in the same loop; `act` 0 = SiLU, 1 = GELU-tanh (as `elementwise.py`).  Replaces
   rmsnorm + two mat-vecs + swiglu/geglu.
+- `matvec_qkv_<q>_<b>`: y_i = rmsnorm(x, g) @ W_i.T (+ bias_i) for up to three weights of one
+  type (q, k, v) in one launch: the programs of the three outputs form one grid, so k and v
+  (few rows) fill SMs beside q.  Replaces rmsnorm + three mat-vecs (+ three add_bias).
 - `matvec_add_<q>_<b>`: y += x @ W.T, the residual update in place (y is the residual stream,
   x the attention or FFN output; they never alias).  Replaces mat-vec + add.
 
@@ -15,7 +18,7 @@ Geometry as `matvec.py` (BLOCK_N rows per program, BLOCK_K per step, batch rows 
 Numerics: float32 throughout; the norm is applied as (sum w*x*g) * inv_rms instead of
 sum w*(x*inv_rms*g): the same value up to float32 rounding (checked against the references).
 Limits: as `matvec.py`; x, y, g, bias rows contiguous.  References: `reference.matvec_norm`,
-`reference.matvec_glu`, `reference.matvec_add`.
+`reference.matvec_qkv`, `reference.matvec_glu`, `reference.matvec_add`.
 """
 
 from __future__ import annotations
@@ -120,6 +123,44 @@ def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_
     tl.store(y_ptr + out, y, mask=out_ok)
 
 
+@triton.jit
+def _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, inv, rb, b_ok, blk, has_bias,
+                   KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Rows blk*BLOCK_N.. of y = rmsnorm(x, g) @ W.T (+ bias) for this program's batch rows."""
+    rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3, b3 = rn[:, None, None], rb[:, None, None]
+    y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n3 < N, b3 < B, K, True,
+                  KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B) * inv
+    if has_bias != 0:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0)[None, :]
+    tl.store(y_ptr + rb[:, None] * N + rn[None, :], y, mask=b_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def matvec_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr, bias0, bias1, bias2,
+                      y0, y1, y2, N0, N1, N2, K, B, eps, has_bias,
+                      KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    # Three weights of one type over the same normed input (q, k, v): programs 0 .. nb0-1 make
+    # y0 = h W.T, the next nb1 y1 = h U.T, the rest y2 = h V.T (N1 or N2 may be 0: fewer weights).
+    blk = tl.program_id(0)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    inv = _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    if blk < nb0:
+        _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias0, y0, N0, K, B, inv, rb, b_ok, blk, has_bias,
+                       KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+    elif blk < nb0 + nb1:
+        _norm_rows_out(u_q, u_s, u_m, x_ptr, g_ptr, bias1, y1, N1, K, B, inv, rb, b_ok, blk - nb0,
+                       has_bias, KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+    else:
+        _norm_rows_out(v_q, v_s, v_m, x_ptr, g_ptr, bias2, y2, N2, K, B, inv, rb, b_ok, blk - nb0 - nb1,
+                       has_bias, KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+
+
 # version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps), as matvec.VERSIONS
 VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
 MODES = {"norm": 0, "glu": 1, "add": 2}
@@ -131,7 +172,7 @@ _DOCS = {
 
 
 def _up_params(qtype: str) -> tuple[tuple[str, str], ...]:
-    return tuple((f"u_{name[2:]}", t) for name, t in weight_params(qtype))
+    return _planes_as(qtype, "u")
 
 
 def specs() -> list[KernelSpec]:
@@ -169,4 +210,40 @@ def specs() -> list[KernelSpec]:
                     deps=("dequant", "repack", "spec"),
                     qtype=qtype,
                 ))
+    return out + qkv_specs()
+
+
+def _planes_as(qtype: str, prefix: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{prefix}_{name[2:]}", t) for name, t in weight_params(qtype))
+
+
+def qkv_specs() -> list[KernelSpec]:
+    """`matvec_qkv_<q>_<b>`: rmsnorm(x, g) times up to three weights of one type (q, k, v),
+    each with an optional bias (`has_bias`), in one launch."""
+    out = []
+    for qtype in FORMATS:
+        unused = [f"{pre}_{p[2:]}" for pre in ("w", "u", "v") for p in unused_planes(qtype)]
+        for version, (bb, bn, bk, warps) in VERSIONS.items():
+            out.append(KernelSpec(
+                name=f"matvec_qkv_{qtype.lower()}_{version}",
+                family="matvec_fused",
+                fn="matvec_qkv_kernel",
+                params=weight_params(qtype) + _planes_as(qtype, "u") + _planes_as(qtype, "v") + (
+                    ("x", "*fp32"), ("g", "*fp32"), ("bias0", "*fp32"), ("bias1", "*fp32"),
+                    ("bias2", "*fp32"), ("y0", "*fp32"), ("y1", "*fp32"), ("y2", "*fp32"),
+                    ("N0", "i32"), ("N1", "i32"), ("N2", "i32"), ("K", "i32"), ("B", "i32"),
+                    ("eps", "fp32"), ("has_bias", "i32")),
+                constexprs={**weight_constexprs(qtype), "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_B": bb},
+                grid=(f"cdiv(N0, {bn}) + cdiv(N1, {bn}) + cdiv(N2, {bn})", f"cdiv(B, {bb})", "1"),
+                sizes={},
+                limits=weight_limits(qtype, "K") + ("1 <= B <= 8", "N0 >= 1", "N1 >= 0", "N2 >= 0"),
+                reference="reference.matvec_qkv",
+                num_warps=warps,
+                num_stages=1,
+                aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "v_q", "v_s", "v_m", "x", "K"),
+                unused=tuple(unused),
+                doc=f"y_i (B, N_i) f32 = rmsnorm(x (B, K), g) @ W_i.T (+ bias_i), i < 3, {qtype} repacked",
+                deps=("dequant", "repack", "spec"),
+                qtype=qtype,
+            ))
     return out

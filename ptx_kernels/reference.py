@@ -156,3 +156,9 @@ def matvec_glu(w_gate: Repacked, w_up: Repacked, x: np.ndarray, g: np.ndarray, e
 def matvec_add(w: Repacked, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """y + x @ W.T: the fused residual update."""
     return y.astype(np.float64) + matvec(w, x)
+
+
+def matvec_qkv(ws: list[Repacked], x: np.ndarray, g: np.ndarray, eps: float,
+               biases: list[np.ndarray | None]) -> list[np.ndarray]:
+    """rmsnorm(x, g) @ W_i.T (+ bias_i) for each weight: the fused `matvec_qkv` entries."""
+    return [matvec_norm(w, x, g, eps, b) for w, b in zip(ws, biases)]

@@ -29,16 +29,36 @@ class FusedMatvecOps(Backend):
 
     def norm_matmuls(self, x: DeviceBuffer, norm: DeviceWeight, eps: float,
                      mats: Sequence[tuple[DeviceWeight, DeviceWeight | None]]) -> list[DeviceBuffer]:
-        names = [self._fused_entry("norm", w.qtype, x.shape[0]) for w, _ in mats]
+        """Consecutive weights of one type (and all with or all without a bias) share one
+        `matvec_qkv` launch, up to three; a lone weight takes `matvec_norm`."""
+        groups: list[list[tuple[DeviceWeight, DeviceWeight | None]]] = []
+        for w, b in mats:
+            last = groups[-1] if groups else None
+            if last and len(last) < 3 and last[0][0].qtype == w.qtype and (last[0][1] is None) == (b is None):
+                last.append((w, b))
+            else:
+                groups.append([(w, b)])
+        names = [self._fused_entry("norm" if len(g) == 1 else "qkv", g[0][0].qtype, x.shape[0]) for g in groups]
         if None in names:
             return super().norm_matmuls(x, norm, eps, mats)
-        out = []
-        for name, (w, bias) in zip(names, mats):
-            y = self.new((x.shape[0], w.shape[0]))
-            self.launch(name, **w.planes, x=x.ptr, g=norm.vec, bias=bias.vec if bias is not None else 0,
-                        y=y.ptr, N=w.shape[0], K=w.shape[1], B=x.shape[0], eps=eps,
-                        flag=int(bias is not None))
-            out.append(y)
+        out: list[DeviceBuffer] = []
+        for name, group in zip(names, groups):
+            ys = [self.new((x.shape[0], w.shape[0])) for w, _ in group]
+            common = dict(x=x.ptr, g=norm.vec, K=group[0][0].shape[1], B=x.shape[0], eps=eps)
+            has_bias = int(group[0][1] is not None)
+            if len(group) == 1:
+                (w, bias), (y,) = group[0], ys
+                self.launch(name, **w.planes, **common, bias=bias.vec if has_bias else 0, y=y.ptr,
+                            N=w.shape[0], flag=has_bias)
+            else:
+                args: dict[str, Any] = {"has_bias": has_bias}
+                for i, pre in enumerate("wuv"):
+                    w, bias = group[i] if i < len(group) else (None, None)
+                    args |= {f"{pre}_{p[2:]}": w.planes[p] if w else 0 for p in group[0][0].planes}
+                    args |= {f"bias{i}": bias.vec if bias is not None else 0,
+                             f"y{i}": ys[i].ptr if w else 0, f"N{i}": w.shape[0] if w else 0}
+                self.launch(name, **args, **common)
+            out += ys
         return out
 
     def norm_glu(self, x: DeviceBuffer, norm: DeviceWeight, eps: float, w_gate: DeviceWeight,

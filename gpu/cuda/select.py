@@ -32,7 +32,7 @@ from ukgpu.ptx_kernels.repack import FORMATS
 MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
                   "argmax_f32", "store_rows_f16")
-FUSED_PREFIXES = ("matvec_norm_", "matvec_glu_", "matvec_add_")  # used where the manifest ships them
+FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_")  # used where the manifest ships them
 PREFILL_ROWS = CudaBackend.max_prefill_rows  # rows of one prefill pass: what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
@@ -62,7 +62,7 @@ def model_kernels(gguf: Any) -> list[str]:
         if view.name == "token_embd.weight":
             names.add(embedding_entry(qtype))
         names |= {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype)}
-        names |= {fused_matvec_entry(kind, qtype, b) for kind in ("norm", "glu", "add") for b in (1, 8)}
+        names |= {fused_matvec_entry(kind, qtype, b) for kind in ("norm", "qkv", "glu", "add") for b in (1, 8)}
     shipped = set(Manifests.load().names())
     return sorted(n for n in names if n in shipped or not n.startswith(FUSED_PREFIXES))
 

@@ -32,6 +32,22 @@ def matvec_norm(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     mem.view(a["y"], np.float32, b * n)[:] = y.reshape(-1)
 
 
+def matvec_qkv(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    b, k = a["B"], a["K"]
+    if not 1 <= b <= 8:
+        raise EmulationError(f"{e['name']}: B={b} outside 1..8")
+    x = mem.view(a["x"], np.float32, b * k).reshape(b, k)
+    for i, pre in enumerate("wuv"):
+        n = a[f"N{i}"]
+        if n == 0:
+            continue
+        planes = {f"w_{p[2:]}": v for p, v in a.items() if p.startswith(f"{pre}_")}
+        y = _normed_dot(mem, e, a, planes, x, n, k)
+        if a["has_bias"]:
+            y = y + mem.view(a[f"bias{i}"], np.float32, n)
+        mem.view(a[f"y{i}"], np.float32, b * n)[:] = y.reshape(-1)
+
+
 def matvec_glu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     b, n, k, x = _rows(mem, e, a)
     up_planes = {f"w_{p[2:]}": v for p, v in a.items() if p.startswith("u_")}
@@ -47,4 +63,4 @@ def matvec_add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     y[:] = y + (x @ _weight(mem, a, e["qtype"], n, k).T).reshape(-1)
 
 
-EMULATORS = {"matvec_norm": matvec_norm, "matvec_glu": matvec_glu, "matvec_add": matvec_add}
+EMULATORS = {"matvec_norm": matvec_norm, "matvec_qkv": matvec_qkv, "matvec_glu": matvec_glu, "matvec_add": matvec_add}

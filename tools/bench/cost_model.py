@@ -142,6 +142,10 @@ def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
 def _matvec_fused(e: dict, a: dict, grid: tuple) -> Traffic:
     """`matvec_fused.py`: norm (+bias) reads g (and bias); glu streams two weights; add reads
     and writes the residual rows."""
+    if e["name"].startswith("matvec_qkv"):
+        rows, k, n = a["B"], a["K"], a["N0"] + a["N1"] + a["N2"]
+        w = n * k * weight_bytes_per_element(e["qtype"])
+        return Traffic(w + 4 * rows * k + 4 * k + 4 * n + 4 * rows * n, 2.0 * rows * n * k, False)
     rows, n, k, mode = a["B"], a["N"], a["K"], e["constexprs"]["MODE"]
     w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
     if mode == 1:

@@ -1,5 +1,5 @@
 """Fused decode mat-vecs (ptx_kernels/matvec_fused.py) vs numpy, every qtype, interpreter mode:
-norm (+bias), GLU (SiLU and GELU-tanh, two weights), residual add in place.
+norm (+bias), q/k/v in one launch, GLU (SiLU and GELU-tanh, two weights), residual add in place.
 
 Bound: f32 math, |y - ref| <= 1e-5 * (|h| @ |W|.T) (+ the same for the up product in the GLU),
 h the normed input.  Outputs start as NaN (or the residual) so a skipped element fails.
@@ -44,6 +44,32 @@ def test_matvec_norm(qtype, version, batch, has_bias, rng):
     want = R.matvec_norm(w, x, g, eps, bias if has_bias else None)
     err = np.abs(out["y"] - want)
     assert np.all(err <= 1e-5 * _abs(R.rmsnorm(x, g, eps), w) + 1e-6), f"max err {np.nanmax(err)}"
+
+
+@pytest.mark.parametrize("qtype", R.QTYPES)
+@pytest.mark.parametrize("version,batch", CASES)
+@pytest.mark.parametrize("widths", [(37, 9, 9), (40, 16, 0)], ids=["qkv", "two"])
+def test_matvec_qkv(qtype, version, batch, widths, rng):
+    k, eps = _cols(qtype), 1e-6
+    ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
+    x = (rng.standard_normal((batch, k)) * 3).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
+    arrays = {"x": x, "g": g}
+    for i, (pre, w) in enumerate(zip("wuv", ws)):
+        arrays |= _planes(w, pre) | {f"bias{i}": biases[i],
+                                     f"y{i}": np.full((batch, max(widths[i], 1)), np.nan, np.float32)}
+    values = {"N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "B": batch, "eps": eps,
+              "has_bias": 1}
+    out = run_spec(f"matvec_qkv_{qtype.lower()}_{version}", arrays, values)
+    want = R.matvec_qkv(ws, x, g, eps, biases)
+    h = R.rmsnorm(x, g, eps)
+    for i, n in enumerate(widths):
+        if n == 0:
+            assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
+            continue
+        err = np.abs(out[f"y{i}"] - want[i])
+        assert np.all(err <= 1e-5 * _abs(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
