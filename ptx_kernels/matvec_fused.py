@@ -161,8 +161,12 @@ def matvec_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr,
                        has_bias, KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
 
 
-# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps), as matvec.VERSIONS
-VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
+# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps).  b1 owns 4 rows a program (the plain b1: 8)
+# except the GLU (8): a 1536-row q/o/down makes 384 programs, ~3 per SM of an H200, enough warps
+# in flight to stream at HBM speed (tools/bench/cost_model.py), while the FFN's 4-10K rows make
+# enough programs at 8, and each program re-reads x from L2 (what a smaller block costs).
+VERSIONS = {"b1": (1, 4, 512, 4), "b8": (8, 4, 128, 4)}
+GLU_VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
 MODES = {"norm": 0, "glu": 1, "add": 2}
 _DOCS = {
     "norm": "y (B, N) f32 = rmsnorm(x (B, K), g) @ W.T (+ bias if has_bias); flag = has_bias",
@@ -188,7 +192,7 @@ def specs() -> list[KernelSpec]:
                 unused += ["g", "bias"]
             elif mode == "glu":
                 unused += ["bias"]
-            for version, (bb, bn, bk, warps) in VERSIONS.items():
+            for version, (bb, bn, bk, warps) in (GLU_VERSIONS if mode == "glu" else VERSIONS).items():
                 out.append(KernelSpec(
                     name=f"matvec_{mode}_{qtype.lower()}_{version}",
                     family="matvec_fused",

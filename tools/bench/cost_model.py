@@ -141,18 +141,24 @@ def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
 
 def _matvec_fused(e: dict, a: dict, grid: tuple) -> Traffic:
     """`matvec_fused.py`: norm (+bias) reads g (and bias); glu streams two weights; add reads
-    and writes the residual rows."""
+    and writes the residual rows.  L2: every program loads its x rows and g once (its later
+    passes over them hit L1)."""
+    ctas = grid[0] * grid[1]
     if e["name"].startswith("matvec_qkv"):
         rows, k, n = a["B"], a["K"], a["N0"] + a["N1"] + a["N2"]
         w = n * k * weight_bytes_per_element(e["qtype"])
-        return Traffic(w + 4 * rows * k + 4 * k + 4 * n + 4 * rows * n, 2.0 * rows * n * k, False)
+        hbm = w + 4 * rows * k + 4 * k + 4 * n + 4 * rows * n
+        return Traffic(hbm, 2.0 * rows * n * k, False, hbm + ctas * 8 * k)  # x and g per program
     rows, n, k, mode = a["B"], a["N"], a["K"], e["constexprs"]["MODE"]
     w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
+    bb = e["constexprs"]["BLOCK_B"]
     if mode == 1:
-        return Traffic(2 * w + x + 4 * k + y, 4.0 * rows * n * k, False)
+        hbm = 2 * w + x + 4 * k + y
+        return Traffic(hbm, 4.0 * rows * n * k, False, hbm + ctas * (4 * bb * k + 4 * k))
     if mode == 2:
-        return Traffic(w + x + 2 * y, 2.0 * rows * n * k, False)
-    return Traffic(w + x + 4 * k + 4 * n + y, 2.0 * rows * n * k, False)
+        return Traffic(w + x + 2 * y, 2.0 * rows * n * k, False, w + 2 * y + ctas * 4 * bb * k)
+    hbm = w + x + 4 * k + 4 * n + y
+    return Traffic(hbm, 2.0 * rows * n * k, False, hbm + ctas * (4 * bb * k + 4 * k))
 
 
 def _attn_prefill(e: dict, a: dict, grid: tuple) -> Traffic:
