@@ -13,6 +13,8 @@ runs them on hardware.  `tools/bench/cost_model.py` turns each recorded node int
 - tg128: 128 greedy steps from position 0, each a graph replay; each step's nodes are costed
   right after it ran, while the device words hold that step's key counts; time per step = device
   time of its nodes + the host's per-replay cost.
+- batch-4 decode: one replayed step of four sequences (`Backend.decode_batch`), plus the
+  download of their four logits rows at 25 GB/s; tokens per second over the four.
 - nodes per layer (prefill pass and decode step), HBM bytes per decode token vs the GGUF's bytes,
   and the prefill time under each GEMM precision option of issue 15 (the choice is recorded in
   docs/benchmarks/cuda.md).
@@ -41,7 +43,9 @@ from fakes.cuda_driver import FakeDevice, FakeDriver  # noqa: E402
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-1.5b")
 N_PROMPT, N_GEN = 512, 128
+BATCH = 4  # sequences of the batched decode prediction
 REPLAY_HOST_S = 20e-6  # per decode step: token/position upload, cuGraphLaunch, sync, 4-byte read
+DTOH_BYTES_S = 25e9  # a batched step downloads B logits rows (the engine samples on the host)
 
 
 def _setup(name: str) -> tuple[Model, Any, FakeDriver, int]:
@@ -49,7 +53,7 @@ def _setup(name: str) -> tuple[Model, Any, FakeDriver, int]:
     gguf = open_gguf(path)
     fake = FakeDriver(devices=[FakeDevice(name="NVIDIA H200 (stand-in)", total_bytes=141 << 30)],
                       emulate=False)
-    be = create_backend(gguf=gguf, driver=fake, n_ctx=N_PROMPT + N_GEN + 8, n_slots=1)
+    be = create_backend(gguf=gguf, driver=fake, n_ctx=N_PROMPT + N_GEN + 8, n_slots=BATCH)
     return Model(gguf, be), be, fake, path.stat().st_size
 
 
@@ -71,6 +75,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
         token = be.decode_greedy(model, token, pos, kv) % model.config.vocab_size
         steps.append(cm.predict(fake.trace, dev, graph=True, read_i32=read))
     tg_s = sum(p.device_s + REPLAY_HOST_S for p in steps)
+    batch = _batch_step(model, be, fake, read, BATCH)
     options = cm.gemm_options(pp_trace, dev, graph=False, read_i32=read)
     return {
         "model": name, "device": dev.name, "gguf_mb": round(gguf_bytes / 1e6, 1),
@@ -79,10 +84,24 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
                     "nodes_per_layer": round(len(pp.nodes) / n_layers, 2)},
         "decode_step": {**cm.summary(steps[-1]), "nodes_per_layer": round(len(steps[-1].nodes) / n_layers, 2),
                         "hbm_bytes_per_token_vs_gguf": round(steps[-1].bytes / gguf_bytes, 3)},
+        f"tg_batch{BATCH}_tps": round(BATCH / (batch.device_s + REPLAY_HOST_S
+                                               + BATCH * model.config.vocab_size * 4 / DTOH_BYTES_S), 1),
+        f"decode_step_batch{BATCH}": {**cm.summary(batch), "nodes_per_layer": round(len(batch.nodes) / n_layers, 2)},
         f"pp{N_PROMPT}_tps_by_gemm_option": {k: round(N_PROMPT / max(v, len(pp.nodes) * dev.host_launch_s), 1)
                                              for k, v in options.items()},
         f"pp{N_PROMPT}_device_ms_by_gemm_option": {k: round(v * 1e3, 3) for k, v in options.items()},
     }
+
+
+def _batch_step(model: Model, be: Any, fake: FakeDriver, read: Any, b: int) -> cm.Prediction:
+    """One replayed decode step of b sequences at position N_GEN // 2 (the engine's slots
+    decoding together: `Backend.decode_batch`), costed as a graph."""
+    kvs = [model.new_kv(N_GEN + 8) for _ in range(b)]
+    tokens = np.arange(1, b + 1)
+    be.decode_batch(model, tokens, [N_GEN // 2] * b, kvs)  # eager step + capture
+    fake.trace.clear()
+    be.decode_batch(model, tokens, [N_GEN // 2 + 1] * b, kvs)
+    return cm.predict(fake.trace, cm.H200, graph=True, read_i32=read)
 
 
 def main(argv: list[str]) -> int:
@@ -93,13 +112,13 @@ def main(argv: list[str]) -> int:
     results = [predict_model(name) for name in args.models]
     for r in results:
         print(json.dumps(r, indent=1))
-    print(f"\n| shape | pp{N_PROMPT} t/s | tg{N_GEN} t/s | prefill nodes/layer | decode nodes/layer "
-          "| decode HBM bytes / GGUF bytes |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| shape | pp{N_PROMPT} t/s | tg{N_GEN} t/s | batch-{BATCH} decode t/s | prefill nodes/layer "
+          "| decode nodes/layer | decode HBM bytes / GGUF bytes |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r[f'pp{N_PROMPT}_tps']:,.0f} | {r[f'tg{N_GEN}_tps']:,.0f} "
-              f"| {r['prefill']['nodes_per_layer']} | {r['decode_step']['nodes_per_layer']} "
-              f"| {r['decode_step']['hbm_bytes_per_token_vs_gguf']} |")
+              f"| {r[f'tg_batch{BATCH}_tps']:,.0f} | {r['prefill']['nodes_per_layer']} "
+              f"| {r['decode_step']['nodes_per_layer']} | {r['decode_step']['hbm_bytes_per_token_vs_gguf']} |")
     if args.json:
         args.json.write_text(json.dumps({"predictions": results}, indent=2) + "\n")
     return 0
