@@ -1,42 +1,35 @@
 """Per-qtype weight parameters, constexprs and limits shared by the mat-vec, GEMM and embedding
-kernels, and `load_weights`: element-wise dequantization from the repacked layout (repack.py)
-for gathers such as embedding rows (mat-vec and GEMM load whole runs instead)."""
+kernels, and `load_runs`: the one device-side dequantization of the repacked layout
+(repack.py), two runs of 16 elements per 32-group, used by every kernel that reads weights."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .repack import FORMATS
+from .repack import FORMATS, PLANE_NAMES
 
-KIND_CODES = {"nibble": 0, "int8": 1, "float": 2}
+KIND_CODES = {"q4": 0, "q5": 1, "k4": 2, "k6": 3, "int8": 4, "float": 5}
 
-# Triton pointer types of the q / s (and m) planes per qtype.
-_Q_TYPE = {"nibble": "*u8", "int8": "*i8"}
-_FLOAT_Q = {"F16": "*fp16", "F32": "*fp32"}
-_S_TYPE = {"float16": "*fp16", "float32": "*fp32"}
+# Triton pointer type of a plane's numpy dtype.
+_POINTER = {"uint8": "*u8", "int8": "*i8", "int32": "*i32", "float16": "*fp16", "float32": "*fp32"}
 
 
 def weight_params(qtype: str) -> tuple[tuple[str, str], ...]:
-    """(name, triton type) of the three weight planes for one qtype."""
-    fmt = FORMATS[qtype]
-    if fmt.kind == "float":
-        return (("w_q", _FLOAT_Q[qtype]), ("w_s", "*fp32"), ("w_m", "*fp32"))
-    st = _S_TYPE[fmt.scale_dtype]
-    return (("w_q", _Q_TYPE[fmt.kind]), ("w_s", st), ("w_m", st))
+    """(name, triton type) of the three weight planes for one qtype (absent ones: *fp32, unused)."""
+    planes = FORMATS[qtype].planes
+    return tuple((f"w_{p}", _POINTER[planes[p].dtype] if p in planes else "*fp32") for p in PLANE_NAMES)
 
 
 def weight_constexprs(qtype: str) -> dict:
     fmt = FORMATS[qtype]
-    # float weights have no scales: GROUP only sets the run length the mat-vec loads at once
+    # GROUP is the sub-scale size (informative: load_runs indexes each kind's planes itself)
     return {"KIND": KIND_CODES[fmt.kind], "HAS_MIN": fmt.has_min, "GROUP": fmt.group or 32}
 
 
 def unused_planes(qtype: str) -> tuple[str, ...]:
-    fmt = FORMATS[qtype]
-    if fmt.kind == "float":
-        return ("w_s", "w_m")
-    return () if fmt.has_min else ("w_m",)
+    planes = FORMATS[qtype].planes
+    return tuple(f"w_{p}" for p in PLANE_NAMES if p not in planes)
 
 
 def weight_limits(qtype: str, cols: str) -> tuple[str, ...]:
@@ -46,19 +39,54 @@ def weight_limits(qtype: str, cols: str) -> tuple[str, ...]:
 
 
 @triton.jit
-def load_weights(q_ptr, s_ptr, m_ptr, rows, cols, K, mask,
-                 KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr):
-    """Weights w[rows, cols] of a (N, K) repacked weight as float32; rows/cols broadcast."""
-    if KIND == 0:
-        byte = rows * (K // 2) + (cols // 32) * 16 + cols % 16
-        b = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-        q = (b >> (((cols // 16) % 2) * 4)) & 15
+def load_runs(w_q, w_s, w_m, n, gi, i, K, ok, KIND: tl.constexpr, HAS_MIN: tl.constexpr):
+    """Float32 weights (lo, hi) = w[n, 32 gi + i], w[n, 32 gi + 16 + i] of a repacked (N, K)
+    weight; n, gi (32-group of the row) and i (0..15) broadcast, e.g. (BN,1,1), (1,NG,1),
+    (1,1,16); `ok` masks (n, gi).  Quants are 16 contiguous bytes (or values) per run, the
+    scales one load per (n, gi)."""
+    if KIND == 5:  # float
+        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32)
+        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32)
+    elif KIND == 4:  # int8 (Q8_0)
+        d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32) * d
+        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32) * d
     else:
-        q = tl.load(q_ptr + rows * K + cols, mask=mask, other=0)
-    w = q.to(tl.float32)
-    if KIND != 2:
-        grp = rows * (K // GROUP) + cols // GROUP
-        w = w * tl.load(s_ptr + grp, mask=mask, other=0).to(tl.float32)
-        if HAS_MIN:
-            w = w + tl.load(m_ptr + grp, mask=mask, other=0).to(tl.float32)
-    return w
+        if KIND == 3:  # Q6_K: per 256, 128 B of nibbles then 64 B of top bits
+            blk = n * tl.multiple_of(K // 4 * 3, 16) + (gi // 8) * 192
+            byte = tl.load(w_q + blk + (gi % 8) * 16 + i, mask=ok, other=0).to(tl.int32)
+        else:
+            byte = tl.load(w_q + n * tl.multiple_of(K // 2, 16) + gi * 16 + i, mask=ok, other=0).to(tl.int32)
+        lo = byte & 15
+        hi = byte >> 4
+        if KIND == 0:  # Q4_0 / Q4_1
+            d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+            if HAS_MIN:
+                off = tl.load(w_m + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+            else:
+                off = d * -8.0
+            lo = lo.to(tl.float32) * d + off
+            hi = hi.to(tl.float32) * d + off
+        elif KIND == 1:  # Q5_0: bit j of qh is the fifth bit of element j
+            d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+            qh = tl.load(w_m + n * (K // 32) + gi, mask=ok, other=0)  # int32: ggml's u32 word
+            lo = ((lo | (((qh >> i) & 1) << 4)) - 16).to(tl.float32) * d
+            hi = ((hi | (((qh >> (i + 16)) & 1) << 4)) - 16).to(tl.float32) * d
+        elif KIND == 2:  # Q4_K: s = (d, dmin) per 256, m = (sc, mn) per 32
+            d = tl.load(w_s + n * (K // 128) + (gi // 8) * 2, mask=ok, other=0).to(tl.float32)
+            dmin = tl.load(w_s + n * (K // 128) + (gi // 8) * 2 + 1, mask=ok, other=0).to(tl.float32)
+            sc = tl.load(w_m + n * (K // 16) + gi * 2, mask=ok, other=0).to(tl.float32)
+            mn = tl.load(w_m + n * (K // 16) + gi * 2 + 1, mask=ok, other=0).to(tl.float32)
+            step = d * sc
+            off = -(dmin * mn)
+            lo = lo.to(tl.float32) * step + off
+            hi = hi.to(tl.float32) * step + off
+        else:  # Q6_K: top bits of group gi in chunk gi//2, bits 4*(gi%2) + {0-1: lo, 2-3: hi}
+            top = tl.load(w_q + blk + 128 + ((gi % 8) // 2) * 16 + i, mask=ok, other=0).to(tl.int32)
+            sh = (gi % 2) * 4
+            d = tl.load(w_s + n * (K // 256) + gi // 8, mask=ok, other=0).to(tl.float32)
+            sc_lo = tl.load(w_m + n * (K // 16) + gi * 2, mask=ok, other=0).to(tl.float32)
+            sc_hi = tl.load(w_m + n * (K // 16) + gi * 2 + 1, mask=ok, other=0).to(tl.float32)
+            lo = ((lo | (((top >> sh) & 3) << 4)) - 32).to(tl.float32) * (d * sc_lo)
+            hi = ((hi | (((top >> (sh + 2)) & 3) << 4)) - 32).to(tl.float32) * (d * sc_hi)
+    return lo, hi

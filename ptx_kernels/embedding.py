@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import load_weights, unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -19,12 +19,15 @@ from .spec import KernelSpec
 def embedding_kernel(w_q, w_s, w_m, ids_ptr, out_ptr, K,
                      KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_K: tl.constexpr):
+    NG: tl.constexpr = BLOCK_K // 32
     t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BK,)
-    ok = cols < K
+    gi = tl.program_id(1) * NG + tl.arange(0, NG)[:, None]  # (NG, 1) 32-groups of the row
+    i = tl.arange(0, 16)[None, :]  # (1, 16)
+    ok = gi * 32 < K
     row = tl.load(ids_ptr + t)
-    w = load_weights(w_q, w_s, w_m, row, cols, K, ok, KIND, HAS_MIN, GROUP)
-    tl.store(out_ptr + t * K + cols, w, mask=ok)
+    lo, hi = load_runs(w_q, w_s, w_m, row, gi, i, K, ok, KIND, HAS_MIN)
+    tl.store(out_ptr + t * K + gi * 32 + i, lo, mask=ok)
+    tl.store(out_ptr + t * K + gi * 32 + 16 + i, hi, mask=ok)
 
 
 BLOCK_K = 256

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -35,18 +35,16 @@ def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
                 KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                 X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    # The W tile is built as (rows, groups, run) with one scale load per run and contiguous
-    # quant loads, then flattened to (BN, BK); nibbles become (rows, groups, [low, high], 16).
-    RUN: tl.constexpr = 16 if KIND == 0 else GROUP
-    NG: tl.constexpr = BLOCK_K // 32 if KIND == 0 else BLOCK_K // GROUP
+    # The W tile is built as (rows, 32-groups, [low run, high run], 16) by dequant.load_runs
+    # (contiguous quant loads, one scale load per run), then flattened to (BN, BK).
+    NG: tl.constexpr = BLOCK_K // 32
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     m_ok = rm < M
     n3 = rn[:, None, None]  # (BN, 1, 1)
     n_ok3 = n3 < N
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
-    i = tl.arange(0, RUN)[None, None, :]  # (1, 1, RUN)
-    row_bytes = tl.multiple_of(K // 2, 16)  # launch limit K % 32 == 0
+    i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -55,21 +53,10 @@ def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
         e = tl.maximum(((amax >> 23) & 255) - X_EXP_SHIFT, 0)  # 0 unless the tile reaches 2^15
         down = ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^-e
         up = ((127 + e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^e
-        if KIND == 0:
-            w_ok = n_ok3 & (k0 + g * 32 < K)
-            byte = tl.load(w_q + n3 * row_bytes + k0 // 2 + g * 16 + i, mask=w_ok, other=0).to(tl.int32)
-            w = tl.join((byte & 15).to(tl.float32), (byte >> 4).to(tl.float32))  # (BN, NG, 16, 2)
-            w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, NG, 32))
-            s_off = n3 * (K // 32) + k0 // 32 + g
-            w = w * tl.load(w_s + s_off, mask=w_ok, other=0).to(tl.float32)
-            if HAS_MIN:
-                w = w + tl.load(w_m + s_off, mask=w_ok, other=0).to(tl.float32)
-        else:
-            kg = k0 + g * RUN
-            w_ok = n_ok3 & (kg < K)
-            w = tl.load(w_q + n3 * K + kg + i, mask=w_ok, other=0).to(tl.float32)  # (BN, NG, RUN)
-            if KIND != 2:
-                w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
+        gi = k0 // 32 + g
+        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, n_ok3 & (gi * 32 < K), KIND, HAS_MIN)
+        w = tl.join(w_lo, w_hi)  # (BN, NG, 16, 2)
+        w = tl.permute(w, (0, 1, 3, 2))
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         acc = tl.dot((x * down).to(tl.float16), tl.trans(w.to(tl.float16)), acc * down) * up
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & (rn < N)[None, :])

@@ -3,7 +3,8 @@
 Versions: `b1` (one activation row per program, batch on grid axis 1) and `b8` (up to eight rows
 per program so W is read once for the whole batch).  Geometry: each program owns BLOCK_N output
 rows and walks K in BLOCK_K steps; the 4-bit kinds load 16 contiguous bytes per 32-group and
-split them into its low/high halves (no interleave needed).
+split them into its low/high halves (no interleave needed); every type loads through
+`dequant.load_runs`.
 Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), pointers 16-byte aligned, K divisible by 16.
 x and y are float32, rows contiguous (row stride K for x, N for y).
 Reference: `reference.matvec`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -23,51 +24,29 @@ from .spec import KernelSpec
 def matvec_kernel(w_q, w_s, w_m, x_ptr, y_ptr, N, K, B,
                   KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    # Tiles are (rows, groups, run): a run is the elements sharing one scale load (16 bytes of
-    # nibbles = elements i and i+16 of a 32-group, or one int8/float group), so the scale is one
-    # load per run and the quants are contiguous vector loads.  Products accumulate elementwise
-    # and are reduced once after the K loop (no cross-thread reduction inside it).
-    RUN: tl.constexpr = 16 if KIND == 0 else GROUP
-    NG: tl.constexpr = BLOCK_K // (2 * RUN) if KIND == 0 else BLOCK_K // RUN
+    # Tiles are (rows, 32-groups, 16): each group is two runs of 16 elements (i and i+16), the
+    # quants of a run one contiguous vector load, its scales one load (dequant.load_runs).
+    # Products accumulate elementwise and are reduced once after the K loop (no cross-thread
+    # reduction inside it).
+    NG: tl.constexpr = BLOCK_K // 32
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
-    i = tl.arange(0, RUN)[None, None, :]  # (1, 1, RUN)
+    i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
     n3 = rn[:, None, None]  # (BN, 1, 1)
     b3 = rb[:, None, None]  # (BB, 1, 1)
     n_ok = n3 < N
     b_ok = b3 < B
-    acc = tl.zeros((BLOCK_B, BLOCK_N, NG, RUN), tl.float32)
-    row_bytes = tl.multiple_of(K // 2, 16)  # launch limit K % 32 == 0
-    row_groups = K // 32
+    acc = tl.zeros((BLOCK_B, BLOCK_N, NG, 16), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if KIND == 0:
-            kg = k0 + g * 32  # (1, NG, 1) first element of each 32-group
-            g_ok = kg < K
-            w_ok = n_ok & g_ok
-            q_off = n3 * row_bytes + k0 // 2 + g * 16 + i  # 16 contiguous bytes per run
-            byte = tl.load(w_q + q_off, mask=w_ok, other=0).to(tl.int32)  # (BN, NG, 16)
-            s_off = n3 * row_groups + k0 // 32 + g
-            s = tl.load(w_s + s_off, mask=w_ok, other=0).to(tl.float32)  # (BN, NG, 1)
-            w_lo = (byte & 15).to(tl.float32) * s
-            w_hi = (byte >> 4).to(tl.float32) * s
-            if HAS_MIN:
-                m = tl.load(w_m + s_off, mask=w_ok, other=0).to(tl.float32)
-                w_lo += m
-                w_hi += m
-            x_ok = b_ok & g_ok
-            x_lo = tl.load(x_ptr + b3 * K + kg + i, mask=x_ok, other=0)  # (BB, NG, 16)
-            x_hi = tl.load(x_ptr + b3 * K + kg + 16 + i, mask=x_ok, other=0)
-            acc += w_lo[None, :, :, :] * x_lo[:, None, :, :] + w_hi[None, :, :, :] * x_hi[:, None, :, :]
-        else:
-            kg = k0 + g * RUN  # (1, NG, 1)
-            g_ok = kg < K
-            w_ok = n_ok & g_ok
-            w = tl.load(w_q + n3 * K + kg + i, mask=w_ok, other=0).to(tl.float32)  # (BN, NG, RUN)
-            if KIND != 2:
-                w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
-            x = tl.load(x_ptr + b3 * K + kg + i, mask=b_ok & g_ok, other=0)  # (BB, NG, RUN)
-            acc += w[None, :, :, :] * x[:, None, :, :]
+        gi = k0 // 32 + g  # (1, NG, 1) 32-group of the row
+        kg = gi * 32
+        g_ok = kg < K
+        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, n_ok & g_ok, KIND, HAS_MIN)  # (BN, NG, 16)
+        x_ok = b_ok & g_ok
+        x_lo = tl.load(x_ptr + b3 * K + kg + i, mask=x_ok, other=0)  # (BB, NG, 16)
+        x_hi = tl.load(x_ptr + b3 * K + kg + 16 + i, mask=x_ok, other=0)
+        acc += w_lo[None, :, :, :] * x_lo[:, None, :, :] + w_hi[None, :, :, :] * x_hi[:, None, :, :]
     y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BB, BN)
     tl.store(y_ptr + rb[:, None] * N + rn[None, :], y, mask=(rb[:, None] < B) & (rn[None, :] < N))
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -47,45 +47,22 @@ def _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok, b_ok, K, USE_G: tl.cons
               KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """(BB, BN) sum_k W[n, k] * x[b, k] (* g[k] when USE_G), loads as `matvec.matvec_kernel`."""
-    RUN: tl.constexpr = 16 if KIND == 0 else GROUP
-    NG: tl.constexpr = BLOCK_K // (2 * RUN) if KIND == 0 else BLOCK_K // RUN
+    NG: tl.constexpr = BLOCK_K // 32
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
-    i = tl.arange(0, RUN)[None, None, :]  # (1, 1, RUN)
-    acc = tl.zeros((BLOCK_B, BLOCK_N, NG, RUN), tl.float32)
-    row_bytes = tl.multiple_of(K // 2, 16)
-    row_groups = K // 32
+    i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
+    acc = tl.zeros((BLOCK_B, BLOCK_N, NG, 16), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if KIND == 0:
-            kg = k0 + g * 32
-            g_ok = kg < K
-            w_ok = n_ok & g_ok
-            byte = tl.load(w_q + n3 * row_bytes + k0 // 2 + g * 16 + i, mask=w_ok, other=0).to(tl.int32)
-            s_off = n3 * row_groups + k0 // 32 + g
-            s = tl.load(w_s + s_off, mask=w_ok, other=0).to(tl.float32)
-            w_lo = (byte & 15).to(tl.float32) * s
-            w_hi = (byte >> 4).to(tl.float32) * s
-            if HAS_MIN:
-                m = tl.load(w_m + s_off, mask=w_ok, other=0).to(tl.float32)
-                w_lo += m
-                w_hi += m
-            x_ok = b_ok & g_ok
-            x_lo = tl.load(x_ptr + b3 * K + kg + i, mask=x_ok, other=0)
-            x_hi = tl.load(x_ptr + b3 * K + kg + 16 + i, mask=x_ok, other=0)
-            if USE_G:
-                x_lo = x_lo * tl.load(g_ptr + kg + i, mask=g_ok, other=0)
-                x_hi = x_hi * tl.load(g_ptr + kg + 16 + i, mask=g_ok, other=0)
-            acc += w_lo[None, :, :, :] * x_lo[:, None, :, :] + w_hi[None, :, :, :] * x_hi[:, None, :, :]
-        else:
-            kg = k0 + g * RUN
-            g_ok = kg < K
-            w_ok = n_ok & g_ok
-            w = tl.load(w_q + n3 * K + kg + i, mask=w_ok, other=0).to(tl.float32)
-            if KIND != 2:
-                w = w * tl.load(w_s + n3 * (K // GROUP) + kg // GROUP, mask=w_ok, other=0).to(tl.float32)
-            x = tl.load(x_ptr + b3 * K + kg + i, mask=b_ok & g_ok, other=0)
-            if USE_G:
-                x = x * tl.load(g_ptr + kg + i, mask=g_ok, other=0)
-            acc += w[None, :, :, :] * x[:, None, :, :]
+        gi = k0 // 32 + g
+        kg = gi * 32
+        g_ok = kg < K
+        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, n_ok & g_ok, KIND, HAS_MIN)
+        x_ok = b_ok & g_ok
+        x_lo = tl.load(x_ptr + b3 * K + kg + i, mask=x_ok, other=0)
+        x_hi = tl.load(x_ptr + b3 * K + kg + 16 + i, mask=x_ok, other=0)
+        if USE_G:
+            x_lo = x_lo * tl.load(g_ptr + kg + i, mask=g_ok, other=0)
+            x_hi = x_hi * tl.load(g_ptr + kg + 16 + i, mask=g_ok, other=0)
+        acc += w_lo[None, :, :, :] * x_lo[:, None, :, :] + w_hi[None, :, :, :] * x_hi[:, None, :, :]
     return tl.sum(tl.sum(acc, axis=3), axis=2)
 
 

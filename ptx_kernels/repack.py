@@ -2,30 +2,39 @@
 
 The CUDA backend runs `repack(raw, qtype, n_rows, n_cols)` once per weight at upload time and
 copies each plane of the result to the device.  Every layout is row-major over the numpy (out, in)
-= (N, K) view of the weight (GGUF dims reversed), and separates quants from scales so that a
-kernel reads each plane with contiguous, vectorizable loads.
+= (N, K) view of the weight (GGUF dims reversed), keeps the GGUF's own bits (Q4_K's 6-bit
+sub-scales become bytes: +2.8%, every other type is exactly its GGUF size) and separates quants
+from scales so that a kernel reads each plane with contiguous, vectorizable loads.
 
-Planes (N rows, K columns, G = group size):
+Planes (N rows, K columns; "nibbles": every run of 32 elements is 16 bytes, byte i holds element
+i in its low nibble and element i+16 in its high nibble, ggml's Q4_0 order):
 
-| kind     | qtypes             | `q` plane              | `s` plane (scale)    | `m` plane (offset)   | w[n, k] |
-|----------|--------------------|------------------------|----------------------|----------------------|---------|
-| nibble   | Q4_0, Q4_1, Q4_K   | uint8 (N, K/2)         | (N, K/32)            | (N, K/32)            | s*q + m |
-| int8     | Q8_0, Q5_0, Q6_K   | int8 (N, K)            | (N, K/G)             | none                 | s*q     |
-| float    | F16, F32           | float16/float32 (N, K) | none                 | none                 | q       |
+| kind  | qtype | `q` plane               | `s` plane              | `m` plane           | w[n, k]          | B/256   |
+|-------|-------|-------------------------|------------------------|---------------------|------------------|---------|
+| q4    | Q4_0  | u8 nibbles (N, K/2)     | f16 d (N, K/32)        | none                | d*q - 8*d        | 144 =   |
+| q4    | Q4_1  | u8 nibbles (N, K/2)     | f16 d (N, K/32)        | f16 m (N, K/32)     | d*q + m          | 160 =   |
+| q5    | Q5_0  | u8 nibbles, low 4 bits  | f16 d (N, K/32)        | i32 qh (N, K/32)    | d*(q - 16)       | 176 =   |
+| k4    | Q4_K  | u8 nibbles (N, K/2)     | f16 d, dmin (N, K/128) | u8 sc, mn (N, K/16) | d*sc*q - dmin*mn | 148/144 |
+| k6    | Q6_K  | u8 (N, 3K/4), see below | f16 d (N, K/256)       | i8 sc (N, K/16)     | d*sc*(q - 32)    | 210 =   |
+| int8  | Q8_0  | i8 (N, K)               | f16 d (N, K/32)        | none                | d*q              | 272 =   |
+| float | F16   | f16 (N, K) (F32: f32)   | none                   | none                | q                | 512 =   |
 
-"nibble" packing: every run of 32 elements is 16 bytes; byte i holds element i in its low
-nibble and element i+16 in its high nibble (ggml's Q4_0/Q4_1 order; Q4_K is reordered into it).
-Scale dtypes: float16 for Q4_0/Q4_1/Q5_0/Q8_0 (the block scale as stored; Q4_0's offset -8*d is
-exact in float16), float32 for Q4_K (d*sc, -dmin*m) and Q6_K (d*sc), so the product of the
-super-block scale and the sub-block scale stays exact.  Group size G is 32, except Q6_K (16).
-Q5_0 stores q-16 and Q6_K q-32 as signed int8.  Every repack is lossless: `dequantize_repacked`
-equals ggml's dequantization bit for bit.
+(B/256: device bytes per 256 elements, "=" where that is the GGUF size.)
+Q5_0's qh is ggml's word: bit j is the fifth bit of element j of its 32-group.  A Q6_K `q` row
+is, per 256-block, 128 bytes of nibbles (the low 4 bits) then 64 bytes of top bits in four
+16-byte chunks: chunk c covers 32-groups 2c and 2c+1, its byte i holds the top two bits of
+element i (bits 0-1) and i+16 (bits 2-3) of group 2c, then the same of group 2c+1 (bits 4-7),
+so a run of 16 quants reads 16 contiguous nibble bytes and 16 contiguous top-bit bytes.  Q4_K's
+`s` holds (d, dmin) per 256-block and `m` (sc, mn) per 32-group: the 6-bit values of ggml's
+12-byte packing, one byte each.  The kernels form d*sc and dmin*mn in float32, one rounding as
+ggml does, so every repack is lossless: `dequantize_repacked` equals ggml's dequantization bit
+for bit.
 
 `LAYOUTS` (keyed by gguf's `GGMLQuantizationType`, as `TensorView.qtype` is) holds only what is
-the device's own: kind, group, scale dtype, offset plane.  Block sizes and field offsets are
-llama_core's `gguf.blocks` table, the bit unpacking (Q5_0's fifth bit, Q4_K's six-bit scales,
-Q6_K's split quants) its `gguf.quants`, both used here as they are.  `FORMATS` is the same layouts by kernel name (the
-manifest's `qtype`, entry names, `Repacked.qtype`).
+the device's own: kind, group, each plane's dtype and size per row.  Block sizes and field
+offsets are llama_core's `gguf.blocks` table, the bit unpacking (Q5_0's fifth bit, Q4_K's six-bit
+scales, Q6_K's split quants) its `gguf.quants`, both used here as they are.  `FORMATS` is the
+same layouts by kernel name (the manifest's `qtype`, entry names, `Repacked.qtype`).
 """
 
 from __future__ import annotations
@@ -37,11 +46,25 @@ from gguf import GGMLQuantizationType as T
 
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.blocks import BLOCKS
-from ukgpu.llama_core.gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, k4_nibbles, k4_sub_scales
+from ukgpu.llama_core.gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, k4_nibbles, k4_scales
+
+PLANE_NAMES = ("q", "s", "m")
 
 
-class RepackError(UkgpuError):
-    """A weight cannot be repacked (unknown type, bad shape, wrong byte count)."""
+@dataclass(frozen=True)
+class PlaneSpec:
+    """One plane of a layout: numpy dtype and `num` values per `den` elements of a row."""
+
+    dtype: str
+    num: int
+    den: int
+
+    def per_row(self, n_cols: int) -> int:
+        return n_cols * self.num // self.den
+
+    @property
+    def bytes_per_element(self) -> float:
+        return np.dtype(self.dtype).itemsize * self.num / self.den
 
 
 @dataclass(frozen=True)
@@ -49,15 +72,19 @@ class DeviceLayout:
     """How one ggml type lies on the device; its ggml block sizes come from gguf.blocks."""
 
     qtype: T
-    kind: str  # "nibble" | "int8" | "float"
-    group: int  # elements per scale in the repacked layout (0 for float)
-    scale_dtype: str  # numpy dtype name of the s/m planes ("" for float)
-    has_min: bool
+    kind: str  # "q4" | "q5" | "k4" | "k6" | "int8" | "float" (the kernels' KIND)
+    group: int  # elements per sub-scale (0 for float)
+    planes: dict[str, PlaneSpec]  # "q", "s", "m" (the ones this type has)
 
     @property
     def name(self) -> str:
         """The kernels' name of the type: entry names, the manifest's `qtype`, `Repacked.qtype`."""
         return self.qtype.name
+
+    @property
+    def has_min(self) -> bool:
+        """Q4_1's offset plane (Q4_0's offset -8*d is computed, Q4_K's `m` is its sub-scales)."""
+        return self.kind == "q4" and "m" in self.planes
 
     @property
     def block_elems(self) -> int:
@@ -67,24 +94,37 @@ class DeviceLayout:
     def block_bytes(self) -> int:
         return BLOCKS[self.qtype].nbytes
 
+    @property
+    def bytes_per_element(self) -> float:
+        """Device bytes per weight element, all planes (what a mat-vec streams)."""
+        return sum(p.bytes_per_element for p in self.planes.values())
+
+
+def _layout(qtype: T, kind: str, group: int, **planes: tuple[str, int, int]) -> DeviceLayout:
+    return DeviceLayout(qtype, kind, group, {k: PlaneSpec(*v) for k, v in planes.items()})
+
 
 LAYOUTS: dict[T, DeviceLayout] = {lay.qtype: lay for lay in (
-    DeviceLayout(T.Q4_0, "nibble", 32, "float16", True),
-    DeviceLayout(T.Q4_1, "nibble", 32, "float16", True),
-    DeviceLayout(T.Q5_0, "int8", 32, "float16", False),
-    DeviceLayout(T.Q8_0, "int8", 32, "float16", False),
-    DeviceLayout(T.Q4_K, "nibble", 32, "float32", True),
-    DeviceLayout(T.Q6_K, "int8", 16, "float32", False),
-    DeviceLayout(T.F16, "float", 0, "", False),
-    DeviceLayout(T.F32, "float", 0, "", False),
+    _layout(T.Q4_0, "q4", 32, q=("uint8", 1, 2), s=("float16", 1, 32)),
+    _layout(T.Q4_1, "q4", 32, q=("uint8", 1, 2), s=("float16", 1, 32), m=("float16", 1, 32)),
+    _layout(T.Q5_0, "q5", 32, q=("uint8", 1, 2), s=("float16", 1, 32), m=("int32", 1, 32)),
+    _layout(T.Q8_0, "int8", 32, q=("int8", 1, 1), s=("float16", 1, 32)),
+    _layout(T.Q4_K, "k4", 32, q=("uint8", 1, 2), s=("float16", 2, 256), m=("uint8", 2, 32)),
+    _layout(T.Q6_K, "k6", 16, q=("uint8", 3, 4), s=("float16", 1, 256), m=("int8", 1, 16)),
+    _layout(T.F16, "float", 0, q=("float16", 1, 1)),
+    _layout(T.F32, "float", 0, q=("float32", 1, 1)),
 )}
 # The same layouts by kernel name, for code that starts from a manifest entry or an entry name.
 FORMATS: dict[str, DeviceLayout] = {lay.name: lay for lay in LAYOUTS.values()}
 
 
+class RepackError(UkgpuError):
+    """A weight cannot be repacked (unknown type, bad shape, wrong byte count)."""
+
+
 @dataclass
 class Repacked:
-    """Device planes of one (N, K) weight; `s`/`m` are None where the kind has none."""
+    """Device planes of one (N, K) weight; `s`/`m` are None where the layout has none."""
 
     qtype: str
     n_rows: int
@@ -128,12 +168,31 @@ def _nibbles_to_bytes(q: np.ndarray) -> np.ndarray:
     return (g[:, :, 0, :] | (g[:, :, 1, :] << 4)).reshape(len(q), -1)
 
 
-# Each `_planes_*`: ggml blocks (M, block_bytes) -> (q, s, m) per block, in ggml's element order;
-# the field views and decoders are quants' own, so this file states no byte offset or bit layout.
+def _bytes_to_nibbles(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_nibbles_to_bytes`: (M, 16j) -> (M, 32j) values 0..15."""
+    g = b.reshape(len(b), -1, 1, 16)
+    return np.concatenate([g & 0x0F, g >> 4], axis=2).reshape(len(b), -1)
+
+
+def _top_bits_to_bytes(top: np.ndarray) -> np.ndarray:
+    """(M, 256) 2-bit values -> (M, 64): chunk c byte i = groups 2c, 2c+1 x elements i, i+16."""
+    t = top.reshape(len(top), 4, 2, 2, 16).astype(np.uint8)  # (M, chunk, group in pair, half, i)
+    shift = (np.arange(2)[:, None] * 4 + np.arange(2)[None, :] * 2).astype(np.uint8)  # (2, 2)
+    return np.bitwise_or.reduce(t << shift[None, None, :, :, None], axis=(2, 3)).reshape(len(top), 64)
+
+
+def _bytes_to_top_bits(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_top_bits_to_bytes`: (M, 64) -> (M, 256) values 0..3."""
+    shift = (np.arange(2)[:, None] * 4 + np.arange(2)[None, :] * 2).astype(np.uint8)
+    t = (b.reshape(len(b), 4, 1, 1, 16) >> shift[None, None, :, :, None]) & 3
+    return t.reshape(len(b), 256)
+
+
+# Each `_planes_*`: ggml blocks (M, block_bytes) -> (q, s, m) per block, in the device order;
+# the field views and decoders are quants' own, so this file states no byte offset of a block.
 
 def _planes_q4_0(b: np.ndarray) -> tuple:
-    d = Q4_0.field(b, "d")  # (M, 1) float16
-    return Q4_0.field(b, "qs"), d, (d.astype(np.float32) * -8.0).astype(np.float16)
+    return Q4_0.field(b, "qs"), Q4_0.field(b, "d"), None
 
 
 def _planes_q4_1(b: np.ndarray) -> tuple:
@@ -141,7 +200,7 @@ def _planes_q4_1(b: np.ndarray) -> tuple:
 
 
 def _planes_q5_0(b: np.ndarray) -> tuple:
-    return Q5_0.signed_quants(b), Q5_0.field(b, "d"), None
+    return Q5_0.field(b, "qs"), Q5_0.field(b, "d"), Q5_0.field(b, "qh").view(np.int32)  # the kernels' *i32
 
 
 def _planes_q8_0(b: np.ndarray) -> tuple:
@@ -149,13 +208,18 @@ def _planes_q8_0(b: np.ndarray) -> tuple:
 
 
 def _planes_q4_k(b: np.ndarray) -> tuple:
-    step, offset = k4_sub_scales(Q4_K, b)  # (M, 8) float32
+    sc_lo, mn_lo, sc_hi, mn_hi = k4_scales(*(Q4_K.field(b, "scales")[:, i:i + 4] for i in (0, 4, 8)))
+    sc = np.concatenate([sc_lo, sc_hi], axis=1)  # (M, 8) 6-bit sub-scales
+    mn = np.concatenate([mn_lo, mn_hi], axis=1)
+    s = np.concatenate([Q4_K.field(b, "d"), Q4_K.field(b, "dmin")], axis=1)  # (M, 2) float16
     q = k4_nibbles(Q4_K.field(b, "qs")).reshape(len(b), -1)  # sub-block 2c = low, 2c+1 = high
-    return _nibbles_to_bytes(q), step, -offset
+    return _nibbles_to_bytes(q), s, np.stack([sc, mn], axis=2).reshape(len(b), 16).astype(np.uint8)
 
 
 def _planes_q6_k(b: np.ndarray) -> tuple:
-    return Q6_K.signed_quants(b), Q6_K.sub_scales(b), None
+    u = (Q6_K.signed_quants(b).astype(np.int16) + 32).astype(np.uint8)  # (M, 256) 6-bit quants
+    q = np.concatenate([_nibbles_to_bytes(u & 0x0F), _top_bits_to_bytes(u >> 4)], axis=1)
+    return q, Q6_K.field(b, "d"), Q6_K.field(b, "scales")
 
 
 _PLANES = {
@@ -168,13 +232,13 @@ _PLANES = {
 }
 
 
-def _plane(a: np.ndarray | None, n_rows: int) -> np.ndarray | None:
-    """Per-block values (M, ...) -> a new C-contiguous (n_rows, -1) array (never a view of raw)."""
-    if a is None:
+def _plane(a: np.ndarray | None, spec: PlaneSpec | None, n_rows: int, n_cols: int) -> np.ndarray | None:
+    """Per-block values (M, ...) -> a new C-contiguous (n_rows, per_row) array of the spec's dtype."""
+    if a is None or spec is None:
         return None
-    out = np.empty(a.shape, a.dtype)
-    out[...] = a
-    return out.reshape(n_rows, -1)
+    out = np.empty((n_rows, spec.per_row(n_cols)), spec.dtype)
+    out.reshape(-1)[...] = a.reshape(-1)  # same dtype as the field: copies, never a view of raw
+    return out
 
 
 def _repack_float(raw: np.ndarray, fmt: DeviceLayout, n: int, k: int) -> Repacked:
@@ -189,8 +253,30 @@ def repack(raw: np.ndarray, qtype: str, n_rows: int, n_cols: int) -> Repacked:
     fmt = get_format(qtype)
     if fmt.kind == "float":
         return _repack_float(raw, fmt, n_rows, n_cols)
-    q, s, m = _PLANES[fmt.qtype](_blocks(raw, fmt, n_rows, n_cols))
-    return Repacked(qtype, n_rows, n_cols, _plane(q, n_rows), _plane(s, n_rows), _plane(m, n_rows))
+    arrays = _PLANES[fmt.qtype](_blocks(raw, fmt, n_rows, n_cols))
+    q, s, m = (_plane(a, fmt.planes.get(p), n_rows, n_cols) for a, p in zip(arrays, PLANE_NAMES))
+    assert q is not None
+    return Repacked(qtype, n_rows, n_cols, q, s, m)
+
+
+def _per_element(a: np.ndarray, n: int, k: int) -> np.ndarray:
+    """(N, G) per-group values -> (N, K) float32, each repeated over its K/G elements."""
+    return np.repeat(a.astype(np.float32), k // a.shape[1], axis=1)
+
+
+def _quants(r: Repacked, fmt: DeviceLayout) -> np.ndarray:
+    """(N, K) int32 unsigned quants of a nibble-based kind, element order."""
+    n, k = r.n_rows, r.n_cols
+    if fmt.kind == "k6":
+        blocks = r.q.reshape(n * k // 256, 192)
+        q = _bytes_to_nibbles(blocks[:, :128]) | (_bytes_to_top_bits(blocks[:, 128:]) << 4)
+        return q.reshape(n, k).astype(np.int32)
+    q = _bytes_to_nibbles(r.q.reshape(n, -1)).astype(np.int32)
+    if fmt.kind == "q5":
+        assert r.m is not None
+        bits = (r.m.view(np.uint32).reshape(n, -1, 1) >> np.arange(32, dtype=np.uint32)) & 1  # (N, K/32, 32)
+        q |= bits.reshape(n, k).astype(np.int32) << 4
+    return q
 
 
 def dequantize_repacked(r: Repacked) -> np.ndarray:
@@ -199,13 +285,21 @@ def dequantize_repacked(r: Repacked) -> np.ndarray:
     if fmt.kind == "float":
         return r.q.astype(np.float32)
     n, k = r.n_rows, r.n_cols
-    if fmt.kind == "nibble":
-        g = r.q.reshape(n, k // 32, 16)
-        q = np.concatenate([g & 0x0F, g >> 4], -1).reshape(n, k).astype(np.float32)
-    else:
-        q = r.q.astype(np.float32)
-    s = np.repeat(r.s.astype(np.float32), fmt.group, axis=1)
-    w = s * q
-    if r.m is not None:
-        w = w + np.repeat(r.m.astype(np.float32), fmt.group, axis=1)
-    return w.astype(np.float32)
+    assert r.s is not None
+    if fmt.kind == "int8":
+        return _per_element(r.s, n, k) * r.q.astype(np.float32)
+    q = _quants(r, fmt)
+    if fmt.kind == "q4":
+        d = _per_element(r.s, n, k)
+        off = d * np.float32(-8) if r.m is None else _per_element(r.m, n, k)
+        return d * q.astype(np.float32) + off
+    if fmt.kind == "q5":
+        return _per_element(r.s, n, k) * (q - 16).astype(np.float32)
+    assert r.m is not None
+    sub = r.m.astype(np.float32)
+    if fmt.kind == "k4":  # s (N, K/256 * [d, dmin]), m (N, K/32 * [sc, mn])
+        d, dmin = _per_element(r.s[:, 0::2], n, k // 32), _per_element(r.s[:, 1::2], n, k // 32)
+        step, off = _per_element(d * sub[:, 0::2], n, k), _per_element(dmin * sub[:, 1::2], n, k)
+        return step * q.astype(np.float32) - off
+    step = _per_element(_per_element(r.s, n, k // 16) * sub, n, k)  # k6: d * sc per 16
+    return step * (q - 32).astype(np.float32)

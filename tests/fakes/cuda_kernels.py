@@ -39,16 +39,10 @@ class MisalignedAccess(EmulationError):
 
 
 def _planes(mem: Mem, a: dict, qtype: str, rows: int, k: int) -> Repacked:
-    fmt = FORMATS[qtype]
-    if fmt.kind == "float":
-        dt = np.float16 if qtype == "F16" else np.float32
-        return Repacked(qtype, rows, k, mem.view(a["w_q"], dt, rows * k).reshape(rows, k), None, None)
-    qdt, qcols = (np.uint8, k // 2) if fmt.kind == "nibble" else (np.int8, k)
-    q = mem.view(a["w_q"], qdt, rows * qcols).reshape(rows, qcols)
-    ng = k // fmt.group
-    s = mem.view(a["w_s"], fmt.scale_dtype, rows * ng).reshape(rows, ng)
-    m = mem.view(a["w_m"], fmt.scale_dtype, rows * ng).reshape(rows, ng) if fmt.has_min else None
-    return Repacked(qtype, rows, k, q, s, m)
+    """The device planes of a launch's (rows, k) weight, as repack.LAYOUTS lays them out."""
+    views = {p: mem.view(a[f"w_{p}"], spec.dtype, rows * spec.per_row(k)).reshape(rows, -1)
+             for p, spec in FORMATS[qtype].planes.items()}
+    return Repacked(qtype, rows, k, views["q"], views.get("s"), views.get("m"))
 
 
 def _f16(x: np.ndarray) -> np.ndarray:

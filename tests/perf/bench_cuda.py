@@ -15,8 +15,8 @@ Qwen2.5-Coder-1.5B Q4_K_M, SmolLM2-135M Q4_1), built on first use, so nothing la
 - tg32 eager: the same through `Model.forward` (one Python launch per kernel), to show what the
   graph saves.
 - roofline: tg128 against the tokens/s a step would reach if it only streamed its weights (the
-  device bytes of every block's matrices and the output matrix) at the device-to-device copy
-  bandwidth measured in the same run.
+  GGUF bytes of every block's matrices and the output matrix, what any engine must read) at the
+  device-to-device copy bandwidth measured in the same run.
 Each is repeated `--repeats` times after a warm-up; the median is reported.  llama.cpp numbers come
 from a `llama-bench` binary built with -DGGML_CUDA=ON (`-ngl 99 -p 512 -n 128 -o json`), with
 flash attention on and off, when `--llama-bench` is given; `--llama-only` runs llama-bench alone
@@ -77,20 +77,24 @@ def bench_ukgpu(path: Path, repeats: int) -> dict:
         for pos in range(N_EAGER):
             token = int(model.forward(np.array([token]), pos, kv, all_logits=False)[0].argmax())
         eager.append(time.perf_counter() - t)
-    weight_bytes = decode_weight_bytes(model)
+    weight_bytes, device_bytes = decode_weight_bytes(model, gguf)
     return {"load_s": round(load_s, 2), f"pp{N_PROMPT}": _median_rate(N_PROMPT, pp),
             f"tg{N_GEN}": _median_rate(N_GEN, tg), f"tg{N_EAGER}_eager": _median_rate(N_EAGER, eager),
             "decode_weight_mb": round(weight_bytes / 1e6, 1),
+            "decode_device_weight_mb": round(device_bytes / 1e6, 1),
             "device": be.ctx.info.line(), "arena": be.usage(),
             "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()})}
 
 
-def decode_weight_bytes(model) -> int:
-    """Device bytes every decode step reads at least once: each block's matrices and the output
-    matrix (the embedding table only gives one row, unless it is also the output)."""
+def decode_weight_bytes(model, gguf) -> tuple[int, int]:
+    """(GGUF bytes, device bytes) of the weights every decode step reads at least once: each
+    block's matrices and the output matrix (the embedding table only gives one row, unless it is
+    also the output).  The roofline counts the GGUF bytes, the same for every engine; the device
+    planes (ptx_kernels/repack.py) are at most a few percent more."""
     names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     w = model.weights
-    return sum(getattr(lw, n).nbytes for lw in w.layers for n in names) + w.output.nbytes
+    mats = [getattr(lw, n) for lw in w.layers for n in names] + [w.output]
+    return sum(gguf.tensors[m.name].data.nbytes for m in mats), sum(m.nbytes for m in mats)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -108,7 +112,7 @@ def roofline_line(name: str, res: dict, copy_gbs: float) -> str:
     ceiling = copy_gbs * 1e3 / res["decode_weight_mb"]  # tokens/s if each token only streamed its weights
     tg = res[f"tg{N_GEN}"]
     return (f"{name}: tg{N_GEN} {tg:,.0f} t/s = {100 * tg / ceiling:.0f}% of the roofline "
-            f"({res['decode_weight_mb']:.0f} MB of weights per token at {copy_gbs:,.0f} GB/s "
+            f"({res['decode_weight_mb']:.0f} MB of GGUF weights per token at {copy_gbs:,.0f} GB/s "
             f"copy bandwidth: {ceiling:,.0f} t/s)")
 
 

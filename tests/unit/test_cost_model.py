@@ -29,9 +29,10 @@ def _gemm(m: int = 512, n: int = 8960, k: int = 1536, scaled: bool = True) -> cm
 
 
 def test_weight_bytes_follow_the_repacked_planes():
-    assert cm.weight_bytes_per_element("Q4_K") == 0.5 + 2 * 4 / 32  # nibbles, f32 scale and min
+    assert cm.weight_bytes_per_element("Q4_K") == 0.5 + 2 / 32 + 4 / 256  # nibbles, u8 sc+mn, f16 d+dmin
     assert cm.weight_bytes_per_element("Q8_0") == 1 + 2 / 32  # int8, f16 scale
-    assert cm.weight_bytes_per_element("Q6_K") == 1 + 4 / 16  # int8, f32 scale per 16
+    assert cm.weight_bytes_per_element("Q6_K") == 0.75 + 1 / 16 + 2 / 256  # 6 bits, i8 sc, f16 d
+    assert cm.weight_bytes_per_element("Q4_0") == 18 / 32  # nibbles, f16 d: the GGUF size
     assert cm.weight_bytes_per_element("F16") == 2.0
 
 
@@ -59,7 +60,7 @@ def test_resident_ctas_are_limited_by_threads_and_shared_memory():
 
 def test_prefill_gemm_is_bound_by_the_x_tiles_every_column_program_loads():
     c = cm.node_cost(_gemm(), DEV, graph=False)
-    x, w, y = 4 * 512 * 1536, 8960 * 1536 * 0.75, 4 * 512 * 8960
+    x, w, y = 4 * 512 * 1536, 8960 * 1536 * cm.weight_bytes_per_element("Q4_K"), 4 * 512 * 8960
     l2 = x * 140 + w * 8 + y  # grid (8, 140): x once per column program, W once per row program
     assert c.bytes == pytest.approx(x + w + y)
     assert c.bound == "memory"  # L2 traffic: 27 flops a byte against the tensor peak's ~113

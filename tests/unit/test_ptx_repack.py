@@ -27,19 +27,37 @@ def test_plane_shapes_and_dtypes_match_the_documented_layout(qtype):
     fmt = FORMATS[qtype]
     n, k = 3, 512
     r = repack(random_weight(qtype, n, k, np.random.default_rng(1)), qtype, n, k)
-    if fmt.kind == "nibble":
-        assert r.q.dtype == np.uint8 and r.q.shape == (n, k // 2)
-    elif fmt.kind == "int8":
-        assert r.q.dtype == np.int8 and r.q.shape == (n, k)
-    else:
-        assert r.q.dtype == np.dtype(qtype.lower().replace("f", "float")) and r.q.shape == (n, k)
-        assert r.s is None and r.m is None
-        return
-    assert r.s.dtype == np.dtype(fmt.scale_dtype) and r.s.shape == (n, k // fmt.group)
-    assert (r.m is not None) == fmt.has_min
-    if fmt.has_min:
-        assert r.m.dtype == r.s.dtype and r.m.shape == r.s.shape
-    assert all(p.flags.c_contiguous for p in r.planes().values())
+    planes = r.planes()
+    assert set(planes) == set(fmt.planes)
+    for name, spec in fmt.planes.items():
+        assert planes[name].dtype == np.dtype(spec.dtype), name
+        assert planes[name].shape == (n, spec.per_row(k)), name
+        assert planes[name].flags.c_contiguous
+    assert sum(p.nbytes for p in planes.values()) == fmt.bytes_per_element * n * k
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_device_bytes_are_within_3_percent_of_the_gguf_bytes(qtype):
+    fmt = FORMATS[qtype]
+    gguf_per_element = fmt.block_bytes / fmt.block_elems
+    assert gguf_per_element <= fmt.bytes_per_element <= 1.03 * gguf_per_element
+
+
+def test_q6_k_top_bits_lie_in_16_byte_chunks_of_two_groups():
+    # one Q6_K block, d = 1, every scale 1, all low bits 0 and the top bits of element e = e % 4
+    block = np.zeros(210, np.uint8)
+    block[128:192] = 0b11100100  # qh: bits 2g..2g+1 of qh[l] -> element 32g + l of each half
+    block[192:208] = 1
+    block[208:210] = np.array([1.0], np.float16).view(np.uint8)
+    r = repack(block, "Q6_K", 1, 256)
+    top = r.q[0, 128:].reshape(4, 16)  # chunk c: groups 2c, 2c+1
+    for e in range(256):
+        grp, pos = divmod(e, 32)
+        want = (e // 32 % 4)  # element 32g + l of a half takes bits 2g..2g+1 of qh[l]
+        byte = top[grp // 2, pos % 16]
+        assert (byte >> ((grp % 2) * 4 + (pos // 16) * 2)) & 3 == want, e
+    w = dequantize_repacked(r)[0]
+    np.testing.assert_array_equal(w, (np.arange(256) // 32 % 4) * 16 - 32)
 
 
 def test_nibble_order_low_is_element_i_high_is_element_i_plus_16():

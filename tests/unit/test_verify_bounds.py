@@ -70,8 +70,8 @@ def test_weight_scales_rounded_to_bf16_fail_the_mat_vec_bound(monkeypatch, qtype
     real = cuda_kernels.EMULATORS["matvec"]
 
     def bf16_scales(mem, e, a, grid):
-        fmt = FORMATS[e["qtype"]]
-        scales = mem.view(a["w_s"], fmt.scale_dtype, a["N"] * (a["K"] // fmt.group))
+        spec = FORMATS[e["qtype"]].planes["s"]
+        scales = mem.view(a["w_s"], spec.dtype, a["N"] * spec.per_row(a["K"]))
         scales[:] = _bf16(scales)
         real(mem, e, a, grid)
 

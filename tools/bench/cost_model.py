@@ -116,11 +116,7 @@ class Prediction:
 
 def weight_bytes_per_element(qtype: str) -> float:
     """Bytes per weight element of the repacked device layout (ptx_kernels/repack.py)."""
-    fmt = FORMATS[qtype]
-    if fmt.kind == "float":
-        return 2.0 if qtype == "F16" else 4.0
-    scale = {"float16": 2, "float32": 4}[fmt.scale_dtype] * (2 if fmt.has_min else 1)
-    return (0.5 if fmt.kind == "nibble" else 1.0) + scale / fmt.group
+    return FORMATS[qtype].bytes_per_element
 
 
 def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
