@@ -96,7 +96,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
 def _batch_step(model: Model, be: Any, fake: FakeDriver, read: Any, b: int) -> cm.Prediction:
     """One replayed decode step of b sequences at position N_GEN // 2 (the engine's slots
     decoding together: `Backend.decode_batch`), costed as a graph."""
-    kvs = [model.new_kv(N_GEN + 8) for _ in range(b)]
+    kvs = [model.new_kv(N_GEN + 16) for _ in range(b)]  # a slab of their own (another shape)
     tokens = np.arange(1, b + 1)
     be.decode_batch(model, tokens, [N_GEN // 2] * b, kvs)  # eager step + capture
     fake.trace.clear()

@@ -137,24 +137,24 @@ def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
 
 def _matvec_fused(e: dict, a: dict, grid: tuple) -> Traffic:
     """`matvec_fused.py`: norm (+bias) reads g (and bias); glu streams two weights; add reads
-    and writes the residual rows.  L2: every program loads its x rows and g once (its later
-    passes over them hit L1)."""
-    ctas = grid[0] * grid[1]
+    and writes the residual rows.  L2: every program reads all of its BLOCK_B x rows (and g);
+    those are read-only and small (6-48 KB), so an SM's later programs find them in its L1:
+    counted once per SM (an assumption, unverified on hardware)."""
+    bb, rows, k = e["constexprs"]["BLOCK_B"], a["B"], a["K"]
+    x_l2 = min(grid[0] * grid[1], H200.sms) * (4 * bb * k + 4 * k)
     if e["name"].startswith("matvec_qkv"):
-        rows, k, n = a["B"], a["K"], a["N0"] + a["N1"] + a["N2"]
-        w = n * k * weight_bytes_per_element(e["qtype"])
-        hbm = w + 4 * rows * k + 4 * k + 4 * n + 4 * rows * n
-        return Traffic(hbm, 2.0 * rows * n * k, False, hbm + ctas * 8 * k)  # x and g per program
-    rows, n, k, mode = a["B"], a["N"], a["K"], e["constexprs"]["MODE"]
+        n = a["N0"] + a["N1"] + a["N2"]
+        hbm = n * k * weight_bytes_per_element(e["qtype"]) + 4 * rows * k + 4 * k + 4 * n + 4 * rows * n
+        return Traffic(hbm, 2.0 * rows * n * k, False, hbm + x_l2)
+    n, mode = a["N"], e["constexprs"]["MODE"]
     w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
-    bb = e["constexprs"]["BLOCK_B"]
     if mode == 1:
         hbm = 2 * w + x + 4 * k + y
-        return Traffic(hbm, 4.0 * rows * n * k, False, hbm + ctas * (4 * bb * k + 4 * k))
+        return Traffic(hbm, 4.0 * rows * n * k, False, hbm + x_l2)
     if mode == 2:
-        return Traffic(w + x + 2 * y, 2.0 * rows * n * k, False, w + 2 * y + ctas * 4 * bb * k)
+        return Traffic(w + x + 2 * y, 2.0 * rows * n * k, False, w + 2 * y + x_l2)
     hbm = w + x + 4 * k + 4 * n + y
-    return Traffic(hbm, 2.0 * rows * n * k, False, hbm + ctas * (4 * bb * k + 4 * k))
+    return Traffic(hbm, 2.0 * rows * n * k, False, hbm + x_l2)
 
 
 def _attn_prefill(e: dict, a: dict, grid: tuple) -> Traffic:
