@@ -9,10 +9,11 @@ import triton.language as tl
 
 from .repack import FORMATS, PLANE_NAMES
 
-KIND_CODES = {"q4": 0, "q5": 1, "k4": 2, "k6": 3, "int8": 4, "float": 5}
+KIND_CODES = {"q4": 0, "q5": 1, "k4": 2, "k6": 3, "int8": 4, "float": 5, "bf16": 6}
 
-# Triton pointer type of a plane's numpy dtype.
-_POINTER = {"uint8": "*u8", "int8": "*i8", "int32": "*i32", "float16": "*fp16", "float32": "*fp32"}
+# Triton pointer type of a plane's numpy dtype (uint16: BF16's bits, loaded as f16 and bitcast).
+_POINTER = {"uint8": "*u8", "int8": "*i8", "int32": "*i32", "float16": "*fp16", "float32": "*fp32",
+            "uint16": "*fp16"}
 
 
 def weight_params(qtype: str) -> tuple[tuple[str, str], ...]:
@@ -39,18 +40,31 @@ def weight_limits(qtype: str, cols: str) -> tuple[str, ...]:
 
 
 @triton.jit
+def _flat_runs(w_q, w_s, n, gi, i, K, ok, KIND: tl.constexpr):
+    """`load_runs` of the one-value-per-element kinds: float, bf16, int8 (Q8_0)."""
+    if KIND == 5:  # float
+        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32)
+        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32)
+    elif KIND == 6:  # bf16 bits through an f16 pointer: the top half of a float32
+        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32)
+        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32)
+        lo = (lo << 16).to(tl.float32, bitcast=True)
+        hi = (hi << 16).to(tl.float32, bitcast=True)
+    else:  # int8 (Q8_0)
+        d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32) * d
+        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32) * d
+    return lo, hi
+
+
+@triton.jit
 def load_runs(w_q, w_s, w_m, n, gi, i, K, ok, KIND: tl.constexpr, HAS_MIN: tl.constexpr):
     """Float32 weights (lo, hi) = w[n, 32 gi + i], w[n, 32 gi + 16 + i] of a repacked (N, K)
     weight; n, gi (32-group of the row) and i (0..15) broadcast, e.g. (BN,1,1), (1,NG,1),
     (1,1,16); `ok` masks (n, gi).  Quants are 16 contiguous bytes (or values) per run, the
     scales one load per (n, gi)."""
-    if KIND == 5:  # float
-        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32)
-        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32)
-    elif KIND == 4:  # int8 (Q8_0)
-        d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
-        lo = tl.load(w_q + n * K + gi * 32 + i, mask=ok, other=0).to(tl.float32) * d
-        hi = tl.load(w_q + n * K + gi * 32 + 16 + i, mask=ok, other=0).to(tl.float32) * d
+    if KIND >= 4:
+        lo, hi = _flat_runs(w_q, w_s, n, gi, i, K, ok, KIND)
     else:
         if KIND == 3:  # Q6_K: per 256, 128 B of nibbles then 64 B of top bits
             blk = n * tl.multiple_of(K // 4 * 3, 16) + (gi // 8) * 192
@@ -67,11 +81,19 @@ def load_runs(w_q, w_s, w_m, n, gi, i, K, ok, KIND: tl.constexpr, HAS_MIN: tl.co
                 off = d * -8.0
             lo = lo.to(tl.float32) * d + off
             hi = hi.to(tl.float32) * d + off
-        elif KIND == 1:  # Q5_0: bit j of qh is the fifth bit of element j
-            d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+        elif KIND == 1:  # Q5_0 / Q5_1: bit j of qh is the fifth bit of element j
             qh = tl.load(w_m + n * (K // 32) + gi, mask=ok, other=0)  # int32: ggml's u32 word
-            lo = ((lo | (((qh >> i) & 1) << 4)) - 16).to(tl.float32) * d
-            hi = ((hi | (((qh >> (i + 16)) & 1) << 4)) - 16).to(tl.float32) * d
+            lo = lo | (((qh >> i) & 1) << 4)
+            hi = hi | (((qh >> (i + 16)) & 1) << 4)
+            if HAS_MIN:  # Q5_1: s = (d, m) per 32
+                d = tl.load(w_s + n * (K // 16) + gi * 2, mask=ok, other=0).to(tl.float32)
+                off = tl.load(w_s + n * (K // 16) + gi * 2 + 1, mask=ok, other=0).to(tl.float32)
+                lo = lo.to(tl.float32) * d + off
+                hi = hi.to(tl.float32) * d + off
+            else:
+                d = tl.load(w_s + n * (K // 32) + gi, mask=ok, other=0).to(tl.float32)
+                lo = (lo - 16).to(tl.float32) * d
+                hi = (hi - 16).to(tl.float32) * d
         elif KIND == 2:  # Q4_K: s = (d, dmin) per 256, m = (sc, mn) per 32
             d = tl.load(w_s + n * (K // 128) + (gi // 8) * 2, mask=ok, other=0).to(tl.float32)
             dmin = tl.load(w_s + n * (K // 128) + (gi // 8) * 2 + 1, mask=ok, other=0).to(tl.float32)

@@ -16,8 +16,10 @@ from .repack import FORMATS, Repacked, dequantize_repacked, get_format, repack
 def random_weight(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random raw GGUF bytes of an (n_rows, n_cols) weight: every quant bit pattern, sane scales."""
     fmt = get_format(qtype)
-    if fmt.kind == "float":
+    if fmt.block_elems == 1:  # F16, F32, BF16 (the top half of a float32)
         vals = rng.standard_normal((n_rows, n_cols)).astype(np.float16 if qtype == "F16" else np.float32)
+        if qtype == "BF16":
+            vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
         return vals.view(np.uint8).reshape(-1)
     nb = n_rows * n_cols // fmt.block_elems
     raw = rng.integers(0, 256, (nb, fmt.block_bytes), dtype=np.uint8)

@@ -14,13 +14,15 @@ i in its low nibble and element i+16 in its high nibble, ggml's Q4_0 order):
 | q4    | Q4_0  | u8 nibbles (N, K/2)     | f16 d (N, K/32)        | none                | d*q - 8*d        | 144 =   |
 | q4    | Q4_1  | u8 nibbles (N, K/2)     | f16 d (N, K/32)        | f16 m (N, K/32)     | d*q + m          | 160 =   |
 | q5    | Q5_0  | u8 nibbles, low 4 bits  | f16 d (N, K/32)        | i32 qh (N, K/32)    | d*(q - 16)       | 176 =   |
+| q5    | Q5_1  | u8 nibbles, low 4 bits  | f16 d, m (N, K/16)     | i32 qh (N, K/32)    | d*q + m          | 192 =   |
 | k4    | Q4_K  | u8 nibbles (N, K/2)     | f16 d, dmin (N, K/128) | u8 sc, mn (N, K/16) | d*sc*q - dmin*mn | 148/144 |
 | k6    | Q6_K  | u8 (N, 3K/4), see below | f16 d (N, K/256)       | i8 sc (N, K/16)     | d*sc*(q - 32)    | 210 =   |
 | int8  | Q8_0  | i8 (N, K)               | f16 d (N, K/32)        | none                | d*q              | 272 =   |
 | float | F16   | f16 (N, K) (F32: f32)   | none                   | none                | q                | 512 =   |
+| bf16  | BF16  | u16 bf16 bits (N, K)    | none                   | none                | bits << 16       | 512 =   |
 
 (B/256: device bytes per 256 elements, "=" where that is the GGUF size.)
-Q5_0's qh is ggml's word: bit j is the fifth bit of element j of its 32-group.  A Q6_K `q` row
+Q5_0/Q5_1's qh is ggml's word: bit j is the fifth bit of element j of its 32-group.  A Q6_K `q` row
 is, per 256-block, 128 bytes of nibbles (the low 4 bits) then 64 bytes of top bits in four
 16-byte chunks: chunk c covers 32-groups 2c and 2c+1, its byte i holds the top two bits of
 element i (bits 0-1) and i+16 (bits 2-3) of group 2c, then the same of group 2c+1 (bits 4-7),
@@ -46,7 +48,7 @@ from gguf import GGMLQuantizationType as T
 
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.blocks import BLOCKS
-from ukgpu.llama_core.gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, k4_nibbles, k4_scales
+from ukgpu.llama_core.gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, k4_nibbles, k4_scales
 
 PLANE_NAMES = ("q", "s", "m")
 
@@ -72,19 +74,15 @@ class DeviceLayout:
     """How one ggml type lies on the device; its ggml block sizes come from gguf.blocks."""
 
     qtype: T
-    kind: str  # "q4" | "q5" | "k4" | "k6" | "int8" | "float" (the kernels' KIND)
+    kind: str  # "q4" | "q5" | "k4" | "k6" | "int8" | "float" | "bf16" (the kernels' KIND)
     group: int  # elements per sub-scale (0 for float)
     planes: dict[str, PlaneSpec]  # "q", "s", "m" (the ones this type has)
+    has_min: bool = False  # Q4_1/Q5_1: w = d*q + m (Q4_0's offset -8*d is computed)
 
     @property
     def name(self) -> str:
         """The kernels' name of the type: entry names, the manifest's `qtype`, `Repacked.qtype`."""
         return self.qtype.name
-
-    @property
-    def has_min(self) -> bool:
-        """Q4_1's offset plane (Q4_0's offset -8*d is computed, Q4_K's `m` is its sub-scales)."""
-        return self.kind == "q4" and "m" in self.planes
 
     @property
     def block_elems(self) -> int:
@@ -100,19 +98,21 @@ class DeviceLayout:
         return sum(p.bytes_per_element for p in self.planes.values())
 
 
-def _layout(qtype: T, kind: str, group: int, **planes: tuple[str, int, int]) -> DeviceLayout:
-    return DeviceLayout(qtype, kind, group, {k: PlaneSpec(*v) for k, v in planes.items()})
+def _layout(qtype: T, kind: str, group: int, has_min: bool = False, **planes: tuple[str, int, int]) -> DeviceLayout:
+    return DeviceLayout(qtype, kind, group, {k: PlaneSpec(*v) for k, v in planes.items()}, has_min)
 
 
 LAYOUTS: dict[T, DeviceLayout] = {lay.qtype: lay for lay in (
     _layout(T.Q4_0, "q4", 32, q=("uint8", 1, 2), s=("float16", 1, 32)),
-    _layout(T.Q4_1, "q4", 32, q=("uint8", 1, 2), s=("float16", 1, 32), m=("float16", 1, 32)),
+    _layout(T.Q4_1, "q4", 32, True, q=("uint8", 1, 2), s=("float16", 1, 32), m=("float16", 1, 32)),
     _layout(T.Q5_0, "q5", 32, q=("uint8", 1, 2), s=("float16", 1, 32), m=("int32", 1, 32)),
+    _layout(T.Q5_1, "q5", 32, True, q=("uint8", 1, 2), s=("float16", 2, 32), m=("int32", 1, 32)),
     _layout(T.Q8_0, "int8", 32, q=("int8", 1, 1), s=("float16", 1, 32)),
     _layout(T.Q4_K, "k4", 32, q=("uint8", 1, 2), s=("float16", 2, 256), m=("uint8", 2, 32)),
     _layout(T.Q6_K, "k6", 16, q=("uint8", 3, 4), s=("float16", 1, 256), m=("int8", 1, 16)),
     _layout(T.F16, "float", 0, q=("float16", 1, 1)),
     _layout(T.F32, "float", 0, q=("float32", 1, 1)),
+    _layout(T.BF16, "bf16", 0, q=("uint16", 1, 1)),  # the bf16 bits; kernels read them via *fp16
 )}
 # The same layouts by kernel name, for code that starts from a manifest entry or an entry name.
 FORMATS: dict[str, DeviceLayout] = {lay.name: lay for lay in LAYOUTS.values()}
@@ -203,6 +203,11 @@ def _planes_q5_0(b: np.ndarray) -> tuple:
     return Q5_0.field(b, "qs"), Q5_0.field(b, "d"), Q5_0.field(b, "qh").view(np.int32)  # the kernels' *i32
 
 
+def _planes_q5_1(b: np.ndarray) -> tuple:
+    s = np.concatenate([Q5_1.field(b, "d"), Q5_1.field(b, "m")], axis=1)  # (M, 2) float16
+    return Q5_1.field(b, "qs"), s, Q5_1.field(b, "qh").view(np.int32)
+
+
 def _planes_q8_0(b: np.ndarray) -> tuple:
     return Q8_0.field(b, "qs"), Q8_0.field(b, "d"), None
 
@@ -226,6 +231,7 @@ _PLANES = {
     T.Q4_0: _planes_q4_0,
     T.Q4_1: _planes_q4_1,
     T.Q5_0: _planes_q5_0,
+    T.Q5_1: _planes_q5_1,
     T.Q8_0: _planes_q8_0,
     T.Q4_K: _planes_q4_k,
     T.Q6_K: _planes_q6_k,
@@ -251,7 +257,7 @@ def _repack_float(raw: np.ndarray, fmt: DeviceLayout, n: int, k: int) -> Repacke
 def repack(raw: np.ndarray, qtype: str, n_rows: int, n_cols: int) -> Repacked:
     """Raw GGUF blocks of an (n_rows, n_cols) weight -> device planes (see module docstring)."""
     fmt = get_format(qtype)
-    if fmt.kind == "float":
+    if fmt.block_elems == 1:
         return _repack_float(raw, fmt, n_rows, n_cols)
     arrays = _PLANES[fmt.qtype](_blocks(raw, fmt, n_rows, n_cols))
     q, s, m = (_plane(a, fmt.planes.get(p), n_rows, n_cols) for a, p in zip(arrays, PLANE_NAMES))
@@ -284,6 +290,8 @@ def dequantize_repacked(r: Repacked) -> np.ndarray:
     fmt = get_format(r.qtype)
     if fmt.kind == "float":
         return r.q.astype(np.float32)
+    if fmt.kind == "bf16":
+        return (r.q.astype(np.uint32) << 16).view(np.float32)
     n, k = r.n_rows, r.n_cols
     assert r.s is not None
     if fmt.kind == "int8":
@@ -293,6 +301,8 @@ def dequantize_repacked(r: Repacked) -> np.ndarray:
         d = _per_element(r.s, n, k)
         off = d * np.float32(-8) if r.m is None else _per_element(r.m, n, k)
         return d * q.astype(np.float32) + off
+    if fmt.kind == "q5" and fmt.has_min:  # Q5_1: s (N, K/32 * [d, m])
+        return _per_element(r.s[:, 0::2], n, k) * q.astype(np.float32) + _per_element(r.s[:, 1::2], n, k)
     if fmt.kind == "q5":
         return _per_element(r.s, n, k) * (q - 16).astype(np.float32)
     assert r.m is not None
