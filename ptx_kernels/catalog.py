@@ -6,7 +6,8 @@ import importlib
 
 from .spec import KernelSpec
 
-FAMILIES = ("matvec", "matvec_fused", "gemm", "embedding", "rmsnorm", "rope", "attention", "elementwise")
+FAMILIES = ("matvec", "matvec_fused", "gemm", "embedding", "rmsnorm", "rope", "rope_kv", "attention",
+            "attention_fused", "elementwise", "argmax")
 
 
 def family_module(family: str):

@@ -229,6 +229,14 @@ def fused_matvec_entry(kind: str, qtype: str, batch: int) -> str:
     return f"matvec_{kind}_{matvec_entry(qtype, batch)[len('matvec_'):]}"
 
 
+def rope_kv_entry(neox: bool, head_dim: int) -> str:
+    """The fused norm/rope/cache-store entry (`rope_kv.py`) for heads of head_dim dims."""
+    d = next((d for d in ROPE_DIMS if head_dim <= d), None)
+    if d is None:
+        raise KernelManifestError(f"no rope_kv kernel for {head_dim}-dim heads (sizes {ROPE_DIMS})")
+    return f"rope_kv_{'neox' if neox else 'norm'}_d{d}"
+
+
 def gemm_entry(qtype: str) -> str:
     return f"gemm_{qtype.lower()}"
 
@@ -251,6 +259,20 @@ def attention_entries(head_dim: int) -> dict[str, str]:
         raise KernelManifestError(f"no attention kernels for head_dim {head_dim} "
                                   f"(compiled: {', '.join(map(str, ATTN_HEAD_DIMS))})")
     return {k: f"attn_{k}_d{head_dim}" for k in ("prefill", "decode", "combine")}
+
+
+def fused_decode_entry(neox: bool, head_dim: int) -> str:
+    """attn_decode_rope_<norm|neox>_d<head_dim>: norm, rope, KV store and split-K decode in one
+    launch (then attention_entries(head_dim)["combine"])."""
+    attention_entries(head_dim)  # the same head sizes
+    return f"attn_decode_rope_{'neox' if neox else 'norm'}_d{head_dim}"
+
+
+def argmax_split(vocab: int) -> tuple[int, int]:
+    """(span, parts) of argmax_part_f32 for rows of `vocab` logits: about 160 parts of a
+    multiple of 1024 columns (151,936 -> 149 parts of 1024)."""
+    span = 1024 * max(1, -(-vocab // (1024 * 160)))
+    return span, -(-vocab // span)
 
 
 def _ptx_runs_on(target: str, arch: tuple[int, int], cc: tuple[int, int]) -> bool:

@@ -164,3 +164,14 @@ def matvec_qkv(ws: list[Repacked], x: np.ndarray, g: np.ndarray, eps: float,
                biases: list[np.ndarray | None]) -> list[np.ndarray]:
     """rmsnorm(x, g) @ W_i.T (+ bias_i) for each weight: the fused `matvec_qkv` entries."""
     return [matvec_norm(w, x, g, eps, b) for w, b in zip(ws, biases)]
+
+
+def rope_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, freqs: np.ndarray,
+            neox: bool, n_rot: int, mscale: float, q_norm: np.ndarray | None = None,
+            k_norm: np.ndarray | None = None, eps: float = 1e-6) -> tuple[np.ndarray, ...]:
+    """q (T, Hq, hd), k, v (T, Hkv, hd) -> (q rotated, k rotated, v): the per-head norms (when
+    given) then rope at pos; the kernel then stores k and v as float16 cache rows."""
+    if q_norm is not None:
+        q, k = rmsnorm(q, q_norm, eps), rmsnorm(k, k_norm, eps)
+    return (rope(q, pos, 0.0, neox, freqs=freqs, n_rot=n_rot, mscale=mscale),
+            rope(k, pos, 0.0, neox, freqs=freqs, n_rot=n_rot, mscale=mscale), v)

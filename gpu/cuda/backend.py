@@ -21,7 +21,6 @@ model checks, and probing, live in `select`; choosing between this backend and t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,37 +28,20 @@ from typing import Any
 import numpy as np
 
 from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena, DeviceBuffer
+from ukgpu.gpu.cuda.attention_ops import AttentionOps, CudaUnsupported
 from ukgpu.gpu.cuda.driver import CudaContext
 from ukgpu.gpu.cuda.fused_ops import FusedMatvecOps
 from ukgpu.gpu.cuda.graph import DecodeGraphs, StepBuffers
 from ukgpu.gpu.cuda.kv_slab import KvPool
 from ukgpu.gpu.cuda.modules import KernelSet
-from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention, RopeConfig
-from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
 from ukgpu.ptx_kernels.loader import (
     MATVEC_MAX_ROWS,
-    attention_entries,
     embedding_entry,
     gemm_entry,
     matvec_entry,
-    rope_entry,
 )
 from ukgpu.ptx_kernels.repack import FORMATS, repack
-
-MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
-
-
-def decode_splits(n_ctx: int) -> tuple[int, int]:
-    """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about 256 keys per
-    split, at most MAX_DECODE_SPLITS splits, chunk a multiple of 64 with S * chunk >= n_ctx."""
-    splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // 256)))
-    per_split = -(-n_ctx // splits)  # ceil division
-    chunk = -(-per_split // 64) * 64
-    return splits, chunk
-
-
-class CudaUnsupported(UkgpuError):
-    """The model uses something the CUDA kernels do not implement (use the CPU backend)."""
 
 
 @dataclass
@@ -74,7 +56,7 @@ class DeviceWeight:
     nbytes: int = 0  # device bytes of the planes (what a mat-vec reads)
 
 
-class CudaBackend(FusedMatvecOps, Backend):
+class CudaBackend(AttentionOps, FusedMatvecOps, Backend):
     name = "cuda"
     max_prefill_rows = 512  # prompts run in passes of this many rows: what the arena's share holds
 
@@ -227,110 +209,6 @@ class CudaBackend(FusedMatvecOps, Backend):
         self.launch("rmsnorm_f32", x=x.ptr, weight=weight.vec, y=y.ptr, D=x.shape[1], eps=eps,
                     M=x.shape[0])
         return y
-
-    def rope(self, x: DeviceBuffer, start_pos: int, n_heads: int, rope: RopeConfig) -> DeviceBuffer:
-        n, width = x.shape
-        hd = width // n_heads
-        if rope.n_rot > hd:
-            raise CudaUnsupported(f"rope over {rope.n_rot} dims of {hd}-dim heads: the model "
-                                  "file is inconsistent")
-        pos, _ = self._pos_lens(start_pos, n)
-        return self._rope_at(x, pos, n_heads, rope)
-
-    def _rope_at(self, x: DeviceBuffer, pos: int, n_heads: int, rope: RopeConfig) -> DeviceBuffer:
-        """Rotate row t of x [n, n_heads*hd] in place by the device int32 position pos[t]."""
-        n, width = x.shape
-        self.launch(rope_entry(rope.neox, rope.n_rot), x=x.ptr, y=x.ptr, pos=pos,
-                    freqs=self._rope_table(rope), stride_x=width, stride_y=width,
-                    head_dim=width // n_heads, n_rot=rope.n_rot, mscale=rope.mscale, T=n, H=n_heads)
-        return x
-
-    def _rope_table(self, rope: RopeConfig) -> int:
-        """Device float64[n_rot/2] of the config's effective frequencies (made on first use)."""
-        if rope not in self._rope_tables:
-            if self.capturing:
-                raise CudaUnsupported("a rope config first seen while recording a decode step "
-                                      "(the eager step must use every config the forward uses)")
-            table = np.ascontiguousarray(rope.inv_freq(), dtype=np.float64)
-            self._rope_tables[rope] = self.upload(table, "rope")
-        return self._rope_tables[rope]
-
-    def attention(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kv: KVCache,
-                  layer: int, start_pos: int, window: int = 0,
-                  scale: float | None = None) -> DeviceBuffer:
-        n = q.shape[0]
-        keys, values = kv.k, kv.v
-        hkv, hd = keys.n_kv_heads, keys.head_dim
-        hq = q.shape[1] // hd
-        pos, lens = self._pos_lens(start_pos, n)
-        k_base, v_base = keys.layer(layer), values.layer(layer)
-        for src, dst in ((k, k_base), (v, v_base)):
-            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=pos, W=hkv * hd,
-                        src_stride=hkv * hd, T=n)
-        out = self.new((n, hq * hd))
-        common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=hq, Hkv=hkv,
-                      scale=1.0 / math.sqrt(hd) if scale is None else float(scale),
-                      window=int(window))
-        if n == 1:
-            slot = self.step.slot if self.capturing else lens + 16  # slot 0 of its own cache
-            self._attn_decode(common, hd, lens, slot, kv.n_ctx, 1)
-        else:
-            self.launch(attention_entries(hd)["prefill"], **common, T=n, start=start_pos)
-        return out
-
-    def _attn_decode(self, common: dict, hd: int, lens: int, slots: int, n_ctx: int, b: int) -> None:
-        """Split-K decode of b rows (row r: the cache slot slots[r], lens[r] keys): S partials
-        over chunks of the keys, then one combine."""
-        splits, chunk = decode_splits(n_ctx)
-        hq, out = common["Hq"], common.pop("out")
-        part, ml = self.new((b, hq, splits, hd)), self.new((b, hq, splits, 2))
-        names = attention_entries(hd)
-        self.launch(names["decode"], **common, part_out=part.ptr, part_ml=ml.ptr, slots=slots,
-                    lens=lens, n_ctx=n_ctx, chunk=chunk, B=b, S=splits)
-        self.launch(names["combine"], part_out=part.ptr, part_ml=ml.ptr, out=out, S=splits,
-                    B=b, Hq=hq)
-
-    def attend_batch(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kvs: Sequence[KVCache],
-                     layer: int, positions: Sequence[int], spec: LayerAttention) -> DeviceBuffer:
-        """B sequences whose caches share one slab (`kv_slab`): every kernel runs once for all
-        B rows, each row reading its position, key count and slot from device words (a recorded
-        step reads them from the step buffers).  Caches of different slabs: one row at a time."""
-        slab = kvs[0].k.slab
-        if slab is None or any(kv.k.slab is not slab for kv in kvs):
-            if self.capturing:
-                raise CudaUnsupported("a batched decode step over caches of different slabs")
-            return super().attend_batch(q, k, v, kvs, layer, positions, spec)
-        b, hkv, hd = len(kvs), slab.shape[2], slab.shape[3]
-        pos, lens, slots, rows = self._batch_words(positions, [kv.k.slot for kv in kvs], slab.n_ctx)
-        if spec.q_norm is not None:
-            q = self.rmsnorm_heads(q, spec.q_norm, spec.n_heads, spec.eps)
-            k = self.rmsnorm_heads(k, spec.k_norm, spec.n_kv_heads, spec.eps)
-        q = self._rope_at(q, pos, spec.n_heads, spec.rope)
-        k = self._rope_at(k, pos, spec.n_kv_heads, spec.rope)
-        k_base, v_base = slab.k_layer(layer), slab.v_layer(layer)
-        for src, dst in ((k, k_base), (v, v_base)):
-            self.launch("store_rows_f16", src=src.ptr, dst=dst, rows=rows, W=hkv * hd,
-                        src_stride=hkv * hd, T=b)
-        out = self.new((b, spec.n_heads * hd))
-        common = dict(q=q.ptr, k_cache=k_base, v_cache=v_base, out=out.ptr, Hq=spec.n_heads, Hkv=hkv,
-                      scale=1.0 / math.sqrt(hd) if spec.scale is None else float(spec.scale),
-                      window=int(spec.window))
-        self._attn_decode(common, hd, lens, slots, slab.n_ctx, b)
-        return out
-
-    def _batch_words(self, positions: Sequence[int], slots: Sequence[int], n_ctx: int
-                     ) -> tuple[int, int, int, int]:
-        """Device int32[B] positions, key counts, slots and slab rows (slot*n_ctx + position) of
-        a batched step: the step buffers while recording, else uploaded for this forward."""
-        if self.capturing:
-            st = self.step
-            return st.pos, st.lens, st.slot, st.rows
-        key = (self._forward_id, -2, 0)
-        if key not in self._live:
-            self._live[key] = self._upload_act(StepBuffers.batch_words([0] * len(slots), positions,
-                                                                       slots, n_ctx))
-        base = self._live[key].ptr
-        return base + StepBuffers.POS, base + StepBuffers.LENS, base + StepBuffers.SLOT, base + StepBuffers.ROWS
 
     def concat_rows(self, parts: list[DeviceBuffer]) -> DeviceBuffer:
         """The rows of `parts` stacked into a new buffer (device-to-device copies)."""

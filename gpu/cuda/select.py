@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from ukgpu.gpu.cuda.arena import BufferPool, DeviceArena
-from ukgpu.gpu.cuda.backend import MAX_DECODE_SPLITS, CudaBackend, CudaUnsupported
+from ukgpu.gpu.cuda.attention_ops import MAX_DECODE_SPLITS
+from ukgpu.gpu.cuda.backend import CudaBackend, CudaUnsupported
 from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.errors import UkgpuError
@@ -26,13 +27,15 @@ from ukgpu.ptx_kernels.loader import (
     gemm_entry,
     matvec_entry,
     rope_entry,
+    rope_kv_entry,
 )
 from ukgpu.ptx_kernels.repack import FORMATS
 
 MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
                   "argmax_f32", "store_rows_f16")
-FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_")  # used where the manifest ships them
+# fused entries: used where the manifest ships them
+FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_", "rope_kv_")
 PREFILL_ROWS = CudaBackend.max_prefill_rows  # rows of one prefill pass: what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
@@ -50,6 +53,7 @@ def model_kernels(gguf: Any) -> list[str]:
     try:
         names = set(COMMON_KERNELS) | set(attention_entries(cfg.head_dim).values())
         names.add(rope_entry(rope.neox, rope.n_rot))
+        names.add(rope_kv_entry(rope.neox, cfg.head_dim))
     except KernelManifestError as exc:
         raise CudaUnsupported(f"{exc}; use the CPU backend") from exc
     for view in gguf.tensors.values():

@@ -59,7 +59,7 @@ def model_cases(gguf: Any) -> list[tuple[str, Case]]:
     one weight-kernel case per weight type it holds."""
     qtypes = sorted({v.qtype.name for v in gguf.tensors.values() if len(v.shape) == 2})
     cases: list[tuple[str, Case]] = [
-        ("rmsnorm", vk.check_rmsnorm), ("rope", vk.check_rope),
+        ("rmsnorm", vk.check_rmsnorm), ("rope", vk.check_rope), ("rope_kv", vk.check_rope_kv),
         ("attention", vk.check_attention), ("elementwise", vk.check_elementwise)]
     for qtype in qtypes:
         def weights(dev: vk.Device, rng: np.random.Generator, qtype: str = qtype) -> list[vk.Check]:

@@ -180,6 +180,15 @@ def check_fused_matvec(dev: Device, qtype: str, w: Any, wa: dict, rng: np.random
     for version, rows in (("b1", 1), ("b8", 5)):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         resid = rng.standard_normal((rows, n)).astype(np.float32)
+        va = {f"v_{p[2:]}": ptr for p, ptr in wa.items()}  # a third weight: w again
+        ys = [dev.poisoned(rows * n) for _ in range(3)]
+        qkv = f"matvec_qkv_{tag}_{version}"
+        if qkv in shipped:
+            dev.run(qkv, **wa, **ua, **va, x=dev.put(x), g=gp, bias0=bp, bias1=bp, bias2=bp, y0=ys[0],
+                    y1=ys[1], y2=ys[2], N0=n, N1=n, N2=n, K=k, B=rows, eps=eps, has_bias=1)
+            got = np.concatenate([dev.get(y, (rows, n), np.float32) for y in ys])
+            want = np.concatenate(ref.matvec_qkv([w, up, w], x, g, eps, [bias] * 3))
+            checks.append(nmse_check("kernel", qkv, got, want, _bound(qkv)))
         cases = (("norm", dict(g=gp, bias=bp, flag=1), ref.matvec_norm(w, x, g, eps, bias)),
                  ("glu", dict(**ua, g=gp, flag=0), ref.matvec_glu(w, up, x, g, eps, 0)),
                  ("add", dict(flag=0), ref.matvec_add(w, x, resid)))
@@ -226,6 +235,34 @@ def check_rope(dev: Device, rng: np.random.Generator) -> list[Check]:
             label = name if d == hd == n_rot else f"{name} (head_dim {hd}, n_rot {n_rot})"
             checks.append(nmse_check("kernel", label,
                                      dev.get(y, x.shape, np.float32), want, _bound(name)))
+    return checks
+
+
+def check_rope_kv(dev: Device, rng: np.random.Generator) -> list[Check]:
+    """Every rope_kv entry: per-head norms, rope of q (in place) and k, k and v stored f16 at
+    cache rows of a slab (the rows compared with a float64 reference at the f16 bound)."""
+    checks = []
+    for mode in ("norm", "neox"):
+        for d, hd, n_rot in (c for c in ROPE_CASES if c[1] <= c[0]):  # rope_kv: whole heads
+            t, hq, hkv, n_rows = 3, 6, 2, 24
+            q, k, v = (rng.standard_normal((t, h, hd)).astype(np.float32) for h in (hq, hkv, hkv))
+            pos, rows = np.array([3, 70000, 9], np.int32), np.array([3, 20, 17], np.int32)
+            freqs = 5e5 ** (-np.arange(0, n_rot, 2) / n_rot)
+            qn, kn = (rng.uniform(0.5, 1.5, hd).astype(np.float32) for _ in range(2))
+            qp = dev.put(q)
+            kc, vc = (dev.poisoned(n_rows * hkv * hd // 2) for _ in range(2))
+            name = f"rope_kv_{mode}_d{d}"
+            if name not in set(dev.kernels.manifests.names()):
+                continue
+            dev.run(name, q=qp, k=dev.put(k), v=dev.put(v), q_norm=dev.put(qn), k_norm=dev.put(kn),
+                    pos=dev.put(pos), rows=dev.put(rows), freqs=dev.put(freqs), k_cache=kc, v_cache=vc,
+                    Hq=hq, Hkv=hkv, head_dim=hd, n_rot=n_rot, mscale=1.25, eps=1e-6, has_norm=1, T=t)
+            wq, wk, wv = ref.rope_kv(q, k, v, pos, freqs, mode == "neox", n_rot, 1.25, qn, kn)
+            cache = np.concatenate([dev.get(c, (n_rows, hkv, hd), np.float16)[rows] for c in (kc, vc)])
+            label = name if d == hd == n_rot else f"{name} (head_dim {hd}, n_rot {n_rot})"
+            checks.append(nmse_check("kernel", label, dev.get(qp, q.shape, np.float32), wq, _bound("rope")))
+            checks.append(nmse_check("kernel", f"{label} cache rows", cache.astype(np.float32),
+                                     np.concatenate([wk, wv]), F16_OPERANDS))
     return checks
 
 
@@ -321,6 +358,7 @@ CASES: list[tuple[str, Case]] = [
     ("attention kernels", check_attention), ("elementwise kernels", check_elementwise),
 ]
 CASES += [(f"{q} weight kernels", partial(_check_weights_of, q)) for q in FORMATS]
+CASES += [("rope_kv kernels", check_rope_kv)]  # last: the earlier cases' random draws stay as they were
 
 
 def kernel_checks(kernels: KernelSet, arena: DeviceArena, seed: int = 0,

@@ -267,8 +267,13 @@ EMULATORS: dict[str, Callable[[Mem, dict, dict, tuple], None]] = {
 }
 
 from .cuda_kernels_matvec_fused import EMULATORS as _MATVEC_FUSED  # noqa: E402 - it uses this module
+from .cuda_kernels_rope_kv import EMULATORS as _ROPE_KV  # noqa: E402
 
 EMULATORS.update(_MATVEC_FUSED)
+EMULATORS.update(_ROPE_KV)
+from .cuda_kernels_fused import EMULATORS as _FUSED  # noqa: E402
+
+EMULATORS.update(_FUSED)
 
 
 def emulator(entry: dict) -> Callable[[Mem, dict, dict, tuple], None]:

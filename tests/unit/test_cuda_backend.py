@@ -75,7 +75,9 @@ def test_decode_replays_one_graph_per_cache_without_kernel_launches(tiny):
         token, pos = int(want.argmax()), pos + 1
     assert len(fake.launches) == eager_after_warmup  # steps 1..4: graph replays only
     assert fake.graph_launches == 4 and be.graphs.captures == 1
-    assert fake.graph_kernel_runs >= 4 * 10 * SHAPES["tiny-llama"].n_layers
+    # every replay runs the whole step: at least five fused nodes a layer (qkv, rope_kv, the
+    # decode attention and its combine, o + residual, ...)
+    assert fake.graph_kernel_runs >= 4 * 5 * SHAPES["tiny-llama"].n_layers
 
 
 def test_greedy_decode_on_the_device_follows_the_cpu(tiny):

@@ -176,6 +176,25 @@ def _attn_decode(e: dict, a: dict, grid: tuple, lens: list[int]) -> Traffic:
     return Traffic(2 * 2 * hkv * d * keys + 4 * b * hq * d + partials, 4.0 * hq * d * keys, False)
 
 
+def _attn_decode_rope(e: dict, a: dict, grid: tuple, lens: list[int]) -> Traffic:
+    """attn_decode's traffic plus the new q, k, v rows (f32), the norm weights, the f16 row store;
+    the fp32 dots run on GROUP_PAD query rows per program (a group of 6 computes 8)."""
+    c, (b, progs, s) = e["constexprs"], grid
+    d, hq, hkv, window = c["HEAD_DIM"], a["Hq"], a["Hkv"], a["window"]
+    keys = sum(min(n, window) if window > 0 else n for n in lens)
+    kv = 2 * 2 * hkv * d * keys  # f16 K and V rows, once from HBM; each sub-group re-reads L2
+    rows = 4 * b * (hq + 2 * hkv) * d + 2 * 2 * b * hkv * d + 8 * d
+    partials = b * hq * s * (d + 2) * 4
+    flops = 4.0 * progs * c["GROUP_PAD"] * d * keys + 8.0 * b * s * (hq + hkv) * d
+    return Traffic(kv + rows + partials, flops, False, kv * progs // hkv + rows + partials)
+
+
+def _argmax(e: dict, a: dict, grid: tuple) -> Traffic:
+    if e["name"].startswith("argmax_reduce"):  # (value, index) of each part, one int per row
+        return Traffic(8 * grid[0] * a["P"] + 4 * grid[0], grid[0] * a["P"], False)
+    return Traffic(4 * grid[0] * a["V"] + 8 * grid[0] * grid[1], grid[0] * a["V"], False)
+
+
 def _elementwise(e: dict, a: dict, grid: tuple) -> Traffic:
     name = e["name"]
     if name.startswith(("swiglu", "geglu")):
@@ -203,17 +222,24 @@ def traffic(e: dict, a: dict, grid: tuple, read_i32: ReadI32 | None = None) -> T
         return _attn_prefill(e, a, grid)
     if name.startswith("attn_decode"):
         lens = read_i32(a["lens"], grid[0]) if read_i32 else [a["n_ctx"]] * grid[0]
-        return _attn_decode(e, a, grid, [int(n) for n in lens])
+        fused = fam == "attention_fused"
+        return (_attn_decode_rope if fused else _attn_decode)(e, a, grid, [int(n) for n in lens])
     if name.startswith("attn_combine"):
         d, rows = e["constexprs"]["HEAD_DIM"], grid[0] * grid[1]
         return Traffic(rows * a["S"] * (d + 2) * 4 + rows * d * 4, 3.0 * rows * a["S"] * d, False)
     if fam == "embedding":
         return Traffic(grid[0] * a["K"] * (weight_bytes_per_element(e["qtype"]) + 4), 0, False)
+    if fam == "argmax":
+        return _argmax(e, a, grid)
     if fam == "rmsnorm":
         return Traffic(8 * grid[0] * a["D"] + 4 * a["D"], 3.0 * grid[0] * a["D"], False)
     if fam == "rope":
         size = grid[0] * grid[1] * a["head_dim"]
         return Traffic(8 * size, 3.0 * size, False)
+    if fam == "rope_kv":  # q heads read and written f32; k, v heads read f32, stored f16
+        t, hd = grid[0], a["head_dim"]
+        q, kv = t * a["Hq"] * hd, t * a["Hkv"] * hd
+        return Traffic(8 * q + 12 * kv, 6.0 * (q + kv), False)
     return _elementwise(e, a, grid)
 
 

@@ -1,0 +1,173 @@
+"""Decode attention fused with everything after the q/k/v projections: per-head RMSNorm of q and k
+(qwen3, gemma3; `has_norm`), rope of q and k at the new row's position, the float16 store of the
+new k and v into the KV cache, and split-K attention (flash-decoding) of the rotated q over the
+cache.  Writes the same partials as `attn_decode` (attention.py), so `attn_combine` finishes it:
+one decode step's attention is two launches instead of six to eight.
+
+Inputs: q (B, Hq*hd), k, v (B, Hkv*hd) float32, this step's raw projections (biases added);
+q_norm, k_norm (hd,) float32 when has_norm != 0 (else never read: pass 0); freqs (n_rot/2,)
+float64 per-pair angles (`RopeConfig.inv_freq()`); per row b: pos[b] (the new row's position),
+slots[b], lens[b] = pos[b] + 1.  Cache row (slot, position) of kv head j starts at element
+((slot * n_ctx + position) * Hkv + j) * hd of k_cache / v_cache (the layer's base).
+
+Grid (B, Hkv * cdiv(Hq // Hkv, GROUP_PAD), S): program (b, kvh * G + g, sp) handles query heads
+g*GROUP_PAD.. of kv head kvh's group (GROUP_PAD = 8: a group of 6 pads to 8, a group of 16 takes
+two programs) over keys [max(sp*chunk, first), min((sp+1)*chunk, lens[b])), first = lens - window
+when window > 0, else 0.  Every program norms and rotates its q heads; the program whose split
+holds pos also norms and rotates the new k, rounds k and v to float16 and attends to them from
+registers; the g = 0 one of those stores them at (slot, pos).  Race rule: no program reads row
+pos from the cache (its loads mask it out), so the order of programs never matters.
+Numerics as rope.py (float64 angle reduced to [-pi, pi), float32 cos/sin), rmsnorm.py (float32
+per head) and attn_decode (float32 ieee dots).  Limits: as attn_decode, n_rot even, n_rot <= hd.
+Reference: `reference.rope_kv`, `reference.store_rows` then `reference.attention`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention import DECODE_TILE, MAX_SPLITS, _pad
+from .spec import ATTN_HEAD_DIMS, KernelSpec
+
+GROUP_PAD = 8  # query heads per program (tl.dot takes 8 float32 rows; 16 would pad a group of 6)
+
+
+@triton.jit
+def _rotation(freq_ptr, pos, n_rot, mscale, D_PAD: tl.constexpr, NEOX: tl.constexpr):
+    """Per column: cos, signed sin, the rotation partner and whether it rotates, so that a rotated
+    head is x * c + x[partner] * s on the columns < n_rot."""
+    cols = tl.arange(0, D_PAD)
+    half = n_rot // 2
+    if NEOX:
+        pair = tl.where(cols < half, cols, cols - half)
+        partner = tl.where(cols < half, cols + half, cols - half)
+        first = cols < half
+    else:
+        pair = cols // 2
+        partner = cols ^ 1
+        first = (cols % 2) == 0
+    rot = cols < n_rot
+    ang = pos.to(tl.float64) * tl.load(freq_ptr + pair, mask=rot, other=0)
+    turns = tl.floor(ang * 0.15915494309189535 + 0.5)  # whole turns, 1/(2 pi)
+    ang = (ang - turns * 6.283185307179586).to(tl.float32)  # [-pi, pi)
+    c = tl.cos(ang) * mscale
+    s = tl.sin(ang) * mscale
+    return c, tl.where(first, -s, s), partner, rot
+
+
+@triton.jit
+def _heads(x_ptr, rows, row_ok, w_ptr, c, s, partner, rot, eps, has_norm,
+           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Heads starting at elements rows (R,) of x_ptr, normed (has_norm) and rotated: (R, D_PAD)
+    float32, zero past HEAD_DIM and on rows not row_ok.  Partners are loaded again (L1 hits)."""
+    cols = tl.arange(0, D_PAD)
+    d_ok = cols < HEAD_DIM
+    x = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0)
+    o = tl.load(x_ptr + rows[:, None] + partner[None, :], mask=row_ok[:, None] & rot[None, :], other=0)
+    if has_norm != 0:
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        x = x * inv[:, None] * tl.load(w_ptr + cols, mask=d_ok, other=0)[None, :]
+        o = o * inv[:, None] * tl.load(w_ptr + partner, mask=rot, other=0)[None, :]
+    return tl.where(rot[None, :], x * c[None, :] + o * s[None, :], x)
+
+
+@triton.jit
+def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_ptr, slots_ptr,
+                            lens_ptr, k_cache, v_cache, po_ptr, pml_ptr, n_ctx, chunk, Hq, Hkv,
+                            n_rot, mscale, eps, has_norm, scale, window,
+                            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                            GROUP_PAD: tl.constexpr, NEOX: tl.constexpr):
+    b = tl.program_id(0)
+    sp = tl.program_id(2)
+    grp = Hq // Hkv
+    n_sub = tl.cdiv(grp, GROUP_PAD)
+    kvh = tl.program_id(1) // n_sub
+    g0 = tl.program_id(1) % n_sub * GROUP_PAD
+    gi = g0 + tl.arange(0, GROUP_PAD)  # (GP,) query head within the group
+    g_ok = gi < grp
+    h = kvh * grp + gi
+    d = tl.arange(0, D_PAD)
+    d_ok = d[None, :] < HEAD_DIM
+    pos = tl.load(pos_ptr + b)
+    c, s, partner, rot = _rotation(freq_ptr, pos, n_rot, mscale, D_PAD, NEOX)
+    q = _heads(q_ptr, (b * Hq + h).to(tl.int64) * HEAD_DIM, g_ok, q_norm, c, s, partner, rot, eps,
+               has_norm, HEAD_DIM, D_PAD) * scale  # (GP, D)
+    n_len = tl.load(lens_ptr + b)
+    n_keys = tl.minimum(n_len, (sp + 1) * chunk)
+    lo = tl.where(window > 0, tl.maximum(n_len - window, 0), 0)  # first visible key
+    slot_row = tl.load(slots_ptr + b).to(tl.int64) * n_ctx
+    base = slot_row * Hkv * HEAD_DIM + kvh * HEAD_DIM
+    m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
+    for s0 in range(tl.maximum(sp * chunk, lo // BLOCK_S * BLOCK_S), n_keys, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
+        s_ok = (rs < n_keys) & (rs >= lo) & (rs != pos)  # row pos comes from registers
+        kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
+        k = tl.load(k_cache + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
+        sc = tl.where(s_ok[None, :], sc, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp(sc - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    if (pos >= sp * chunk) & (pos < (sp + 1) * chunk):  # this split holds the new row
+        kv_rows = tl.zeros((GROUP_PAD,), tl.int64) + (b * Hkv + kvh).to(tl.int64) * HEAD_DIM
+        every = gi >= 0  # each of the GP rows holds the same new k (and v) row
+        kn = _heads(k_ptr, kv_rows, every, k_norm, c, s, partner, rot, eps, has_norm,
+                    HEAD_DIM, D_PAD).to(tl.float16)
+        vn = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=d_ok, other=0).to(tl.float16)
+        if g0 == 0:
+            one = (tl.arange(0, GROUP_PAD) == 0)[:, None] & d_ok
+            dst = base + pos.to(tl.int64) * (Hkv * HEAD_DIM) + tl.zeros((GROUP_PAD, 1), tl.int64) + d[None, :]
+            tl.store(k_cache + dst, kn, mask=one)
+            tl.store(v_cache + dst, vn, mask=one)
+        if (pos < n_len) & (pos >= lo):
+            sn = tl.sum(q * kn.to(tl.float32), axis=1)  # (GP,)
+            m_new = tl.maximum(m_i, sn)
+            p_n = tl.exp(sn - m_new)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + p_n
+            acc = acc * alpha[:, None] + p_n[:, None] * vn.to(tl.float32)
+            m_i = m_new
+    part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,)
+    gd_ok = g_ok[:, None] & d_ok
+    tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_ok)
+    tl.store(pml_ptr + part * 2, m_i, mask=g_ok)
+    tl.store(pml_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+
+def _fused(hd: int, mode: str) -> KernelSpec:
+    block_s, warps = DECODE_TILE[hd]
+    return KernelSpec(
+        name=f"attn_decode_rope_{mode}_d{hd}", family="attention_fused",
+        fn="attn_decode_rope_kernel",
+        params=(("q", "*fp32"), ("k", "*fp32"), ("v", "*fp32"), ("q_norm", "*fp32"),
+                ("k_norm", "*fp32"), ("freqs", "*fp64"), ("pos", "*i32"), ("slots", "*i32"),
+                ("lens", "*i32"), ("k_cache", "*fp16"), ("v_cache", "*fp16"), ("part_out", "*fp32"),
+                ("part_ml", "*fp32"), ("n_ctx", "i32"), ("chunk", "i32"), ("Hq", "i32"),
+                ("Hkv", "i32"), ("n_rot", "i32"), ("mscale", "fp32"), ("eps", "fp32"),
+                ("has_norm", "i32"), ("scale", "fp32"), ("window", "i32")),
+        constexprs={"HEAD_DIM": hd, "D_PAD": _pad(hd), "BLOCK_S": block_s, "GROUP_PAD": GROUP_PAD,
+                    "NEOX": mode == "neox"},
+        grid=("B", f"Hkv * cdiv(Hq // Hkv, {GROUP_PAD})", "S"),
+        sizes={"B": "batch rows (sequences)", "S": f"key splits (1..{MAX_SPLITS})"},
+        limits=("B >= 1", "Hkv >= 1", "Hq % Hkv == 0", "n_ctx >= 1", f"1 <= S <= {MAX_SPLITS}",
+                "chunk % 64 == 0", "S * chunk >= n_ctx", "window >= 0", "n_rot % 2 == 0",
+                f"2 <= n_rot <= {hd}"),
+        reference="reference.attention", num_warps=warps, num_stages=1,
+        aligned=("q", "k", "v", "k_cache", "v_cache", "part_out", "part_ml"),
+        doc=f"decode step, head_dim {hd}: per-head norm (has_norm), {mode.upper()} rope of q and k "
+            "at pos, k and v stored f16 at (slot, pos), split-K GQA attention of q over the slot's "
+            f"lens keys: part_out (B, Hq, S, {hd}), part_ml (B, Hq, S, 2) for attn_combine_d{hd}",
+        deps=("spec", "attention"),
+    )
+
+
+def specs() -> list[KernelSpec]:
+    return [_fused(hd, mode) for mode in ("norm", "neox") for hd in ATTN_HEAD_DIMS]
