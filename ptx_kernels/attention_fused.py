@@ -16,7 +16,9 @@ two programs) over keys [max(sp*chunk, first), min((sp+1)*chunk, lens[b])), firs
 when window > 0, else 0.  Every program norms and rotates its q heads; the program whose split
 holds pos also norms and rotates the new k, rounds k and v to float16 and attends to them from
 registers; the g = 0 one of those stores them at (slot, pos).  Race rule: no program reads row
-pos from the cache (its loads mask it out), so the order of programs never matters.
+pos from the cache (its loads mask it out), so the order of programs never matters.  The rotated
+q is parked in the program's own part_out rows (barrier, load back) before the key loop: held
+in registers as computed, the fp32 dot's operand layout spilled 300 bytes at head_dim 256.
 Numerics as rope.py (float64 angle reduced to [-pi, pi), float32 cos/sin), rmsnorm.py (float32
 per head) and attn_decode (float32 ieee dots).  Limits: as attn_decode, n_rot even, n_rot <= hd.
 Reference: `reference.rope_kv`, `reference.store_rows` then `reference.attention`.
@@ -73,6 +75,35 @@ def _heads(x_ptr, rows, row_ok, w_ptr, c, s, partner, rot, eps, has_norm,
 
 
 @triton.jit
+def _new_kv(k_ptr, v_ptr, k_cache, v_cache, src, dst, k_norm, c, s, partner, rot, eps, has_norm,
+            store, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """The new k (normed, rotated) and v of one kv head at element src of k/v, rounded to f16,
+    as float32 (GROUP_PAD, D_PAD) with the row repeated; stored at cache element dst if store."""
+    d = tl.arange(0, D_PAD)
+    d_ok = d[None, :] < HEAD_DIM
+    rows = tl.zeros((GROUP_PAD,), tl.int64) + src
+    kn = _heads(k_ptr, rows, rows >= 0, k_norm, c, s, partner, rot, eps, has_norm, HEAD_DIM,
+                D_PAD).to(tl.float16)
+    vn = tl.load(v_ptr + rows[:, None] + d[None, :], mask=d_ok, other=0).to(tl.float16)
+    if store:
+        one = (tl.arange(0, GROUP_PAD) == 0)[:, None] & d_ok  # one row of the repeated copies
+        at = dst + tl.zeros((GROUP_PAD, 1), tl.int64) + d[None, :]
+        tl.store(k_cache + at, kn, mask=one)
+        tl.store(v_cache + at, vn, mask=one)
+    return kn.to(tl.float32), vn.to(tl.float32)
+
+
+@triton.jit
+def _attend_one(q, kn, vn, m_i, l_i, acc):
+    """The online-softmax step of one key (kn, vn: (GP, D) rows repeating it) for every q row."""
+    sn = tl.sum(q * kn, axis=1)  # (GP,)
+    m_new = tl.maximum(m_i, sn)
+    p = tl.exp(sn - m_new)
+    alpha = tl.exp(m_i - m_new)
+    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * vn
+
+
+@triton.jit
 def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_ptr, slots_ptr,
                             lens_ptr, k_cache, v_cache, po_ptr, pml_ptr, n_ctx, chunk, Hq, Hkv,
                             n_rot, mscale, eps, has_norm, scale, window,
@@ -93,11 +124,16 @@ def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_p
     c, s, partner, rot = _rotation(freq_ptr, pos, n_rot, mscale, D_PAD, NEOX)
     q = _heads(q_ptr, (b * Hq + h).to(tl.int64) * HEAD_DIM, g_ok, q_norm, c, s, partner, rot, eps,
                has_norm, HEAD_DIM, D_PAD) * scale  # (GP, D)
+    part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,) this program's partial rows
+    gd_ok = g_ok[:, None] & d_ok
+    out = po_ptr + part[:, None] * HEAD_DIM + d[None, :]
+    tl.store(out, q, mask=gd_ok)  # q parked in its own part_out rows and loaded back (all threads
+    tl.debug_barrier()  # past the barrier): a computed q held across the loop spills at d256
+    q = tl.load(out, mask=gd_ok, other=0)
     n_len = tl.load(lens_ptr + b)
     n_keys = tl.minimum(n_len, (sp + 1) * chunk)
     lo = tl.where(window > 0, tl.maximum(n_len - window, 0), 0)  # first visible key
-    slot_row = tl.load(slots_ptr + b).to(tl.int64) * n_ctx
-    base = slot_row * Hkv * HEAD_DIM + kvh * HEAD_DIM
+    base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
     m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
@@ -117,27 +153,13 @@ def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_p
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     if (pos >= sp * chunk) & (pos < (sp + 1) * chunk):  # this split holds the new row
-        kv_rows = tl.zeros((GROUP_PAD,), tl.int64) + (b * Hkv + kvh).to(tl.int64) * HEAD_DIM
-        every = gi >= 0  # each of the GP rows holds the same new k (and v) row
-        kn = _heads(k_ptr, kv_rows, every, k_norm, c, s, partner, rot, eps, has_norm,
-                    HEAD_DIM, D_PAD).to(tl.float16)
-        vn = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=d_ok, other=0).to(tl.float16)
-        if g0 == 0:
-            one = (tl.arange(0, GROUP_PAD) == 0)[:, None] & d_ok
-            dst = base + pos.to(tl.int64) * (Hkv * HEAD_DIM) + tl.zeros((GROUP_PAD, 1), tl.int64) + d[None, :]
-            tl.store(k_cache + dst, kn, mask=one)
-            tl.store(v_cache + dst, vn, mask=one)
+        kn, vn = _new_kv(k_ptr, v_ptr, k_cache, v_cache, (b * Hkv + kvh).to(tl.int64) * HEAD_DIM,
+                         base + pos.to(tl.int64) * (Hkv * HEAD_DIM), k_norm, c, s, partner, rot, eps,
+                         has_norm, g0 == 0, HEAD_DIM, D_PAD, GROUP_PAD)
         if (pos < n_len) & (pos >= lo):
-            sn = tl.sum(q * kn.to(tl.float32), axis=1)  # (GP,)
-            m_new = tl.maximum(m_i, sn)
-            p_n = tl.exp(sn - m_new)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + p_n
-            acc = acc * alpha[:, None] + p_n[:, None] * vn.to(tl.float32)
-            m_i = m_new
-    part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,)
-    gd_ok = g_ok[:, None] & d_ok
-    tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_ok)
+            m_i, l_i, acc = _attend_one(q, kn, vn, m_i, l_i, acc)
+    tl.debug_barrier()  # every thread has read q before acc overwrites it
+    tl.store(out, acc, mask=gd_ok)
     tl.store(pml_ptr + part * 2, m_i, mask=g_ok)
     tl.store(pml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
