@@ -18,7 +18,7 @@ import numpy as np
 from ukgpu.gpu.cuda.graph import StepBuffers
 from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention, RopeConfig
 from ukgpu.llama_core.errors import UkgpuError
-from ukgpu.ptx_kernels.loader import attention_entries, rope_entry, rope_kv_entry
+from ukgpu.ptx_kernels.loader import attention_entries, fused_decode_entry, rope_entry, rope_kv_entry
 
 MAX_DECODE_SPLITS = 32  # attn_combine's compiled maximum
 DeviceBuffer = Any  # gpu.cuda.arena.DeviceBuffer
@@ -99,6 +99,11 @@ class AttentionOps(Backend):
     def attend(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, kv: KVCache, layer: int,
                start_pos: int, spec: LayerAttention) -> DeviceBuffer:
         """`rope_kv` (norms, rope, cache store in one launch) then the attention kernels."""
+        if q.shape[0] == 1 and self._fused_decode_name(spec, kv.k.head_dim):
+            pos, lens = self._pos_lens(start_pos, 1)
+            slot = self.step.slot if self.capturing else lens + 16  # slot 0 of its own cache
+            return self._fused_decode(q, k, v, spec, pos, lens, slot, kv.k.layer(layer),
+                                      kv.v.layer(layer), kv.n_ctx)
         name = self._rope_kv_name(spec, kv.k.head_dim)
         if name is None:
             return super().attend(q, k, v, kv, layer, start_pos, spec)
@@ -112,6 +117,34 @@ class AttentionOps(Backend):
                                   "file is inconsistent")
         name = rope_kv_entry(spec.rope.neox, hd)
         return name if name in self._manifest_names else None
+
+    def _fused_decode_name(self, spec: LayerAttention, hd: int) -> str | None:
+        if spec.rope.n_rot > hd:
+            return None  # _rope_kv_name says why
+        name = fused_decode_entry(spec.rope.neox, hd)
+        return name if name in self._manifest_names else None
+
+    def _fused_decode(self, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, spec: LayerAttention,
+                      pos: int, lens: int, slots: int, k_base: int, v_base: int, n_ctx: int
+                      ) -> DeviceBuffer:
+        """One decode row per sequence (B = q's rows): `attn_decode_rope` (norms, rope, KV
+        store, split-K partials) then `attn_combine`: two nodes."""
+        b, hd = q.shape[0], q.shape[1] // spec.n_heads
+        splits, chunk = decode_splits(n_ctx)
+        part, ml = self.new((b, spec.n_heads, splits, hd)), self.new((b, spec.n_heads, splits, 2))
+        out = self.new((b, spec.n_heads * hd))
+        norm = spec.q_norm is not None
+        self.launch(fused_decode_entry(spec.rope.neox, hd), q=q.ptr, k=k.ptr, v=v.ptr,
+                    q_norm=spec.q_norm.vec if norm else 0, k_norm=spec.k_norm.vec if norm else 0,
+                    freqs=self._rope_table(spec.rope), pos=pos, slots=slots, lens=lens,
+                    k_cache=k_base, v_cache=v_base, part_out=part.ptr, part_ml=ml.ptr, n_ctx=n_ctx,
+                    chunk=chunk, Hq=spec.n_heads, Hkv=spec.n_kv_heads, n_rot=spec.rope.n_rot,
+                    mscale=spec.rope.mscale, eps=spec.eps, has_norm=int(norm),
+                    scale=1.0 / math.sqrt(hd) if spec.scale is None else float(spec.scale),
+                    window=int(spec.window), B=b, S=splits)
+        self.launch(attention_entries(hd)["combine"], part_out=part.ptr, part_ml=ml.ptr, out=out.ptr,
+                    S=splits, B=b, Hq=spec.n_heads)
+        return out
 
     def _rope_kv(self, name: str, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer,
                  spec: LayerAttention, pos: int, rows: int, k_base: int, v_base: int) -> None:
@@ -149,6 +182,8 @@ class AttentionOps(Backend):
         b, hkv, hd = len(kvs), slab.shape[2], slab.shape[3]
         pos, lens, slots, rows = self._batch_words(positions, [kv.k.slot for kv in kvs], slab.n_ctx)
         k_base, v_base = slab.k_layer(layer), slab.v_layer(layer)
+        if self._fused_decode_name(spec, hd):
+            return self._fused_decode(q, k, v, spec, pos, lens, slots, k_base, v_base, slab.n_ctx)
         name = self._rope_kv_name(spec, hd)
         if name is not None:
             self._rope_kv(name, q, k, v, spec, pos, rows, k_base, v_base)

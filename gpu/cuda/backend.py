@@ -37,6 +37,7 @@ from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.backend import Backend, KVCache, RopeConfig
 from ukgpu.ptx_kernels.loader import (
     MATVEC_MAX_ROWS,
+    argmax_split,
     embedding_entry,
     gemm_entry,
     matvec_entry,
@@ -252,10 +253,19 @@ class CudaBackend(AttentionOps, FusedMatvecOps, Backend):
         return x.rows(start, stop)
 
     def argmax(self, logits: DeviceBuffer) -> DeviceBuffer:
-        """int32[rows]: the greedy token of each row of logits [rows, vocab], on the device."""
-        out = self.new((logits.shape[0],), np.int32)
-        self.launch("argmax_f32", logits=logits.ptr, out=out.ptr, V=logits.shape[1],
-                    B=logits.shape[0])
+        """int32[rows]: the greedy token of each row of logits [rows, vocab], on the device: split
+        over ~150 programs a row then reduced (`argmax_part_f32`, `argmax_reduce_f32`) where
+        shipped, else one program a row."""
+        rows, vocab = logits.shape
+        out = self.new((rows,), np.int32)
+        if not {"argmax_part_f32", "argmax_reduce_f32"} <= self._manifest_names:
+            self.launch("argmax_f32", logits=logits.ptr, out=out.ptr, V=vocab, B=rows)
+            return out
+        span, parts = argmax_split(vocab)
+        val, idx = self.new((rows, parts)), self.new((rows, parts), np.int32)
+        self.launch("argmax_part_f32", logits=logits.ptr, part_val=val.ptr, part_idx=idx.ptr, V=vocab,
+                    span=span, B=rows)
+        self.launch("argmax_reduce_f32", part_val=val.ptr, part_idx=idx.ptr, out=out.ptr, P=parts, B=rows)
         return out
 
     # --- decode through captured graphs ----------------------------------------

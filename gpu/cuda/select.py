@@ -23,6 +23,7 @@ from ukgpu.ptx_kernels.loader import (
     Manifests,
     attention_entries,
     embedding_entry,
+    fused_decode_entry,
     fused_matvec_entry,
     gemm_entry,
     matvec_entry,
@@ -35,7 +36,8 @@ MIN_CC = (8, 0)
 COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f32", "rmsnorm_f32",
                   "argmax_f32", "store_rows_f16")
 # fused entries: used where the manifest ships them
-FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_", "rope_kv_")
+FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_", "rope_kv_", "attn_decode_rope_",
+                  "argmax_part_", "argmax_reduce_")
 PREFILL_ROWS = CudaBackend.max_prefill_rows  # rows of one prefill pass: what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
@@ -54,6 +56,8 @@ def model_kernels(gguf: Any) -> list[str]:
         names = set(COMMON_KERNELS) | set(attention_entries(cfg.head_dim).values())
         names.add(rope_entry(rope.neox, rope.n_rot))
         names.add(rope_kv_entry(rope.neox, cfg.head_dim))
+        names.add(fused_decode_entry(rope.neox, cfg.head_dim))
+        names |= {"argmax_part_f32", "argmax_reduce_f32"}
     except KernelManifestError as exc:
         raise CudaUnsupported(f"{exc}; use the CPU backend") from exc
     for view in gguf.tensors.values():

@@ -361,8 +361,15 @@ CASES += [(f"{q} weight kernels", partial(_check_weights_of, q)) for q in FORMAT
 CASES += [("rope_kv kernels", check_rope_kv)]  # last: the earlier cases' random draws stay as they were
 
 
+def _fused_cases() -> list[tuple[str, Case]]:
+    from ukgpu.gpu.cuda import verify_fused
+
+    return [("fused decode attention", verify_fused.check_fused_decode),
+            ("split argmax", verify_fused.check_split_argmax)]
+
+
 def kernel_checks(kernels: KernelSet, arena: DeviceArena, seed: int = 0,
                   guard: Guard | None = None) -> list[Check]:
     """Every case's checks; a case that raises is one error check (see `Guard`)."""
     dev, rng, guard = Device(kernels, arena), np.random.default_rng(seed), guard or Guard()
-    return [c for label, case in CASES for c in guard.run("kernel", label, case, dev, rng)]
+    return [c for label, case in CASES + _fused_cases() for c in guard.run("kernel", label, case, dev, rng)]

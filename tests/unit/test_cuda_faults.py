@@ -159,7 +159,7 @@ class RefusesArgmaxInCapture(FakeDriver):
     invalidates the capture, as a driver refuses what it cannot capture)."""
 
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        if fn.entry["name"] == "argmax_f32" and stream is not None and stream.capture is not None:
+        if fn.entry["name"].startswith("argmax") and stream is not None and stream.capture is not None:
             stream.capture_invalid = True
             return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
         return super().cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
