@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from ukgpu.gpu.cuda import verify_fused as vf
 from ukgpu.gpu.cuda import verify_kernels as vk
 from ukgpu.gpu.cuda.arena import DeviceArena
 
@@ -61,7 +60,7 @@ def model_cases(gguf: Any) -> list[tuple[str, Case]]:
     qtypes = sorted({v.qtype.name for v in gguf.tensors.values() if len(v.shape) == 2})
     cases: list[tuple[str, Case]] = [
         ("rmsnorm", vk.check_rmsnorm), ("rope", vk.check_rope), ("rope_kv", vk.check_rope_kv),
-        ("fused decode attention", vf.check_fused_decode), ("split argmax", vf.check_split_argmax),
+        ("fused decode attention", vk.check_fused_decode), ("split argmax", vk.check_split_argmax),
         ("attention", vk.check_attention), ("elementwise", vk.check_elementwise)]
     for qtype in qtypes:
         def weights(dev: vk.Device, rng: np.random.Generator, qtype: str = qtype) -> list[vk.Check]:
