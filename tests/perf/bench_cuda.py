@@ -14,6 +14,8 @@ Qwen2.5-Coder-1.5B Q4_K_M, SmolLM2-135M Q4_1), built on first use, so nothing la
   runs on the device, 4 bytes come back); the first step (eager + capture) is a warm-up.
 - tg32 eager: the same through `Model.forward` (one Python launch per kernel), to show what the
   graph saves.
+- tg64 x4: four sequences decoding together through the batch-size-4 graph of their slab, the
+  B logits rows copied back each step as the server does; the sum of their tokens/s.
 - roofline: tg128 against the tokens/s a step would reach if it only streamed its weights (the
   GGUF bytes of every block's matrices and the output matrix, what any engine must read) at the
   device-to-device copy bandwidth measured in the same run.
@@ -38,6 +40,7 @@ import numpy as np
 
 MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
 N_PROMPT, N_GEN, N_EAGER = 512, 128, 32
+N_BATCH = 4  # sequences decoding together in the batch measurement
 QUICK = (16, 4, 2)  # --quick: N_PROMPT, N_GEN, N_EAGER
 
 
@@ -52,7 +55,7 @@ def bench_ukgpu(path: Path, repeats: int) -> dict:
 
     t0 = time.perf_counter()
     gguf = open_gguf(path)
-    be = create_backend(gguf=gguf, n_ctx=N_PROMPT + N_GEN + 8, n_slots=2)
+    be = create_backend(gguf=gguf, n_ctx=N_PROMPT + N_GEN + 8, n_slots=N_BATCH)
     model = Model(gguf, be)
     load_s = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, N_PROMPT)  # int[512]
@@ -77,13 +80,30 @@ def bench_ukgpu(path: Path, repeats: int) -> dict:
         for pos in range(N_EAGER):
             token = int(model.forward(np.array([token]), pos, kv, all_logits=False)[0].argmax())
         eager.append(time.perf_counter() - t)
+    batch = bench_batch(be, model, [kv] + [model.new_kv(N_GEN + 8) for _ in range(N_BATCH - 1)],
+                        int(prompt[0]), repeats)
     weight_bytes, device_bytes = decode_weight_bytes(model, gguf)
-    return {"load_s": round(load_s, 2), f"pp{N_PROMPT}": _median_rate(N_PROMPT, pp),
+    return {f"tg{N_GEN // 2}_b{N_BATCH}": batch, "load_s": round(load_s, 2), f"pp{N_PROMPT}": _median_rate(N_PROMPT, pp),
             f"tg{N_GEN}": _median_rate(N_GEN, tg), f"tg{N_EAGER}_eager": _median_rate(N_EAGER, eager),
             "decode_weight_mb": round(weight_bytes / 1e6, 1),
             "decode_device_weight_mb": round(device_bytes / 1e6, 1),
             "device": be.ctx.info.line(), "arena": be.usage(),
             "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()})}
+
+
+def bench_batch(be, model, kvs: list, token: int, repeats: int) -> float:
+    """Aggregate tokens/s of N_BATCH sequences decoding together, N_GEN // 2 steps, each step one
+    replay of the batch graph of their slab (the caches share one) and B logits rows copied back,
+    as the server's scheduler does; the first step (eager + capture) is a warm-up."""
+    steps, tokens = N_GEN // 2, np.full(len(kvs), token)
+    be.decode_batch(model, tokens, [0] * len(kvs), kvs)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for pos in range(steps):
+            tokens = be.decode_batch(model, tokens, [pos] * len(kvs), kvs).argmax(axis=1)
+        runs.append(time.perf_counter() - t)
+    return _median_rate(steps * len(kvs), runs)
 
 
 def decode_weight_bytes(model, gguf) -> tuple[int, int]:
@@ -181,8 +201,9 @@ def main(argv: list[str]) -> int:
         if args.json:  # after each model: a run stopped later keeps what it measured
             args.json.write_text(json.dumps({"copy_gbs": copy_gbs, **results}, indent=2) + "\n")
     print(f"\n| shape | ukgpu pp{N_PROMPT} | ukgpu tg{N_GEN} (graph) | ukgpu tg eager "
+          f"| ukgpu tg{N_GEN // 2} x{N_BATCH} (sum) "
           f"| llama.cpp pp{N_PROMPT} fa on/off | llama.cpp tg{N_GEN} fa on/off |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, res in results.items():
         u, ll = res["ukgpu"], res.get("llama.cpp", {})
 
@@ -191,7 +212,7 @@ def main(argv: list[str]) -> int:
             return " / ".join(f"{v:,.0f}" if isinstance(v, float) else "-" for v in vals)
 
         print(f"| {name} | {u[f'pp{N_PROMPT}']:,.0f} | {u[f'tg{N_GEN}']:,.0f} "
-              f"| {u[f'tg{N_EAGER}_eager']:,.0f} | {peer(f'pp{N_PROMPT}')} | {peer(f'tg{N_GEN}')} |")
+              f"| {u[f'tg{N_EAGER}_eager']:,.0f} | {u[f'tg{N_GEN // 2}_b{N_BATCH}']:,.0f} | {peer(f'pp{N_PROMPT}')} | {peer(f'tg{N_GEN}')} |")
     print()
     for name, res in results.items():
         print(roofline_line(name, res["ukgpu"], copy_gbs))

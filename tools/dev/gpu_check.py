@@ -140,7 +140,8 @@ class Phases:
         return "ptxas ran" if not flags else "--no-ptxas (no ptxas on PATH)"
 
     def tests(self) -> str:
-        code = self.sh([self.python, "-m", "pytest", "tests/gpu", "-q", "-ra", "-p", "no:cacheprovider",
+        code = self.sh([self.python, "-m", "pytest", "tests/gpu", "-v", "-ra", "-p", "no:cacheprovider",
+                        "--durations=15", "-o", "timeout=60",
                         f"--junitxml={self.out / 'gpu-tests.xml'}"], check=False)
         if code != 0:
             raise CheckError(f"pytest tests/gpu exited {code} (gpu-tests.xml)")
