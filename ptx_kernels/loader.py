@@ -22,6 +22,7 @@ import ast
 import ctypes
 import json
 import operator
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,8 +168,10 @@ class Manifests:
         self.build_dir = build_dir
 
     @classmethod
-    def load(cls, build_dir: Path | str = BUILD_DIR) -> Manifests:
-        build_dir = Path(build_dir)
+    def load(cls, build_dir: Path | str | None = None) -> Manifests:
+        """The manifests of build_dir, else of $UKGPU_KERNELS_DIR (another build of the same
+        entries, e.g. a tuning variant), else of the build shipped with the package."""
+        build_dir = Path(build_dir or os.environ.get("UKGPU_KERNELS_DIR") or BUILD_DIR)
         found = {}
         for target in TARGETS:
             path = build_dir / target / "manifest.json"

@@ -10,6 +10,7 @@ A mixin of `CudaBackend`: it uses the backend's `launch`, `new`, `_pos_lens`, `_
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,11 @@ DeviceBuffer = Any  # gpu.cuda.arena.DeviceBuffer
 
 
 def decode_splits(n_ctx: int) -> tuple[int, int]:
-    """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about 256 keys per
-    split, at most MAX_DECODE_SPLITS splits, chunk a multiple of 64 with S * chunk >= n_ctx."""
-    splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // 256)))
+    """(S, chunk) of the split-K decode attention for a cache of n_ctx rows: about
+    $UKGPU_DECODE_SPLIT_KEYS (default 256) keys per split, at most MAX_DECODE_SPLITS splits, chunk
+    a multiple of 64 with S * chunk >= n_ctx."""
+    keys = max(64, int(os.environ.get("UKGPU_DECODE_SPLIT_KEYS") or 256))
+    splits = max(1, min(MAX_DECODE_SPLITS, -(-n_ctx // keys)))
     per_split = -(-n_ctx // splits)  # ceil division
     chunk = -(-per_split // 64) * 64
     return splits, chunk

@@ -1,0 +1,224 @@
+"""Tune the decode mat-vec kernels' launch geometry on a GPU: build variants here, time them there.
+
+    python3 tools/dev/kernel_sweep.py build -o build/kit/variants        # here, ~1 min a variant
+    python3 tools/dev/kernel_sweep.py run -d build/kit/variants -o OUT   # on the GPU machine
+
+`build` compiles the `matvec_fused` entries (norm, glu, add, qkv) of the weight types the benchmark
+models use with other (BLOCK_N, BLOCK_K, num_warps, num_stages), one folder per variant holding an
+sm_90a manifest: the changed entries' cubins, every other entry pointing back at the shipped build
+(`ptx_kernels/build`), so a variant is a few hundred KiB.  A variant may change the one-row (b1) and
+the batch (b8) entries at once: tg128 measures the first, the 4-sequence step the second.
+
+`run` loads each synthetic model once per variant in its own process (`UKGPU_KERNELS_DIR` points
+the loader at the variant) and measures greedy tg128 through the decode graph and 4 sequences
+through the batch graph, median of 3, the shipped build first and last (drift check); each
+variant's 128 greedy tokens must equal the shipped build's (same arithmetic order per row, so the
+tokens match unless a kernel is wrong).  Results: OUT/sweep.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "ptx_kernels" / "build"
+TYPES = ("Q4_K", "Q6_K", "Q4_1", "Q8_0")  # the synthetic Qwen2.5-1.5B and SmolLM2-135M matrices
+MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
+N_CTX, LONG = 2048, 1024  # the server's default context; the prompt before the long-context decode
+# runs of the shipped kernels with an environment variable set: the decode attention's keys per split
+ENV_VARIANTS = {"split128": {"UKGPU_DECODE_SPLIT_KEYS": "128"}, "split64": {"UKGPU_DECODE_SPLIT_KEYS": "64"}}
+# variant -> {version: (BLOCK_N, BLOCK_K, num_warps, num_stages)}; BLOCK_B stays (1 or 8)
+VARIANTS: dict[str, dict[str, tuple[int, int, int, int]]] = {
+    "k1024": {"b1": (4, 1024, 4, 1), "b8": (8, 128, 4, 1)},
+    "stages3": {"b1": (4, 512, 4, 3), "b8": (4, 128, 4, 3)},
+    "n8k1024w8": {"b1": (8, 1024, 8, 1), "b8": (8, 256, 8, 1)},
+    "n2k1024": {"b1": (2, 1024, 4, 1), "b8": (16, 64, 4, 2)},
+    "k256s3": {"b1": (4, 256, 4, 3), "b8": (4, 256, 4, 1)},
+    "n8s2": {"b1": (8, 512, 4, 2), "b8": (8, 128, 8, 2)},
+    "n16k256w8": {"b1": (16, 256, 8, 2), "b8": (2, 256, 4, 1)},
+}
+
+
+def _variant_spec(spec, geom: tuple[int, int, int, int]):
+    bn, bk, warps, stages = geom
+    old = spec.constexprs["BLOCK_N"]
+    grid = (spec.grid[0].replace(f", {old})", f", {bn})"),) + tuple(spec.grid[1:])
+    return replace(spec, constexprs={**spec.constexprs, "BLOCK_N": bn, "BLOCK_K": bk},
+                   num_warps=warps, num_stages=stages, grid=grid)
+
+
+def build_variant(name: str, geoms: dict, out: Path) -> dict:
+    """out/<name>/sm_90a/manifest.json: the shipped sm_90a manifest with the matvec_fused entries of
+    TYPES rebuilt at the variant's geometry (an entry that does not compile keeps the shipped one)."""
+    from ukgpu.ptx_kernels.catalog import all_specs
+    from ukgpu.ptx_kernels.generate import TARGETS, build_entry
+
+    target = next(t for t in TARGETS if t.name == "sm_90a")
+    shipped = json.loads((SHIPPED / "sm_90a" / "manifest.json").read_text())
+    tdir = out / name / "sm_90a"
+    tdir.mkdir(parents=True, exist_ok=True)
+    back = os.path.relpath(SHIPPED / "sm_90a", tdir)
+    entries, failed = {}, []
+    for ename, ent in shipped["entries"].items():
+        entries[ename] = {**ent, "artifacts": {k: {**a, "file": f"{back}/{a['file']}"}
+                                               for k, a in ent["artifacts"].items()}}
+    for spec in all_specs():
+        version = spec.name.rsplit("_", 1)[-1]
+        if spec.family != "matvec_fused" or spec.qtype not in TYPES or version not in geoms:
+            continue
+        try:
+            entries[spec.name] = build_entry(_variant_spec(spec, geoms[version]), target, tdir)
+        except Exception as exc:  # noqa: BLE001 - a geometry Triton refuses is a result, not a crash
+            failed.append(f"{spec.name}: {type(exc).__name__}: {str(exc)[:200]}")
+    (tdir / "manifest.json").write_text(json.dumps({**shipped, "entries": entries}, indent=1) + "\n")
+    return {"variant": name, "geometry": geoms, "failed": failed}
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import tempfile
+
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    report = []
+    with tempfile.TemporaryDirectory(prefix="ukgpu-sweep-") as cache:
+        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DISABLE_LINE_INFO="1")
+        for name in names:
+            t = time.perf_counter()
+            report.append(build_variant(name, VARIANTS[name], args.out))
+            print(f"{name}: {time.perf_counter() - t:.0f} s, {len(report[-1]['failed'])} failed",
+                  flush=True)
+            for line in report[-1]["failed"]:
+                print("   ", line)
+    (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def measure(model_name: str, repeats: int, n_gen: int) -> dict:
+    """One model on the loader's current kernels, caches of the server's default 2048 rows in 4
+    slots: tg (greedy from position 0, graph), 4 sequences batched, and greedy after a 1024-token
+    prompt (where the split-K attention's keys per split show)."""
+    import numpy as np
+
+    from ukgpu.gpu.cuda.select import create_backend
+    from ukgpu.llama_core.gguf.file import open_gguf
+    from ukgpu.llama_core.gguf.synthetic import build_synthetic
+    from ukgpu.llama_core.model import Model
+
+    gguf = open_gguf(build_synthetic(model_name))
+    be = create_backend(gguf=gguf, n_ctx=N_CTX, n_slots=4)
+    model = Model(gguf, be)
+    kvs = [model.new_kv(N_CTX) for _ in range(4)]
+
+    def greedy(kv, start: int, n: int) -> tuple[float, list[int]]:
+        tok, tokens, t = 1, [], time.perf_counter()
+        for pos in range(start, start + n):
+            tok = be.decode_greedy(model, tok, pos, kv)
+            tokens.append(tok)
+        return time.perf_counter() - t, tokens
+
+    greedy(kvs[0], 0, 1)  # eager step + capture
+    runs = [greedy(kvs[0], 0, n_gen) for _ in range(repeats)]
+    toks = np.ones(4, dtype=np.int64)
+    first = be.decode_batch(model, toks, [0] * 4, kvs)[0]
+    top = np.argsort(first)[::-1][:8]
+    batch = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for pos in range(n_gen // 2):
+            toks = be.decode_batch(model, toks, [pos] * 4, kvs).argmax(axis=1)
+        batch.append(time.perf_counter() - t)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, LONG)
+    model.forward(prompt, 0, kvs[1], all_logits=False)
+    long = [greedy(kvs[1], LONG, n_gen // 2) for _ in range(repeats)]
+    return {"tg": n_gen / statistics.median(r[0] for r in runs),
+            "b4": 4 * (n_gen // 2) / statistics.median(batch),
+            f"tg@{LONG}": (n_gen // 2) / statistics.median(r[0] for r in long),
+            "tokens": runs[0][1], "tokens_long": long[0][1],
+            "top8": [[int(i), float(first[i])] for i in top]}
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    res = {m: measure(m, args.repeats, args.n_gen) for m in args.models}
+    args.json.write_text(json.dumps(res) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = sorted(p.name for p in args.dir.iterdir() if (p / "sm_90a" / "manifest.json").is_file())
+    order = ["shipped", *ENV_VARIANTS, *variants, "shipped"]
+    results: list[dict] = []
+    for i, name in enumerate(order):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **ENV_VARIANTS.get(name, {}))
+        if name != "shipped" and name not in ENV_VARIANTS:
+            env["UKGPU_KERNELS_DIR"] = str((args.dir / name).resolve())
+        js = args.out / f"sweep-{i}-{name}.json"
+        cmd = [sys.executable, __file__, "measure", "--json", str(js), "--repeats", str(args.repeats),
+               "--models", *args.models]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        row = {"variant": name, "seconds": round(time.perf_counter() - t, 1), "exit": done.returncode}
+        if done.returncode == 0:
+            row["models"] = json.loads(js.read_text())
+        else:
+            row["error"] = (done.stderr or done.stdout)[-1500:]
+        results.append(row)
+        (args.out / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(_line(row, results[0]), flush=True)
+    return 0
+
+
+def _line(row: dict, base: dict) -> str:
+    if "models" not in row:
+        return f"{row['variant']}: exit {row['exit']}: {row['error'][-300:]}"
+    parts = []
+    for m, r in row["models"].items():
+        ref = base.get("models", {}).get(m, {})
+        same = "" if not ref else " " + _agreement(ref, r)
+        parts.append(f"{m} tg {r['tg']:,.0f} b4 {r['b4']:,.0f} tg@{LONG} {r[f'tg@{LONG}']:,.0f}{same}")
+    return f"{row['variant']:<12} {row['seconds']:5.1f} s | " + " | ".join(parts)
+
+
+def _agreement(ref: dict, r: dict) -> str:
+    """Greedy tokens equal before the first difference (summation order may differ between
+    geometries, so random-weight models can part late), and the first step's top-8 logits."""
+    def prefix(a: list, b: list) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    ids_ok = [i for i, _ in ref["top8"]] == [i for i, _ in r["top8"]]
+    err = max(abs(a - b) for (_, a), (_, b) in zip(ref["top8"], r["top8"]))
+    return (f"agree {prefix(ref['tokens'], r['tokens'])}/{len(ref['tokens'])}+"
+            f"{prefix(ref['tokens_long'], r['tokens_long'])}/{len(ref['tokens_long'])} "
+            f"top8 {'same' if ids_ok else 'DIFFER'} max|d| {err:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("-o", "--out", type=Path, required=True)
+    b.add_argument("--only", help="comma-separated variant names")
+    r = sub.add_parser("run")
+    r.add_argument("-d", "--dir", type=Path, required=True)
+    r.add_argument("-o", "--out", type=Path, required=True)
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--timeout", type=float, default=90)
+    r.add_argument("--models", nargs="+", default=list(MODELS))
+    m = sub.add_parser("measure")
+    m.add_argument("--json", type=Path, required=True)
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--n-gen", type=int, default=128)
+    m.add_argument("--models", nargs="+", default=list(MODELS))
+    args = ap.parse_args(argv)
+    return {"build": cmd_build, "run": cmd_run, "measure": cmd_measure}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
