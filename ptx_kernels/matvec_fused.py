@@ -142,8 +142,11 @@ def matvec_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr,
 # except the GLU (8): a 1536-row q/o/down makes 384 programs, ~3 per SM of an H200, enough warps
 # in flight to stream at HBM speed (tools/bench/cost_model.py), while the FFN's 4-10K rows make
 # enough programs at 8, and each program re-reads x from L2 (what a smaller block costs).
-VERSIONS = {"b1": (1, 4, 512, 4), "b8": (8, 4, 128, 4)}
-GLU_VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
+# b8 streams 256 columns a step: on an H200 four sequences through the batch graph went 581 -> 752
+# t/s (Qwen2.5-1.5B) and 2,448 -> 2,665 (SmolLM2) against 128 (tools/dev/kernel_sweep.py, k256s3);
+# no b1 geometry tried there beat this one (docs/benchmarks/cuda.md).
+VERSIONS = {"b1": (1, 4, 512, 4), "b8": (8, 4, 256, 4)}
+GLU_VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 256, 4)}
 MODES = {"norm": 0, "glu": 1, "add": 2}
 _DOCS = {
     "norm": "y (B, N) f32 = rmsnorm(x (B, K), g) @ W.T (+ bias if has_bias); flag = has_bias",
