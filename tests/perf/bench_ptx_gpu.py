@@ -8,6 +8,8 @@ measurement, freed after it.  Measures, in one process and one CUDA context:
 - device copy bandwidth: cuMemcpyDtoDAsync of 1 GiB (GB/s counts read + write bytes);
 - decode mat-vec GB/s (bytes of the repacked weight planes + x + y per call) for Q4_K and Q8_0 at
   4096x4096, 8960x1536 and 1536x8960, batch 1 (b1) and 8 (b8), as a fraction of copy bandwidth;
+- the decode graph's fused mat-vecs (rmsnorm + gate/up + SiLU, projection + residual add, the
+  output's rmsnorm + matrix) on the 1.5B Q4_K_M shapes, b1 and b8, GB/s as above;
 - prefill GEMM TFLOP/s (2*M*N*K per call) for F16, Q8_0 and Q4_K weights at 2048^3 and
   M=512 x 8960x1536, next to torch.matmul (fp16, cuBLAS) on the same shapes when torch has CUDA;
 - decode attention (split + combine, head_dim 128, 12/2 heads) GB/s of K+V read at 512, 4096
@@ -37,8 +39,12 @@ from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.gpu.cuda.verify_kernels import Device
 from ukgpu.ptx_kernels import reference as R
+from ukgpu.ptx_kernels.loader import fused_matvec_entry
 
 MATVEC_SHAPES = [(4096, 4096), (8960, 1536), (1536, 8960)]  # (N, K)
+# the decode graph's fused mat-vecs on Qwen2.5-Coder-1.5B Q4_K_M: (mode, qtype, N, K)
+FUSED_SHAPES = [("glu", "Q4_K", 8960, 1536), ("add", "Q4_K", 1536, 1536), ("add", "Q4_K", 1536, 8960),
+                ("add", "Q6_K", 1536, 8960), ("norm", "Q6_K", 151936, 1536)]
 GEMM_SHAPES = [(2048, 2048, 2048), (512, 8960, 1536)]  # (M, N, K)
 ARENA_BYTES = 256 << 20  # one measurement's buffers (the most: one shape's three GEMMs, ~120 MB)
 
@@ -152,6 +158,22 @@ def bench_matvec(dev: Device, qtype: str, n: int, k: int, batch: int, rng,
             "artifact": _artifact(dev, name)}
 
 
+def bench_fused(dev: Device, mode: str, qtype: str, n: int, k: int, batch: int, rng,
+                counts: Counts = FULL["matvec"]) -> dict:
+    """A decode-graph mat-vec (`matvec_fused.py`): GB/s of its weight planes (two for glu) + x + y."""
+    mats = [R.random_repacked(qtype, n, k, rng) for _ in range(2 if mode == "glu" else 1)]
+    vals: dict = {f"{pre}_{p}": dev.put(a) for pre, w in zip("wu", mats) for p, a in w.planes().items()}
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    vals |= {"x": dev.put(x), "g": dev.put(np.ones(k, np.float32)), "bias": dev.put(np.zeros(n, np.float32)),
+             "y": dev.put(np.zeros((batch, n), np.float32)), "N": n, "K": k, "B": batch, "eps": 1e-6,
+             "flag": 0}
+    name = fused_matvec_entry(mode, qtype, batch)
+    ms = _timed(dev, (name,), vals, counts)
+    nbytes = sum(a.nbytes for w in mats for a in w.planes().values()) + x.nbytes + batch * n * 4
+    return {"kernel": name, "N": n, "K": k, "B": batch, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
+            "artifact": _artifact(dev, name)}
+
+
 def bench_gemm(dev: Device, qtype: str, m: int, n: int, k: int, rng,
                counts: Counts = FULL["gemm"]) -> dict:
     w = R.random_repacked(qtype, n, k, rng)
@@ -208,14 +230,15 @@ def bench_torch(m: int, n: int, k: int) -> dict | None:
 @dataclass
 class Sizes:
     matvec: list[tuple[int, int]]
+    fused: list[tuple[str, str, int, int]]
     gemm: list[tuple[int, int, int]]
     keys: tuple[int, ...]
     copy_bytes: int
     counts: dict[str, Counts]
 
 
-FULL_SIZES = Sizes(MATVEC_SHAPES, GEMM_SHAPES, (512, 4096, 32768), 1 << 30, FULL)
-QUICK_SIZES = Sizes([(256, 256)], [(32, 256, 256)], (128,), 16 << 20, QUICK)
+FULL_SIZES = Sizes(MATVEC_SHAPES, FUSED_SHAPES, GEMM_SHAPES, (512, 4096, 32768), 1 << 30, FULL)
+QUICK_SIZES = Sizes([(256, 256)], [(m, q, 256, 256) for m, q, _, _ in FUSED_SHAPES[:4]], [(32, 256, 256)], (128,), 16 << 20, QUICK)
 
 
 def run_matvec(kernels: KernelSet, sz: Sizes, copy: float, rng) -> list[dict]:
@@ -229,6 +252,19 @@ def run_matvec(kernels: KernelSet, sz: Sizes, copy: float, rng) -> list[dict]:
                 rows.append(r)
                 print(f"| {r['kernel']} | {n}x{k} | {batch} | {r['us']:.1f} | {r['GB/s']:.0f} | "
                       f"{r['GB/s'] / copy:.0%} | {r['artifact']} |", flush=True)
+    return rows
+
+
+def run_fused(kernels: KernelSet, sz: Sizes, copy: float, rng) -> list[dict]:
+    rows = []
+    print("\n| fused kernel | N x K | B | us | GB/s | of copy | artifact |\n|---|---|---|---|---|---|---|")
+    for mode, qtype, n, k in sz.fused:
+        for batch in (1, 8):
+            with scratch(kernels) as dev:
+                r = bench_fused(dev, mode, qtype, n, k, batch, rng, sz.counts["matvec"])
+            rows.append(r)
+            print(f"| {r['kernel']} | {n}x{k} | {batch} | {r['us']:.1f} | {r['GB/s']:.0f} | "
+                  f"{r['GB/s'] / copy:.0%} | {r['artifact']} |", flush=True)
     return rows
 
 
@@ -266,7 +302,8 @@ def run_all(kernels: KernelSet, sz: Sizes) -> dict:
     print(f"device cc {cc[0]}.{cc[1]}; cuMemcpyDtoDAsync {copy:.0f} GB/s (read + write)")
     timing = {k: {"per_graph": c.per_graph, "replays": c.replays} for k, c in sz.counts.items()}
     return {"cc": list(cc), "copy_GBps": copy, "timing": "cuda graph replays", "counts": timing,
-            "matvec": run_matvec(kernels, sz, copy, rng), "gemm": run_gemm(kernels, sz, rng),
+            "matvec": run_matvec(kernels, sz, copy, rng), "fused": run_fused(kernels, sz, copy, rng),
+            "gemm": run_gemm(kernels, sz, rng),
             "attn_decode": run_attn(kernels, sz, rng)}
 
 
