@@ -15,9 +15,9 @@ with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 46
   install     25   SITE/ukgpu -> this tree; pip install --no-index --no-deps the wheels in --wheels;
                    starts building the synthetic models in the background (OUT/synthetic.log)
   ptx-check   25   `ukgpu ptx check` (--no-ptxas unless ptxas is on PATH)
-  tests      140   pytest tests/gpu
+  tests      110   pytest tests/gpu
   verify      90   `ukgpu verify` layers + e2e on --slice (real weights), then all on synthetic SmolLM2
-  ptx-bench   45   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
+  ptx-bench   75   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
 
 `llama` runs one step, llama-bench (240 s): the prebuilt llama-bench (from --archive; built from
@@ -46,8 +46,8 @@ from llamacpp_src import CheckError, build_llama_bench, pack_llamacpp  # noqa: E
 
 ROOT = HERE.parents[1]
 KIT = ROOT / "build" / "kit"  # ignored by git; what the device machine needs travels here
-RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 140, "verify": 90,
-             "ptx-bench": 45, "bench-cuda": 120}
+RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 110, "verify": 90,
+             "ptx-bench": 75, "bench-cuda": 120}
 LLAMA_STEPS = {"llama-bench": 240}
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")
 PACKAGES = ("llama_core", "gpu", "ptx_kernels", "kernel", "tools")  # pyproject's package-dir
