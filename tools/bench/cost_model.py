@@ -29,15 +29,23 @@ parameter name, `grid` its grid), and a `Device`.  Per node:
   takes max(device sum, host sum).
 
 H200 figures (`H200`): 4.8 TB/s HBM3e (NVIDIA's H200 datasheet); 4.3 TB/s read+write measured by a
-device-to-device copy on the project's H200 (../shared/DESIGN.md), so `reach` = 0.9; 132 SMs
+device-to-device copy on an H200 (docs/results/cuda-h200: 4,244-4,268 GB/s), so `reach` = 0.9; 132 SMs
 (sm_90, 228 KiB shared memory and 2048 threads per SM, 32 CTAs at most: CUDA programming guide,
 compute capability 9.0); ~7 TB/s L2 read bandwidth (an estimate from public microbenchmarks of
 the H100, the same die: 5.5-7 TB/s); ~790 TFLOP/s dense bf16/f16 measured there (a bf16 GEMM; the datasheet's
 989 is the boost peak); 67 TFLOP/s fp32 SIMT (datasheet); tf32 half the f16 rate (datasheet: 494
 vs 989 dense); 1.5 us per dependent graph node and 2 us per eager launch on the device (published
 CUDA-graph microbenchmarks of chains of empty kernels on H100: 1.5-2.5 us a node); ~9 us of
-Python per `cuLaunchKernel` from cuda-python (measured, DESIGN.md).  All are predictions until the
-kit measures the real machine: docs/benchmarks/cuda.md holds the predictions to check.
+Python per `cuLaunchKernel` from cuda-python (measured on the development machine).
+
+Measured against the H200 (docs/benchmarks/cuda.md), this analytic model is 3.5x optimistic on
+decode: the fused mat-vecs stream at 0.25-0.85 TB/s, not ~4.3, and every node has ~4.5 us of
+fixed cost inside the kernel.  `MEASURED_H200` holds per-family laws fitted to the ncu profile of
+one decode step of each benchmark model (fixed seconds + HBM bytes / a measured rate, by entry
+name; within ~20% of each of the 12 kernels); `predict(..., measured=MEASURED_H200)` prices the
+kernels it covers with them (no node latency beside it: the profiled kernels are the replayed
+step, 2,332 us of kernels for a 2,170 us graph step) and the rest as above.  The laws describe
+today's kernels: a kernel change must be measured again before its own law is trusted.
 """
 
 from __future__ import annotations
@@ -75,6 +83,19 @@ H200 = Device("NVIDIA H200 (sm_90)", hbm_bytes_s=4.8e12, l2_bytes_s=7e12, reach=
               fp32_flops=67e12, node_s=1.5e-6, eager_node_s=2.0e-6, host_launch_s=9e-6)
 
 
+# entry-name prefix -> (fixed seconds, bytes per second) of today's kernels on an H200 (ncu, one
+# decode step at position 100 of Qwen2.5-Coder-1.5B Q4_K_M and SmolLM2-135M:
+# docs/results/cuda-h200/run4-*).  Within ~20% of each: glu 15.5 MB in 23.7 us, output 191 MB in
+# 224 us, o 1.3 MB in 5.6 us, down 7.7 / 11.3 MB in 17.1 / 21.7 us, qkv 2.6 MB in 7.7 us.
+MEASURED_H200 = {
+    "matvec_norm_": (4.5e-6, 0.8e12), "matvec_qkv_": (4.5e-6, 0.8e12),
+    "matvec_glu_": (4.5e-6, 0.8e12), "matvec_add_": (4.5e-6, 0.8e12),
+    "attn_decode_rope_": (11e-6, 0.8e12),  # 12.4 us (d128), 9.9 us (d64), ~100 keys
+    "attn_combine_": (3.1e-6, 0.8e12),  # 3.3 / 3.0 us
+    "embedding_": (3.0e-6, 0.8e12),  # one row: 3.1 us
+}
+
+
 @dataclass(frozen=True)
 class Traffic:
     bytes: float  # HBM
@@ -92,7 +113,7 @@ class NodeCost:
     work_s: float
     bytes: float
     flops: float
-    bound: str  # "memory" | "compute" | "latency"
+    bound: str  # "memory" | "compute" | "latency" | "measured" (a MEASURED_H200 law)
 
 
 @dataclass
@@ -251,9 +272,14 @@ def resident_ctas_per_sm(e: dict, dev: Device) -> int:
 
 
 def node_cost(node: Node, dev: Device = H200, graph: bool = True,
-              read_i32: ReadI32 | None = None) -> NodeCost:
+              read_i32: ReadI32 | None = None, measured: dict | None = None) -> NodeCost:
     e, a, grid = node
     tr = traffic(e, a, grid, read_i32)
+    law = next((v for k, v in (measured or {}).items() if e["name"].startswith(k)), None)
+    if law:
+        fixed, rate = law
+        return NodeCost(e["name"], e["family"], fixed + tr.bytes / rate, tr.bytes / rate, tr.bytes,
+                        tr.flops, "measured")
     ctas = grid[0] * grid[1] * grid[2]
     per_sm = resident_ctas_per_sm(e, dev)
     resident = min(ctas, dev.sms * per_sm)
@@ -270,8 +296,8 @@ def node_cost(node: Node, dev: Device = H200, graph: bool = True,
 
 
 def predict(trace: Iterable[Node], dev: Device = H200, graph: bool = True,
-            read_i32: ReadI32 | None = None) -> Prediction:
-    return Prediction([node_cost(n, dev, graph, read_i32) for n in trace])
+            read_i32: ReadI32 | None = None, measured: dict | None = None) -> Prediction:
+    return Prediction([node_cost(n, dev, graph, read_i32, measured) for n in trace])
 
 
 GEMM_OPTIONS = ("f16", "bf16", "f16_tile_scale", "f16_row_prepass", "tf32", "fp32")

@@ -1,0 +1,42 @@
+"""The cost model's laws measured on an H200 (`cost_model.MEASURED_H200`) against the profile they
+came from: one eager decode step at position 100 (`tools/dev/profile_decode.py` under ncu,
+docs/results/cuda-h200/run4-ncu-*.md), traced here on the stand-in over the same synthetic models.
+The trace must be the profiled step (same kernel count), and the laws must price it within 15%;
+the analytic model, for contrast, is far below what the card did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ukgpu.gpu.cuda.select import create_backend
+from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.gguf.synthetic import build_synthetic
+from ukgpu.llama_core.model import Model
+from ukgpu.tools.bench import cost_model as cm
+
+from fakes.cuda_driver import FakeDevice, FakeDriver
+
+# model -> (kernels in the profiled step, their summed ncu time in seconds)
+PROFILED = {"qwen2.5-coder-1.5b": (184, 2331.5e-6), "smollm2-135m": (182, 1072.0e-6)}
+
+
+@pytest.mark.parametrize("name", list(PROFILED))
+def test_the_measured_laws_price_the_profiled_step(name):
+    gguf = open_gguf(build_synthetic(name))
+    fake = FakeDriver(devices=[FakeDevice(name="H200 (stand-in)", total_bytes=141 << 30)], emulate=False)
+    be = create_backend(gguf=gguf, driver=fake, n_ctx=2048, n_slots=1)
+    model = Model(gguf, be)
+    kv = model.new_kv(2048)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, 100)
+    model.forward(prompt, 0, kv, all_logits=False)
+    fake.trace.clear()
+    model.forward(np.array([int(prompt[-1])]), 100, kv, all_logits=False)
+    read = lambda ptr, n: fake.view(ptr, np.int32, n).tolist()  # noqa: E731
+    kernels, seconds = PROFILED[name]
+    assert len(fake.trace) == kernels
+    measured = cm.predict(fake.trace, graph=False, read_i32=read, measured=cm.MEASURED_H200)
+    assert {n.bound for n in measured.nodes} == {"measured"}  # every decode kernel has its law
+    assert measured.device_s == pytest.approx(seconds, rel=0.15)
+    analytic = cm.predict(fake.trace, graph=True, read_i32=read)
+    assert analytic.device_s < 0.5 * seconds  # what the card showed the analytic model to miss
