@@ -121,8 +121,8 @@ def test_llama_without_an_archive_says_so_in_the_summary(tmp_path):
     done = _run(tmp_path, "llama", "-o", str(out), "--archive", str(tmp_path / "none.tar.xz"))
     assert done.returncode == 1, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())["steps"]
-    assert [(r["step"], r["status"]) for r in summary] == [("llama-bench", "failed")]
-    assert f"no llama-bench archive at {tmp_path / 'none.tar.xz'}" in summary[0]["detail"]
+    assert [(r["step"], r["status"]) for r in summary] == [("llama-bench", "failed"), ("ukgpu-bench", "failed")]
+    assert all(f"no llama-bench archive at {tmp_path / 'none.tar.xz'}" in r["detail"] for r in summary)
     assert "FAILED" in (out / "llama-bench.log").read_text()
 
 

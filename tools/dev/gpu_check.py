@@ -20,10 +20,12 @@ with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 46
   ptx-bench   75   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
 
-`llama` runs one step, llama-bench (240 s): the prebuilt llama-bench (from --archive; built from
+`llama` runs two steps: llama-bench (240 s), the prebuilt llama-bench (from --archive; built from
 --llama-cpp with CMake and nvcc if no archive is there) on the same synthetic models, its results
-in OUT/llama-bench.json, its step added to the same summary.json.  --dry-run (the stand-in driver,
-no GPU) shrinks the benchmarks: bench_ptx_gpu --quick, bench_cuda --quick.
+in OUT/llama-bench.json; then ukgpu-bench (180 s): `ukgpu bench --backends cuda --peers
+llamacpp-cuda` on the same models with that binary, and its dashboard (OUT/ukgpu-bench.json, .md,
+.html); both steps added to the same summary.json.  --dry-run (the stand-in driver, no GPU) shrinks
+the benchmarks: bench_ptx_gpu --quick, bench_cuda --quick, ukgpu bench -p 16 -n 4 -r 1.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ROOT = HERE.parents[1]
 KIT = ROOT / "build" / "kit"  # ignored by git; what the device machine needs travels here
 RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 110, "verify": 90,
              "ptx-bench": 75, "bench-cuda": 120}
-LLAMA_STEPS = {"llama-bench": 240}
+LLAMA_STEPS = {"llama-bench": 240, "ukgpu-bench": 180}
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")
 PACKAGES = ("llama_core", "gpu", "ptx_kernels", "kernel", "tools")  # pyproject's package-dir
 
@@ -194,6 +196,27 @@ class Phases:
         if errors:
             raise CheckError(f"llama-bench failed: {'; '.join(errors)[:300]}")
         return f"llama-bench.json ({binary})"
+
+    def ukgpu_bench(self) -> str:
+        """The product's own benchmark on the card: `ukgpu bench --backends cuda --peers
+        llamacpp-cuda` on the synthetic models (results JSON + the dashboard page)."""
+        binary = self._llama_binary()
+        if not (self.site / "ukgpu").is_dir():
+            self.install()
+        libs = self.py("import site, pathlib; d = {str(p.parent) for s in site.getsitepackages() "
+                       "for p in pathlib.Path(s, 'nvidia').rglob('lib*.so.13')}; print(':'.join(sorted(d)))")
+        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)
+        self.await_prebuild()
+        sizes = ["-p", "16", "-n", "4", "-r", "1"] if self.args.dry_run else ["-r", "3"]
+        models = [a for name in SYNTHETIC[::-1] for a in ("--synthetic", name)]
+        out = self.out / "ukgpu-bench.json"
+        code = self.ukgpu("bench", *models, "--backends", "cuda", "--peers", "llamacpp-cuda",
+                          "--llama-bench", str(binary), "--no-kernels", *sizes, "-o", str(out), check=False)
+        if not out.is_file():
+            raise CheckError(f"ukgpu bench exited {code} and wrote no results")
+        self.ukgpu("dashboard", str(out), "-o", str(self.out / "ukgpu-bench.html"),
+                   "--markdown", str(self.out / "ukgpu-bench.md"))
+        return f"ukgpu-bench.json, .md, .html (ukgpu bench exit {code})"
 
     def _llama_binary(self) -> Path:
         bin_dir = KIT / "bin"
