@@ -1,7 +1,7 @@
 """Embedding lookup from quantized rows: out (T, K) f32 = dequant(W)[ids], W (V, K) repacked.
 
 Grid (T, cdiv(K, BLOCK_K)): one program per token and column block.
-Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), 0 <= ids < V (not checked on the device).
+Limits: K % 32 == 0 (K % 256 for the K-quants), 0 <= ids < V (not checked on the device).
 Reference: `reference.embedding`.
 """
 

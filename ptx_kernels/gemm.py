@@ -16,7 +16,7 @@ tile (already in registers) and two multiplies of the accumulator.
 Precision: both operands pass through float16 (relative rounding 2^-11 each); in a scaled tile,
 elements below 2^(e-14) become f16 subnormals (absolute error <= 2^(e-25), negligible against
 the tile's max of 2^(e+14)).
-Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), pointers 16-byte aligned, K divisible by 16.
+Limits: K % 32 == 0 (K % 256 for the K-quants), pointers 16-byte aligned, K divisible by 16.
 Reference: `reference.matvec` (same math, any M).
 """
 

@@ -5,7 +5,7 @@ per program so W is read once for the whole batch).  Geometry: each program owns
 rows and walks K in BLOCK_K steps; the 4-bit kinds load 16 contiguous bytes per 32-group and
 split them into its low/high halves (no interleave needed); every type loads through
 `dequant.load_runs`.
-Limits: K % 32 == 0 (K % 256 for Q4_K/Q6_K), pointers 16-byte aligned, K divisible by 16.
+Limits: K % 32 == 0 (K % 256 for the K-quants), pointers 16-byte aligned, K divisible by 16.
 x and y are float32, rows contiguous (row stride K for x, N for y).
 Reference: `reference.matvec`.
 """

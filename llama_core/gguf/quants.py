@@ -7,7 +7,8 @@ The block facts (elements and bytes per block, field offsets and dtypes) are the
     field(blocks, name)        a view of one field, shape (n_blocks, size/itemsize)
     dequantize_blocks(blocks)  uint8[n_blocks, nbytes] -> float32[n_blocks, elems]
     quantize_blocks(values)    float32[n_blocks, elems] -> uint8[n_blocks, nbytes]
-                               (Q8_0, Q4_1, Q4_K, Q6_K; `quantize` hands Q4_0, Q5_0,
+                               (Q8_0, Q4_1, Q4_K, Q6_K; Q5_K, Q3_K, Q2_K in quants_k;
+                               `quantize` hands Q4_0, Q5_0,
                                Q5_1, F16 and BF16 to gguf-py's reference quantizer)
 
 Element order inside a block (what `dequantize_blocks` returns) is the order of
@@ -15,7 +16,8 @@ the row; the comments on each class say which bits of which field make element e
 The arithmetic follows ggml's reference order so results are bit-exact with it.
 The bit unpacking other layouts reuse is public here: `k4_scales` (the Q4_K/Q5_K six-bit
 scales, jitted as is by the numba kernels), `k4_nibbles`, `k4_sub_scales`, and the
-`signed_quants` / `sub_scales` of Q5_0 and Q6_K (ptx_kernels/repack.py builds on them)."""
+`signed_quants` / `sub_scales` of Q5_0 and Q6_K, `crumbs` (the Q2_K/Q3_K 2-bit fields) and
+`Q3_K.scales6` (ptx_kernels/repack.py builds on them)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as _gguf_quants
 
 from ukgpu.llama_core.errors import QuantError
+from ukgpu.llama_core.gguf import quants_k
 from ukgpu.llama_core.gguf.blocks import BLOCKS, Block, block_of
 
 _CHUNK_BLOCKS = 1 << 14  # bounds the temporaries of one dequantize call
@@ -190,7 +193,7 @@ class Q8_0(QuantFormat):
         return _pack(cls, len(values), d=d, qs=q.astype(np.int8))
 
 
-def _crumbs(qs: np.ndarray) -> np.ndarray:
+def crumbs(qs: np.ndarray) -> np.ndarray:
     """2-bit fields of K-quant qs uint8[n, 64] -> uint8[n, 256].
 
     Element e = 128h + 32j + l is bits 2j..2j+1 of qs[32h + l].
@@ -208,7 +211,7 @@ def k4_scales(a, b, c):
 
 
 class Q2_K(QuantFormat):
-    """16 sub-blocks of 16; e = d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[e // 16], q = _crumbs."""
+    """16 sub-blocks of 16; e = d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[e // 16], q = crumbs."""
 
     qtype = T.Q2_K
 
@@ -218,14 +221,18 @@ class Q2_K(QuantFormat):
         sc = cls.field(blocks, "scales")
         dl = cls._f32(blocks, "d") * (sc & 0x0F)  # [n, 16]
         ml = cls._f32(blocks, "dmin") * (sc >> 4)
-        q = _crumbs(cls.field(blocks, "qs")).reshape(n, 16, 16)
+        q = crumbs(cls.field(blocks, "qs")).reshape(n, 16, 16)
         return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, 256)
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        return quants_k.quantize_q2_k(cls, values)
 
 
 class Q3_K(QuantFormat):
     """16 sub-blocks of 16; e = d * (s - 32) * (crumb - 4 * (1 - hbit)).
 
-    crumb = _crumbs(qs)[e]; hbit = bit e//32 of hmask[e % 32]; s (6 bits) of sub-block i:
+    crumb = crumbs(qs)[e]; hbit = bit e//32 of hmask[e % 32]; s (6 bits) of sub-block i:
     low 4 bits = scales[i] & 15 (i<8) or scales[i-8] >> 4, top 2 bits = bits 2(i//4).. of scales[8 + i%4].
     """
 
@@ -244,9 +251,13 @@ class Q3_K(QuantFormat):
         n = len(blocks)
         hm = cls.field(blocks, "hmask")
         hbit = (hm[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
-        q = _crumbs(cls.field(blocks, "qs")).astype(np.int8) - ((1 - hbit.reshape(n, 256)) << 2).astype(np.int8)
+        q = crumbs(cls.field(blocks, "qs")).astype(np.int8) - ((1 - hbit.reshape(n, 256)) << 2).astype(np.int8)
         dl = cls._f32(blocks, "d") * (cls.scales6(blocks).astype(np.int8) - np.int8(32))  # [n, 16]
         return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        return quants_k.quantize_q3_k(cls, values)
 
 
 def k4_sub_scales(cls, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +322,10 @@ class Q5_K(QuantFormat):
         qh = cls.field(blocks, "qh")
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
         return _k4_values(cls, blocks, k4_nibbles(cls.field(blocks, "qs")) | (high << 4))
+
+    @classmethod
+    def quantize_blocks(cls, values):
+        return quants_k.quantize_q5_k(cls, values)
 
 
 class Q6_K(QuantFormat):

@@ -150,8 +150,8 @@ def test_unsupported_weight_type_is_reported(tiny, monkeypatch):
     from gguf import GGMLQuantizationType as T
 
     name = "blk.0.attn_q.weight"
-    monkeypatch.setitem(tiny.tensors, name, replace(tiny.tensors[name], qtype=T.Q5_K))
-    with pytest.raises(CudaUnsupported, match="Q5_K.*use the CPU backend"):
+    monkeypatch.setitem(tiny.tensors, name, replace(tiny.tensors[name], qtype=T.IQ4_NL))
+    with pytest.raises(CudaUnsupported, match="IQ4_NL.*use the CPU backend"):
         model_kernels(tiny)
 
 

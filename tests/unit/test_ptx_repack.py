@@ -5,6 +5,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.gguf.blocks import BLOCKS
 from ukgpu.ptx_kernels.reference import QTYPES, random_weight
 from ukgpu.ptx_kernels.repack import FORMATS, LAYOUTS, RepackError, dequantize_repacked, repack
@@ -84,3 +85,43 @@ def test_layouts_are_keyed_by_the_ggml_enum_and_take_block_sizes_from_quants():
     for qtype, layout in LAYOUTS.items():
         assert FORMATS[qtype.name] is layout and layout.qtype is qtype
         assert (layout.block_elems, layout.block_bytes) == (BLOCKS[qtype].elems, BLOCKS[qtype].nbytes)
+
+
+K_QUANTS = {"Q5_K": 176, "Q3_K": 110, "Q2_K": 84}  # GGUF bytes per 256-block
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_k_quants_lie_on_the_device_at_their_gguf_size_bit_exact_with_llama_core(qtype):
+    assert FORMATS[qtype].bytes_per_element * 256 == K_QUANTS[qtype] == FORMATS[qtype].block_bytes
+    rng = np.random.default_rng(3)
+    for n, k in [(1, 256), (7, 512), (3, 1280)]:
+        raw = random_weight(qtype, n, k, rng)
+        r = repack(raw, qtype, n, k)
+        assert sum(p.nbytes for p in r.planes().values()) == raw.nbytes
+        want = quants.dequantize(raw, GGMLQuantizationType[qtype], n * k).reshape(n, k)
+        np.testing.assert_array_equal(dequantize_repacked(r).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype,field", [("Q5_K", "qh"), ("Q3_K", "hmask")])
+def test_the_high_bit_of_element_32g_plus_j_is_bit_j_of_word_g(qtype, field):
+    fmt = quants.FORMATS[GGMLQuantizationType[qtype]]
+    raw = np.zeros((1, fmt.block.nbytes), np.uint8)
+    fmt.field(raw, field)[0, 5] = 0b01000010  # element 32g + 5 for g = 1 and 6
+    fmt.field(raw, "scales")[0] = np.arange(12, dtype=np.uint8) * 21
+    r = repack(raw, qtype, 1, 256)
+    words = r.m.view(np.uint32)[0]
+    assert list(words[:8]) == [0, 1 << 5, 0, 0, 0, 0, 1 << 5, 0]
+    assert words[8:].view(np.uint8).tolist() == (np.arange(12) * 21).tolist()  # ggml's scale bytes
+
+
+def test_q2_k_crumbs_lie_in_16_byte_chunks_and_its_scale_bytes_are_ggml_s():
+    raw = np.zeros((1, 84), np.uint8)
+    q2 = quants.Q2_K
+    q2.field(raw, "qs")[0] = 0b11100100  # element 128h + 32j + l = j (bits 2j of qs[32h + l])
+    q2.field(raw, "scales")[0] = 0x01  # scale 1, min 0
+    q2.field(raw, "d")[0] = 1.0
+    r = repack(raw, "Q2_K", 1, 256)
+    assert r.m.tolist() == [[1] * 16]
+    np.testing.assert_array_equal(dequantize_repacked(r)[0], np.arange(256) // 32 % 4)
+    chunk = r.q[0].reshape(4, 16)  # chunk c: groups 2c, 2c+1, element i (bits 0-1) and i + 16 (2-3)
+    assert all(chunk[c, i] == (2 * c % 4) * 0b0101 | ((2 * c + 1) % 4) * 0b01010000 for c in range(4) for i in range(16))

@@ -110,7 +110,8 @@ def test_quantize_matches_ggml_reference(qtype):
 
 
 @pytest.mark.parametrize("qtype,tolerance", [(T.Q8_0, 0.01), (T.Q4_1, 0.1), (T.Q4_K, 0.1), (T.Q6_K, 0.03),
-                                             (T.Q4_0, 0.1), (T.Q5_0, 0.06), (T.F16, 0.001)],
+                                             (T.Q4_0, 0.1), (T.Q5_0, 0.06), (T.F16, 0.001),
+                                             (T.Q5_K, 0.05), (T.Q3_K, 0.2), (T.Q2_K, 0.4)],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_quantize_round_trip(qtype, tolerance):
     x = np.random.default_rng(7).standard_normal((8, 512)).astype(np.float32)
@@ -127,8 +128,22 @@ def test_errors():
         quants.dequantize(np.zeros(30, np.uint8), T.Q8_0, 32)
     with pytest.raises(QuantError, match="whole number"):
         quants.row_bytes(T.Q4_K, 100)
-    with pytest.raises(QuantError, match="no Q5_K quantizer"):
-        quants.quantize(np.zeros((1, 256), np.float32), T.Q5_K)
+    with pytest.MonkeyPatch.context() as mp:  # a type left to gguf-py, which has no quantizer for it
+        mp.setattr(quants._gguf_quants, "quantize", lambda *a: (_ for _ in ()).throw(NotImplementedError))
+        with pytest.raises(QuantError, match="no Q5_0 quantizer"):
+            quants.quantize(np.zeros((1, 256), np.float32), T.Q5_0)
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_K, T.Q3_K, T.Q2_K], ids=lambda q: q.name)
+def test_k_quantizers_write_blocks_gguf_py_reads_back(qtype):
+    """quants_k's packing is the inverse of the unpacking: gguf-py's dequantize of the blocks is
+    the quantizer's own grid (d, sub-scales, quants), and a smooth ramp keeps its order."""
+    x = np.linspace(-1, 1, 4 * 256, dtype=np.float32).reshape(4, 256)
+    raw = quants.quantize(x, qtype)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(x.shape).astype(np.float32)
+    np.testing.assert_array_equal(quants.dequantize(raw.reshape(-1), qtype, x.size).reshape(x.shape), ref)
+    assert np.all(np.diff(ref.reshape(-1, 16), axis=1) >= 0)  # monotone per 16: each element in its place
+    assert np.abs(ref - x).max() < {T.Q5_K: 0.02, T.Q3_K: 0.1, T.Q2_K: 0.2}[qtype]
 
 
 def test_f16_scales_are_the_float16_fields_of_quantized_blocks():
