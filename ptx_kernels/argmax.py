@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .elementwise import first_max
 from .spec import KernelSpec
 
 BLOCK = 1024
@@ -26,19 +27,8 @@ NO_INDEX = 2**31 - 1
 def argmax_part_kernel(logits_ptr, val_ptr, idx_ptr, V, span, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     p = tl.program_id(1)
-    row = b.to(tl.int64) * V
     lo = p * span
-    hi = tl.minimum(lo + span, V)
-    best = -float("inf")
-    best_i = lo
-    for v0 in range(lo, hi, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row + cols, mask=cols < hi, other=-float("inf"))
-        mx = tl.max(x, axis=0)
-        first = tl.min(tl.where(x == mx, cols, hi), axis=0)
-        better = mx > best
-        best_i = tl.where(better, first, best_i)
-        best = tl.where(better, mx, best)
+    best, best_i = first_max(logits_ptr, b.to(tl.int64) * V, lo, tl.minimum(lo + span, V), BLOCK)
     part = b * tl.num_programs(1) + p
     tl.store(val_ptr + part, best)
     tl.store(idx_ptr + part, best_i)
@@ -75,7 +65,7 @@ def specs() -> list[KernelSpec]:
             aligned=("logits", "part_val", "part_idx"),
             doc="per span of each logits (B, V) f32 row: part_val (B, P) its max, part_idx (B, P) "
                 "i32 its first column, P = cdiv(V, span); then argmax_reduce_f32",
-            deps=("spec",),
+            deps=("spec", "elementwise"),
         ),
         KernelSpec(
             name="argmax_reduce_f32", family="argmax", fn="argmax_reduce_kernel",
@@ -84,6 +74,6 @@ def specs() -> list[KernelSpec]:
             sizes={"B": "rows"}, limits=("B >= 1", "P >= 1"), reference="reference.argmax",
             num_warps=4, num_stages=1, aligned=("part_val", "part_idx", "out"),
             doc="out (B,) i32 = the first column of each row's maximum from argmax_part_f32's parts",
-            deps=("spec",),
+            deps=("spec", "elementwise"),
         ),
     ]

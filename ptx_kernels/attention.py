@@ -74,6 +74,38 @@ def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale, wi
 
 
 @triton.jit
+def decode_keys(q, k_ptr, v_ptr, base, first, n_keys, lo, skip, Hkv, HEAD_DIM: tl.constexpr,
+                D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_PAD: tl.constexpr,
+                SKIP: tl.constexpr):
+    """Online softmax of the q rows (GP, D) over the cached keys [max(first, lo), n_keys) of the
+    kv head whose row 0 starts at element base (rows Hkv * HEAD_DIM apart), BLOCK_S keys a step,
+    float32 ieee dots; with SKIP, row `skip` is masked out.  Returns (max, sum of exp, acc)."""
+    d = tl.arange(0, D_PAD)
+    d_ok = d[None, :] < HEAD_DIM
+    m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
+    for s0 in range(tl.maximum(first, lo // BLOCK_S * BLOCK_S), n_keys, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
+        s_ok = (rs < n_keys) & (rs >= lo)
+        if SKIP:
+            s_ok = s_ok & (rs != skip)
+        kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)  # (BS, D)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
+        s = tl.where(s_ok[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr, n_ctx, chunk,
                        Hq, Hkv, scale, window, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                        BLOCK_S: tl.constexpr, GROUP_PAD: tl.constexpr):
@@ -96,24 +128,8 @@ def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr
     n_keys = tl.minimum(n_len, (sp + 1) * chunk)
     lo = tl.where(window > 0, tl.maximum(n_len - window, 0), 0)  # first visible key
     base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
-    m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), tl.float32)
-    acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
-    for s0 in range(tl.maximum(sp * chunk, lo // BLOCK_S * BLOCK_S), n_keys, BLOCK_S):
-        rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
-        s_ok = (rs < n_keys) & (rs >= lo)
-        kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)  # (BS, D)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
-        s = tl.where(s_ok[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp(s - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
+    m_i, l_i, acc = decode_keys(q, k_ptr, v_ptr, base, sp * chunk, n_keys, lo, -1, Hkv, HEAD_DIM,
+                                D_PAD, BLOCK_S, GROUP_PAD, False)
     part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,)
     tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_ok)
     tl.store(pml_ptr + part * 2, m_i, mask=g_ok)

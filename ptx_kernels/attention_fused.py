@@ -29,33 +29,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention import DECODE_TILE, MAX_SPLITS, _pad
+from .attention import DECODE_TILE, MAX_SPLITS, _pad, decode_keys
+from .rope_kv import rotation
 from .spec import ATTN_HEAD_DIMS, KernelSpec
 
 GROUP_PAD = 8  # query heads per program (tl.dot takes 8 float32 rows; 16 would pad a group of 6)
-
-
-@triton.jit
-def _rotation(freq_ptr, pos, n_rot, mscale, D_PAD: tl.constexpr, NEOX: tl.constexpr):
-    """Per column: cos, signed sin, the rotation partner and whether it rotates, so that a rotated
-    head is x * c + x[partner] * s on the columns < n_rot."""
-    cols = tl.arange(0, D_PAD)
-    half = n_rot // 2
-    if NEOX:
-        pair = tl.where(cols < half, cols, cols - half)
-        partner = tl.where(cols < half, cols + half, cols - half)
-        first = cols < half
-    else:
-        pair = cols // 2
-        partner = cols ^ 1
-        first = (cols % 2) == 0
-    rot = cols < n_rot
-    ang = pos.to(tl.float64) * tl.load(freq_ptr + pair, mask=rot, other=0)
-    turns = tl.floor(ang * 0.15915494309189535 + 0.5)  # whole turns, 1/(2 pi)
-    ang = (ang - turns * 6.283185307179586).to(tl.float32)  # [-pi, pi)
-    c = tl.cos(ang) * mscale
-    s = tl.sin(ang) * mscale
-    return c, tl.where(first, -s, s), partner, rot
 
 
 @triton.jit
@@ -121,7 +99,8 @@ def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_p
     d = tl.arange(0, D_PAD)
     d_ok = d[None, :] < HEAD_DIM
     pos = tl.load(pos_ptr + b)
-    c, s, partner, rot = _rotation(freq_ptr, pos, n_rot, mscale, D_PAD, NEOX)
+    c, s, partner, first, rot = rotation(freq_ptr, pos.to(tl.float64), n_rot, mscale, D_PAD, NEOX)
+    s = tl.where(first, -s, s)  # signed: a rotated head is x * c + x[partner] * s
     q = _heads(q_ptr, (b * Hq + h).to(tl.int64) * HEAD_DIM, g_ok, q_norm, c, s, partner, rot, eps,
                has_norm, HEAD_DIM, D_PAD) * scale  # (GP, D)
     part = (b * Hq + h) * tl.num_programs(2) + sp  # (GP,) this program's partial rows
@@ -134,24 +113,8 @@ def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_p
     n_keys = tl.minimum(n_len, (sp + 1) * chunk)
     lo = tl.where(window > 0, tl.maximum(n_len - window, 0), 0)  # first visible key
     base = tl.load(slots_ptr + b).to(tl.int64) * n_ctx * Hkv * HEAD_DIM + kvh * HEAD_DIM
-    m_i = tl.full((GROUP_PAD,), -float("inf"), tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), tl.float32)
-    acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
-    for s0 in range(tl.maximum(sp * chunk, lo // BLOCK_S * BLOCK_S), n_keys, BLOCK_S):
-        rs = s0 + tl.arange(0, BLOCK_S)  # (BS,)
-        s_ok = (rs < n_keys) & (rs >= lo) & (rs != pos)  # row pos comes from registers
-        kv_off = base + rs[:, None] * (Hkv * HEAD_DIM) + d[None, :]
-        k = tl.load(k_cache + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
-        sc = tl.where(s_ok[None, :], sc, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp(sc - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache + kv_off, mask=s_ok[:, None] & d_ok, other=0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
+    m_i, l_i, acc = decode_keys(q, k_cache, v_cache, base, sp * chunk, n_keys, lo, pos, Hkv,
+                                HEAD_DIM, D_PAD, BLOCK_S, GROUP_PAD, True)  # row pos: registers
     if (pos >= sp * chunk) & (pos < (sp + 1) * chunk):  # this split holds the new row
         kn, vn = _new_kv(k_ptr, v_ptr, k_cache, v_cache, (b * Hkv + kvh).to(tl.int64) * HEAD_DIM,
                          base + pos.to(tl.int64) * (Hkv * HEAD_DIM), k_norm, c, s, partner, rot, eps,
@@ -187,7 +150,7 @@ def _fused(hd: int, mode: str) -> KernelSpec:
         doc=f"decode step, head_dim {hd}: per-head norm (has_norm), {mode.upper()} rope of q and k "
             "at pos, k and v stored f16 at (slot, pos), split-K GQA attention of q over the slot's "
             f"lens keys: part_out (B, Hq, S, {hd}), part_ml (B, Hq, S, 2) for attn_combine_d{hd}",
-        deps=("spec", "attention"),
+        deps=("spec", "attention", "rope_kv"),
     )
 
 

@@ -66,18 +66,24 @@ def add_bias_kernel(x_ptr, bias_ptr, out_ptr, n, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def argmax_kernel(logits_ptr, out_ptr, V, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * V
+def first_max(logits_ptr, row, lo, hi, BLOCK: tl.constexpr):
+    """(largest value, its first index) of logits[row + lo .. row + hi), BLOCK at a time."""
     best = -float("inf")
-    best_i = 0
-    for v0 in range(0, V, BLOCK):
+    best_i = lo
+    for v0 in range(lo, hi, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row + cols, mask=cols < V, other=-float("inf"))
+        x = tl.load(logits_ptr + row + cols, mask=cols < hi, other=-float("inf"))
         mx = tl.max(x, axis=0)
-        first = tl.min(tl.where(x == mx, cols, V), axis=0)
+        first = tl.min(tl.where(x == mx, cols, hi), axis=0)
         better = mx > best
         best_i = tl.where(better, first, best_i)
         best = tl.where(better, mx, best)
+    return best, best_i
+
+
+@triton.jit
+def argmax_kernel(logits_ptr, out_ptr, V, BLOCK: tl.constexpr):
+    _, best_i = first_max(logits_ptr, tl.program_id(0).to(tl.int64) * V, 0, V, BLOCK)
     tl.store(out_ptr + tl.program_id(0), best_i)
 
 

@@ -22,12 +22,11 @@ from .spec import ROPE_DIMS, KernelSpec
 
 
 @triton.jit
-def _head(x_ptr, w_ptr, pos, freq_ptr, head_dim, n_rot, mscale, eps, has_norm,
-          D: tl.constexpr, NEOX: tl.constexpr):
-    """The head at x_ptr normed (when has_norm) and rotated: (D,) float32, zero past head_dim.
-    Each column's rotation partner is loaded again from memory (an L1 hit), not gathered."""
+def rotation(freq_ptr, pos, n_rot, mscale, D: tl.constexpr, NEOX: tl.constexpr):
+    """Per column of a D-wide head at the float64 position pos: cos and sin of its angle (times
+    mscale), its rotation partner, whether it is the first of its pair and whether it rotates
+    (< n_rot).  The float64 angle is reduced to [-pi, pi) before the float32 cos/sin."""
     cols = tl.arange(0, D)
-    ok = cols < head_dim
     half = n_rot // 2
     if NEOX:
         pair = tl.where(cols < half, cols, cols - half)
@@ -38,17 +37,26 @@ def _head(x_ptr, w_ptr, pos, freq_ptr, head_dim, n_rot, mscale, eps, has_norm,
         partner = cols ^ 1
         first = (cols % 2) == 0
     rot = cols < n_rot
+    ang = pos * tl.load(freq_ptr + pair, mask=rot, other=0)  # float64
+    turns = tl.floor(ang * 0.15915494309189535 + 0.5)
+    ang = (ang - turns * 6.283185307179586).to(tl.float32)
+    return tl.cos(ang) * mscale, tl.sin(ang) * mscale, partner, first, rot
+
+
+@triton.jit
+def _head(x_ptr, w_ptr, pos, freq_ptr, head_dim, n_rot, mscale, eps, has_norm,
+          D: tl.constexpr, NEOX: tl.constexpr):
+    """The head at x_ptr normed (when has_norm) and rotated: (D,) float32, zero past head_dim.
+    Each column's rotation partner is loaded again from memory (an L1 hit), not gathered."""
+    cols = tl.arange(0, D)
+    ok = cols < head_dim
+    c, s, partner, first, rot = rotation(freq_ptr, pos, n_rot, mscale, D, NEOX)
     x = tl.load(x_ptr + cols, mask=ok, other=0)
     other = tl.load(x_ptr + partner, mask=rot, other=0)
     if has_norm != 0:
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / head_dim + eps)
         x = x * inv * tl.load(w_ptr + cols, mask=ok, other=0)
         other = other * inv * tl.load(w_ptr + partner, mask=rot, other=0)
-    ang = pos * tl.load(freq_ptr + pair, mask=rot, other=0)  # float64
-    turns = tl.floor(ang * 0.15915494309189535 + 0.5)
-    ang = (ang - turns * 6.283185307179586).to(tl.float32)
-    c = tl.cos(ang) * mscale
-    s = tl.sin(ang) * mscale
     turned = tl.where(first, x * c - other * s, other * s + x * c)
     return tl.where(rot, turned, x)
 
