@@ -177,19 +177,26 @@ class Phases:
                  *(["--quick"] if self.args.dry_run else [])])
         return "bench-cuda.json (ukgpu alone)"
 
-    def llama_bench(self) -> str:
+    def _llama_ready(self) -> Path:
+        """The llama-bench binary, runnable: ukgpu installed (a fresh machine: `run` did not go
+        first), the Python's `nvidia/*/lib*.so.13` (cuBLAS, cudart) on LD_LIBRARY_PATH for every
+        later command, the background model build finished."""
         binary = self._llama_binary()
-        if not (self.site / "ukgpu").is_dir():  # a fresh machine: `run` did not go first
+        if not (self.site / "ukgpu").is_dir():
             self.install()
         libs = self.py("import site, pathlib; d = {str(p.parent) for s in site.getsitepackages() "
                        "for p in pathlib.Path(s, 'nvidia').rglob('lib*.so.13')}; print(':'.join(sorted(d)))")
-        env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)}
+        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)
         self.await_prebuild()
+        return binary
+
+    def llama_bench(self) -> str:
+        binary = self._llama_ready()
         for name in SYNTHETIC:
             self.synthetic(name)  # cached when `run` went first on this machine
         self.sh([self.python, "tests/perf/bench_cuda.py", "--llama-only", "--llama-bench", str(binary),
                  "--repeats", "1" if self.args.dry_run else "3", "--json",
-                 str(self.out / "llama-bench.json")], **env)
+                 str(self.out / "llama-bench.json")])
         res = json.loads((self.out / "llama-bench.json").read_text())
         errors = [f"{m}: {r['error']}" for m, v in res.items() if isinstance(v, dict)
                   for r in v.get("llama.cpp", {}).values() if "error" in r]
@@ -200,13 +207,7 @@ class Phases:
     def ukgpu_bench(self) -> str:
         """The product's own benchmark on the card: `ukgpu bench --backends cuda --peers
         llamacpp-cuda` on the synthetic models (results JSON + the dashboard page)."""
-        binary = self._llama_binary()
-        if not (self.site / "ukgpu").is_dir():
-            self.install()
-        libs = self.py("import site, pathlib; d = {str(p.parent) for s in site.getsitepackages() "
-                       "for p in pathlib.Path(s, 'nvidia').rglob('lib*.so.13')}; print(':'.join(sorted(d)))")
-        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, self.env.get("LD_LIBRARY_PATH", "")) if p)
-        self.await_prebuild()
+        binary = self._llama_ready()
         sizes = ["-p", "16", "-n", "4", "-r", "1"] if self.args.dry_run else ["-r", "3"]
         models = [a for name in SYNTHETIC[::-1] for a in ("--synthetic", name)]
         out = self.out / "ukgpu-bench.json"
