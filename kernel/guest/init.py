@@ -1,10 +1,17 @@
-"""PID 1 of the ukgpu guest: from an unpacked initramfs to a serving HTTP API, or a clean poweroff.
+"""PID 1 of the ukgpu guest: from the verified root filesystem to a serving HTTP API, or a clean poweroff.
+
+Stage 1 (kernel/guest/stage1.py, the initramfs's /init) has mapped the root disk through dm-verity,
+mounted it and exec'd this file from it: every block of it (and of a model disk) is checked by the
+kernel as it is read.  This process then forks: the child boots and serves, PID 1 waits for it, and
+when the child dies (a block that fails its hash check reads as an I/O error, or as SIGBUS in a
+memory-mapped page) prints `FATAL` with the kernel's verity messages and powers off.
 
 Steps, each timed and reported on the serial console:
- 1. mount /proc, /sys, /dev, /tmp, /run
+ 1. mount /tmp, /run, /dev/shm (stage 1 moved /dev, /proc and /sys in)
  2. read the kernel command line (`BootConfig.parse`)
- 3. check the image against its manifest (digest from `ukgpu.manifest=`)
- 4. insmod the image's kernel modules in dependency order
+ 3. load the manifest (digest from `ukgpu.manifest=`) and check the model path against it
+ 4. insmod the image's kernel modules in dependency order; a RAM layer over ukgpu's read-only
+    folders, where numba's cache lives
  5. network: `ip=` (kernel syntax) or QEMU user-net's 10.0.2.15/24 via 10.0.2.2
  6. the host arena (`ukgpu.arena=`, or sized from the model and context)
  7. the model (memory-mapped) and a backend: a GPU when one is found and usable, else CPU
@@ -35,6 +42,7 @@ from __future__ import annotations
 import faulthandler
 import ipaddress
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,6 +55,7 @@ from ukgpu.kernel.guest import syscalls as init_sys
 from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 
 DEFAULT_NET = NetConfig("10.0.2.15/24", "10.0.2.2", "eth0")
+UKGPU_DIR = "/usr/lib/python3/dist-packages/ukgpu"  # numba's cache sits in its __pycache__ folders
 MiB = 1 << 20
 
 
@@ -145,6 +154,20 @@ def arena_size(cfg: BootConfig, n_layers: int, n_kv_heads: int, head_dim: int) -
     return kv + kv // 4 + 64 * MiB
 
 
+def stage1_times(env, t_init: float) -> dict[str, float]:
+    """boot_to_init (kernel start to stage 1), root (stage 1: modules, verity, mount) and
+    python_start (exec to this file running); without stage 1, boot_to_init only."""
+    try:
+        start, took = float(env["UKGPU_STAGE1_START"]), float(env["UKGPU_STAGE1_SECONDS"])
+    except (KeyError, ValueError):
+        return {"boot_to_init": t_init}
+    return {"boot_to_init": start, "root": took, "python_start": max(0.0, t_init - start - took)}
+
+
+def _writable(path: str) -> bool:
+    return os.access(path, os.W_OK) and not os.statvfs(path).f_flag & os.ST_RDONLY
+
+
 def ready_line(total: float, times: dict[str, float], port: int, backend_note: str) -> str:
     """`READY total=9.10s <step>=<s>... port=8080 backend=cuda (GPU 0: ...)`: the timings
     `kernel.image.qemu.parse_ready` reads, then which backend serves and why (last: free text)."""
@@ -157,11 +180,10 @@ class Guest:
 
     def __init__(self, t_init: float | None = None) -> None:
         self.t_init = init_sys.uptime() if t_init is None else t_init
-        self.times: dict[str, float] = {"boot_to_init": self.t_init}
+        self.times: dict[str, float] = stage1_times(os.environ, self.t_init)
         self.cfg = BootConfig()
         self.doc: dict = {}
         self.server = None
-        self.model_problem: str | None = None
 
     def step(self, name: str, fn, *args):
         start = time.monotonic()
@@ -178,37 +200,24 @@ class Guest:
         self.step("modules", self.load_modules)
         power_button.watch(lambda: self.shutdown("the ACPI power button"))
         self.step("network", init_sys.configure_network, self.cfg.net)
-        model_check = self.check_model_in_background()
         engine, arena, backend_note = self.step("model_load", self.load_model)
         self.step("http", self.start_api, engine, arena)
-        if model_check is not None:
-            self.step("model_verify_wait", model_check.join)
-        if self.model_problem:
-            raise manifest.ManifestError(f"image tampered or corrupt, refusing to serve: "
-                                         f"{self.model_problem}; rebuild it with `ukgpu image build`")
         say(f"backend {backend_note}")
         print(ready_line(init_sys.uptime(), self.times, self.cfg.port, backend_note), flush=True)
         serial_commands(self)
 
     def verify_image(self) -> None:
+        """The manifest (its digest from the command line) and the model path; the bytes are the
+        kernel's job: the root and model disks are dm-verity mappings made by stage 1."""
         self.doc = manifest.load(manifest.GUEST_PATH, self.cfg.manifest_sha256)
-        if self.cfg.verify == "off":
-            say("image check skipped (ukgpu.verify=off)")
-            return
-        if self.cfg.verify == "host":  # `ukgpu boot` hashed this very initramfs against its record
-            self._check_model_path()
-            say(f"image verified by the host before boot: {len(self.doc['files'])} files pinned by the "
-                "initramfs digest in its record, not hashed again")
-            return
         model = self._check_model_path()
-        skip = (model,) if model in self.doc["files"] else ()
-        problems = manifest.verify(self.doc, "/", workers=os.cpu_count() or 1, skip=skip)
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                               if len(problems) > 5 else "")
-            raise manifest.ManifestError(f"image tampered or corrupt, refusing to boot: {shown}; "
-                                         "rebuild it with `ukgpu image build`")
-        say(f"image verified: {len(self.doc['files']) - len(skip)} files match the manifest")
+        if self.cfg.verify == "off":
+            say("image check skipped (ukgpu.verify=off): the disks were mapped without dm-verity")
+            return
+        where = "its own verity disk" if model == self.doc["model"]["path"] and self.doc["model"].get("disk") \
+            else "the root disk"
+        say(f"image verified block by block as it is read: root on dm-verity ({len(self.doc['files'])} files "
+            f"pinned by the manifest), model {model} on {where}")
 
     def _check_model_path(self) -> str:
         model = self.model_file()
@@ -222,30 +231,11 @@ class Guest:
     def model_file(self) -> str:
         return self.cfg.model or self.doc["model"]["path"]
 
-    def check_model_in_background(self) -> threading.Thread | None:
-        """Hash the model (the largest file, or the model disk) while the engine loads; READY
-        waits for it."""
-        path, model = self.model_file(), self.doc["model"]
-        on_disk = bool(model.get("disk")) and path == model["path"]
-        if self.cfg.verify == "off" or not (on_disk or path in self.doc["files"]):
-            return None
-        if self.cfg.verify == "host" and not on_disk:  # inside the initramfs the host hashed
-            return None
-
-        def run() -> None:
-            start = time.monotonic()
-            self.model_problem = (manifest.verify_model_disk(path, model) if on_disk
-                                  else manifest.verify_one(self.doc, path))
-            if self.model_problem is None:
-                say(f"model verified in {time.monotonic() - start:.2f}s")
-
-        thread = threading.Thread(target=run, name="ukgpu-model-check", daemon=True)
-        thread.start()
-        return thread
-
     def load_modules(self) -> None:
         for path in self.doc["modules"]:
             init_sys.insmod(path)
+        if os.path.ismount("/") and not _writable("/"):
+            init_sys.writable_overlay(UKGPU_DIR)
 
     def load_model(self):
         from ukgpu.kernel.guest.engine_setup import load
@@ -300,19 +290,60 @@ def serial_commands(guest: Guest) -> None:
 
 
 def main(t_init: float | None = None) -> None:
-    """The guest's life; `t_init` is the uptime when /init started (before any import)."""
+    """The guest's life; `t_init` is the uptime when /init started (before any import).  As PID 1
+    it supervises: the guest runs in a child, and its death powers the machine off with a reason."""
+    if os.getpid() == 1:
+        child = os.fork()
+        if child:
+            supervise(child)
+    run_guest(t_init)
+
+
+def run_guest(t_init: float | None) -> None:
     try:
         guest = Guest(t_init)
         say(f"init started {guest.t_init:.2f}s after boot")
         guest.boot()
-    except BaseException as exc:  # PID 1 must never exit: report, then power off
+    except BaseException as exc:  # never exit quietly: report, then power off
         if not isinstance(exc, (InitError, manifest.ManifestError)):
             traceback.print_exc()
         print(f"ukgpu: FATAL: {type(exc).__name__}: {exc}", flush=True)
         try:
             init_sys.power_off()
         finally:
-            os._exit(1)  # power off failed: PID 1 exits, the kernel panics (panic=-1 reboots)
+            os._exit(1)  # power off failed: PID 1 notices and tries again
+
+
+def supervise(child: int) -> None:
+    """PID 1: reap every process until `child` (the guest) ends, then say why and power off."""
+    status = 0
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == child:
+            break
+    reason = death_reason(status, init_sys.kernel_messages("verity"))
+    if reason:
+        print(f"ukgpu: FATAL: {reason}", flush=True)
+    init_sys.power_off()
+    os._exit(1)
+
+
+def death_reason(status: int, verity_lines: list[str]) -> str | None:
+    """Why the guest process ended, for the console; None when it already said so (an exit
+    after its own FATAL line)."""
+    found = ("; the kernel reports: " + " | ".join(verity_lines[-3:])) if verity_lines else ""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in set(signal.Signals) else str(sig)
+        why = (" (a page of the image or the model failed its dm-verity hash check)"
+               if sig == signal.SIGBUS and verity_lines else "")
+        return f"the guest process was killed by {name}{why}{found}; refusing to serve"
+    if verity_lines:
+        return f"the guest process ended after a failed block check{found}; refusing to serve"
+    return None
 
 
 if __name__ == "__main__":

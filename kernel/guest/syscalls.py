@@ -41,6 +41,9 @@ def _check(ret: int, what: str) -> None:
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """Mount unless something already is at `target` (stage 1 moves /dev, /proc, /sys in)."""
+    if os.path.ismount(target):
+        return
     os.makedirs(target, exist_ok=True)
     ret = libc().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
                        data.encode() or None)
@@ -59,6 +62,18 @@ def mount_basics() -> None:
     mount("tmpfs", "/run", "tmpfs", data="mode=0755")
 
 
+def writable_overlay(path: str, scratch: str = "/run/ukgpu-overlay") -> None:
+    """Make the read-only directory `path` writable in RAM (overlayfs, a tmpfs upper layer): numba
+    keeps its cache next to the sources and only reads it from a folder it could write to."""
+    name = path.strip("/").replace("/", "_")
+    upper, work = f"{scratch}/{name}/upper", f"{scratch}/{name}/work"
+    os.makedirs(upper, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    ret = libc().mount(b"overlay", path.encode(), b"overlay", ctypes.c_ulong(0),
+                       f"lowerdir={path},upperdir={upper},workdir={work}".encode())
+    _check(ret, f"mount -t overlay (writable {path})")
+
+
 def insmod(path: str) -> bool:
     """Load one module file; False when it was already loaded."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -70,6 +85,31 @@ def insmod(path: str) -> bool:
         return False
     _check(ret, f"insmod {path}")
     return True
+
+
+def kernel_messages(needle: str, limit: int = 4096) -> list[str]:
+    """The kernel log's lines that contain `needle` (read once from /dev/kmsg, without waiting)."""
+    found: list[str] = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return found
+    try:
+        for _ in range(limit):
+            try:
+                record = os.read(fd, 8192).decode("utf-8", "replace")
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten records: go on with the next ones
+                    continue
+                break
+            text = record.partition(";")[2].strip()
+            if needle in text:
+                found.append(text)
+    finally:
+        os.close(fd)
+    return found
 
 
 def power_off() -> None:

@@ -1,17 +1,23 @@
-"""`ukgpu image build`: a bootable image (vmlinux + initramfs + manifest) for one model.
+"""`ukgpu image build`: a bootable image for one model.
 
 An image directory holds:
 
     vmlinux          the Debian 6.1 kernel, uncompressed (boots ~3 s faster under TCG)
-    initramfs.cpio   uncompressed newc archive: Python, numpy, the HTTP stack, ukgpu,
-                     kernel modules, busybox, the manifest and (small models) the model
-    manifest.json    the same manifest as /etc/ukgpu/manifest.json in the initramfs
-    image.json       what `ukgpu boot` needs: files, kernel command line, model disk
+    initramfs.cpio   ~12 MiB: Python, the virtio/dm-verity/erofs modules and stage 1
+                     (kernel/guest/stage1.py), which maps and mounts root.img
+    root.img         the guest's root filesystem (erofs: Python, numpy, numba and its cache, the
+                     HTTP stack, ukgpu, kernel modules, busybox, the manifest and a small model)
+                     followed by its dm-verity hash tree; attached read-only
+    model.img        a model above `embed_limit` (200 MiB): the GGUF file + its hash tree, its
+                     own read-only disk, memory-mapped by the guest as /dev/ukgpu-model
+    manifest.json    the same manifest as /etc/ukgpu/manifest.json on the root disk
+    image.json       what `ukgpu boot` needs: files, kernel command line (with the disks'
+                     verity root hashes and the manifest digest), model
 
-Models up to `embed_limit` (200 MiB) are baked into the initramfs; larger ones
-stay outside and are attached read-only as a raw virtio-blk disk (the GGUF file
-itself), which the guest memory-maps.  Builds are cached under
-`<ukgpu cache>/images/<input hash>/`: the same inputs give the same bytes.
+Every block the guest reads from a disk is checked by its kernel against the root hash on the
+command line, which the host takes from its own record (trust.py): nothing is hashed whole
+before serving.  Builds are cached under `<ukgpu cache>/images/<input hash>/`: the same inputs
+give the same bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,7 @@ from ukgpu.kernel import manifest
 from ukgpu.kernel.image import (
     debs,
     guest_closure,
+    rootfs,
     trust,
 )
 from ukgpu.kernel.image import (
@@ -42,17 +50,18 @@ from ukgpu.kernel.image import (
 from ukgpu.kernel.image import (
     vmlinux as image_kernel,
 )
-from ukgpu.kernel.image.initramfs import Initramfs
 from ukgpu.llama_core.errors import UkgpuError
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 DEFAULT_MODEL = "smollm2-135m"
 EMBED_LIMIT = 200 << 20
 GUEST_MODELS = "/models"
-MODEL_DISK = "/dev/vda"
+MODEL_DISK = "/dev/ukgpu-model"  # kernel/guest/stage1.py MODEL_NODE: the model disk's verity mapping
+ROOT_DISK, MODEL_DISK_FILE = "root.img", "model.img"
 NET_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_rng")
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
 POWER_MODULES = ("button", "evdev")  # the ACPI power button as an input device (kernel/guest/power_button.py)
+FS_MODULES = ("overlay",)  # a writable layer over the numba cache's read-only folders
 GUEST_IMPORTS = ("numpy", "starlette", "uvicorn", "ukgpu.kernel.guest.init", "ukgpu.kernel.guest.engine_setup",
                  "ukgpu.kernel.api.app", "ukgpu.kernel.api.server", "ukgpu.llama_core.engine",
                  "ukgpu.llama_core.cpu.backend", "ukgpu.llama_core.text.chat")
@@ -202,32 +211,50 @@ def _build_into(out: Path, inputs: Inputs, config: BuildConfig, log) -> None:
 
     embed = inputs.model_path.stat().st_size <= config.embed_limit
     model_guest = f"{GUEST_MODELS}/{inputs.model_path.name}" if embed else None
-    doc = _manifest(root, inputs, model_guest)
     if model_guest:
-        doc["files"][model_guest] = manifest.digests(inputs.model_path)
+        dest = root / model_guest.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(inputs.model_path, dest)
+        dest.chmod(0o444)
+    doc = _manifest(root, inputs, model_guest)
     raw = manifest.dumps(doc)
     (root / manifest.GUEST_PATH.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
     (root / manifest.GUEST_PATH.lstrip("/")).write_bytes(raw)
-
-    cpio = Initramfs()
-    cpio.add_tree(root)
     for d in manifest.RUNTIME_DIRS:
-        cpio.add_dir(d)
-    cpio.add_node("/dev/console", "c", 5, 1)
-    if model_guest:
-        cpio.add_file(model_guest, source=inputs.model_path, mode=0o444)
-    log("image: writing initramfs.cpio")
+        (root / d.lstrip("/")).mkdir(exist_ok=True)
+
     work_out = work / "out"
     work_out.mkdir()
-    cpio_size = cpio.write(work_out / "initramfs.cpio")
+    log("image: writing root.img (erofs + dm-verity hash tree)")
+    disks = {"root": rootfs.make_root_disk(root, work_out / ROOT_DISK, inputs.key)}
+    if not embed:
+        log(f"image: writing {MODEL_DISK_FILE} (the model + its hash tree)")
+        disks["model"] = rootfs.make_model_disk(inputs.model_path, work_out / MODEL_DISK_FILE,
+                                                inputs.model_sha256)
+    log("image: writing initramfs.cpio (stage 1: reach the verified root)")
+    modules = {_module_guest(inputs.kernel, ko): ko for ko in rootfs.stage1_modules(inputs.kernel)}
+    cpio_size = rootfs.stage1_initramfs(root, modules, work_out / "initramfs.cpio")
+    log("image: " + _check_stage1(work_out / "initramfs.cpio", work))
     image_kernel.extract_vmlinux(inputs.kernel_image, work_out / "vmlinux")
     (work_out / "manifest.json").write_bytes(raw)
-    info = _image_info(work_out, doc, raw, cpio, cpio_size, inputs, embed)
+    info = _image_info(work_out, doc, raw, cpio_size, inputs, disks)
     (work_out / "image.json").write_text(json.dumps(info, sort_keys=True, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     work_out.rename(out)
     shutil.rmtree(work, ignore_errors=True)
     log(breakdown(info))
+
+
+def _check_stage1(cpio: Path, work: Path) -> str:
+    """Unpack the initramfs and import stage1 from it with its own interpreter (chroot)."""
+    unpacked = work / "initramfs"
+    unpacked.mkdir()
+    with open(cpio, "rb") as f:
+        res = subprocess.run(["cpio", "-idm", "--quiet"], stdin=f, cwd=unpacked, capture_output=True,
+                             text=True, check=False)
+    if res.returncode != 0:
+        return f"skipped the stage-1 import check (cpio: {res.stderr.strip()[:200]})"
+    return rootfs.check_stage1(unpacked)
 
 
 def _add_system(layout: image_python.Layout, inputs: Inputs) -> None:
@@ -247,7 +274,7 @@ def _add_system(layout: image_python.Layout, inputs: Inputs) -> None:
     layout.files["/usr/bin/busybox"] = inputs.deb_roots["busybox-static"] / "bin" / "busybox"
     layout.links["/usr/bin/sh"] = "busybox"
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES + FS_MODULES if not debs.is_builtin(tree, m)]
     for ko in debs.module_closure(tree, wanted):
         layout.files[_module_guest(tree, ko)] = ko
 
@@ -265,7 +292,7 @@ def _manifest(root: Path, inputs: Inputs, model_guest: str | None) -> dict:
         elif path.is_file():
             files[guest] = manifest.digests(path)
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES + FS_MODULES if not debs.is_builtin(tree, m)]
     return {
         "format": manifest.FORMAT,
         "files": files,
@@ -275,10 +302,7 @@ def _manifest(root: Path, inputs: Inputs, model_guest: str | None) -> dict:
                    "release": tree.release, "image_sha256": manifest.sha256_file(inputs.kernel_image)},
         "model": {"name": inputs.model_path.stem, "sha256": inputs.model_sha256,
                   "size": inputs.model_path.stat().st_size,
-                  "path": model_guest or MODEL_DISK, "disk": model_guest is None,
-                  # what the guest checks a model disk with (4x SHA-256's speed under TCG)
-                  **({"blake2b": manifest.digests(inputs.model_path)["blake2b"]}
-                     if model_guest is None else {})},
+                  "path": model_guest or MODEL_DISK, "disk": model_guest is None},
         "inputs": {"debs": sorted(p.name for p in inputs.deb_roots.values()),
                    "python": inputs.py_versions, "key": inputs.key},
     }
@@ -297,18 +321,34 @@ SIZE_GROUPS = {
 }
 
 
-def _image_info(out: Path, doc: dict, raw: bytes, cpio: Initramfs, cpio_size: int,
-                inputs: Inputs, embed: bool) -> dict:
-    sizes = cpio.size_by(SIZE_GROUPS)
+def size_by(files: dict[str, dict]) -> dict[str, int]:
+    """Bytes of the manifest's files per SIZE_GROUPS label (the first matching label wins)."""
+    totals = dict.fromkeys(SIZE_GROUPS, 0) | {"other": 0}
+    for guest, entry in files.items():
+        label = next((k for k, v in SIZE_GROUPS.items()
+                      if guest.startswith(v if isinstance(v, tuple) else (v,))), "other")
+        totals[label] += entry["size"]
+    return {k: v for k, v in totals.items() if v}
+
+
+def _image_info(out: Path, doc: dict, raw: bytes, cpio_size: int, inputs: Inputs,
+                disks: dict) -> dict:
     sizes = {"initramfs": cpio_size, "vmlinux": (out / "vmlinux").stat().st_size,
-             **{f"initramfs:{k}": v for k, v in sizes.items()}}
+             "root.img": (out / ROOT_DISK).stat().st_size,
+             **({"model.img": (out / MODEL_DISK_FILE).stat().st_size} if "model" in disks else {}),
+             **{f"root:{k}": v for k, v in size_by(doc["files"]).items()}}
     manifest_sha = hashlib.sha256(raw).hexdigest()
+    cmdline = (f"console=ttyS0 panic=-1 quiet ukgpu.manifest={manifest_sha} "
+               f"ukgpu.root={disks['root'].word()}")
+    if "model" in disks:
+        cmdline += f" ukgpu.model_disk={disks['model'].word()}"
     return {
         "kernel": "vmlinux",
         "initramfs": "initramfs.cpio",
-        "cmdline": f"console=ttyS0 panic=-1 quiet ukgpu.manifest={manifest_sha}",
+        "disks": {"root": ROOT_DISK, **({"model": MODEL_DISK_FILE} if "model" in disks else {})},
+        "cmdline": cmdline,
         "manifest_sha256": manifest_sha,
-        "model": doc["model"] | {"host_path": None if embed else str(inputs.model_path)},
+        "model": doc["model"],
         "sha256": {name: manifest.sha256_file(out / name) for name in ("vmlinux", "initramfs.cpio")},
         "sizes": sizes,
         "key": inputs.key,
@@ -319,14 +359,14 @@ def breakdown(info: dict) -> str:
     mib = 1 << 20
     rows = [f"{name:<28}{size / mib:10.1f} MiB" for name, size in info["sizes"].items()]
     model = info["model"]
-    where = "on a read-only virtio disk" if model["disk"] else "in the initramfs"
+    where = "on its own verity disk (model.img)" if model["disk"] else "on the root disk"
     rows.append(f"model {model['name']} ({model['size'] / mib:.1f} MiB) {where}")
     return "image size breakdown:\n  " + "\n  ".join(rows)
 
 
 def _export(image: Image, out: Path) -> Image:
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("vmlinux", "initramfs.cpio", "manifest.json", "image.json"):
+    for name in ("vmlinux", "initramfs.cpio", "manifest.json", "image.json", *image.info.get("disks", {}).values()):
         dest = out / name
         if dest.exists():
             dest.unlink()

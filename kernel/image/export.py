@@ -2,15 +2,16 @@
 
 KubeVirt boots a VM straight from a kernel and an initramfs kept in a container image
 (`spec.domain.firmware.kernelBoot.container {image, kernelPath, initrdPath}` + `kernelArgs`); it
-reads them as the qemu user, uid/gid 107, so they are owned 107:107.  A model too large for the
-initramfs travels as a second image in KubeVirt's containerDisk format: the raw GGUF file at
-/disk/<name>.gguf (107:107), attached read-only as the guest's first virtio disk (/dev/vda, where
-the manifest says the model is).  Both images go into one OCI layout folder, named `boot` and
-`model-disk` in index.json.
+reads them as the qemu user, uid/gid 107, so they are owned 107:107.  The root disk (root.img:
+erofs + its dm-verity tree) travels as a second image in KubeVirt's containerDisk format, at
+/disk/root.img (107:107), attached read-only with the virtio serial `ukgpu-root` (stage 1 finds
+its disks by serial); a model too large for the root disk as a third, /disk/model.img, serial
+`ukgpu-model`.  All go into one OCI layout folder, named `boot`, `root-disk` and `model-disk` in
+index.json.
 
 Beside the layout, `kernel-args.json` (and `kernel-args.txt`, the same command line alone) says
-what the VM definition needs: the image's own command line (with `ukgpu.manifest=`, the digest the
-guest checks its files against) and the static address KubeVirt's masquerade binding expects
+what the VM definition needs: the image's own command line (with `ukgpu.manifest=` and the disks'
+verity root hashes) and the static address KubeVirt's masquerade binding expects
 (guest 10.0.2.2/24, gateway 10.0.2.1: the default `vmNetworkCIDR` 10.0.2.0/24); the manifest
 digests of both images; the paths.  `deploy/helm/ukgpu` takes the file as a values file.
 """
@@ -32,6 +33,7 @@ DISK_DIR = "/disk"
 MASQUERADE_IP = "ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off"
 BOOT_REF = "boot"
 MODEL_REF = "model-disk"
+ROOT_REF = "root-disk"
 ARGS_JSON = "kernel-args.json"
 ARGS_TXT = "kernel-args.txt"
 _ROOT_DIR = (0, 0, 0o755)
@@ -67,21 +69,24 @@ def export_oci(image: Image, out: Path, compress: bool = False, extra_args: list
         shutil.rmtree(out)
     layout = oci.Layout(out)
     boot = _boot_image(layout, image, compress, log)
-    model = _model_image(layout, image, compress, log)
+    root = _disk_image(layout, image, "root", compress, log)
+    model = _disk_image(layout, image, "model", compress, log)
     layout.finish()
     args = {
         "kernelArgs": kernel_args(image, extra_args),
         "kernelPath": KERNEL_PATH,
         "initrdPath": INITRD_PATH,
         "manifestSha256": image.info["manifest_sha256"],
-        "images": {BOOT_REF: boot.digest, **({MODEL_REF: model.digest} if model else {})},
+        "images": {BOOT_REF: boot.digest, ROOT_REF: root.digest, **({MODEL_REF: model.digest} if model else {})},
+        "rootDiskPath": f"{DISK_DIR}/{image.info['disks']['root']}",
         "model": {"name": image.info["model"]["name"], "sha256": image.info["model"]["sha256"],
                   "size": image.info["model"]["size"], "disk": bool(image.info["model"]["disk"]),
-                  **({"diskPath": f"{DISK_DIR}/{_model_file(image).name}"} if model else {})},
+                  **({"diskPath": f"{DISK_DIR}/{image.info['disks']['model']}"} if model else {})},
     }
     (out / ARGS_JSON).write_text(json.dumps(args, sort_keys=True, indent=1) + "\n")
     (out / ARGS_TXT).write_text(args["kernelArgs"] + "\n")
-    log(f"oci: {out} ({BOOT_REF} {boot.digest}" + (f", {MODEL_REF} {model.digest}" if model else "") + ")")
+    log(f"oci: {out} ({BOOT_REF} {boot.digest}, {ROOT_REF} {root.digest}"
+        + (f", {MODEL_REF} {model.digest}" if model else "") + ")")
     return Export(out, args)
 
 
@@ -99,24 +104,22 @@ def _boot_image(layout: oci.Layout, image: Image, compress: bool, log) -> oci.De
     return layout.add_image(BOOT_REF, [layer], notes)
 
 
-def _model_file(image: Image) -> Path:
-    host = image.info["model"].get("host_path")
-    if not host:
-        raise ImageError(f"{image.dir}/image.json: the model is on a disk but has no host_path")
-    return Path(host)
-
-
-def _model_image(layout: oci.Layout, image: Image, compress: bool, log) -> oci.Descriptor | None:
-    """The containerDisk image for a model kept outside the initramfs; None when it is embedded."""
-    if not image.info["model"]["disk"]:
+def _disk_image(layout: oci.Layout, image: Image, role: str, compress: bool, log) -> oci.Descriptor | None:
+    """The containerDisk image of one of the image's disks (root, model); None when it has none."""
+    name = image.info.get("disks", {}).get(role)
+    if name is None:
+        if role == "root":
+            raise ImageError(f"{image.dir}/image.json names no root disk: rebuild the image with `ukgpu image build`")
         return None
-    source = _model_file(image)
-    if not source.is_file() or source.stat().st_size != image.info["model"]["size"]:
-        raise ImageError(f"the model disk {source} is missing or not the size the image was built with "
-                         f"({image.info['model']['size']} bytes): pull the model again or rebuild")
-    log(f"oci: writing the {MODEL_REF} layer ({source.name})")
-    entry = oci.FileEntry(f"{DISK_DIR.lstrip('/')}/{source.name}", source, QEMU_UID, QEMU_GID)
+    source = image.dir / name
+    if not source.is_file():
+        raise ImageError(f"{source} is missing: the image folder is incomplete; rebuild it")
+    ref = ROOT_REF if role == "root" else MODEL_REF
+    log(f"oci: writing the {ref} layer ({name})")
+    entry = oci.FileEntry(f"{DISK_DIR.lstrip('/')}/{name}", source, QEMU_UID, QEMU_GID)
     layer = layout.add_layer([entry], {DISK_DIR.lstrip("/"): (QEMU_UID, QEMU_GID, 0o755)}, compress)
-    notes = {"org.opencontainers.image.title": f"ukgpu model disk {image.info['model']['name']}",
-             "io.ukgpu.model-sha256": image.info["model"]["sha256"]}
-    return layout.add_image(MODEL_REF, [layer], notes)
+    notes = {"org.opencontainers.image.title": f"ukgpu {role} disk ({image.info['model']['name']})",
+             "io.ukgpu.disk-serial": f"ukgpu-{role}"}
+    if role == "model":
+        notes["io.ukgpu.model-sha256"] = image.info["model"]["sha256"]
+    return layout.add_image(ref, [layer], notes)

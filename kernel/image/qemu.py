@@ -62,12 +62,27 @@ def free_port() -> int:
 
 
 def default_mem_mib(image: Image) -> int:
-    """RAM for the guest: the initramfs twice (archive + unpacked), room for the model disk's
-    page cache, and 1 GiB for Python, numpy and the arena; rounded up to 256 MiB."""
+    """RAM for the guest: the initramfs twice (archive + unpacked), room for the model's page
+    cache (on either disk) and 1 GiB for Python, numpy and the arena; rounded up to 256 MiB."""
     sizes = image.info["sizes"]
-    disk = image.info["model"]["size"] if image.info["model"]["disk"] else 0
-    need = 2 * sizes["initramfs"] + disk + 1024 * MiB
+    need = 2 * sizes["initramfs"] + image.info["model"]["size"] + 1024 * MiB
     return max(2048, math.ceil(need / (256 * MiB)) * 256)
+
+
+DISK_SERIALS = {"root": "ukgpu-root", "model": "ukgpu-model"}  # kernel/guest/stage1.py finds them by these
+
+
+def disk_args(image: Image) -> list[str]:
+    """The image's read-only disks (root, and a model disk), each named by its virtio serial."""
+    args = []
+    for role, name in sorted(image.info.get("disks", {}).items(), key=lambda kv: kv[0] != "root"):
+        path = image.dir / name
+        if not path.is_file():
+            raise BootError(f"{path} is missing: not a complete image; rebuild it with `ukgpu image build`")
+        file = str(path).replace(",", ",,")  # QEMU's option syntax doubles commas
+        args += ["-drive", f"if=none,id={role},file={file},format=raw,readonly=on",
+                 "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
+    return args
 
 
 _HOST_KEYS = ("ukgpu.manifest", "ukgpu.verify")  # set from the host's record only, never by --append
@@ -91,7 +106,7 @@ def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verifie
     cmdline = [boot.cmdline if boot else image.info["cmdline"], *opts.append]
     if not opts.verify:
         cmdline.append("ukgpu.verify=off")
-    elif boot is not None:  # the initramfs was hashed against the record: the guest skips re-hashing it
+    elif boot is not None:  # the boot files were hashed against the host's record
         cmdline.append("ukgpu.verify=host")
     if opts.arena:
         cmdline.append(f"ukgpu.arena={opts.arena}")
@@ -110,9 +125,7 @@ def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verifie
            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PORT}",
            "-device", "virtio-net-pci,netdev=n0,romfile=",
            "-device", "virtio-rng-pci"]
-    host_model = image.info["model"].get("host_path")
-    if host_model:
-        cmd += ["-drive", f"file={host_model},format=raw,if=virtio,readonly=on"]
+    cmd += disk_args(image)
     if opts.gpu:
         cmd += _vfio_args(opts.gpu)
     return cmd + opts.extra_args

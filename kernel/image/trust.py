@@ -6,20 +6,23 @@ entries win), checker included, and `image.json` can name any kernel command lin
 chain of trust starts on the host, not inside the image:
 
 1. `ukgpu image build` pins what it built: the SHA-256 of `vmlinux` and `initramfs.cpio`, the
-   kernel command line (which carries the manifest digest) and the model, as one record under
+   kernel command line (which carries the manifest digest and the dm-verity root hashes of the
+   root and model disks) and the model, as one record under
    `<ukgpu cache>/trusted/<image digest>.json`.  The image digest (SHA-256 of the record's
    canonical JSON) is printed; an image built elsewhere is pinned with
    `ukgpu image trust DIR --digest D`, D taken from its builder by a channel you trust.
 2. `ukgpu boot` hashes both files while copying them into a private folder (0700), looks the
    pair up here, and boots the copies with the command line from the record, never from
    `image.json`: the bytes QEMU reads are the bytes checked, with no window to swap them.
-3. The guest's init (now known-good code) loads the manifest whose digest is on that command
-   line.  Told `ukgpu.verify=host` (what `ukgpu boot` adds after step 2) it does not hash the
-   initramfs's files again, since the host just hashed the whole archive, and checks only what
-   the host did not: a model on a disk.  Booted any other way (no verify word: another launcher)
-   it checks every file and the model itself.
+3. The initramfs (now known-good code, kernel/guest/stage1.py) maps the root disk, and a model
+   disk, through dm-verity with the root hashes from that command line: the guest's kernel
+   checks every block as it is read, so the disks (hundreds of MiB to GiB) are never hashed whole,
+   by the host or the guest, and a changed block reads as an I/O error, never as wrong bytes.
+   The guest's init then loads the manifest whose digest is on the command line.  A second
+   `ukgpu.root=`, `ukgpu.manifest=` or `ukgpu.verify=` after the host's is refused.
 
-`ukgpu boot --insecure-skip-verify` skips 1-3 on request; the guest then says so on /health.
+`ukgpu boot --insecure-skip-verify` skips 1-3 on request (the disks are mapped without
+dm-verity); the guest then says so on /health.
 """
 
 from __future__ import annotations

@@ -48,10 +48,13 @@ def refused_boot(attach_vm):
     """refused_boot(image) -> vm: boot `image`, which must refuse to serve: the guest powers
     itself off (QEMU exits 0, not a crash) without ever reporting READY."""
 
-    def boot(image: image_mod.Image, raw: bool = False) -> qemu.Vm:
+    def boot(image: image_mod.Image | qemu.Vm, raw: bool = False) -> qemu.Vm:
         """raw: the QEMU command another launcher would use (the image's own files and command
-        line, no host record), so the guest checks everything itself."""
-        vm = attach_vm(qemu.Vm(image, qemu.BootOptions(port=0, verify=not raw)))
+        line, no host record), so the guest checks everything itself.  A Vm: start that one."""
+        if isinstance(image, qemu.Vm):
+            vm = attach_vm(image)
+        else:
+            vm = attach_vm(qemu.Vm(image, qemu.BootOptions(port=0, verify=not raw)))
         if raw:
             vm.command = qemu.qemu_command(image, qemu.BootOptions(port=0), vm.port)
         vm.start()

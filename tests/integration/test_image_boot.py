@@ -1,5 +1,6 @@
 """Boot the real image under QEMU (TCG): READY, a completion over HTTP, clean poweroff (console only), and a
-tampered image refused (by the host before boot, and by the guest if the host was fooled).  Failing tests carry the guest's serial console."""
+tampered image refused: boot files by the host before boot; the root disk, its hash tree and the model
+by the guest's kernel (dm-verity) as it reads them.  Failing tests carry the guest's serial console."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_ready_reports_boot_timings(serving_vm):
     ready = serving_vm.ready
-    for key in ("total", "boot_to_init", "verify", "modules", "network", "model_load", "http"):
+    for key in ("total", "boot_to_init", "root", "python_start", "verify", "modules", "network",
+                "model_load", "http"):
         assert key in ready, f"READY line lacks {key}: {ready}"
     assert 0 < ready["boot_to_init"] < ready["total"]
     assert ready["port"] == qemu.GUEST_PORT
@@ -64,36 +66,87 @@ def test_the_api_port_cannot_power_off_and_the_console_stops_qemu_cleanly(servin
     assert serving_vm.fatal is None
 
 
-def _tampered_copy(image: image_mod.Image, dest) -> tuple[image_mod.Image, str]:
-    """A copy of the image whose initramfs has one byte of one file changed (same size)."""
-    victim = "usr/lib/python3/dist-packages/ukgpu/kernel/api/app.py"
-    data = bytearray((image.dir / "initramfs.cpio").read_bytes())
-    name_at = data.index(victim.encode() + b"\0")
-    content_at = (name_at + len(victim) + 1 + 3) & ~3
-    data[content_at + 10] ^= 0x20
+def _copy_with_flip(image: image_mod.Image, dest, disk: str, at: int) -> image_mod.Image:
+    """A copy of the image (boot files hard-linked: the host's record still matches them) whose
+    disk `disk` has the byte at `at` flipped."""
     dest.mkdir()
-    (dest / "initramfs.cpio").write_bytes(bytes(data))
-    for name in ("vmlinux", "manifest.json", "image.json"):
+    for name in ("vmlinux", "initramfs.cpio", "manifest.json", "image.json"):
         os.link(image.dir / name, dest / name) if _same_fs(image.dir, dest) else \
             shutil.copy(image.dir / name, dest / name)
-    return image_mod.load(dest), "/" + victim
+    for name in image.info["disks"].values():
+        shutil.copy(image.dir / name, dest / name)
+    with open(dest / disk, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x20]))
+    return image_mod.load(dest)
 
 
 def _same_fs(a, b) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
-def test_tampered_image_is_refused_by_the_host_and_by_a_guest_checking_alone(built_image, tmp_path,
-                                                                             refused_boot):
-    """The host has no record of the changed initramfs and refuses it before QEMU starts.  Booted
-    by another launcher (the image's own command line, no `ukgpu.verify=host`), the guest hashes
-    every file itself and refuses the changed one."""
-    bad, victim = _tampered_copy(built_image, tmp_path / "bad")
-    with pytest.raises(trust.TrustError, match="no record of an image"):
-        qemu.Vm(bad, qemu.BootOptions(port=0))
-    vm = refused_boot(bad, raw=True)
-    assert "ukgpu.verify" not in vm.command[vm.command.index("-append") + 1]
-    assert vm.fatal and "image tampered" in vm.fatal and victim in vm.fatal, vm.tail()
+def _offset_of(path, needle: bytes) -> int:
+    data = path.read_bytes()
+    at = data.find(needle)
+    assert at >= 0, f"{needle[:40]!r} is not in {path}"
+    return at
+
+
+def _data_blocks(image: image_mod.Image, word: str) -> int:
+    cmdline = image.info["cmdline"].split()
+    return int(next(w for w in cmdline if w.startswith(word + "=")).split("=", 1)[1].split(":")[0])
+
+
+def test_a_flipped_byte_in_the_root_disk_is_refused_when_read(built_image, tmp_path, refused_boot):
+    """The host's record covers the boot files, not the 300 MiB root disk: the guest's kernel
+    checks each of its blocks on first read, and the one holding the API's bytecode fails."""
+    root = built_image.dir / built_image.info["disks"]["root"]
+    # a string of kernel/api/app.py's docstring: in the .py and in the .pyc Python loads
+    needle = b"The Starlette application: routes, body limits, error shapes"
+    at = _offset_of(root, needle)
+    data = root.read_bytes()
+    bad = _copy_with_flip(built_image, tmp_path / "bad", "root.img", at + 5)
+    pyc = data.find(needle, at + 1)
+    if pyc >= 0:  # flip the bytecode's copy too: Python reads that one
+        with open(bad.dir / "root.img", "r+b") as f:
+            f.seek(pyc + 5)
+            f.write(bytes([data[pyc + 5] ^ 0x20]))
+    trust.verify_for_boot(bad.dir).cleanup()  # the host's record still matches the boot files
+    vm = refused_boot(bad)
+    assert vm.fatal and "verity" in vm.fatal and "refusing to serve" in vm.fatal, vm.tail()
+
+
+def test_a_flipped_byte_in_the_hash_tree_is_refused(built_image, tmp_path, refused_boot):
+    """The top block of the tree is checked against the root hash on the command line first:
+    with it changed no block of the root disk can be read and the root never mounts."""
+    top = _data_blocks(built_image, "ukgpu.root") * 4096
+    vm = refused_boot(_copy_with_flip(built_image, tmp_path / "bad", "root.img", top + 100))
+    assert vm.fatal and "root filesystem does not mount" in vm.fatal, vm.tail()
+    assert any("verity" in line for line in vm.log), vm.tail()
+
+
+def test_a_flipped_byte_in_the_embedded_model_is_refused(built_image, smollm2_path, tmp_path,
+                                                        refused_boot):
+    """The model is memory-mapped from the verity root: the page that fails its check raises
+    SIGBUS in the guest process, and PID 1 reports it and powers off."""
+    root = built_image.dir / built_image.info["disks"]["root"]
+    with open(smollm2_path, "rb") as f:
+        head = f.read(4096)
+    at = _offset_of(root, head[:256])
+    vm = refused_boot(_copy_with_flip(built_image, tmp_path / "bad", "root.img", at + 2000))
+    assert vm.fatal and "verity" in vm.fatal, vm.tail()
+
+
+def test_a_second_verify_or_root_word_cannot_turn_the_check_off(built_image, refused_boot):
+    """Another launcher (or an edited command) appending ukgpu.verify=off or its own root hash
+    after the host's words: stage 1 takes each word once and refuses to guess."""
+    for extra in ("ukgpu.verify=off", "ukgpu.root=1:" + "00" * 32 + ":00"):
+        vm = qemu.Vm(built_image, qemu.BootOptions(port=0))  # the host's words, verified boot files
+        vm.command[vm.command.index("-append") + 1] += " " + extra
+        vm = refused_boot(vm)
+        assert vm.fatal and "appears twice" in vm.fatal, vm.tail()
 
 
 def test_an_appended_cpio_is_refused_before_boot(built_image, tmp_path):

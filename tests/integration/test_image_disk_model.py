@@ -1,10 +1,10 @@
-"""An image whose model lives on a read-only virtio disk (models above --embed-limit): the
-guest maps the block device, checks its sha256 against the image while loading, answers like
-the host engine, and refuses a disk whose bytes differ."""
+"""An image whose model lives on its own read-only virtio disk (models above --embed-limit): the
+guest maps it through dm-verity (nothing hashed before READY: each block is checked when first
+read), answers like the host engine, and refuses a disk whose bytes differ."""
 
 from __future__ import annotations
 
-import json
+import os
 
 import httpx
 import pytest
@@ -21,14 +21,15 @@ def disk_image(built_image):  # built_image: the host tools are there (skips oth
 
 
 def test_the_model_disk_is_mapped_checked_and_served(disk_image, smollm2_path, attach_vm):
-    assert disk_image.info["model"]["disk"] and disk_image.info["model"]["path"] == "/dev/vda"
+    assert disk_image.info["model"]["disk"] and disk_image.info["model"]["path"] == "/dev/ukgpu-model"
+    assert "ukgpu.model_disk=" in disk_image.info["cmdline"]
     vm = attach_vm(qemu.Vm(disk_image, qemu.BootOptions(port=0)))
     vm.start()
     try:
         vm.wait_ready(timeout=420)
         log = vm.serial_log
-        assert "ukgpu: model /dev/vda: llama, 30 layers" in log
-        assert "model verified in" in log
+        assert "ukgpu: model /dev/ukgpu-model: llama, 30 layers" in log
+        assert "model /dev/ukgpu-model on its own verity disk" in log
         resp = httpx.post(vm.url + "/v1/completions", timeout=400,
                           json={"model": "smollm2-135m", "prompt": "The capital of France is",
                                 "max_tokens": 2, "temperature": 0})
@@ -44,12 +45,24 @@ def test_the_model_disk_is_mapped_checked_and_served(disk_image, smollm2_path, a
         vm.kill()
 
 
-def test_a_disk_with_other_bytes_is_refused(disk_image, smollm2_path, tmp_path, refused_boot):
-    bad_disk = tmp_path / "model.gguf"
-    data = bytearray(smollm2_path.read_bytes())
-    data[-4096] ^= 0x01  # inside the last tensor's data: the file still parses
-    bad_disk.write_bytes(bytes(data))
-    info = json.loads(json.dumps(disk_image.info))
-    info["model"]["host_path"] = str(bad_disk)
-    vm = refused_boot(image_mod.Image(disk_image.dir, info))
-    assert vm.fatal and "model disk /dev/vda: content differs" in vm.fatal, vm.tail()
+def test_a_disk_with_other_bytes_is_refused(disk_image, tmp_path, refused_boot):
+    """One byte changed in the GGUF header's metadata (read while the model is opened): the page
+    fails its hash check, the mapped read raises SIGBUS, PID 1 says so and powers off."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("vmlinux", "initramfs.cpio", "manifest.json", "image.json", "root.img"):
+        os.link(disk_image.dir / name, bad / name)  # unchanged: the host's record matches
+    data = bytearray((disk_image.dir / "model.img").read_bytes())
+    data[300] ^= 0x01
+    (bad / "model.img").write_bytes(bytes(data))
+    vm = refused_boot(image_mod.load(bad))
+    assert vm.fatal and "SIGBUS" in vm.fatal and "verity" in vm.fatal, vm.tail()
+
+
+def test_the_model_disk_is_the_model_and_a_small_hash_tree(disk_image, smollm2_path):
+    """model.img is the GGUF bytes padded to 4 KiB plus the tree: 32 bytes per 4 KiB, ~1/128 more."""
+    size = disk_image.info["model"]["size"]
+    disk = disk_image.dir / "model.img"
+    assert size < disk.stat().st_size < size * 1.01 + 8192
+    with open(disk, "rb") as got, open(smollm2_path, "rb") as want:
+        assert got.read(1 << 20) == want.read(1 << 20)

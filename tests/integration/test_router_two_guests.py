@@ -67,7 +67,8 @@ def boot_files(built_image, tmp_path_factory) -> BootFiles:
     tmp = tmp_path_factory.mktemp("oci")
     done = export.export_oci(built_image, tmp / "oci", log=lambda m: None)
     repos = tmp / "repos.json"
-    repos.write_text(json.dumps({"repository": {"boot": "r.example/boot", "modelDisk": "r.example/model"}}))
+    repos.write_text(json.dumps({"repository": {"boot": "r.example/boot", "rootDisk": "r.example/root",
+                                                "modelDisk": "r.example/model"}}))
     (pool,) = [o for o in render(CHART, [done.dir / export.ARGS_JSON, repos]) if o["kind"] == "VirtualMachinePool"]
     boot = pool["spec"]["virtualMachineTemplate"]["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]
     files = tmp / "boot"
@@ -80,8 +81,17 @@ def boot_files(built_image, tmp_path_factory) -> BootFiles:
             with open(files / name, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
+    root_path = pool["spec"]["virtualMachineTemplate"]["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]["path"]
+    layer = oci.read_index(done.dir)["root-disk"]["layers"][0]
+    with tarfile.open(oci.blob_path(done.dir, layer)) as tar:
+        src = tar.extractfile(root_path.lstrip("/"))
+        assert src is not None, f"{root_path} is not in the root-disk image"
+        with open(files / "root.img", "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
     shutil.rmtree(done.dir)  # ~0.5 GB; the files taken out are all the guests need
-    info = dict(built_image.info, kernel="vmlinux", initramfs="initramfs", cmdline=boot["kernelArgs"])
+    info = dict(built_image.info, kernel="vmlinux", initramfs="initramfs", cmdline=boot["kernelArgs"],
+                disks={"root": "root.img"})
     return BootFiles(Image(files, info), boot["kernelArgs"])
 
 

@@ -17,7 +17,8 @@ from test_oci_export import fake_image
 
 from ukgpu.kernel.image import build, export
 
-REPOS = {"repository": {"boot": "registry.example/ml/ukgpu-boot", "modelDisk": "registry.example/ml/ukgpu-model"}}
+REPOS = {"repository": {"boot": "registry.example/ml/ukgpu-boot", "rootDisk": "registry.example/ml/ukgpu-root",
+                        "modelDisk": "registry.example/ml/ukgpu-model"}}
 VARIANTS = {
     "cpu, embedded model": (False, ()),
     "gpu, model disk, inference pool": (True, ("gpu.enabled=true", "inferencePool.enabled=true")),

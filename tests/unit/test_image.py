@@ -196,9 +196,11 @@ def test_debs_names():
 def _image(tmp_path, disk=False) -> Image:
     info = {"kernel": "vmlinux", "initramfs": "initramfs.cpio",
             "cmdline": "console=ttyS0 ukgpu.manifest=ab",
-            "sizes": {"initramfs": 400 << 20},
-            "model": {"size": 500 << 20, "disk": disk,
-                      "host_path": "/models/q.gguf" if disk else None}}
+            "disks": {"root": "root.img", **({"model": "model.img"} if disk else {})},
+            "sizes": {"initramfs": 12 << 20},
+            "model": {"size": 500 << 20, "disk": disk}}
+    for name in info["disks"].values():
+        (tmp_path / name).write_bytes(b"disk")
     return Image(tmp_path, info)
 
 
@@ -211,20 +213,28 @@ def test_qemu_command_tcg_kvm_disk_and_append(tmp_path, monkeypatch):
     assert "hostfwd=tcp:127.0.0.1:18080-:8080" in text
     assert cmd[cmd.index("-append") + 1] == "console=ttyS0 ukgpu.manifest=ab ukgpu.ctx=64 ukgpu.arena=1G"
     assert cmd[cmd.index("-m") + 1] == "2048M"
-    assert "-drive" not in cmd
+    drives = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-drive"]
+    assert drives == [f"if=none,id=root,file={tmp_path}/root.img,format=raw,readonly=on"]
+    assert "virtio-blk-pci,drive=root,serial=ukgpu-root" in cmd
     kvm = qemu.qemu_command(_image(tmp_path, disk=True),
                             qemu.BootOptions(accel="kvm", mem="4G", cpus=4), port=1)
     assert kvm[kvm.index("-cpu") + 1] == "host" and kvm[kvm.index("-m") + 1] == "4G"
-    assert "file=/models/q.gguf,format=raw,if=virtio,readonly=on" in kvm
+    assert f"if=none,id=model,file={tmp_path}/model.img,format=raw,readonly=on" in kvm
+    assert kvm.index("virtio-blk-pci,drive=root,serial=ukgpu-root") < \
+        kvm.index("virtio-blk-pci,drive=model,serial=ukgpu-model")
+    partial = _image(tmp_path, disk=True)
+    (tmp_path / "model.img").unlink()
+    with pytest.raises(qemu.BootError, match="model.img is missing"):
+        qemu.qemu_command(partial, qemu.BootOptions(), port=1)
     with pytest.raises(qemu.BootError, match="tcg"):
         qemu.qemu_command(_image(tmp_path), qemu.BootOptions(accel="hvf"), port=1)
 
 
-def test_default_memory_covers_initramfs_and_disk(tmp_path):
-    assert qemu.default_mem_mib(_image(tmp_path)) == 2048
+def test_default_memory_covers_initramfs_and_model(tmp_path):
+    assert qemu.default_mem_mib(_image(tmp_path)) == 2048  # 2 * 12 + 500 + 1024 = 1548
     big = _image(tmp_path, disk=True)
-    big.info["sizes"]["initramfs"] = 900 << 20
-    assert qemu.default_mem_mib(big) == 3328  # 2 * 900 + 500 + 1024 = 3324, up to 256 MiB
+    big.info["model"]["size"] = 1800 << 20
+    assert qemu.default_mem_mib(big) == 3072  # 2 * 12 + 1800 + 1024 = 2848, up to 256 MiB
 
 
 def test_parse_ready_line():

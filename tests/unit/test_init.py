@@ -1,4 +1,5 @@
-"""The guest init steps that run on the host: command line, arena sizing, manifest checks, console."""
+"""The guest init steps that run on the host: command line, arena sizing, manifest digest, console,
+the supervisor's reasons."""
 
 import hashlib
 import io
@@ -79,40 +80,6 @@ def test_manifest_load_checks_the_digest_from_the_command_line(tmp_path):
         manifest.load(path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def test_verify_passes_an_intact_tree_and_names_every_kind_of_tampering(tmp_path):
-    root, doc, _ = _image_tree(tmp_path)
-    assert manifest.verify(doc, str(root)) == []
-    (root / "usr/bin/tool").write_bytes(b"\x7fELF tooL")  # same size, other content
-    (root / "models/m.gguf").write_bytes(b"GGUF")
-    (root / "usr/bin/extra").write_bytes(b"planted")
-    (root / "bin").unlink()
-    (root / "bin").symlink_to("/tmp")
-    problems = manifest.verify(doc, str(root))
-    assert "/usr/bin/tool: content differs (BLAKE2b mismatch)" in problems
-    assert "/models/m.gguf: size 4 != 4100" in problems
-    assert "/usr/bin/extra: not in the manifest" in problems
-    assert "/bin: symlink points to /tmp, not usr/bin" in problems
-    (root / "usr/bin/tool").unlink()
-    assert "/usr/bin/tool: missing" in manifest.verify(doc, str(root))
-
-
-def test_verify_skip_checks_size_only_and_verify_one_hashes(tmp_path):
-    root, doc, _ = _image_tree(tmp_path)
-    blob = root / "models/m.gguf"
-    blob.write_bytes(b"GGUF" + bytes(4095) + b"\x01")
-    assert manifest.verify(doc, str(root), skip=("/models/m.gguf",)) == []
-    assert "BLAKE2b" in manifest.verify_one(doc, "/models/m.gguf", str(root))
-
-
-def test_runtime_dirs_are_not_reported_as_unlisted(tmp_path):
-    root, doc, _ = _image_tree(tmp_path)
-    (root / "proc/1").mkdir(parents=True)
-    (root / "proc/1/status").write_text("x")
-    (root / "tmp").mkdir()
-    (root / "tmp/scratch").write_text("x")
-    assert manifest.verify(doc, str(root)) == []
-
-
 class _PoweredOff(Exception):
     """Stands for the power-off that never returns."""
 
@@ -136,29 +103,6 @@ def test_poweroff_is_a_console_command_and_the_key_a_boot_parameter(monkeypatch,
     assert BootConfig.parse("ukgpu.manifest=ab ukgpu.api_key=s3cret").extra == {"api_key": "s3cret"}
 
 
-def test_model_disk_check_reads_the_model_bytes_of_a_sector_padded_device(tmp_path):
-    import hashlib
-
-    from ukgpu.kernel import manifest
-
-    data = bytes(range(256)) * 1000 + b"tail"
-    model = {"name": "m", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    disk = tmp_path / "vda"
-    disk.write_bytes(data + b"\0" * (-len(data) % 512))  # whole sectors, like a virtio disk
-    assert manifest.verify_model_disk(str(disk), model) is None
-    flipped = bytearray(disk.read_bytes())
-    flipped[1234] ^= 1
-    disk.write_bytes(bytes(flipped))
-    assert "sha256 mismatch" in manifest.verify_model_disk(str(disk), model)
-    fast = model | {"blake2b": hashlib.blake2b(data, digest_size=32).hexdigest()}
-    assert "blake2b mismatch" in manifest.verify_model_disk(str(disk), fast)
-    disk.write_bytes(data)
-    assert manifest.verify_model_disk(str(disk), fast) is None
-    disk.write_bytes(data[:1000])
-    assert "1000 bytes, the model has" in manifest.verify_model_disk(str(disk), model)
-    assert "cannot read it" in manifest.verify_model_disk(str(tmp_path / "none"), model)
-
-
 def test_allowed_hosts_on_the_command_line_extend_the_local_names():
     from ukgpu.kernel.api import security
     from ukgpu.kernel.guest.init import api_policy
@@ -168,3 +112,28 @@ def test_allowed_hosts_on_the_command_line_extend_the_local_names():
     cfg = BootConfig.parse("ukgpu.allowed_hosts=ukgpu.default.svc,gw.example")
     assert api_policy(cfg).allowed_hosts == ("ukgpu.default.svc", "gw.example")
     assert isinstance(api_policy(cfg), security.Policy)
+
+
+def test_stage1_times_split_the_boot_before_this_init():
+    from ukgpu.kernel.guest.init import stage1_times
+
+    env = {"UKGPU_STAGE1_START": "0.800", "UKGPU_STAGE1_SECONDS": "0.450"}
+    times = stage1_times(env, 1.5)
+    assert times == pytest.approx({"boot_to_init": 0.8, "root": 0.45, "python_start": 0.25})
+    assert stage1_times({}, 2.0) == {"boot_to_init": 2.0}
+
+
+def test_the_supervisor_names_a_verity_failure_and_stays_quiet_after_the_guests_own_fatal():
+    import os
+    import signal
+
+    from ukgpu.kernel.guest.init import death_reason
+
+    line = "device-mapper: verity: 254:1: data block 17 is corrupted"
+    killed = death_reason(signal.SIGBUS, [line])  # a raw wait status: killed by SIGBUS
+    assert "SIGBUS" in killed and "dm-verity" in killed and "data block 17" in killed
+    assert "refusing to serve" in killed
+    assert "SIGKILL" in death_reason(signal.SIGKILL, [])
+    exited = 1 << 8  # exit status 1, after the guest printed its own FATAL line
+    assert os.WIFEXITED(exited) and death_reason(exited, []) is None
+    assert "failed block check" in death_reason(exited, [line])

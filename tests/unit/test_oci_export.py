@@ -25,14 +25,16 @@ def fake_image(root: Path, disk: bool) -> Path:
     (root / "vmlinux").write_bytes(b"\x7fELF kernel " * 300)
     (root / "initramfs.cpio").write_bytes(bytes(range(256)) * 40)
     (root / "manifest.json").write_text("{}")
-    model = root.parent / f"{root.name}-tiny.gguf"
-    model.write_bytes(b"GGUF" + b"\x01" * 1000)
+    (root / "root.img").write_bytes(b"erofs root " * 500)
+    model = b"GGUF" + b"\x01" * 1000
+    if disk:
+        (root / "model.img").write_bytes(model + bytes(4096 - len(model)) + b"tree" * 8)
     info = {"kernel": "vmlinux", "initramfs": "initramfs.cpio", "manifest_sha256": MANIFEST_SHA,
-            "cmdline": f"console=ttyS0 panic=-1 quiet ukgpu.manifest={MANIFEST_SHA}",
-            "model": {"name": "tiny", "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-                      "size": model.stat().st_size, "disk": disk,
-                      "path": "/dev/vda" if disk else "/models/tiny.gguf",
-                      "host_path": str(model) if disk else None}}
+            "cmdline": f"console=ttyS0 panic=-1 quiet ukgpu.manifest={MANIFEST_SHA} ukgpu.root=2:{'cd' * 32}:00",
+            "disks": {"root": "root.img", **({"model": "model.img"} if disk else {})},
+            "model": {"name": "tiny", "sha256": hashlib.sha256(model).hexdigest(),
+                      "size": len(model), "disk": disk,
+                      "path": "/dev/ukgpu-model" if disk else "/models/tiny.gguf"}}
     (root / "image.json").write_text(json.dumps(info))
     return root
 
@@ -63,7 +65,7 @@ def test_layout_is_valid_and_blobs_match_their_digests(tmp_path, compress):
     index = json.loads((root / "index.json").read_text())
     assert index["schemaVersion"] == 2 and index["mediaType"] == oci.MEDIA_INDEX
     manifests = oci.read_index(root)  # every blob re-hashed against its descriptor
-    assert set(manifests) == {"boot", "model-disk"}
+    assert set(manifests) == {"boot", "root-disk", "model-disk"}
     for name, manifest in manifests.items():
         assert manifest["mediaType"] == oci.MEDIA_MANIFEST and manifest["schemaVersion"] == 2
         config = json.loads(oci.read_blob(root, manifest["config"]))
@@ -90,11 +92,12 @@ def test_boot_files_owned_by_qemu_user_and_unchanged(tmp_path):
         assert (info.uid, info.gid) == (107, 107) and info.isfile() and info.mtime == 0
         assert info.uname == "" and info.gname == ""
         assert data == (src / original).read_bytes()  # the files taken back out are the image's
-    disk = layer_members(root, manifests["model-disk"])
-    assert sorted(disk) == ["disk", "disk/img-tiny.gguf"]
-    info, data = disk["disk/img-tiny.gguf"]
-    assert (info.uid, info.gid) == (107, 107)
-    assert hashlib.sha256(data).hexdigest() == json.loads((src / "image.json").read_text())["model"]["sha256"]
+    for ref, name in (("root-disk", "root.img"), ("model-disk", "model.img")):
+        disk = layer_members(root, manifests[ref])
+        assert sorted(disk) == ["disk", f"disk/{name}"]
+        info, data = disk[f"disk/{name}"]
+        assert (info.uid, info.gid) == (107, 107)
+        assert data == (src / name).read_bytes()
 
 
 def test_two_exports_are_byte_identical_and_epoch_changes_them(tmp_path, monkeypatch):
@@ -109,10 +112,11 @@ def test_two_exports_are_byte_identical_and_epoch_changes_them(tmp_path, monkeyp
     assert third["index.json"] != first["index.json"]  # mtimes are in the layers, so in the digests
 
 
-def test_embedded_model_has_no_disk_image_and_kernel_args(tmp_path):
+def test_embedded_model_has_no_model_disk_image_and_kernel_args(tmp_path):
     image = build.load(fake_image(tmp_path / "img", disk=False))
     done = export.export_oci(image, tmp_path / "oci", extra_args=["ukgpu.slots=2"], log=lambda m: None)
-    assert set(oci.read_index(done.dir)) == {"boot"}
+    assert set(oci.read_index(done.dir)) == {"boot", "root-disk"}
+    assert done.args["rootDiskPath"] == "/disk/root.img"
     args = json.loads((done.dir / export.ARGS_JSON).read_text())
     words = args["kernelArgs"].split()
     assert f"ukgpu.manifest={MANIFEST_SHA}" in words and export.MASQUERADE_IP in words
@@ -155,4 +159,4 @@ def test_cli_export_prints_the_kernel_args(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "oci" / export.ARGS_JSON).read_text())
     assert printed["kernelArgs"].endswith("ukgpu.ctx=512")
-    assert set(oci.read_index(tmp_path / "oci")) == {"boot", "model-disk"}
+    assert set(oci.read_index(tmp_path / "oci")) == {"boot", "root-disk", "model-disk"}

@@ -22,6 +22,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s@%s" $repo $digest -}}
 {{- end -}}
 
+{{- define "ukgpu.rootImage" -}}
+{{- $repo := required "repository.rootDisk: the registry repository the root-disk image was pushed to" .Values.repository.rootDisk -}}
+{{- $digest := required "images.root-disk: the root-disk image's digest (from kernel-args.json)" (index .Values.images "root-disk") -}}
+{{- printf "%s@%s" $repo $digest -}}
+{{- end -}}
+
 {{- define "ukgpu.modelImage" -}}
 {{- $repo := required "repository.modelDisk: the registry repository the model-disk image was pushed to" .Values.repository.modelDisk -}}
 {{- $digest := required "images.model-disk: the model-disk image's digest (from kernel-args.json)" (index .Values.images "model-disk") -}}
