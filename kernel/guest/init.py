@@ -164,6 +164,25 @@ def stage1_times(env, t_init: float) -> dict[str, float]:
     return {"boot_to_init": start, "root": took, "python_start": max(0.0, t_init - start - took)}
 
 
+def disk_reads(sys_block: str = "/sys/block") -> dict[str, int]:
+    """Bytes read so far from each device-mapper disk, by its name (ukgpu-root, ukgpu-model):
+    under dm-verity every one of them was hashed by the kernel."""
+    out: dict[str, int] = {}
+    try:
+        names = sorted(n for n in os.listdir(sys_block) if n.startswith("dm-"))
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(f"{sys_block}/{name}/dm/name") as f:
+                label = f.read().strip()
+            with open(f"{sys_block}/{name}/stat") as f:
+                out[label] = int(f.read().split()[2]) * 512  # sectors read
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def _writable(path: str) -> bool:
     return os.access(path, os.W_OK) and not os.statvfs(path).f_flag & os.ST_RDONLY
 
@@ -202,6 +221,9 @@ class Guest:
         self.step("network", init_sys.configure_network, self.cfg.net)
         engine, arena, backend_note = self.step("model_load", self.load_model)
         self.step("http", self.start_api, engine, arena)
+        read = disk_reads()
+        if read:
+            say("read from the verified disks before READY: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in read.items()))
         say(f"backend {backend_note}")
         print(ready_line(init_sys.uptime(), self.times, self.cfg.port, backend_note), flush=True)
         serial_commands(self)

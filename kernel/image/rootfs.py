@@ -69,12 +69,14 @@ def make_erofs(tree: Path, out: Path, seed: str) -> None:
 def make_root_disk(tree: Path, out: Path, seed: str) -> verity.Verity:
     """root.img: the erofs image of `tree` followed by its hash tree."""
     make_erofs(tree, out, seed)
-    return verity.append_tree(out, hashlib.sha256(b"ukgpu root disk\0" + seed.encode()).digest())
+    return verity.append_tree(out, hashlib.sha256(b"ukgpu root disk\0" + seed.encode()).digest(),
+                              verity.DEFAULT_HASH)
 
 
 def make_model_disk(model: Path, out: Path, model_sha256: str) -> verity.Verity:
     """model.img: the GGUF file (padded to whole blocks) followed by its hash tree."""
-    return verity.copy_with_tree(model, out, hashlib.sha256(b"ukgpu model disk\0" + model_sha256.encode()).digest())
+    salt = hashlib.sha256(b"ukgpu model disk\0" + model_sha256.encode()).digest()
+    return verity.copy_with_tree(model, out, salt, verity.DEFAULT_HASH)
 
 
 def stage1_modules(tree: debs.KernelTree) -> list[Path]:

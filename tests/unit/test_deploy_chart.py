@@ -72,10 +72,15 @@ def test_the_guest_gets_what_the_export_says(tmp_path):
     assert boot["container"] == {"image": f"registry.example/ml/ukgpu-boot@{args['images']['boot']}",
                                  "kernelPath": "/boot/vmlinux", "initrdPath": "/boot/initramfs",
                                  "imagePullPolicy": "IfNotPresent"}
-    (volume,) = vmi["volumes"]
+    root, volume = vmi["volumes"]
+    assert root["containerDisk"]["image"] == f"registry.example/ml/ukgpu-root@{args['images']['root-disk']}"
+    assert root["containerDisk"]["path"] == args["rootDiskPath"] == "/disk/root.img"
     assert volume["containerDisk"]["image"] == f"registry.example/ml/ukgpu-model@{args['images']['model-disk']}"
     assert volume["containerDisk"]["path"] == args["model"]["diskPath"]
-    assert vmi["domain"]["devices"]["disks"] == [{"name": "model", "disk": {"bus": "virtio", "readonly": True}}]
+    # stage 1 finds the disks by these serials, whatever order the hypervisor attaches them in
+    assert vmi["domain"]["devices"]["disks"] == [
+        {"name": "root", "serial": "ukgpu-root", "disk": {"bus": "virtio", "readonly": True}},
+        {"name": "model", "serial": "ukgpu-model", "disk": {"bus": "virtio", "readonly": True}}]
     (nic,) = vmi["domain"]["devices"]["interfaces"]
     assert nic["masquerade"] == {} and nic["ports"][0]["port"] == 8080
     assert [g["name"] for g in vmi["domain"]["devices"]["gpus"]] == ["gpu0", "gpu1"]

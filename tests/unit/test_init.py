@@ -137,3 +137,15 @@ def test_the_supervisor_names_a_verity_failure_and_stays_quiet_after_the_guests_
     exited = 1 << 8  # exit status 1, after the guest printed its own FATAL line
     assert os.WIFEXITED(exited) and death_reason(exited, []) is None
     assert "failed block check" in death_reason(exited, [line])
+
+
+def test_disk_reads_come_from_the_device_mapper_stats(tmp_path):
+    from ukgpu.kernel.guest.init import disk_reads
+
+    for name, label, sectors in (("dm-0", "ukgpu-root", 2048), ("dm-1", "ukgpu-model", 10)):
+        (tmp_path / name / "dm").mkdir(parents=True)
+        (tmp_path / name / "dm" / "name").write_text(label + "\n")
+        (tmp_path / name / "stat").write_text(f"  120 0 {sectors} 33 0 0 0 0 0 40 33 0 0 0 0\n")
+    (tmp_path / "vda").mkdir()
+    assert disk_reads(str(tmp_path)) == {"ukgpu-root": 2048 * 512, "ukgpu-model": 10 * 512}
+    assert disk_reads(str(tmp_path / "none")) == {}
