@@ -1,4 +1,4 @@
-"""`ukgpu image build`: a bootable VM image (kernel + initramfs + manifest) serving one model.
+"""`ukgpu image build`: a bootable VM image (kernel, stage-1 initramfs, dm-verity root disk) serving one model.
 `ukgpu image export --oci DIR`: that image as OCI images for KubeVirt (kernel/image/export.py)."""
 
 from __future__ import annotations
@@ -17,22 +17,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verbs = parser.add_subparsers(dest="image_command", metavar="ACTION")
     verbs.required = True
     build = verbs.add_parser("build", help="build (or reuse from the cache) an image",
-                             description="Build vmlinux + initramfs.cpio + manifest for MODEL. "
-                             "Same inputs give the same bytes; builds are cached by input hash.")
+                             description="Build vmlinux + initramfs.cpio (stage 1) + root.img (erofs + "
+                             "dm-verity tree) + manifest for MODEL. Same inputs give the same bytes; "
+                             "builds are cached by input hash.")
     build.add_argument("-m", "--model", default=image.DEFAULT_MODEL,
                        help=f"known model name or .gguf path (default {image.DEFAULT_MODEL})")
     build.add_argument("-o", "--out", type=Path, help="also put the image files in this folder")
     build.add_argument("--kernel", type=Path,
                        help="kernel to boot (bzImage/vmlinuz or vmlinux; default: Debian's 6.1)")
     build.add_argument("--embed-limit", default="200M",
-                       help="models up to this size go into the initramfs, larger ones on a "
-                       "read-only disk (default 200M)")
+                       help="models up to this size go on the root disk, larger ones on their own "
+                       "verity disk, model.img (default 200M)")
     build.add_argument("--no-numba", dest="numba", action="store_false",
                        help="leave numba/llvmlite out (-210 MiB; the CPU backend must not need them)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_build)
     export = verbs.add_parser("export", help="write an image as OCI images (KubeVirt kernelBoot)",
-                              description="Write the boot files (and a model disk) as OCI images into "
+                              description="Write the boot files, the root disk (and a model disk) as OCI images into "
                               "an OCI layout folder, with the kernel arguments the guest needs "
                               "(DIR/kernel-args.json). No container daemon is used.")
     export.add_argument("--oci", type=Path, required=True, metavar="DIR", help="OCI layout folder to write")
