@@ -223,7 +223,8 @@ class Guest:
         self.step("http", self.start_api, engine, arena)
         read = disk_reads()
         if read:
-            say("read from the verified disks before READY: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in read.items()))
+            shown = ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in read.items())
+            say(f"read from the verified disks before READY: {shown}")
         say(f"backend {backend_note}")
         print(ready_line(init_sys.uptime(), self.times, self.cfg.port, backend_note), flush=True)
         serial_commands(self)

@@ -37,6 +37,7 @@ from ukgpu.kernel.image import (
     guest_closure,
     rootfs,
     trust,
+    verity,
 )
 from ukgpu.kernel.image import (
     elf as image_elf,
@@ -175,6 +176,8 @@ def _input_key(inputs: Inputs, config: BuildConfig) -> str:
         "embed_limit": config.embed_limit,
         "python": inputs.py_versions,
         "numba": config.numba,
+        "stage1": manifest.sha256_file(rootfs.STAGE1_SOURCE),  # read by the builder, not imported
+        "verity_hash": verity.DEFAULT_HASH,
     }
     digest.update(json.dumps(parts, sort_keys=True).encode())
     for guest, host in sorted(inputs.layout.files.items()):  # ukgpu sources change often

@@ -110,7 +110,12 @@ def verify_for_boot(image_dir: Path) -> Verified:
     folder = Path(tempfile.mkdtemp(prefix="ukgpu-boot-"))  # mode 0700
     try:
         sums = {name: _copy_hashing(image_dir / name, folder / name) for name in BOOT_FILES}
-        record, digest = _find(sums)
+        record, digest = _find(sums, _claimed_digest(image_dir))
+        if record is None and digest == "ambiguous":
+            raise TrustError(
+                f"{image_dir}: several images recorded on this host share these boot files and its "
+                "image.json (changed after the build?) names none of them: rebuild it with "
+                "`ukgpu image build`, or pin it with `ukgpu image trust DIR --digest D`")
         if record is None:
             raise TrustError(
                 f"{image_dir}: this host has no record of an image with vmlinux sha256 {sums['vmlinux']} "
@@ -123,18 +128,33 @@ def verify_for_boot(image_dir: Path) -> Verified:
         raise
 
 
-def _find(sums: dict[str, str]) -> tuple[dict | None, str]:
+def _claimed_digest(image_dir: Path) -> str | None:
+    """The digest of the record the folder's image.json describes (not trusted: it only picks
+    among recorded images that share the same boot files)."""
+    try:
+        return digest_of(record_of(json.loads((image_dir / "image.json").read_text())))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _find(sums: dict[str, str], claimed: str | None = None) -> tuple[dict | None, str]:
+    """The record of the image with these boot files.  Images of one builder share the stage-1
+    initramfs and the kernel and differ in their disks' root hashes (on the command line), so
+    several records can match: the one the folder names is taken, and without it none is."""
     folder = trust_dir()
     if not folder.is_dir():
         return None, ""
+    found = []
     for path in sorted(folder.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if record.get("sha256") == sums and digest_of(record) == path.stem:
-            return record, path.stem
-    return None, ""
+            found.append((record, path.stem))
+    if len(found) > 1:
+        found = [(record, digest) for record, digest in found if digest == claimed] or [(None, "ambiguous")]
+    return found[0] if len(found) == 1 else (None, "")
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:

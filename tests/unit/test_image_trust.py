@@ -135,3 +135,26 @@ def test_health_carries_the_guests_image_check():
     with background(app) as url:
         body = httpx.get(url + "/health", timeout=5).json()
     assert body["status"] == "ready" and body["image_verified"] is False
+
+
+def test_images_sharing_boot_files_boot_with_their_own_records_root_hash(cache):
+    """Two images of one builder have the same kernel and stage-1 initramfs and differ only in the
+    root hash on their command lines: each folder boots with its own record, and a folder whose
+    image.json names neither record is refused rather than given one at random."""
+    first = make_image(cache / "a")
+    second = make_image(cache / "b")
+    for image, root in ((first, "11"), (second, "22")):
+        image.info["cmdline"] = f"{CMDLINE} ukgpu.root=9:{root * 32}:00:sha256"
+        (image.dir / "image.json").write_text(json.dumps(image.info))
+        trust.pin(image.info)
+    for image, root in ((first, "11"), (second, "22")):
+        boot = trust.verify_for_boot(image.dir)
+        try:
+            assert f"ukgpu.root=9:{root * 32}:00:sha256" in boot.cmdline
+        finally:
+            boot.cleanup()
+    edited = json.loads((second.dir / "image.json").read_text())
+    edited["cmdline"] += " ukgpu.verify=off"
+    (second.dir / "image.json").write_text(json.dumps(edited))
+    with pytest.raises(trust.TrustError, match="names none of them"):
+        trust.verify_for_boot(second.dir)
