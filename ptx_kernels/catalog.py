@@ -6,7 +6,7 @@ import importlib
 
 from .spec import KernelSpec
 
-FAMILIES = ("matvec", "matvec_fused", "gemm", "embedding", "rmsnorm", "rope", "rope_kv", "attention",
+FAMILIES = ("matvec", "matvec_fused", "matvec_split", "gemm", "embedding", "rmsnorm", "rope", "rope_kv", "attention",
             "attention_fused", "elementwise", "argmax")
 
 

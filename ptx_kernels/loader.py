@@ -232,6 +232,11 @@ def fused_matvec_entry(kind: str, qtype: str, batch: int) -> str:
     return f"matvec_{kind}_{matvec_entry(qtype, batch)[len('matvec_'):]}"
 
 
+def split_add_entry(qtype: str) -> str:
+    """The one-row split-K residual mat-vec (`matvec_split.py`)."""
+    return f"matvec_split_add_{qtype.lower()}_b1"
+
+
 def rope_kv_entry(neox: bool, head_dim: int) -> str:
     """The fused norm/rope/cache-store entry (`rope_kv.py`) for heads of head_dim dims."""
     d = next((d for d in ROPE_DIMS if head_dim <= d), None)

@@ -3,23 +3,74 @@ as one kernel each (`ptx_kernels/matvec_fused.py`) for up to 8 rows (decode, bat
 prefill-sized inputs, weight types without a shipped fused entry, and a GLU whose two weights
 differ in type take the plain ops (`Backend`'s defaults: rmsnorm, mat-vec or GEMM, ...).
 
-A mixin of `CudaBackend`: it uses the backend's `new`, `launch` and `_manifest_names`.
+Two one-row cases go another way, each for a matrix too lopsided for one program a row block:
+
+- `matmul_add` of a weight with few rows and a long K (the down projection) splits K over
+  `split_k` programs a row block (`ptx_kernels/matvec_split.py`: the last program of a block adds
+  the partials to the residual, in split order: deterministic), so the GPU runs 4x the programs
+  with a quarter of the serial steps each;
+- the output matrix (a lone weight with more than `NORMED_INPUT_ROWS` rows, no bias) takes
+  rmsnorm once, then the plain mat-vec on the normed row, instead of every one of its programs
+  recomputing the norm and reading x and g.
+
+`UKGPU_SPLIT_K_COLUMNS` (default 2048; 0 = never split) and `UKGPU_NORMED_OUTPUT` (default 1;
+0 = the fused norm) choose other paths for measurements (`tools/dev/kernel_sweep.py`).
+
+A mixin of `CudaBackend`: it uses the backend's `new`, `upload`, `launch`, `capturing` and
+`_manifest_names`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ukgpu.llama_core.backend import Backend
-from ukgpu.ptx_kernels.loader import MATVEC_MAX_ROWS, fused_matvec_entry
+from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.ptx_kernels.loader import MATVEC_MAX_ROWS, fused_matvec_entry, split_add_entry
 
 DeviceBuffer = Any  # gpu.cuda.arena.DeviceBuffer
 DeviceWeight = Any  # gpu.cuda.backend.DeviceWeight
 
+SPLIT_K_ROWS = 4  # rows a program of matvec_split_add owns (its BLOCK_N)
+SPLIT_K_MAX = 4
+SPLIT_K_PROGRAMS = 4 * 132  # below this many row blocks (4 a SM of an H200) K is split
+SPLIT_K_COUNTERS = 8192  # ticket words: weights of up to 32,768 rows split
+NORMED_INPUT_ROWS = 32768  # a lone weight with more rows (the output matrix) reads a normed x
+
+
+def split_k(n: int, k: int) -> int:
+    """Programs a row block of an (n, k) one-row residual mat-vec: 1 (no split) unless its row
+    blocks are too few to fill the GPU; then each split keeps at least $UKGPU_SPLIT_K_COLUMNS
+    (default 2048) columns, at most SPLIT_K_MAX splits."""
+    cols = int(os.environ.get("UKGPU_SPLIT_K_COLUMNS") or 2048)
+    blocks = -(-n // SPLIT_K_ROWS)
+    if cols <= 0 or blocks >= SPLIT_K_PROGRAMS or blocks > SPLIT_K_COUNTERS:
+        return 1
+    return max(1, min(SPLIT_K_MAX, k // cols))
+
+
+def normed_input(n: int, rows: int) -> bool:
+    """True when a lone (n, K) weight times rmsnorm(x) runs as rmsnorm then the plain mat-vec."""
+    return rows == 1 and n > NORMED_INPUT_ROWS and os.environ.get("UKGPU_NORMED_OUTPUT", "1") != "0"
+
 
 class FusedMatvecOps(Backend):
     _manifest_names: set[str]
+    _split_counters: int = 0
+
+    def split_counters(self) -> int:
+        """The ticket words of `matvec_split_add` (zero between launches; one stream runs
+        them in turn, so every launch shares them): allocated and zeroed on first use, which is
+        an eager step (a decode graph is recorded after one)."""
+        if not self._split_counters:
+            if getattr(self, "capturing", False):
+                raise UkgpuError("split-K counters first needed while recording a graph")
+            self._split_counters = self.upload(np.zeros(SPLIT_K_COUNTERS, np.int32), "split-k")
+        return self._split_counters
 
     def _fused_entry(self, kind: str, qtype: str, rows: int) -> str | None:
         if rows > MATVEC_MAX_ROWS:
@@ -41,6 +92,8 @@ class FusedMatvecOps(Backend):
         names = [self._fused_entry("norm" if len(g) == 1 else "qkv", g[0][0].qtype, x.shape[0]) for g in groups]
         if None in names:
             return super().norm_matmuls(x, norm, eps, mats)
+        if len(mats) == 1 and mats[0][1] is None and normed_input(mats[0][0].shape[0], x.shape[0]):
+            return super().norm_matmuls(x, norm, eps, mats)  # rmsnorm once, then the mat-vec
         out: list[DeviceBuffer] = []
         for name, group in zip(names, groups):
             ys = [self.new((x.shape[0], w.shape[0])) for w, _ in group]
@@ -77,6 +130,13 @@ class FusedMatvecOps(Backend):
         name = self._fused_entry("add", weight.qtype, a.shape[0])
         if name is None:
             return super().matmul_add(x, a, weight)
+        (n, k), split = weight.shape, split_add_entry(weight.qtype)
+        splits = split_k(n, k) if a.shape[0] == 1 and split in self._manifest_names else 1
+        if splits > 1:
+            part = self.new((splits, n))
+            self.launch(split, **weight.planes, x=a.ptr, y=x.ptr, part=part.ptr,
+                        count=self.split_counters(), N=n, K=k, splits=splits)
+            return x
         self.launch(name, **weight.planes, x=a.ptr, g=0, bias=0, y=x.ptr, N=weight.shape[0],
                     K=weight.shape[1], B=a.shape[0], eps=0.0, flag=0)
         return x

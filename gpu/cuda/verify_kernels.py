@@ -48,7 +48,7 @@ from ukgpu.gpu.cuda.driver import CudaError
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.ptx_kernels import reference as ref
-from ukgpu.ptx_kernels.loader import argmax_split, fused_decode_entry
+from ukgpu.ptx_kernels.loader import argmax_split, fused_decode_entry, split_add_entry
 from ukgpu.ptx_kernels.repack import FORMATS
 from ukgpu.ptx_kernels.spec import ATTN_HEAD_DIMS
 
@@ -409,6 +409,28 @@ def check_split_argmax(dev: Device, rng: np.random.Generator) -> list[Check]:
                      f"{wrong}/{b} rows differ")]
 
 
+def check_split_add(dev: Device, rng: np.random.Generator) -> list[Check]:
+    """`matvec_split_add`, every shipped type: 4 splits of 2,304 columns (the last one empty) vs
+    the reference, then twice more: the same bits (the partials are added in split order,
+    whichever program is last) and the ticket words back at zero."""
+    n, k, splits, checks = 200, 2304, 4, []
+    for qtype in [q for q in FORMATS if split_add_entry(q) in dev.kernels.manifests.names()]:
+        name, w = split_add_entry(qtype), ref.random_repacked(qtype, n, k, rng)
+        x, resid = rng.standard_normal((1, k)).astype(np.float32), rng.standard_normal((1, n)).astype(np.float32)
+        args = dict(_weight_args(dev, w), x=dev.put(x), part=dev.poisoned(splits * n), N=n, K=k,
+                    count=dev.put(np.zeros(n // 4, np.int32)), splits=splits)
+        outs = []
+        for _ in range(3):
+            dev.run(name, **args, y=(y := dev.put(resid)))
+            outs.append(dev.get(y, (1, n), np.float32))
+        checks.append(nmse_check("kernel", name, outs[0], ref.matvec_add(w, x, resid), _bound(name)))
+        bad = sum(int(np.sum(o != outs[0])) for o in outs[1:]) + int(np.count_nonzero(
+            dev.get(args["count"], (n // 4,), np.int32)))
+        checks.append(Check("kernel", f"{name} repeated", "exact", bad, 0, bad == 0,
+                            f"{bad} values differing between runs or ticket words not zero"))
+    return checks
+
+
 Case = Callable[[Device, np.random.Generator], list[Check]]
 CASES: list[tuple[str, Case]] = [
     ("rmsnorm kernels", check_rmsnorm), ("rope kernels", check_rope),
@@ -417,7 +439,7 @@ CASES: list[tuple[str, Case]] = [
 CASES += [(f"{q} weight kernels", partial(_check_weights_of, q)) for q in FORMATS]
 # last: the earlier cases' random draws stay as they were
 CASES += [("rope_kv kernels", check_rope_kv), ("fused decode attention", check_fused_decode),
-          ("split argmax", check_split_argmax)]
+          ("split argmax", check_split_argmax), ("split-K mat-vecs", check_split_add)]
 
 
 def kernel_checks(kernels: KernelSet, arena: DeviceArena, seed: int = 0,

@@ -63,4 +63,29 @@ def matvec_add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
     y[:] = y + (x @ _weight(mem, a, e["qtype"], n, k).T).reshape(-1)
 
 
-EMULATORS = {"matvec_norm": matvec_norm, "matvec_qkv": matvec_qkv, "matvec_glu": matvec_glu, "matvec_add": matvec_add}
+def matvec_split_add(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
+    """y += x @ W.T from per-split float32 partials added in split order (as the kernel); the
+    ticket words must be zero on entry (the host's contract) and are left zero."""
+    n, k, splits = a["N"], a["K"], a["splits"]
+    if not 1 <= splits <= 8:
+        raise EmulationError(f"{e['name']}: splits={splits} outside 1..8")
+    count = mem.view(a["count"], np.int32, -(-n // e["constexprs"]["BLOCK_N"]))
+    if count.any():
+        raise EmulationError(f"{e['name']}: ticket counters not zero at launch")
+    x = mem.view(a["x"], np.float32, k)
+    w = _weight(mem, a, e["qtype"], n, k)
+    blocks = -(-k // 256)
+    chunk = -(-blocks // splits) * 256  # cdiv(cdiv(K, 256), splits) whole 256-column blocks
+    part = mem.view(a["part"], np.float32, splits * n).reshape(splits, n)
+    for s in range(splits):
+        lo, hi = s * chunk, min(k, (s + 1) * chunk)
+        part[s] = (w[:, lo:hi] @ x[lo:hi]) if lo < hi else 0
+    y = mem.view(a["y"], np.float32, n)
+    total = np.zeros(n, np.float32)
+    for s in range(splits):
+        total += part[s]
+    y[:] = y + total
+
+
+EMULATORS = {"matvec_norm": matvec_norm, "matvec_qkv": matvec_qkv, "matvec_glu": matvec_glu, "matvec_add": matvec_add,
+             "matvec_split_add": matvec_split_add}

@@ -75,6 +75,29 @@ def test_matvec(gpu, qtype, version, batch, rng):
     assert np.all(err <= _bound(x, w, 1e-4) + 1e-30), f"max err {np.nanmax(err)}"
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_split_k_down_projection_is_deterministic(gpu, qtype, rng):
+    """`matvec_split_add` at the 1.5B down projection's shape (384 row blocks x 4 splits racing
+    for their tickets), launched 8 times on the same input: the reference's values within the
+    mat-vec bound, the same bits every time, the ticket words back at zero."""
+    n, k, splits = 1536, 8960, 4
+    w = R.random_repacked(qtype, n, k, rng)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    resid = rng.standard_normal((1, n)).astype(np.float32)
+    args = _weights(gpu, w) | {"x": gpu.put(x), "part": gpu.put(np.zeros((splits, n), np.float32)),
+                               "count": gpu.put(np.zeros(n // 4, np.int32)), "N": n, "K": k,
+                               "splits": splits}
+    outs = []
+    for _ in range(8):
+        dy = gpu.put(resid)
+        gpu.kernels.launch(f"matvec_split_add_{qtype.lower()}_b1", args | {"y": dy})
+        outs.append(gpu.get(dy, resid.shape, resid.dtype))
+    err = np.abs(outs[0] - R.matvec_add(w, x, resid))
+    assert np.all(err <= _bound(x, w, 1e-4) + 1e-6), f"max err {np.nanmax(err)}"
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+    assert not gpu.get(args["count"], (n // 4,), np.int32).any()
+
+
 @pytest.mark.parametrize("qtype", R.QTYPES)
 def test_gemm(gpu, qtype, rng):
     m, n, k = 130, 200, _cols(qtype)

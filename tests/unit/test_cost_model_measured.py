@@ -21,8 +21,8 @@ from fakes.cuda_driver import FakeDevice, FakeDriver
 PROFILED = {"qwen2.5-coder-1.5b": (184, 2331.5e-6), "smollm2-135m": (182, 1072.0e-6)}
 
 
-@pytest.mark.parametrize("name", list(PROFILED))
-def test_the_measured_laws_price_the_profiled_step(name):
+def _decode_trace(name: str) -> tuple[list, object]:
+    """The launch trace of one decode step at position 100 (after a 100-token prompt)."""
     gguf = open_gguf(build_synthetic(name))
     fake = FakeDriver(devices=[FakeDevice(name="H200 (stand-in)", total_bytes=141 << 30)], emulate=False)
     be = create_backend(gguf=gguf, driver=fake, n_ctx=2048, n_slots=1)
@@ -32,11 +32,37 @@ def test_the_measured_laws_price_the_profiled_step(name):
     model.forward(prompt, 0, kv, all_logits=False)
     fake.trace.clear()
     model.forward(np.array([int(prompt[-1])]), 100, kv, all_logits=False)
-    read = lambda ptr, n: fake.view(ptr, np.int32, n).tolist()  # noqa: E731
+    return list(fake.trace), lambda ptr, n: fake.view(ptr, np.int32, n).tolist()
+
+
+@pytest.mark.parametrize("name", list(PROFILED))
+def test_the_measured_laws_price_the_profiled_step(name, monkeypatch):
+    monkeypatch.setenv("UKGPU_SPLIT_K_COLUMNS", "0")  # the profiled step: no split-K down projection,
+    monkeypatch.setenv("UKGPU_NORMED_OUTPUT", "0")  # the output matrix recomputing the norm
+    trace, read = _decode_trace(name)
     kernels, seconds = PROFILED[name]
-    assert len(fake.trace) == kernels
-    measured = cm.predict(fake.trace, graph=False, read_i32=read, measured=cm.MEASURED_H200)
+    assert len(trace) == kernels
+    measured = cm.predict(trace, graph=False, read_i32=read, measured=cm.MEASURED_H200)
     assert {n.bound for n in measured.nodes} == {"measured"}  # every decode kernel has its law
     assert measured.device_s == pytest.approx(seconds, rel=0.15)
-    analytic = cm.predict(fake.trace, graph=True, read_i32=read)
+    analytic = cm.predict(trace, graph=True, read_i32=read)
     assert analytic.device_s < 0.5 * seconds  # what the card showed the analytic model to miss
+
+
+# model -> (kernels of today's step: one rmsnorm more for the output row; split-K down layers,
+# predicted step seconds with PREDICTED_H200, docs/benchmarks/cuda.md)
+TODAY = {"qwen2.5-coder-1.5b": (185, 28, 2150.6e-6), "smollm2-135m": (183, 0, 1085.8e-6)}
+
+
+@pytest.mark.parametrize("name", list(TODAY))
+def test_the_predicted_laws_price_todays_step(name, monkeypatch):
+    monkeypatch.delenv("UKGPU_SPLIT_K_COLUMNS", raising=False)
+    monkeypatch.delenv("UKGPU_NORMED_OUTPUT", raising=False)
+    trace, read = _decode_trace(name)
+    kernels, split_layers, seconds = TODAY[name]
+    assert len(trace) == kernels
+    assert sum(e["name"].startswith("matvec_split_add_") for e, _, _ in trace) == split_layers
+    laws = cm.MEASURED_H200 | cm.PREDICTED_H200
+    step = cm.predict(trace, graph=False, read_i32=read, measured=laws)
+    assert {n.bound for n in step.nodes} == {"measured"}
+    assert step.device_s == pytest.approx(seconds, rel=0.02)

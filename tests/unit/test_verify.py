@@ -35,7 +35,8 @@ def test_every_level_passes_on_a_correct_driver(tmp_path, tiny_path):
     assert levels == {"kernel", "layer", "e2e"}
     names = {c["name"] for c in report["checks"]}
     assert {"gemm_q4_k", "matvec_q6_k_b1", "embedding_q8_0", "rope_neox_d128", "argmax_f32", "add_bias_f32",
-            "attn_prefill_d64", "block 1 ffn residual", "greedy continuation (graph decode)"} <= names
+            "attn_prefill_d64", "block 1 ffn residual", "greedy continuation (graph decode)",
+            "matvec_split_add_q6_k_b1", "matvec_split_add_q6_k_b1 repeated"} <= names
     assert all(c["ok"] for c in report["checks"])
     assert "gemm_q4_k [sm_80 ptx]" in names  # the H100 cubins, then the portable PTX
     assert sum(c["level"] == "layer" for c in report["checks"]) == 2 * SHAPES["tiny-qwen2"].n_layers

@@ -95,6 +95,22 @@ MEASURED_H200 = {
     "embedding_": (3.0e-6, 0.8e12),  # one row: 3.1 us
 }
 
+# Predictions, not measurements (issue 18; docs/benchmarks/cuda.md "Split-K down projection and a
+# normed output row"): laws for the kernels that change, assumed before the H200 measures them.
+# - the split-K down projection (1,536 programs of 4.4 steps instead of 384 of 17.5): streams
+#   like the mat-vecs that have enough programs (the GLU: 1,120 programs, 15.5 MB at the 0.8 TB/s
+#   law), 1 us more for the last program's reduction (partials back from L2, a second pass);
+# - the output matrix read by the plain b1 mat-vec from a normed row: its L2 reads fall from
+#   3.7x to 0.6x its weight bytes (x, and g, no longer read twice by every one of 37,984
+#   programs), so the 191 MB stream at 1.6 TB/s, twice the fused node's 0.85 (the doc's "halve");
+# - rmsnorm of one row: one program, as the one-row embedding (3.1 us).
+# `predict(..., measured=MEASURED_H200 | PREDICTED_H200)`: the measured laws first (by prefix).
+PREDICTED_H200 = {
+    "matvec_split_add_": (5.5e-6, 0.8e12),
+    "rmsnorm_f32": (3.0e-6, 0.8e12),
+    "matvec_": (4.5e-6, 1.6e12),  # the plain mat-vecs (decode: the output matrix only)
+}
+
 
 @dataclass(frozen=True)
 class Traffic:
@@ -239,6 +255,11 @@ def traffic(e: dict, a: dict, grid: tuple, read_i32: ReadI32 | None = None) -> T
         return _matmul(e, a, grid)
     if fam == "matvec_fused":
         return _matvec_fused(e, a, grid)
+    if fam == "matvec_split":  # y read and written, the partials written and read back (L2)
+        n, k = a["N"], a["K"]
+        w = n * k * weight_bytes_per_element(e["qtype"])
+        return Traffic(w + 4 * k + 8 * n, 2.0 * n * k, False, w + 4 * k * grid[0] + 8 * n
+                       + 8 * n * a["splits"])
     if name.startswith("attn_prefill"):
         return _attn_prefill(e, a, grid)
     if name.startswith("attn_decode"):

@@ -19,6 +19,9 @@ with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 46
   verify      90   `ukgpu verify` layers + e2e on --slice (real weights), then all on synthetic SmolLM2
   ptx-bench   75   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
+  sweep      200   tools/dev/kernel_sweep.py run: the shipped build and its environment variants
+                   (each decode path of fused_ops.py on and off), greedy tokens compared (OUT/sweep);
+                   not in the default steps: name it in --steps
 
 `llama` runs two steps: llama-bench (240 s), the prebuilt llama-bench (from --archive; built from
 --llama-cpp with CMake and nvcc if no archive is there) on the same synthetic models, its results
@@ -49,7 +52,8 @@ from llamacpp_src import CheckError, build_llama_bench, pack_llamacpp  # noqa: E
 ROOT = HERE.parents[1]
 KIT = ROOT / "build" / "kit"  # ignored by git; what the device machine needs travels here
 RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 110, "verify": 90,
-             "ptx-bench": 75, "bench-cuda": 120}
+             "ptx-bench": 75, "bench-cuda": 120, "sweep": 200}
+OPTIONAL_STEPS = ("sweep",)  # run only when --steps names them
 LLAMA_STEPS = {"llama-bench": 240, "ukgpu-bench": 180}
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")
 PACKAGES = ("llama_core", "gpu", "ptx_kernels", "kernel", "tools")  # pyproject's package-dir
@@ -177,6 +181,19 @@ class Phases:
                  *(["--quick"] if self.args.dry_run else [])])
         return "bench-cuda.json (ukgpu alone)"
 
+    def sweep(self) -> str:
+        """Old and new decode paths of the shipped build in one run (`kernel_sweep.py run`, no
+        built variants): tg, 4 sequences and tg after 1024 tokens per variant, tokens against
+        the shipped build's."""
+        self.await_prebuild()
+        quick = ["--repeats", "1", "--n-gen", "4", "--models", "smollm2-135m"] if self.args.dry_run else []
+        self.sh([self.python, "tools/dev/kernel_sweep.py", "run", "-o", str(self.out / "sweep"), *quick])
+        rows = json.loads((self.out / "sweep" / "sweep.json").read_text())
+        failed = [r["variant"] for r in rows if r.get("exit")]
+        if failed:
+            raise CheckError(f"sweep variants failed: {', '.join(failed)} (sweep/sweep.json)")
+        return f"sweep/sweep.json ({len(rows)} runs)"
+
     def _llama_ready(self) -> Path:
         """The llama-bench binary, runnable: ukgpu installed (a fresh machine: `run` did not go
         first), the Python's `nvidia/*/lib*.so.13` (cuBLAS, cudart) on LD_LIBRARY_PATH for every
@@ -279,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "step":
         return _step(args)
     table = RUN_STEPS if args.cmd == "run" else LLAMA_STEPS
-    names = args.steps.split(",") if args.steps else list(table)
+    names = args.steps.split(",") if args.steps else [n for n in table if n not in OPTIONAL_STEPS]
     unknown = [n for n in names if n not in table]
     if unknown:
         print(f"gpu_check: unknown step(s) {', '.join(unknown)}; known: {', '.join(table)}", file=sys.stderr)

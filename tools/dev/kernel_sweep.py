@@ -2,6 +2,7 @@
 
     python3 tools/dev/kernel_sweep.py build -o build/kit/variants        # here, ~1 min a variant
     python3 tools/dev/kernel_sweep.py run -d build/kit/variants -o OUT   # on the GPU machine
+    python3 tools/dev/kernel_sweep.py run -o OUT   # the shipped build and its environment variants
 
 `build` compiles the `matvec_fused` entries (norm, glu, add, qkv) of the weight types the benchmark
 models use with other (BLOCK_N, BLOCK_K, num_warps, num_stages), one folder per variant holding an
@@ -33,8 +34,17 @@ SHIPPED = ROOT / "ptx_kernels" / "build"
 TYPES = ("Q4_K", "Q6_K", "Q4_1", "Q8_0")  # the synthetic Qwen2.5-1.5B and SmolLM2-135M matrices
 MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
 N_CTX, LONG = 2048, 1024  # the server's default context; the prompt before the long-context decode
-# runs of the shipped kernels with an environment variable set: the decode attention's keys per split
-ENV_VARIANTS = {"split128": {"UKGPU_DECODE_SPLIT_KEYS": "128"}, "split64": {"UKGPU_DECODE_SPLIT_KEYS": "64"}}
+# runs of the shipped kernels with environment variables set (gpu/cuda/fused_ops.py): "old" is the
+# decode step before issue 18 (down projection in one pass, the output matrix recomputing the
+# norm); "nosplit" and "fusednorm" undo one change each; "split512" also splits the o projection
+# (1.5B) and SmolLM2's down projection.  (The decode attention's keys per split,
+# UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64 was taken.)
+ENV_VARIANTS = {
+    "old": {"UKGPU_SPLIT_K_COLUMNS": "0", "UKGPU_NORMED_OUTPUT": "0"},
+    "nosplit": {"UKGPU_SPLIT_K_COLUMNS": "0"},
+    "fusednorm": {"UKGPU_NORMED_OUTPUT": "0"},
+    "split512": {"UKGPU_SPLIT_K_COLUMNS": "512"},
+}
 # variant -> {version: (BLOCK_N, BLOCK_K, num_warps, num_stages)}; BLOCK_B stays (1 or 8)
 VARIANTS: dict[str, dict[str, tuple[int, int, int, int]]] = {
     "k1024": {"b1": (4, 1024, 4, 1), "b8": (8, 128, 4, 1)},
@@ -152,7 +162,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = sorted(p.name for p in args.dir.iterdir() if (p / "sm_90a" / "manifest.json").is_file())
+    variants = sorted(p.name for p in args.dir.iterdir() if (p / "sm_90a" / "manifest.json").is_file()) \
+        if args.dir else []
     order = ["shipped", *ENV_VARIANTS, *variants, "shipped"]
     results: list[dict] = []
     for i, name in enumerate(order):
@@ -161,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             env["UKGPU_KERNELS_DIR"] = str((args.dir / name).resolve())
         js = args.out / f"sweep-{i}-{name}.json"
         cmd = [sys.executable, __file__, "measure", "--json", str(js), "--repeats", str(args.repeats),
-               "--models", *args.models]
+               "--n-gen", str(args.n_gen), "--models", *args.models]
         t = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         row = {"variant": name, "seconds": round(time.perf_counter() - t, 1), "exit": done.returncode}
@@ -206,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-o", "--out", type=Path, required=True)
     b.add_argument("--only", help="comma-separated variant names")
     r = sub.add_parser("run")
-    r.add_argument("-d", "--dir", type=Path, required=True)
+    r.add_argument("-d", "--dir", type=Path, help="variants built by `build` (default: none, only "
+                   "the environment variants)")
     r.add_argument("-o", "--out", type=Path, required=True)
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--timeout", type=float, default=90)
+    r.add_argument("--n-gen", type=int, default=128)
     r.add_argument("--models", nargs="+", default=list(MODELS))
     m = sub.add_parser("measure")
     m.add_argument("--json", type=Path, required=True)
