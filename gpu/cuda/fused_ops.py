@@ -13,8 +13,10 @@ Two one-row cases go another way, each for a matrix too lopsided for one program
   rmsnorm once, then the plain mat-vec on the normed row, instead of every one of its programs
   recomputing the norm and reading x and g.
 
-`UKGPU_SPLIT_K_COLUMNS` (default 2048; 0 = never split) and `UKGPU_NORMED_OUTPUT` (default 1;
-0 = the fused norm) choose other paths for measurements (`tools/dev/kernel_sweep.py`).
+The split is off by default (`UKGPU_SPLIT_K_COLUMNS` unset or 0) until an H200 run has checked
+its cross-program ticket and measured it; `UKGPU_SPLIT_K_COLUMNS=2048` turns it on (each split at
+least that many columns).  `UKGPU_NORMED_OUTPUT=0` gives back the fused norm.  Both choose paths
+for measurements (`tools/dev/kernel_sweep.py`).
 
 A mixin of `CudaBackend`: it uses the backend's `new`, `upload`, `launch`, `capturing` and
 `_manifest_names`.
@@ -44,9 +46,9 @@ NORMED_INPUT_ROWS = 32768  # a lone weight with more rows (the output matrix) re
 
 def split_k(n: int, k: int) -> int:
     """Programs a row block of an (n, k) one-row residual mat-vec: 1 (no split) unless its row
-    blocks are too few to fill the GPU; then each split keeps at least $UKGPU_SPLIT_K_COLUMNS
-    (default 2048) columns, at most SPLIT_K_MAX splits."""
-    cols = int(os.environ.get("UKGPU_SPLIT_K_COLUMNS") or 2048)
+    blocks are too few to fill the GPU and $UKGPU_SPLIT_K_COLUMNS is set (off by default, see
+    above); then each split keeps at least that many columns, at most SPLIT_K_MAX splits."""
+    cols = int(os.environ.get("UKGPU_SPLIT_K_COLUMNS") or 0)
     blocks = -(-n // SPLIT_K_ROWS)
     if cols <= 0 or blocks >= SPLIT_K_PROGRAMS or blocks > SPLIT_K_COUNTERS:
         return 1

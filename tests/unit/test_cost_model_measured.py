@@ -56,7 +56,7 @@ TODAY = {"qwen2.5-coder-1.5b": (185, 28, 2150.6e-6), "smollm2-135m": (183, 0, 10
 
 @pytest.mark.parametrize("name", list(TODAY))
 def test_the_predicted_laws_price_todays_step(name, monkeypatch):
-    monkeypatch.delenv("UKGPU_SPLIT_K_COLUMNS", raising=False)
+    monkeypatch.setenv("UKGPU_SPLIT_K_COLUMNS", "2048")  # the candidate step: split-K turned on
     monkeypatch.delenv("UKGPU_NORMED_OUTPUT", raising=False)
     trace, read = _decode_trace(name)
     kernels, split_layers, seconds = TODAY[name]

@@ -71,15 +71,16 @@ def test_split_k_and_normed_output_decode_as_before(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("n,k,cols,want", [
-    (1536, 8960, None, 4),  # Qwen2.5-1.5B down: 384 row blocks, 4 splits of 2,240 columns
-    (1536, 1536, None, 1),  # its o projection: each split would be under 2,048 columns
-    (576, 1536, None, 1),  # SmolLM2 down
-    (8960, 1536, None, 1),  # gate/up sized: 2,240 row blocks fill the GPU
+    (1536, 8960, None, 1),  # off by default until measured on an H200
+    (1536, 8960, "2048", 4),  # Qwen2.5-1.5B down: 384 row blocks, 4 splits of 2,240 columns
+    (1536, 1536, "2048", 1),  # its o projection: each split would be under 2,048 columns
+    (576, 1536, "2048", 1),  # SmolLM2 down
+    (8960, 1536, "2048", 1),  # gate/up sized: 2,240 row blocks fill the GPU
     (1536, 8960, "0", 1),  # switched off
     (1536, 1536, "512", 3),
     (576, 1536, "512", 3),
     (576, 576, "512", 1),
-    (1536, 32768, None, 4),  # at most 4
+    (1536, 32768, "2048", 4),  # at most 4
 ])
 def test_split_k_rule(n, k, cols, want, monkeypatch):
     if cols is None:

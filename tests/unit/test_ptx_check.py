@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -12,12 +11,10 @@ from ukgpu.tools.cli import main
 
 
 def test_committed_artifacts_pass_the_full_check(capsys):
-    t0 = time.time()
-    rc = main(["ptx", "check"])
+    rc = main(["ptx", "check"])  # its time is a benchmark's business, not this test's
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "0 problem(s)" in out.out
-    assert time.time() - t0 < 60
 
 
 @pytest.fixture

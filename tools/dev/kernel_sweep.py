@@ -36,13 +36,14 @@ MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
 N_CTX, LONG = 2048, 1024  # the server's default context; the prompt before the long-context decode
 # runs of the shipped kernels with environment variables set (gpu/cuda/fused_ops.py): "old" is the
 # decode step before issue 18 (down projection in one pass, the output matrix recomputing the
-# norm); "nosplit" and "fusednorm" undo one change each; "split512" also splits the o projection
+# norm); "split2048" turns the split-K down projection on (off by default until measured), and
+# "fusednorm" with it undoes the normed output row; "split512" also splits the o projection
 # (1.5B) and SmolLM2's down projection.  (The decode attention's keys per split,
 # UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64 was taken.)
 ENV_VARIANTS = {
     "old": {"UKGPU_SPLIT_K_COLUMNS": "0", "UKGPU_NORMED_OUTPUT": "0"},
-    "nosplit": {"UKGPU_SPLIT_K_COLUMNS": "0"},
-    "fusednorm": {"UKGPU_NORMED_OUTPUT": "0"},
+    "split2048": {"UKGPU_SPLIT_K_COLUMNS": "2048"},
+    "fusednorm": {"UKGPU_SPLIT_K_COLUMNS": "2048", "UKGPU_NORMED_OUTPUT": "0"},
     "split512": {"UKGPU_SPLIT_K_COLUMNS": "512"},
 }
 # variant -> {version: (BLOCK_N, BLOCK_K, num_warps, num_stages)}; BLOCK_B stays (1 or 8)
