@@ -315,14 +315,17 @@ def serial_commands(guest: Guest) -> None:
 def main(t_init: float | None = None) -> None:
     """The guest's life; `t_init` is the uptime when /init started (before any import).  As PID 1
     it supervises: the guest runs in a child, and its death powers the machine off with a reason."""
-    if os.getpid() == 1:
+    supervised = os.getpid() == 1
+    if supervised:
         child = os.fork()
         if child:
             supervise(child)
-    run_guest(t_init)
+    run_guest(t_init, supervised)
 
 
-def run_guest(t_init: float | None) -> None:
+def run_guest(t_init: float | None, supervised: bool = False) -> None:
+    """Boot and serve; on failure say why and end: under PID 1, by exiting (PID 1 adds the kernel's
+    verity lines, if any, and powers off), else by powering off."""
     try:
         guest = Guest(t_init)
         say(f"init started {guest.t_init:.2f}s after boot")
@@ -332,9 +335,10 @@ def run_guest(t_init: float | None) -> None:
             traceback.print_exc()
         print(f"ukgpu: FATAL: {type(exc).__name__}: {exc}", flush=True)
         try:
-            init_sys.power_off()
+            if not supervised:
+                init_sys.power_off()
         finally:
-            os._exit(1)  # power off failed: PID 1 notices and tries again
+            os._exit(1)
 
 
 def supervise(child: int) -> None:
