@@ -151,7 +151,7 @@ class GGUFArray(Sequence):
 
     def __iter__(self) -> Iterator[Any]:
         if self.kind == "string":
-            return (self._string(i) for i in range(len(self)))
+            return self._strings()
         if self.kind == "array":
             return iter(self._data)
         return (v for i in range(0, len(self), _ITER_CHUNK) for v in self._chunk(i))
@@ -159,6 +159,17 @@ class GGUFArray(Sequence):
     def _chunk(self, start: int) -> list:
         values = self._data[start : start + _ITER_CHUNK]
         return (values != 0).tolist() if self.kind == "bool" else values.tolist()
+
+    def _strings(self) -> Iterator[str]:
+        """Every string in order: the offsets become one list first (a numpy scalar per string
+        costs more than the decoding, ~3x the time for a 49k-token vocabulary)."""
+        offsets, buf = self._data.tolist(), self._buf
+        try:
+            for i in range(len(offsets) - 1):
+                yield buf[offsets[i] + 8:offsets[i + 1]].decode("utf-8")
+        except UnicodeDecodeError:
+            self._string(i)  # raises the file's error for entry i
+            raise
 
     def _string(self, i: int) -> str:
         start, end = int(self._data[i]) + 8, int(self._data[i + 1])

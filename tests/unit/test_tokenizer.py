@@ -9,8 +9,9 @@ import unicodedata
 import pytest
 
 from ukgpu.llama_core.errors import TokenizerError
+from ukgpu.llama_core.text import unicode_ranges
 from ukgpu.llama_core.text.bpe import byte_alphabet
-from ukgpu.llama_core.text.pretokenize import PreTokenizer, _category_classes
+from ukgpu.llama_core.text.pretokenize import PreTokenizer, _category_classes, scan_ranges
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer, _clean_spaces
 
 CONTROL, NORMAL, BYTE, USER = 3, 1, 6, 4
@@ -125,6 +126,27 @@ def test_category_classes_agree_with_unicodedata():
         major = unicodedata.category(ch)[0]
         for name, pattern in classes.items():
             assert bool(pattern.match(ch)) == (major == name), (hex(cp), name)
+
+
+def test_stored_category_ranges_are_this_pythons_unicodedata():
+    """unicode_ranges.py is the scan's result; regenerate it with
+    `python -m ukgpu.llama_core.text.pretokenize` when Python's Unicode version changes."""
+    if unicode_ranges.UNIDATA_VERSION != unicodedata.unidata_version:
+        pytest.skip(f"stored ranges are for Unicode {unicode_ranges.UNIDATA_VERSION}: this Python scans")
+    stored = {k: tuple(zip(v[0::2], v[1::2])) for k, v in unicode_ranges.RANGES.items()}
+    assert stored == scan_ranges()
+
+
+def test_category_classes_match_every_code_point_like_the_escaped_classes():
+    """The classes hold literal characters (escaped where `re` would read syntax): the same set
+    as `\\U` escapes of the ranges, for every code point, alone and negated."""
+    everything = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    classes = _category_classes()
+    for major, ranges in scan_ranges().items():
+        escaped = "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+        assert re.findall(f"[{classes[major]}]", everything) == re.findall(f"[{escaped}]", everything)
+        assert (re.findall(f"[^{classes[major]}{classes['s']}]", everything)
+                == re.findall(f"[^{escaped}{classes['s']}]", everything))
 
 
 @pytest.mark.parametrize("md, message", [
