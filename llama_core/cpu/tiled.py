@@ -72,19 +72,26 @@ def repack(rows: np.ndarray, qtype: T) -> TilePack:
     data = np.empty(n_out * rb, np.uint8)
     full = n_out // rt * rt
     if full:
-        data[: full * rb] = _permute(rows[:full], rt * nb, bpb, qtype).reshape(-1)
+        _permute(rows[:full], rt * nb, bpb, qtype, data[: full * rb])
     if full < n_out:
-        data[full * rb :] = _permute(rows[full:], (n_out - full) * nb, bpb, qtype).reshape(-1)
+        _permute(rows[full:], (n_out - full) * nb, bpb, qtype, data[full * rb :])
     return TilePack(qtype, (n_out, nb * 32), rt, data)
 
 
-def _permute(rows: np.ndarray, lanes: int, bpb: int, qtype: T) -> np.ndarray:
-    """GGUF rows of whole tiles -> uint8[tiles, lanes * bpb] in tile order."""
-    hdr, qo, _ = _SECTIONS[qtype]
+def _permute(rows: np.ndarray, lanes: int, bpb: int, qtype: T, out: np.ndarray) -> None:
+    """GGUF rows of whole tiles -> `out` (uint8, flat) as [tiles, lanes * bpb] in tile order.
+
+    Each section is copied straight into its place (one pass over the bytes: at load time,
+    under emulation, the two extra copies of the whole model that a concatenate costs matter)."""
+    hdr, qo, nq = _SECTIONS[qtype]
     blk = rows.reshape(-1, lanes, bpb)  # [tile, lane, byte]
-    parts = [blk[:, :, a : a + n].reshape(blk.shape[0], -1) for a, n in hdr]
-    parts.append(blk[:, :, qo:].transpose(0, 2, 1).reshape(blk.shape[0], -1))
-    return np.concatenate(parts, axis=1)
+    k = blk.shape[0]
+    dst = out.reshape(k, lanes * bpb)
+    off = 0
+    for a, n in hdr:
+        dst[:, off : off + lanes * n].reshape(k, lanes, n)[...] = blk[:, :, a : a + n]
+        off += lanes * n
+    dst[:, off:].reshape(k, nq, lanes)[...] = blk[:, :, qo:].transpose(0, 2, 1)
 
 
 def _unpermute(tiles: np.ndarray, lanes: int, bpb: int, qtype: T) -> np.ndarray:
