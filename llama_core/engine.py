@@ -37,7 +37,6 @@ from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.logprobs import token_logprob
 from ukgpu.llama_core.model import Model
-from ukgpu.llama_core.models.registry import resolve_model
 from ukgpu.llama_core.sampling import Sampler, SamplingParams
 from ukgpu.llama_core.sequence import Sequence, Stats, TokenEvent, common_prefix_len, find_stop, stop_prefix_len
 from ukgpu.llama_core.text.tokenizer import IncrementalDecoder, Tokenizer
@@ -98,7 +97,7 @@ class Engine:
         if isinstance(model, Model):
             note = model.backend.name
         else:
-            gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(str(model)))
+            gguf = model if isinstance(model, GGUFFile) else open_gguf(_resolve(str(model)))
             if isinstance(backend, Backend):
                 chosen, note = backend, backend.name
             else:
@@ -387,3 +386,10 @@ class Engine:
         seq.held = ""
         seq.finish_reason = reason
         return TokenEvent(token, text, reason)
+
+
+def _resolve(name: str):
+    """A model name or path -> its file (the registry, tqdm and friends load only for a name)."""
+    from ukgpu.llama_core.models.registry import resolve_model
+
+    return resolve_model(name)

@@ -40,7 +40,6 @@ from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention
 from ukgpu.llama_core.errors import UkgpuError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.layers import RopeTable, Weights, rope_config
-from ukgpu.llama_core.models.registry import resolve_model
 
 __all__ = ["ContextOverflowError", "Model", "Weights", "rope_config"]
 
@@ -67,7 +66,7 @@ class Model:
         """Open a model by name or path; `dtype` picks the CPU backend's precision."""
         from ukgpu.llama_core.cpu.backend import CpuBackend
 
-        return cls(open_gguf(resolve_model(str(model))), backend or CpuBackend(dtype=dtype))
+        return cls(open_gguf(_resolve(str(model))), backend or CpuBackend(dtype=dtype))
 
     def new_kv(self, n_ctx: int) -> KVCache:
         c = self.config
@@ -194,3 +193,10 @@ class Model:
         if lw.ffn_post_norm is None:
             return be.matmul_add(x, f, lw.w_down)
         return be.add(x, be.rmsnorm(be.matmul(f, lw.w_down), lw.ffn_post_norm, eps))
+
+
+def _resolve(name: str):
+    """A model name or path -> its file (the registry, tqdm and friends load only for a name)."""
+    from ukgpu.llama_core.models.registry import resolve_model
+
+    return resolve_model(name)

@@ -228,3 +228,26 @@ def test_release_pages_drops_a_tensor_from_rss_and_keeps_its_bytes(smollm2_path)
     owned = TensorView("w", view.qtype, (4,), np.zeros(4 * 18, dtype=np.uint8))
     assert not owned.release_pages()  # never on memory that is not a read-only file mapping
     assert not owned.data.any()
+
+
+def test_string_arrays_iterate_like_indexing(smollm2):
+    tokens = smollm2.metadata["tokenizer.ggml.tokens"]
+    assert list(tokens) == [tokens[i] for i in range(len(tokens))]
+
+
+def test_lazy_gguf_package_loads_the_rest_when_asked():
+    """The guest's `import gguf` skips gguf-py's __init__ until a name beyond the quant types
+    and submodules is used; then everything is there and the enums are the same objects."""
+    code = (
+        "import sys\n"
+        "from ukgpu.kernel.guest.engine_setup import lazy_gguf_package\n"
+        "lazy_gguf_package()\n"
+        "from gguf import GGMLQuantizationType as T\n"
+        "from gguf import quants\n"
+        "assert 'gguf.gguf_writer' not in sys.modules and 'gguf.metadata' not in sys.modules\n"
+        "import gguf, gguf.constants\n"
+        "assert T is gguf.constants.GGMLQuantizationType and quants is gguf.quants\n"
+        "assert gguf.GGUFWriter and gguf.GGUFReader and gguf.GGMLQuantizationType is T\n"
+        "assert 'gguf.metadata' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
