@@ -276,8 +276,8 @@ class _Cursor:
             for _ in range(n):
                 append(pos)
                 pos += 8 + unpack(self.buf, pos)[0]
-        except struct.error:
-            pos = self.size + 1  # a length field past the end of the file
+        except (struct.error, OverflowError):  # a length field past the end of the file, or one
+            pos = self.size + 1  # so large that the next offset does not fit in an int64
         if pos > self.size:
             raise self.fail(f"{what}: its {n} strings run past the end of the file")
         append(pos)
