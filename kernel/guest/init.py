@@ -164,6 +164,25 @@ def stage1_times(env, t_init: float) -> dict[str, float]:
     return {"boot_to_init": start, "root": took, "python_start": max(0.0, t_init - start - took)}
 
 
+def prefetch(path: str, chunk: int = 1 << 20) -> threading.Thread:
+    """Read `path` once in a background thread: the kernel checks its blocks (dm-verity) on the
+    other vCPU while this one imports Python modules, and the loader then reads from the page
+    cache.  A read error just ends the thread: the loader's own read reports it."""
+
+    def run() -> None:
+        buf = bytearray(chunk)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=run, name="ukgpu-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
 def disk_reads(sys_block: str = "/sys/block") -> dict[str, int]:
     """Bytes read so far from each device-mapper disk, by its name (ukgpu-root, ukgpu-model):
     under dm-verity every one of them was hashed by the kernel."""
@@ -216,6 +235,7 @@ class Guest:
         with open("/proc/cmdline") as f:
             self.cfg = BootConfig.parse(f.read())
         self.step("verify", self.verify_image)
+        prefetch(self.model_file())
         self.step("modules", self.load_modules)
         power_button.watch(lambda: self.shutdown("the ACPI power button"))
         self.step("network", init_sys.configure_network, self.cfg.net)

@@ -149,3 +149,16 @@ def test_disk_reads_come_from_the_device_mapper_stats(tmp_path):
     (tmp_path / "vda").mkdir()
     assert disk_reads(str(tmp_path)) == {"ukgpu-root": 2048 * 512, "ukgpu-model": 10 * 512}
     assert disk_reads(str(tmp_path / "none")) == {}
+
+
+def test_prefetch_reads_the_file_once_and_a_missing_one_quietly(tmp_path):
+    from ukgpu.kernel.guest.init import prefetch
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(range(256)) * 9000)
+    thread = prefetch(str(path), chunk=4096)
+    thread.join(10)
+    assert not thread.is_alive()
+    missing = prefetch(str(tmp_path / "none"))
+    missing.join(10)
+    assert not missing.is_alive()  # the loader reports the error, not this thread
