@@ -253,23 +253,24 @@ class Guest:
         """The manifest (its digest from the command line) and the model path; the bytes are the
         kernel's job: the root and model disks are dm-verity mappings made by stage 1."""
         self.doc = manifest.load(manifest.GUEST_PATH, self.cfg.manifest_sha256)
-        model = self._check_model_path()
+        model, on_disk = self._check_model_path()
         if self.cfg.verify == "off":
             say("image check skipped (ukgpu.verify=off): the disks were mapped without dm-verity")
             return
-        where = "its own verity disk" if model == self.doc["model"]["path"] and self.doc["model"].get("disk") \
-            else "the root disk"
+        where = "its own verity disk" if on_disk else "the root disk"
         say(f"image verified block by block as it is read: root on dm-verity ({len(self.doc['files'])} files "
             f"pinned by the manifest), model {model} on {where}")
 
-    def _check_model_path(self) -> str:
+    def _check_model_path(self) -> tuple[str, bool]:
+        """The model's path, and whether it is the model disk; ManifestError unless it is the
+        image's own model."""
         model = self.model_file()
-        disk = self.doc["model"].get("disk") and model == self.doc["model"]["path"]
+        disk = bool(self.doc["model"].get("disk")) and model == self.doc["model"]["path"]
         if model not in self.doc["files"] and not disk:
             raise manifest.ManifestError(f"ukgpu.model={model} is not a file of the image's manifest: "
                                          "only the image's own model is served (or boot without the "
                                          "check: ukgpu boot --insecure-skip-verify)")
-        return model
+        return model, disk
 
     def model_file(self) -> str:
         return self.cfg.model or self.doc["model"]["path"]
@@ -277,7 +278,7 @@ class Guest:
     def load_modules(self) -> None:
         for path in self.doc["modules"]:
             init_sys.insmod(path)
-        if os.path.ismount("/") and not _writable("/"):
+        if not _writable("/"):
             init_sys.writable_overlay(UKGPU_DIR)
 
     def load_model(self):

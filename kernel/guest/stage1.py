@@ -32,6 +32,7 @@ import struct
 import time
 
 ROOT_SERIAL, MODEL_SERIAL = "ukgpu-root", "ukgpu-model"
+SERIALS = {"root": ROOT_SERIAL, "model": MODEL_SERIAL}  # a disk's role -> its virtio serial
 MODEL_NODE = "/dev/ukgpu-model"
 NEW_ROOT = "/newroot"
 MODULE_LIST = "/etc/ukgpu/stage1-modules"
@@ -123,11 +124,15 @@ def parse_cmdline(text: str) -> dict[str, str]:
 _libc = None
 
 
-def _call(name: str, *args) -> None:
+def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    if getattr(_libc, name)(*args) != 0:
+    return _libc
+
+
+def _call(name: str, *args) -> None:
+    if getattr(_lib(), name)(*args) != 0:
         err = ctypes.get_errno()
         raise StageError(f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)} failed: "
                          f"{os.strerror(err)}")
@@ -142,10 +147,7 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
 def insmod(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        global _libc
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        if _libc.syscall(_SYS_FINIT_MODULE, fd, b"", 0) != 0 and ctypes.get_errno() != 17:  # EEXIST
+        if _lib().syscall(_SYS_FINIT_MODULE, fd, b"", 0) != 0 and ctypes.get_errno() != 17:  # EEXIST
             raise StageError(f"insmod {path} failed: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
@@ -238,7 +240,7 @@ def power_off() -> None:
     try:
         os.sync()
     finally:
-        ctypes.CDLL(None).reboot(_LINUX_REBOOT_CMD_POWER_OFF)
+        _lib().reboot(_LINUX_REBOOT_CMD_POWER_OFF)
     os._exit(1)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ukgpu.kernel import manifest
+from ukgpu.kernel.guest import stage1
 from ukgpu.kernel.image import (
     debs,
     guest_closure,
@@ -57,12 +58,13 @@ BUILDER_VERSION = "2"
 DEFAULT_MODEL = "smollm2-135m"
 EMBED_LIMIT = 200 << 20
 GUEST_MODELS = "/models"
-MODEL_DISK = "/dev/ukgpu-model"  # kernel/guest/stage1.py MODEL_NODE: the model disk's verity mapping
+MODEL_DISK = stage1.MODEL_NODE  # the model disk's verity mapping, made by stage 1
 ROOT_DISK, MODEL_DISK_FILE = "root.img", "model.img"
 NET_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_rng")
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
 POWER_MODULES = ("button", "evdev")  # the ACPI power button as an input device (kernel/guest/power_button.py)
 FS_MODULES = ("overlay",)  # a writable layer over the numba cache's read-only folders
+GUEST_MODULES = NET_MODULES + VFIO_MODULES + POWER_MODULES + FS_MODULES  # what the guest's init loads
 GUEST_IMPORTS = ("numpy", "starlette", "uvicorn", "ukgpu.kernel.guest.init", "ukgpu.kernel.guest.engine_setup",
                  "ukgpu.kernel.api.app", "ukgpu.kernel.api.server", "ukgpu.llama_core.engine",
                  "ukgpu.llama_core.cpu.backend", "ukgpu.llama_core.text.chat")
@@ -176,7 +178,6 @@ def _input_key(inputs: Inputs, config: BuildConfig) -> str:
         "embed_limit": config.embed_limit,
         "python": inputs.py_versions,
         "numba": config.numba,
-        "stage1": manifest.sha256_file(rootfs.STAGE1_SOURCE),  # read by the builder, not imported
         "verity_hash": verity.DEFAULT_HASH,
     }
     digest.update(json.dumps(parts, sort_keys=True).encode())
@@ -277,7 +278,7 @@ def _add_system(layout: image_python.Layout, inputs: Inputs) -> None:
     layout.files["/usr/bin/busybox"] = inputs.deb_roots["busybox-static"] / "bin" / "busybox"
     layout.links["/usr/bin/sh"] = "busybox"
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES + FS_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in GUEST_MODULES if not debs.is_builtin(tree, m)]
     for ko in debs.module_closure(tree, wanted):
         layout.files[_module_guest(tree, ko)] = ko
 
@@ -295,7 +296,7 @@ def _manifest(root: Path, inputs: Inputs, model_guest: str | None) -> dict:
         elif path.is_file():
             files[guest] = manifest.digests(path)
     tree = inputs.kernel
-    wanted = [m for m in NET_MODULES + VFIO_MODULES + POWER_MODULES + FS_MODULES if not debs.is_builtin(tree, m)]
+    wanted = [m for m in GUEST_MODULES if not debs.is_builtin(tree, m)]
     return {
         "format": manifest.FORMAT,
         "files": files,

@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ukgpu.kernel.guest import stage1
 from ukgpu.kernel.image import oci
 from ukgpu.kernel.image.build import Image, ImageError
 
@@ -119,7 +120,7 @@ def _disk_image(layout: oci.Layout, image: Image, role: str, compress: bool, log
     entry = oci.FileEntry(f"{DISK_DIR.lstrip('/')}/{name}", source, QEMU_UID, QEMU_GID)
     layer = layout.add_layer([entry], {DISK_DIR.lstrip("/"): (QEMU_UID, QEMU_GID, 0o755)}, compress)
     notes = {"org.opencontainers.image.title": f"ukgpu {role} disk ({image.info['model']['name']})",
-             "io.ukgpu.disk-serial": f"ukgpu-{role}"}
+             "io.ukgpu.disk-serial": stage1.SERIALS[role]}
     if role == "model":
         notes["io.ukgpu.model-sha256"] = image.info["model"]["sha256"]
     return layout.add_image(ref, [layer], notes)

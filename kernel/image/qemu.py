@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ukgpu.kernel.guest import stage1
 from ukgpu.kernel.image import trust
 from ukgpu.kernel.image.build import Image
 from ukgpu.llama_core.errors import UkgpuError
@@ -69,9 +70,6 @@ def default_mem_mib(image: Image) -> int:
     return max(2048, math.ceil(need / (256 * MiB)) * 256)
 
 
-DISK_SERIALS = {"root": "ukgpu-root", "model": "ukgpu-model"}  # kernel/guest/stage1.py finds them by these
-
-
 def disk_args(image: Image) -> list[str]:
     """The image's read-only disks (root, and a model disk), each named by its virtio serial."""
     args = []
@@ -81,7 +79,7 @@ def disk_args(image: Image) -> list[str]:
             raise BootError(f"{path} is missing: not a complete image; rebuild it with `ukgpu image build`")
         file = str(path).replace(",", ",,")  # QEMU's option syntax doubles commas
         args += ["-drive", f"if=none,id={role},file={file},format=raw,readonly=on",
-                 "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
+                 "-device", f"virtio-blk-pci,drive={role},serial={stage1.SERIALS[role]}"]
     return args
 
 

@@ -110,18 +110,21 @@ def verify_for_boot(image_dir: Path) -> Verified:
     folder = Path(tempfile.mkdtemp(prefix="ukgpu-boot-"))  # mode 0700
     try:
         sums = {name: _copy_hashing(image_dir / name, folder / name) for name in BOOT_FILES}
-        record, digest = _find(sums, _claimed_digest(image_dir))
-        if record is None and digest == "ambiguous":
-            raise TrustError(
-                f"{image_dir}: several images recorded on this host share these boot files and its "
-                "image.json (changed after the build?) names none of them: rebuild it with "
-                "`ukgpu image build`, or pin it with `ukgpu image trust DIR --digest D`")
-        if record is None:
+        found = _matching(sums)
+        if len(found) > 1:  # images of one builder share their boot files: the folder picks one
+            found = [(record, digest) for record, digest in found if digest == _claimed_digest(image_dir)]
+            if not found:
+                raise TrustError(
+                    f"{image_dir}: several images recorded on this host share these boot files and its "
+                    "image.json (changed after the build?) names none of them: rebuild it with "
+                    "`ukgpu image build`, or pin it with `ukgpu image trust DIR --digest D`")
+        if not found:
             raise TrustError(
                 f"{image_dir}: this host has no record of an image with vmlinux sha256 {sums['vmlinux']} "
                 f"and initramfs.cpio sha256 {sums['initramfs.cpio']}: the files were changed after the "
                 "build, or the image was built elsewhere. Rebuild it with `ukgpu image build`, or pin it "
                 "with `ukgpu image trust DIR --digest D` (D from its builder)")
+        (record, digest), = found
         return Verified(digest, record["cmdline"], folder / "vmlinux", folder / "initramfs.cpio", folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -137,13 +140,13 @@ def _claimed_digest(image_dir: Path) -> str | None:
         return None
 
 
-def _find(sums: dict[str, str], claimed: str | None = None) -> tuple[dict | None, str]:
-    """The record of the image with these boot files.  Images of one builder share the stage-1
+def _matching(sums: dict[str, str]) -> list[tuple[dict, str]]:
+    """Every (record, digest) with these boot files.  Images of one builder share the stage-1
     initramfs and the kernel and differ in their disks' root hashes (on the command line), so
-    several records can match: the one the folder names is taken, and without it none is."""
+    several can match."""
     folder = trust_dir()
     if not folder.is_dir():
-        return None, ""
+        return []
     found = []
     for path in sorted(folder.glob("*.json")):
         try:
@@ -152,9 +155,7 @@ def _find(sums: dict[str, str], claimed: str | None = None) -> tuple[dict | None
             continue
         if record.get("sha256") == sums and digest_of(record) == path.stem:
             found.append((record, path.stem))
-    if len(found) > 1:
-        found = [(record, digest) for record, digest in found if digest == claimed] or [(None, "ambiguous")]
-    return found[0] if len(found) == 1 else (None, "")
+    return found
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:

@@ -46,14 +46,6 @@ class Verity:
         """`<data blocks>:<root hash>:<salt>:<hash>`, the value of ukgpu.root= / ukgpu.model_disk=."""
         return f"{self.data_blocks}:{self.root_hash}:{self.salt}:{self.algorithm}"
 
-    @classmethod
-    def parse(cls, word: str) -> Verity:
-        blocks, root, salt, algorithm = word.split(":")
-        int(root, 16), int(salt, 16)
-        if int(blocks) <= 0 or len(root) != 2 * DIGEST or algorithm not in HASHES:
-            raise ValueError(f"not <blocks>:<root hash>:<salt>:<hash>: {word!r}")
-        return cls(int(blocks), root.lower(), salt.lower(), algorithm)
-
 
 def _digests(blocks: list[bytes], salt: bytes, algorithm: str) -> bytes:
     new = HASHES[algorithm]

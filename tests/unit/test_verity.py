@@ -75,8 +75,8 @@ def test_a_flipped_data_byte_changes_the_root_hash(tmp_path):
 
 def test_disk_words_round_trip_and_bad_ones_are_refused():
     v = verity.Verity(245, "ab" * 32, "cd" * 32)
-    assert verity.Verity.parse(v.word()) == v
     assert stage1.parse_disk(v.word()) == (245, "ab" * 32, "cd" * 32, "blake2b-256")
+    assert set(stage1.HASHES) == set(verity.HASHES)  # what the host writes, the guest can map
     assert stage1.parse_disk(f"245:{'ab' * 32}:cd:sha256")[3] == "sha256"
     for bad in ("", "245:ab", "0:" + "ab" * 32 + ":cd:sha256", "x:" + "ab" * 32 + ":cd:sha256",
                 "245:abcd:cd:sha256", "245:" + "ab" * 32 + ":cd", "245:" + "ab" * 32 + ":cd:md5"):
