@@ -17,6 +17,7 @@ one-token forward, and there is no device memory to report or free.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,31 @@ class CpuBackend(Backend):
         self.max_batch = cpu_kernels.MV_MAX_ROWS
         self._ops = _numba_ops()
         self._rope_tables: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
+        self._plans: dict[int, Any] = {}  # id(model) -> its DecodePlan, or None (generic path)
+
+    # --- whole steps -------------------------------------------------------
+    def decode(self, model: Any, token: int, start_pos: int, kv: KVCache) -> np.ndarray:
+        """One compiled call for the whole step where the model fits it (`cpu.decode_step`);
+        `Model.forward` otherwise, or with UKGPU_CPU_FUSED_DECODE=0."""
+        plan = self._plan(model)
+        if plan is None:
+            return super().decode(model, token, start_pos, kv)
+        if start_pos + 1 > kv.n_ctx:
+            from ukgpu.llama_core.model import ContextOverflowError
+
+            raise ContextOverflowError(f"position {start_pos} is past a {kv.n_ctx}-token KV cache; "
+                                       "shorten the input or raise n_ctx")
+        return plan.step(token, start_pos, kv)
+
+    def _plan(self, model: Any) -> Any:
+        if os.environ.get("UKGPU_CPU_FUSED_DECODE", "1") == "0":
+            return None
+        key = id(model)
+        if key not in self._plans:
+            from ukgpu.llama_core.cpu.decode_step import DecodePlan
+
+            self._plans[key] = DecodePlan.build(model, self)  # holds model: the id stays its own
+        return self._plans[key]
 
     # --- weights and cache -------------------------------------------------
     def prepare_weight(self, view: TensorView) -> CpuWeight:

@@ -1,0 +1,83 @@
+"""The CPU backend's compiled decode step (`llama_core/cpu/decode_step.py`) against the generic
+forward pass it replaces: the same logits and the same KV cache entries, token after token, on
+every family it takes; the generic path where it does not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ukgpu.llama_core.cpu.backend import CpuBackend
+from ukgpu.llama_core.cpu.decode_step import DecodePlan
+from ukgpu.llama_core.gguf.file import open_gguf
+from ukgpu.llama_core.gguf.synthetic import build_synthetic
+from ukgpu.llama_core.model import ContextOverflowError, Model
+
+FUSED_FAMILIES = ["syn-llama3", "syn-llama-yarn", "syn-mistral", "syn-qwen3", "syn-phi3"]
+REL_TOL = 1e-5  # same kernels and order; only exp()'s last bit may differ (numba's vs numpy's)
+
+
+def _compare(model: Model, prompt: np.ndarray, steps: int) -> None:
+    """Decode `steps` tokens through the plan and through `Model.forward` side by side."""
+    be = model.backend
+    assert be._plan(model) is not None
+    fused, generic = model.new_kv(len(prompt) + steps + 4), model.new_kv(len(prompt) + steps + 4)
+    logits = model.forward(prompt, 0, generic, all_logits=False)
+    model.forward(prompt, 0, fused, all_logits=False)
+    token = int(np.argmax(logits[-1]))
+    for pos in range(len(prompt), len(prompt) + steps):
+        want = model.forward(np.array([token]), pos, generic, all_logits=False)
+        got = be.decode(model, token, pos, fused)
+        assert got.shape == want.shape and got.dtype == np.float32
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= REL_TOL, f"position {pos}: relative error {err:.2e}"
+        token = int(np.argmax(want[-1]))
+    end = len(prompt) + steps
+    for cache_f, cache_g in ((fused.k, generic.k), (fused.v, generic.v)):
+        np.testing.assert_allclose(cache_f[:, :, :end], cache_g[:, :, :end], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FUSED_FAMILIES)
+def test_step_matches_the_generic_forward(name: str):
+    model = Model(open_gguf(build_synthetic(name)), CpuBackend())
+    _compare(model, np.arange(3, 20), 12)
+
+
+def test_step_on_smollm2(smollm2):
+    """Q4_1 (tiled) matrices and a Q8_0 output, 30 layers."""
+    _compare(Model(smollm2, CpuBackend()), np.array([1, 504, 3458, 282, 4290, 314]), 6)
+
+
+def test_step_on_qwen05(qwen05):
+    """q/k/v biases; Q5_0, Q8_0 (tiled), Q4_K and Q6_K (raw rows) matrices."""
+    _compare(Model(qwen05, CpuBackend()), np.array([151644, 872, 198, 3838, 374, 220]), 4)
+
+
+def test_gemma3_keeps_the_generic_path():
+    model = Model(open_gguf(build_synthetic("syn-gemma3")), CpuBackend())
+    assert "block" in DecodePlan.why_not(model, model.backend)
+    assert model.backend._plan(model) is None
+    kv = model.new_kv(8)
+    np.testing.assert_array_equal(model.backend.decode(model, 5, 0, kv),
+                                  model.forward(np.array([5]), 0, model.new_kv(8), all_logits=False))
+
+
+def test_float64_backend_keeps_the_generic_path():
+    model = Model(open_gguf(build_synthetic("syn-llama3")), CpuBackend(dtype=np.float64))
+    assert model.backend._plan(model) is None
+    assert model.backend.decode(model, 5, 0, model.new_kv(8)).dtype == np.float64
+
+
+def test_switch_off_with_the_environment(monkeypatch):
+    monkeypatch.setenv("UKGPU_CPU_FUSED_DECODE", "0")
+    model = Model(open_gguf(build_synthetic("syn-llama3")), CpuBackend())
+    assert model.backend._plan(model) is None
+
+
+def test_position_past_the_cache_is_refused_and_writes_nothing():
+    model = Model(open_gguf(build_synthetic("syn-llama3")), CpuBackend())
+    kv = model.new_kv(4)
+    before = kv.k.copy()
+    with pytest.raises(ContextOverflowError, match="past a 4-token KV cache"):
+        model.backend.decode(model, 5, 4, kv)
+    np.testing.assert_array_equal(kv.k, before)
