@@ -81,3 +81,14 @@ def test_position_past_the_cache_is_refused_and_writes_nothing():
     with pytest.raises(ContextOverflowError, match="past a 4-token KV cache"):
         model.backend.decode(model, 5, 4, kv)
     np.testing.assert_array_equal(kv.k, before)
+
+
+def test_a_backend_subclass_that_changes_an_op_keeps_the_generic_path():
+    class Counting(CpuBackend):
+        def matmul(self, x, weight, bias=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().matmul(x, weight, bias)
+
+    model = Model(open_gguf(build_synthetic("syn-llama3")), Counting())
+    model.backend.decode(model, 5, 0, model.new_kv(8))
+    assert model.backend._plan(model) is None and model.backend.calls > 0

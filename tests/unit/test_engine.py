@@ -153,11 +153,13 @@ def test_auto_backend_falls_back_to_cpu_with_one_line(smollm2, capsys):
         Engine.load(smollm2, backend="tpu")
 
 
-def test_a_backend_decode_step_is_the_models_forward_by_default(smollm2):
-    """The `Backend` defaults (the CPU's): `decode` is a one-token forward, `decode_greedy` the
+def test_a_backend_decode_step_is_the_models_forward_by_default(smollm2, monkeypatch):
+    """The `Backend` defaults (the CPU's with its compiled step switched off; that step has its
+    own tests in test_decode_step.py): `decode` is a one-token forward, `decode_greedy` the
     token a greedy sampler picks from it; no device memory to report or free."""
     from ukgpu.llama_core.sampling import Sampler
 
+    monkeypatch.setenv("UKGPU_CPU_FUSED_DECODE", "0")
     model = Model(smollm2, CpuBackend())
     a, b = model.new_kv(16), model.new_kv(16)
     for kv in (a, b):
