@@ -94,3 +94,18 @@ def test_dashboard_command_refuses_a_malformed_file_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("ukgpu: error:") and "\n" not in err and "entries[0].results[0].median" in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_machine_names_the_cpu_and_its_simd_paths():
+    """The figures depend on the instruction sets (Zen 1's AVX2 vs an AVX-512 core): every report
+    carries them, and the dashboard's machine column shows them."""
+    from pathlib import Path
+
+    from ukgpu.tools.bench import html, machine
+
+    m = machine.machine_info()
+    flags = set(Path("/proc/cpuinfo").read_text().split("\n\n")[0].split("flags", 1)[1].split("\n")[0].split())
+    assert m["cpu_simd"] == [f for f in machine.SIMD_FLAGS if f in flags]
+    assert m["cpu_id"].split(" family ")[0] in Path("/proc/cpuinfo").read_text()
+    assert m["cpu_id"] in html._cpu_detail(m)
+    assert html._cpu_detail({"cpu": "old report"}) == ""

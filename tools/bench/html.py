@@ -79,7 +79,7 @@ def _files(reports: list[Report], sources: list[str]) -> str:
         load = rep.config.get("load_average_before")
         commit = (rep.git.get("commit") or "?")[:10] + (" (modified)" if rep.git.get("dirty") else "")
         rows.append(f"<tr><td>{escape(src)}</td><td>{escape(rep.created)}</td><td>{escape(commit)}</td>"
-                    f"<td>{escape(str(m.get('cpu')))}, {m.get('usable_cores')}/{m.get('cores')} cores, "
+                    f"<td>{escape(str(m.get('cpu')))}{escape(_cpu_detail(m))}, {m.get('usable_cores')}/{m.get('cores')} cores, "
                     f"{(mem or 0) / 2**30:.0f} GiB</td><td>{escape(gpu_text)}</td>"
                     f"<td>{f'{load[0]:.2f}' if load else '?'}</td><td><code>{escape(rep.command)}</code></td></tr>")
     return ("<h2>Results files</h2><table><tr><th>file</th><th>created (UTC)</th><th>commit</th><th>CPU</th>"
@@ -228,3 +228,11 @@ def _table(latest: dict) -> str:
     return ("<h2>All results</h2><table><tr><th>model</th><th>runner</th><th>test</th><th>median</th>"
             "<th>min .. max</th><th>IQR</th><th>n</th><th>unit</th><th>from file created</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _cpu_detail(m: dict) -> str:
+    """" (AuthenticAMD family 23 model 1; avx2 fma f16c)" from a report's machine, or "" (older reports)."""
+    if "cpu_id" not in m:
+        return ""
+    simd = [f for f in m.get("cpu_simd", []) if f not in ("sse4_2", "avx")]
+    return f" ({m['cpu_id']}; {' '.join(simd) or 'no AVX2'})"

@@ -17,6 +17,7 @@ PACKAGES = ("ukgpu", "numpy", "numba", "gguf", "torch", "cuda-python", "triton")
 def machine_info() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
+        **_cpu_id(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_bytes": _mem_total(),
@@ -34,6 +35,31 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# the instruction sets the CPU kernels' speed depends on (numba's LLVM and llama.cpp's ggml pick
+# their code paths from these): reported beside every figure, since the same "AMD EPYC" name
+# covers a 128-bit-datapath Zen 1 and an AVX-512 Zen 4
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx_vnni", "avx512_bf16", "amx_tile")
+
+
+def _cpu_id() -> dict[str, Any]:
+    """{"cpu_id": "vendor family F model M", "cpu_simd": [flags of SIMD_FLAGS present]} from
+    /proc/cpuinfo; empty where it cannot be read."""
+    try:
+        fields: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_id": f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+                      f"model {fields.get('model', '?')}",
+            "cpu_simd": [f for f in SIMD_FLAGS if f in flags]}
 
 
 def _mem_total() -> int | None:

@@ -87,6 +87,9 @@ def _bench(args: argparse.Namespace) -> int:
                        kernels=not args.no_kernels, image=args.image, threads=args.threads)
     report = run(req, sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
     print_summary(report)
+    m = report.machine
+    print(f"machine: {m.get('cpu')} ({m.get('cpu_id', '?')}; SIMD {' '.join(m.get('cpu_simd', [])) or '?'}), "
+          f"{args.threads} threads", file=sys.stderr)
     if args.output:
         print(f"ukgpu bench: wrote {report.save(args.output)}", file=sys.stderr)
     return 0
