@@ -18,6 +18,7 @@ one-token forward, and there is no device memory to report or free.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,23 @@ class CpuBackend(Backend):
             raise ContextOverflowError(f"position {start_pos} is past a {kv.n_ctx}-token KV cache; "
                                        "shorten the input or raise n_ctx")
         return plan.step(token, start_pos, kv)
+
+    def decode_batch(self, model: Any, tokens: np.ndarray, positions: Sequence[int],
+                     kvs: Sequence[KVCache]) -> np.ndarray:
+        """B sequences' step in one compiled call where the model fits it (`Model.forward_batch`
+        otherwise); each weight is read once for the batch either way."""
+        plan = self._plan(model)
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if plan is None or not 0 < len(tokens) <= self.max_batch or not len(tokens) == len(positions) == len(kvs) \
+                or len({kv.n_ctx for kv in kvs}) > 1:
+            return super().decode_batch(model, tokens, positions, kvs)  # (it explains a bad batch)
+        for pos, kv in zip(positions, kvs):
+            if pos + 1 > kv.n_ctx:
+                from ukgpu.llama_core.model import ContextOverflowError
+
+                raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
+                                           "shorten the input or raise n_ctx")
+        return plan.step_batch(tokens, positions, kvs)
 
     def _plan(self, model: Any) -> Any:
         if os.environ.get("UKGPU_CPU_FUSED_DECODE", "1") == "0":

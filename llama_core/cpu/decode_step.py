@@ -19,6 +19,7 @@ float64 reference mode) keeps the generic path: `build` says None and why (`why_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -92,61 +93,75 @@ def _rope(x, n_heads, hd, pos, cos, sin, n_rot, neox):  # pragma: no cover - com
 
 
 @njit(cache=True)
-def _step(x, mats, meta, norms, biases, qk_norms, k_cache, v_cache, pos, cos, sin, ints, eps, scale,
+def _step(x, mats, meta, norms, biases, qk_norms, k_caches, v_caches, positions, cos, sin, ints, eps, scale,
           logits):  # pragma: no cover - compiled
-    """One token through every layer, then the output norm and matrix, into logits[1, vocab].
+    """B tokens (one per sequence) through every layer, then the output norm and matrix, into
+    logits[B, vocab]; each weight is read once for all B rows (the kernels take up to 4).
 
-    x float32[d] (the token's embedding; updated in place), mats/meta the matrices (meta row:
+    x float32[B, d] (the tokens' embeddings; updated in place), mats/meta the matrices (meta row:
     kind, n_out, aux), norms [2 n_layers + 1, d], biases [n_layers, q + 2 kv] (empty: none),
-    qk_norms [n_layers, 2, hd] (empty: none), caches [n_layers, Hkv, n_ctx, hd],
-    ints = (n_layers, n_heads, n_kv_heads, head_dim, n_rot, neox)."""
+    qk_norms [n_layers, 2, hd] (empty: none), k_caches/v_caches row b's cache [n_layers, Hkv,
+    n_ctx, hd], positions[b] row b's position, ints = (n_layers, n_heads, n_kv_heads, head_dim,
+    n_rot, neox)."""
     n_layers, n_heads, n_kv, hd, n_rot, neox = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] != 0
-    d = x.shape[0]
+    n, d = x.shape
     qd, kvd = n_heads * hd, n_kv * hd
-    h = np.empty((1, d), np.float32)
-    qkv = np.empty((1, qd + 2 * kvd), np.float32)
-    att = np.empty((1, qd), np.float32)
-    o = np.empty((1, d), np.float32)
+    h = np.empty((n, d), np.float32)
+    q = np.empty((n, qd), np.float32)
+    k = np.empty((n, kvd), np.float32)
+    v = np.empty((n, kvd), np.float32)
+    att = np.empty((n, qd), np.float32)
+    o = np.empty((n, d), np.float32)
     ffn = meta[4, 1]  # the FFN width: layer 0's gate rows
-    g = np.empty((1, ffn), np.float32)
-    u = np.empty((1, ffn), np.float32)
+    g = np.empty((n, ffn), np.float32)
+    u = np.empty((n, ffn), np.float32)
     for layer in range(n_layers):
         m0 = layer * PER_LAYER
-        _rmsnorm(x, norms[2 * layer], eps, h[0])
-        _matvec(meta[m0, 0], mats[m0], meta[m0, 1], meta[m0, 2], h, qkv[:, :qd])
-        _matvec(meta[m0 + 1, 0], mats[m0 + 1], meta[m0 + 1, 1], meta[m0 + 1, 2], h, qkv[:, qd:qd + kvd])
-        _matvec(meta[m0 + 2, 0], mats[m0 + 2], meta[m0 + 2, 1], meta[m0 + 2, 2], h, qkv[:, qd + kvd:])
-        if biases.shape[0]:
-            for i in range(qd + 2 * kvd):
-                qkv[0, i] += biases[layer, i]
-        q, k, v = qkv[0, :qd], qkv[0, qd:qd + kvd], qkv[0, qd + kvd:]
-        if qk_norms.shape[0]:
-            for hh in range(n_heads):
-                _rmsnorm(q[hh * hd:(hh + 1) * hd], qk_norms[layer, 0], eps, q[hh * hd:(hh + 1) * hd])
+        for b in range(n):
+            _rmsnorm(x[b], norms[2 * layer], eps, h[b])
+        _matvec(meta[m0, 0], mats[m0], meta[m0, 1], meta[m0, 2], h, q)
+        _matvec(meta[m0 + 1, 0], mats[m0 + 1], meta[m0 + 1, 1], meta[m0 + 1, 2], h, k)
+        _matvec(meta[m0 + 2, 0], mats[m0 + 2], meta[m0 + 2, 1], meta[m0 + 2, 2], h, v)
+        for b in range(n):
+            qb, kb, vb, pos = q[b], k[b], v[b], positions[b]
+            if biases.shape[0]:
+                for i in range(qd):
+                    qb[i] += biases[layer, i]
+                for i in range(kvd):
+                    kb[i] += biases[layer, qd + i]
+                    vb[i] += biases[layer, qd + kvd + i]
+            if qk_norms.shape[0]:
+                for hh in range(n_heads):
+                    _rmsnorm(qb[hh * hd:(hh + 1) * hd], qk_norms[layer, 0], eps, qb[hh * hd:(hh + 1) * hd])
+                for hh in range(n_kv):
+                    _rmsnorm(kb[hh * hd:(hh + 1) * hd], qk_norms[layer, 1], eps, kb[hh * hd:(hh + 1) * hd])
+            _rope(qb, n_heads, hd, pos, cos, sin, n_rot, neox)
+            _rope(kb, n_kv, hd, pos, cos, sin, n_rot, neox)
+            kc, vc = k_caches[b][layer], v_caches[b][layer]
             for hh in range(n_kv):
-                _rmsnorm(k[hh * hd:(hh + 1) * hd], qk_norms[layer, 1], eps, k[hh * hd:(hh + 1) * hd])
-        _rope(q, n_heads, hd, pos, cos, sin, n_rot, neox)
-        _rope(k, n_kv, hd, pos, cos, sin, n_rot, neox)
-        for hh in range(n_kv):
-            k_cache[layer, hh, pos] = k[hh * hd:(hh + 1) * hd]
-            v_cache[layer, hh, pos] = v[hh * hd:(hh + 1) * hd]
-        if qd * (pos + 1) >= PARALLEL_MIN_WORK:
-            _attend_heads_par(q, k_cache[layer], v_cache[layer], 0, pos + 1, scale, att[0])
-        else:
-            _attend_heads(q, k_cache[layer], v_cache[layer], 0, pos + 1, scale, att[0])
+                kc[hh, pos] = kb[hh * hd:(hh + 1) * hd]
+                vc[hh, pos] = vb[hh * hd:(hh + 1) * hd]
+            if qd * (pos + 1) >= PARALLEL_MIN_WORK:
+                _attend_heads_par(qb, kc, vc, 0, pos + 1, scale, att[b])
+            else:
+                _attend_heads(qb, kc, vc, 0, pos + 1, scale, att[b])
         _matvec(meta[m0 + 3, 0], mats[m0 + 3], meta[m0 + 3, 1], meta[m0 + 3, 2], att, o)
-        for i in range(d):
-            x[i] += o[0, i]
-        _rmsnorm(x, norms[2 * layer + 1], eps, h[0])
+        for b in range(n):
+            for i in range(d):
+                x[b, i] += o[b, i]
+            _rmsnorm(x[b], norms[2 * layer + 1], eps, h[b])
         _matvec(meta[m0 + 4, 0], mats[m0 + 4], meta[m0 + 4, 1], meta[m0 + 4, 2], h, g)
         _matvec(meta[m0 + 5, 0], mats[m0 + 5], meta[m0 + 5, 1], meta[m0 + 5, 2], h, u)
-        for i in range(g.shape[1]):
-            gi = g[0, i]
-            g[0, i] = gi / (np.float32(1.0) + np.exp(-gi)) * u[0, i]
+        for b in range(n):
+            for i in range(ffn):
+                gi = g[b, i]
+                g[b, i] = gi / (np.float32(1.0) + np.exp(-gi)) * u[b, i]
         _matvec(meta[m0 + 6, 0], mats[m0 + 6], meta[m0 + 6, 1], meta[m0 + 6, 2], g, o)
-        for i in range(d):
-            x[i] += o[0, i]
-    _rmsnorm(x, norms[2 * n_layers], eps, h[0])
+        for b in range(n):
+            for i in range(d):
+                x[b, i] += o[b, i]
+    for b in range(n):
+        _rmsnorm(x[b], norms[2 * n_layers], eps, h[b])
     last = n_layers * PER_LAYER
     _matvec(meta[last, 0], mats[last], meta[last, 1], meta[last, 2], h, logits)
 
@@ -241,13 +256,23 @@ class DecodePlan:
 
     def step(self, token: int, start_pos: int, kv: Any) -> np.ndarray:
         """Logits float32[1, vocab] of `token` at `start_pos`; writes the token's keys and values."""
+        return self.step_batch(np.array([token]), [start_pos], [kv])
+
+    def step_batch(self, tokens: np.ndarray, positions: Sequence[int], kvs: Sequence[Any]) -> np.ndarray:
+        """Logits float32[B, vocab]: row b is `step(tokens[b], positions[b], kvs[b])`; the rows
+        share each pass over the weights (B at most the kernels' MV_MAX_ROWS)."""
         be, model = self.backend, self.model
-        rope = model.ropes.layer_rope(0, kv.n_ctx)
-        cos, sin = be._rope_table(rope, start_pos + 1)
-        x = np.ascontiguousarray(be.embedding(model.weights.token_embd, np.array([token]))[0], np.float32)
-        logits = np.empty((1, int(self.meta[-1, 1])), np.float32)
-        _step(x, self.mats, self.meta, self.norms, self.biases, self.qk_norms, kv.k, kv.v, start_pos,
-              cos, sin, self.ints, np.float32(self.eps), np.float32(self.scale), logits)
+        rope = model.ropes.layer_rope(0, kvs[0].n_ctx)
+        cos, sin = be._rope_table(rope, max(positions) + 1)
+        x = np.ascontiguousarray(be.embedding(model.weights.token_embd, np.asarray(tokens, np.int64)), np.float32)
+        k_caches, v_caches = List(), List()
+        for kv in kvs:
+            k_caches.append(kv.k)
+            v_caches.append(kv.v)
+        logits = np.empty((len(kvs), int(self.meta[-1, 1])), np.float32)
+        _step(x, self.mats, self.meta, self.norms, self.biases, self.qk_norms, k_caches, v_caches,
+              np.asarray(positions, np.int64), cos, sin, self.ints, np.float32(self.eps), np.float32(self.scale),
+              logits)
         return logits
 
 
@@ -265,11 +290,13 @@ def compile_step() -> None:
         pw = matmul.prepare(matmul.RawWeight(T.Q8_0, (n_out, n_in), matmul.random_blocks(T.Q8_0, n_out, n_in, rng)))
         mats.append(_readonly(pw.tiles.data))
         meta.append((_TILED_KIND[T.Q8_0], n_out, pw.tiles.rt))
-    k_cache = np.zeros((1, n_kv, 4, hd), np.float32)
-    v_cache = np.zeros_like(k_cache)
+    k_caches, v_caches = List(), List()
+    k_caches.append(np.zeros((1, n_kv, 4, hd), np.float32))
+    v_caches.append(np.zeros((1, n_kv, 4, hd), np.float32))
     angles = np.outer(np.arange(4, dtype=np.float64), 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     logits = np.empty((1, vocab), np.float32)
-    _step(rng.standard_normal(d).astype(np.float32), mats, np.array(meta, np.int64), np.ones((3, d), np.float32),
-          np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float32), k_cache, v_cache, 0, cos, sin,
+    _step(rng.standard_normal((1, d)).astype(np.float32), mats, np.array(meta, np.int64), np.ones((3, d), np.float32),
+          np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float32), k_caches, v_caches, np.zeros(1, np.int64),
+          cos, sin,
           np.array([1, n_heads, n_kv, hd, hd, 0], np.int64), np.float32(1e-6), np.float32(hd ** -0.5), logits)

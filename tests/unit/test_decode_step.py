@@ -92,3 +92,45 @@ def test_a_backend_subclass_that_changes_an_op_keeps_the_generic_path():
     model = Model(open_gguf(build_synthetic("syn-llama3")), Counting())
     model.backend.decode(model, 5, 0, model.new_kv(8))
     assert model.backend._plan(model) is None and model.backend.calls > 0
+
+
+def _batch_matches(model: Model, prompts: list[np.ndarray], steps: int) -> None:
+    """B sequences at different positions: the compiled batch step against `Model.forward_batch`
+    (the generic path) on twin caches, step after step."""
+    be = model.backend
+    n_ctx = max(len(p) for p in prompts) + steps + 2
+    fused = [model.new_kv(n_ctx) for _ in prompts]
+    generic = [model.new_kv(n_ctx) for _ in prompts]
+    tokens = []
+    for p, kf, kg in zip(prompts, fused, generic):
+        model.forward(p, 0, kf, all_logits=False)
+        tokens.append(int(np.argmax(model.forward(p, 0, kg, all_logits=False)[-1])))
+    positions = [len(p) for p in prompts]
+    for _ in range(steps):
+        want = model.forward_batch(np.array(tokens), positions, generic)
+        got = be.decode_batch(model, np.array(tokens), positions, fused)
+        assert got.shape == want.shape == (len(prompts), model.config.vocab_size)
+        err = (np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)).max()
+        assert err <= REL_TOL, f"positions {positions}: relative error {err:.2e}"
+        tokens = [int(t) for t in want.argmax(axis=1)]
+        positions = [p + 1 for p in positions]
+    for kf, kg, end in zip(fused, generic, positions):
+        np.testing.assert_allclose(kf.k[:, :, :end], kg.k[:, :, :end], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kf.v[:, :, :end], kg.v[:, :, :end], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["syn-qwen3", "syn-phi3"])
+def test_batch_step_matches_the_generic_batch(name: str):
+    model = Model(open_gguf(build_synthetic(name)), CpuBackend())
+    _batch_matches(model, [np.arange(3, 20), np.arange(40, 45), np.arange(7, 16)], 5)
+
+
+def test_batch_step_on_qwen05(qwen05):
+    model = Model(qwen05, CpuBackend())
+    _batch_matches(model, [np.array([151644, 872, 198, 3838]), np.array([9707, 11, 1879, 0, 525, 220])], 3)
+
+
+def test_batch_with_caches_of_different_sizes_is_refused_as_before():
+    model = Model(open_gguf(build_synthetic("syn-llama3")), CpuBackend())
+    with pytest.raises(ValueError, match="one n_ctx"):
+        model.backend.decode_batch(model, np.array([5, 6]), [0, 0], [model.new_kv(8), model.new_kv(16)])
