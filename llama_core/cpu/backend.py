@@ -34,7 +34,8 @@ _SLAB_ELEMENTS = 1 << 22  # dequantized elements per slab in float64 mode (32 Mi
 _DENSE_TYPES = {"F32": np.float32, "F16": np.float16}
 # the ops `cpu.decode_step` runs in its compiled step (a subclass overriding one keeps Model.forward)
 _STEP_OPS = ("embedding", "matmul", "rmsnorm", "rope", "attention", "rmsnorm_heads", "swiglu", "add",
-             "norm_matmuls", "norm_glu", "matmul_add", "attend")
+             "norm_matmuls", "norm_glu", "matmul_add", "attend", "attend_batch", "take_rows", "concat_rows",
+             "to_host")
 
 
 def _dequantize_rows(raw_rows: np.ndarray, qtype: Any, row_len: int) -> np.ndarray:
