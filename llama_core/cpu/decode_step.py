@@ -18,8 +18,8 @@ float64 reference mode) keeps the generic path: `build` says None and why (`why_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
