@@ -93,6 +93,37 @@ def _rope(x, n_heads, hd, pos, cos, sin, n_rot, neox):  # pragma: no cover - com
 
 
 @njit(cache=True)
+def _attend_rows(layer, q, k, v, biases, qk_norms, k_caches, v_caches, positions, cos, sin, ints, eps, scale,
+                 att):  # pragma: no cover - compiled
+    """Each row's attention in `layer`: biases, q/k norms, rope, cache write, then att[b]."""
+    n_heads, n_kv, hd, n_rot, neox = ints[1], ints[2], ints[3], ints[4], ints[5] != 0
+    qd, kvd = n_heads * hd, n_kv * hd
+    for b in range(q.shape[0]):
+        qb, kb, vb, pos = q[b], k[b], v[b], positions[b]
+        if biases.shape[0]:
+            for i in range(qd):
+                qb[i] += biases[layer, i]
+            for i in range(kvd):
+                kb[i] += biases[layer, qd + i]
+                vb[i] += biases[layer, qd + kvd + i]
+        if qk_norms.shape[0]:
+            for hh in range(n_heads):
+                _rmsnorm(qb[hh * hd:(hh + 1) * hd], qk_norms[layer, 0], eps, qb[hh * hd:(hh + 1) * hd])
+            for hh in range(n_kv):
+                _rmsnorm(kb[hh * hd:(hh + 1) * hd], qk_norms[layer, 1], eps, kb[hh * hd:(hh + 1) * hd])
+        _rope(qb, n_heads, hd, pos, cos, sin, n_rot, neox)
+        _rope(kb, n_kv, hd, pos, cos, sin, n_rot, neox)
+        kc, vc = k_caches[b][layer], v_caches[b][layer]
+        for hh in range(n_kv):
+            kc[hh, pos] = kb[hh * hd:(hh + 1) * hd]
+            vc[hh, pos] = vb[hh * hd:(hh + 1) * hd]
+        if qd * (pos + 1) >= PARALLEL_MIN_WORK:
+            _attend_heads_par(qb, kc, vc, 0, pos + 1, scale, att[b])
+        else:
+            _attend_heads(qb, kc, vc, 0, pos + 1, scale, att[b])
+
+
+@njit(cache=True)
 def _step(x, mats, meta, norms, biases, qk_norms, k_caches, v_caches, positions, cos, sin, ints, eps, scale,
           logits):  # pragma: no cover - compiled
     """B tokens (one per sequence) through every layer, then the output norm and matrix, into
@@ -103,7 +134,7 @@ def _step(x, mats, meta, norms, biases, qk_norms, k_caches, v_caches, positions,
     qk_norms [n_layers, 2, hd] (empty: none), k_caches/v_caches row b's cache [n_layers, Hkv,
     n_ctx, hd], positions[b] row b's position, ints = (n_layers, n_heads, n_kv_heads, head_dim,
     n_rot, neox)."""
-    n_layers, n_heads, n_kv, hd, n_rot, neox = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] != 0
+    n_layers, n_heads, n_kv, hd = ints[0], ints[1], ints[2], ints[3]
     n, d = x.shape
     qd, kvd = n_heads * hd, n_kv * hd
     h = np.empty((n, d), np.float32)
@@ -122,29 +153,8 @@ def _step(x, mats, meta, norms, biases, qk_norms, k_caches, v_caches, positions,
         _matvec(meta[m0, 0], mats[m0], meta[m0, 1], meta[m0, 2], h, q)
         _matvec(meta[m0 + 1, 0], mats[m0 + 1], meta[m0 + 1, 1], meta[m0 + 1, 2], h, k)
         _matvec(meta[m0 + 2, 0], mats[m0 + 2], meta[m0 + 2, 1], meta[m0 + 2, 2], h, v)
-        for b in range(n):
-            qb, kb, vb, pos = q[b], k[b], v[b], positions[b]
-            if biases.shape[0]:
-                for i in range(qd):
-                    qb[i] += biases[layer, i]
-                for i in range(kvd):
-                    kb[i] += biases[layer, qd + i]
-                    vb[i] += biases[layer, qd + kvd + i]
-            if qk_norms.shape[0]:
-                for hh in range(n_heads):
-                    _rmsnorm(qb[hh * hd:(hh + 1) * hd], qk_norms[layer, 0], eps, qb[hh * hd:(hh + 1) * hd])
-                for hh in range(n_kv):
-                    _rmsnorm(kb[hh * hd:(hh + 1) * hd], qk_norms[layer, 1], eps, kb[hh * hd:(hh + 1) * hd])
-            _rope(qb, n_heads, hd, pos, cos, sin, n_rot, neox)
-            _rope(kb, n_kv, hd, pos, cos, sin, n_rot, neox)
-            kc, vc = k_caches[b][layer], v_caches[b][layer]
-            for hh in range(n_kv):
-                kc[hh, pos] = kb[hh * hd:(hh + 1) * hd]
-                vc[hh, pos] = vb[hh * hd:(hh + 1) * hd]
-            if qd * (pos + 1) >= PARALLEL_MIN_WORK:
-                _attend_heads_par(qb, kc, vc, 0, pos + 1, scale, att[b])
-            else:
-                _attend_heads(qb, kc, vc, 0, pos + 1, scale, att[b])
+        _attend_rows(layer, q, k, v, biases, qk_norms, k_caches, v_caches, positions, cos, sin, ints, eps, scale,
+                     att)
         _matvec(meta[m0 + 3, 0], mats[m0 + 3], meta[m0 + 3, 1], meta[m0 + 3, 2], att, o)
         for b in range(n):
             for i in range(d):

@@ -29,7 +29,6 @@ def _per_token(step, steps: int, start: int) -> float:
 
 
 def main() -> None:
-    from ukgpu.llama_core.cpu import matmul
     from ukgpu.llama_core.model import Model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,8 +52,15 @@ def main() -> None:
           f"generic forward {_per_token(generic, n, 17 + n) * 1e3:.2f} ms/token "
           f"({os.environ.get('NUMBA_NUM_THREADS', os.cpu_count())} threads)")
 
+    _per_op(model, generic, n, 17 + 2 * n)
+    _per_type(model)
+
+
+def _per_op(model, generic, n: int, start: int) -> None:
+    be = model.backend
     spent: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter[str] = collections.Counter()
+
     def timer(op: str):
         inner = getattr(be, op)
 
@@ -69,12 +75,16 @@ def main() -> None:
 
     for op in OPS:
         setattr(be, op, timer(op))
-    total = _per_token(generic, n, 17 + 2 * n)
+    total = _per_token(generic, n, start)
     for op in OPS:
         delattr(be, op)
     print(f"generic forward, timed per op: {total * 1e3:.2f} ms/token, {sum(calls.values()) / n:.0f} calls/token")
     for op, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {op:14s} {s / n * 1e3:8.3f} ms  {calls[op] / n:5.0f} calls")
+
+
+def _per_type(model) -> None:
+    from ukgpu.llama_core.cpu import matmul
 
     by_type: dict[tuple[str, bool], list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
     w = model.weights
