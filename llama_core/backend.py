@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from ukgpu.llama_core.errors import ContextOverflowError
+
 Act = Any  # a backend's activation array
 Allocator = Callable[[tuple[int, ...], np.dtype], Any]  # alloc(shape, dtype) -> zeroed array
 
@@ -124,6 +126,14 @@ class KVCache:
     k: Any
     v: Any
     n_ctx: int
+
+
+def check_decode_positions(positions: Sequence[int], kvs: Sequence[KVCache]) -> None:
+    """Refuse (before anything is written) a decode step whose position is past its cache."""
+    for pos, kv in zip(positions, kvs):
+        if pos + 1 > kv.n_ctx:
+            raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
+                                       "shorten the input or raise n_ctx")
 
 
 class Backend(ABC):

@@ -8,6 +8,10 @@ class UkgpuError(Exception):
     """Base class: anything ukgpu raises on purpose."""
 
 
+class ContextOverflowError(UkgpuError):
+    """More tokens than the KV cache holds."""
+
+
 class GGUFError(UkgpuError):
     """A GGUF file is corrupt, truncated or uses something we do not support."""
 

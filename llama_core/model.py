@@ -36,18 +36,14 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention
-from ukgpu.llama_core.errors import UkgpuError
+from ukgpu.llama_core.backend import Backend, KVCache, LayerAttention, check_decode_positions
+from ukgpu.llama_core.errors import ContextOverflowError
 from ukgpu.llama_core.gguf.file import GGUFFile, open_gguf
 from ukgpu.llama_core.layers import RopeTable, Weights, rope_config
 
 __all__ = ["ContextOverflowError", "Model", "Weights", "rope_config"]
 
 Logits = Literal["all", "last", "none"]  # which logits one pass of `Model.forward` returns
-
-
-class ContextOverflowError(UkgpuError):
-    """More tokens than the KV cache holds."""
 
 
 class Model:
@@ -67,6 +63,11 @@ class Model:
         from ukgpu.llama_core.cpu.backend import CpuBackend
 
         return cls(open_gguf(_resolve(str(model))), backend or CpuBackend(dtype=dtype))
+
+    def has_generic_forward(self) -> bool:
+        """Whether `forward` is this class's own (a backend may then replace a decode step with
+        an equivalent compiled one; a subclass with its own forward keeps it)."""
+        return type(self).forward is Model.forward
 
     def new_kv(self, n_ctx: int) -> KVCache:
         c = self.config
@@ -150,10 +151,7 @@ class Model:
                              f"{len(kvs)} caches; need equal counts of at most {be.max_batch}")
         if len({kv.n_ctx for kv in kvs}) > 1:
             raise ValueError("forward_batch: the KV caches of one batch must have one n_ctx")
-        for pos, kv in zip(positions, kvs):
-            if pos + 1 > kv.n_ctx:
-                raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
-                                           "shorten the input or raise n_ctx")
+        check_decode_positions(positions, kvs)
         x = self._embed(tokens)  # [B, d]
         for i, lw in enumerate(w.layers):
             spec = self.attention_spec(i, kvs[0].n_ctx)

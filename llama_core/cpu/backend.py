@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig
+from ukgpu.llama_core.backend import Allocator, Backend, KVCache, RopeConfig, check_decode_positions
 from ukgpu.llama_core.cpu import matmul as cpu_kernels
 from ukgpu.llama_core.gguf import quants
 from ukgpu.llama_core.gguf.file import TensorView
@@ -114,11 +114,7 @@ class CpuBackend(Backend):
         plan = self._plan(model)
         if plan is None:
             return super().decode(model, token, start_pos, kv)
-        if start_pos + 1 > kv.n_ctx:
-            from ukgpu.llama_core.model import ContextOverflowError
-
-            raise ContextOverflowError(f"position {start_pos} is past a {kv.n_ctx}-token KV cache; "
-                                       "shorten the input or raise n_ctx")
+        check_decode_positions([start_pos], [kv])
         return plan.step(token, start_pos, kv)
 
     def decode_batch(self, model: Any, tokens: np.ndarray, positions: Sequence[int],
@@ -130,12 +126,7 @@ class CpuBackend(Backend):
         if plan is None or not 0 < len(tokens) <= self.max_batch or not len(tokens) == len(positions) == len(kvs) \
                 or len({kv.n_ctx for kv in kvs}) > 1:
             return super().decode_batch(model, tokens, positions, kvs)  # (it explains a bad batch)
-        for pos, kv in zip(positions, kvs):
-            if pos + 1 > kv.n_ctx:
-                from ukgpu.llama_core.model import ContextOverflowError
-
-                raise ContextOverflowError(f"position {pos} is past a {kv.n_ctx}-token KV cache; "
-                                           "shorten the input or raise n_ctx")
+        check_decode_positions(positions, kvs)
         return plan.step_batch(tokens, positions, kvs)
 
     def _plan(self, model: Any) -> Any:
@@ -144,11 +135,11 @@ class CpuBackend(Backend):
         key = id(model)
         if key not in self._plans:
             from ukgpu.llama_core.cpu.decode_step import DecodePlan
-            from ukgpu.llama_core.model import Model
 
-            # only the real forward pass on this class's own ops is replaced (a Model with its own
+            # only the real forward pass on this class's own ops is replaced (a model with its own
             # forward, or a subclass of this backend that changes an op, keeps the generic path)
-            real = isinstance(model, Model) and type(model).forward is Model.forward and all(
+            generic = getattr(model, "has_generic_forward", None)
+            real = generic is not None and generic() and all(
                 getattr(type(self), op) is getattr(CpuBackend, op) for op in _STEP_OPS)
             self._plans[key] = DecodePlan.build(model, self) if real else None  # holds model: id stays its own
         return self._plans[key]
