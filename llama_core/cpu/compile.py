@@ -26,9 +26,9 @@ from ukgpu.llama_core.cpu import matmul
 
 
 def _modules() -> list[Any]:
-    from ukgpu.llama_core.cpu import blocks32, decode_step, rope_attention, superblocks, tiled
+    from ukgpu.llama_core.cpu import blocks32, decode_step, int8_act, rope_attention, superblocks, tiled
 
-    return [blocks32, superblocks, tiled, rope_attention, decode_step]
+    return [blocks32, superblocks, tiled, int8_act, rope_attention, decode_step]
 
 
 def _dispatchers() -> Iterator[Any]:
@@ -81,6 +81,9 @@ def compile_kernels() -> float:
         return 0.0
     t0 = time.perf_counter()
     matmul.warmup()
+    from ukgpu.llama_core.cpu import int8_act
+
+    int8_act.warmup()
     _rope_and_attention()
     from ukgpu.llama_core.cpu.decode_step import compile_step
 

@@ -27,14 +27,16 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 from numba.typed import List
 
+from ukgpu.llama_core.cpu import int8_act, tiled
 from ukgpu.llama_core.cpu import superblocks as sb
-from ukgpu.llama_core.cpu import tiled
-from ukgpu.llama_core.cpu.rope_attention import PARALLEL_MIN_WORK, _attend_heads, _attend_heads_par
+from ukgpu.llama_core.cpu.rope_attention import PARALLEL_MIN_WORK, _attend_heads, _attend_heads_par, swiglu_rows
+from ukgpu.llama_core.cpu.rope_attention import rmsnorm_row as _rmsnorm
 
 # Matrix kinds the step dispatches on (tiled: a `tiled.TilePack`; rows: raw GGUF rows).
 _TILED_KIND = {T.Q4_0: 0, T.Q4_1: 1, T.Q5_0: 2, T.Q5_1: 3, T.Q8_0: 4}
 _ROWS_KIND = {T.Q4_K: 5, T.Q5_K: 6, T.Q6_K: 7}
 F32_KIND = 8
+INT8_KIND = 9  # + int8_act.KINDS[qtype]: GGUF rows times activations rounded to 8 bits (aux: row bytes)
 PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
@@ -57,6 +59,8 @@ def _matvec(kind, data, n_out, aux, x, y):  # pragma: no cover - compiled
         sb.mv_q5_k(data.reshape((n_out, aux)), x, y)
     elif kind == 7:
         sb.mv_q6_k(data.reshape((n_out, aux)), x, y)
+    elif kind >= INT8_KIND:
+        int8_act.mv_int8(kind - INT8_KIND, data, n_out, aux, x, y)
     else:
         w = data.view(np.float32).reshape((n_out, x.shape[1]))
         for r in range(n_out):
@@ -64,18 +68,6 @@ def _matvec(kind, data, n_out, aux, x, y):  # pragma: no cover - compiled
             for c in range(x.shape[1]):
                 acc += w[r, c] * x[0, c]
             y[0, r] = acc
-
-
-@njit(cache=True)
-def _rmsnorm(x, w, eps, out):  # pragma: no cover - compiled
-    """out = x / sqrt(mean(x^2) + eps) * w, the mean square summed in float64 (as CpuBackend)."""
-    ss = 0.0
-    for i in range(x.shape[0]):
-        ss += np.float64(x[i]) * np.float64(x[i])
-    ms = np.float32(ss / x.shape[0])
-    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
-    for i in range(x.shape[0]):
-        out[i] = x[i] * scale * w[i]
 
 
 @njit(cache=True)
@@ -162,10 +154,7 @@ def _step(x, mats, meta, norms, biases, qk_norms, k_caches, v_caches, positions,
             _rmsnorm(x[b], norms[2 * layer + 1], eps, h[b])
         _matvec(meta[m0 + 4, 0], mats[m0 + 4], meta[m0 + 4, 1], meta[m0 + 4, 2], h, g)
         _matvec(meta[m0 + 5, 0], mats[m0 + 5], meta[m0 + 5, 1], meta[m0 + 5, 2], h, u)
-        for b in range(n):
-            for i in range(ffn):
-                gi = g[b, i]
-                g[b, i] = gi / (np.float32(1.0) + np.exp(-gi)) * u[b, i]
+        swiglu_rows(g, u)
         _matvec(meta[m0 + 6, 0], mats[m0 + 6], meta[m0 + 6, 1], meta[m0 + 6, 2], g, o)
         for b in range(n):
             for i in range(d):
@@ -183,12 +172,15 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _matrix(w: Any) -> tuple[np.ndarray, tuple[int, int, int]] | str:
-    """(flat bytes, (kind, n_out, aux)) of a CpuWeight, or why the step cannot take it."""
+def _matrix(w: Any, q8: bool) -> tuple[np.ndarray, tuple[int, int, int]] | str:
+    """(flat bytes, (kind, n_out, aux)) of a CpuWeight, or why the step cannot take it (`q8`: the
+    backend rounds activations to 8 bits, so matrices with an integer kernel take that)."""
     pw = w.kernel
     if pw is None:
         return "the float64 reference mode"
     n_out, n_in = pw.shape
+    if q8 and pw.rows is not None and pw.qtype in int8_act.KINDS:
+        return _readonly(pw.rows), (INT8_KIND + int8_act.KINDS[pw.qtype], n_out, pw.rows.shape[1])
     if pw.tiles is not None:
         return _readonly(pw.tiles.data), (_TILED_KIND[pw.qtype], n_out, pw.tiles.rt)
     if pw.qtype in _ROWS_KIND:
@@ -238,15 +230,16 @@ class DecodePlan:
         if cls.why_not(model, backend) is not None:
             return None
         c, w = model.config, model.weights
+        q8 = backend.activations == "q8"
         mats, meta = List(), []
         for lw in w.layers:
             for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down):
-                got = _matrix(m)
+                got = _matrix(m, q8)
                 if isinstance(got, str):
                     return None
                 mats.append(got[0])
                 meta.append(got[1])
-        got = _matrix(w.output)
+        got = _matrix(w.output, q8)
         if isinstance(got, str):
             return None
         mats.append(got[0])

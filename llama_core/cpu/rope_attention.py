@@ -1,4 +1,6 @@
-"""The CPU backend's compiled loops: rope over rows and single-query attention.
+"""The CPU backend's compiled loops: rope over rows, single-query attention, and the row-wise
+rmsnorm and SwiGLU of decode steps (shared by `CpuBackend` and `decode_step`, so both paths
+compute the same bits: with activations rounded to 8 bits a last-bit difference can flip a code).
 
 Imported only when numba is usable (`cpu_backend` has numpy versions of both).
 """
@@ -24,6 +26,33 @@ def rope_rows(x, n_heads, start_pos, cos, sin, n_rot, neox):  # pragma: no cover
                 x0, x1 = x[i, a], x[i, b]
                 x[i, a] = x0 * c - x1 * s
                 x[i, b] = x0 * s + x1 * c
+
+
+@njit(cache=True)
+def rmsnorm_row(x, w, eps, out):  # pragma: no cover - compiled
+    """out = x / sqrt(mean(x^2) + eps) * w, the mean square summed in float64."""
+    ss = 0.0
+    for i in range(x.shape[0]):
+        ss += np.float64(x[i]) * np.float64(x[i])
+    ms = np.float32(ss / x.shape[0])
+    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
+    for i in range(x.shape[0]):
+        out[i] = x[i] * scale * w[i]
+
+
+@njit(cache=True)
+def rmsnorm_rows(x, w, eps, out):  # pragma: no cover - compiled
+    for r in range(x.shape[0]):
+        rmsnorm_row(x[r], w, eps, out[r])
+
+
+@njit(cache=True)
+def swiglu_rows(g, u):  # pragma: no cover - compiled
+    """g = silu(g) * u in place, row by row (g, u float32[n, ffn])."""
+    for b in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            gi = g[b, i]
+            g[b, i] = gi / (np.float32(1.0) + np.exp(-gi)) * u[b, i]
 
 
 # Reassociation lets LLVM vectorize the dot products and sums; no flag that assumes away

@@ -38,10 +38,10 @@ class RunConfig:
 
 def backend_unavailable(name: str) -> str | None:
     """Why backend `name` cannot run here, or None if it can."""
-    if name == "cpu":
+    if name in ("cpu", "cpu-q8"):
         return None
     if name != "cuda":
-        return f"unknown backend {name!r} (known: cpu, cuda)"
+        return f"unknown backend {name!r} (known: cpu, cpu-q8, cuda)"
     try:
         from ukgpu.gpu.cuda.select import probe
     except ImportError as exc:
@@ -54,9 +54,14 @@ def backend_unavailable(name: str) -> str | None:
 
 
 def make_backend(name: str, gguf=None):
-    """Backend `name` ("cpu" | "cuda") for the model `gguf`; a GPU that cannot run it raises."""
+    """Backend `name` ("cpu" | "cpu-q8" | "cuda") for the model `gguf`; a GPU that cannot run it raises.
+    "cpu-q8" is the CPU backend rounding activations to 8 bits as llama.cpp does (its numerics)."""
     from ukgpu.llama_core.backend_choice import open_backend
 
+    if name == "cpu-q8":
+        from ukgpu.llama_core.cpu.backend import CpuBackend
+
+        return CpuBackend(activations="q8")
     return open_backend(name, gguf)[0]
 
 
@@ -103,6 +108,8 @@ def measure(model_path: Path, model_name: str, backend_name: str, cfg: RunConfig
     ]
     info = {"load_s": round(load_s, 3), "model_file": str(model_path), "n_ctx": n_ctx,
             "backend": type(model.backend).__name__, "threads": _threads()}
+    if getattr(model.backend, "activations", None):  # the CPU backend's numerics: f32 (exact) or q8
+        info["activations"] = model.backend.activations
     usage = model.backend.usage()
     if usage:  # device backends report their memory use
         info["device_memory"] = usage

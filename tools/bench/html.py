@@ -15,7 +15,7 @@ from __future__ import annotations
 from html import escape
 
 from ukgpu.tools.bench import charts
-from ukgpu.tools.bench.peers import BACKEND_PEER
+from ukgpu.tools.bench.peers import BACKEND_DEVICE, BACKEND_PEER
 from ukgpu.tools.bench.schema import Entry, Report
 
 SPEED_UNIT = "tokens/s"
@@ -121,15 +121,15 @@ def _ratios(latest: dict, order: list[str]) -> str:
     """Each backend's tokens/s over its own device's llama.cpp peer, per model and test."""
     rows = []
     for (model, runner, kind), (e, _) in latest.items():
-        if kind != "backend" or not e.available or runner not in BACKEND_PEER:
+        if kind != "backend" or not e.available or runner not in BACKEND_DEVICE:
             continue
-        peer = latest.get((model, BACKEND_PEER[runner], "peer"))
+        peer = latest.get((model, BACKEND_PEER[BACKEND_DEVICE[runner]], "peer"))
         if peer is None or not peer[0].available:
             continue
         theirs = {r.test: r.median for r in peer[0].results if r.unit == SPEED_UNIT}
         rows += [(f"{model} {runner} {r.test}", r.median / theirs[r.test], runner)
                  for r in e.results if r.unit == SPEED_UNIT and theirs.get(r.test)]
-    pairs = ", ".join(f"backend {backend} with peer {peer}" for backend, peer in BACKEND_PEER.items())
+    pairs = ", ".join(f"backend {backend} with peer {BACKEND_PEER[device]}" for backend, device in BACKEND_DEVICE.items())
     head = f"<h2>Relative to llama.cpp on the same device</h2><p>Pairs: {escape(pairs)}.</p>"
     if not rows:
         body = "<p>No backend and its device's peer measured the same test on the same model.</p>"

@@ -39,7 +39,9 @@ from ukgpu.tools.bench.schema import Entry, Result
 
 SCRIPT = Path(__file__).with_name("peer_llamacpp.py")
 PEER_DEVICE = {"llamacpp": "cpu", "llamacpp-cuda": "cuda"}  # peer name -> device it runs on
-BACKEND_PEER = {device: name for name, device in PEER_DEVICE.items()}  # ukgpu backend -> its peer
+BACKEND_PEER = {device: name for name, device in PEER_DEVICE.items()}  # device -> its llama.cpp peer
+# ukgpu backend -> the device it runs on ("cpu-q8": the CPU backend rounding activations to 8 bits)
+BACKEND_DEVICE = {"cpu": "cpu", "cpu-q8": "cpu", "cuda": "cuda"}
 LLAMA_BENCH_LAYERS = {"cpu": 0, "cuda": 99}  # llama-bench -ngl
 PYTHON_LAYERS = {"cpu": 0, "cuda": -1}  # llama-cpp-python n_gpu_layers (-1: all of them)
 INSTALL_HINT = ("install llama-cpp-python (`pip install llama-cpp-python==0.3.36`, ~12 min build) and pass "

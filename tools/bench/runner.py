@@ -100,7 +100,7 @@ def _kernel_entries(req: BenchRequest, targets: list[tuple[str, Path]]) -> list[
             out.append(Entry.unavailable("-", backend, "ceilings", reason))
             out += [Entry.unavailable(name, backend, "kernels", reason) for name, _ in targets]
             continue
-        ceilings = kernels.cpu_ceilings if backend == "cpu" else kernels.cuda_ceilings
+        ceilings = kernels.cpu_ceilings if backend.startswith("cpu") else kernels.cuda_ceilings
         out.append(ceilings(req.run.repeats))
         for name, path in tqdm(targets, desc=f"kernels {backend}", unit="model", file=sys.stderr):
             gguf = open_gguf(path)

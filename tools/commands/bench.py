@@ -20,7 +20,7 @@ median and the spread (min/max and quartiles) of the repeats.
 Peers (llama.cpp on the same device as the backend it is compared with, same threads):
   llamacpp       llama.cpp on the CPU: no layer offloaded (llama-bench -ngl 0, plus -dev none
                  where it has -dev; llama-cpp-python n_gpu_layers=0, op_offload off);
-                 compared with --backends cpu
+                 compared with --backends cpu and cpu-q8
   llamacpp-cuda  llama.cpp with every layer on the GPU (llama-bench -ngl 99,
                  llama-cpp-python n_gpu_layers=-1); compared with --backends cuda. Needs a
                  llama.cpp built with CUDA (-DGGML_CUDA=ON); with a CPU-only one it is
@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model name or GGUF path (repeatable)")
     parser.add_argument("--synthetic", action="append", default=[], choices=SHAPES, metavar="SHAPE",
                         help=f"random-weight model with a real model's layout: {', '.join(SHAPES)} (repeatable)")
-    parser.add_argument("--backends", default="cpu", help="comma-separated: cpu,cuda (default cpu)")
+    parser.add_argument("--backends", default="cpu", help="comma-separated: cpu, cpu-q8 (activations rounded to 8 bits "
+                        "as llama.cpp rounds them), cuda (default cpu)")
     parser.add_argument("--peers", default="",
                         help="comma-separated peers to compare with: llamacpp (CPU), llamacpp-cuda (GPU)")
     parser.add_argument("--peer-python", metavar="PYTHON",
