@@ -57,14 +57,18 @@ def cached() -> bool:
 
 
 def _rope_and_attention() -> None:
-    """Both ropes and decode attention (serial and threaded) through the CPU backend's own
-    calls, so the argument types, and thus the compiled signatures, are the ones a model uses."""
+    """Both ropes, decode attention (serial and threaded), rmsnorm and SwiGLU through the CPU
+    backend's own calls, so the argument types, and thus the compiled signatures, are the ones a
+    model uses."""
     from ukgpu.llama_core.backend import RopeConfig
-    from ukgpu.llama_core.cpu.backend import CpuBackend
+    from ukgpu.llama_core.cpu.backend import CpuBackend, CpuWeight
 
     be = CpuBackend()
     if be._ops is None:
         return
+    rows = np.ones((2, 64), dtype=np.float32)
+    be.rmsnorm(rows, CpuWeight((64,), None, np.ones(64, np.float32), None, None), 1e-6)
+    be.swiglu(rows.copy(), rows)
     for n_heads, n_ctx in ((2, 8), (8, 4096)):  # the second passes PARALLEL_MIN_WORK
         hd = 64
         kv = be.alloc_kv(1, n_ctx, n_heads, hd)

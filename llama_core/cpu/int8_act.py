@@ -13,7 +13,7 @@ multiplies with (its `vec_dot_type`), and `quantize` does the same rounding here
 Every code, scale and sum matches llama.cpp's (its AVX2 rounding for Q8_0/Q8_1, its reference
 rounding for Q8_K), so the integer block sums agree exactly; only the float32 order of the
 scaled sums can differ.  The activation data of row t sits at `aq[t * in]` and `af[t * nf]`:
-per block [d] (Q8_0), [d, s] (Q8_1) or [d, 16 sums] (Q8_K).
+per block [d, 8 x 16 lane sums] (Q8_0), [d, s] (Q8_1) or [d, 16 sums] (Q8_K).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ KINDS = {T.Q4_0: 0, T.Q4_1: 1, T.Q5_0: 2, T.Q5_1: 3, T.Q8_0: 4, T.Q4_K: 5, T.Q6_
 ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2
 ACT = np.array([ACT_Q8_0, ACT_Q8_1, ACT_Q8_0, ACT_Q8_1, ACT_Q8_0, ACT_Q8_K, ACT_Q8_K], np.int64)
 BLOCK = np.array([32, 32, 32, 32, 32, 256, 256], np.int64)  # weights per block, per kind
-FLOATS = np.array([1, 2, 17], np.int64)  # float32 per activation block, per activation format
+FLOATS = np.array([9, 2, 17], np.int64)  # float32 per activation block, per activation format
 
 
 @intrinsic
@@ -48,22 +48,30 @@ def f16_round(typingctx, x):
 
 @njit(cache=True, nogil=True)
 def _q8_32(x, aq, af, fo, with_s):  # pragma: no cover - compiled
-    """One row into Q8_0 (af[fo + b] = d) or Q8_1 (af[fo + 2b] = d, af[fo + 2b + 1] = s) blocks."""
-    stride = 2 if with_s else 1
+    """One row into Q8_0 blocks (af[fo + 9b] = d, then 16 times the sums of codes 4k..4k+3, the
+    lanes of the products: what unsigned 5-bit codes subtract) or Q8_1 blocks (af[fo + 2b] = d,
+    af[fo + 2b + 1] = s)."""
+    stride = 2 if with_s else 9
     for b in range(x.shape[0] // 32):
         amax = np.float32(0.0)
         for j in range(32):
             amax = max(amax, abs(x[32 * b + j]))
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        o = fo + stride * b
         total = 0
-        for j in range(32):
-            q = np.int32(np.rint(x[32 * b + j] * inv))
-            aq[32 * b + j] = q
-            total += q
-        af[fo + stride * b] = f16_round(d)
+        for k in range(8):
+            lane = 0
+            for j in range(32 * b + 4 * k, 32 * b + 4 * k + 4):
+                q = np.int32(np.rint(x[j] * inv))
+                aq[j] = q
+                lane += q
+            if not with_s:
+                af[o + 1 + k] = 16 * lane
+            total += lane
+        af[o] = f16_round(d)
         if with_s:
-            af[fo + stride * b + 1] = f16_round(d * np.float32(total))
+            af[o + 1] = f16_round(d * np.float32(total))
 
 
 @njit(cache=True, nogil=True)
@@ -96,7 +104,7 @@ def quantize(x, act):  # pragma: no cover - compiled
     """x float32[n, in] -> (aq int8[n * in], af float32[n * nf], nf) in activation format `act`."""
     n, k = x.shape
     block = 256 if act == ACT_Q8_K else 32
-    nf = k // block * (17 if act == ACT_Q8_K else (2 if act == ACT_Q8_1 else 1))
+    nf = k // block * FLOATS[act]
     aq = np.empty(n * k, np.int8)
     af = np.empty(n * nf, np.float32)
     for t in range(n):

@@ -12,8 +12,9 @@ The arithmetic is llama.cpp's for the same pair of formats (its CPU `vec_dot` fu
 integer products within a block, times the two block scales, in float32.  Which activation
 format each weight format takes:
 
-    Q4_0, Q5_0, Q8_0  x  Q8_0 (per 32: d)          codes made signed (q - 8, q - 16), signed dot
-    Q4_1, Q5_1        x  Q8_1 (per 32: d, s)       unsigned codes; + m * s per block
+    Q4_0, Q5_0, Q8_0  x  Q8_0 (per 32: d, lane sums)   Q8_0: signed dot; Q4_0/Q5_0: unsigned codes,
+                                                       less 8/16 x the activations' lane sums
+    Q4_1, Q5_1        x  Q8_1 (per 32: d, s)            unsigned codes; + m * s per block
     Q4_K, Q6_K        x  Q8_K (per 256: d, 16 sums of 16 codes)
 """
 
@@ -80,7 +81,10 @@ class _Row:
         return load(self.b, self.af, byte, F32)
 
     def add_block(self, scale: ir.Value, isum: ir.Value) -> None:
-        self.acc["v"] = fma(self.b, scale, to_float(self.b, isum), self.acc["v"])
+        self.add_block_f(scale, to_float(self.b, isum))
+
+    def add_block_f(self, scale: ir.Value, sums: ir.Value) -> None:
+        self.acc["v"] = fma(self.b, scale, sums, self.acc["v"])
 
     def add_scalar(self, v: ir.Value) -> None:
         self.extra = "s"
@@ -123,12 +127,17 @@ def _blocks32(row: _Row, i: ir.Value, nbytes: int, has_m: bool, fifth: bool) -> 
         q = b.or_(q, bits_to_bytes(b, row.w_at(wb, nbytes - 20, I32), 16))
     a = row.codes(row.off(row.ao, i, 32))
     d, m = halves(b, row.w, wb)
-    dd = b.fmul(d, row.act_float(i, 2 if has_m else 1))
-    if has_m:  # unsigned codes, and m times the activations' block sum s
-        row.add_block(dd, widen_sum(b, maddubs(b, q, a)))
+    dd = b.fmul(d, row.act_float(i, 2 if has_m else 9))
+    sums = to_float(b, widen_sum(b, maddubs(b, q, a)))  # unsigned codes
+    if has_m:  # plus m times the activations' block sum s
+        row.add_block_f(dd, sums)
         row.add_scalar(b.fmul(m, row.act_float(i, 2, 1)))
-    else:  # codes made signed (q - 8 or q - 16), as llama.cpp does
-        row.add_block(dd, widen_sum(b, sign_dot(b, b.sub(q, splat(I8, 32, 16 if fifth else 8)), a)))
+    else:  # codes q - 16 (q - 8): the lanes' integer sums less 16 (8) times the activation lanes',
+        # exactly llama.cpp's signed lane sums (every value an integer far below 2^24)
+        lanes = load(b, row.af, b.mul(row.off(row.fo, i, 9, 1), const(I64, 4)), vec(F32, 8))
+        if not fifth:
+            lanes = b.fmul(lanes, splat(F32, 8, 0.5))
+        row.add_block_f(dd, b.fsub(sums, lanes))
 
 
 @_row_dot
@@ -155,7 +164,7 @@ def _dot_q5_1(row, i):
 def _dot_q8_0(row, i):
     b, wb = row.b, row.off(row.wo, i, 34)
     p = sign_dot(b, row.w_at(wb, 2, vec(I8, 32)), row.codes(row.off(row.ao, i, 32)))
-    row.add_block(b.fmul(half(b, row.w, wb), row.act_float(i, 1)), widen_sum(b, p))
+    row.add_block(b.fmul(half(b, row.w, wb), row.act_float(i, 9)), widen_sum(b, p))
 
 
 def _bcast16(b: ir.IRBuilder, v: ir.Value, lanes: list[int]) -> ir.Value:

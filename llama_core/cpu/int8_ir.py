@@ -19,11 +19,26 @@ from typing import Any
 from llvmlite import binding as llb
 from llvmlite import ir
 from llvmlite.ir import instructions as ir_instructions
-from numba.core import cgutils
+from numba.core import cgutils, config
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F16, F32 = ir.HalfType(), ir.FloatType()
-HAS_AVX2 = bool(llb.get_host_cpu_features().get("avx2", False))
+# CPUs (LLVM names) with AVX2, for a target named by NUMBA_CPU_NAME (the guest image pins "haswell")
+_AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cascadelake", "cooperlake", "cannonlake",
+              "icelake-client", "icelake-server", "tigerlake", "alderlake", "raptorlake", "meteorlake",
+              "sapphirerapids", "emeraldrapids", "graniterapids", "znver1", "znver2", "znver3", "znver4",
+              "znver5", "x86-64-v3", "x86-64-v4"}
+
+
+def _target_has_avx2() -> bool:
+    """Whether the CPU numba compiles for has AVX2: the host's, or NUMBA_CPU_NAME/_FEATURES'."""
+    name, features = config.CPU_NAME, config.CPU_FEATURES or ""
+    if name and name != "host":
+        return ("+avx2" in features) or (name in _AVX2_CPUS and "-avx2" not in features)
+    return bool(llb.get_host_cpu_features().get("avx2", False))
+
+
+HAS_AVX2 = _target_has_avx2()
 
 
 def vec(t: ir.Type, n: int) -> ir.VectorType:

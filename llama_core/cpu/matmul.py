@@ -80,6 +80,9 @@ def _kernels():
             from ukgpu.llama_core.cpu import blocks32 as nb
             from ukgpu.llama_core.cpu import superblocks as nbk
             from ukgpu.llama_core.cpu import tiled as tile
+            from ukgpu.llama_core.cpu.cache_stamp import refresh
+
+            refresh([nb])  # machine code cached from older sources of any kernel file goes first
             _KERNELS = (nb, nbk, tile)
             _MV.update({T.Q4_0: nb.mv_q4_0, T.Q4_1: nb.mv_q4_1, T.Q5_0: nb.mv_q5_0, T.Q5_1: nb.mv_q5_1,
                         T.Q8_0: nb.mv_q8_0, T.Q4_K: nbk.mv_q4_k, T.Q5_K: nbk.mv_q5_k, T.Q6_K: nbk.mv_q6_k})

@@ -103,10 +103,12 @@ def test_activation_codes_and_scales(act):
             assert np.array_equal(got[:, 0], d)
         else:
             want, d, s = ref_q8_32(x[t], act == int8_act.ACT_Q8_1)
-            got = fl.reshape(-1, 2 if s is not None else 1)
+            got = fl.reshape(-1, 2 if s is not None else 9)
             assert np.array_equal(got[:, 0], d)
             if s is not None:
                 assert np.array_equal(got[:, 1], s)
+            else:  # 16 times the sums of codes 4k..4k+3
+                assert np.array_equal(got[:, 1:], 16 * want.reshape(-1, 8, 4).sum(axis=2))
         assert np.array_equal(codes, want.reshape(-1))
 
 
@@ -119,3 +121,47 @@ def test_rounding_moves_the_product_as_much_as_llamacpps_does():
     exact = matmul.qmatmul(x, matmul.prepare(matmul.RawWeight(T.Q4_1, (64, 1024), rows.reshape(-1)), repack=False))
     rel = np.abs(product(T.Q4_1, rows, x) - exact).max() / np.abs(exact).max()
     assert 1e-4 < rel < 3e-2
+
+
+_GENERIC_RUN = """
+import sys, numpy as np
+from ukgpu.llama_core.cpu import int8_act, int8_ir
+assert not int8_ir.HAS_AVX2
+data = np.load(sys.argv[1])
+out = {}
+for name, kind in ((q.name, k) for q, k in int8_act.KINDS.items()):
+    rows, x = data[name + "_rows"], data[name + "_x"]
+    y = np.empty((x.shape[0], rows.shape[0]), np.float32)
+    int8_act.mv_int8(kind, rows.reshape(-1), rows.shape[0], rows.shape[1], x, y)
+    out[name] = y
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_the_plain_ir_for_cpus_without_avx2_gives_the_same_bits(tmp_path):
+    """NUMBA_CPU_NAME=ivybridge (AVX and F16C, no AVX2): the products are built from plain vector IR
+    instead of the AVX2 intrinsics, in a fresh interpreter and cache: the same bits for the
+    32-element formats; the K formats' 4-lane minimum sums may round their last bit otherwise
+    (a CPU without FMA: `llvm.fma` becomes a library call)."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    data, want = {}, {}
+    for qtype in TYPES:
+        rows = np.asarray(matmul.random_blocks(qtype, 9, 512, rng)).reshape(9, -1)
+        x = activations(rng, 2, 512)
+        data[qtype.name + "_rows"], data[qtype.name + "_x"] = rows, x
+        want[qtype.name] = product(qtype, rows, x)
+    np.savez(tmp_path / "in.npz", **data)
+    env = dict(os.environ, NUMBA_CPU_NAME="ivybridge", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _GENERIC_RUN, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                   check=True, env=env, timeout=600)
+    got = np.load(tmp_path / "out.npz")
+    for qtype in TYPES:
+        g, w = got[qtype.name], want[qtype.name]
+        if qtype in (T.Q4_K, T.Q6_K):
+            assert np.abs(g - w).max() <= 1e-6 * np.abs(w).max(), qtype.name
+        else:
+            assert np.array_equal(g, w), qtype.name
