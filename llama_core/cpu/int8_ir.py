@@ -32,7 +32,7 @@ _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cascadelake"
 
 def _target_has_avx2() -> bool:
     """Whether the CPU numba compiles for has AVX2: the host's, or NUMBA_CPU_NAME/_FEATURES'."""
-    name, features = config.CPU_NAME, config.CPU_FEATURES or ""
+    name, features = getattr(config, "CPU_NAME", None), getattr(config, "CPU_FEATURES", None) or ""
     if name and name != "host":
         return ("+avx2" in features) or (name in _AVX2_CPUS and "-avx2" not in features)
     return bool(llb.get_host_cpu_features().get("avx2", False))
