@@ -66,8 +66,9 @@ def _rope_and_attention() -> None:
     be = CpuBackend()
     if be._ops is None:
         return
-    rows = np.ones((2, 64), dtype=np.float32)
-    be.rmsnorm(rows, CpuWeight((64,), None, np.ones(64, np.float32), None, None), 1e-6)
+    rows, norm = np.ones((2, 64), dtype=np.float32), np.ones(64, np.float32)
+    norm.flags.writeable = False  # a model's norm weights are mapped read-only
+    be.rmsnorm(rows, CpuWeight((64,), None, norm, None, None), 1e-6)
     be.swiglu(rows.copy(), rows)
     for n_heads, n_ctx in ((2, 8), (8, 4096)):  # the second passes PARALLEL_MIN_WORK
         hd = 64

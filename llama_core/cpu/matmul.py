@@ -222,6 +222,7 @@ def warmup() -> float:
     rng = np.random.default_rng(0)
     for q in sorted(NUMBA_KERNEL_TYPES):
         raw = random_blocks(q, 8, 256, rng)
+        raw.flags.writeable = False  # as a model's rows, mapped read-only (numba types them apart)
         for pw in (prepare(RawWeight(q, (8, 256), raw), repack=False), prepare(RawWeight(q, (8, 256), raw))):
             for n in (1, MV_CHUNKED_ROWS + 1):  # the block kernels, then the slab path
                 qmatmul(rng.standard_normal((n, 256)).astype(np.float32), pw)

@@ -7,6 +7,7 @@ with `ukgpu chat` (cmd_chat.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ukgpu.llama_core.cpu.compile import ensure_compiled
@@ -35,6 +36,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--ctx", type=argtypes.ctx, default=2048, help="context size in tokens")
     parser.add_argument("-t", "--threads", type=argtypes.int_in(1, 1024), default=None,
                         help="CPU threads for the matmul kernels (default: all cores)")
+    add_cpu_activations_arg(parser)
+
+
+def add_cpu_activations_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-activations", choices=("f32", "q8"), default=None,
+                        help="CPU backend: f32 = exact products (the reference; default), q8 = activations "
+                             "rounded to 8-bit blocks as llama.cpp's CPU path does, on integer dot "
+                             "products (faster decode); sets UKGPU_CPU_ACTIVATIONS")
+
+
+def apply_cpu_activations(args: argparse.Namespace) -> None:
+    """The flag, for every CPU backend this process makes (the fallback from a lost GPU too)."""
+    if args.cpu_activations:
+        os.environ["UKGPU_CPU_ACTIVATIONS"] = args.cpu_activations
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +76,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
+    apply_cpu_activations(args)
     if args.threads is not None:
         import numba
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ukgpu.llama_core.models import registry
 from ukgpu.tools import argtypes
+from ukgpu.tools.commands.generate import add_cpu_activations_arg, apply_cpu_activations
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slots", type=argtypes.int_in(1, 256), default=4, help="sequences generated in parallel")
     parser.add_argument("--ctx", type=argtypes.ctx, default=2048, help="context size per slot, in tokens")
     parser.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto")
+    add_cpu_activations_arg(parser)
     parser.add_argument("--max-queue", type=argtypes.positive, default=64,
                         help="requests that may wait for a slot before new ones get 429")
     parser.add_argument("--max-body", type=argtypes.positive, default=1 << 20, help="largest request body, bytes")
@@ -90,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ukgpu.kernel.api import ApiLimits, create_app, serve
 
     path = registry.resolve_model(args.model)  # a bad name fails here, before listening
+    apply_cpu_activations(args)
 
     def load():
         from ukgpu.llama_core.cpu.compile import ensure_compiled
