@@ -238,15 +238,18 @@ def test_dashboard_pairs_each_backend_with_the_peer_on_its_device():
     entries = [
         _speed("m", "llamacpp", "peer", 50.0, 20.0, n_gpu_layers=0, backends="CPU", gpu_info=""),
         _speed("m", "cpu", "backend", 100.0, 10.0),
+        _speed("m", "cpu-q8", "backend", 150.0, 30.0),  # the CPU with 8-bit activations: the same peer
         _speed("m", "llamacpp-cuda", "peer", 250.0, 40.0, n_gpu_layers=99, backends="CUDA", gpu_info="NVIDIA H100"),
         _speed("m", "cuda", "backend", 1000.0, 20.0),
         _speed("only-cpu-peer", "cuda", "backend", 1000.0, 20.0),  # no llamacpp-cuda here: no ratio
         _speed("only-cpu-peer", "llamacpp", "peer", 50.0, 20.0),
     ]
     page = html.render([_speed_report("2026-11-24T20:00:00Z", entries)], ["r.json"])
-    assert ratio_rows(page) == {"m cpu pp8": "2", "m cpu tg4": "0.5", "m cuda pp8": "4", "m cuda tg4": "0.5"}
+    assert ratio_rows(page) == {"m cpu pp8": "2", "m cpu tg4": "0.5", "m cpu-q8 pp8": "3", "m cpu-q8 tg4": "1.5",
+                                "m cuda pp8": "4", "m cuda tg4": "0.5"}
     assert "Relative to llama.cpp on the same device" in page
-    assert "backend cpu with peer llamacpp, backend cuda with peer llamacpp-cuda" in page
+    assert ("backend cpu with peer llamacpp, backend cpu-q8 with peer llamacpp, "
+            "backend cuda with peer llamacpp-cuda") in page
     assert "<td>m</td><td>llamacpp-cuda</td><td>-</td><td>-</td><td>99</td><td>CUDA</td><td>-</td>" \
            "<td>NVIDIA H100</td>" in page  # where the peer ran
 
