@@ -130,14 +130,15 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def create_app(engine_or_loader: ServedEngine | Callable[[], ServedEngine],
                limits: ApiLimits | None = None, *, model_id: str = "ukgpu",
-               arena: Any = None, policy: security.Policy | None = None,
+               arena: Any = None, policy: security.Policy | security.Gate | None = None,
                health_extra: dict | None = None) -> _CountRequests:
     """The API around an engine (`engine_protocol.ServedEngine`: `llama_core.engine.Engine`), or
     around a zero-argument loader that returns one.  Its slot count is the engine's.
 
     With a loader the server answers at once: /health says "loading" (503) until
     the engine is ready.  `arena` (kernel.arena.Arena) adds its usage to /metrics.
-    `policy` (security.Policy): API key and allowed Host/Origin; default: local names, no key.
+    `policy` (security.Policy): API key and allowed Host/Origin; default: local names, no key;
+    a security.Gate: the same, changeable while serving (and sealable).
     `health_extra`: fields every /health answer carries (the guest: whether its image was checked).
     """
     limits = limits or ApiLimits()
@@ -269,6 +270,7 @@ class _CountRequests:
         self.app = app
         self.metrics = metrics
         self.paths = paths
+        self.in_flight = 0  # HTTP requests inside the app now (a guest waits for 0 to snapshot)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -281,4 +283,8 @@ class _CountRequests:
                 self.metrics.count_request(path, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.in_flight -= 1

@@ -95,11 +95,33 @@ def resolve_key(flag: str | None, path: str | None, env: Mapping[str, str]) -> s
     return given.strip() if given is not None else None
 
 
-def guard(app: ASGIApp, policy: Policy) -> ASGIApp:
-    """`app` behind the checks above (HTTP only; lifespan passes through)."""
-    hosts = policy.hosts()
-    origins = frozenset(policy.allowed_origins)
-    key = policy.api_key.encode() if policy.api_key else None
+class Gate:
+    """The policy a running server enforces, replaceable while it serves, and whether it is sealed.
+
+    The guest seals its gate before it is snapshotted and unseals it once a restored copy has
+    its own key, clock and entropy (kernel/guest/resume.py): in between every request, /health
+    included, gets 503 `restoring`, so nothing is served under the snapshot's settings."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.sealed: str | None = None  # the reason, while sealed
+        self.set(policy or Policy())
+
+    def set(self, policy: Policy) -> None:
+        self.policy = policy
+        self.checks = (policy.hosts(), frozenset(policy.allowed_origins),
+                       policy.api_key.encode() if policy.api_key else None)
+
+    def seal(self, reason: str) -> None:
+        self.sealed = reason
+
+    def unseal(self) -> None:
+        self.sealed = None
+
+
+def guard(app: ASGIApp, policy: Policy | Gate) -> ASGIApp:
+    """`app` behind the checks above (HTTP only; lifespan passes through).  A `Gate` lets the
+    policy change, or the server be sealed, while it serves."""
+    gate = policy if isinstance(policy, Gate) else Gate(policy)
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,7 +129,8 @@ def guard(app: ASGIApp, policy: Policy) -> ASGIApp:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         origin = headers.get("origin")
-        refusal = _refusal(scope, headers, hosts, origins, key)
+        hosts, origins, key = gate.checks
+        refusal = _sealed(gate.sealed) if gate.sealed else _refusal(scope, headers, hosts, origins, key)
         cors = origin is not None and origin.lower() in origins
         if refusal is not None:
             response: Response = JSONResponse(refusal.body(), refusal.status, headers=refusal.headers)
@@ -124,6 +147,11 @@ def guard(app: ASGIApp, policy: Policy) -> ASGIApp:
         await response(scope, receive, send)
 
     return guarded
+
+
+def _sealed(reason: str) -> ApiError:
+    return ApiError(503, f"The server is not serving yet: {reason}; retry in a moment.",
+                    type="server_error", code="restoring", headers={"Retry-After": "1"})
 
 
 def _refusal(scope: Scope, headers: dict[str, str], hosts: frozenset[str],

@@ -17,6 +17,10 @@ Steps, each timed and reported on the serial console:
  7. the model (memory-mapped) and a backend: a GPU when one is found and usable, else CPU
  8. the HTTP API; then `READY ...` with the timings
 
+Snapshots (kernel/guest/resume.py): `snapshot` on the console seals the API and prints
+`SNAPSHOT-READY` for the host to save the VM; a restored copy gets `resume {...}` (wall clock,
+entropy, API key) and prints `READY restored=1 ...`.
+
 Shutdown: the line `poweroff` on the serial console (`stacks` there prints every
 thread's stack), or the ACPI power button (QEMU's `system_powerdown`, a KubeVirt stop or a
 node drain), watched from step 4 on.  Only the process that runs QEMU holds the console; the API port
@@ -48,9 +52,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 from ukgpu.kernel import manifest
-from ukgpu.kernel.guest import power_button
+from ukgpu.kernel.guest import power_button, resume
 from ukgpu.kernel.guest import syscalls as init_sys
 from ukgpu.kernel.guest.syscalls import InitError, NetConfig
 
@@ -135,13 +140,18 @@ def parse_ip(value: str) -> NetConfig | None:
     return NetConfig(f"{client}/{prefix}", gw or None, device or "eth0")
 
 
-def api_policy(cfg: BootConfig):
-    """The API's key and Host names: clients through QEMU's port forward send a local name
-    (127.0.0.1:<host port>); `ukgpu.allowed_hosts=` adds the names a Service or gateway uses."""
+_FROM_CMDLINE = object()
+
+
+def api_policy(cfg: BootConfig, api_key=_FROM_CMDLINE):
+    """The API's key (`ukgpu.api_key=`, or the one a restore brought) and Host names: clients
+    through QEMU's port forward send a local name (127.0.0.1:<host port>); `ukgpu.allowed_hosts=`
+    adds the names a Service or gateway uses."""
     from ukgpu.kernel.api import security
 
     names = [n for n in cfg.extra.get("allowed_hosts", "").split(",") if n]
-    return security.policy_for("0.0.0.0", cfg.extra.get("api_key"), allowed_hosts=names)
+    key = cfg.extra.get("api_key") if api_key is _FROM_CMDLINE else api_key
+    return security.policy_for("0.0.0.0", key, allowed_hosts=names)
 
 
 def arena_size(cfg: BootConfig, n_layers: int, n_kv_heads: int, head_dim: int) -> int:
@@ -221,7 +231,10 @@ class Guest:
         self.times: dict[str, float] = stage1_times(os.environ, self.t_init)
         self.cfg = BootConfig()
         self.doc: dict = {}
-        self.server = None
+        self.server: Any = None  # uvicorn.Server, once the API runs
+        self.app: Any = None  # the API (counts requests in flight)
+        self.gate: Any = None  # its security.Gate: sealed around a snapshot
+        self.backend_note = ""
 
     def step(self, name: str, fn, *args):
         start = time.monotonic()
@@ -246,6 +259,7 @@ class Guest:
             shown = ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in read.items())
             say(f"read from the verified disks before READY: {shown}")
         say(f"backend {backend_note}")
+        self.backend_note = backend_note
         print(ready_line(init_sys.uptime(), self.times, self.cfg.port, backend_note), flush=True)
         serial_commands(self)
 
@@ -289,6 +303,7 @@ class Guest:
     def start_api(self, engine, arena) -> None:
         import uvicorn
 
+        from ukgpu.kernel.api import security
         from ukgpu.kernel.api.app import create_app
         from ukgpu.kernel.api.limits import server_limits_from
         from ukgpu.kernel.api.server import config
@@ -298,17 +313,47 @@ class Guest:
         except ValueError as exc:
             raise InitError(f"bad kernel command line parameter: {exc}") from None
 
-        policy = api_policy(self.cfg)
+        self.gate = security.Gate(api_policy(self.cfg))
         checked = {"image_verified": self.cfg.verify != "off"}  # on every /health answer
-        app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena, policy=policy,
-                         health_extra=checked)
-        self.server = uvicorn.Server(config(app, "0.0.0.0", self.cfg.port, "warning", limits))
+        self.app = create_app(engine, model_id=self.doc["model"]["name"], arena=arena,
+                              policy=self.gate, health_extra=checked)
+        self.server = uvicorn.Server(config(self.app, "0.0.0.0", self.cfg.port, "warning", limits))
         thread = threading.Thread(target=self.server.run, name="ukgpu-http", daemon=True)
         thread.start()
         while not self.server.started:
             if not thread.is_alive():
                 raise InitError(f"the HTTP server did not start on port {self.cfg.port}")
             time.sleep(0.01)
+
+    def snapshot(self) -> None:
+        """Seal the API for the host's snapshot; SNAPSHOT-READY once no request is in flight."""
+        if self.cfg.extra.get("api_key"):
+            say("snapshot refused: this guest's API key is on its kernel command line, and every "
+                "restored copy would share it; snapshot a guest booted without one")
+        elif resume.seal(self.gate, lambda: self.app.in_flight):
+            print(resume.SNAPSHOT_READY, flush=True)
+        else:
+            self.gate.unseal()
+            say("snapshot refused: requests were still running after 30 s")
+
+    def resume(self, payload: str) -> None:
+        """A restored copy's own clock, entropy and API key, then READY."""
+        if self.gate is None or not self.gate.sealed:
+            say("resume ignored: this guest was not restored from a snapshot")
+            return
+        start = time.monotonic()
+        try:
+            got = resume.parse_resume(payload)
+        except ValueError as exc:
+            say(f"resume refused: {exc}")
+            return
+        resume.set_clock(got.time_ns)
+        resume.reseed(got.entropy)
+        self.gate.set(api_policy(self.cfg, got.api_key))
+        self.gate.unseal()
+        took = time.monotonic() - start
+        print(f"READY restored=1 resume={took:.2f}s port={self.cfg.port} backend={self.backend_note}",
+              flush=True)
 
     def shutdown(self, reason: str) -> None:
         say(f"powering off: {reason}")
@@ -321,14 +366,21 @@ class Guest:
 def serial_commands(guest: Guest) -> None:
     """Read commands from the console until `poweroff` (EOF: keep serving).
 
-    `stacks` prints every thread's Python stack (what is the guest doing?)."""
+    `stacks` prints every thread's Python stack (what is the guest doing?); `snapshot` and
+    `resume {...}` are the host's side of kernel/guest/resume.py."""
+    resume.quiet_console()
     for line in sys.stdin:
-        if line.strip() == "poweroff":
+        command, _, payload = line.strip().partition(" ")
+        if command == "poweroff":
             guest.shutdown("poweroff on the serial console")
-        elif line.strip() == "stacks":
+        elif command == "stacks":
             faulthandler.dump_traceback(all_threads=True)
-        elif line.strip():
-            say(f"unknown console command {line.strip()!r}: use poweroff or stacks")
+        elif command == "snapshot":
+            guest.snapshot()
+        elif command == "resume":
+            guest.resume(payload)
+        elif command:
+            say(f"unknown console command {command!r}: use poweroff or stacks")
     while True:
         time.sleep(3600)
 

@@ -1,12 +1,13 @@
 """Measure an image under QEMU against the floor: the same kernel booting a busybox initramfs.
 
-    python -m ukgpu.kernel.image.bench [-m MODEL] [--runs 3] [--accel tcg]
+    python -m ukgpu.kernel.image.bench [-m MODEL] [--runs 3] [--accel tcg] [--restore]
 
 Prints a Markdown table: image size breakdown, then per run the floor boot
 (QEMU start to a busybox `/init` printing a line), the image's boot to READY
 (host wall clock and the guest's own step times), the time to first token of
 one greedy completion over HTTP (`ttft`: 5-token prompt, 1 token) and a
-4-token completion (`tokens4`).
+4-token completion (`tokens4`).  `--restore` also takes a snapshot of the image
+(kernel/image/snapshot.py) and, in each run, restores it: READY, ttft and tokens4 the same way.
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ def floor_boot(vmlinux: Path, initrd: Path, accel: str) -> float:
     return seen
 
 
-def image_boot(built: image.Image, accel: str, unverified: bool = False) -> dict[str, float]:
+def image_boot(built: image.Image, accel: str, unverified: bool = False,
+               restore: qemu.Restore | None = None) -> dict[str, float]:
     """READY timings, `host_check` (the host hashing and copying the boot files against its record,
     before QEMU starts), ttft and tokens4.  unverified: `--insecure-skip-verify` (no host record,
-    the disks mapped without dm-verity): what the block checks cost, by difference."""
+    the disks mapped without dm-verity): what the block checks cost, by difference.  restore: start
+    from that snapshot (its check is part of `host_seconds`)."""
     import httpx
 
     start = time.monotonic()
-    vm = qemu.Vm(built, qemu.BootOptions(port=0, accel=accel, verify=not unverified))
+    vm = qemu.Vm(built, qemu.BootOptions(port=0, accel=accel, verify=not unverified), restore=restore)
     host_check = 0.0 if unverified else time.monotonic() - start
     with vm:
         ready = dict(vm.wait_ready(900))
@@ -91,18 +94,31 @@ def main() -> None:
     parser.add_argument("--no-numba", dest="numba", action="store_false")
     parser.add_argument("--compare-unverified", action="store_true",
                         help="also boot each run without dm-verity (--insecure-skip-verify): the checks' cost")
+    parser.add_argument("--restore", action="store_true",
+                        help="also restore a snapshot of the image in each run (taken once first)")
     args = parser.parse_args()
     built = image.build(image.BuildConfig(model=args.model, numba=args.numba), log=lambda m: None)
     print(f"load average before: {os.getloadavg()}")
     print(image.breakdown(built.info))
     floor_cpio = floor_initramfs(built.dir.parent / "floor.cpio")
-    rows = []
+    saved = None
+    if args.restore:
+        from ukgpu.kernel.image import snapshot
+
+        saved = snapshot.take(built, qemu.BootOptions(port=0, accel=args.accel))
+        print(f"snapshot: {saved.state.stat().st_size / (1 << 20):.0f} MiB", flush=True)
+    rows, restored = [], []
     for run in range(args.runs):
         floor = floor_boot(built.dir / "vmlinux", floor_cpio, args.accel)
         got = image_boot(built, args.accel)
         rows.append({"floor": floor, **got})
         print(f"run {run + 1}: " + " ".join(f"{k}={v:.2f}" for k, v in rows[-1].items()),
               flush=True)
+        if saved is not None:
+            again = image_boot(built, args.accel, restore=saved)
+            restored.append({"floor": floor, **again, "ready_over_floor": again["host_seconds"] / floor})
+            print(f"run {run + 1} (restored): " + " ".join(f"{k}={v:.2f}" for k, v in restored[-1].items()),
+                  flush=True)
         if args.compare_unverified:
             plain = image_boot(built, args.accel, unverified=True)
             print(f"run {run + 1} (unverified): " + " ".join(f"{k}={v:.2f}" for k, v in plain.items()),
@@ -110,9 +126,16 @@ def main() -> None:
     keys = ["floor", "host_check", "host_seconds", "boot_to_init", "root", "python_start", "verify",
             "modules", "network", "model_load", "http", "total", "ttft", "tokens4"]
     print(f"load average after: {os.getloadavg()}")
-    print("\n| measure (s) | median | min | max |\n|---|---|---|---|")
     rows = [dict(r, ready_over_floor=r["host_seconds"] / r["floor"]) for r in rows]
     keys.append("ready_over_floor")
+    _table(rows, keys)
+    if restored:
+        print("\nrestored from the snapshot:")
+        _table(restored, ["floor", "host_seconds", "resume", "ready_over_floor", "ttft", "tokens4"])
+
+
+def _table(rows: list[dict[str, float]], keys: list[str]) -> None:
+    print("\n| measure (s) | median | min | max |\n|---|---|---|---|")
     for key in keys:
         values = [r[key] for r in rows if key in r]
         if values:

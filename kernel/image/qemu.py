@@ -5,6 +5,8 @@
         httpx.get(vm.url + "/health")
         vm.poweroff()                                  # serial command, then kill after a timeout
 
+    Vm(image, opts, restore=snap)                      # from a saved state (kernel/image/snapshot.py)
+
 The serial console is QEMU's stdin/stdout (a pipe, not a terminal); every
 line is kept in `vm.log` and passed to `on_line`.  QEMU runs in its own
 session, so a Ctrl-C reaches only the launcher, which then asks the guest to
@@ -14,6 +16,7 @@ more than qemu64); with `--accel kvm` it is `host`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ukgpu.kernel.guest import stage1
 from ukgpu.kernel.image import trust
@@ -146,11 +150,46 @@ KVM_HINT = ("KVM could not run the guest (often nested virtualization that lacks
             "instruction the kernel uses): boot with --accel tcg")
 
 
+def qmp(path: str, *commands: dict | str, timeout: float = 30.0) -> list[dict]:
+    """Run QMP commands (a name, or {"execute": ..., "arguments": ...}) on QEMU's socket at
+    `path`; their answers.  BootError when QEMU refuses one."""
+    answers = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        replies = sock.makefile("rb")
+        replies.readline()  # the greeting
+        for command in ("qmp_capabilities", *commands):
+            request = {"execute": command} if isinstance(command, str) else command
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:  # skip asynchronous events until the command's answer
+                answer = json.loads(replies.readline())
+                if "return" in answer or "error" in answer:
+                    break
+            if "error" in answer:
+                raise BootError(f"QEMU refused {request['execute']}: {answer['error']}")
+            answers.append(answer["return"])
+    return answers[1:]
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A saved guest state to start from instead of booting (kernel/image/snapshot.py): the host's
+    record holds the SHA-256 of each `chunk`-byte piece of the file, and `image` is the digest of
+    the image it was taken from."""
+
+    state: Path
+    chunk: int
+    chunks: tuple[str, ...]
+    image: str
+
+
 class Vm:
     def __init__(self, image: Image, opts: BootOptions | None = None,
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, restore: Restore | None = None) -> None:
         self.image = image
         self.opts = opts or BootOptions()
+        self.restore = restore
         self.port = self.opts.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.on_line = on_line
@@ -161,6 +200,9 @@ class Vm:
         # the host's record, not the folder, says what boots (kernel/image/trust.py)
         self.boot = trust.verify_for_boot(image.dir) if self.opts.verify else None
         try:
+            if restore is not None and (self.boot is None or restore.image != self.boot.digest):
+                raise BootError("the snapshot was taken from another image (or this boot skips the "
+                                "host's record): boot cold, or take one with `ukgpu image snapshot`")
             self.command = qemu_command(image, self.opts, self.port, self.boot)
         except BaseException:
             self._cleanup()
@@ -175,11 +217,73 @@ class Vm:
 
     def start(self) -> Vm:
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if self.restore is None:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        else:  # paused (-S) until the state QEMU reads from the pipe matches the host's record
+            incoming, feed = os.pipe()
+            try:
+                self.proc = subprocess.Popen(
+                    [*self.command, "-S", "-incoming", f"fd:{incoming}"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                    pass_fds=(incoming,))
+            finally:
+                os.close(incoming)
+            threading.Thread(target=self._resume_from, args=(feed,), name="ukgpu-restore",
+                             daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="ukgpu-serial", daemon=True)
         self._reader.start()
         return self
+
+    def _resume_from(self, feed: int) -> None:
+        """Stream the saved state into QEMU, each piece checked against the host's record before
+        QEMU reads it; then run the guest and give it its own clock, entropy and API key
+        (kernel/guest/resume.py)."""
+        assert self.restore is not None
+        try:
+            bad = _pump_verified(self.restore, feed)
+            if bad is not None:
+                self._fail(f"the snapshot {self.restore.state} does not match the host's record "
+                           f"({bad}): it was changed after it was taken, and the guest was not started. "
+                           "Take it again with `ukgpu image snapshot`, or boot with --cold")
+                return
+            self._wait_loaded()
+            qmp(self.qmp_path, "cont")
+            self.send("resume " + json.dumps({"time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
+                                              "api_key": self.opts.api_key}))
+        except (OSError, BootError) as exc:
+            self._fail(f"restoring the snapshot failed: {exc}")
+
+    def _wait_loaded(self, timeout: float = 120.0) -> None:
+        """Until QEMU has loaded the whole state (the VM is then paused)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                status = qmp(self.qmp_path, "query-status")[0]["status"]
+            except (FileNotFoundError, ConnectionRefusedError):
+                status = "starting"
+            if status in ("paused", "prelaunch"):
+                return
+            if status not in ("inmigrate", "starting"):
+                raise BootError(f"QEMU could not load the snapshot (status {status})")
+            if self.proc is None or self.proc.poll() is not None:
+                raise BootError("QEMU exited while loading the snapshot")
+            time.sleep(0.02)
+        raise BootError(f"QEMU did not load the snapshot within {timeout:.0f}s")
+
+    def _fail(self, reason: str) -> None:
+        self.fatal = reason
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._ready_event.set()
+
+    def wait_line(self, text: str, timeout: float) -> None:
+        """Block until the console shows a line equal to `text`; BootError when it does not."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                raise BootError(f"the guest did not print {text!r}; serial console:\n{self.tail()}")
+            time.sleep(0.02)
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -243,19 +347,7 @@ class Vm:
     def press_power_button(self, timeout: float = 10.0) -> None:
         """Press the guest's ACPI power button (QMP `system_powerdown`), as a hypervisor asking a
         guest to stop does; the guest then powers off cleanly (wait() for it)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(timeout)
-            sock.connect(self.qmp_path)
-            replies = sock.makefile("rb")
-            replies.readline()  # the greeting
-            for command in ("qmp_capabilities", "system_powerdown"):
-                sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
-                while True:  # skip asynchronous events until the command's answer
-                    answer = json.loads(replies.readline())
-                    if "return" in answer or "error" in answer:
-                        break
-                if "error" in answer:
-                    raise BootError(f"QEMU refused {command}: {answer['error']}")
+        qmp(self.qmp_path, "system_powerdown", timeout=timeout)
 
     def poweroff(self, timeout: float = 30.0) -> int:
         """Ask the guest to power off; kill QEMU if it is still running after `timeout`."""
@@ -290,6 +382,35 @@ class Vm:
             except BootError:
                 pass
         self.kill()
+
+
+def _pump_verified(restore: Restore, fd: int) -> str | None:
+    """Write the state file into `fd` piece by piece, each only after its SHA-256 matched the
+    record (QEMU never reads a byte that was not checked; the bytes checked are the bytes written),
+    then close `fd`.  None, or which piece differs."""
+    try:
+        with open(restore.state, "rb", buffering=0) as source:
+            buf = bytearray(restore.chunk)
+            for index, expected in enumerate((*restore.chunks, None)):
+                n = _read_full(source, buf)
+                if expected is None:
+                    return None if n == 0 else "it is longer than recorded"
+                piece = memoryview(buf)[:n]
+                if hashlib.sha256(piece).hexdigest() != expected:
+                    return f"piece {index} of {len(restore.chunks)} differs"
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+    finally:
+        os.close(fd)
+    return None
+
+
+def _read_full(source, buf: bytearray) -> int:
+    """Fill `buf` from `source` unless the file ends first; the bytes read."""
+    view, got = memoryview(buf), 0
+    while got < len(buf) and (n := source.readinto(view[got:])):
+        got += n
+    return got
 
 
 def parse_ready(text: str) -> dict[str, float]:

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pin", metavar="DIGEST",
                         help="an image built on another host: check the folder against the digest its "
                         "`ukgpu image build` printed, record it as trusted on this host, then boot")
+    parser.add_argument("--cold", action="store_true",
+                        help="boot from scratch even when `ukgpu image snapshot` saved this image "
+                        "with these options (a restore reaches READY in seconds)")
     add_vm_options(parser)
     parser.set_defaults(func=_boot)
 
@@ -26,22 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_vm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080,
                         help="host port (127.0.0.1) forwarded to the guest API (0: any free one)")
-    parser.add_argument("--mem", help="guest RAM, QEMU syntax (default: sized from the image)")
-    parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
-    parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
-                        help="tcg: emulation, works anywhere (default); kvm: hardware "
-                        "virtualization on a real host")
+    add_machine_options(parser)
     parser.add_argument("--gpu", metavar="BDF",
                         help="pass this host PCI device (bound to vfio-pci) to the guest")
-    parser.add_argument("--arena", help="guest host-memory arena, e.g. 2G (default: sized "
-                        "from the model)")
-    parser.add_argument("--append", action="append", default=[], metavar="WORD",
-                        help="extra kernel command line word, e.g. ukgpu.ctx=4096 (repeatable)")
     parser.add_argument("--api-key-file", metavar="PATH",
                         help="the guest API then needs 'Authorization: Bearer KEY' with the key "
-                        "on this file's first line (default: $UKGPU_API_KEY; none: no key). The "
-                        "key travels on the guest's kernel command line, which host users can "
-                        "see in QEMU's arguments")
+                        "on this file's first line (default: $UKGPU_API_KEY; none: no key). A cold "
+                        "boot passes the key on the guest's kernel command line, which host users "
+                        "can see in QEMU's arguments; a restored snapshot gets it over the console")
     parser.add_argument("--insecure-skip-verify", dest="verify", action="store_false",
                         help="boot files this host has no record of, without the guest's image check "
                         "(its /health then says image_verified: false); for debugging images only")
@@ -51,16 +46,29 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for a clean poweroff before killing QEMU")
 
 
+def add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """What the guest machine is made of (a snapshot is kept per combination of these)."""
+    parser.add_argument("--mem", help="guest RAM, QEMU syntax (default: sized from the image)")
+    parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    parser.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
+                        help="tcg: emulation, works anywhere (default); kvm: hardware "
+                        "virtualization on a real host")
+    parser.add_argument("--arena", help="guest host-memory arena, e.g. 2G (default: sized "
+                        "from the model)")
+    parser.add_argument("--append", action="append", default=[], metavar="WORD",
+                        help="extra kernel command line word, e.g. ukgpu.ctx=4096 (repeatable)")
+
+
 def vm_options(args: argparse.Namespace) -> qemu.BootOptions:
     from ukgpu.kernel.api import security
 
     try:
-        key = security.resolve_key(None, args.api_key_file, os.environ)
+        key = security.resolve_key(None, getattr(args, "api_key_file", None), os.environ)
     except ValueError as exc:
         raise SystemExit(f"ukgpu: error: {exc}") from None
-    return qemu.BootOptions(port=args.port, mem=args.mem, cpus=args.cpus, accel=args.accel,
-                            gpu=args.gpu, arena=args.arena, append=list(args.append), api_key=key,
-                            verify=getattr(args, "verify", True))
+    return qemu.BootOptions(port=getattr(args, "port", 0), mem=args.mem, cpus=args.cpus,
+                            accel=args.accel, gpu=getattr(args, "gpu", None), arena=args.arena,
+                            append=list(args.append), api_key=key, verify=getattr(args, "verify", True))
 
 
 def _echo(line: str) -> None:
@@ -72,12 +80,17 @@ def _interrupt(signum, frame) -> None:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from ukgpu.kernel.image import trust
+    from ukgpu.kernel.image import snapshot, trust
 
     img = image.load(args.dir)
     if args.pin:
         trust.pin_folder(img.dir, img.info, args.pin)
-    vm = qemu.Vm(img, vm_options(args), on_line=_echo)
+    opts = vm_options(args)
+    saved = None if args.cold else snapshot.find(img, opts)
+    if saved is not None:
+        print(f"ukgpu: restoring the snapshot {saved.state} (--cold boots from scratch)",
+              file=sys.stderr, flush=True)
+    vm = qemu.Vm(img, opts, on_line=_echo, restore=saved)
     # QEMU runs in its own session, so only we see Ctrl-C / SIGTERM: turn both into a poweroff
     # (also when started in the background, where SIGINT arrives ignored).
     signal.signal(signal.SIGINT, _interrupt)

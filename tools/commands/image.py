@@ -1,5 +1,7 @@
 """`ukgpu image build`: a bootable VM image (kernel, stage-1 initramfs, dm-verity root disk) serving one model.
-`ukgpu image export --oci DIR`: that image as OCI images for KubeVirt (kernel/image/export.py)."""
+`ukgpu image export --oci DIR`: that image as OCI images for KubeVirt (kernel/image/export.py).
+`ukgpu image snapshot DIR`: boot it once and save the running guest, so `ukgpu boot` restores it
+(kernel/image/snapshot.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from ukgpu.kernel.guest.arena import parse_size
 from ukgpu.kernel.image import build as image
+from ukgpu.tools.commands.boot import add_machine_options, vm_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--append", action="append", default=[], metavar="WORD",
                         help="extra kernel argument, e.g. ukgpu.slots=4 (repeatable)")
     export.set_defaults(func=_export)
+    snap = verbs.add_parser("snapshot", help="boot an image once and save it serving, for fast boots",
+                            description="Boot DIR cold (verified against this host's record), run one "
+                            "completion, save the guest's state and record its digest on this host. "
+                            "`ukgpu boot DIR` with the same machine options then restores it: READY in "
+                            "seconds, every byte checked against the record first.")
+    snap.add_argument("dir", type=Path, help="image folder (from `ukgpu image build -o DIR`)")
+    snap.add_argument("--drop", action="store_true",
+                      help="remove the snapshot for these options instead of taking one")
+    add_machine_options(snap)
+    snap.set_defaults(func=_snapshot)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -54,6 +67,21 @@ def _build(args: argparse.Namespace) -> int:
                                force=args.force)
     built = image.build(config, log=lambda msg: print(msg, file=sys.stderr))
     print(built.dir)
+    return 0
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from ukgpu.kernel.image import snapshot
+
+    built = image.load(args.dir)
+    opts = vm_options(args)
+    opts.api_key = None  # never saved: each restore brings its own
+    if args.drop:
+        print("snapshot removed" if snapshot.drop(built, opts) else "no snapshot for these options",
+              file=sys.stderr)
+        return 0
+    saved = snapshot.take(built, opts, log=lambda msg: print(msg, file=sys.stderr))
+    print(saved.state)
     return 0
 
 
