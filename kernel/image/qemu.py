@@ -16,6 +16,7 @@ more than qemu64); with `--accel kvm` it is `host`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -203,7 +204,9 @@ class Vm:
             if restore is not None and (self.boot is None or restore.image != self.boot.digest):
                 raise BootError("the snapshot was taken from another image (or this boot skips the "
                                 "host's record): boot cold, or take one with `ukgpu image snapshot`")
-            self.command = qemu_command(image, self.opts, self.port, self.boot)
+            # a restored guest gets its key over the console: never in QEMU's arguments
+            launch = self.opts if restore is None else dataclasses.replace(self.opts, api_key=None)
+            self.command = qemu_command(image, launch, self.port, self.boot)
         except BaseException:
             self._cleanup()
             raise

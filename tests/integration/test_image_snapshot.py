@@ -26,9 +26,8 @@ def saved(built_image):
 
 
 def _restore(image, saved, attach_vm, **opts) -> qemu.Vm:
-    vm = attach_vm(qemu.Vm(image, qemu.BootOptions(port=0, **opts), restore=saved))
-    vm.start()
-    return vm
+    """A Vm restoring `saved` (not started: `with` starts it)."""
+    return attach_vm(qemu.Vm(image, qemu.BootOptions(port=0, **opts), restore=saved))
 
 
 def test_find_sees_the_snapshot_for_the_same_options_only(built_image, saved):
@@ -75,6 +74,7 @@ def test_a_changed_state_file_never_runs(built_image, saved, attach_vm, tmp_path
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(data)
     vm = _restore(built_image, qemu.Restore(copy, saved.chunk, saved.chunks, saved.image), attach_vm)
+    vm.start()
     with pytest.raises(qemu.BootError, match="does not match the host's record"):
         vm.wait_ready(120)
     vm.kill()
