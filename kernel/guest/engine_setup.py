@@ -35,6 +35,7 @@ NUMBA_ENV = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
 def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Arena, str]:
     """(engine, arena, backend note) for the model at `path`."""
     os.environ.update(NUMBA_ENV)
+    os.environ["UKGPU_CPU_ACTIVATIONS"] = cfg.cpu_activations  # llama_core/cpu/backend.py
     lazy_gguf_package()
     from ukgpu.llama_core.backend_choice import cpu_fallback
     from ukgpu.llama_core.engine import Engine

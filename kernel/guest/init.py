@@ -31,6 +31,8 @@ Any failure prints `ukgpu: FATAL: <reason>` and powers off: the guest never hang
 Kernel command line keys (all optional but ukgpu.manifest):
   ukgpu.manifest=<sha256>  ukgpu.arena=<size>  ukgpu.port=8080  ukgpu.ctx=<tokens>
   ukgpu.slots=<n>  ukgpu.model=<path>  ukgpu.backend=auto|cpu|cuda  ukgpu.verify=full|host|off
+  ukgpu.cpu_activations=f32|q8  (the CPU backend's products: exact, or on 8-bit activation
+  blocks as llama.cpp rounds them; see llama_core/cpu/backend.py)
   ukgpu.gpu_selftest=on|off  (on: a GPU serves only after its kernels pass the boot self-test,
   else the CPU serves and READY says why; see kernel/guest/engine_setup.py)
   ukgpu.api_key=<key>  (the API then needs `Authorization: Bearer <key>`; see kernel/api/security.py)
@@ -79,6 +81,7 @@ class BootConfig:
     backend: str = "auto"
     verify: str = "full"
     gpu_selftest: str = "on"
+    cpu_activations: str = "f32"
     net: NetConfig | None = DEFAULT_NET
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -119,7 +122,9 @@ class BootConfig:
             raise ValueError("use full, host or off")
         elif name == "gpu_selftest" and value not in ("on", "off"):
             raise ValueError("use on or off")
-        elif name in ("model", "backend", "verify", "gpu_selftest"):
+        elif name == "cpu_activations" and value not in ("f32", "q8"):
+            raise ValueError("use f32 (exact) or q8 (8-bit activation blocks, integer products)")
+        elif name in ("model", "backend", "verify", "gpu_selftest", "cpu_activations"):
             setattr(self, name, value)
         elif key.startswith("ukgpu."):
             self.extra[name] = value

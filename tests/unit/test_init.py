@@ -16,17 +16,19 @@ from ukgpu.kernel.manifest import ManifestError
 def test_cmdline_defaults_and_keys():
     cfg = BootConfig.parse("console=ttyS0 panic=-1 quiet ukgpu.manifest=ABC123 ukgpu.arena=2G "
                            "ukgpu.port=9000 ukgpu.ctx=512 ukgpu.slots=3 ukgpu.backend=cpu "
-                           "ukgpu.model=/dev/vda ukgpu.future=1")
+                           "ukgpu.model=/dev/vda ukgpu.future=1 ukgpu.cpu_activations=q8")
     assert cfg.manifest_sha256 == "abc123"
     assert cfg.arena == "2G" and cfg.port == 9000 and cfg.ctx == 512 and cfg.slots == 3
     assert cfg.backend == "cpu" and cfg.model == "/dev/vda" and cfg.verify == "full"
+    assert cfg.cpu_activations == "q8" and BootConfig().cpu_activations == "f32"
     assert cfg.net == DEFAULT_NET
     assert cfg.extra == {"future": "1"}
     assert BootConfig.parse("console=ttyS0").manifest_sha256 is None
 
 
 @pytest.mark.parametrize("word", ["ukgpu.port=0", "ukgpu.ctx=lots", "ukgpu.backend=tpu",
-                                  "ukgpu.verify=maybe", "ip=dhcp", "ip=10.0.2.300"])
+                                  "ukgpu.verify=maybe", "ip=dhcp", "ip=10.0.2.300",
+                                  "ukgpu.cpu_activations=int4"])
 def test_cmdline_rejects_bad_values_naming_the_word(word):
     with pytest.raises(InitError, match=word.replace(".", r"\.")):
         BootConfig.parse(f"console=ttyS0 {word}")
