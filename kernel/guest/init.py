@@ -343,19 +343,11 @@ class Guest:
 
     def resume(self, payload: str) -> None:
         """A restored copy's own clock, entropy and API key, then READY."""
-        if self.gate is None or not self.gate.sealed:
-            say("resume ignored: this guest was not restored from a snapshot")
-            return
         start = time.monotonic()
-        try:
-            got = resume.parse_resume(payload)
-        except ValueError as exc:
-            say(f"resume refused: {exc}")
+        refused = resume.take_over(self.gate, payload, lambda key: api_policy(self.cfg, key))
+        if refused:
+            say(refused)
             return
-        resume.set_clock(got.time_ns)
-        resume.reseed(got.entropy)
-        self.gate.set(api_policy(self.cfg, got.api_key))
-        self.gate.unseal()
         took = time.monotonic() - start
         print(f"READY restored=1 resume={took:.2f}s port={self.cfg.port} backend={self.backend_note}",
               flush=True)

@@ -99,3 +99,19 @@ def seal(gate, in_flight, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def take_over(gate, payload: str, policy_for) -> str | None:
+    """Apply the host's `resume` line to a sealed guest: clock, entropy, the key's policy
+    (`policy_for(key)`), then unseal.  None, or why it was refused (the gate stays as it was)."""
+    if gate is None or not gate.sealed:
+        return "resume ignored: this guest was not restored from a snapshot"
+    try:
+        got = parse_resume(payload)
+    except ValueError as exc:
+        return f"resume refused: {exc}"
+    set_clock(got.time_ns)
+    reseed(got.entropy)
+    gate.set(policy_for(got.api_key))
+    gate.unseal()
+    return None
