@@ -35,6 +35,14 @@ class Metrics:
         self.generated_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) inside the rate window
 
+    def reset(self) -> None:
+        """Every counter back to zero: a guest restored from a snapshot starts its own count (the
+        snapshot's warm-up request is not one of its requests)."""
+        with self._lock:
+            self.requests.clear()
+            self.prompt_tokens = self.generated_tokens = 0
+            self._recent.clear()
+
     def count_request(self, path: str, status: int) -> None:
         with self._lock:
             self.requests[(path, status)] += 1

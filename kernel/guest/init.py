@@ -348,6 +348,7 @@ class Guest:
         if refused:
             say(refused)
             return
+        self.app.metrics.reset()
         took = time.monotonic() - start
         print(f"READY restored=1 resume={took:.2f}s port={self.cfg.port} backend={self.backend_note}",
               flush=True)

@@ -41,6 +41,8 @@ def test_a_restore_answers_like_the_host_engine_with_the_hosts_clock(built_image
         ready = vm.wait_ready(120)
         assert ready["restored"] == 1 and ready["port"] == qemu.GUEST_PORT
         assert httpx.get(vm.url + "/health", timeout=30).json()["image_verified"] is True
+        counted = httpx.get(vm.url + "/metrics", timeout=30).text
+        assert 'path="/v1/completions"' not in counted, "the snapshot's warm-up counted as a request"
         before = time.time()
         resp = httpx.post(vm.url + "/v1/completions", json=BODY, timeout=300)
         assert resp.status_code == 200, resp.text

@@ -85,6 +85,12 @@ def test_seal_waits_for_requests_in_flight_and_gives_up_after_the_timeout():
 class _Api:
     in_flight = 0
 
+    def __init__(self) -> None:
+        from ukgpu.kernel.api.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.metrics.count_request("/v1/completions", 200)  # the snapshot's warm-up
+
 
 def _guest(cmdline: str = "") -> Guest:
     guest = Guest(t_init=1.0)
@@ -110,7 +116,7 @@ def test_console_snapshot_then_resume_sets_clock_entropy_and_key(monkeypatch, ca
     assert out[0] == resume.SNAPSHOT_READY
     assert out[1].startswith("READY restored=1 resume=") and out[1].endswith("backend=cpu (test)")
     assert calls == [("clock", 1_800_000_000_000_000_000), ("entropy", bytes.fromhex("cd" * 40))]
-    assert guest.gate.sealed is None
+    assert guest.gate.sealed is None and not guest.app.metrics.requests
     assert guest.gate.policy.api_key == "sk-1"
     assert guest.gate.policy.allowed_hosts == ("gw.example",)
 
