@@ -59,7 +59,8 @@ def wrong_kernel(monkeypatch):
 
 
 def _cfg(backend="auto", gpu_selftest="on"):
-    return SimpleNamespace(ctx=256, slots=2, backend=backend, gpu_selftest=gpu_selftest)
+    return SimpleNamespace(ctx=256, slots=2, backend=backend, gpu_selftest=gpu_selftest,
+                           cpu_activations="f32")
 
 
 def _load(path, cfg):

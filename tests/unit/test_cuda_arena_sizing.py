@@ -133,9 +133,9 @@ def test_the_guest_sizes_the_gpu_for_its_ctx_and_slots(tiny, monkeypatch):
         return backend_choice.cpu_backend(kw["alloc"]), "backend: cpu (test)"
 
     monkeypatch.setattr(backend_choice, "open_backend", chooser)
-    cfg = SimpleNamespace(ctx=3000, slots=3, backend="auto", gpu_selftest="on")
+    cfg = SimpleNamespace(ctx=3000, slots=3, backend="auto", gpu_selftest="on", cpu_activations="f32")
     engine_setup.load(str(tiny.path), cfg, lambda *a: 256 << 20)
     assert seen["n_ctx"] == 3000 and seen["n_slots"] == 3
-    cfg = SimpleNamespace(ctx=9000, slots=2, backend="auto", gpu_selftest="on")
+    cfg = SimpleNamespace(ctx=9000, slots=2, backend="auto", gpu_selftest="on", cpu_activations="f32")
     engine_setup.load(str(tiny.path), cfg, lambda *a: 256 << 20)
     assert seen["n_ctx"] == N_CTX and seen["n_slots"] == 2  # the model's context caps ukgpu.ctx

@@ -92,10 +92,10 @@ def test_the_guest_init_gives_a_gpu_engine_under_auto_a_cpu_fallback(smollm2_pat
     monkeypatch.setattr(backend_choice, "open_backend",
                         lambda kind, gguf, **kw: (DyingDevice(3), "backend: cuda (a GPU)"))
     for wanted, has_fallback in (("auto", True), ("cuda", False)):
-        cfg = SimpleNamespace(ctx=64, slots=1, backend=wanted)
+        cfg = SimpleNamespace(ctx=64, slots=1, backend=wanted, cpu_activations="f32")
         engine, arena, note = init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
         assert note == "cuda (a GPU)" and (engine.fallback is not None) == has_fallback
-    engine, arena, _ = init_model.load(str(smollm2_path), SimpleNamespace(ctx=64, slots=1, backend="auto"),
+    engine, arena, _ = init_model.load(str(smollm2_path), SimpleNamespace(ctx=64, slots=1, backend="auto", cpu_activations="f32"),
                                        lambda *a: 64 << 20)
     used = arena.used
     assert [e.token_id for e in engine.generate(PROMPTS[0], GREEDY, 4)]  # the device dies at once
@@ -116,7 +116,7 @@ def test_the_guest_refuses_to_boot_when_the_demanded_gpu_cannot_be_used(smollm2_
         raise backend_choice.BackendChoiceError("no NVIDIA GPU on the PCI bus: pass one through")
 
     monkeypatch.setattr(backend_choice, "open_backend", no_gpu)
-    cfg = SimpleNamespace(ctx=64, slots=1, backend="cuda")
+    cfg = SimpleNamespace(ctx=64, slots=1, backend="cuda", cpu_activations="f32")
     with pytest.raises(InitError, match="^ukgpu.backend=cuda but the GPU cannot be used: no NVIDIA "
                                         "GPU on the PCI bus"):
         init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
