@@ -230,6 +230,9 @@ class Vm:
                     [*self.command, "-S", "-incoming", f"fd:{incoming}"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                     pass_fds=(incoming,))
+            except BaseException:
+                os.close(feed)  # no QEMU to feed: the write end goes too
+                raise
             finally:
                 os.close(incoming)
             threading.Thread(target=self._resume_from, args=(feed,), name="ukgpu-restore",

@@ -137,8 +137,8 @@ def take(image: Image, opts: qemu.BootOptions, log=print, timeout: float = 900.0
     state = states_dir() / f"{key}.state"
     partial.chmod(0o400)
     partial.replace(state)
-    _write_record(key, {"settings": found, "chunk": CHUNK, "chunks": chunks,
-                        "size": state.stat().st_size, "taken": int(time.time())})
+    trust.write_record(records_dir(), key, {"settings": found, "chunk": CHUNK, "chunks": chunks,
+                                            "size": state.stat().st_size, "taken": int(time.time())})
     log(f"snapshot: saved {state.stat().st_size / (1 << 20):.0f} MiB in {time.monotonic() - start:.1f}s "
         f"to {state}")
     return qemu.Restore(state, CHUNK, tuple(chunks), found["image"])
@@ -157,14 +157,6 @@ def _save(vm: qemu.Vm, path: Path, timeout: float) -> None:
             raise SnapshotError(f"QEMU could not save the guest: {status.get('error-desc', status)}")
         time.sleep(0.1)
     raise SnapshotError(f"QEMU did not save the guest within {timeout:.0f}s")
-
-
-def _write_record(key: str, record: dict) -> None:
-    folder = records_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
-    tmp.replace(folder / f"{key}.json")
 
 
 def drop(image: Image, opts: qemu.BootOptions) -> bool:

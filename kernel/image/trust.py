@@ -80,12 +80,17 @@ def pin(info: dict) -> str:
     """Record an image the host built (its files were just written by the builder); its digest."""
     record = record_of(info)
     digest = digest_of(record)
-    folder = trust_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{digest}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
-    tmp.replace(folder / f"{digest}.json")
+    write_record(trust_dir(), digest, record)
     return digest
+
+
+def write_record(folder: Path, name: str, record: dict) -> None:
+    """folder/name.json holds `record`, written whole or not at all (a temporary file, then a
+    rename): a reader never sees half a record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+    tmp.replace(folder / f"{name}.json")
 
 
 def pin_folder(image_dir: Path, info: dict, expected_digest: str) -> str:

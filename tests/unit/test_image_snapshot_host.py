@@ -34,8 +34,9 @@ def _record(image, opts, data: bytes):
     snapshot.states_dir().mkdir(parents=True)
     state = snapshot.states_dir() / f"{key}.state"
     state.write_bytes(data)
-    snapshot._write_record(key, {"settings": found, "chunk": snapshot.CHUNK,
-                                 "chunks": snapshot.chunk_digests(state), "size": len(data), "taken": 1})
+    trust.write_record(snapshot.records_dir(), key, {
+        "settings": found, "chunk": snapshot.CHUNK, "chunks": snapshot.chunk_digests(state), "size": len(data),
+        "taken": 1})
     return state
 
 
