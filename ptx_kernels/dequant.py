@@ -88,7 +88,8 @@ def _k_runs(w_q, w_s, w_m, n, gi, i, K, ok, KIND: tl.constexpr):
         lo = lo.to(tl.float32) * step + off
         hi = hi.to(tl.float32) * step + off
     else:  # 2-bit crumbs: group gi in chunk g//2, bits 4*(g%2) + {0-1: lo, 2-3: hi}
-        cr = tl.load(w_q + n * (K // 4) + (gi // 8) * 64 + (g // 2) * 16 + i, mask=ok, other=0).to(tl.int32)
+        row = n * tl.multiple_of(K // 4, 16)  # K % 256 == 0: 16-byte runs stay 16-byte aligned
+        cr = tl.load(w_q + row + (gi // 8) * 64 + (g // 2) * 16 + i, mask=ok, other=0).to(tl.int32)
         lo = (cr >> ((g % 2) * 4)) & 3
         hi = (cr >> ((g % 2) * 4 + 2)) & 3
         if KIND == 8:  # Q3_K: third bit in word g, d * (sc - 32) * (q - 4), sub-blocks 2g, 2g+1

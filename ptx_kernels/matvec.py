@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
+from .row_dot import row_block_dot
 from .spec import KernelSpec
 
 
@@ -30,6 +31,12 @@ def matvec_kernel(w_q, w_s, w_m, x_ptr, y_ptr, N, K, B,
     # reduction inside it).
     NG: tl.constexpr = BLOCK_K // 32
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    if BLOCK_B == 1:  # one activation row: the barrier-free loop of row_dot.py
+        b = tl.program_id(1)
+        y1, _ = row_block_dot(w_q, w_s, w_m, x_ptr + b * K, x_ptr, rn[:, None, None], rn[:, None, None] < N,
+                           0, K, K, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        tl.store(y_ptr + b * N + rn, y1, mask=rn < N)
+        return
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
     i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
@@ -51,8 +58,8 @@ def matvec_kernel(w_q, w_s, w_m, x_ptr, y_ptr, N, K, B,
     tl.store(y_ptr + rb[:, None] * N + rn[None, :], y, mask=(rb[:, None] < B) & (rn[None, :] < N))
 
 
-# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps)
-VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 128, 4)}
+# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps); b1 as the fused b1 mat-vecs (matvec_fused.py)
+VERSIONS = {"b1": (1, 4, 1024, 4), "b8": (8, 4, 128, 4)}
 
 
 def specs() -> list[KernelSpec]:
@@ -75,7 +82,7 @@ def specs() -> list[KernelSpec]:
                 aligned=("w_q", "w_s", "w_m", "x", "y", "K"),
                 unused=unused_planes(qtype),
                 doc=f"y (B, N) f32 = x (B, K) f32 @ W.T, W {qtype} repacked (N, K)",
-                deps=("dequant", "repack", "spec"),
+                deps=("dequant", "repack", "row_dot", "spec"),
                 qtype=qtype,
             ))
     return out

@@ -15,6 +15,9 @@ to four.  Batch 1..8 (`b1`, `b8`), every weight type, the same weight loads as `
   x the attention or FFN output; they never alias).  Replaces mat-vec + add.
 
 Geometry as `matvec.py` (BLOCK_N rows per program, BLOCK_K per step, batch rows on grid axis 1).
+One activation row (b1) runs the K loop of `row_dot.py` (no shared memory or barrier in it; the
+norm's sum of squares from the same x loads, the GLU's two weights in one loop); batch rows keep
+a pass over x for the norm and, in the GLU, a loop a weight.
 Numerics: float32 throughout; the norm is applied as (sum w*x*g) * inv_rms instead of
 sum w*(x*inv_rms*g): the same value up to float32 rounding (checked against the references).
 Limits: as `matvec.py`; x, y, g, bias rows contiguous.  References: `reference.matvec_norm`,
@@ -28,6 +31,7 @@ import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
+from .row_dot import row_block_dot, row_block_dot2
 from .spec import KernelSpec
 
 
@@ -46,7 +50,8 @@ def _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.con
 def _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok, b_ok, K, USE_G: tl.constexpr,
               KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(BB, BN) sum_k W[n, k] * x[b, k] (* g[k] when USE_G), loads as `matvec.matvec_kernel`."""
+    """(BB, BN) sum_k W[n, k] * x[b, k] (* g[k] when USE_G), loads as `matvec.matvec_kernel`
+    (batch rows; one row takes `row_dot`)."""
     NG: tl.constexpr = BLOCK_K // 32
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
     i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
@@ -67,6 +72,13 @@ def _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok, b_ok, K, USE_G: tl.cons
 
 
 @triton.jit
+def _inv_rms(sq, K, eps):
+    """1 / rms of the row from `row_dot`'s sums of squares: every row of the tile holds the row's
+    sum (rows past N hold 0: x is masked with them), so the largest is it."""
+    return tl.rsqrt(tl.max(sq, axis=0) / K + eps)
+
+
+@triton.jit
 def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, flag,
                         MODE: tl.constexpr, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,19 +91,34 @@ def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_
     n_ok3, b_ok3 = n3 < N, b3 < B
     out_ok = b_ok[:, None] & (rn[None, :] < N)
     out = rb[:, None] * N + rn[None, :]
-    y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, MODE != 2,
-                  KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+    if BLOCK_B == 1:  # one row: row_dot's loop, the norm's sum of squares from the same loads
+        if MODE == 1:  # gate and up in one loop
+            gate, up1, sq = row_block_dot2(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr + b3 * K, g_ptr, n3,
+                                           n_ok3 & b_ok3, K, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+            up = up1[None, :]
+        else:
+            gate, sq = row_block_dot(w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, n_ok3 & b_ok3, 0, K, K,
+                                     MODE != 2, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        y = gate[None, :]
+        if MODE != 2:
+            inv = _inv_rms(sq, K, eps)
+    else:
+        y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, MODE != 2,
+                      KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+        if MODE == 1:
+            up = _dot_rows(u_q, u_s, u_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, True,
+                           KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+        if MODE != 2:
+            inv = _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
     if MODE == 2:
         y += tl.load(y_ptr + out, mask=out_ok, other=0)
     else:
-        inv = _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
         y = y * inv
         if MODE == 0:
             if flag != 0:
                 y += tl.load(bias_ptr + rn, mask=rn < N, other=0)[None, :]
         else:
-            up = _dot_rows(u_q, u_s, u_m, x_ptr, g_ptr, n3, b3, n_ok3, b_ok3, K, True,
-                           KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B) * inv
+            up = up * inv
             if flag == 0:
                 y = y / (1.0 + tl.exp(-y)) * up
             else:
@@ -101,14 +128,20 @@ def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_
 
 
 @triton.jit
-def _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, inv, rb, b_ok, blk, has_bias,
+def _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, rb, b_ok, blk, has_bias,
                    KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """Rows blk*BLOCK_N.. of y = rmsnorm(x, g) @ W.T (+ bias) for this program's batch rows."""
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n3, b3 = rn[:, None, None], rb[:, None, None]
-    y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n3 < N, b3 < B, K, True,
-                  KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B) * inv
+    if BLOCK_B == 1:
+        dot, sq = row_block_dot(w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, (n3 < N) & (b3 < B), 0, K, K, True,
+                                KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        y = (dot * _inv_rms(sq, K, eps))[None, :]
+    else:
+        y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n3 < N, b3 < B, K, True,
+                      KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
+        y = y * _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
     if has_bias != 0:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0)[None, :]
     tl.store(y_ptr + rb[:, None] * N + rn[None, :], y, mask=b_ok[:, None] & (rn[None, :] < N))
@@ -124,29 +157,28 @@ def matvec_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr,
     blk = tl.program_id(0)
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = rb < B
-    inv = _row_inv_rms(x_ptr, rb, b_ok, K, eps, BLOCK_B, BLOCK_K)[:, None]
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
     if blk < nb0:
-        _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias0, y0, N0, K, B, inv, rb, b_ok, blk, has_bias,
+        _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias0, y0, N0, K, B, eps, rb, b_ok, blk, has_bias,
                        KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
     elif blk < nb0 + nb1:
-        _norm_rows_out(u_q, u_s, u_m, x_ptr, g_ptr, bias1, y1, N1, K, B, inv, rb, b_ok, blk - nb0,
+        _norm_rows_out(u_q, u_s, u_m, x_ptr, g_ptr, bias1, y1, N1, K, B, eps, rb, b_ok, blk - nb0,
                        has_bias, KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
     else:
-        _norm_rows_out(v_q, v_s, v_m, x_ptr, g_ptr, bias2, y2, N2, K, B, inv, rb, b_ok, blk - nb0 - nb1,
+        _norm_rows_out(v_q, v_s, v_m, x_ptr, g_ptr, bias2, y2, N2, K, B, eps, rb, b_ok, blk - nb0 - nb1,
                        has_bias, KIND, HAS_MIN, GROUP, BLOCK_N, BLOCK_K, BLOCK_B)
 
 
-# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps).  b1 owns 4 rows a program (the plain b1: 8)
-# except the GLU (8): a 1536-row q/o/down makes 384 programs, ~3 per SM of an H200, enough warps
-# in flight to stream at HBM speed (tools/bench/cost_model.py), while the FFN's 4-10K rows make
-# enough programs at 8, and each program re-reads x from L2 (what a smaller block costs).
-# b8 streams 256 columns a step: on an H200 four sequences through the batch graph went 581 -> 752
-# t/s (Qwen2.5-1.5B) and 2,448 -> 2,665 (SmolLM2) against 128 (tools/dev/kernel_sweep.py, k256s3);
-# no b1 geometry tried there beat this one (docs/benchmarks/cuda.md).
-VERSIONS = {"b1": (1, 4, 512, 4), "b8": (8, 4, 256, 4)}
-GLU_VERSIONS = {"b1": (1, 8, 512, 4), "b8": (8, 4, 256, 4)}
+# version -> (BLOCK_B, BLOCK_N, BLOCK_K, num_warps).  b1: 4 rows x 1024 columns a step, 4 warps,
+# every mode (row_dot.py): 16 bytes of 4-bit quants a thread in one vector load, and a
+# K = 1,536 row in 2 steps instead of 3 (a step is about one DRAM round trip: on an H200 the
+# old kernels took ~3.2 us + ~0.8 us a step, docs/benchmarks/cuda.md), the 8,960-column down
+# projection in 9 instead of 17.5; 72-141 registers, no spills (sm_90a).  b8 streams 256 columns
+# a step: on an H200 four sequences through the batch graph went 581 -> 752 t/s (Qwen2.5-1.5B)
+# and 2,448 -> 2,665 (SmolLM2) against 128 (tools/dev/kernel_sweep.py, k256s3).
+VERSIONS = {"b1": (1, 4, 1024, 4), "b8": (8, 4, 256, 4)}
+GLU_VERSIONS = {"b1": (1, 4, 1024, 4), "b8": (8, 4, 256, 4)}
 MODES = {"norm": 0, "glu": 1, "add": 2}
 _DOCS = {
     "norm": "y (B, N) f32 = rmsnorm(x (B, K), g) @ W.T (+ bias if has_bias); flag = has_bias",
@@ -188,10 +220,10 @@ def specs() -> list[KernelSpec]:
                     reference=f"reference.matvec_{mode}",
                     num_warps=warps,
                     num_stages=1,
-                    aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "x", "y", "K"),
+                    aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "x", "g", "y", "K"),
                     unused=tuple(unused),
                     doc=f"{_DOCS[mode]}; W, U {qtype} repacked (N, K)",
-                    deps=("dequant", "repack", "spec"),
+                    deps=("dequant", "repack", "row_dot", "spec"),
                     qtype=qtype,
                 ))
     return out + qkv_specs()
@@ -224,10 +256,10 @@ def qkv_specs() -> list[KernelSpec]:
                 reference="reference.matvec_qkv",
                 num_warps=warps,
                 num_stages=1,
-                aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "v_q", "v_s", "v_m", "x", "K"),
+                aligned=("w_q", "w_s", "w_m", "u_q", "u_s", "u_m", "v_q", "v_s", "v_m", "x", "g", "K"),
                 unused=tuple(unused),
                 doc=f"y_i (B, N_i) f32 = rmsnorm(x (B, K), g) @ W_i.T (+ bias_i), i < 3, {qtype} repacked",
-                deps=("dequant", "repack", "spec"),
+                deps=("dequant", "repack", "row_dot", "spec"),
                 qtype=qtype,
             ))
     return out

@@ -2,7 +2,7 @@
 
 `matvec_split_add_<q>_b1`: a (1, K) x times a (N, K) weight whose rows are too few to fill the
 GPU (the down projection of Qwen2.5-1.5B: 1,536 rows, K = 8,960, 384 programs of 4 rows, each
-walking 17.5 steps of 512 columns).  Program (r, s) owns rows 4r..4r+3 and the s-th chunk of K
+walking 9 steps of 1,024 columns).  Program (r, s) owns rows 4r..4r+3 and the s-th chunk of K
 (chunks of whole 256-column blocks, the last one shorter), writes its partial sums to
 `part[s, rows]`, then takes a ticket from `count[r]` (atomic add, acquire-release at GPU scope,
 after a block barrier so every thread's partial is written).  The program that draws the last
@@ -21,8 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
+from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
+from .row_dot import row_block_dot
 from .spec import KernelSpec
 
 
@@ -30,28 +31,16 @@ from .spec import KernelSpec
 def matvec_split_add_kernel(w_q, w_s, w_m, x_ptr, y_ptr, part_ptr, count_ptr, N, K, splits,
                             KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    NG: tl.constexpr = BLOCK_K // 32
     blk = tl.program_id(0)
     s = tl.program_id(1)
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
-    i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
-    n3 = rn[:, None, None]
-    n_ok = n3 < N
     chunk = tl.cdiv(tl.cdiv(K, 256), splits) * 256
     k_lo = s * chunk
     k_hi = tl.minimum(K, k_lo + chunk)
-    acc = tl.zeros((BLOCK_N, NG, 16), tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        gi = k0 // 32 + g  # (1, NG, 1) 32-group of the row
-        kg = gi * 32
-        g_ok = kg < k_hi
-        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, n_ok & g_ok, KIND, HAS_MIN)  # (BN, NG, 16)
-        x_lo = tl.load(x_ptr + kg + i, mask=g_ok, other=0)  # (1, NG, 16)
-        x_hi = tl.load(x_ptr + kg + 16 + i, mask=g_ok, other=0)
-        acc += w_lo * x_lo + w_hi * x_hi
+    partial, _ = row_block_dot(w_q, w_s, w_m, x_ptr, x_ptr, rn[:, None, None], rn[:, None, None] < N,
+                            k_lo, k_hi, K, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
     row_ok = rn < N
-    tl.store(part_ptr + s * N + rn, tl.sum(tl.sum(acc, axis=2), axis=1), mask=row_ok)
+    tl.store(part_ptr + s * N + rn, partial, mask=row_ok)
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken
     ticket = tl.atomic_add(count_ptr + blk, 1, sem="acq_rel", scope="gpu")
     if ticket == splits - 1:  # the last of this row block's programs: reduce in split order
@@ -64,7 +53,7 @@ def matvec_split_add_kernel(w_q, w_s, w_m, x_ptr, y_ptr, part_ptr, count_ptr, N,
 
 
 # (BLOCK_N, BLOCK_K, num_warps): the geometry of the b1 `matvec_add` it replaces
-GEOMETRY = (4, 512, 4)
+GEOMETRY = (4, 1024, 4)
 
 
 def specs() -> list[KernelSpec]:
@@ -87,6 +76,6 @@ def specs() -> list[KernelSpec]:
         unused=unused_planes(qtype),
         doc=f"y (1, N) f32 += x (1, K) f32 @ W.T, K in `splits` chunks (partials in part (splits, N), "
             f"tickets in count (cdiv(N, {bn}) int32 zeros, left zero)); W {qtype} repacked",
-        deps=("dequant", "repack", "spec"),
+        deps=("dequant", "repack", "row_dot", "spec"),
         qtype=qtype,
     ) for qtype in FORMATS]

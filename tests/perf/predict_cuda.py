@@ -22,6 +22,8 @@ runs them on hardware.  `tools/bench/cost_model.py` turns each recorded node int
   (`cost_model.MEASURED_H200`, and `PREDICTED_H200` for the split-K down projection and the
   normed output row until they are measured): the figure to predict a change of node count or
   bytes with; the analytic figure is 3.5x optimistic about today's mat-vecs (docs/benchmarks/cuda.md).
+- tg128 once more with the one-row mat-vecs priced by `cost_model.ROW_DOT_H200` (round trips to
+  memory a step: the barrier-free loop of ptx_kernels/row_dot.py, a prediction until measured).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from fakes.cuda_driver import FakeDevice, FakeDriver  # noqa: E402
 MODELS = ("smollm2-135m", "qwen2.5-coder-1.5b")
 N_PROMPT, N_GEN = 512, 128
 BATCH = 4  # sequences of the batched decode prediction
+ROW_DOT_LAWS = cm.ROW_DOT_H200 | cm.MEASURED_H200 | cm.PREDICTED_H200
 REPLAY_HOST_S = 20e-6  # per decode step: token/position upload, cuGraphLaunch, sync, 4-byte read
 DTOH_BYTES_S = 25e9  # a batched step downloads B logits rows (the engine samples on the host)
 
@@ -75,12 +78,15 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
     steps: list[cm.Prediction] = []
     measured_s = 0.0  # the same steps priced by the laws measured on an H200 (cm.MEASURED_H200;
     # the kernels of issue 18 by the laws predicted for them, cm.PREDICTED_H200)
+    row_dot_s = 0.0  # and with the one-row mat-vecs of ptx_kernels/row_dot.py by cm.ROW_DOT_H200
     for pos in range(N_GEN):
         fake.trace.clear()
         token = be.decode_greedy(model, token, pos, kv) % model.config.vocab_size
         steps.append(cm.predict(fake.trace, dev, graph=True, read_i32=read))
         measured_s += cm.predict(fake.trace, dev, graph=True, read_i32=read,
                                  measured=cm.MEASURED_H200 | cm.PREDICTED_H200).device_s + REPLAY_HOST_S
+        row_dot_s += cm.predict(fake.trace, dev, graph=True, read_i32=read,
+                                measured=ROW_DOT_LAWS).device_s + REPLAY_HOST_S
     tg_s = sum(p.device_s + REPLAY_HOST_S for p in steps)
     batch = _batch_step(model, be, fake, read, BATCH)
     options = cm.gemm_options(pp_trace, dev, graph=False, read_i32=read)
@@ -88,6 +94,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
         "model": name, "device": dev.name, "gguf_mb": round(gguf_bytes / 1e6, 1),
         f"pp{N_PROMPT}_tps": round(N_PROMPT / pp_s, 1), f"tg{N_GEN}_tps": round(N_GEN / tg_s, 1),
         f"tg{N_GEN}_tps_measured_laws": round(N_GEN / measured_s, 1),
+        f"tg{N_GEN}_tps_row_dot_laws": round(N_GEN / row_dot_s, 1),
         "prefill": {**cm.summary(pp), "host_ms": round(len(pp.nodes) * dev.host_launch_s * 1e3, 3),
                     "nodes_per_layer": round(len(pp.nodes) / n_layers, 2)},
         "decode_step": {**cm.summary(steps[-1]), "nodes_per_layer": round(len(steps[-1].nodes) / n_layers, 2),
@@ -120,12 +127,13 @@ def main(argv: list[str]) -> int:
     results = [predict_model(name) for name in args.models]
     for r in results:
         print(json.dumps(r, indent=1))
-    print(f"\n| shape | pp{N_PROMPT} t/s | tg{N_GEN} t/s | tg{N_GEN} t/s, H200 laws | batch-{BATCH} decode t/s "
-          "| prefill nodes/layer | decode nodes/layer | decode HBM bytes / GGUF bytes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| shape | pp{N_PROMPT} t/s | tg{N_GEN} t/s | tg{N_GEN} t/s, H200 laws | tg{N_GEN} t/s, row-dot law "
+          f"| batch-{BATCH} decode t/s | prefill nodes/layer | decode nodes/layer | decode HBM bytes / GGUF bytes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r[f'pp{N_PROMPT}_tps']:,.0f} | {r[f'tg{N_GEN}_tps']:,.0f} "
-              f"| {r[f'tg{N_GEN}_tps_measured_laws']:,.0f} | {r[f'tg_batch{BATCH}_tps']:,.0f} | {r['prefill']['nodes_per_layer']} "
+              f"| {r[f'tg{N_GEN}_tps_measured_laws']:,.0f} | {r[f'tg{N_GEN}_tps_row_dot_laws']:,.0f} "
+              f"| {r[f'tg_batch{BATCH}_tps']:,.0f} | {r['prefill']['nodes_per_layer']} "
               f"| {r['decode_step']['nodes_per_layer']} | {r['decode_step']['hbm_bytes_per_token_vs_gguf']} |")
     if args.json:
         args.json.write_text(json.dumps({"predictions": results}, indent=2) + "\n")

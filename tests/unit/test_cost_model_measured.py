@@ -66,3 +66,22 @@ def test_the_predicted_laws_price_todays_step(name, monkeypatch):
     step = cm.predict(trace, graph=False, read_i32=read, measured=laws)
     assert {n.bound for n in step.nodes} == {"measured"}
     assert step.device_s == pytest.approx(seconds, rel=0.02)
+
+
+# model -> predicted step seconds with the one-row mat-vecs of ptx_kernels/row_dot.py priced by
+# cost_model.ROW_DOT_H200 (split-K off, as shipped; docs/benchmarks/cuda.md)
+ROW_DOT = {"qwen2.5-coder-1.5b": 1470.0e-6, "smollm2-135m": 962.6e-6}
+
+
+@pytest.mark.parametrize("name", list(ROW_DOT))
+def test_the_row_dot_law_prices_the_shipped_step(name, monkeypatch):
+    monkeypatch.delenv("UKGPU_SPLIT_K_COLUMNS", raising=False)
+    monkeypatch.delenv("UKGPU_NORMED_OUTPUT", raising=False)
+    trace, read = _decode_trace(name)
+    laws = cm.ROW_DOT_H200 | cm.MEASURED_H200 | cm.PREDICTED_H200
+    step = cm.predict(trace, graph=False, read_i32=read, measured=laws)
+    assert {n.bound for n in step.nodes} == {"measured"}
+    old = cm.predict(trace, graph=False, read_i32=read, measured=cm.MEASURED_H200 | cm.PREDICTED_H200)
+    b1 = [i for i, (e, _, _) in enumerate(trace) if e["name"].startswith("matvec") and e["name"].endswith("_b1")]
+    assert b1 and all(step.nodes[i].seconds < old.nodes[i].seconds for i in b1)  # every one-row mat-vec
+    assert step.device_s == pytest.approx(ROW_DOT[name], rel=0.02)

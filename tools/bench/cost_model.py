@@ -112,6 +112,37 @@ PREDICTED_H200 = {
 }
 
 
+# A prediction, not a measurement: the one-row mat-vecs of `ptx_kernels/row_dot.py` (no barrier
+# in the K loop, 16-byte quant loads, gate and up in one loop, 4 rows x 1,024 columns a step).
+# The H200's profile of the kernels before them fits "3.2 us + 0.79 us a dependent round trip to
+# memory": o (3 steps) 5.6 us, down (17.5 steps) 17.1 us, q/k/v (3 norm steps + 3) 7.7 us
+# (predicted 7.9).  Here: 3.2 us + waves x round trips x 0.79 us (the same latency a round trip,
+# as if removing the barriers gained nothing inside a step), round trips = the K steps (the norm's
+# sum of squares now comes from the same loads: no pass of its own; split-K: its chunk's steps and
+# one for the partials); waves = programs over 4 resident a SM (72-168 registers a thread, 128
+# threads: ptxas on the sm_90a build); never faster than the bytes at 90% of HBM.
+# `predict(..., measured=ROW_DOT_H200 | MEASURED_H200 | PREDICTED_H200)`.
+ROW_DOT_STEP_S, ROW_DOT_FIXED_S, ROW_DOT_CTAS_PER_SM = 0.79e-6, 3.2e-6, 4
+
+
+def _row_dot_law(e: dict, a: dict, grid: tuple, tr: Traffic, dev: Device) -> float | None:
+    """Seconds of a one-row `row_dot` mat-vec (None for the other entries)."""
+    c = e.get("constexprs", {})
+    if not e["name"].endswith("_b1") or c.get("BLOCK_B", 1) != 1 or "BLOCK_K" not in c:
+        return None
+    k = a["K"]
+    if e["name"].startswith("matvec_split_add_"):
+        k = ceil(ceil(k / 256) / a["splits"]) * 256
+    steps = ceil(k / c["BLOCK_K"]) + e["name"].startswith("matvec_split_add_")  # + the partials' sum
+    ctas = grid[0] * grid[1] * grid[2]
+    waves = ceil(ctas / (dev.sms * ROW_DOT_CTAS_PER_SM))
+    return ROW_DOT_FIXED_S + max(waves * steps * ROW_DOT_STEP_S, tr.bytes / (dev.hbm_bytes_s * dev.reach))
+
+
+# keyed "matvec" (not "matvec_", PREDICTED_H200's key) so that `ROW_DOT_H200 | ...` keeps it first
+ROW_DOT_H200 = {"matvec": _row_dot_law}
+
+
 @dataclass(frozen=True)
 class Traffic:
     bytes: float  # HBM
@@ -296,8 +327,14 @@ def node_cost(node: Node, dev: Device = H200, graph: bool = True,
               read_i32: ReadI32 | None = None, measured: dict | None = None) -> NodeCost:
     e, a, grid = node
     tr = traffic(e, a, grid, read_i32)
-    law = next((v for k, v in (measured or {}).items() if e["name"].startswith(k)), None)
-    if law:
+    for prefix, law in (measured or {}).items():
+        if not e["name"].startswith(prefix):
+            continue
+        if callable(law):  # a law of the launch's shape (ROW_DOT_H200); None: not its kernel
+            seconds = law(e, a, grid, tr, dev)
+            if seconds is None:
+                continue
+            return NodeCost(e["name"], e["family"], seconds, seconds, tr.bytes, tr.flops, "measured")
         fixed, rate = law
         return NodeCost(e["name"], e["family"], fixed + tr.bytes / rate, tr.bytes / rate, tr.bytes,
                         tr.flops, "measured")
