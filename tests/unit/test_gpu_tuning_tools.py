@@ -1,11 +1,17 @@
 """The GPU tuning tools' host-side logic: a sweep variant rewrites the geometry everywhere the
 launch reads it (constexprs and grid), the agreement check catches a wrong kernel, and the
-profile summary totals ncu's CSV per kernel and grid."""
+profile summary totals ncu's CSV per kernel and grid; a variant of another build's kernels takes
+that build's changed cubins and nothing it could not launch."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "dev"))  # host-side scripts, not in the wheel
@@ -13,6 +19,7 @@ import kernel_sweep  # noqa: E402
 import profile_decode  # noqa: E402
 
 from ukgpu.ptx_kernels.catalog import all_specs  # noqa: E402
+from ukgpu.ptx_kernels.loader import Manifests  # noqa: E402
 
 
 def spec(name):
@@ -47,3 +54,48 @@ def test_the_profile_summary_totals_per_kernel_and_grid(tmp_path):
     assert out[0] == "3 kernels, 40.0 us of kernel time"
     assert out[3] == "| matvec_fused_kernel grid (384, 1, 1) | 2 | 20.0 | 10.00 | 50.0% |"
     assert out[4] == "| matvec_fused_kernel grid (1120, 1, 1) | 1 | 20.0 | 20.00 | 50.0% |"
+
+
+def _shipped_sm90a() -> dict:
+    return json.loads((kernel_sweep.SHIPPED / "sm_90a" / "manifest.json").read_text())
+
+
+def test_a_variant_of_another_build_takes_its_changed_cubins_and_points_back_for_the_rest(tmp_path):
+    before = copy.deepcopy(_shipped_sm90a())
+    changed, other_type, new_args = "matvec_glu_q4_k_b1", "matvec_glu_q5_k_b1", "matvec_qkv_q6_k_b1"
+    files = {}
+    for name in (changed, other_type, new_args):
+        data = f"cubin of {name} before".encode()
+        files[f"{name}.cubin"] = data
+        before["entries"][name]["artifacts"] = {
+            "cubin": {"file": f"{name}.cubin", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+            "ptx": {"file": f"{name}.ptx", "sha256": "0" * 64, "bytes": 1}}
+    before["entries"][changed]["constexprs"] = {**before["entries"][changed]["constexprs"], "BLOCK_N": 8}
+    before["entries"][new_args]["params"] = before["entries"][new_args]["params"][:-1]
+    report = kernel_sweep.variant_from_manifest("before", before, files.__getitem__, tmp_path)
+    assert report["taken"] == [changed]
+    assert report["kept_shipped"] == [f"{new_args}: arguments differ"]
+
+    man = Manifests.load(tmp_path / "before")
+    art = man.select(changed, (9, 0))
+    assert art.kind == "cubin" and art.path.read_bytes() == files[f"{changed}.cubin"]
+    assert man.entry(changed).constexprs["BLOCK_N"] == 8  # the other build's launch geometry
+    assert [a.kind for a in man.candidates(changed, (9, 0))] == ["cubin"]  # no PTX travels
+    shipped = Manifests.load(kernel_sweep.SHIPPED)
+    for name in (other_type, new_args, "attn_decode_d64"):  # not a benchmark type / not launchable / same
+        assert man.select(name, (9, 0)).path.resolve() == shipped.select(name, (9, 0)).path.resolve()
+
+
+def test_a_variant_refuses_a_cubin_that_is_not_its_manifests(tmp_path):
+    before = copy.deepcopy(_shipped_sm90a())
+    name = "matvec_glu_q4_k_b1"
+    before["entries"][name]["artifacts"] = {"cubin": {"file": "x.cubin", "sha256": "0" * 64, "bytes": 3}}
+    with pytest.raises(SystemExit, match="x.cubin does not match"):
+        kernel_sweep.variant_from_manifest("bad", before, lambda f: b"abc", tmp_path)
+    with pytest.raises(SystemExit, match="format/arch"):
+        kernel_sweep.variant_from_manifest("bad", {**before, "arch": [8, 0]}, lambda f: b"", tmp_path)
+
+
+def test_a_variant_from_a_missing_commit_says_which(tmp_path):
+    with pytest.raises(SystemExit, match="git show no-such-rev:ptx_kernels/build/sm_90a/manifest.json"):
+        kernel_sweep.variant_from_rev("no-such-rev", tmp_path)

@@ -10,6 +10,12 @@ sm_90a manifest: the changed entries' cubins, every other entry pointing back at
 (`ptx_kernels/build`), so a variant is a few hundred KiB.  A variant may change the one-row (b1) and
 the batch (b8) entries at once: tg128 measures the first, the 4-sequence step the second.
 
+`build --rev REV` makes a variant of the kernels as commit REV built them (`rev-REV`): the entries
+whose artifacts differ from the shipped build are taken from git (REV's sm_90a cubins, not rebuilt),
+the rest point back at the shipped build, so the kernels before a change are timed beside it in the
+same run, on the same card.  Built variants carry cubins only (the H200 loads the sm_90a cubin; the
+PTX would double their size against the 64 MiB a GPU-machine call may send).
+
 `run` loads each synthetic model once per variant in its own process (`UKGPU_KERNELS_DIR` points
 the loader at the variant) and measures greedy tg128 through the decode graph and 4 sequences
 through the batch graph, median of 3, the shipped build first and last (drift check); each
@@ -20,12 +26,14 @@ tokens match unless a kernel is wrong).  Results: OUT/sweep.json and a table on 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,28 +88,99 @@ def build_variant(name: str, geoms: dict, out: Path) -> dict:
     shipped = json.loads((SHIPPED / "sm_90a" / "manifest.json").read_text())
     tdir = out / name / "sm_90a"
     tdir.mkdir(parents=True, exist_ok=True)
-    back = os.path.relpath(SHIPPED / "sm_90a", tdir)
-    entries, failed = {}, []
-    for ename, ent in shipped["entries"].items():
-        entries[ename] = {**ent, "artifacts": {k: {**a, "file": f"{back}/{a['file']}"}
-                                               for k, a in ent["artifacts"].items()}}
+    entries = {ename: _pointing_back(ent, tdir) for ename, ent in shipped["entries"].items()}
+    failed = []
     for spec in all_specs():
         version = spec.name.rsplit("_", 1)[-1]
         if spec.family != "matvec_fused" or spec.qtype not in TYPES or version not in geoms:
             continue
         try:
-            entries[spec.name] = build_entry(_variant_spec(spec, geoms[version]), target, tdir)
+            entries[spec.name] = _cubin_only(build_entry(_variant_spec(spec, geoms[version]), target,
+                                                         tdir), tdir)
         except Exception as exc:  # noqa: BLE001 - a geometry Triton refuses is a result, not a crash
             failed.append(f"{spec.name}: {type(exc).__name__}: {str(exc)[:200]}")
     (tdir / "manifest.json").write_text(json.dumps({**shipped, "entries": entries}, indent=1) + "\n")
     return {"variant": name, "geometry": geoms, "failed": failed}
 
 
+def _cubin_only(entry: dict, tdir: Path) -> dict:
+    """The entry without its PTX (file removed): a variant runs on the card its cubins were built for."""
+    ptx = entry["artifacts"].pop("ptx", None)
+    if ptx is not None:
+        (tdir / ptx["file"]).unlink(missing_ok=True)
+    return entry
+
+
+def _pointing_back(entry: dict, tdir: Path) -> dict:
+    back = os.path.relpath(SHIPPED / "sm_90a", tdir)
+    return {**entry, "artifacts": {k: {**a, "file": f"{back}/{a['file']}"}
+                                   for k, a in entry["artifacts"].items()}}
+
+
+def _arguments(entry: dict) -> list[tuple]:
+    """What the host passes (name, type, hidden); alignment the other build assumed is checked at its
+    launches from its own entry."""
+    return [(p["name"], p["type"], p["hidden"]) for p in entry["params"]]
+
+
+def variant_from_manifest(name: str, before: dict, read: Callable[[str], bytes], out: Path,
+                          types: tuple[str, ...] = TYPES) -> dict:
+    """out/<name>/sm_90a: the shipped build with every entry of `types` (weight types; entries with
+    none too) whose artifacts differ in `before` (an sm_90a manifest of another build) replaced by
+    that build's cubin, read(file) giving its bytes.
+    An entry whose argument list differs is kept as shipped and reported: the host passes the
+    shipped arguments, so the other kernel could not be launched the same way."""
+    shipped = json.loads((SHIPPED / "sm_90a" / "manifest.json").read_text())
+    if before.get("format") != shipped.get("format") or before.get("arch") != shipped.get("arch"):
+        raise SystemExit(f"{name}: manifest format/arch {before.get('format')}/{before.get('arch')} "
+                         f"is not the shipped {shipped.get('format')}/{shipped.get('arch')}")
+    tdir = out / name / "sm_90a"
+    tdir.mkdir(parents=True, exist_ok=True)
+    entries, taken, kept = {}, [], []
+    for ename, ent in shipped["entries"].items():
+        old = before["entries"].get(ename)
+        entries[ename] = _pointing_back(ent, tdir)
+        if old is None or old["artifacts"] == ent["artifacts"] or ent.get("qtype") not in (None, *types):
+            continue
+        if _arguments(old) != _arguments(ent) or "cubin" not in old["artifacts"]:
+            kept.append(f"{ename}: {'no cubin' if 'cubin' not in old['artifacts'] else 'arguments differ'}")
+            continue
+        art = old["artifacts"]["cubin"]
+        data = read(art["file"])
+        if hashlib.sha256(data).hexdigest() != art["sha256"]:
+            raise SystemExit(f"{name}: {art['file']} does not match its manifest's sha256")
+        (tdir / art["file"]).write_bytes(data)
+        entries[ename] = {**old, "artifacts": {"cubin": art}}
+        taken.append(ename)
+    (tdir / "manifest.json").write_text(json.dumps({**shipped, "entries": entries}, indent=1) + "\n")
+    return {"variant": name, "taken": taken, "kept_shipped": kept, "failed": []}
+
+
+def variant_from_rev(rev: str, out: Path) -> dict:
+    """Variant rev-<rev>: the kernels as commit `rev` built them (its tracked sm_90a build)."""
+    def show(path: str) -> bytes:
+        done = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ptx_kernels/build/sm_90a/{path}"],
+                              capture_output=True)
+        if done.returncode != 0:
+            raise SystemExit(f"rev-{rev}: git show {rev}:ptx_kernels/build/sm_90a/{path} failed: "
+                             f"{done.stderr.decode(errors='replace').strip()[:300]}")
+        return done.stdout
+
+    return variant_from_manifest(f"rev-{rev}", json.loads(show("manifest.json")), show, out)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import tempfile
 
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = args.only.split(",") if args.only else ([] if args.rev else list(VARIANTS))
+    args.out.mkdir(parents=True, exist_ok=True)
     report = []
+    for rev in args.rev:
+        report.append(variant_from_rev(rev, args.out))
+        print(f"rev-{rev}: {len(report[-1]['taken'])} entries from {rev}, "
+              f"{len(report[-1]['kept_shipped'])} kept as shipped", flush=True)
+        for line in report[-1]["kept_shipped"]:
+            print("   ", line)
     with tempfile.TemporaryDirectory(prefix="ukgpu-sweep-") as cache:
         os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DISABLE_LINE_INFO="1")
         for name in names:
@@ -220,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("-o", "--out", type=Path, required=True)
-    b.add_argument("--only", help="comma-separated variant names")
+    b.add_argument("--only", help="comma-separated geometry variant names (default: all, or none "
+                   "when --rev is given)")
+    b.add_argument("--rev", action="append", default=[], help="also a variant of the kernels as this "
+                   "git commit built them (rev-REV; repeatable)")
     r = sub.add_parser("run")
     r.add_argument("-d", "--dir", type=Path, help="variants built by `build` (default: none, only "
                    "the environment variants)")
