@@ -198,6 +198,7 @@ class Vm:
         self.ready: dict[str, float] | None = None
         self.fatal: str | None = None
         self._ready_event = threading.Event()
+        self._new_line = threading.Condition()  # notified for each console line and at QEMU's exit
         # the host's record, not the folder, says what boots (kernel/image/trust.py)
         self.boot = trust.verify_for_boot(image.dir) if self.opts.verify else None
         try:
@@ -286,16 +287,28 @@ class Vm:
     def wait_line(self, text: str, timeout: float) -> None:
         """Block until the console shows a line equal to `text`; BootError when it does not."""
         deadline = time.monotonic() + timeout
-        while text not in self.log:
-            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
-                raise BootError(f"the guest did not print {text!r}; serial console:\n{self.tail()}")
-            time.sleep(0.02)
+        seen, waiting = 0, True
+        while waiting:
+            with self._new_line:
+                if text in self.log[seen:]:
+                    return
+                seen = len(self.log)
+                left = deadline - time.monotonic()
+                waiting = left > 0 and self.proc is not None and self.proc.poll() is None
+                if waiting:  # woken by the reader; the bound re-checks QEMU
+                    self._new_line.wait(min(left, 0.5))
+        if self._reader is not None and self.proc is not None and self.proc.poll() is not None:
+            self._reader.join(timeout=2)  # what QEMU printed before it exited, to the last line
+        if text not in self.log[seen:]:
+            raise BootError(f"the guest did not print {text!r}; serial console:\n{self.tail()}")
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.log.append(line)
+            with self._new_line:
+                self.log.append(line)
+                self._new_line.notify_all()
             if self.on_line:
                 self.on_line(line)
             match = _READY.match(line)
@@ -309,6 +322,8 @@ class Vm:
                 self.fatal = f"{KVM_HINT} (QEMU: {line.strip()})"
                 self._ready_event.set()  # stuck for good: stop waiting now
         self._ready_event.set()  # QEMU exited: nobody waits for READY any longer
+        with self._new_line:
+            self._new_line.notify_all()
 
     @property
     def serial_log(self) -> str:

@@ -261,3 +261,26 @@ def test_a_guest_kvm_cannot_run_fails_at_once_with_the_way_out(tmp_path, monkeyp
         assert time.monotonic() - t0 < 20
     finally:
         vm.kill()
+
+
+def test_wait_line_wakes_on_the_line_and_gives_up_when_qemu_exits(tmp_path, monkeypatch):
+    """wait_line returns when the console prints the exact line (not a longer one that contains
+    it), and raises with the console's tail as soon as QEMU exits without printing it."""
+    import sys
+    import time
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    vm = qemu.Vm(_image(tmp_path), qemu.BootOptions(verify=False))
+    vm.command = [sys.executable, "-c", "import time; print('snapshot ready soon', flush=True); "
+                  "time.sleep(0.3); print('snapshot ready', flush=True); time.sleep(1); "
+                  "print('bye', flush=True)"]
+    vm.start()
+    try:
+        t0 = time.monotonic()
+        vm.wait_line("snapshot ready", 30)
+        assert 0.25 < time.monotonic() - t0 < 10 and vm.log[-1] == "snapshot ready"
+        with pytest.raises(qemu.BootError, match=r"did not print 'never'(.|\n)*bye"):
+            vm.wait_line("never", 50)
+        assert time.monotonic() - t0 < 20  # QEMU's exit ended the wait, not the timeout
+    finally:
+        vm.kill()
