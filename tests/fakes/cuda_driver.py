@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -107,14 +108,15 @@ class FakeDriver(StreamsAndGraphs):
     CUstream_flags = CUstream_flags
 
     def __init__(self, devices: list[FakeDevice] | None = None, library_missing: bool = False,
-                 fail: dict[str, str] | None = None, build_dir: Path = BUILD_DIR,
+                 fail: dict[str, str] | None = None, build_dir: Path | None = None,
                  driver_version: int = 13000, pinned_sources: bool = False,
                  emulate: bool = True):
         self.devices = [FakeDevice()] if devices is None else devices
         self.library_missing = library_missing
         self.fail = dict(fail or {})
         self.driver_version = driver_version
-        self.build_dir = Path(build_dir)
+        # the images the loader reads: the same build (a tuning variant's through UKGPU_KERNELS_DIR)
+        self.build_dir = Path(build_dir or os.environ.get("UKGPU_KERNELS_DIR") or BUILD_DIR)
         self.pinned_sources = pinned_sources
         self.emulate = emulate
         self._index: dict | None = None

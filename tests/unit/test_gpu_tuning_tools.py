@@ -99,3 +99,15 @@ def test_a_variant_refuses_a_cubin_that_is_not_its_manifests(tmp_path):
 def test_a_variant_from_a_missing_commit_says_which(tmp_path):
     with pytest.raises(SystemExit, match="git show no-such-rev:ptx_kernels/build/sm_90a/manifest.json"):
         kernel_sweep.variant_from_rev("no-such-rev", tmp_path)
+
+
+def test_the_stand_in_driver_knows_the_images_of_the_build_the_loader_reads(tmp_path, monkeypatch):
+    """A variant's cubins load under the stand-in (the dry run of the sweep): the fake driver
+    indexes the build UKGPU_KERNELS_DIR names, as the loader reads it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakes.cuda_driver import FakeDriver
+
+    monkeypatch.setenv("UKGPU_KERNELS_DIR", str(tmp_path))
+    assert FakeDriver().build_dir == tmp_path
+    monkeypatch.delenv("UKGPU_KERNELS_DIR")
+    assert FakeDriver().build_dir == kernel_sweep.SHIPPED
