@@ -45,35 +45,38 @@ def check_kind(kind: str, error: type[UkgpuError] = BackendChoiceError) -> None:
 
 def open_backend(kind: str, gguf: Any = None, *, alloc: Allocator | None = None,
                  n_ctx: int = 2048, n_slots: int = 1, pci_root: str | None = None,
-                 driver: Any = None, arena_bytes: int | None = None) -> tuple[Backend, str]:
+                 driver: Any = None, arena_bytes: int | None = None,
+                 activations: str | None = None) -> tuple[Backend, str]:
     """(backend, "backend: <name> (<why>)") for kind "auto" | "cpu" | "cuda" and the model
-    `gguf` (an opened `GGUFFile`; None checks the device only)."""
+    `gguf` (an opened `GGUFFile`; None checks the device only); a CPU backend rounds its
+    products' activations as `activations` says (`CpuBackend`)."""
     check_kind(kind)
     if kind == "cpu":
-        return cpu_backend(alloc), "backend: cpu (requested)"
+        return cpu_backend(alloc, activations), "backend: cpu (requested)"
     sizes = {"n_ctx": n_ctx, "n_slots": n_slots, "driver": driver, "arena_bytes": arena_bytes}
     backend, why = _try_cuda(kind == "cuda", gguf, pci_root, sizes)
     if backend is None:
-        return cpu_backend(alloc), f"backend: cpu ({why})"
+        return cpu_backend(alloc, activations), f"backend: cpu ({why})"
     return backend, f"backend: cuda ({why})"
 
 
-def cpu_backend(alloc: Allocator | None = None) -> Backend:
-    """The CPU backend in float32, its KV cache from `alloc` (numpy's zeros when None)."""
+def cpu_backend(alloc: Allocator | None = None, activations: str | None = None) -> Backend:
+    """The CPU backend in float32, its KV cache from `alloc` (numpy's zeros when None), its
+    activations "f32" or "q8" (None: UKGPU_CPU_ACTIVATIONS, else "f32")."""
     from ukgpu.llama_core.cpu.backend import CpuBackend
 
-    return CpuBackend(alloc=alloc)
+    return CpuBackend(alloc=alloc, activations=activations)
 
 
-def cpu_fallback(kind: str, backend: Backend, alloc: Allocator | None = None
-                 ) -> Callable[[], Backend] | None:
+def cpu_fallback(kind: str, backend: Backend, alloc: Allocator | None = None,
+                 activations: str | None = None) -> Callable[[], Backend] | None:
     """What an engine rebuilds its model on when `backend`, opened for `kind`, loses its device
     while running (a sticky `DeviceError`; any other fails only its request): under "auto" a
     device backend falls back to a fresh CPU backend (KV cache from `alloc`); None otherwise
     ("cuda" wants the error, and the CPU has nothing below it)."""
     if kind != "auto" or backend.name == "cpu":
         return None
-    return functools.partial(cpu_backend, alloc)
+    return functools.partial(cpu_backend, alloc, activations)
 
 
 def _try_cuda(required: bool, gguf: Any, pci_root: str | None, sizes: dict[str, Any]

@@ -35,7 +35,6 @@ NUMBA_ENV = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
 def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Arena, str]:
     """(engine, arena, backend note) for the model at `path`."""
     os.environ.update(NUMBA_ENV)
-    os.environ["UKGPU_CPU_ACTIVATIONS"] = cfg.cpu_activations  # llama_core/cpu/backend.py
     lazy_gguf_package()
     from ukgpu.llama_core.backend_choice import cpu_fallback
     from ukgpu.llama_core.engine import Engine
@@ -51,7 +50,8 @@ def load(path: str, cfg: Any, arena_size: Callable[..., int]) -> tuple[Any, Aren
         backend, note = _self_test(cfg, gguf, arena, backend, note)
     # ukgpu.backend=auto on a GPU: a device lost while serving moves the engine to the CPU
     engine = Engine.load(gguf, backend=backend, n_ctx=ctx, n_slots=cfg.slots,
-                         fallback=cpu_fallback(cfg.backend, backend, alloc=arena.alloc))
+                         fallback=cpu_fallback(cfg.backend, backend, alloc=arena.alloc,
+                                               activations=cfg.cpu_activations))
     engine.backend_note = note  # /health says which backend answers, and why
     print(f"ukgpu: model {path}: {mc.arch}, {mc.n_layers} layers, ctx {ctx}, {cfg.slots} slots; "
           f"arena {format_size(arena.size)} ({format_size(arena.used)} used)", flush=True)
@@ -102,7 +102,7 @@ def _open_backend(cfg: Any, gguf: Any, arena: Arena) -> tuple[Any, str]:
 
     try:
         return open_backend(cfg.backend, gguf, alloc=arena.alloc, n_ctx=cfg.ctx,
-                            n_slots=cfg.slots, pci_root="/sys")
+                            n_slots=cfg.slots, pci_root="/sys", activations=cfg.cpu_activations)
     except Exception as exc:  # only ukgpu.backend=cuda lets the GPU's failure out
         raise InitError(f"ukgpu.backend={cfg.backend} but the GPU cannot be used: {exc}") from exc
 
@@ -123,4 +123,4 @@ def _self_test(cfg: Any, gguf: Any, arena: Arena, backend: Any, note: str) -> tu
     if cfg.backend == "cuda":
         raise InitError(f"ukgpu.backend=cuda but the GPU cannot be used: {result.summary()} "
                         "(ukgpu.gpu_selftest=off serves from it anyway)")
-    return cpu_backend(arena.alloc), f"backend: cpu ({result.summary()})"
+    return cpu_backend(arena.alloc, cfg.cpu_activations), f"backend: cpu ({result.summary()})"

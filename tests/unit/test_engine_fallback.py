@@ -120,3 +120,25 @@ def test_the_guest_refuses_to_boot_when_the_demanded_gpu_cannot_be_used(smollm2_
     with pytest.raises(InitError, match="^ukgpu.backend=cuda but the GPU cannot be used: no NVIDIA "
                                         "GPU on the PCI bus"):
         init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
+
+
+def test_the_guests_cpu_activations_reach_its_backend_and_its_fallback(smollm2_path, monkeypatch):
+    """ukgpu.cpu_activations=q8 is handed to the CPU backend the guest opens, and to the one a lost
+    device falls back to, as an argument: the guest's environment is left alone."""
+    import os
+    from types import SimpleNamespace
+
+    from ukgpu.kernel.guest import engine_setup as init_model
+    from ukgpu.llama_core import backend_choice
+
+    monkeypatch.delenv("UKGPU_CPU_ACTIVATIONS", raising=False)
+    cfg = SimpleNamespace(ctx=64, slots=1, backend="cpu", cpu_activations="q8")
+    engine, _, note = init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
+    assert note == "cpu (requested)" and engine.model.backend.activations == "q8"
+    monkeypatch.setattr(backend_choice, "open_backend",
+                        lambda kind, gguf, **kw: (DyingDevice(3), "backend: cuda (a GPU)"))
+    cfg = SimpleNamespace(ctx=64, slots=1, backend="auto", cpu_activations="q8", gpu_selftest="off")
+    engine, _, _ = init_model.load(str(smollm2_path), cfg, lambda *a: 64 << 20)
+    assert [e.token_id for e in engine.generate(PROMPTS[0], GREEDY, 4)]  # the device dies at once
+    assert engine.model.backend.name == "cpu" and engine.model.backend.activations == "q8"
+    assert "UKGPU_CPU_ACTIVATIONS" not in os.environ
