@@ -28,6 +28,34 @@ def test_settings_key_the_machine_and_never_the_api_key(cache):  # noqa: F811
     assert snapshot.settings(image, qemu.BootOptions(qemu="true", verify=False)) is None
 
 
+def test_the_snapshot_command_keys_the_machine_a_boot_with_the_same_options_finds(cache, tmp_path):  # noqa: F811
+    """`ukgpu image snapshot DIR --cpus 4 ...` and `ukgpu boot DIR --cpus 4 ... --port --api-key-file`
+    name the same saved state: port, key and the boot-only options do not enter its key."""
+    import argparse
+    from dataclasses import replace
+
+    from ukgpu.tools.commands import boot as boot_cmd
+    from ukgpu.tools.commands import image as image_cmd
+
+    parser = argparse.ArgumentParser()
+    verbs = parser.add_subparsers()
+    boot_cmd.register(verbs)
+    image_cmd.register(verbs)
+    (tmp_path / "key").write_text("k-1\n")
+    machine = ["--cpus", "4", "--arena", "1G", "--append", "ukgpu.ctx=4096"]
+    taken = boot_cmd.machine_options(parser.parse_args(["image", "snapshot", "d", *machine]))
+    booted = boot_cmd.vm_options(parser.parse_args(["boot", "d", *machine, "--port", "9000",
+                                                    "--api-key-file", str(tmp_path / "key")]))
+    assert (taken.port, taken.api_key, booted.port, booted.api_key) == (0, None, 9000, "k-1")
+    image = make_image(cache / "img")
+
+    def key(opts):
+        return snapshot.key_of(snapshot.settings(image, replace(opts, qemu="true")))  # `true --version`
+
+    assert key(taken) == key(booted)
+    assert key(taken) != key(boot_cmd.vm_options(parser.parse_args(["boot", "d", "--port", "9000"])))
+
+
 def _record(image, opts, data: bytes):
     found = snapshot.settings(image, opts)
     key = snapshot.key_of(found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -59,16 +60,23 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                         help="extra kernel command line word, e.g. ukgpu.ctx=4096 (repeatable)")
 
 
+def machine_options(args: argparse.Namespace) -> qemu.BootOptions:
+    """The options of `add_machine_options` alone (a snapshot's machine): any free port, no GPU,
+    no API key, the image checked."""
+    return qemu.BootOptions(port=0, mem=args.mem, cpus=args.cpus, accel=args.accel, arena=args.arena,
+                            append=list(args.append))
+
+
 def vm_options(args: argparse.Namespace) -> qemu.BootOptions:
+    """The options of `add_vm_options`: the machine, and the port, GPU, API key and image check."""
     from ukgpu.kernel.api import security
 
     try:
-        key = security.resolve_key(None, getattr(args, "api_key_file", None), os.environ)
+        key = security.resolve_key(None, args.api_key_file, os.environ)
     except ValueError as exc:
         raise SystemExit(f"ukgpu: error: {exc}") from None
-    return qemu.BootOptions(port=getattr(args, "port", 0), mem=args.mem, cpus=args.cpus,
-                            accel=args.accel, gpu=getattr(args, "gpu", None), arena=args.arena,
-                            append=list(args.append), api_key=key, verify=getattr(args, "verify", True))
+    return dataclasses.replace(machine_options(args), port=args.port, gpu=args.gpu, api_key=key,
+                               verify=args.verify)
 
 
 def _echo(line: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ukgpu.kernel.guest.arena import parse_size
 from ukgpu.kernel.image import build as image
-from ukgpu.tools.commands.boot import add_machine_options, vm_options
+from ukgpu.tools.commands.boot import add_machine_options, machine_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,8 +74,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     from ukgpu.kernel.image import snapshot
 
     built = image.load(args.dir)
-    opts = vm_options(args)
-    opts.api_key = None  # never saved: each restore brings its own
+    opts = machine_options(args)  # no API key: never saved, each restore brings its own
     if args.drop:
         print("snapshot removed" if snapshot.drop(built, opts) else "no snapshot for these options",
               file=sys.stderr)
