@@ -16,7 +16,6 @@ more than qemu64); with `--accel kvm` it is `host`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -91,10 +90,13 @@ def disk_args(image: Image) -> list[str]:
 _HOST_KEYS = ("ukgpu.manifest", "ukgpu.verify")  # set from the host's record only, never by --append
 
 
-def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verified | None = None) -> list[str]:
+def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verified | None = None,
+                 *, key_on_cmdline: bool = True) -> list[str]:
     """QEMU's arguments.  With `boot` (what `trust.verify_for_boot` checked) the kernel, initramfs
     and command line are the verified copies and the host's record; without, the image folder's
-    own (`Vm` only does that when opts.verify is False, and then tells the guest)."""
+    own (`Vm` only does that when opts.verify is False, and then tells the guest).  opts.api_key
+    goes on the guest's command line unless key_on_cmdline is False (a restore sends it over the
+    console instead: QEMU's arguments are visible to every user of the host)."""
     if opts.accel not in ("tcg", "kvm"):
         raise BootError(f"--accel {opts.accel}: use tcg (emulation, works anywhere) or kvm")
     if shutil.which(opts.qemu) is None:
@@ -113,7 +115,7 @@ def qemu_command(image: Image, opts: BootOptions, port: int, boot: trust.Verifie
         cmdline.append("ukgpu.verify=host")
     if opts.arena:
         cmdline.append(f"ukgpu.arena={opts.arena}")
-    if opts.api_key:
+    if opts.api_key and key_on_cmdline:
         if not opts.api_key.isprintable() or any(c.isspace() or c == '"' for c in opts.api_key):
             raise BootError("the API key must be printable, without spaces or quotes: it is "
                             "passed on the guest's kernel command line")
@@ -205,9 +207,8 @@ class Vm:
             if restore is not None and (self.boot is None or restore.image != self.boot.digest):
                 raise BootError("the snapshot was taken from another image (or this boot skips the "
                                 "host's record): boot cold, or take one with `ukgpu image snapshot`")
-            # a restored guest gets its key over the console: never in QEMU's arguments
-            launch = self.opts if restore is None else dataclasses.replace(self.opts, api_key=None)
-            self.command = qemu_command(image, launch, self.port, self.boot)
+            self.command = qemu_command(image, self.opts, self.port, self.boot,
+                                        key_on_cmdline=restore is None)  # a restore: over the console
         except BaseException:
             self._cleanup()
             raise

@@ -249,6 +249,8 @@ def test_boot_passes_the_key_file_to_the_guest_command_line(tmp_path, monkeypatc
     assert "api_key" not in " ".join(no_key)
     with pytest.raises(qemu.BootError, match="without spaces"):
         qemu.qemu_command(image, qemu.BootOptions(api_key="a b"), port=1)
+    restore = qemu.qemu_command(image, boot_cmd.vm_options(args), port=1, key_on_cmdline=False)
+    assert "k-123" not in " ".join(restore)  # a restore sends it over the console
 
 
 def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(capsys):
