@@ -410,29 +410,21 @@ def _pump_verified(restore: Restore, fd: int) -> str | None:
     """Write the state file into `fd` piece by piece, each only after its SHA-256 matched the
     record (QEMU never reads a byte that was not checked; the bytes checked are the bytes written),
     then close `fd`.  None, or which piece differs."""
+    expected = restore.chunks
     try:
-        with open(restore.state, "rb", buffering=0) as source:
-            buf = bytearray(restore.chunk)
-            for index, expected in enumerate((*restore.chunks, None)):
-                n = _read_full(source, buf)
-                if expected is None:
-                    return None if n == 0 else "it is longer than recorded"
-                piece = memoryview(buf)[:n]
-                if hashlib.sha256(piece).hexdigest() != expected:
-                    return f"piece {index} of {len(restore.chunks)} differs"
-                while piece:
-                    piece = piece[os.write(fd, piece):]
+        count = 0
+        for count, piece in enumerate(trust.read_pieces(restore.state, restore.chunk), 1):
+            if count > len(expected):
+                return "it is longer than recorded"
+            if hashlib.sha256(piece).hexdigest() != expected[count - 1]:
+                return f"piece {count - 1} of {len(expected)} differs"
+            while piece:
+                piece = piece[os.write(fd, piece):]
+        if count < len(expected):  # the file ends early
+            return f"piece {count} of {len(expected)} differs"
     finally:
         os.close(fd)
     return None
-
-
-def _read_full(source, buf: bytearray) -> int:
-    """Fill `buf` from `source` unless the file ends first; the bytes read."""
-    view, got = memoryview(buf), 0
-    while got < len(buf) and (n := source.readinto(view[got:])):
-        got += n
-    return got
 
 
 def parse_ready(text: str) -> dict[str, float]:

@@ -96,11 +96,8 @@ def find(image: Image, opts: qemu.BootOptions) -> qemu.Restore | None:
 
 
 def chunk_digests(path: Path, chunk: int = CHUNK) -> list[str]:
-    out = []
-    with open(path, "rb", buffering=0) as f:
-        while piece := f.read(chunk):
-            out.append(hashlib.sha256(piece).hexdigest())
-    return out
+    """SHA-256 of each piece, as the restore checks them (`trust.read_pieces`)."""
+    return [hashlib.sha256(piece).hexdigest() for piece in trust.read_pieces(path, chunk)]
 
 
 def take(image: Image, opts: qemu.BootOptions, log=print, timeout: float = 900.0) -> qemu.Restore:

@@ -23,6 +23,9 @@ chain of trust starts on the host, not inside the image:
 
 `ukgpu boot --insecure-skip-verify` skips 1-3 on request (the disks are mapped without
 dm-verity); the guest then says so on /health.
+
+A saved state (kernel/image/snapshot.py) is recorded the same way, as SHA-256 digests of its
+pieces (`read_pieces`), each checked before QEMU reads it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,3 +178,19 @@ def _copy_hashing(src: Path, dest: Path) -> str:
         raise TrustError(f"{src} is missing: not a complete image; rebuild it with `ukgpu image build`") from None
     dest.chmod(0o400)
     return h.hexdigest()
+
+
+def read_pieces(path: str | os.PathLike, chunk: int) -> Iterator[memoryview]:
+    """The file in pieces of `chunk` bytes (the last one shorter), each a view of one reused buffer
+    (use it before asking for the next).  Recording a state's digests and checking them read
+    through here, so their pieces fall at the same offsets."""
+    with open(path, "rb", buffering=0) as source:
+        view = memoryview(bytearray(chunk))
+        while True:
+            got = 0
+            while got < chunk and (n := source.readinto(view[got:])):
+                got += n
+            if got:
+                yield view[:got]
+            if got < chunk:
+                return

@@ -105,12 +105,13 @@ def _pump(restore: qemu.Restore) -> tuple[str | None, bytes]:
     return result, bytes(got)
 
 
-@pytest.mark.parametrize("size", [1, 4096, 3 * 4096 + 7])
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096 + 7])
 def test_the_pump_passes_a_matching_state_through_unchanged(tmp_path, size):
     state = tmp_path / "s.state"
     data = os.urandom(size)
     state.write_bytes(data)
     restore = qemu.Restore(state, 4096, tuple(snapshot.chunk_digests(state, 4096)), "d")
+    assert len(restore.chunks) == -(-size // 4096)  # whole pieces, the last one shorter
     assert _pump(restore) == (None, data)
 
 
