@@ -9,7 +9,9 @@ import copy
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,11 +37,24 @@ def test_a_variant_moves_block_n_into_every_grid_term():
     assert glu.grid[0] == "cdiv(N, 2)" and glu.constexprs["BLOCK_B"] == 1
 
 
+def test_a_gemm_variant_moves_its_tile_into_both_grid_terms():
+    gemm = kernel_sweep._gemm_variant_spec(spec("gemm_q4_k"), (128, 32, 128, 8, 2))
+    assert (gemm.constexprs["BLOCK_M"], gemm.constexprs["BLOCK_N"], gemm.constexprs["BLOCK_K"]) == (128, 32, 128)
+    assert gemm.grid == ("cdiv(M, 128)", "cdiv(N, 32)", "1") and (gemm.num_warps, gemm.num_stages) == (8, 2)
+    assert gemm.constexprs["X_EXP_SHIFT"] == spec("gemm_q4_k").constexprs["X_EXP_SHIFT"]
+
+
 def test_agreement_names_a_diverging_variant():
-    ref = {"tokens": [1, 2, 3, 4], "tokens_long": [5, 6], "top8": [[7, 1.0], [9, 0.5]]}
-    assert kernel_sweep._agreement(ref, ref) == "agree 4/4+2/2 top8 same max|d| 0.00e+00"
-    bad = {"tokens": [1, 2, 8, 4], "tokens_long": [5, 6], "top8": [[9, 1.0], [7, 0.5]]}
-    assert kernel_sweep._agreement(ref, bad).startswith("agree 2/4+2/2 top8 DIFFER")
+    ref = {"tokens": [1, 2, 3, 4], "tokens_long": [5, 6], "top8": [[7, 1.0], [9, 0.5]],
+           "pp_top8": [[3, 2.0], [4, 1.0]]}
+    assert kernel_sweep._agreement(ref, ref) == ("agree 4/4+2/2 top8 same max|d| 0.00e+00 "
+                                                 "pp top8 same max|d| 0.00e+00")
+    bad = {"tokens": [1, 2, 8, 4], "tokens_long": [5, 6], "top8": [[9, 1.0], [7, 0.5]],
+           "pp_top8": [[4, 2.0], [3, 1.5]]}
+    assert kernel_sweep._agreement(ref, bad) == ("agree 2/4+2/2 top8 DIFFER max|d| 0.00e+00 "
+                                                 "pp top8 DIFFER max|d| 5.00e-01")
+    older = {k: v for k, v in ref.items() if k != "pp_top8"}  # a row measured before pp was
+    assert kernel_sweep._agreement(ref, older).endswith("pp top8 -")
 
 
 def test_the_profile_summary_totals_per_kernel_and_grid(tmp_path):
@@ -111,3 +126,21 @@ def test_the_stand_in_driver_knows_the_images_of_the_build_the_loader_reads(tmp_
     assert FakeDriver().build_dir == tmp_path
     monkeypatch.delenv("UKGPU_KERNELS_DIR")
     assert FakeDriver().build_dir == kernel_sweep.SHIPPED
+
+
+def test_the_prefill_host_share_times_each_launch_and_puts_the_method_back():
+    class Kernels:
+        def launch(self, name, values, stream=None, sync=None):
+            time.sleep(0.002)
+
+    be = SimpleNamespace(kernels=Kernels())
+
+    def forward():
+        for _ in range(3):
+            be.kernels.launch("k", {})
+        time.sleep(0.01)  # the device's tail after the last launch
+
+    got = kernel_sweep._prefill_host_share(be, forward)
+    assert got["launches"] == 3 and 6 <= got["launch_ms"] < got["wall_ms"]
+    assert got["wall_ms"] - got["launch_ms"] >= 10
+    assert "launch" not in vars(be.kernels)  # the class's method again

@@ -20,9 +20,10 @@ with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 46
   ptx-bench   75   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
   sweep      200   tools/dev/kernel_sweep.py run: the shipped build and its environment variants
-                   (each decode path of fused_ops.py on and off), and the geometry variants of
-                   build/kit/variants if carried, greedy tokens compared (OUT/sweep);
-                   not in the default steps: name it in --steps
+                   (each decode path of fused_ops.py on and off), or, when build/kit/variants is
+                   carried, the shipped build and the variants built there (mat-vec and GEMM
+                   geometries, an older commit's kernels); pp512, tg128, 4 sequences, tg after
+                   1024 tokens, greedy tokens compared (OUT/sweep); not in the default steps
 
 `llama` runs two steps: llama-bench (240 s), the prebuilt llama-bench (from --archive; built from
 --llama-cpp with CMake and nvcc if no archive is there) on the same synthetic models, its results
@@ -183,13 +184,14 @@ class Phases:
         return "bench-cuda.json (ukgpu alone)"
 
     def sweep(self) -> str:
-        """Old and new decode paths of the shipped build in one run (`kernel_sweep.py run`), and the
-        geometry variants of build/kit/variants when it holds any: tg, 4 sequences and tg after
-        1024 tokens per variant, tokens against the shipped build's."""
+        """Old and new decode paths of the shipped build in one run (`kernel_sweep.py run`), or the
+        variants of build/kit/variants when it holds any (then without the environment variants,
+        which the first comparison command measures): pp512, tg, 4 sequences and tg after 1024
+        tokens per variant, tokens against the shipped build's."""
         self.await_prebuild()
         quick = ["--repeats", "1", "--n-gen", "4", "--models", "smollm2-135m"] if self.args.dry_run else []
         built = ROOT / "build" / "kit" / "variants"  # `kernel_sweep.py build` here, carried along
-        variants = ["-d", str(built)] if any(built.glob("*/sm_90a/manifest.json")) else []
+        variants = ["-d", str(built), "--no-env"] if any(built.glob("*/sm_90a/manifest.json")) else []
         self.sh([self.python, "tools/dev/kernel_sweep.py", "run", "-o", str(self.out / "sweep"), *variants,
                  *quick])
         rows = json.loads((self.out / "sweep" / "sweep.json").read_text())

@@ -1,4 +1,4 @@
-"""Tune the decode mat-vec kernels' launch geometry on a GPU: build variants here, time them there.
+"""Tune the mat-vec and GEMM kernels' launch geometry on a GPU: build variants here, time them there.
 
     python3 tools/dev/kernel_sweep.py build -o build/kit/variants        # here, ~1 min a variant
     python3 tools/dev/kernel_sweep.py run -d build/kit/variants -o OUT   # on the GPU machine
@@ -8,7 +8,9 @@
 models use with other (BLOCK_N, BLOCK_K, num_warps, num_stages), one folder per variant holding an
 sm_90a manifest: the changed entries' cubins, every other entry pointing back at the shipped build
 (`ptx_kernels/build`), so a variant is a few hundred KiB.  A variant may change the one-row (b1) and
-the batch (b8) entries at once: tg128 measures the first, the 4-sequence step the second.
+the batch (b8) entries at once: tg128 measures the first, the 4-sequence step the second.  A GEMM
+variant (`gemm-*`) rebuilds the prefill GEMM entries with another (BLOCK_M, BLOCK_N, BLOCK_K,
+num_warps, num_stages): pp512 measures it.
 
 `build --rev REV` makes a variant of the kernels as commit REV built them (`rev-REV`): the entries
 whose artifacts differ from the shipped build are taken from git (REV's sm_90a cubins, not rebuilt),
@@ -17,10 +19,12 @@ same run, on the same card.  Built variants carry cubins only (the H200 loads th
 PTX would double their size against the 64 MiB a GPU-machine call may send).
 
 `run` loads each synthetic model once per variant in its own process (`UKGPU_KERNELS_DIR` points
-the loader at the variant) and measures greedy tg128 through the decode graph and 4 sequences
-through the batch graph, median of 3, the shipped build first and last (drift check); each
-variant's 128 greedy tokens must equal the shipped build's (same arithmetic order per row, so the
-tokens match unless a kernel is wrong).  Results: OUT/sweep.json and a table on stdout.
+the loader at the variant) and measures pp512 (a 512-token prompt), greedy tg128 through the
+decode graph and 4 sequences through the batch graph, median of 3, the shipped build first and
+last (drift check); each variant's 128 greedy tokens are compared with the shipped build's (same
+arithmetic order per row, so the tokens match unless a kernel is wrong; another geometry may sum
+in another order, so random-weight models can part late), and the top-8 logits of the first decode
+step and of the prompt's last position.  Results: OUT/sweep.json and a table on stdout.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "ptx_kernels" / "build"
 TYPES = ("Q4_K", "Q6_K", "Q4_1", "Q8_0")  # the synthetic Qwen2.5-1.5B and SmolLM2-135M matrices
 MODELS = ("qwen2.5-coder-1.5b", "smollm2-135m")
-N_CTX, LONG = 2048, 1024  # the server's default context; the prompt before the long-context decode
+N_CTX, LONG, PP = 2048, 1024, 512  # the server's default context; the prompt before the
+# long-context decode; the prompt timed as pp
 # runs of the shipped kernels with environment variables set (gpu/cuda/fused_ops.py): "old" is the
 # decode step before issue 18 (down projection in one pass, the output matrix recomputing the
 # norm); "split2048" turns the split-K down projection on (off by default until measured), and
@@ -70,6 +75,31 @@ VARIANTS: dict[str, dict[str, tuple[int, int, int, int]]] = {
 }
 
 
+# The prefill GEMM's tiles (ptx_kernels/gemm.py; shipped: BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64,
+# 4 warps, 3 stages, never swept on a GPU): pp512 is where llama.cpp is ahead (0.82x SmolLM2,
+# 0.95x the 1.5B on the H200).  Variant -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the
+# tiles Hopper's wgmma favours (128 x 128, 8 warps), larger M or N tiles (more x rows a dequantized
+# W tile, more W rows an x tile), the shipped tile over 8 warps (it holds 146-161 registers a
+# thread at 4 warps: 3 programs a SM), shorter K steps with deeper pipelining, and a smaller M
+# for SmolLM2's 576-wide matrices (72 programs of 64 x 64 at M = 512 on 132 SMs).  Variants of
+# 4 warps with larger tiles reach 216-255 registers, one with a stack frame: left out.
+GEMM_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
+    "gemm-m128n128w8": (128, 128, 64, 8, 3),
+    "gemm-m128n64w8": (128, 64, 64, 8, 3),
+    "gemm-m64n128w8": (64, 128, 64, 8, 3),
+    "gemm-w8": (64, 64, 64, 8, 3),
+    "gemm-k32s4": (64, 64, 32, 4, 4),
+    "gemm-m32n64": (32, 64, 64, 4, 3),
+}
+
+
+def _gemm_variant_spec(spec, geom: tuple[int, int, int, int, int]):
+    bm, bn, bk, warps, stages = geom
+    return replace(spec, constexprs={**spec.constexprs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                   num_warps=warps, num_stages=stages,
+                   grid=(f"cdiv(M, {bm})", f"cdiv(N, {bn})", *spec.grid[2:]))
+
+
 def _variant_spec(spec, geom: tuple[int, int, int, int]):
     bn, bk, warps, stages = geom
     old = spec.constexprs["BLOCK_N"]
@@ -78,9 +108,10 @@ def _variant_spec(spec, geom: tuple[int, int, int, int]):
                    num_warps=warps, num_stages=stages, grid=grid)
 
 
-def build_variant(name: str, geoms: dict, out: Path) -> dict:
-    """out/<name>/sm_90a/manifest.json: the shipped sm_90a manifest with the matvec_fused entries of
-    TYPES rebuilt at the variant's geometry (an entry that does not compile keeps the shipped one)."""
+def build_variant(name: str, geoms: dict | tuple, out: Path) -> dict:
+    """out/<name>/sm_90a/manifest.json: the shipped sm_90a manifest with the matvec_fused entries
+    (a GEMM variant: the gemm entries) of TYPES rebuilt at the variant's geometry (an entry that
+    does not compile keeps the shipped one)."""
     from ukgpu.ptx_kernels.catalog import all_specs
     from ukgpu.ptx_kernels.generate import TARGETS, build_entry
 
@@ -92,11 +123,18 @@ def build_variant(name: str, geoms: dict, out: Path) -> dict:
     failed = []
     for spec in all_specs():
         version = spec.name.rsplit("_", 1)[-1]
-        if spec.family != "matvec_fused" or spec.qtype not in TYPES or version not in geoms:
+        if spec.qtype not in TYPES:
             continue
+        if isinstance(geoms, tuple):  # a GEMM tile
+            if spec.family != "gemm":
+                continue
+            changed = _gemm_variant_spec(spec, geoms)
+        elif spec.family != "matvec_fused" or version not in geoms:
+            continue
+        else:
+            changed = _variant_spec(spec, geoms[version])
         try:
-            entries[spec.name] = _cubin_only(build_entry(_variant_spec(spec, geoms[version]), target,
-                                                         tdir), tdir)
+            entries[spec.name] = _cubin_only(build_entry(changed, target, tdir), tdir)
         except Exception as exc:  # noqa: BLE001 - a geometry Triton refuses is a result, not a crash
             failed.append(f"{spec.name}: {type(exc).__name__}: {str(exc)[:200]}")
     (tdir / "manifest.json").write_text(json.dumps({**shipped, "entries": entries}, indent=1) + "\n")
@@ -172,7 +210,11 @@ def variant_from_rev(rev: str, out: Path) -> dict:
 def cmd_build(args: argparse.Namespace) -> int:
     import tempfile
 
-    names = args.only.split(",") if args.only else ([] if args.rev else list(VARIANTS))
+    every = {**VARIANTS, **GEMM_VARIANTS}
+    names = args.only.split(",") if args.only else ([] if args.rev else list(every))
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: {', '.join(every)}")
     args.out.mkdir(parents=True, exist_ok=True)
     report = []
     for rev in args.rev:
@@ -185,19 +227,23 @@ def cmd_build(args: argparse.Namespace) -> int:
         os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DISABLE_LINE_INFO="1")
         for name in names:
             t = time.perf_counter()
-            report.append(build_variant(name, VARIANTS[name], args.out))
+            report.append(build_variant(name, every[name], args.out))
             print(f"{name}: {time.perf_counter() - t:.0f} s, {len(report[-1]['failed'])} failed",
                   flush=True)
             for line in report[-1]["failed"]:
                 print("   ", line)
-    (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
+    index = args.out / "variants.json"  # every build so far, the newest of each name
+    built = json.loads(index.read_text()) if index.is_file() else []
+    names_now = {r["variant"] for r in report}
+    index.write_text(json.dumps([r for r in built if r["variant"] not in names_now] + report, indent=1) + "\n")
     return 0
 
 
 def measure(model_name: str, repeats: int, n_gen: int) -> dict:
     """One model on the loader's current kernels, caches of the server's default 2048 rows in 4
-    slots: tg (greedy from position 0, graph), 4 sequences batched, and greedy after a 1024-token
-    prompt (where the split-K attention's keys per split show)."""
+    slots: tg (greedy from position 0, graph), 4 sequences batched, greedy after a 1024-token
+    prompt (where the split-K attention's keys per split show), and pp: a 512-token prompt into an
+    empty cache, the last position's logits copied back (the prefill GEMMs' tiles show there)."""
     import numpy as np
 
     from ukgpu.gpu.cuda.select import create_backend
@@ -231,11 +277,45 @@ def measure(model_name: str, repeats: int, n_gen: int) -> dict:
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, LONG)
     model.forward(prompt, 0, kvs[1], all_logits=False)
     long = [greedy(kvs[1], LONG, n_gen // 2) for _ in range(repeats)]
+    last = model.forward(prompt[:PP], 0, kvs[2], all_logits=False)[0]  # untimed: modules load
+    pp = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.forward(prompt[:PP], 0, kvs[2], all_logits=False)  # ends with a device->host copy
+        pp.append(time.perf_counter() - t)
+    pp_top = np.argsort(last)[::-1][:8]
+    host = _prefill_host_share(be, lambda: model.forward(prompt[:PP], 0, kvs[2], all_logits=False))
     return {"tg": n_gen / statistics.median(r[0] for r in runs),
+            f"pp{PP}": PP / statistics.median(pp), f"pp{PP}_host": host,
+            "pp_top8": [[int(i), float(last[i])] for i in pp_top],
             "b4": 4 * (n_gen // 2) / statistics.median(batch),
             f"tg@{LONG}": (n_gen // 2) / statistics.median(r[0] for r in long),
             "tokens": runs[0][1], "tokens_long": long[0][1],
             "top8": [[int(i), float(first[i])] for i in top]}
+
+
+def _prefill_host_share(be, forward) -> dict:
+    """One more prefill with every kernel launch timed on the host: launches, the host's time
+    inside them and the whole forward's wall time.  Launches taking most of the wall time mean the
+    prefill waits on Python, not on the GPU: a faster GEMM tile cannot show there."""
+    inner, spent, count = be.kernels.launch, [0.0], [0]
+
+    def timed(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t
+            count[0] += 1
+
+    be.kernels.launch = timed
+    try:
+        t = time.perf_counter()
+        forward()
+        wall = time.perf_counter() - t
+    finally:
+        del be.kernels.launch  # the set's own method again
+    return {"launches": count[0], "launch_ms": round(spent[0] * 1e3, 3), "wall_ms": round(wall * 1e3, 3)}
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
@@ -248,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     variants = sorted(p.name for p in args.dir.iterdir() if (p / "sm_90a" / "manifest.json").is_file()) \
         if args.dir else []
-    order = ["shipped", *ENV_VARIANTS, *variants, "shipped"]
+    order = ["shipped", *([] if args.no_env else ENV_VARIANTS), *variants, "shipped"]
     results: list[dict] = []
     for i, name in enumerate(order):
         env = dict(os.environ, PYTHONUNBUFFERED="1", **ENV_VARIANTS.get(name, {}))
@@ -277,7 +357,10 @@ def _line(row: dict, base: dict) -> str:
     for m, r in row["models"].items():
         ref = base.get("models", {}).get(m, {})
         same = "" if not ref else " " + _agreement(ref, r)
-        parts.append(f"{m} tg {r['tg']:,.0f} b4 {r['b4']:,.0f} tg@{LONG} {r[f'tg@{LONG}']:,.0f}{same}")
+        host = r.get(f"pp{PP}_host")
+        share = f" ({host['launches']} launches: {host['launch_ms']:.1f} of {host['wall_ms']:.1f} ms)" if host else ""
+        parts.append(f"{m} pp{PP} {r.get(f'pp{PP}', 0):,.0f}{share} tg {r['tg']:,.0f} b4 {r['b4']:,.0f} "
+                     f"tg@{LONG} {r[f'tg@{LONG}']:,.0f}{same}")
     return f"{row['variant']:<12} {row['seconds']:5.1f} s | " + " | ".join(parts)
 
 
@@ -287,11 +370,16 @@ def _agreement(ref: dict, r: dict) -> str:
     def prefix(a: list, b: list) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-    ids_ok = [i for i, _ in ref["top8"]] == [i for i, _ in r["top8"]]
-    err = max(abs(a - b) for (_, a), (_, b) in zip(ref["top8"], r["top8"]))
+    def top8(key: str) -> str:
+        if key not in ref or key not in r:
+            return "-"
+        same = [i for i, _ in ref[key]] == [i for i, _ in r[key]]
+        err = max(abs(a - b) for (_, a), (_, b) in zip(ref[key], r[key]))
+        return f"{'same' if same else 'DIFFER'} max|d| {err:.2e}"
+
     return (f"agree {prefix(ref['tokens'], r['tokens'])}/{len(ref['tokens'])}+"
             f"{prefix(ref['tokens_long'], r['tokens_long'])}/{len(ref['tokens_long'])} "
-            f"top8 {'same' if ids_ok else 'DIFFER'} max|d| {err:.2e}")
+            f"top8 {top8('top8')} pp top8 {top8('pp_top8')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("-d", "--dir", type=Path, help="variants built by `build` (default: none, only "
                    "the environment variants)")
+    r.add_argument("--no-env", action="store_true", help="leave the environment variants out")
     r.add_argument("-o", "--out", type=Path, required=True)
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--timeout", type=float, default=90)
