@@ -1,6 +1,6 @@
 """Tune the mat-vec and GEMM kernels' launch geometry on a GPU: build variants here, time them there.
 
-    python3 tools/dev/kernel_sweep.py build -o build/kit/variants        # here, ~1 min a variant
+    python3 tools/dev/kernel_sweep.py build -o build/kit/variants        # here, seconds a variant
     python3 tools/dev/kernel_sweep.py run -d build/kit/variants -o OUT   # on the GPU machine
     python3 tools/dev/kernel_sweep.py run -o OUT   # the shipped build and its environment variants
 
