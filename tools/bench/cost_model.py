@@ -130,10 +130,10 @@ def _row_dot_law(e: dict, a: dict, grid: tuple, tr: Traffic, dev: Device) -> flo
     c = e.get("constexprs", {})
     if not e["name"].endswith("_b1") or c.get("BLOCK_B", 1) != 1 or "BLOCK_K" not in c:
         return None
-    k = a["K"]
-    if e["name"].startswith("matvec_split_add_"):
+    k, split = a["K"], e["name"].startswith("matvec_split_add_")
+    if split:
         k = ceil(ceil(k / 256) / a["splits"]) * 256
-    steps = ceil(k / c["BLOCK_K"]) + e["name"].startswith("matvec_split_add_")  # + the partials' sum
+    steps = ceil(k / c["BLOCK_K"]) + split  # + the partials' sum
     ctas = grid[0] * grid[1] * grid[2]
     waves = ceil(ctas / (dev.sms * ROW_DOT_CTAS_PER_SM))
     return ROW_DOT_FIXED_S + max(waves * steps * ROW_DOT_STEP_S, tr.bytes / (dev.hbm_bytes_s * dev.reach))
