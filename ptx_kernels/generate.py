@@ -125,9 +125,11 @@ def versions() -> dict:
             "cubin_ptxas": f"CUDA {knobs.nvidia.ptxas.version} (bundled with triton)"}
 
 
-def build_target(target: Target, specs: list[KernelSpec], out_dir: Path) -> dict:
+def build_target(target: Target, specs: list[KernelSpec], out_dir: Path,
+                 keep: dict | None = None) -> dict:
+    """Compile `specs` into out_dir; `keep`: entries of an earlier build carried over as they are."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = {s.name: build_entry(s, target, out_dir) for s in specs}
+    entries = dict(keep or {}) | {s.name: build_entry(s, target, out_dir) for s in specs}
     return {
         "format": 1,
         "target": target.name,
@@ -138,12 +140,40 @@ def build_target(target: Target, specs: list[KernelSpec], out_dir: Path) -> dict
         "launch_notes": "args in `params` order; pointers are 64-bit device addresses; hidden "
                         "trailing params get 0; shared memory is all dynamic: pass shared_bytes "
                         "and set MAX_DYNAMIC_SHARED_SIZE_BYTES when it exceeds 48 KiB",
-        "entries": entries,
+        "entries": dict(sorted(entries.items())),
     }
 
 
-def build(out_root: Path = BUILD_DIR, only: list[str] | None = None) -> dict[str, Path]:
-    """Regenerate every artifact under out_root/<target>/ (old files there are removed)."""
+def fresh_entries(specs: list[KernelSpec], out_dir: Path) -> dict:
+    """The entries of out_dir's manifest that a rebuild would reproduce byte for byte: same
+    sources, same generator and Triton, artifacts on disk with their recorded sha256.  Nothing
+    when the manifest is missing or was made by another generate.py or Triton."""
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    gen = old.get("generator", {})
+    if gen.get("generate.py") != sha256_bytes((PKG_DIR / "generate.py").read_bytes()) \
+            or gen.get("triton") != versions()["triton"]:
+        return {}
+    fresh = {}
+    for spec in specs:
+        ent = old["entries"].get(spec.name)
+        if ent is None or ent["sources"] != source_hashes(spec):
+            continue
+        arts = ent["artifacts"].values()
+        if all((out_dir / a["file"]).exists() and sha256_bytes((out_dir / a["file"]).read_bytes())
+               == a["sha256"] for a in arts):
+            fresh[spec.name] = ent
+    return fresh
+
+
+def build(out_root: Path = BUILD_DIR, only: list[str] | None = None, stale: bool = False
+          ) -> dict[str, Path]:
+    """Regenerate every artifact under out_root/<target>/ (old files there are removed).
+    stale: compile only the entries whose sources changed since out_root's build (or that it
+    lacks), keep the fresh ones, and drop what the catalog no longer has: the same bytes as a
+    full build, in the time of the changed entries."""
     specs = [s for s in all_specs() if not only or s.name in only]
     written = {}
     with tempfile.TemporaryDirectory(prefix="ukgpu-triton-") as cache:
@@ -152,8 +182,17 @@ def build(out_root: Path = BUILD_DIR, only: list[str] | None = None) -> dict[str
         try:
             for target in TARGETS:
                 out_dir = out_root / target.name
-                shutil.rmtree(out_dir, ignore_errors=True)
-                manifest = build_target(target, specs, out_dir)
+                keep = fresh_entries(specs, out_dir) if stale else {}
+                if not stale:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                todo = [s for s in specs if s.name not in keep]
+                print(f"{target.name}: compiling {len(todo)} entries, {len(keep)} fresh", flush=True)
+                manifest = build_target(target, todo, out_dir, keep)
+                if stale:  # files no entry names any more
+                    named = {a["file"] for e in manifest["entries"].values() for a in e["artifacts"].values()}
+                    for f in out_dir.iterdir():
+                        if f.name != "manifest.json" and f.name not in named:
+                            f.unlink()
                 path = out_dir / "manifest.json"
                 path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
                 written[target.name] = path

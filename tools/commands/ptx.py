@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="regenerate every artifact (Triton AOT, no GPU needed)")
     b.add_argument("--out", type=Path, default=BUILD_DIR, help="build root (default: the package's)")
     b.add_argument("--only", nargs="*", help="entry names to build (default: all)")
+    b.add_argument("--stale", action="store_true",
+                   help="compile only the entries whose sources changed since the last build")
     b.set_defaults(func=_build)
     c = sub.add_parser("check", help="artifacts fresh, assemble with ptxas, manifest matches PTX")
     c.add_argument("--build-dir", type=Path, default=BUILD_DIR)
@@ -31,7 +33,7 @@ def _build(args: argparse.Namespace) -> int:
     from ukgpu.ptx_kernels.generate import build
 
     t0 = time.time()
-    written = build(args.out, args.only)
+    written = build(args.out, args.only, stale=args.stale)
     for target, path in written.items():
         print(f"{target}: {path}")
     print(f"built in {time.time() - t0:.1f} s")
