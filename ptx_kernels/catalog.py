@@ -6,8 +6,8 @@ import importlib
 
 from .spec import KernelSpec
 
-FAMILIES = ("matvec", "matvec_fused", "matvec_split", "gemm", "embedding", "rmsnorm", "rope", "rope_kv", "attention",
-            "attention_fused", "elementwise", "argmax")
+FAMILIES = ("matvec", "matvec_fused", "matvec_split", "gemm", "gemm_fused", "embedding", "rmsnorm", "rope",
+            "rope_kv", "attention", "attention_fused", "elementwise", "argmax")
 
 
 def family_module(family: str):

@@ -31,35 +31,65 @@ from .spec import KernelSpec
 
 
 @triton.jit
-def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
-                KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    # The W tile is built as (rows, 32-groups, [low run, high run], 16) by dequant.load_runs
-    # (contiguous quant loads, one scale load per run), then flattened to (BN, BK).
+def _w_tile(w_q, w_s, w_m, n3, gi, i, K, ok, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BN, BK) float32 W tile of rows n3 at 32-groups gi (dequantized)."""
+    # built as (rows, 32-groups, [low run, high run], 16) by dequant.load_runs (contiguous quant
+    # loads, one scale load per run), then flattened
+    w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, ok, KIND, HAS_MIN)
+    w = tl.join(w_lo, w_hi)  # (BN, NG, 16, 2)
+    w = tl.permute(w, (0, 1, 3, 2))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def gemm_loop(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, rm, rn, M, N, K,
+              USE_G: tl.constexpr, DUAL: tl.constexpr, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
+              X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """The K loop of a (BM, BN) tile: (acc, acc_u, sq) with acc = (x [* g]) @ W.T over rows rm and
+    columns rn, acc_u the same with U when DUAL (else zeros), sq the sum of x^2 of each row when
+    USE_G (the rmsnorm's, from the same x loads; else zeros).  x passes through float16 with the
+    power-of-two row scaling described above."""
     NG: tl.constexpr = BLOCK_K // 32
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     m_ok = rm < M
     n3 = rn[:, None, None]  # (BN, 1, 1)
     n_ok3 = n3 < N
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
     i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    sq = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0)
+        if USE_G:
+            sq += tl.sum(x * x, axis=1)
+            x = x * tl.load(g_ptr + rk, mask=rk < K, other=0)[None, :]
         amax = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)  # (BM,) f32 bits of the row max
         e = tl.maximum(((amax >> 23) & 255) - X_EXP_SHIFT, 0)  # 0 unless the tile reaches 2^15
         down = ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^-e
         up = ((127 + e) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^e
         gi = k0 // 32 + g
-        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, n_ok3 & (gi * 32 < K), KIND, HAS_MIN)
-        w = tl.join(w_lo, w_hi)  # (BN, NG, 16, 2)
-        w = tl.permute(w, (0, 1, 3, 2))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        acc = tl.dot((x * down).to(tl.float16), tl.trans(w.to(tl.float16)), acc * down) * up
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & (rn < N)[None, :])
+        ok = n_ok3 & (gi * 32 < K)
+        w = _w_tile(w_q, w_s, w_m, n3, gi, i, K, ok, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        acc = tl.dot((x * down).to(tl.float16), tl.trans(w.to(tl.float16)), acc * down) * up  # (the shipped order)
+        if DUAL:
+            u = _w_tile(u_q, u_s, u_m, n3, gi, i, K, ok, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+            acc_u = tl.dot((x * down).to(tl.float16), tl.trans(u.to(tl.float16)), acc_u * down) * up
+    return acc, acc_u, sq
+
+
+@triton.jit
+def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
+                KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
+                X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    acc, _, _ = gemm_loop(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr, x_ptr, rm, rn, M, N, K, False, False,
+                          KIND, HAS_MIN, X_EXP_SHIFT, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64

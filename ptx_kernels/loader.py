@@ -232,6 +232,12 @@ def fused_matvec_entry(kind: str, qtype: str, batch: int) -> str:
     return f"matvec_{kind}_{matvec_entry(qtype, batch)[len('matvec_'):]}"
 
 
+def fused_gemm_entry(kind: str, qtype: str) -> str:
+    """Fused prefill GEMM entry (`gemm_fused.py`): kind "qkv" (also a lone normed weight) |
+    "glu" | "add"."""
+    return f"gemm_{kind}_{qtype.lower()}"
+
+
 def split_add_entry(qtype: str) -> str:
     """The one-row split-K residual mat-vec (`matvec_split.py`)."""
     return f"matvec_split_add_{qtype.lower()}_b1"

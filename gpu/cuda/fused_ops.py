@@ -1,7 +1,10 @@
-"""The CUDA backend's fused decode steps: `Backend.norm_matmuls`, `norm_glu` and `matmul_add`
-as one kernel each (`ptx_kernels/matvec_fused.py`) for up to 8 rows (decode, batched decode);
-prefill-sized inputs, weight types without a shipped fused entry, and a GLU whose two weights
-differ in type take the plain ops (`Backend`'s defaults: rmsnorm, mat-vec or GEMM, ...).
+"""The CUDA backend's fused steps: `Backend.norm_matmuls`, `norm_glu` and `matmul_add` as one
+kernel each: the mat-vecs of `ptx_kernels/matvec_fused.py` for up to 8 rows (decode, batched
+decode), the tensor-core GEMMs of `ptx_kernels/gemm_fused.py` for more (a prefill pass: 6-7
+launches a layer instead of 14-17).  Weight types without a shipped fused entry and a GLU whose
+two weights differ in type take the plain ops (`Backend`'s defaults: rmsnorm, mat-vec or GEMM,
+...).  Consecutive q/k/v weights of one type (and all with or all without a bias) share one
+launch, up to three; a lone weight takes the one-weight form.
 
 Two one-row cases go another way, each for a matrix too lopsided for one program a row block:
 
@@ -15,8 +18,8 @@ Two one-row cases go another way, each for a matrix too lopsided for one program
 
 The split is off by default (`UKGPU_SPLIT_K_COLUMNS` unset or 0) until an H200 run has checked
 its cross-program ticket and measured it; `UKGPU_SPLIT_K_COLUMNS=2048` turns it on (each split at
-least that many columns).  `UKGPU_NORMED_OUTPUT=0` gives back the fused norm.  Both choose paths
-for measurements (`tools/dev/kernel_sweep.py`).
+least that many columns).  `UKGPU_NORMED_OUTPUT=0` gives back the fused norm, `UKGPU_FUSED_GEMM=0`
+the plain prefill ops.  They choose paths for measurements (`tools/dev/kernel_sweep.py`).
 
 A mixin of `CudaBackend`: it uses the backend's `new`, `upload`, `launch`, `capturing` and
 `_manifest_names`.
@@ -32,7 +35,7 @@ import numpy as np
 
 from ukgpu.llama_core.backend import Backend
 from ukgpu.llama_core.errors import UkgpuError
-from ukgpu.ptx_kernels.loader import MATVEC_MAX_ROWS, fused_matvec_entry, split_add_entry
+from ukgpu.ptx_kernels.loader import MATVEC_MAX_ROWS, fused_gemm_entry, fused_matvec_entry, split_add_entry
 
 DeviceBuffer = Any  # gpu.cuda.arena.DeviceBuffer
 DeviceWeight = Any  # gpu.cuda.backend.DeviceWeight
@@ -76,14 +79,18 @@ class FusedMatvecOps(Backend):
 
     def _fused_entry(self, kind: str, qtype: str, rows: int) -> str | None:
         if rows > MATVEC_MAX_ROWS:
-            return None
-        name = fused_matvec_entry(kind, qtype, rows)
+            if os.environ.get("UKGPU_FUSED_GEMM", "1") == "0":
+                return None
+            name = fused_gemm_entry("qkv" if kind == "norm" else kind, qtype)
+        else:
+            name = fused_matvec_entry(kind, qtype, rows)
         return name if name in self._manifest_names else None
 
     def norm_matmuls(self, x: DeviceBuffer, norm: DeviceWeight, eps: float,
                      mats: Sequence[tuple[DeviceWeight, DeviceWeight | None]]) -> list[DeviceBuffer]:
         """Consecutive weights of one type (and all with or all without a bias) share one
-        `matvec_qkv` launch, up to three; a lone weight takes `matvec_norm`."""
+        `matvec_qkv` / `gemm_qkv` launch, up to three; a lone weight takes `matvec_norm` (rows
+        <= 8) or `gemm_qkv` with one weight."""
         groups: list[list[tuple[DeviceWeight, DeviceWeight | None]]] = []
         for w, b in mats:
             last = groups[-1] if groups else None
@@ -91,54 +98,71 @@ class FusedMatvecOps(Backend):
                 last.append((w, b))
             else:
                 groups.append([(w, b)])
-        names = [self._fused_entry("norm" if len(g) == 1 else "qkv", g[0][0].qtype, x.shape[0]) for g in groups]
+        rows, gemm = x.shape[0], x.shape[0] > MATVEC_MAX_ROWS
+        names = [self._fused_entry("norm" if len(g) == 1 else "qkv", g[0][0].qtype, rows) for g in groups]
         if None in names:
             return super().norm_matmuls(x, norm, eps, mats)
-        if len(mats) == 1 and mats[0][1] is None and normed_input(mats[0][0].shape[0], x.shape[0]):
+        if len(mats) == 1 and mats[0][1] is None and normed_input(mats[0][0].shape[0], rows):
             return super().norm_matmuls(x, norm, eps, mats)  # rmsnorm once, then the mat-vec
         out: list[DeviceBuffer] = []
         for name, group in zip(names, groups):
-            ys = [self.new((x.shape[0], w.shape[0])) for w, _ in group]
-            common = dict(x=x.ptr, g=norm.vec, K=group[0][0].shape[1], B=x.shape[0], eps=eps)
+            ys = [self.new((rows, w.shape[0])) for w, _ in group]
+            common = dict(x=x.ptr, g=norm.vec, K=group[0][0].shape[1], eps=eps)
             has_bias = int(group[0][1] is not None)
-            if len(group) == 1:
+            if len(group) == 1 and not gemm:
                 (w, bias), (y,) = group[0], ys
                 self.launch(name, **w.planes, **common, bias=bias.vec if has_bias else 0, y=y.ptr,
-                            N=w.shape[0], flag=has_bias)
+                            N=w.shape[0], flag=has_bias, B=rows)
             else:
-                args: dict[str, Any] = {"has_bias": has_bias}
-                for i, pre in enumerate("wuv"):
-                    w, bias = group[i] if i < len(group) else (None, None)
-                    args |= {f"{pre}_{p[2:]}": w.planes[p] if w else 0 for p in group[0][0].planes}
-                    args |= {f"bias{i}": bias.vec if bias is not None else 0,
-                             f"y{i}": ys[i].ptr if w else 0, f"N{i}": w.shape[0] if w else 0}
-                self.launch(name, **args, **common)
+                self.launch(name, **_qkv_args(group, ys), **common, has_bias=has_bias,
+                            **({"M": rows} if gemm else {"B": rows}))
             out += ys
         return out
 
     def norm_glu(self, x: DeviceBuffer, norm: DeviceWeight, eps: float, w_gate: DeviceWeight,
                  w_up: DeviceWeight, act: str) -> DeviceBuffer:
-        name = self._fused_entry("glu", w_gate.qtype, x.shape[0])
+        rows = x.shape[0]
+        name = self._fused_entry("glu", w_gate.qtype, rows)
         if name is None or w_up.qtype != w_gate.qtype:
             return super().norm_glu(x, norm, eps, w_gate, w_up, act)
-        y = self.new((x.shape[0], w_gate.shape[0]))
+        y = self.new((rows, w_gate.shape[0]))
         up = {f"u_{p[2:]}": ptr for p, ptr in w_up.planes.items()}
-        self.launch(name, **w_gate.planes, **up, x=x.ptr, g=norm.vec, bias=0, y=y.ptr,
-                    N=w_gate.shape[0], K=w_gate.shape[1], B=x.shape[0], eps=eps,
-                    flag=int(act == "gelu"))
+        common = dict(x=x.ptr, g=norm.vec, y=y.ptr, N=w_gate.shape[0], K=w_gate.shape[1], eps=eps,
+                      flag=int(act == "gelu"))
+        if rows > MATVEC_MAX_ROWS:
+            self.launch(name, **w_gate.planes, **up, **common, M=rows)
+        else:
+            self.launch(name, **w_gate.planes, **up, **common, bias=0, B=rows)
         return y
 
     def matmul_add(self, x: DeviceBuffer, a: DeviceBuffer, weight: DeviceWeight) -> DeviceBuffer:
-        name = self._fused_entry("add", weight.qtype, a.shape[0])
+        rows = a.shape[0]
+        name = self._fused_entry("add", weight.qtype, rows)
         if name is None:
             return super().matmul_add(x, a, weight)
         (n, k), split = weight.shape, split_add_entry(weight.qtype)
-        splits = split_k(n, k) if a.shape[0] == 1 and split in self._manifest_names else 1
+        if rows > MATVEC_MAX_ROWS:
+            self.launch(name, **weight.planes, x=a.ptr, y=x.ptr, M=rows, N=n, K=k)
+            return x
+        splits = split_k(n, k) if rows == 1 and split in self._manifest_names else 1
         if splits > 1:
             part = self.new((splits, n))
             self.launch(split, **weight.planes, x=a.ptr, y=x.ptr, part=part.ptr,
                         count=self.split_counters(), N=n, K=k, splits=splits)
             return x
-        self.launch(name, **weight.planes, x=a.ptr, g=0, bias=0, y=x.ptr, N=weight.shape[0],
-                    K=weight.shape[1], B=a.shape[0], eps=0.0, flag=0)
+        self.launch(name, **weight.planes, x=a.ptr, g=0, bias=0, y=x.ptr, N=n, K=k, B=rows, eps=0.0,
+                    flag=0)
         return x
+
+
+def _qkv_args(group: Sequence[tuple[DeviceWeight, DeviceWeight | None]], ys: list[DeviceBuffer]
+              ) -> dict[str, Any]:
+    """The w_/u_/v_ planes, bias_i, y_i and N_i of up to three weights of one type (an absent
+    one: null pointers and N_i = 0)."""
+    args: dict[str, Any] = {}
+    for i, pre in enumerate("wuv"):
+        w, bias = group[i] if i < len(group) else (None, None)
+        args |= {f"{pre}_{p[2:]}": w.planes[p] if w else 0 for p in group[0][0].planes}
+        args |= {f"bias{i}": bias.vec if bias is not None else 0,
+                 f"y{i}": ys[i].ptr if w else 0, f"N{i}": w.shape[0] if w else 0}
+    return args

@@ -24,6 +24,7 @@ from ukgpu.ptx_kernels.loader import (
     attention_entries,
     embedding_entry,
     fused_decode_entry,
+    fused_gemm_entry,
     fused_matvec_entry,
     gemm_entry,
     matvec_entry,
@@ -37,7 +38,7 @@ COMMON_KERNELS = ("add_f32", "add_bias_f32", "swiglu_f32", "geglu_f32", "scale_f
                   "argmax_f32", "store_rows_f16")
 # fused entries: used where the manifest ships them
 FUSED_PREFIXES = ("matvec_norm_", "matvec_qkv_", "matvec_glu_", "matvec_add_", "rope_kv_", "attn_decode_rope_",
-                  "argmax_part_", "argmax_reduce_")
+                  "argmax_part_", "argmax_reduce_", "gemm_qkv_", "gemm_glu_", "gemm_add_")
 PREFILL_ROWS = CudaBackend.max_prefill_rows  # rows of one prefill pass: what the arena holds
 REPACK_GROWTH = 1.6  # repacked planes vs raw GGUF bytes, worst case (Q6_K: 320 vs 210)
 
@@ -71,6 +72,7 @@ def model_kernels(gguf: Any) -> list[str]:
             names.add(embedding_entry(qtype))
         names |= {matvec_entry(qtype, 1), matvec_entry(qtype, 8), gemm_entry(qtype)}
         names |= {fused_matvec_entry(kind, qtype, b) for kind in ("norm", "qkv", "glu", "add") for b in (1, 8)}
+        names |= {fused_gemm_entry(kind, qtype) for kind in ("qkv", "glu", "add")}
     shipped = set(Manifests.load().names())
     return sorted(n for n in names if n in shipped or not n.startswith(FUSED_PREFIXES))
 

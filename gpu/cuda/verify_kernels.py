@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ import numpy as np
 from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.driver import CudaError
 from ukgpu.gpu.cuda.modules import KernelSet
+from ukgpu.gpu.cuda.verify_gemm import check_fused_gemm
 from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.ptx_kernels import reference as ref
 from ukgpu.ptx_kernels.loader import argmax_split, fused_decode_entry, split_add_entry
@@ -349,10 +349,6 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
     return checks
 
 
-def _check_weights_of(qtype: str, dev: Device, rng: np.random.Generator) -> list[Check]:
-    return check_weight_kernels(dev, qtype, rng)
-
-
 def check_fused_decode(dev: Device, rng: np.random.Generator) -> list[Check]:
     """Two sequences (slots 1 and 0 of a slab, positions 40 and 3), q/k norms, partial rope:
     the combined output against norms -> rope -> f16 cache row -> attention in float64, and the
@@ -436,10 +432,11 @@ CASES: list[tuple[str, Case]] = [
     ("rmsnorm kernels", check_rmsnorm), ("rope kernels", check_rope),
     ("attention kernels", check_attention), ("elementwise kernels", check_elementwise),
 ]
-CASES += [(f"{q} weight kernels", partial(_check_weights_of, q)) for q in FORMATS]
+CASES += [(f"{q} weight kernels", lambda dev, rng, q=q: check_weight_kernels(dev, q, rng)) for q in FORMATS]
 # last: the earlier cases' random draws stay as they were
 CASES += [("rope_kv kernels", check_rope_kv), ("fused decode attention", check_fused_decode),
-          ("split argmax", check_split_argmax), ("split-K mat-vecs", check_split_add)]
+          ("split argmax", check_split_argmax), ("split-K mat-vecs", check_split_add),
+          ("fused prefill GEMMs", check_fused_gemm)]
 
 
 def kernel_checks(kernels: KernelSet, arena: DeviceArena, seed: int = 0,

@@ -274,6 +274,9 @@ EMULATORS.update(_ROPE_KV)
 from .cuda_kernels_fused import EMULATORS as _FUSED  # noqa: E402
 
 EMULATORS.update(_FUSED)
+from .cuda_kernels_gemm_fused import EMULATORS as _GEMM_FUSED  # noqa: E402
+
+EMULATORS.update(_GEMM_FUSED)
 
 
 def emulator(entry: dict) -> Callable[[Mem, dict, dict, tuple], None]:

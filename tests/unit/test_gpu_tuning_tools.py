@@ -44,6 +44,13 @@ def test_a_gemm_variant_moves_its_tile_into_both_grid_terms():
     assert gemm.constexprs["X_EXP_SHIFT"] == spec("gemm_q4_k").constexprs["X_EXP_SHIFT"]
 
 
+def test_a_gemm_variant_retiles_the_fused_gemms_too():
+    qkv = kernel_sweep._gemm_variant_spec(spec("gemm_qkv_q4_k"), (128, 128, 64, 8, 3))
+    assert qkv.grid == ("cdiv(M, 128)", "cdiv(N0, 128) + cdiv(N1, 128) + cdiv(N2, 128)", "1")
+    glu = kernel_sweep._gemm_variant_spec(spec("gemm_glu_q4_k"), (128, 128, 64, 8, 3))
+    assert glu.constexprs["BLOCK_N"] == 64 and glu.grid == ("cdiv(M, 128)", "cdiv(N, 64)", "1")
+
+
 def test_agreement_names_a_diverging_variant():
     ref = {"tokens": [1, 2, 3, 4], "tokens_long": [5, 6], "top8": [[7, 1.0], [9, 0.5]],
            "pp_top8": [[3, 2.0], [4, 1.0]]}

@@ -50,12 +50,19 @@ def test_a_wrong_kernel_is_a_mismatch(tmp_path, tiny_path, monkeypatch):
         out = mem.view(a["a"], np.float32, n) + mem.view(a["b"], np.float32, n) + 1.0
         mem.view(a["out"], np.float32, n)[:] = out
 
+    def residual_off_by_one(mem, e, a, grid):  # the fused residual GEMM a prefill block runs
+        gemm_add(mem, e, a, grid)
+        y = mem.view(a["y"], np.float32, a["M"] * a["N"])
+        y[:] = y + 1.0
+
+    gemm_add = cuda_fake_kernels.EMULATORS["gemm_add"]
     monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "add", off_by_one)
+    monkeypatch.setitem(cuda_fake_kernels.EMULATORS, "gemm_add", residual_off_by_one)
     code, report, text = verify(tmp_path, FakeDriver(), model=str(tiny_path), e2e=False)
     assert code == EXIT_MISMATCH and report["status"] == "fail"
     bad = {c["name"] for c in report["checks"] if not c["ok"]}
     assert "add_f32" in bad and "block 0 attn residual" in bad
-    assert "gemm_q4_k" not in bad
+    assert "gemm_add_q4_k" in bad and "gemm_q4_k" not in bad and "gemm_qkv_q4_k" not in bad
     assert "FAIL" in text and "verify: fail" in text
 
 

@@ -43,7 +43,8 @@ def test_the_stand_in_kernels_pass_every_bound_with_a_margin():
     assert checks and all(c.ok for c in checks)
     for c in checks:  # at least 10x below its bound (the f16 paths: ~20-30x)
         assert c.value <= c.bound / 10, (c.name, c.value, c.bound)
-    f16 = [c.value for c in checks if c.name.startswith(("gemm", "attn_prefill"))]
+    f16 = [c.value for c in checks if c.name.startswith(("gemm", "attn_prefill"))
+           and not c.name.startswith("gemm_glu")]  # the GLU multiplies two f16 GEMMs: ~2x the error
     assert 1e-8 < min(f16) and max(f16) < BOUNDS["gemm"] / 20  # the f16 roundings are emulated
 
 

@@ -190,17 +190,39 @@ def weight_bytes_per_element(qtype: str) -> float:
 def _matmul(e: dict, a: dict, grid: tuple) -> Traffic:
     rows = a["B"] if e["family"] == "matvec" else a["M"]
     n, k = a["N"], a["K"]
-    w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
     if e["family"] == "matvec":
+        w, x, y = n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
         return Traffic(w + x + y, 2.0 * rows * n * k, False)
+    return _gemm(e, grid, rows, n, k)
+
+
+def _gemm(e: dict, grid: tuple, rows: int, n: int, k: int, weights: int = 1, extra: float = 0.0,
+          x_ops: float = 1.0) -> Traffic:
+    """A tensor-core GEMM of `weights` (N, K) weights read in one loop (the GLU's two) into one
+    (rows, N) output; `extra`: bytes besides x, W and y (g, biases, a residual read); `x_ops`:
+    ALU operations per x element a column program does (the cast; the fused norm's g multiply
+    and square add make 3)."""
+    w, x, y = weights * n * k * weight_bytes_per_element(e["qtype"]), 4 * rows * k, 4 * rows * n
     x_passes = e.get("cost_x_passes", 1)  # 2: a separate row-max pass (`gemm_option`)
-    l2 = x * x_passes * grid[1] + w * grid[0] + y  # each column program loads all its x rows
-    # per element: W dequant ~4 ops in every row program, the x cast 1 in every column program;
+    l2 = x * x_passes * grid[1] + w * grid[0] + y + extra  # each column program loads all its x rows
+    # per element: W dequant ~4 ops in every row program, x x_ops in every column program;
     # tile scaling: abs, max, multiply per x element, two acc multiplies per K step
-    alu = 4.0 * n * k * grid[0] + rows * k * grid[1]
+    alu = 4.0 * weights * n * k * grid[0] + x_ops * rows * k * grid[1]
     if "X_EXP_SHIFT" in e.get("constexprs", {}):
-        alu += 3.0 * rows * k * grid[1] + 2.0 * rows * n * k / e["constexprs"].get("BLOCK_K", 64)
-    return Traffic(w + x + y, 2.0 * rows * n * k, True, l2, alu)
+        alu += 3.0 * rows * k * grid[1] + 2.0 * weights * rows * n * k / e["constexprs"].get("BLOCK_K", 64)
+    return Traffic(w + x + y + extra, 2.0 * weights * rows * n * k, True, l2, alu)
+
+
+def _gemm_fused(e: dict, a: dict, grid: tuple) -> Traffic:
+    """`gemm_fused.py`: q/k/v as one GEMM of their summed rows plus g and the biases; the GLU's
+    two weights in one loop; the residual add reads y too."""
+    rows, k, name = a["M"], a["K"], e["name"]
+    if name.startswith("gemm_qkv"):
+        n = a["N0"] + a["N1"] + a["N2"]
+        return _gemm(e, grid, rows, n, k, extra=4 * k + 4 * n, x_ops=3)
+    if name.startswith("gemm_glu"):
+        return _gemm(e, grid, rows, a["N"], k, weights=2, extra=4 * k, x_ops=3)
+    return _gemm(e, grid, rows, a["N"], k, extra=4 * rows * a["N"])
 
 
 def _matvec_fused(e: dict, a: dict, grid: tuple) -> Traffic:
@@ -286,6 +308,8 @@ def traffic(e: dict, a: dict, grid: tuple, read_i32: ReadI32 | None = None) -> T
         return _matmul(e, a, grid)
     if fam == "matvec_fused":
         return _matvec_fused(e, a, grid)
+    if fam == "gemm_fused":
+        return _gemm_fused(e, a, grid)
     if fam == "matvec_split":  # y read and written, the partials written and read back (L2)
         n, k = a["N"], a["K"]
         w = n * k * weight_bytes_per_element(e["qtype"])
@@ -392,7 +416,7 @@ def gemm_options(trace: Iterable[Node], dev: Device = H200, graph: bool = False,
     for option in GEMM_OPTIONS:
         total = 0.0
         for n in nodes:
-            node, d = gemm_option(n, option, dev) if n[0]["family"] == "gemm" else (n, dev)
+            node, d = gemm_option(n, option, dev) if n[0]["family"] in ("gemm", "gemm_fused") else (n, dev)
             total += node_cost(node, d, graph, read_i32).seconds
         out[option] = total
     return out

@@ -9,8 +9,8 @@ models use with other (BLOCK_N, BLOCK_K, num_warps, num_stages), one folder per 
 sm_90a manifest: the changed entries' cubins, every other entry pointing back at the shipped build
 (`ptx_kernels/build`), so a variant is a few hundred KiB.  A variant may change the one-row (b1) and
 the batch (b8) entries at once: tg128 measures the first, the 4-sequence step the second.  A GEMM
-variant (`gemm-*`) rebuilds the prefill GEMM entries with another (BLOCK_M, BLOCK_N, BLOCK_K,
-num_warps, num_stages): pp512 measures it.
+variant (`gemm-*`) rebuilds the prefill GEMM entries (plain and fused) with another (BLOCK_M,
+BLOCK_N, BLOCK_K, num_warps, num_stages): pp512 measures it.
 
 `build --rev REV` makes a variant of the kernels as commit REV built them (`rev-REV`): the entries
 whose artifacts differ from the shipped build are taken from git (REV's sm_90a cubins, not rebuilt),
@@ -51,9 +51,11 @@ N_CTX, LONG, PP = 2048, 1024, 512  # the server's default context; the prompt be
 # decode step before issue 18 (down projection in one pass, the output matrix recomputing the
 # norm); "split2048" turns the split-K down projection on (off by default until measured), and
 # "fusednorm" with it undoes the normed output row; "split512" also splits the o projection
-# (1.5B) and SmolLM2's down projection.  (The decode attention's keys per split,
-# UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64 was taken.)
+# (1.5B) and SmolLM2's down projection; "prefill-plain" runs the prefill as before the fused
+# GEMMs (rmsnorm, GEMMs, bias adds, swiglu and residual adds as separate launches).  (The decode
+# attention's keys per split, UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64 was taken.)
 ENV_VARIANTS = {
+    "prefill-plain": {"UKGPU_FUSED_GEMM": "0"},
     "old": {"UKGPU_SPLIT_K_COLUMNS": "0", "UKGPU_NORMED_OUTPUT": "0"},
     "split2048": {"UKGPU_SPLIT_K_COLUMNS": "2048"},
     "fusednorm": {"UKGPU_SPLIT_K_COLUMNS": "2048", "UKGPU_NORMED_OUTPUT": "0"},
@@ -94,10 +96,16 @@ GEMM_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
 
 
 def _gemm_variant_spec(spec, geom: tuple[int, int, int, int, int]):
+    """A `gemm` or `gemm_fused` spec at another tile; the GLU's two accumulators take half the
+    tile's columns each (its shipped rule: one tile's registers)."""
     bm, bn, bk, warps, stages = geom
-    return replace(spec, constexprs={**spec.constexprs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                   num_warps=warps, num_stages=stages,
-                   grid=(f"cdiv(M, {bm})", f"cdiv(N, {bn})", *spec.grid[2:]))
+    c = spec.constexprs
+    if spec.name.startswith("gemm_glu_"):
+        bn = max(16, bn // 2)
+    grid = (spec.grid[0].replace(f", {c['BLOCK_M']})", f", {bm})"),
+            spec.grid[1].replace(f", {c['BLOCK_N']})", f", {bn})"), *spec.grid[2:])
+    return replace(spec, constexprs={**c, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                   num_warps=warps, num_stages=stages, grid=grid)
 
 
 def _variant_spec(spec, geom: tuple[int, int, int, int]):
@@ -110,7 +118,7 @@ def _variant_spec(spec, geom: tuple[int, int, int, int]):
 
 def build_variant(name: str, geoms: dict | tuple, out: Path) -> dict:
     """out/<name>/sm_90a/manifest.json: the shipped sm_90a manifest with the matvec_fused entries
-    (a GEMM variant: the gemm entries) of TYPES rebuilt at the variant's geometry (an entry that
+    (a GEMM variant: the gemm and gemm_fused entries) of TYPES rebuilt at the variant's geometry (an entry that
     does not compile keeps the shipped one)."""
     from ukgpu.ptx_kernels.catalog import all_specs
     from ukgpu.ptx_kernels.generate import TARGETS, build_entry
@@ -126,7 +134,7 @@ def build_variant(name: str, geoms: dict | tuple, out: Path) -> dict:
         if spec.qtype not in TYPES:
             continue
         if isinstance(geoms, tuple):  # a GEMM tile
-            if spec.family != "gemm":
+            if spec.family not in ("gemm", "gemm_fused"):
                 continue
             changed = _gemm_variant_spec(spec, geoms)
         elif spec.family != "matvec_fused" or version not in geoms:
