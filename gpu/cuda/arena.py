@@ -11,6 +11,7 @@ use known in advance.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -116,11 +117,11 @@ class DeviceBuffer:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     def rows(self, start: int, stop: int) -> DeviceBuffer:
         """Rows start..stop-1 of a 2-D buffer, as a view."""

@@ -21,6 +21,7 @@ model checks, and probing, live in `select`; choosing between this backend and t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,9 @@ class CudaBackend(AttentionOps, FusedMatvecOps, Backend):
         return ptr
 
     def new(self, shape: tuple[int, ...], dtype: Any = np.float32) -> DeviceBuffer:
-        block = self.pool.take(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        return DeviceBuffer(block.ptr, tuple(shape), np.dtype(dtype), block)
+        dtype = np.dtype(dtype)
+        block = self.pool.take(math.prod(shape) * dtype.itemsize)
+        return DeviceBuffer(block.ptr, tuple(shape), dtype, block)
 
     def _upload_act(self, arr: np.ndarray) -> DeviceBuffer:
         self.ctx.ensure_current()

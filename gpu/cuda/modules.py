@@ -20,8 +20,11 @@ mode; launches recorded into a graph never wait).  `ukgpu verify` always launche
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +43,42 @@ class LoadedKernel:
     entry: Entry
     artifact: Artifact
     function: Any
-    types: tuple = ()  # ctypes type of each parameter, in manifest order
     plans: dict = field(default_factory=dict)  # scalar values -> (grid, block, shared bytes)
 
     def __post_init__(self) -> None:
-        self.types = tuple(p.ctype for p in self.entry.params)
-        self.pointers = [p for p in self.entry.params if p.is_pointer and not p.hidden]
+        params = self.entry.params
+        self.pointers = [p for p in params if p.is_pointer and not p.hidden]
+        self.checked = [(p.name, p.divisibility) for p in self.pointers if p.divisibility]
+        self.required = [p.name for p in self.pointers if not p.unused]
+        self.pointer_names = frozenset(p.name for p in self.pointers)
+        self.visible = [p.name for p in params if not p.hidden]
+        self.hidden = (0,) * sum(p.hidden for p in params)  # trailing scratch pointers: 0
+        # plan key: the scalar params' values in order (pointers never change a grid or limit)
+        self.scalars = [p.name for p in params if not p.is_pointer]
+        self.names = frozenset(p.name for p in params)
+
+
+class PackedParams:
+    """One kernel's `void **kernelParams` for cuLaunchKernel, filled by one `struct.pack_into`:
+    each parameter in its own 8-byte slot of `data`, `ptrs` pointing at the slots.  The driver
+    copies the values at the launch (a graph capture copies them into the node), so a thread's
+    one array serves all its launches of the kernel.  cuda-python packs a (values, types) tuple
+    itself on every call: slower (tests/perf/launch_host_cost.py)."""
+
+    SLOT = {"ptr": "Q", "i32": "i4x", "fp32": "f4x"}  # little-endian, as the GPU's ABI
+
+    def __init__(self, entry: Entry):
+        n = len(entry.params)
+        self.struct = struct.Struct("<" + "".join(
+            self.SLOT["ptr" if p.is_pointer else p.type] for p in entry.params))
+        self.data = ctypes.create_string_buffer(8 * max(n, 1))
+        base = ctypes.addressof(self.data)
+        self.ptrs = (ctypes.c_void_p * max(n, 1))(*[base + 8 * i for i in range(n)])
+        self.address = ctypes.addressof(self.ptrs)
+
+    def pack(self, args: tuple) -> int:
+        self.struct.pack_into(self.data, 0, *args)
+        return self.address
 
 
 def _read_image(art: Artifact) -> bytes:
@@ -71,6 +104,7 @@ class KernelSet:
         self.manifests = manifests or Manifests.load()
         self.force_ptx = force_ptx
         self.loaded: dict[str, LoadedKernel] = {}
+        self._packed = threading.local()  # per thread: entry name -> PackedParams
         self.fell_back = False  # some kernel's best artifact was refused (said once on stderr)
 
     def kernel(self, name: str) -> LoadedKernel:
@@ -155,9 +189,10 @@ class KernelSet:
         sync: wait for the kernel and name it if it faulted (None: the set's `sync`; a launch
         recorded into a graph must pass False)."""
         self.ctx.ensure_current()
-        k = self.kernel(name)
-        pointer_names = {p.name for p in k.pointers}
-        key = tuple(sorted((n, v) for n, v in values.items() if n not in pointer_names))
+        k = self.loaded.get(name) or self.kernel(name)
+        key = tuple([values.get(n) for n in k.scalars])
+        if not k.names.issuperset(values):  # grid-only sizes too
+            key += tuple(sorted((n, v) for n, v in values.items() if n not in k.pointer_names))
         plan = k.plans.get(key)
         if plan is None:
             launch = k.entry.launch(values)  # every limit, alignment and missing value
@@ -165,10 +200,14 @@ class KernelSet:
         else:
             self._check_pointers(k, values)
         grid, block, shared = plan
-        args = tuple(0 if p.hidden else values.get(p.name, 0) for p in k.entry.params)
+        try:
+            args = tuple([values.get(n, 0) for n in k.visible]) + k.hidden
+            params = self._packer(k).pack(args)
+        except struct.error as exc:  # a value its slot cannot hold (caught by the limits first)
+            raise KernelManifestError(f"{name}: launch values do not fit the parameters: {exc}") from exc
         stream = stream if stream is not None else self.ctx.stream
         try:
-            self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, (args, k.types), 0)
+            self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, params, 0)
         except CudaError as exc:
             if not exc.sticky:  # this launch was refused (grid, arguments, resources)
                 raise CudaError(exc.call, exc.name, exc.hint,
@@ -178,6 +217,13 @@ class KernelSet:
                                    "queued before it") from exc
         if self.sync if sync is None else sync:
             self._wait(name, grid, stream)
+
+    def _packer(self, k: LoadedKernel) -> PackedParams:
+        packed = self._packed.__dict__
+        p = packed.get(k.entry.name)
+        if p is None:
+            p = packed[k.entry.name] = PackedParams(k.entry)
+        return p
 
     def _wait(self, name: str, grid: tuple, stream: Any) -> None:
         """Wait for the kernel just launched; a fault is raised naming it."""
@@ -190,12 +236,12 @@ class KernelSet:
 
     @staticmethod
     def _check_pointers(k: LoadedKernel, values: dict) -> None:
-        for p in k.pointers:
-            if p.name not in values and not p.unused:
-                raise KernelManifestError(f"{k.entry.name}: missing launch value {p.name!r}")
-            if p.divisibility and values.get(p.name, 0) % p.divisibility:
-                raise KernelManifestError(f"{k.entry.name}: {p.name} % {p.divisibility} == 0 "
-                                          f"(got {values[p.name]:#x})")
+        for n in k.required:
+            if n not in values:
+                raise KernelManifestError(f"{k.entry.name}: missing launch value {n!r}")
+        for n, div in k.checked:
+            if values.get(n, 0) % div:
+                raise KernelManifestError(f"{k.entry.name}: {n} % {div} == 0 (got {values[n]:#x})")
 
     def describe(self) -> list[dict]:
         """What was loaded: entry, target, cubin or PTX."""

@@ -29,6 +29,11 @@ static int driver_version = 13000;
 
 EXPORT void ukgpu_stub_set_dispatch(ukgpu_dispatch_fn fn) { dispatch_fn = fn; }
 EXPORT void ukgpu_stub_set_driver_version(int version) { driver_version = version; }
+/* null launches: cuLaunchKernel returns success at once without reaching the fake, so a timed
+ * launch is what it costs the host above the driver (tests/perf/launch_host_cost.py); nothing
+ * runs */
+static int null_launch;
+EXPORT void ukgpu_stub_set_null_launch(int on) { null_launch = on; }
 
 static CUresult forward(const char *name, int nargs, const uint64_t *args) {
     if (!dispatch_fn) return CUDA_ERROR_NOT_INITIALIZED;
@@ -132,6 +137,7 @@ static CUresult s_cuFuncSetAttribute(void *fn, int attr, int value) {
 static CUresult s_cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                                  unsigned by, unsigned bz, unsigned shared, void *stream,
                                  void **params, void **extra) {
+    if (null_launch) return 0;
     FWD("cuLaunchKernel", W(fn), W(gx), W(gy), W(gz), W(bx), W(by), W(bz), W(shared), W(stream),
         W(params), W(extra));
 }

@@ -30,9 +30,8 @@ TESTS = HERE.parent  # the test doubles live in tests/fakes
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from ukgpu.ptx_kernels.loader import param_ctype  # noqa: E402
 
-from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver, _Stream  # noqa: E402
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver, _Stream, read_param_array  # noqa: E402
 
 CUDA_ERROR_UNKNOWN = 999
 DISPATCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
@@ -279,15 +278,8 @@ class StubDispatch:
         func = self._obj(fn)
         if extra != 0 or params == 0:
             return CUresult.CUDA_ERROR_INVALID_VALUE
-        values, types = [], []
-        for i, p in enumerate(func.entry["params"]):
-            addr, ctype = _get(params + 8 * i, "<Q"), param_ctype(p["type"])
-            raw = ctypes.string_at(addr, ctypes.sizeof(ctype))
-            values.append(int.from_bytes(raw, "little") if ctype is ctypes.c_void_p
-                          else ctype.from_buffer_copy(raw).value)
-            types.append(ctype)
         return self.fake.cuLaunchKernel(func, gx, gy, gz, bx, by, bz, shared, self._stream(stream),
-                                        (tuple(values), tuple(types)), None)[0]
+                                        read_param_array(params, func.entry["params"]), None)[0]
 
     def cuStreamCreate(self, pstream: int, flags: int) -> int:
         return self._handle_out(pstream, self.fake.cuStreamCreate(flags))

@@ -381,6 +381,8 @@ class FakeDriver(StreamsAndGraphs):
             return None, CUresult.CUDA_ERROR_INVALID_VALUE
         if shared > fn.max_dynamic_shared:
             return None, CUresult.CUDA_ERROR_INVALID_VALUE
+        if isinstance(params, int):  # a packed `void **` array, as the real driver reads it
+            params = read_param_array(params, entry["params"])
         values, types = params
         if len(values) != len(entry["params"]) or len(types) != len(values):
             return None, CUresult.CUDA_ERROR_INVALID_VALUE
@@ -438,3 +440,19 @@ class FakeDriver(StreamsAndGraphs):
             raise Fault(CUresult.CUDA_ERROR_MISALIGNED_ADDRESS, f"{entry['name']}: {exc}") from exc
         except (kernels.EmulationError, ValueError, IndexError) as exc:
             raise Fault(CUresult.CUDA_ERROR_ILLEGAL_ADDRESS, f"{entry['name']}: {exc}") from exc
+
+
+def read_param_array(address: int, params: list[dict]) -> tuple[tuple, tuple]:
+    """(values, ctypes types) of a `void **kernelParams` array at `address`, decoded with the
+    manifest's parameter list (one pointer per parameter, each to its value)."""
+    if not address:
+        raise ValueError("kernelParams is NULL")
+    values, types = [], []
+    for i, p in enumerate(params):
+        ctype = param_ctype(p["type"])
+        at = ctypes.c_void_p.from_address(address + 8 * i).value
+        raw = ctypes.string_at(at, ctypes.sizeof(ctype))
+        values.append(int.from_bytes(raw, "little") if ctype is ctypes.c_void_p
+                      else ctype.from_buffer_copy(raw).value)
+        types.append(ctype)
+    return tuple(values), tuple(types)

@@ -6,6 +6,7 @@ limits."""
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from ukgpu.gpu.cuda.driver import CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.ptx_kernels.loader import STATIC_SHARED_LIMIT, KernelManifestError, Manifests
 
-from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver
+from fakes.cuda_driver import CUresult, FakeDevice, FakeDriver, read_param_array
 
 MANIFESTS = Manifests.load()
 
@@ -173,9 +174,28 @@ def test_h100_launch_is_the_cubin_with_the_manifest_arguments(monkeypatch):
     assert (gx, gy, gz) == (4096 // entry.constexprs["BLOCK_N"], 1, 1)
     assert (bx, by, bz) == (entry.data["threads_per_block"], 1, 1)
     assert shared == entry.shared_bytes and stream is ks.ctx.stream and extra == 0
-    values, ctypes_types = params
+    assert isinstance(params, int)  # a packed void** array, as the driver reads it
+    values, ctypes_types = read_param_array(params, entry.data["params"])
     assert values == (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 4096, 4096, 1, 0, 0)
     assert ctypes_types[0] is ctypes.c_void_p and ctypes_types[5] is ctypes.c_int32
+
+
+def test_a_value_its_parameter_cannot_hold_is_a_clear_error():
+    ks, _ = kernel_set(cc=(9, 0))
+    vals = {"w_q": 0x1000, "w_s": 0x2000, "w_m": 0x3000, "x": 0x4000, "y": 0x5000, "K": 4096, "B": 1}
+    with pytest.raises(KernelManifestError, match="do not fit"):
+        ks.launch("matvec_q4_k_b1", vals | {"N": 2**31})
+
+
+def test_each_thread_packs_into_its_own_parameter_array():
+    ks, _ = kernel_set(cc=(9, 0))
+    k = ks.kernel("add_f32")
+    mine = ks._packer(k)
+    theirs = []
+    worker = threading.Thread(target=lambda: theirs.append(ks._packer(k)))
+    worker.start()
+    worker.join()
+    assert ks._packer(k) is mine and theirs[0] is not mine and theirs[0].address != mine.address
 
 
 def test_the_loaded_image_is_the_selected_artifact(monkeypatch):
