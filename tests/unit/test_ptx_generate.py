@@ -37,3 +37,27 @@ def test_two_builds_are_identical_and_match_the_committed_bytes(tmp_path):
             for art in fresh[name]["artifacts"].values():
                 rebuilt = (a / target / art["file"]).read_bytes()
                 assert rebuilt == (BUILD_DIR / target / art["file"]).read_bytes(), art["file"]
+
+
+def _stale(out, only):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "ukgpu.tools.cli", "ptx", "build", "--out", str(out),
+                           "--stale", "--only", *only], check=True, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return done.stdout
+
+
+def test_a_stale_build_compiles_only_what_changed_and_drops_what_is_gone(tmp_path):
+    only = ["rmsnorm_f32", "add_f32"]
+    assert "sm_90a: compiling 2 entries, 0 fresh" in _stale(tmp_path, only)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sm_90a").iterdir()}
+    assert "sm_90a: compiling 0 entries, 2 fresh" in _stale(tmp_path, only)
+    (tmp_path / "sm_90a" / "add_f32.cubin").write_bytes(b"not the built cubin")
+    (tmp_path / "sm_80" / "leftover.ptx").write_text("// no entry names this file\n")
+    out = _stale(tmp_path, only)
+    assert "sm_90a: compiling 1 entries, 1 fresh" in out and "sm_80: compiling 0 entries, 2 fresh" in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sm_90a").iterdir()} == before  # same bytes again
+    assert not (tmp_path / "sm_80" / "leftover.ptx").exists()
+    assert "sm_90a: compiling 0 entries, 1 fresh" in _stale(tmp_path, ["add_f32"])  # rmsnorm_f32 dropped
+    assert sorted(json.loads((tmp_path / "sm_90a" / "manifest.json").read_text())["entries"]) == ["add_f32"]
+    assert not (tmp_path / "sm_90a" / "rmsnorm_f32.cubin").exists()

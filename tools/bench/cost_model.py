@@ -35,8 +35,10 @@ compute capability 9.0); ~7 TB/s L2 read bandwidth (an estimate from public micr
 the H100, the same die: 5.5-7 TB/s); ~790 TFLOP/s dense bf16/f16 measured there (a bf16 GEMM; the datasheet's
 989 is the boost peak); 67 TFLOP/s fp32 SIMT (datasheet); tf32 half the f16 rate (datasheet: 494
 vs 989 dense); 1.5 us per dependent graph node and 2 us per eager launch on the device (published
-CUDA-graph microbenchmarks of chains of empty kernels on H100: 1.5-2.5 us a node); ~9 us of
-Python per `cuLaunchKernel` from cuda-python (measured on the development machine).
+CUDA-graph microbenchmarks of chains of empty kernels on H100: 1.5-2.5 us a node); ~20 us of
+host time per eager launch of a prefill forward (the model's and backend's Python, the launcher,
+cuda-python; the driver's own cost not included: tests/perf/launch_host_cost.py on the development
+machine, 19.8 us SmolLM2 and 20.8 us the 1.5B).
 
 Measured against the H200 (docs/benchmarks/cuda.md), this analytic model is 3.5x optimistic on
 decode: the fused mat-vecs stream at 0.25-0.85 TB/s, not ~4.3, and every node has ~4.5 us of
@@ -80,7 +82,7 @@ class Device:
 
 
 H200 = Device("NVIDIA H200 (sm_90)", hbm_bytes_s=4.8e12, l2_bytes_s=7e12, reach=0.9, sms=132, tensor_flops=790e12,
-              fp32_flops=67e12, node_s=1.5e-6, eager_node_s=2.0e-6, host_launch_s=9e-6)
+              fp32_flops=67e12, node_s=1.5e-6, eager_node_s=2.0e-6, host_launch_s=20e-6)
 
 
 # entry-name prefix -> (fixed seconds, bytes per second) of today's kernels on an H200 (ncu, one
