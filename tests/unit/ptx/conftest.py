@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from ukgpu.ptx_kernels.catalog import all_specs, kernel_fn  # noqa: E402
 from ukgpu.ptx_kernels.loader import evaluate  # noqa: E402
+from ukgpu.ptx_kernels.repack import dequantize_repacked, get_format  # noqa: E402
 
 SPECS = {s.name: s for s in all_specs()}
 
@@ -45,6 +46,23 @@ def run_spec(name: str, arrays: dict, values: dict, aliases: dict | None = None)
     grid = tuple(evaluate(e, values) for e in spec.grid)
     kernel_fn(spec)[grid](*args, **spec.constexprs)
     return {k: t.numpy() for k, t in tensors.items()}
+
+
+def three_blocks(qtype: str) -> int:
+    """K of three quant blocks (96 for the 32-element types): more than one K step of the fused
+    kernels' loops, and a partial last one."""
+    unit = max(get_format(qtype).block_elems, 32)
+    return unit * 3 if unit == 256 else 96
+
+
+def weight_arrays(w, prefix: str = "w") -> dict:
+    """The launch arrays of a repacked weight: its planes as `<prefix>_q`, `_s`, `_m`."""
+    return {f"{prefix}_{k}": v for k, v in w.planes().items()}
+
+
+def abs_product(h, w):
+    """|h| @ |W|.T in float64: the scale of each output's rounding error."""
+    return np.abs(h).astype(np.float64) @ np.abs(dequantize_repacked(w)).astype(np.float64).T
 
 
 SEED = int(os.environ.get("UKGPU_PTX_SEED", np.random.SeedSequence().entropy % 2**32))

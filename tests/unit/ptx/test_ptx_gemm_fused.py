@@ -10,26 +10,12 @@ range (the row scaling of gemm.py) stay finite.
 
 import numpy as np
 import pytest
-from conftest import run_spec
+from conftest import abs_product, run_spec, three_blocks, weight_arrays
 
 from ukgpu.ptx_kernels import reference as R
-from ukgpu.ptx_kernels.repack import dequantize_repacked, get_format
 
 REL = 4e-3
 M = 70
-
-
-def _cols(qtype: str) -> int:
-    unit = max(get_format(qtype).block_elems, 32)
-    return unit * 3 if unit == 256 else 96
-
-
-def _planes(w, prefix="w") -> dict:
-    return {f"{prefix}_{k}": v for k, v in w.planes().items()}
-
-
-def _abs(h, w):
-    return np.abs(h).astype(np.float64) @ np.abs(dequantize_repacked(w)).astype(np.float64).T
 
 
 def _inputs(rng, k):
@@ -41,13 +27,13 @@ def _inputs(rng, k):
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("widths", [(67, 9, 9), (80, 16, 0), (67, 0, 0)], ids=["qkv", "two", "one"])
 def test_gemm_qkv(qtype, widths, rng):
-    k, eps = _cols(qtype), 1e-6
+    k, eps = three_blocks(qtype), 1e-6
     ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
     x, g = _inputs(rng, k)
     biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
     arrays = {"x": x, "g": g}
     for i, (pre, w) in enumerate(zip("wuv", ws)):
-        arrays |= _planes(w, pre) | {f"bias{i}": biases[i],
+        arrays |= weight_arrays(w, pre) | {f"bias{i}": biases[i],
                                      f"y{i}": np.full((M, max(widths[i], 1)), np.nan, np.float32)}
     values = {"M": M, "N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "eps": eps,
               "has_bias": 1}
@@ -59,49 +45,49 @@ def test_gemm_qkv(qtype, widths, rng):
             assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
             continue
         err = np.abs(out[f"y{i}"] - want[i])
-        assert np.all(err <= REL * _abs(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
+        assert np.all(err <= REL * abs_product(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 def test_gemm_qkv_without_bias_leaves_the_bias_unread(qtype, rng):
-    k, eps, n = _cols(qtype), 1e-5, 40
+    k, eps, n = three_blocks(qtype), 1e-5, 40
     w = R.random_repacked(qtype, n, k, rng)
     x, g = _inputs(rng, k)
     y = np.full((M, n), np.nan, np.float32)
-    absent = _planes(w, "u") | _planes(w, "v") | {"y1": np.zeros(1, np.float32), "y2": np.zeros(1, np.float32)}
+    absent = weight_arrays(w, "u") | weight_arrays(w, "v") | {"y1": np.zeros(1, np.float32), "y2": np.zeros(1, np.float32)}
     absent |= {f"bias{i}": np.full(n, np.nan, np.float32) for i in range(3)}  # NaN if read
-    out = run_spec(f"gemm_qkv_{qtype.lower()}", _planes(w) | absent | {"x": x, "g": g, "y0": y},
+    out = run_spec(f"gemm_qkv_{qtype.lower()}", weight_arrays(w) | absent | {"x": x, "g": g, "y0": y},
                    {"M": M, "N0": n, "N1": 0, "N2": 0, "K": k, "eps": eps, "has_bias": 0})
     err = np.abs(out["y0"] - R.matvec_norm(w, x, g, eps))
-    assert np.all(err <= REL * _abs(R.rmsnorm(x, g, eps), w) + 1e-6), f"max err {np.nanmax(err)}"
+    assert np.all(err <= REL * abs_product(R.rmsnorm(x, g, eps), w) + 1e-6), f"max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("act", [0, 1])
 def test_gemm_glu(qtype, act, rng):
-    n, k, eps = 45, _cols(qtype), 1e-6
+    n, k, eps = 45, three_blocks(qtype), 1e-6
     wg, wu = R.random_repacked(qtype, n, k, rng), R.random_repacked(qtype, n, k, rng)
     x, g = _inputs(rng, k)
     y = np.full((M, n), np.nan, np.float32)
-    out = run_spec(f"gemm_glu_{qtype.lower()}", _planes(wg) | _planes(wu, "u") | {"x": x, "g": g, "y": y},
+    out = run_spec(f"gemm_glu_{qtype.lower()}", weight_arrays(wg) | weight_arrays(wu, "u") | {"x": x, "g": g, "y": y},
                    {"M": M, "N": n, "K": k, "eps": eps, "flag": act})
     want = R.matvec_glu(wg, wu, x, g, eps, act)
     h = R.rmsnorm(x, g, eps)
     gate, up = R.matvec(wg, h), R.matvec(wu, h)
     # d(act(a) b) = act'(a) b da + act(a) db, with |act'| <= 1.13 and |act(a)| <= |a| + 0.2
-    bound = REL * (1.2 * np.abs(up) * _abs(h, wg) + (np.abs(gate) + 0.2) * _abs(h, wu)) + 1e-6
+    bound = REL * (1.2 * np.abs(up) * abs_product(h, wg) + (np.abs(gate) + 0.2) * abs_product(h, wu)) + 1e-6
     err = np.abs(out["y"] - want)
     assert np.all(err <= bound), f"max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 def test_gemm_add_updates_the_residual_in_place(qtype, rng):
-    n, k = 67, _cols(qtype)
+    n, k = 67, three_blocks(qtype)
     w = R.random_repacked(qtype, n, k, rng)
     x, _ = _inputs(rng, k)
     resid = rng.standard_normal((M, n)).astype(np.float32)
-    out = run_spec(f"gemm_add_{qtype.lower()}", _planes(w) | {"x": x, "y": resid.copy()},
+    out = run_spec(f"gemm_add_{qtype.lower()}", weight_arrays(w) | {"x": x, "y": resid.copy()},
                    {"M": M, "N": n, "K": k})
     assert np.isfinite(out["y"]).all()
     err = np.abs(out["y"] - R.matvec_add(w, x, resid))
-    assert np.all(err <= REL * _abs(x, w) + 1e-6), f"max err {np.nanmax(err)}"
+    assert np.all(err <= REL * abs_product(x, w) + 1e-6), f"max err {np.nanmax(err)}"

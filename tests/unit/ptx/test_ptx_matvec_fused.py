@@ -7,57 +7,43 @@ h the normed input.  Outputs start as NaN (or the residual) so a skipped element
 
 import numpy as np
 import pytest
-from conftest import run_spec
+from conftest import abs_product, run_spec, three_blocks, weight_arrays
 
 from ukgpu.ptx_kernels import reference as R
-from ukgpu.ptx_kernels.repack import dequantize_repacked, get_format
 
 CASES = [("b1", 1), ("b8", 3), ("b8", 8)]
-
-
-def _cols(qtype: str) -> int:
-    unit = max(get_format(qtype).block_elems, 32)
-    return unit * 3 if unit == 256 else 96
-
-
-def _planes(w, prefix="w") -> dict:
-    return {f"{prefix}_{k}": v for k, v in w.planes().items()}
-
-
-def _abs(h, w):
-    return np.abs(h).astype(np.float64) @ np.abs(dequantize_repacked(w)).astype(np.float64).T
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("version,batch", CASES)
 @pytest.mark.parametrize("has_bias", [0, 1])
 def test_matvec_norm(qtype, version, batch, has_bias, rng):
-    n, k, eps = 37, _cols(qtype), 1e-6
+    n, k, eps = 37, three_blocks(qtype), 1e-6
     w = R.random_repacked(qtype, n, k, rng)
     x = (rng.standard_normal((batch, k)) * 3).astype(np.float32)
     g = rng.uniform(0.5, 1.5, k).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     y = np.full((batch, n), np.nan, np.float32)
     out = run_spec(f"matvec_norm_{qtype.lower()}_{version}",
-                   _planes(w) | {"x": x, "g": g, "bias": bias, "y": y},
+                   weight_arrays(w) | {"x": x, "g": g, "bias": bias, "y": y},
                    {"N": n, "K": k, "B": batch, "eps": eps, "flag": has_bias})
     want = R.matvec_norm(w, x, g, eps, bias if has_bias else None)
     err = np.abs(out["y"] - want)
-    assert np.all(err <= 1e-5 * _abs(R.rmsnorm(x, g, eps), w) + 1e-6), f"max err {np.nanmax(err)}"
+    assert np.all(err <= 1e-5 * abs_product(R.rmsnorm(x, g, eps), w) + 1e-6), f"max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("version,batch", CASES)
 @pytest.mark.parametrize("widths", [(37, 9, 9), (40, 16, 0)], ids=["qkv", "two"])
 def test_matvec_qkv(qtype, version, batch, widths, rng):
-    k, eps = _cols(qtype), 1e-6
+    k, eps = three_blocks(qtype), 1e-6
     ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
     x = (rng.standard_normal((batch, k)) * 3).astype(np.float32)
     g = rng.uniform(0.5, 1.5, k).astype(np.float32)
     biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
     arrays = {"x": x, "g": g}
     for i, (pre, w) in enumerate(zip("wuv", ws)):
-        arrays |= _planes(w, pre) | {f"bias{i}": biases[i],
+        arrays |= weight_arrays(w, pre) | {f"bias{i}": biases[i],
                                      f"y{i}": np.full((batch, max(widths[i], 1)), np.nan, np.float32)}
     values = {"N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "B": batch, "eps": eps,
               "has_bias": 1}
@@ -69,26 +55,26 @@ def test_matvec_qkv(qtype, version, batch, widths, rng):
             assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
             continue
         err = np.abs(out[f"y{i}"] - want[i])
-        assert np.all(err <= 1e-5 * _abs(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
+        assert np.all(err <= 1e-5 * abs_product(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("version,batch", CASES)
 @pytest.mark.parametrize("act", [0, 1])
 def test_matvec_glu(qtype, version, batch, act, rng):
-    n, k, eps = 37, _cols(qtype), 1e-6
+    n, k, eps = 37, three_blocks(qtype), 1e-6
     wg, wu = R.random_repacked(qtype, n, k, rng), R.random_repacked(qtype, n, k, rng)
     x = rng.standard_normal((batch, k)).astype(np.float32)
     g = rng.uniform(0.5, 1.5, k).astype(np.float32)
     y = np.full((batch, n), np.nan, np.float32)
     out = run_spec(f"matvec_glu_{qtype.lower()}_{version}",
-                   _planes(wg) | _planes(wu, "u") | {"x": x, "g": g, "y": y},
+                   weight_arrays(wg) | weight_arrays(wu, "u") | {"x": x, "g": g, "y": y},
                    {"N": n, "K": k, "B": batch, "eps": eps, "flag": act})
     want = R.matvec_glu(wg, wu, x, g, eps, act)
     h = R.rmsnorm(x, g, eps)
     gate, up = R.matvec(wg, h), R.matvec(wu, h)
     # d(act(a) b) = act'(a) b da + act(a) db, with |act'| <= 1.13 and |act(a)| <= |a| + 0.2
-    bound = 1e-5 * (1.2 * np.abs(up) * _abs(h, wg) + (np.abs(gate) + 0.2) * _abs(h, wu)) + 1e-6
+    bound = 1e-5 * (1.2 * np.abs(up) * abs_product(h, wg) + (np.abs(gate) + 0.2) * abs_product(h, wu)) + 1e-6
     err = np.abs(out["y"] - want)
     assert np.all(err <= bound), f"max err {np.nanmax(err)}"
 
@@ -96,11 +82,11 @@ def test_matvec_glu(qtype, version, batch, act, rng):
 @pytest.mark.parametrize("qtype", R.QTYPES)
 @pytest.mark.parametrize("version,batch", CASES)
 def test_matvec_add_updates_the_residual_in_place(qtype, version, batch, rng):
-    n, k = 37, _cols(qtype)
+    n, k = 37, three_blocks(qtype)
     w = R.random_repacked(qtype, n, k, rng)
     x = rng.standard_normal((batch, k)).astype(np.float32)
     resid = rng.standard_normal((batch, n)).astype(np.float32)
-    out = run_spec(f"matvec_add_{qtype.lower()}_{version}", _planes(w) | {"x": x, "y": resid.copy()},
+    out = run_spec(f"matvec_add_{qtype.lower()}_{version}", weight_arrays(w) | {"x": x, "y": resid.copy()},
                    {"N": n, "K": k, "B": batch, "eps": 0.0, "flag": 0})
     err = np.abs(out["y"] - R.matvec_add(w, x, resid))
-    assert np.all(err <= 1e-5 * _abs(x, w) + 1e-6), f"max err {np.nanmax(err)}"
+    assert np.all(err <= 1e-5 * abs_product(x, w) + 1e-6), f"max err {np.nanmax(err)}"
