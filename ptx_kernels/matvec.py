@@ -33,8 +33,8 @@ def matvec_kernel(w_q, w_s, w_m, x_ptr, y_ptr, N, K, B,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     if BLOCK_B == 1:  # one activation row: the barrier-free loop of row_dot.py
         b = tl.program_id(1)
-        y1, _ = row_block_dot(w_q, w_s, w_m, x_ptr + b * K, x_ptr, rn[:, None, None], rn[:, None, None] < N,
-                           0, K, K, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        y1, _, _ = row_block_dot(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr + b * K, x_ptr, rn[:, None, None],
+                                 rn[:, None, None] < N, 0, K, K, False, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
         tl.store(y_ptr + b * N + rn, y1, mask=rn < N)
         return
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
 from .repack import FORMATS
-from .row_dot import row_block_dot, row_block_dot2
+from .row_dot import row_block_dot
 from .spec import KernelSpec
 
 
@@ -93,12 +93,12 @@ def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_
     out = rb[:, None] * N + rn[None, :]
     if BLOCK_B == 1:  # one row: row_dot's loop, the norm's sum of squares from the same loads
         if MODE == 1:  # gate and up in one loop
-            gate, up1, sq = row_block_dot2(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr + b3 * K, g_ptr, n3,
-                                           n_ok3 & b_ok3, K, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+            gate, up1, sq = row_block_dot(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr + b3 * K, g_ptr, n3,
+                                          n_ok3 & b_ok3, 0, K, K, True, True, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
             up = up1[None, :]
         else:
-            gate, sq = row_block_dot(w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, n_ok3 & b_ok3, 0, K, K,
-                                     MODE != 2, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+            gate, _, sq = row_block_dot(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, n_ok3 & b_ok3,
+                                        0, K, K, MODE != 2, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
         y = gate[None, :]
         if MODE != 2:
             inv = _inv_rms(sq, K, eps)
@@ -135,8 +135,8 @@ def _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, r
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n3, b3 = rn[:, None, None], rb[:, None, None]
     if BLOCK_B == 1:
-        dot, sq = row_block_dot(w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, (n3 < N) & (b3 < B), 0, K, K, True,
-                                KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+        dot, _, sq = row_block_dot(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr + b3 * K, g_ptr, n3, (n3 < N) & (b3 < B),
+                                   0, K, K, True, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
         y = (dot * _inv_rms(sq, K, eps))[None, :]
     else:
         y = _dot_rows(w_q, w_s, w_m, x_ptr, g_ptr, n3, b3, n3 < N, b3 < B, K, True,

@@ -37,8 +37,8 @@ def matvec_split_add_kernel(w_q, w_s, w_m, x_ptr, y_ptr, part_ptr, count_ptr, N,
     chunk = tl.cdiv(tl.cdiv(K, 256), splits) * 256
     k_lo = s * chunk
     k_hi = tl.minimum(K, k_lo + chunk)
-    partial, _ = row_block_dot(w_q, w_s, w_m, x_ptr, x_ptr, rn[:, None, None], rn[:, None, None] < N,
-                            k_lo, k_hi, K, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
+    partial, _, _ = row_block_dot(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr, x_ptr, rn[:, None, None],
+                                  rn[:, None, None] < N, k_lo, k_hi, K, False, False, KIND, HAS_MIN, BLOCK_N, BLOCK_K)
     row_ok = rn < N
     tl.store(part_ptr + s * N + rn, partial, mask=row_ok)
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken

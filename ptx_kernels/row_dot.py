@@ -21,22 +21,28 @@ from .dequant import load_runs
 
 
 @triton.jit
-def row_block_dot(w_q, w_s, w_m, x_row, g_ptr, n3, n_ok, k_lo, k_hi, K, USE_G: tl.constexpr,
-                  KIND: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """((BN,) sum over k_lo <= k < k_hi of W[n, k] * x[k] (* g[k] when USE_G), (BN,) sum of x[k]^2
-    over the same k when USE_G, else 0), n = n3 (BN, 1, 1) masked by n_ok; x_row points at the
-    activation row; k_lo and k_hi are multiples of 32.  The sum of squares (every row of the tile
-    gets the same) is the rmsnorm's, from the x the loop loads anyway: no pass of its own."""
+def row_block_dot(w_q, w_s, w_m, u_q, u_s, u_m, x_row, g_ptr, n3, n_ok, k_lo, k_hi, K,
+                  USE_G: tl.constexpr, DUAL: tl.constexpr, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """((BN,) sum over k_lo <= k < k_hi of W[n, k] * x[k] (* g[k] when USE_G), the same with U when
+    DUAL (both weights' loads of a step in flight together: the GLU's gate and up; else zeros),
+    (BN,) sum of x[k]^2 over the same k when USE_G, else zeros), n = n3 (BN, 1, 1) masked by n_ok;
+    x_row points at the activation row; k_lo and k_hi are multiples of 32.  The sum of squares
+    (every row of the tile gets the same) is the rmsnorm's, from the x the loop loads anyway: no
+    pass of its own."""
     NG: tl.constexpr = BLOCK_K // 32
     g = tl.arange(0, NG)[None, :, None]  # (1, NG, 1)
     i = tl.arange(0, 16)[None, None, :]  # (1, 1, 16)
     acc = tl.zeros((BLOCK_N, NG, 16), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, NG, 16), tl.float32)
     sq = tl.zeros((BLOCK_N, NG, 16), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         gi = k0 // 32 + g  # (1, NG, 1) 32-group of the row
         kg = gi * 32
         ok = n_ok & (kg < k_hi)  # (BN, NG, 1)
         w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, ok, KIND, HAS_MIN)  # (BN, NG, 16)
+        if DUAL:
+            u_lo, u_hi = load_runs(u_q, u_s, u_m, n3, gi, i, K, ok, KIND, HAS_MIN)
         xp = tl.broadcast_to(x_row + kg + i, (BLOCK_N, NG, 16))
         x_lo = tl.load(xp, mask=ok, other=0)
         x_hi = tl.load(xp + 16, mask=ok, other=0)
@@ -46,34 +52,7 @@ def row_block_dot(w_q, w_s, w_m, x_row, g_ptr, n3, n_ok, k_lo, k_hi, K, USE_G: t
             x_lo = x_lo * tl.load(gp, mask=ok, other=0)
             x_hi = x_hi * tl.load(gp + 16, mask=ok, other=0)
         acc += w_lo * x_lo + w_hi * x_hi
-    return tl.sum(tl.sum(acc, axis=2), axis=1), tl.sum(tl.sum(sq, axis=2), axis=1)
-
-
-@triton.jit
-def row_block_dot2(w_q, w_s, w_m, u_q, u_s, u_m, x_row, g_ptr, n3, n_ok, K,
-                   KIND: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Two weights of one type times the same x * g in one K loop, both weights' loads of a step in
-    flight together (the GLU's gate and up): ((BN,), (BN,), (BN,) sum of x^2 as `row_block_dot`)."""
-    NG: tl.constexpr = BLOCK_K // 32
-    g = tl.arange(0, NG)[None, :, None]
-    i = tl.arange(0, 16)[None, None, :]
-    acc_w = tl.zeros((BLOCK_N, NG, 16), tl.float32)
-    acc_u = tl.zeros((BLOCK_N, NG, 16), tl.float32)
-    sq = tl.zeros((BLOCK_N, NG, 16), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        gi = k0 // 32 + g
-        kg = gi * 32
-        ok = n_ok & (kg < K)
-        w_lo, w_hi = load_runs(w_q, w_s, w_m, n3, gi, i, K, ok, KIND, HAS_MIN)
-        u_lo, u_hi = load_runs(u_q, u_s, u_m, n3, gi, i, K, ok, KIND, HAS_MIN)
-        xp = tl.broadcast_to(x_row + kg + i, (BLOCK_N, NG, 16))
-        gp = tl.broadcast_to(g_ptr + kg + i, (BLOCK_N, NG, 16))
-        x_lo = tl.load(xp, mask=ok, other=0)
-        x_hi = tl.load(xp + 16, mask=ok, other=0)
-        sq += x_lo * x_lo + x_hi * x_hi
-        x_lo = x_lo * tl.load(gp, mask=ok, other=0)
-        x_hi = x_hi * tl.load(gp + 16, mask=ok, other=0)
-        acc_w += w_lo * x_lo + w_hi * x_hi
-        acc_u += u_lo * x_lo + u_hi * x_hi
-    return (tl.sum(tl.sum(acc_w, axis=2), axis=1), tl.sum(tl.sum(acc_u, axis=2), axis=1),
+        if DUAL:
+            acc_u += u_lo * x_lo + u_hi * x_hi
+    return (tl.sum(tl.sum(acc, axis=2), axis=1), tl.sum(tl.sum(acc_u, axis=2), axis=1),
             tl.sum(tl.sum(sq, axis=2), axis=1))
