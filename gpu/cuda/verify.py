@@ -8,7 +8,7 @@
   model's greedy tokens (a divergence is excused only at a near tie, `near_tie`).
 
 Every kernel launch of verify waits for its kernel, so a fault names the kernel; once a fault has
-lost the GPU context, the checks after it are reported as not run (`verify_kernels.Guard`).
+lost the GPU context, the checks after it are reported as not run (`verify_checks.Guard`).
 
 `run(opts)` returns the exit code: 0 all pass, 1 any mismatch, 2 no GPU (after checking what can
 be checked without one: the kernel manifests and their artifacts).
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ukgpu.gpu.cuda.verify_kernels import Check, Guard, kernel_checks, nmse_check
+from ukgpu.gpu.cuda.verify_checks import Check, Guard, nmse_check
+from ukgpu.gpu.cuda.verify_kernels import kernel_checks
 from ukgpu.llama_core.errors import UkgpuError
 
 LAYER_BOUND = 1e-3

@@ -3,153 +3,43 @@
 Each case uploads random inputs, poisons the output (NaN for floats, -1 for ints) so an
 unwritten element can never pass, launches the kernel through `KernelSet` exactly as the backend
 does, and compares with the float64 numpy reference of `ptx_kernels.reference` by normalized mean
-squared error, NMSE = sum((out - ref)^2) / sum(ref^2), against a per-op bound (BOUNDS, derived
-below).  Every launch waits for its kernel (`KernelSet.launch(sync=True)`), so a kernel that
+squared error, NMSE = sum((out - ref)^2) / sum(ref^2), against a per-op bound (`verify_checks.BOUNDS`,
+derived there).  Every launch waits for its kernel (`KernelSet.launch(sync=True)`), so a kernel that
 faults is named; after a fault that loses the context (`CudaError.sticky`) the remaining cases
 are reported as not run, not as copies of the same error (`Guard`).
-
-Bounds from each kernel's arithmetic.  One round-to-nearest of a value costs NMSE about u^2/3
-(u the unit roundoff: 2^-24 for float32, 2^-11 for float16; measured for one float16 rounding of
-random normals: 4.3e-8).  The reference reads the same float16 KV rows and the same dequantized
-weights as the kernel, so only the kernel's own roundings count.  "measured": the stand-in's
-emulation (tests/fakes/cuda_kernels.py, float16 operands where the PTX rounds them), the
-largest NMSE of the op's checks over seeds 0-2.
-
-| op | arithmetic | expected | measured | bound |
-|---|---|---|---|---|
-| embedding, add, add_bias, scale | 1-2 fp32 roundings (dequant, one add/mul) | ~1e-15 | 7.9e-16 | 1e-12 |
-| rmsnorm, swiglu, geglu, rope | fp32, approximate rsqrt/exp/sin/cos (<= 2^-21) | <= 1e-12 | 7.1e-16 | 1e-8 |
-| matvec b1/b8 | exact fp32 dequant, fp32 FMA sums over K = 512 | <= 1e-12 | 5.7e-14 | 1e-8 |
-| attn_decode + combine | fp32 scores, exp, P.V (ieee dots), fp32 merge | <= 1e-12 | 3.8e-16 | 1e-8 |
-| gemm | x and dequantized W rounded to f16, fp32 sums | 2 x 4.3e-8 | 1.0e-7 | 2e-6 |
-| attn_prefill | q*scale and p rounded to f16, fp32 sums | ~1e-7 | 6.9e-8 | 2e-6 |
-
-The fp32 bound 1e-8 sits 4x below a single f16 rounding (4.3e-8) and >= 1e4x above the fp32
-expectation: it fails a kernel that lets an f16 (or bf16) rounding, or any rms relative error
-above 1e-4, into an fp32 path, and leaves room for the hardware's reduction order and approximate
-instructions (unverified on hardware).  The f16 bound 2e-6 is ~20-30x the measured NMSE of the
-f16-operand GEMM and prefill attention and holds for f16 operands only: bf16 operands (2^-8)
-would cost ~64x more (~5e-6) and need their own bound.  The old bounds (5e-4 for matrix products
-and attention, 1e-7 elsewhere) passed a mat-vec off by 1e-3 relative (NMSE 1e-6).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ukgpu.gpu.cuda.arena import DeviceArena
-from ukgpu.gpu.cuda.driver import CudaError
 from ukgpu.gpu.cuda.modules import KernelSet
+from ukgpu.gpu.cuda.verify_checks import (
+    BOUNDS,
+    F16_OPERANDS,
+    Check,
+    Device,
+    Guard,
+    bound,
+    nmse_check,
+    weight_args,
+)
 from ukgpu.gpu.cuda.verify_gemm import check_fused_gemm
-from ukgpu.llama_core.errors import DeviceError, UkgpuError
 from ukgpu.ptx_kernels import reference as ref
 from ukgpu.ptx_kernels.loader import argmax_split, fused_decode_entry, split_add_entry
 from ukgpu.ptx_kernels.repack import FORMATS
 from ukgpu.ptx_kernels.spec import ATTN_HEAD_DIMS
 
-FP32_EXACT, FP32, F16_OPERANDS = 1e-12, 1e-8, 2e-6  # see the table in the module docstring
-BOUNDS = {"matvec": FP32, "gemm": F16_OPERANDS, "attn_prefill": F16_OPERANDS, "attn_decode": FP32,
-          "rope": FP32, "rmsnorm": FP32, "swiglu": FP32, "geglu": FP32, "embedding": FP32_EXACT,
-          "add": FP32_EXACT, "scale": FP32_EXACT, "default": FP32}
-NAN32 = 0x7FC00000
-
-
-@dataclass
-class Check:
-    level: str  # "kernel" | "layer" | "e2e"
-    name: str
-    metric: str  # "nmse" | "exact" | "tokens"
-    value: float
-    bound: float
-    ok: bool
-    detail: str = ""
-
-    def to_json(self) -> dict:
-        v = self.value if math.isfinite(self.value) else str(self.value)
-        return {"level": self.level, "name": self.name, "metric": self.metric, "value": v,
-                "bound": self.bound, "ok": self.ok, "detail": self.detail}
-
-
-def nmse(out: np.ndarray, expected: np.ndarray) -> float:
-    out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
-    if out.shape != expected.shape or not np.all(np.isfinite(out)):
-        return math.inf
-    denom = float(np.sum(expected * expected))
-    err = float(np.sum((out - expected) ** 2))
-    return err / denom if denom > 0 else err
-
-
-def nmse_check(level: str, name: str, out: np.ndarray, expected: np.ndarray, bound: float) -> Check:
-    v = nmse(out, expected)
-    return Check(level, name, "nmse", v, bound, v <= bound)
-
-
-def _bound(name: str) -> float:
-    return next((b for k, b in BOUNDS.items() if name.startswith(k)), BOUNDS["default"])
-
-
-class Guard:
-    """Runs groups of checks: a failure becomes one error check in the group's place; after an
-    error that lost the GPU context (sticky) every later group is one "not run" check."""
-
-    def __init__(self) -> None:
-        self.lost_at = ""  # "<group> (<error>)" once the context is lost
-
-    def run(self, level: str, label: str, fn: Callable[..., list[Check]], *args: Any
-            ) -> list[Check]:
-        if self.lost_at:
-            return [Check(level, label, "not run", 0, 0, False,
-                          f"not run: the GPU context was lost at {self.lost_at}")]
-        try:
-            return fn(*args)
-        except UkgpuError as exc:
-            if isinstance(exc, DeviceError) and exc.sticky:
-                self.lost_at = f"{label} ({exc.name if isinstance(exc, CudaError) else exc})"
-            return [Check(level, label, "error", math.inf, 0, False, str(exc))]
-
-
-class Device:
-    """Upload / poison / read helpers over one context, kernel set and scratch arena."""
-
-    def __init__(self, kernels: KernelSet, arena: DeviceArena):
-        self.kernels, self.arena = kernels, arena
-        self.cu, self.stream = kernels.cu, kernels.ctx.stream
-
-    def put(self, arr: np.ndarray) -> int:
-        arr = np.ascontiguousarray(arr)
-        ptr = self.arena.alloc(arr.nbytes, "verify")
-        self.cu.cuMemcpyHtoDAsync(ptr, arr.ctypes.data, arr.nbytes, self.stream)
-        return ptr
-
-    def poisoned(self, count: int, itemsize: int = 4, word: int = NAN32) -> int:
-        ptr = self.arena.alloc(count * itemsize, "verify")
-        self.cu.cuMemsetD32Async(ptr, word, -(-count * itemsize // 4), self.stream)
-        return ptr
-
-    def get(self, ptr: int, shape: tuple, dtype: Any) -> np.ndarray:
-        out = np.empty(shape, dtype=dtype)
-        self.cu.cuStreamSynchronize(self.stream)
-        self.cu.cuMemcpyDtoHAsync(out.ctypes.data, ptr, out.nbytes, self.stream)
-        self.cu.cuStreamSynchronize(self.stream)
-        return out
-
-    def run(self, name: str, **values: Any) -> None:
-        self.kernels.launch(name, values, self.stream, sync=True)  # a fault names its kernel
-
-
-def _weight_args(dev: Device, w: Any) -> dict:
-    return {f"w_{p}": dev.put(a) for p, a in w.planes().items()}
-
 
 def check_weight_kernels(dev: Device, qtype: str, rng: np.random.Generator) -> list[Check]:
     n, k, tag = 200, 512, qtype.lower()
     w = ref.random_repacked(qtype, n, k, rng)
-    wa = _weight_args(dev, w)
+    wa = weight_args(dev, w)
     checks = []
     for name, rows in ((f"matvec_{tag}_b1", 1), (f"matvec_{tag}_b8", 5), (f"gemm_{tag}", 70)):
         x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -157,12 +47,12 @@ def check_weight_kernels(dev: Device, qtype: str, rng: np.random.Generator) -> l
         sizes = {"B": rows} if name.startswith("matvec") else {"M": rows}
         dev.run(name, **wa, x=dev.put(x), y=y, N=n, K=k, **sizes)
         checks.append(nmse_check("kernel", name, dev.get(y, (rows, n), np.float32),
-                                 ref.matvec(w, x), _bound(name)))
+                                 ref.matvec(w, x), bound(name)))
     ids = rng.integers(0, n, 7).astype(np.int32)
     out = dev.poisoned(7 * k)
     dev.run(f"embedding_{tag}", **wa, ids=dev.put(ids), out=out, K=k, T=7)
     checks.append(nmse_check("kernel", f"embedding_{tag}", dev.get(out, (7, k), np.float32),
-                             ref.embedding(w, ids), _bound("embedding")))
+                             ref.embedding(w, ids), bound("embedding")))
     # inputs of their own (the other checks' draws stay as they were)
     return checks + check_fused_matvec(dev, qtype, w, wa, np.random.default_rng([7, *tag.encode()]))
 
@@ -174,7 +64,7 @@ def check_fused_matvec(dev: Device, qtype: str, w: Any, wa: dict, rng: np.random
     n, k, tag, eps = w.n_rows, w.n_cols, qtype.lower(), 1e-6
     shipped = set(dev.kernels.manifests.names())
     up = ref.random_repacked(qtype, n, k, rng)
-    ua = {f"u_{p[2:]}": ptr for p, ptr in _weight_args(dev, up).items()}
+    ua = {f"u_{p[2:]}": ptr for p, ptr in weight_args(dev, up).items()}
     g, bias = rng.uniform(0.5, 1.5, k).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     gp, bp = dev.put(g), dev.put(bias)
     checks = []
@@ -189,7 +79,7 @@ def check_fused_matvec(dev: Device, qtype: str, w: Any, wa: dict, rng: np.random
                     y1=ys[1], y2=ys[2], N0=n, N1=n, N2=n, K=k, B=rows, eps=eps, has_bias=1)
             got = np.concatenate([dev.get(y, (rows, n), np.float32) for y in ys])
             want = np.concatenate(ref.matvec_qkv([w, up, w], x, g, eps, [bias] * 3))
-            checks.append(nmse_check("kernel", qkv, got, want, _bound(qkv)))
+            checks.append(nmse_check("kernel", qkv, got, want, bound(qkv)))
         cases = (("norm", dict(g=gp, bias=bp, flag=1), ref.matvec_norm(w, x, g, eps, bias)),
                  ("glu", dict(**ua, g=gp, flag=0), ref.matvec_glu(w, up, x, g, eps, 0)),
                  ("add", dict(flag=0), ref.matvec_add(w, x, resid)))
@@ -200,7 +90,7 @@ def check_fused_matvec(dev: Device, qtype: str, w: Any, wa: dict, rng: np.random
             y = dev.put(resid) if kind == "add" else dev.poisoned(rows * n)
             dev.run(name, **wa, **extra, x=dev.put(x), y=y, N=n, K=k, B=rows, eps=eps)
             checks.append(nmse_check("kernel", name, dev.get(y, (rows, n), np.float32), want,
-                                     _bound(name)))
+                                     bound(name)))
     return checks
 
 
@@ -211,7 +101,7 @@ def check_rmsnorm(dev: Device, rng: np.random.Generator) -> list[Check]:
         y = dev.poisoned(m * d)
         dev.run("rmsnorm_f32", x=dev.put(x), weight=dev.put(w), y=y, D=d, eps=1e-5, M=m)
         checks.append(nmse_check("kernel", name, dev.get(y, (m, d), np.float32),
-                                 ref.rmsnorm(x, w, 1e-5), _bound("rmsnorm")))
+                                 ref.rmsnorm(x, w, 1e-5), bound("rmsnorm")))
     return checks
 
 
@@ -235,7 +125,7 @@ def check_rope(dev: Device, rng: np.random.Generator) -> list[Check]:
             want = ref.rope(x, pos, 0.0, mode == "neox", freqs=freqs, n_rot=n_rot, mscale=1.25)
             label = name if d == hd == n_rot else f"{name} (head_dim {hd}, n_rot {n_rot})"
             checks.append(nmse_check("kernel", label,
-                                     dev.get(y, x.shape, np.float32), want, _bound(name)))
+                                     dev.get(y, x.shape, np.float32), want, bound(name)))
     return checks
 
 
@@ -261,7 +151,7 @@ def check_rope_kv(dev: Device, rng: np.random.Generator) -> list[Check]:
             wq, wk, wv = ref.rope_kv(q, k, v, pos, freqs, mode == "neox", n_rot, 1.25, qn, kn)
             cache = np.concatenate([dev.get(c, (n_rows, hkv, hd), np.float16)[rows] for c in (kc, vc)])
             label = name if d == hd == n_rot else f"{name} (head_dim {hd}, n_rot {n_rot})"
-            checks.append(nmse_check("kernel", label, dev.get(qp, q.shape, np.float32), wq, _bound("rope")))
+            checks.append(nmse_check("kernel", label, dev.get(qp, q.shape, np.float32), wq, bound("rope")))
             checks.append(nmse_check("kernel", f"{label} cache rows", cache.astype(np.float32),
                                      np.concatenate([wk, wv]), F16_OPERANDS))
     return checks
@@ -284,7 +174,7 @@ def check_attention(dev: Device, rng: np.random.Generator) -> list[Check]:
                     out=out, T=t, start=start, Hq=hq, Hkv=hkv, scale=scale, window=window)
             expected = ref.attention(q, k, v, start + np.arange(t), scale, window)
             checks.append(nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected,
-                                     _bound(name)))
+                                     bound(name)))
             checks.append(_check_decode(dev, rng, hd, hq, hkv, window))
     return checks
 
@@ -308,7 +198,7 @@ def _check_decode(dev: Device, rng: np.random.Generator, hd: int, hq: int, hkv: 
     expected = np.stack([
         ref.attention(q[b:b + 1], k[slots[b], :lens[b]], v[slots[b], :lens[b]],
                       np.array([lens[b] - 1]), scale, window)[0] for b in range(3)])
-    return nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected, _bound(name))
+    return nmse_check("kernel", name, dev.get(out, q.shape, np.float32), expected, bound(name))
 
 
 def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
@@ -320,11 +210,11 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
         out = dev.poisoned(n)
         dev.run(name, **{args[0]: dev.put(a), args[1]: dev.put(b)}, out=out, n=n)
         checks.append(nmse_check("kernel", name, dev.get(out, (n,), np.float32), fn(a, b),
-                                 _bound(name)))
+                                 bound(name)))
     out = dev.poisoned(n)
     dev.run("scale_f32", x=dev.put(a), out=out, n=n, s=25.3)
     checks.append(nmse_check("kernel", "scale_f32", dev.get(out, (n,), np.float32),
-                             ref.scale(a, 25.3), _bound("scale")))
+                             ref.scale(a, 25.3), bound("scale")))
     logits = rng.standard_normal((4, n)).astype(np.float32)
     out = dev.poisoned(4, word=0xFFFFFFFF)
     dev.run("argmax_f32", logits=dev.put(logits), out=out, V=n, B=4)
@@ -335,7 +225,7 @@ def check_elementwise(dev: Device, rng: np.random.Generator) -> list[Check]:
     out = dev.poisoned(x.size)
     dev.run("add_bias_f32", x=dev.put(x), bias=dev.put(bias), out=out, n=x.size, N=96)
     checks.append(nmse_check("kernel", "add_bias_f32", dev.get(out, x.shape, np.float32),
-                             ref.add_bias(x, bias), _bound("add_bias")))
+                             ref.add_bias(x, bias), bound("add_bias")))
     dst = rng.standard_normal((16, 256)).astype(np.float16)
     src = rng.standard_normal((5, 320)).astype(np.float32)  # rows 320 apart, first 256 stored
     rows = rng.permutation(16)[:5].astype(np.int32)
@@ -413,13 +303,13 @@ def check_split_add(dev: Device, rng: np.random.Generator) -> list[Check]:
     for qtype in [q for q in FORMATS if split_add_entry(q) in dev.kernels.manifests.names()]:
         name, w = split_add_entry(qtype), ref.random_repacked(qtype, n, k, rng)
         x, resid = rng.standard_normal((1, k)).astype(np.float32), rng.standard_normal((1, n)).astype(np.float32)
-        args = dict(_weight_args(dev, w), x=dev.put(x), part=dev.poisoned(splits * n), N=n, K=k,
+        args = dict(weight_args(dev, w), x=dev.put(x), part=dev.poisoned(splits * n), N=n, K=k,
                     count=dev.put(np.zeros(n // 4, np.int32)), splits=splits)
         outs = []
         for _ in range(3):
             dev.run(name, **args, y=(y := dev.put(resid)))
             outs.append(dev.get(y, (1, n), np.float32))
-        checks.append(nmse_check("kernel", name, outs[0], ref.matvec_add(w, x, resid), _bound(name)))
+        checks.append(nmse_check("kernel", name, outs[0], ref.matvec_add(w, x, resid), bound(name)))
         bad = sum(int(np.sum(o != outs[0])) for o in outs[1:]) + int(np.count_nonzero(
             dev.get(args["count"], (n // 4,), np.int32)))
         checks.append(Check("kernel", f"{name} repeated", "exact", bad, 0, bad == 0,

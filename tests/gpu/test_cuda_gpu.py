@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from ukgpu.gpu.cuda.select import probe
-from ukgpu.gpu.cuda.verify_kernels import kernel_checks, nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
+from ukgpu.gpu.cuda.verify_kernels import kernel_checks
 
 pytestmark = pytest.mark.gpu
 

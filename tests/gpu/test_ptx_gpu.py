@@ -2,7 +2,7 @@
 over `open_device`'s context and stream), compared with its numpy reference.  Runs twice per
 family: the best artifact for the device (the sm_90a cubin on H100/H200) and the portable sm_80
 PTX through the driver's JIT (`KernelSet(force_ptx="sm_80")`).  Each test gets a fresh device
-arena (`ARENA_BYTES`), freed after it; `verify_kernels.Device` uploads and reads back.
+arena (`ARENA_BYTES`), freed after it; `verify_checks.Device` uploads and reads back.
 
 Skips with the reason when cuda-python, the driver or a GPU is missing.
 Bounds (FMA and libdevice math on the GPU): f32 mat-vec 1e-4 * (|x| @ |W|.T); f16 GEMM
@@ -18,7 +18,7 @@ import pytest
 from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.driver import CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
-from ukgpu.gpu.cuda.verify_kernels import Device
+from ukgpu.gpu.cuda.verify_checks import Device
 from ukgpu.ptx_kernels import reference as R
 from ukgpu.ptx_kernels.repack import dequantize_repacked, get_format
 

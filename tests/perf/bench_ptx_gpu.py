@@ -37,7 +37,7 @@ import numpy as np
 from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.driver import CudaContext, CudaError, open_device
 from ukgpu.gpu.cuda.modules import KernelSet
-from ukgpu.gpu.cuda.verify_kernels import Device
+from ukgpu.gpu.cuda.verify_checks import Device
 from ukgpu.ptx_kernels import reference as R
 from ukgpu.ptx_kernels.loader import fused_matvec_entry
 

@@ -13,7 +13,7 @@ import pytest
 
 from ukgpu.gpu.cuda import select
 from ukgpu.gpu.cuda.arena import CudaArenaExhausted
-from ukgpu.gpu.cuda.verify_kernels import nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.model import Model

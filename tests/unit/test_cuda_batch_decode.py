@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ukgpu.gpu.cuda.select import create_backend
-from ukgpu.gpu.cuda.verify_kernels import nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
 from ukgpu.llama_core.engine import Engine
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.gguf.synthetic import build_synthetic

@@ -27,7 +27,7 @@ import pytest
 
 from ukgpu.gpu.cuda.select import create_backend, model_kernels
 from ukgpu.gpu.cuda.verify import near_tie
-from ukgpu.gpu.cuda.verify_kernels import nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.family_specs import FAMILY_SPECS
 from ukgpu.llama_core.gguf.file import open_gguf

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from ukgpu.gpu.cuda.select import create_backend
-from ukgpu.gpu.cuda.verify_kernels import nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
 from ukgpu.llama_core.backend import RopeConfig
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.file import TensorView

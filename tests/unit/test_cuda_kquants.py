@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ukgpu.gpu.cuda.select import create_backend, model_kernels
-from ukgpu.gpu.cuda.verify_kernels import nmse
+from ukgpu.gpu.cuda.verify_checks import nmse
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.llama_core.model import Model

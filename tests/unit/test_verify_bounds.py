@@ -14,7 +14,8 @@ from ukgpu.gpu.cuda.arena import DeviceArena
 from ukgpu.gpu.cuda.driver import open_device
 from ukgpu.gpu.cuda.modules import KernelSet
 from ukgpu.gpu.cuda.verify import NEAR_TIE_FLOOR, NEAR_TIE_REL, e2e_checks, near_tie
-from ukgpu.gpu.cuda.verify_kernels import BOUNDS, Device, check_weight_kernels, kernel_checks
+from ukgpu.gpu.cuda.verify_checks import BOUNDS, Device
+from ukgpu.gpu.cuda.verify_kernels import check_weight_kernels, kernel_checks
 from ukgpu.llama_core.cpu.backend import CpuBackend
 from ukgpu.llama_core.gguf.file import open_gguf
 from ukgpu.ptx_kernels.repack import FORMATS
