@@ -65,6 +65,32 @@ def abs_product(h, w):
     return np.abs(h).astype(np.float64) @ np.abs(dequantize_repacked(w)).astype(np.float64).T
 
 
+def check_qkv(name: str, qtype: str, widths: tuple, x, g, eps: float, rel: float, sizes: dict, rng) -> None:
+    """Launch q/k/v entry `name` (`matvec_qkv_*`, `gemm_qkv_*`) on random weights of `widths` rows
+    (0: absent) with biases, over x (rows, K) and norm weight g, with the row count in `sizes`;
+    each output within rel * (|h| @ |W|.T) + 1e-6 of `reference.matvec_qkv` (h the normed x), an
+    absent weight's output never written."""
+    from ukgpu.ptx_kernels import reference as R
+
+    k = x.shape[1]
+    ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
+    biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
+    arrays = {"x": x, "g": g}
+    for i, (pre, w) in enumerate(zip("wuv", ws)):
+        arrays |= weight_arrays(w, pre) | {f"bias{i}": biases[i],
+                                           f"y{i}": np.full((x.shape[0], max(widths[i], 1)), np.nan, np.float32)}
+    values = {"N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "eps": eps, "has_bias": 1} | sizes
+    out = run_spec(name, arrays, values)
+    want = R.matvec_qkv(ws, x, g, eps, biases)
+    h = R.rmsnorm(x, g, eps)
+    for i, n in enumerate(widths):
+        if n == 0:
+            assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
+            continue
+        err = np.abs(out[f"y{i}"] - want[i])
+        assert np.all(err <= rel * abs_product(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
+
+
 SEED = int(os.environ.get("UKGPU_PTX_SEED", np.random.SeedSequence().entropy % 2**32))
 
 

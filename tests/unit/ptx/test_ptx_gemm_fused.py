@@ -10,7 +10,7 @@ range (the row scaling of gemm.py) stay finite.
 
 import numpy as np
 import pytest
-from conftest import abs_product, run_spec, three_blocks, weight_arrays
+from conftest import abs_product, check_qkv, run_spec, three_blocks, weight_arrays
 
 from ukgpu.ptx_kernels import reference as R
 
@@ -28,24 +28,8 @@ def _inputs(rng, k):
 @pytest.mark.parametrize("widths", [(67, 9, 9), (80, 16, 0), (67, 0, 0)], ids=["qkv", "two", "one"])
 def test_gemm_qkv(qtype, widths, rng):
     k, eps = three_blocks(qtype), 1e-6
-    ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
     x, g = _inputs(rng, k)
-    biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
-    arrays = {"x": x, "g": g}
-    for i, (pre, w) in enumerate(zip("wuv", ws)):
-        arrays |= weight_arrays(w, pre) | {f"bias{i}": biases[i],
-                                     f"y{i}": np.full((M, max(widths[i], 1)), np.nan, np.float32)}
-    values = {"M": M, "N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "eps": eps,
-              "has_bias": 1}
-    out = run_spec(f"gemm_qkv_{qtype.lower()}", arrays, values)
-    want = R.matvec_qkv(ws, x, g, eps, biases)
-    h = R.rmsnorm(x, g, eps)
-    for i, n in enumerate(widths):
-        if n == 0:
-            assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
-            continue
-        err = np.abs(out[f"y{i}"] - want[i])
-        assert np.all(err <= REL * abs_product(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
+    check_qkv(f"gemm_qkv_{qtype.lower()}", qtype, widths, x, g, eps, REL, {"M": M}, rng)
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)

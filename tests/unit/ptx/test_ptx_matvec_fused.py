@@ -7,7 +7,7 @@ h the normed input.  Outputs start as NaN (or the residual) so a skipped element
 
 import numpy as np
 import pytest
-from conftest import abs_product, run_spec, three_blocks, weight_arrays
+from conftest import abs_product, check_qkv, run_spec, three_blocks, weight_arrays
 
 from ukgpu.ptx_kernels import reference as R
 
@@ -37,25 +37,9 @@ def test_matvec_norm(qtype, version, batch, has_bias, rng):
 @pytest.mark.parametrize("widths", [(37, 9, 9), (40, 16, 0)], ids=["qkv", "two"])
 def test_matvec_qkv(qtype, version, batch, widths, rng):
     k, eps = three_blocks(qtype), 1e-6
-    ws = [R.random_repacked(qtype, max(n, 1), k, rng) for n in widths]
     x = (rng.standard_normal((batch, k)) * 3).astype(np.float32)
     g = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    biases = [rng.standard_normal(max(n, 1)).astype(np.float32) for n in widths]
-    arrays = {"x": x, "g": g}
-    for i, (pre, w) in enumerate(zip("wuv", ws)):
-        arrays |= weight_arrays(w, pre) | {f"bias{i}": biases[i],
-                                     f"y{i}": np.full((batch, max(widths[i], 1)), np.nan, np.float32)}
-    values = {"N0": widths[0], "N1": widths[1], "N2": widths[2], "K": k, "B": batch, "eps": eps,
-              "has_bias": 1}
-    out = run_spec(f"matvec_qkv_{qtype.lower()}_{version}", arrays, values)
-    want = R.matvec_qkv(ws, x, g, eps, biases)
-    h = R.rmsnorm(x, g, eps)
-    for i, n in enumerate(widths):
-        if n == 0:
-            assert np.isnan(out[f"y{i}"]).all()  # an absent weight's output is never written
-            continue
-        err = np.abs(out[f"y{i}"] - want[i])
-        assert np.all(err <= 1e-5 * abs_product(h, ws[i]) + 1e-6), f"y{i} max err {np.nanmax(err)}"
+    check_qkv(f"matvec_qkv_{qtype.lower()}_{version}", qtype, widths, x, g, eps, 1e-5, {"B": batch}, rng)
 
 
 @pytest.mark.parametrize("qtype", R.QTYPES)
