@@ -25,11 +25,12 @@ def _product(mem: Mem, e: dict, planes: dict, x: np.ndarray, n: int) -> np.ndarr
     return _gemm_f16(x, w16, c["X_EXP_SHIFT"], c["BLOCK_K"])
 
 
-def _normed(mem: Mem, e: dict, a: dict, planes: dict, x: np.ndarray, n: int) -> np.ndarray:
+def _norm(mem: Mem, a: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x * g, 1 / rms of each row): what the kernels' loop multiplies and the epilogue scales by."""
     g = mem.view(a["g"], np.float32, x.shape[1])
     inv = 1.0 / np.sqrt((x * x).sum(-1, dtype=np.float32, keepdims=True) / np.float32(x.shape[1])
                         + np.float32(a["eps"]))
-    return _product(mem, e, planes, x * g, n) * inv.astype(np.float32)
+    return x * g, inv.astype(np.float32)
 
 
 def _planes_of(a: dict, prefix: str) -> dict:
@@ -37,21 +38,21 @@ def _planes_of(a: dict, prefix: str) -> dict:
 
 
 def gemm_qkv(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
-    x = _x(mem, e, a)
+    xg, inv = _norm(mem, a, _x(mem, e, a))
     for i, pre in enumerate("wuv"):
         n = a[f"N{i}"]
         if n == 0:
             continue
-        y = _normed(mem, e, a, _planes_of(a, pre), x, n)
+        y = _product(mem, e, _planes_of(a, pre), xg, n) * inv
         if a["has_bias"]:
             y = y + mem.view(a[f"bias{i}"], np.float32, n)
         mem.view(a[f"y{i}"], np.float32, y.size)[:] = y.reshape(-1)
 
 
 def gemm_glu(mem: Mem, e: dict, a: dict, grid: tuple) -> None:
-    x, n = _x(mem, e, a), a["N"]
-    gate = _normed(mem, e, a, _planes_of(a, "w"), x, n)
-    up = _normed(mem, e, a, _planes_of(a, "u"), x, n)
+    (xg, inv), n = _norm(mem, a, _x(mem, e, a)), a["N"]
+    gate = _product(mem, e, _planes_of(a, "w"), xg, n) * inv
+    up = _product(mem, e, _planes_of(a, "u"), xg, n) * inv
     y = (ref.geglu if a["flag"] else ref.swiglu)(gate, up)
     mem.view(a["y"], np.float32, gate.size)[:] = np.asarray(y, np.float32).reshape(-1)
 
