@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .elementwise import first_max
+from .pdl import grid_dependency
 from .spec import KernelSpec
 
 BLOCK = 1024
@@ -24,7 +25,9 @@ NO_INDEX = 2**31 - 1
 
 
 @triton.jit
-def argmax_part_kernel(logits_ptr, val_ptr, idx_ptr, V, span, BLOCK: tl.constexpr):
+def argmax_part_kernel(logits_ptr, val_ptr, idx_ptr, V, span, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     b = tl.program_id(0)
     p = tl.program_id(1)
     lo = p * span
@@ -35,7 +38,9 @@ def argmax_part_kernel(logits_ptr, val_ptr, idx_ptr, V, span, BLOCK: tl.constexp
 
 
 @triton.jit
-def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, P, BLOCK_P: tl.constexpr, NO_INDEX: tl.constexpr):
+def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, P, BLOCK_P: tl.constexpr, NO_INDEX: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     b = tl.program_id(0)
     row = b * P
     best = -float("inf")

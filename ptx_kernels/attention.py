@@ -30,13 +30,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency
 from .spec import ATTN_HEAD_DIMS, KernelSpec
 
 
 @triton.jit
 def attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, start, Hq, Hkv, scale, window,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // (Hq // Hkv)
@@ -108,10 +111,12 @@ def decode_keys(q, k_ptr, v_ptr, base, first, n_keys, lo, skip, Hkv, HEAD_DIM: t
 @triton.jit
 def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr, n_ctx, chunk,
                        Hq, Hkv, scale, window, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                       BLOCK_S: tl.constexpr, GROUP_PAD: tl.constexpr):
+                       BLOCK_S: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Split `sp` of row b for all query heads of kv head `kvh` (K/V read once per group):
     keys [max(sp*chunk, lens[b]-window), min((sp+1)*chunk, lens[b])) (no lower bound when
     window is 0).  float32 math (ieee dots, no tensor cores)."""
+    grid_dependency(PDL)  # pdl.py: before any global access
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -138,8 +143,10 @@ def attn_decode_kernel(q_ptr, k_ptr, v_ptr, po_ptr, pml_ptr, slots_ptr, lens_ptr
 
 @triton.jit
 def attn_combine_kernel(po_ptr, pml_ptr, o_ptr, S, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                        MAX_SPLITS: tl.constexpr):
+                        MAX_SPLITS: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the S splits."""
+    grid_dependency(PDL)  # pdl.py: before any global access
     row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # b * Hq + h
     sp = tl.arange(0, MAX_SPLITS)
     d = tl.arange(0, D_PAD)

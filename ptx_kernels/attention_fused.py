@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .attention import DECODE_TILE, MAX_SPLITS, _pad, decode_keys
+from .pdl import grid_dependency
 from .rope_kv import rotation
 from .spec import ATTN_HEAD_DIMS, KernelSpec
 
@@ -86,7 +87,9 @@ def attn_decode_rope_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, freq_ptr, pos_p
                             lens_ptr, k_cache, v_cache, po_ptr, pml_ptr, n_ctx, chunk, Hq, Hkv,
                             n_rot, mscale, eps, has_norm, scale, window,
                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                            GROUP_PAD: tl.constexpr, NEOX: tl.constexpr):
+                            GROUP_PAD: tl.constexpr, NEOX: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     b = tl.program_id(0)
     sp = tl.program_id(2)
     grp = Hq // Hkv

@@ -20,13 +20,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency
 from .spec import KernelSpec
 
 BLOCK = 1024
 
 
 @triton.jit
-def swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     g = tl.load(gate_ptr + i, mask=ok, other=0)
@@ -35,7 +38,9 @@ def swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def geglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def geglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     g = tl.load(gate_ptr + i, mask=ok, other=0)
@@ -45,21 +50,27 @@ def geglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def scale_kernel(x_ptr, out_ptr, n, s, BLOCK: tl.constexpr):
+def scale_kernel(x_ptr, out_ptr, n, s, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     tl.store(out_ptr + i, tl.load(x_ptr + i, mask=ok) * s, mask=ok)
 
 
 @triton.jit
-def add_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def add_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr,
+               PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     tl.store(out_ptr + i, tl.load(a_ptr + i, mask=ok) + tl.load(b_ptr + i, mask=ok), mask=ok)
 
 
 @triton.jit
-def add_bias_kernel(x_ptr, bias_ptr, out_ptr, n, N, BLOCK: tl.constexpr):
+def add_bias_kernel(x_ptr, bias_ptr, out_ptr, n, N, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     tl.store(out_ptr + i, tl.load(x_ptr + i, mask=ok) + tl.load(bias_ptr + i % N, mask=ok), mask=ok)
@@ -82,13 +93,17 @@ def first_max(logits_ptr, row, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def argmax_kernel(logits_ptr, out_ptr, V, BLOCK: tl.constexpr):
+def argmax_kernel(logits_ptr, out_ptr, V, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     _, best_i = first_max(logits_ptr, tl.program_id(0).to(tl.int64) * V, 0, V, BLOCK)
     tl.store(out_ptr + tl.program_id(0), best_i)
 
 
 @triton.jit
-def store_rows_kernel(src_ptr, dst_ptr, rows_ptr, W, src_stride, BLOCK: tl.constexpr):
+def store_rows_kernel(src_ptr, dst_ptr, rows_ptr, W, src_stride, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < W

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -18,7 +19,9 @@ from .spec import KernelSpec
 @triton.jit
 def embedding_kernel(w_q, w_s, w_m, ids_ptr, out_ptr, K,
                      KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     NG: tl.constexpr = BLOCK_K // 32
     t = tl.program_id(0)
     gi = tl.program_id(1) * NG + tl.arange(0, NG)[:, None]  # (NG, 1) 32-groups of the row

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -84,7 +85,9 @@ def gemm_loop(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, rm, rn, M, N, K,
 def gemm_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
                 KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                 X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     acc, _, _ = gemm_loop(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr, x_ptr, rm, rn, M, N, K, False, False,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
 from .gemm import BLOCK_K, BLOCK_M, BLOCK_N, X_EXP_SHIFT, gemm_loop
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .spec import KernelSpec
 
@@ -51,7 +52,9 @@ def gemm_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr, b
                     y0, y1, y2, M, N0, N1, N2, K, eps, has_bias,
                     KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                     X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     # column blocks 0 .. nb0-1 make y0 = h W.T, the next nb1 y1 = h U.T, the rest y2 = h V.T
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     blk = tl.program_id(1)
@@ -72,7 +75,9 @@ def gemm_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr, b
 def gemm_glu_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, y_ptr, M, N, K, eps, flag,
                     KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                     X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate, up, sq = gemm_loop(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, rm, rn, M, N, K, True, True,
@@ -92,7 +97,9 @@ def gemm_glu_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, y_ptr, M, N, K, 
 def gemm_add_kernel(w_q, w_s, w_m, x_ptr, y_ptr, M, N, K,
                     KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
                     X_EXP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _, _ = gemm_loop(w_q, w_s, w_m, w_q, w_s, w_m, x_ptr, x_ptr, rm, rn, M, N, K, False, False,

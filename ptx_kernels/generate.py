@@ -46,13 +46,19 @@ def source_hashes(spec: KernelSpec) -> dict[str, str]:
     return {f"{f}.py": sha256_bytes((PKG_DIR / f"{f}.py").read_bytes()) for f in sorted(set(files))}
 
 
+def target_constexprs(spec: KernelSpec, target: Target) -> dict:
+    """The spec's constexprs as compiled for `target`: the PDL gate (pdl.py) is on where the
+    target has `griddepcontrol` (sm_90 and newer)."""
+    return {**spec.constexprs, "PDL": target.arch >= 90}
+
+
 def _compile(spec: KernelSpec, target: Target):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel_fn(spec)
-    src = ASTSource(fn=fn, signature=spec.signature(fn.arg_names), constexprs=spec.constexprs,
+    src = ASTSource(fn=fn, signature=spec.signature(fn.arg_names), constexprs=target_constexprs(spec, target),
                     attrs=spec.attrs())
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages,
                "ptx_version": PTX_VERSION, "enable_fp_fusion": True}
@@ -72,7 +78,8 @@ def _params(spec: KernelSpec, md) -> list[dict]:
 
 
 def _plain_launch(spec: KernelSpec, md) -> None:
-    """The launcher does a plain cuLaunchKernel: no clusters, cooperative or PDL launches."""
+    """The launcher does a plain launch, with the PDL attribute where the manifest's `pdl` says
+    (not Triton's own `launch_pdl` option, which stays off): no clusters or cooperative launches."""
     special = {"num_ctas": md.num_ctas != 1, "launch_cooperative_grid": md.launch_cooperative_grid,
                "launch_pdl": md.launch_pdl, "tmem_size": getattr(md, "tmem_size", 0)}
     bad = [k for k, v in special.items() if v]
@@ -107,7 +114,8 @@ def build_entry(spec: KernelSpec, target: Target, out_dir: Path) -> dict:
         "num_stages": spec.num_stages,
         "shared_bytes": md.shared,
         "needs_opt_in_shared": md.shared > STATIC_SHARED_LIMIT,
-        "constexprs": spec.constexprs,
+        "constexprs": target_constexprs(spec, target),
+        "pdl": target_constexprs(spec, target)["PDL"],  # launch with the PDL attribute (pdl.py)
         "grid": list(spec.grid),
         "sizes": spec.sizes,
         "limits": list(spec.limits),

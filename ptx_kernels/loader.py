@@ -134,6 +134,8 @@ class Entry:
         self.grid_exprs: list[str] = data["grid"]
         self.limits: list[str] = data["limits"]
         self.constexprs: dict = data["constexprs"]
+        # compiled with the PDL gate (ptx_kernels/pdl.py): may be launched with the attribute
+        self.pdl: bool = bool(data.get("pdl", False))
         self.build_dir = build_dir
 
     def grid(self, values: dict) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .row_dot import row_block_dot
 from .spec import KernelSpec
@@ -24,7 +25,9 @@ from .spec import KernelSpec
 @triton.jit
 def matvec_kernel(w_q, w_s, w_m, x_ptr, y_ptr, N, K, B,
                   KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     # Tiles are (rows, 32-groups, 16): each group is two runs of 16 elements (i and i+16), the
     # quants of a run one contiguous vector load, its scales one load (dequant.load_runs).
     # Products accumulate elementwise and are reduced once after the K loop (no cross-thread

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .dequant import load_runs, unused_planes, weight_constexprs, weight_limits, weight_params
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .row_dot import row_block_dot
 from .spec import KernelSpec
@@ -82,7 +83,9 @@ def _inv_rms(sq, K, eps):
 def matvec_fused_kernel(w_q, w_s, w_m, u_q, u_s, u_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, flag,
                         MODE: tl.constexpr, KIND: tl.constexpr, HAS_MIN: tl.constexpr,
                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
+                        BLOCK_B: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     # MODE 0: norm (+bias if flag); 1: norm + GLU of W (gate) and U (up), act = flag; 2: y += x W^T
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -151,7 +154,9 @@ def _norm_rows_out(w_q, w_s, w_m, x_ptr, g_ptr, bias_ptr, y_ptr, N, K, B, eps, r
 def matvec_qkv_kernel(w_q, w_s, w_m, u_q, u_s, u_m, v_q, v_s, v_m, x_ptr, g_ptr, bias0, bias1, bias2,
                       y0, y1, y2, N0, N1, N2, K, B, eps, has_bias,
                       KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     # Three weights of one type over the same normed input (q, k, v): programs 0 .. nb0-1 make
     # y0 = h W.T, the next nb1 y1 = h U.T, the rest y2 = h V.T (N1 or N2 may be 0: fewer weights).
     blk = tl.program_id(0)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .dequant import unused_planes, weight_constexprs, weight_limits, weight_params
+from .pdl import grid_dependency
 from .repack import FORMATS
 from .row_dot import row_block_dot
 from .spec import KernelSpec
@@ -30,7 +31,9 @@ from .spec import KernelSpec
 @triton.jit
 def matvec_split_add_kernel(w_q, w_s, w_m, x_ptr, y_ptr, part_ptr, count_ptr, N, K, splits,
                             KIND: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     blk = tl.program_id(0)
     s = tl.program_id(1)
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)

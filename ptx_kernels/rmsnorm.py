@@ -9,11 +9,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency
 from .spec import KernelSpec
 
 
 @triton.jit
-def rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK_D: tl.constexpr):
+def rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     row = tl.program_id(0).to(tl.int64) * D
     sq = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):

@@ -23,12 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency
 from .spec import ROPE_DIMS, KernelSpec
 
 
 @triton.jit
 def rope_kernel(x_ptr, y_ptr, pos_ptr, freq_ptr, stride_x, stride_y, head_dim, n_rot, mscale,
-                HALF: tl.constexpr, NEOX: tl.constexpr):
+                HALF: tl.constexpr, NEOX: tl.constexpr,
+                PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     t = tl.program_id(0)
     h = tl.program_id(1)
     half = n_rot // 2

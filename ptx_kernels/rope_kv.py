@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency
 from .spec import ROPE_DIMS, KernelSpec
 
 
@@ -64,7 +65,9 @@ def _head(x_ptr, w_ptr, pos, freq_ptr, head_dim, n_rot, mscale, eps, has_norm,
 @triton.jit
 def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_norm, k_norm, pos_ptr, rows_ptr, freq_ptr, k_cache, v_cache,
                    Hq, Hkv, head_dim, n_rot, mscale, eps, has_norm,
-                   D: tl.constexpr, NEOX: tl.constexpr):
+                   D: tl.constexpr, NEOX: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    grid_dependency(PDL)  # pdl.py: before any global access
     t = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.float64)

@@ -4,6 +4,8 @@ A spec names the Triton function, its runtime parameters in order (Triton types)
 configuration, warps/stages, the launch grid as expressions over named sizes, and the limits the
 launcher must enforce (the compiled code assumes them: divisibility hints, no masking on some axes).
 The generator compiles every spec; the manifest records all of it so a launcher needs nothing else.
+Every kernel takes a last constexpr `PDL`, its programmatic-dependent-launch gate (pdl.py): a spec
+gets it (False) and the dependency on pdl.py without saying so, and the generator sets it per target.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class KernelSpec:
     deps: tuple[str, ...] = field(default=())  # other module files the kernel calls into
 
     def __post_init__(self):
+        if "PDL" not in self.constexprs:  # last, as the kernels' last argument (pdl.py)
+            object.__setattr__(self, "constexprs", {**self.constexprs, "PDL": False})
+        if "pdl" not in self.deps:
+            object.__setattr__(self, "deps", self.deps + ("pdl",))
         for pname, ptype in self.params:
             if ptype not in POINTEE and ptype not in SCALARS:
                 raise ValueError(f"{self.name}: param {pname} has unsupported type {ptype}")

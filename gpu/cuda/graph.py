@@ -36,6 +36,9 @@ from ukgpu.gpu.cuda.arena import DeviceBuffer
 from ukgpu.gpu.cuda.driver import CudaError
 from ukgpu.llama_core.errors import UkgpuError
 
+# calls by which a driver that cannot record programmatic launches into a graph refuses them
+PDL_REFUSALS = frozenset({"cuLaunchKernelEx", "cuStreamEndCapture", "cuGraphInstantiate"})
+
 
 @dataclass
 class StepBuffers:
@@ -136,12 +139,16 @@ class DecodeGraphs:
         return logits
 
     def _try_capture(self, record: Any) -> DecodeGraph | None:
-        """The captured graph, or None after a refusal (decode is eager from then on)."""
+        """The captured graph, or None after a refusal (decode is eager from then on).  A refused
+        PDL launch, or graph of them, is recorded once more without PDL (`_without_pdl`)."""
         try:
             return record()
         except CudaError as exc:
             if exc.sticky:
                 raise
+            graph, exc = self._without_pdl(record, exc)
+            if graph is not None:
+                return graph
             reason = str(exc)
         except UkgpuError as exc:  # the backend refused an op while recording
             reason = f"{type(exc).__name__}: {exc}"
@@ -149,6 +156,27 @@ class DecodeGraphs:
         print(f"ukgpu: {self.eager_reason} on the GPU (one launch per kernel, slower) from now "
               "on", file=sys.stderr)
         return None
+
+    def _without_pdl(self, record: Any, exc: CudaError) -> tuple[DecodeGraph | None, CudaError]:
+        """After a refused capture of PDL launches: record again without PDL.  When that works
+        the attribute was the cause and PDL stays off; when it fails too it was not: PDL stays
+        on and the refusal without it is the one reported."""
+        kernels = getattr(self.be, "kernels", None)
+        if kernels is None or not kernels.pdl or exc.call not in PDL_REFUSALS:
+            return None, exc
+        kernels.pdl_off = "suspended for a capture"
+        try:
+            graph = record()
+        except CudaError as again:
+            if again.sticky:
+                raise
+            return None, again
+        except UkgpuError:
+            return None, exc
+        finally:
+            kernels.pdl_off = ""
+        kernels.disable_pdl(f"decode graph capture refused: {exc}")
+        return graph, exc
 
     def capture(self, model: Any, kv: Any) -> DecodeGraph:
         be = self.be

@@ -16,6 +16,14 @@ reports it, names no kernel, and the context is lost (`driver.STICKY`).  With `U
 in the environment when the set is made (or `sync=True`), every eager launch waits for the
 stream, so a fault is raised as a `CudaError` naming the kernel and its grid (slow: a debugging
 mode; launches recorded into a graph never wait).  `ukgpu verify` always launches this way.
+
+Programmatic dependent launch (PDL): on sm_90 and newer, a kernel whose manifest entry says
+`pdl` (compiled with the gate of `ptx_kernels/pdl.py`) is launched with `cuLaunchKernelEx` and
+the programmatic-stream-serialization attribute, so its launch and prologue overlap the tail of
+the kernel before it; a graph captured from such launches keeps the overlap (programmatic edges).
+`UKGPU_PDL=0` in the environment when the set is made launches every kernel plainly.  A driver
+that refuses the attribute turns it off for the set (said once on stderr, `pdl_off` says why) and
+the launch is made again without it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from ukgpu.gpu.cuda.driver import NAMED_HINT, STICKY_HINT, SYNC_ENV, CudaContext
 from ukgpu.ptx_kernels.loader import STATIC_SHARED_LIMIT, Artifact, Entry, KernelManifestError, Manifests
 
 JIT_LOG_BYTES = 8192
+PDL_ENV = "UKGPU_PDL"
 # what a driver says of an image it cannot use (too new, wrong arch, no JIT): try the next one
 REFUSED_IMAGE = frozenset({"CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_IMAGE",
                            "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_PTX",
@@ -44,6 +53,7 @@ class LoadedKernel:
     artifact: Artifact
     function: Any
     plans: dict = field(default_factory=dict)  # scalar values -> (grid, block, shared bytes)
+    configs: dict = field(default_factory=dict)  # scalar values -> (stream, CUlaunchConfig), PDL
 
     def __post_init__(self) -> None:
         params = self.entry.params
@@ -56,6 +66,7 @@ class LoadedKernel:
         # plan key: the scalar params' values in order (pointers never change a grid or limit)
         self.scalars = [p.name for p in params if not p.is_pointer]
         self.names = frozenset(p.name for p in params)
+        self.pdl = self.entry.pdl  # this artifact's code opens with the PDL gate
 
 
 class PackedParams:
@@ -106,6 +117,27 @@ class KernelSet:
         self.loaded: dict[str, LoadedKernel] = {}
         self._packed = threading.local()  # per thread: entry name -> PackedParams
         self.fell_back = False  # some kernel's best artifact was refused (said once on stderr)
+        self.pdl_off = self._pdl_off()  # why kernels are not launched with PDL ("" when they are)
+
+    @property
+    def pdl(self) -> bool:
+        return not self.pdl_off
+
+    def _pdl_off(self) -> str:
+        if os.environ.get(PDL_ENV, "") == "0":
+            return f"{PDL_ENV}=0"
+        if tuple(self.ctx.info.cc) < (9, 0):
+            return f"sm_{self.ctx.info.cc[0]}{self.ctx.info.cc[1]} has no programmatic dependent launch"
+        if not hasattr(self.cu, "cuLaunchKernelEx"):
+            return "the driver bindings lack cuLaunchKernelEx"
+        return ""
+
+    def disable_pdl(self, reason: str) -> None:
+        """Launch every kernel plainly from now on (a driver refused the attribute)."""
+        if self.pdl:
+            self.pdl_off = reason
+            print(f"ukgpu: programmatic dependent launch off ({reason}); kernels launch one after "
+                  "another", file=sys.stderr)
 
     def kernel(self, name: str) -> LoadedKernel:
         if name not in self.loaded:
@@ -207,7 +239,21 @@ class KernelSet:
             raise KernelManifestError(f"{name}: launch values do not fit the parameters: {exc}") from exc
         stream = stream if stream is not None else self.ctx.stream
         try:
-            self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, params, 0)
+            if k.pdl and not self.pdl_off:
+                try:
+                    self._launch_pdl(k, key, plan, stream, params)
+                except CudaError as exc:
+                    if exc.sticky:
+                        raise
+                    # the attribute or the launch? the same launch without it tells (inside a
+                    # graph capture the refusal ended the capture: that is reported as it is)
+                    try:
+                        self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, params, 0)
+                    except CudaError:
+                        raise exc from None
+                    self.disable_pdl(f"{exc.call} refused {name}: {exc.name}")
+            else:
+                self.cu.cuLaunchKernel(k.function, *grid, *block, shared, stream, params, 0)
         except CudaError as exc:
             if not exc.sticky:  # this launch was refused (grid, arguments, resources)
                 raise CudaError(exc.call, exc.name, exc.hint,
@@ -217,6 +263,27 @@ class KernelSet:
                                    "queued before it") from exc
         if self.sync if sync is None else sync:
             self._wait(name, grid, stream)
+
+    def _launch_pdl(self, k: LoadedKernel, key: tuple, plan: tuple, stream: Any, params: int) -> None:
+        """cuLaunchKernelEx with the programmatic-stream-serialization attribute; one launch
+        config per plan and stream, made once."""
+        made = k.configs.get(key)
+        if made is None or made[0] is not stream:
+            made = k.configs[key] = (stream, self._config(plan, stream))
+        self.cu.cuLaunchKernelEx(made[1], k.function, params, 0)
+
+    def _config(self, plan: tuple, stream: Any) -> Any:
+        cu = self.cu
+        (gx, gy, gz), (bx, by, bz), shared = plan
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg = cu.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = bx, by, bz
+        cfg.sharedMemBytes, cfg.hStream = shared, stream
+        cfg.attrs, cfg.numAttrs = [attr], 1
+        return cfg
 
     def _packer(self, k: LoadedKernel) -> PackedParams:
         packed = self._packed.__dict__
@@ -245,5 +312,5 @@ class KernelSet:
 
     def describe(self) -> list[dict]:
         """What was loaded: entry, target, cubin or PTX."""
-        return [{"entry": n, "target": k.artifact.target, "kind": k.artifact.kind}
-                for n, k in sorted(self.loaded.items())]
+        return [{"entry": n, "target": k.artifact.target, "kind": k.artifact.kind,
+                 "pdl": k.pdl and not self.pdl_off} for n, k in sorted(self.loaded.items())]

@@ -141,6 +141,29 @@ static CUresult s_cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz
     FWD("cuLaunchKernel", W(fn), W(gx), W(gy), W(gz), W(bx), W(by), W(bz), W(shared), W(stream),
         W(params), W(extra));
 }
+/* cuda.h's CUlaunchConfig and CUlaunchAttribute (id, padding, then a 64-byte value union whose
+ * first int is programmaticStreamSerializationAllowed for attribute 6): only PDL is read */
+typedef struct {
+    unsigned gx, gy, gz, bx, by, bz, shared;
+    void *stream;
+    const unsigned char *attrs;
+    unsigned nattrs;
+} launch_config;
+#define LAUNCH_ATTRIBUTE_BYTES 72
+#define PROGRAMMATIC_STREAM_SERIALIZATION 6
+static CUresult s_cuLaunchKernelEx(const launch_config *c, void *fn, void **params, void **extra) {
+    if (!c) return 1;
+    uint64_t pdl = 0;
+    for (unsigned i = 0; i < c->nattrs; i++) {
+        int id, value;
+        memcpy(&id, c->attrs + LAUNCH_ATTRIBUTE_BYTES * i, sizeof id);
+        memcpy(&value, c->attrs + LAUNCH_ATTRIBUTE_BYTES * i + 8, sizeof value);
+        if (id == PROGRAMMATIC_STREAM_SERIALIZATION && value) pdl = 1;
+    }
+    if (null_launch) return 0;
+    FWD("cuLaunchKernelEx", W(fn), W(c->gx), W(c->gy), W(c->gz), W(c->bx), W(c->by), W(c->bz),
+        W(c->shared), W(c->stream), W(params), W(extra), pdl);
+}
 static CUresult s_cuGraphInstantiateWithFlags(void **exec, void *graph, unsigned long long flags) {
     FWD("cuGraphInstantiate", W(exec), W(graph), (uint64_t)flags);
 }
@@ -193,6 +216,7 @@ static const struct {
     {"cuEventElapsedTime", 12080, (void *)s_cuEventElapsedTime_v2},
     {"cuFuncSetAttribute", 9000, (void *)s_cuFuncSetAttribute},
     {"cuLaunchKernel", 4000, (void *)s_cuLaunchKernel},
+    {"cuLaunchKernelEx", 11060, (void *)s_cuLaunchKernelEx},
     {"cuGraphInstantiateWithFlags", 11040, (void *)s_cuGraphInstantiateWithFlags},
     {"cuGraphLaunch", 10000, (void *)s_cuGraphLaunch},
     {"cuGraphExecDestroy", 10000, (void *)s_cuGraphExecDestroy},

@@ -281,6 +281,15 @@ class StubDispatch:
         return self.fake.cuLaunchKernel(func, gx, gy, gz, bx, by, bz, shared, self._stream(stream),
                                         read_param_array(params, func.entry["params"]), None)[0]
 
+    def cuLaunchKernelEx(self, fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int,
+                         shared: int, stream: int, params: int, extra: int, pdl: int) -> int:
+        """The C side read the launch config and its attributes (PDL only)."""
+        func = self._obj(fn)
+        if extra != 0 or params == 0:
+            return CUresult.CUDA_ERROR_INVALID_VALUE
+        return self.fake.launch_ex(func, (gx, gy, gz), (bx, by, bz), shared, self._stream(stream),
+                                   read_param_array(params, func.entry["params"]), None, bool(pdl))[0]
+
     def cuStreamCreate(self, pstream: int, flags: int) -> int:
         return self._handle_out(pstream, self.fake.cuStreamCreate(flags))
 

@@ -33,6 +33,7 @@ import numpy as np
 from ukgpu.ptx_kernels.loader import BUILD_DIR, STATIC_SHARED_LIMIT, param_ctype
 
 from fakes import cuda_kernels as kernels
+from fakes.cuda_launch_ex import LaunchEx
 from fakes.cuda_streams import (
     NO_CONTEXT,
     OK,
@@ -96,7 +97,7 @@ def _manifest_index(build_dir: Path) -> dict[str, tuple[str, str, list[dict]]]:
     return index
 
 
-class FakeDriver(StreamsAndGraphs):
+class FakeDriver(LaunchEx, StreamsAndGraphs):
     """See the module docstring.  `fail={"cuModuleLoadData": "CUDA_ERROR_INVALID_PTX"}` makes
     that call fail; `library_missing=True` makes every call raise like a machine without libcuda."""
 
@@ -131,6 +132,7 @@ class FakeDriver(StreamsAndGraphs):
         self._thread = threading.local()  # .ctx: the context current in this thread
         self.loaded: list[tuple[str, str, str]] = []  # (entry, target, kind): entries whose image loaded
         self._init_streams()
+        self._init_launch_ex()
 
     # --- plumbing ----------------------------------------------------------
     def __getattribute__(self, name: str) -> Any:

@@ -114,6 +114,13 @@ def test_generate_on_cuda_matches_cpu_and_injected_failures_are_reported(stub_en
     assert "backend: cuda" in cuda.stderr and "libcuda stub" in cuda.stderr
     assert cuda.stdout == cpu.stdout
     assert _calls(cuda.stderr)["cuGraphLaunch"] >= 8
+    # sm_90: the kernels go through cuLaunchKernelEx with the PDL attribute (the stub's C reads
+    # the CUlaunchConfig the bindings marshal); a driver refusing it costs a line, not the answer
+    assert _calls(cuda.stderr)["cuLaunchKernelEx"] > 0 and "dependent launch off" not in cuda.stderr
+    no_pdl = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_FAIL="cuLaunchKernelEx=CUDA_ERROR_NOT_SUPPORTED")
+    assert no_pdl.returncode == 0, no_pdl.stderr[-3000:]
+    assert no_pdl.stderr.count("programmatic dependent launch off (cuLaunchKernelEx refused") == 1
+    assert no_pdl.stdout == cpu.stdout and _calls(no_pdl.stderr)["cuGraphLaunch"] >= 8
 
     # a cubin the driver refuses: its PTX is JIT-compiled instead, once said
     jitted = _generate(stub_env, "cuda", UKGPU_CUDA_STUB_FAIL="cuModuleLoadData=CUDA_ERROR_NO_BINARY_FOR_GPU")

@@ -88,7 +88,8 @@ def bench_ukgpu(path: Path, repeats: int) -> dict:
             "decode_weight_mb": round(weight_bytes / 1e6, 1),
             "decode_device_weight_mb": round(device_bytes / 1e6, 1),
             "device": be.ctx.info.line(), "arena": be.usage(),
-            "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()})}
+            "kernels": sorted({k["kind"] + " " + k["target"] for k in be.kernels.describe()}),
+            "pdl": be.kernels.pdl_off or "on"}  # programmatic dependent launch, or why it is off
 
 
 def bench_batch(be, model, kvs: list, token: int, repeats: int) -> float:

@@ -17,7 +17,11 @@ to return at once (`ukgpu_stub_set_null_launch`) and times, per launch of that p
   builds (cuda-python packs them into a parameter array each call);
 - `cuLaunchKernel (packed)`: the bindings given an already packed `void**` array;
 - `PackedParams.pack + cuLaunchKernel`: the launcher's own packing (one `struct.pack_into`)
-  then the bindings (where the code measured has it).
+  then the bindings (where the code measured has it);
+- `PackedParams.pack + cuLaunchKernelEx (PDL)`: the same with the launch config the launcher
+  makes once per plan for programmatic dependent launch (where the code measured has it).
+  `KernelSet.launch` and `forward` launch that way when `pdl` says so (the stand-in is an sm_90
+  device; `UKGPU_PDL=0` turns it off).
 
 The real driver adds its own few microseconds a launch on top of every figure (not measured
 here).  On a GPU the eager prefill takes max(device time, launches x host cost): these figures
@@ -126,7 +130,8 @@ def _timings(model, be, kv, tokens, recorded: list, reps: int) -> dict:
             bare.append(time.perf_counter() - t0)
     finally:
         del ks.launch  # the set's own method again
-    replay, raw, packed, pack_then_launch = [], [], [], []
+    replay, raw, packed, pack_then_launch, pack_then_ex = [], [], [], [], []
+    make_config = getattr(ks, "_config", None)  # a build before PDL has none
     stream = be.ctx.stream
     calls = []
     for name, values in recorded:
@@ -136,7 +141,8 @@ def _timings(model, be, kv, tokens, recorded: list, reps: int) -> dict:
         types = tuple(p.ctype for p in k.entry.params)
         cargs = [t(v) for v, t in zip(args, types)]
         ptrs = (ctypes.c_void_p * len(cargs))(*[ctypes.addressof(c) for c in cargs])
-        calls.append((k.function, plan, args, types, cargs, ptrs, PackedParams and PackedParams(k.entry)))
+        calls.append((k.function, plan, args, types, cargs, ptrs, PackedParams and PackedParams(k.entry),
+                      make_config and make_config(plan, stream)))
     cu = be.cu
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -144,23 +150,30 @@ def _timings(model, be, kv, tokens, recorded: list, reps: int) -> dict:
             ks.launch(name, values, stream, False)
         replay.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for fn, (grid, block, shared), args, types, _, _, _ in calls:
+        for fn, (grid, block, shared), args, types, _, _, _, _ in calls:
             cu.cuLaunchKernel(fn, *grid, *block, shared, stream, (args, types), 0)
         raw.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for fn, (grid, block, shared), _, _, _, ptrs, _ in calls:
+        for fn, (grid, block, shared), _, _, _, ptrs, _, _ in calls:
             cu.cuLaunchKernel(fn, *grid, *block, shared, stream, ctypes.addressof(ptrs), 0)
         packed.append(time.perf_counter() - t0)
         if PackedParams is not None:
             t0 = time.perf_counter()
-            for fn, (grid, block, shared), args, _, _, _, packer in calls:
+            for fn, (grid, block, shared), args, _, _, _, packer, _ in calls:
                 cu.cuLaunchKernel(fn, *grid, *block, shared, stream, packer.pack(args), 0)
             pack_then_launch.append(time.perf_counter() - t0)
+        if make_config is not None:
+            t0 = time.perf_counter()
+            for fn, _, args, _, _, _, packer, cfg in calls:
+                cu.cuLaunchKernelEx(cfg, fn, packer.pack(args), 0)
+            pack_then_ex.append(time.perf_counter() - t0)
     med = statistics.median
     return {"us_per_launch": {"forward": _us(med(forward), n), "KernelSet.launch": _us(med(replay), n),
                               "cuLaunchKernel (values, types)": _us(med(raw), n),
                               "cuLaunchKernel (packed)": _us(med(packed), n)}
-            | ({"PackedParams.pack + cuLaunchKernel": _us(med(pack_then_launch), n)} if pack_then_launch else {}),
+            | ({"PackedParams.pack + cuLaunchKernel": _us(med(pack_then_launch), n)} if pack_then_launch else {})
+            | ({"PackedParams.pack + cuLaunchKernelEx (PDL)": _us(med(pack_then_ex), n)} if pack_then_ex else {}),
+            "pdl": bool(getattr(ks, "pdl", False)),
             "forward_ms": round(med(forward) * 1e3, 3),
             "forward_without_launcher_ms": round(med(bare) * 1e3, 3)}
 

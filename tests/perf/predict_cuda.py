@@ -24,6 +24,9 @@ runs them on hardware.  `tools/bench/cost_model.py` turns each recorded node int
   bytes with; the analytic figure is 3.5x optimistic about today's mat-vecs (docs/benchmarks/cuda.md).
 - tg128 once more with the one-row mat-vecs priced by `cost_model.ROW_DOT_H200` (round trips to
   memory a step: the barrier-free loop of ptx_kernels/row_dot.py, a prediction until measured).
+- and that with programmatic dependent launch (ptx_kernels/pdl.py): every node after a step's
+  first overlaps its launch with the node before by `PDL_OVERLAP_S` (low, middle, high), the
+  step's node count taken from the trace.  A prediction until the sweep's `no-pdl` run measures it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ BATCH = 4  # sequences of the batched decode prediction
 ROW_DOT_LAWS = cm.ROW_DOT_H200 | cm.MEASURED_H200 | cm.PREDICTED_H200
 REPLAY_HOST_S = 20e-6  # per decode step: token/position upload, cuGraphLaunch, sync, 4-byte read
 DTOH_BYTES_S = 25e9  # a batched step downloads B logits rows (the engine samples on the host)
+# What PDL hides of each dependent node, a prediction: the launch and CTA dispatch of a node
+# overlap the drain of the one before; its first load still waits (griddepcontrol.wait comes
+# first).  Middle: llama.cpp's +13% decode from PDL on Hopper, at ~1.74 ms a token (1.5B Q4_K_M)
+# over its ~14 nodes a layer (28 layers), is ~0.6 us a node; low and high: 0.4 and 1.0 us (the
+# 1.5-2.5 us a node of graph chains of empty kernels bounds what any overlap could take).
+PDL_OVERLAP_S = (0.4e-6, 0.6e-6, 1.0e-6)
 
 
 def _setup(name: str) -> tuple[Model, Any, FakeDriver, int]:
@@ -79,6 +88,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
     measured_s = 0.0  # the same steps priced by the laws measured on an H200 (cm.MEASURED_H200;
     # the kernels of issue 18 by the laws predicted for them, cm.PREDICTED_H200)
     row_dot_s = 0.0  # and with the one-row mat-vecs of ptx_kernels/row_dot.py by cm.ROW_DOT_H200
+    dependent = 0  # nodes of the steps that follow another node of their step (PDL overlaps them)
     for pos in range(N_GEN):
         fake.trace.clear()
         token = be.decode_greedy(model, token, pos, kv) % model.config.vocab_size
@@ -87,6 +97,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
                                  measured=cm.MEASURED_H200 | cm.PREDICTED_H200).device_s + REPLAY_HOST_S
         row_dot_s += cm.predict(fake.trace, dev, graph=True, read_i32=read,
                                 measured=ROW_DOT_LAWS).device_s + REPLAY_HOST_S
+        dependent += len(fake.trace) - 1
     tg_s = sum(p.device_s + REPLAY_HOST_S for p in steps)
     batch = _batch_step(model, be, fake, read, BATCH)
     options = cm.gemm_options(pp_trace, dev, graph=False, read_i32=read)
@@ -95,6 +106,7 @@ def predict_model(name: str, dev: cm.Device = cm.H200) -> dict[str, Any]:
         f"pp{N_PROMPT}_tps": round(N_PROMPT / pp_s, 1), f"tg{N_GEN}_tps": round(N_GEN / tg_s, 1),
         f"tg{N_GEN}_tps_measured_laws": round(N_GEN / measured_s, 1),
         f"tg{N_GEN}_tps_row_dot_laws": round(N_GEN / row_dot_s, 1),
+        f"tg{N_GEN}_tps_row_dot_laws_pdl": [round(N_GEN / (row_dot_s - dependent * o), 1) for o in PDL_OVERLAP_S],
         "prefill": {**cm.summary(pp), "host_ms": round(len(pp.nodes) * dev.host_launch_s * 1e3, 3),
                     "nodes_per_layer": round(len(pp.nodes) / n_layers, 2)},
         "decode_step": {**cm.summary(steps[-1]), "nodes_per_layer": round(len(steps[-1].nodes) / n_layers, 2),
@@ -128,11 +140,14 @@ def main(argv: list[str]) -> int:
     for r in results:
         print(json.dumps(r, indent=1))
     print(f"\n| shape | pp{N_PROMPT} t/s | tg{N_GEN} t/s | tg{N_GEN} t/s, H200 laws | tg{N_GEN} t/s, row-dot law "
+          f"| tg{N_GEN} t/s, row-dot law + PDL (low-high) "
           f"| batch-{BATCH} decode t/s | prefill nodes/layer | decode nodes/layer | decode HBM bytes / GGUF bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r[f'pp{N_PROMPT}_tps']:,.0f} | {r[f'tg{N_GEN}_tps']:,.0f} "
               f"| {r[f'tg{N_GEN}_tps_measured_laws']:,.0f} | {r[f'tg{N_GEN}_tps_row_dot_laws']:,.0f} "
+              f"| {r[f'tg{N_GEN}_tps_row_dot_laws_pdl'][1]:,.0f} ({r[f'tg{N_GEN}_tps_row_dot_laws_pdl'][0]:,.0f}"
+              f"-{r[f'tg{N_GEN}_tps_row_dot_laws_pdl'][2]:,.0f}) "
               f"| {r[f'tg_batch{BATCH}_tps']:,.0f} | {r['prefill']['nodes_per_layer']} "
               f"| {r['decode_step']['nodes_per_layer']} | {r['decode_step']['hbm_bytes_per_token_vs_gguf']} |")
     if args.json:

@@ -46,7 +46,7 @@ def test_h100_gets_the_sm90a_cubin_and_others_the_sm80_ptx():
     ks, fake = kernel_set(cc=(8, 9))
     ks.kernel("matvec_q4_k_b1")
     assert fake.loaded == [("matvec_q4_k_b1", "sm_80", "ptx")]
-    assert ks.describe() == [{"entry": "matvec_q4_k_b1", "target": "sm_80", "kind": "ptx"}]
+    assert ks.describe() == [{"entry": "matvec_q4_k_b1", "target": "sm_80", "kind": "ptx", "pdl": False}]
 
 
 def test_pre_ampere_has_no_artifact():
@@ -167,7 +167,7 @@ def test_h100_launch_is_the_cubin_with_the_manifest_arguments(monkeypatch):
     vals = {"w_q": 0x1000, "w_s": 0x2000, "w_m": 0x3000, "x": 0x4000, "y": 0x5000,
             "N": 4096, "K": 4096, "B": 1}
     ks.launch("matvec_q4_k_b1", vals)
-    assert ks.describe() == [{"entry": "matvec_q4_k_b1", "target": "sm_90a", "kind": "cubin"}]
+    assert ks.describe() == [{"entry": "matvec_q4_k_b1", "target": "sm_90a", "kind": "cubin", "pdl": True}]
     assert names[0][1] == b"matvec_kernel"
     entry = MANIFESTS.entry("matvec_q4_k_b1", "sm_90a")
     fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra = launches[0]
@@ -178,6 +178,7 @@ def test_h100_launch_is_the_cubin_with_the_manifest_arguments(monkeypatch):
     values, ctypes_types = read_param_array(params, entry.data["params"])
     assert values == (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 4096, 4096, 1, 0, 0)
     assert ctypes_types[0] is ctypes.c_void_p and ctypes_types[5] is ctypes.c_int32
+    assert fake.pdl_launches == 1  # through cuLaunchKernelEx with the PDL attribute (test_cuda_pdl.py)
 
 
 def test_a_value_its_parameter_cannot_hold_is_a_clear_error():
@@ -211,7 +212,7 @@ def test_other_gpus_get_nul_terminated_sm80_ptx_and_big_shared_is_opted_in(monke
     images = record(fake, monkeypatch, "cuModuleLoadDataEx")
     opt_in = record(fake, monkeypatch, "cuFuncSetAttribute")
     ks.kernel("attn_prefill_d128")
-    assert ks.describe() == [{"entry": "attn_prefill_d128", "target": "sm_80", "kind": "ptx"}]
+    assert ks.describe() == [{"entry": "attn_prefill_d128", "target": "sm_80", "kind": "ptx", "pdl": False}]
     art = MANIFESTS.select("attn_prefill_d128", (8, 6))
     assert bytes(images[0][0]) == art.path.read_bytes() + b"\0" and art.path.read_bytes()[:2] == b"//"
     entry = MANIFESTS.entry("attn_prefill_d128", "sm_80")

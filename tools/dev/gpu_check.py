@@ -19,7 +19,7 @@ with its GPU stack runs everything.  `run`'s steps, deadlines in seconds (sum 46
   verify      90   `ukgpu verify` layers + e2e on --slice (real weights), then all on synthetic SmolLM2
   ptx-bench   75   tests/perf/bench_ptx_gpu.py: kernels timed from captured-graph replays
   bench-cuda 120   tests/perf/bench_cuda.py: ukgpu alone, synthetic Qwen2.5-Coder-1.5B + SmolLM2-135M
-  sweep      200   tools/dev/kernel_sweep.py run: the shipped build and its environment variants
+  sweep      225   tools/dev/kernel_sweep.py run: the shipped build and its environment variants
                    (each decode path of fused_ops.py on and off), or, when build/kit/variants is
                    carried, the shipped build and the variants built there (mat-vec and GEMM
                    geometries, an older commit's kernels); pp512, tg128, 4 sequences, tg after
@@ -54,7 +54,7 @@ from llamacpp_src import CheckError, build_llama_bench, pack_llamacpp  # noqa: E
 ROOT = HERE.parents[1]
 KIT = ROOT / "build" / "kit"  # ignored by git; what the device machine needs travels here
 RUN_STEPS = {"env": 15, "install": 25, "ptx-check": 25, "tests": 110, "verify": 90,
-             "ptx-bench": 75, "bench-cuda": 120, "sweep": 200}
+             "ptx-bench": 75, "bench-cuda": 120, "sweep": 225}
 OPTIONAL_STEPS = ("sweep",)  # run only when --steps names them
 LLAMA_STEPS = {"llama-bench": 240, "ukgpu-bench": 180}
 SYNTHETIC = ("qwen2.5-coder-1.5b", "smollm2-135m")

@@ -52,9 +52,12 @@ N_CTX, LONG, PP = 2048, 1024, 512  # the server's default context; the prompt be
 # norm); "split2048" turns the split-K down projection on (off by default until measured), and
 # "fusednorm" with it undoes the normed output row; "split512" also splits the o projection
 # (1.5B) and SmolLM2's down projection; "prefill-plain" runs the prefill as before the fused
-# GEMMs (rmsnorm, GEMMs, bias adds, swiglu and residual adds as separate launches).  (The decode
-# attention's keys per split, UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64 was taken.)
+# GEMMs (rmsnorm, GEMMs, bias adds, swiglu and residual adds as separate launches); "no-pdl"
+# launches every kernel without programmatic dependent launch (ptx_kernels/pdl.py), as before it.
+# (The decode attention's keys per split, UKGPU_DECODE_SPLIT_KEYS, were swept the same way: 64
+# was taken.)
 ENV_VARIANTS = {
+    "no-pdl": {"UKGPU_PDL": "0"},
     "prefill-plain": {"UKGPU_FUSED_GEMM": "0"},
     "old": {"UKGPU_SPLIT_K_COLUMNS": "0", "UKGPU_NORMED_OUTPUT": "0"},
     "split2048": {"UKGPU_SPLIT_K_COLUMNS": "2048"},
