@@ -5,7 +5,10 @@
 - layers: the output of every block (the residual after attention and after the MLP) of a real
   model on a prompt, CUDA vs the float64 CPU backend, by NMSE.
 - e2e: the prompt's logits, then a greedy continuation decoded through the CUDA graph vs the CPU
-  model's greedy tokens (a divergence is excused only at a near tie, `near_tie`).
+  model's greedy tokens (a divergence is excused only at a near tie, `near_tie`); where kernels
+  launch with programmatic dependent launch (sm_90+), the graph decode's logits with it against
+  a graph recorded from plain launches, bit for bit (`pdl_checks`: a kernel reading an
+  activation before the kernel writing it had finished would differ).
 
 Every kernel launch of verify waits for its kernel, so a fault names the kernel; once a fault has
 lost the GPU context, the checks after it are reported as not run (`verify_checks.Guard`).
@@ -168,6 +171,37 @@ def e2e_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> lis
                            True, "all tokens equal")]
 
 
+def pdl_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> list[Check]:
+    """Prefill then n_generate graph-decoded steps, with PDL launches and again with plain ones
+    (a new cache: a new capture): the logits must be the same bits.  Nothing where PDL is off."""
+    from ukgpu.llama_core.model import Model
+
+    ks = backend.kernels
+    if not ks.pdl:
+        return []
+    gpu = Model(gguf, backend)
+
+    def decode_rows() -> np.ndarray:
+        kv = gpu.new_kv(len(ids) + n_generate + 1)
+        token, rows = int(np.argmax(gpu.forward(ids, 0, kv, all_logits=False)[-1])), []
+        for pos in range(len(ids), len(ids) + n_generate):
+            rows.append(np.asarray(backend.decode(gpu, token, pos, kv)).reshape(-1))
+            token = int(np.argmax(rows[-1]))
+        return np.stack(rows)
+
+    with_pdl = decode_rows()
+    ks.pdl_off = "plain launches for verify's comparison"
+    try:
+        plain = decode_rows()
+    finally:
+        ks.pdl_off = ""
+    differ = np.flatnonzero((with_pdl != plain).any(axis=1))
+    detail = ("every logit equal" if not len(differ) else
+              f"{len(differ)} of {len(plain)} steps differ, first at step {differ[0]}")
+    return [Check("e2e", f"graph decode with PDL = plain launches ({n_generate} steps)", "exact",
+                  float(len(differ)), 0.0, not len(differ), detail)]
+
+
 def near_tie(row: np.ndarray, cpu_token: int, gpu_token: int) -> tuple[bool, str]:
     """(excused, why): is the GPU's greedy pick within the near-tie margin of the CPU's on the
     CPU's logits `row`?  (NEAR_TIE_REL, NEAR_TIE_FLOOR: the derivation above.)"""
@@ -248,6 +282,8 @@ def run_checks(opts: VerifyOptions, driver: Any = None) -> Report:
             report.checks += guard.run("layer", "layer checks", layer_checks, gguf, be, ids)
         if opts.e2e:
             report.checks += guard.run("e2e", "e2e checks", e2e_checks, gguf, be, ids,
+                                       opts.n_generate)
+            report.checks += guard.run("e2e", "pdl checks", pdl_checks, gguf, be, ids,
                                        opts.n_generate)
     report.kernels_loaded = be.kernels.describe()
     report.status = "pass" if all(c.ok for c in report.checks) else "fail"

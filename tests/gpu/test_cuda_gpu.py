@@ -104,6 +104,41 @@ def test_model_prefill_and_graph_decode_follow_the_cpu(gpu_reason, name, backend
     assert be.graphs.captures == 1  # divergence above: only at a near tie
 
 
+def _logits_run(gguf, backends, n_prompt: int, steps: int) -> tuple[np.ndarray, list, object]:
+    """Prefill logits of n_prompt tokens, then `steps` decode steps' logits (graph replays)."""
+    from ukgpu.llama_core.model import Model
+
+    be = backends(gguf, n_ctx=512)
+    model = Model(gguf, be)
+    kv = model.new_kv(512)
+    ids = np.arange(1, n_prompt + 1) * 7919 % gguf.config.vocab_size
+    prefill = model.forward(ids, 0, kv)
+    token, rows = int(prefill[-1].argmax()), []
+    for pos in range(n_prompt, n_prompt + steps):
+        rows.append(be.decode(model, token, pos, kv))
+        token = int(rows[-1][0].argmax())
+    return prefill, rows, be
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "syn-qwen3", "syn-gemma3"])
+def test_programmatic_dependent_launch_changes_no_bit(gpu_reason, name, backends, tmp_path, monkeypatch):
+    """Every kernel waits for the one before it ahead of any global access (ptx_kernels/pdl.py),
+    so PDL launches (sm_90+) must give bit-for-bit the logits of plain ones: a kernel that read
+    an activation too early would show here as a difference, in the eager prefill or in the
+    graph replays (a 150-token prompt: the decode reads three 64-key splits)."""
+    gguf = _model(name, tmp_path)
+    with_pdl, rows, be = _logits_run(gguf, backends, 150, 24)
+    if be.ctx.info.cc < (9, 0):
+        pytest.skip(f"sm_{be.ctx.info.cc[0]}{be.ctx.info.cc[1]} has no programmatic dependent launch")
+    assert be.kernels.pdl, be.kernels.pdl_off
+    monkeypatch.setenv("UKGPU_PDL", "0")
+    plain, plain_rows, be_plain = _logits_run(gguf, backends, 150, 24)
+    assert not be_plain.kernels.pdl and be.graphs.captures == be_plain.graphs.captures == 1
+    np.testing.assert_array_equal(with_pdl, plain)
+    for step, (a, b) in enumerate(zip(rows, plain_rows)):
+        np.testing.assert_array_equal(a, b, err_msg=f"decode step {step}")
+
+
 @pytest.mark.hardware
 def test_graph_decode_is_much_faster_than_eager(gpu_reason, backends):
     from ukgpu.llama_core.model import Model

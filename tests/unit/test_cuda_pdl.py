@@ -145,3 +145,23 @@ def test_a_capture_refused_for_pdl_is_recorded_again_without_it(tiny, capsys, mo
     monkeypatch.setenv("UKGPU_PDL", "0")
     want, _ = _decode(tiny, FakeDriver())
     assert got == want
+
+
+def test_verify_compares_the_pdl_graph_with_a_plain_one_bit_for_bit(tiny, monkeypatch):
+    from ukgpu.gpu.cuda.verify import pdl_checks
+
+    be = create_backend(gguf=tiny, driver=FakeDriver(), arena_bytes=64 << 20, n_ctx=64)
+    ids = np.array([3, 17, 99, 250, 4])
+    (check,) = pdl_checks(tiny, be, ids, 4)
+    assert check.ok and check.value == 0 and be.kernels.pdl  # on again after the plain run
+    real = be.decode
+
+    def racy(model, token, pos, kv):  # what a kernel reading too early would do to one step
+        row = real(model, token, pos, kv)
+        return row + np.float32(1e-3) if be.kernels.pdl and pos == len(ids) + 2 else row
+
+    monkeypatch.setattr(be, "decode", racy)
+    (check,) = pdl_checks(tiny, be, ids, 4)
+    assert not check.ok and check.detail == "1 of 4 steps differ, first at step 2"
+    be.kernels.disable_pdl("test")
+    assert pdl_checks(tiny, be, ids, 4) == []  # nothing to compare where PDL is off
