@@ -85,8 +85,9 @@ def _shipped_sm90a() -> dict:
 def test_a_variant_of_another_build_takes_its_changed_cubins_and_points_back_for_the_rest(tmp_path):
     before = copy.deepcopy(_shipped_sm90a())
     changed, other_type, new_args = "matvec_glu_q4_k_b1", "matvec_glu_q5_k_b1", "matvec_qkv_q6_k_b1"
+    untyped = "attn_decode_rope_neox_d128"  # no weight type ("" in the manifest): taken too
     files = {}
-    for name in (changed, other_type, new_args):
+    for name in (changed, other_type, new_args, untyped):
         data = f"cubin of {name} before".encode()
         files[f"{name}.cubin"] = data
         before["entries"][name]["artifacts"] = {
@@ -95,7 +96,7 @@ def test_a_variant_of_another_build_takes_its_changed_cubins_and_points_back_for
     before["entries"][changed]["constexprs"] = {**before["entries"][changed]["constexprs"], "BLOCK_N": 8}
     before["entries"][new_args]["params"] = before["entries"][new_args]["params"][:-1]
     report = kernel_sweep.variant_from_manifest("before", before, files.__getitem__, tmp_path)
-    assert report["taken"] == [changed]
+    assert sorted(report["taken"]) == [untyped, changed]
     assert report["kept_shipped"] == [f"{new_args}: arguments differ"]
 
     man = Manifests.load(tmp_path / "before")

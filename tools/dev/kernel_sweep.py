@@ -189,7 +189,7 @@ def variant_from_manifest(name: str, before: dict, read: Callable[[str], bytes],
     for ename, ent in shipped["entries"].items():
         old = before["entries"].get(ename)
         entries[ename] = _pointing_back(ent, tdir)
-        if old is None or old["artifacts"] == ent["artifacts"] or ent.get("qtype") not in (None, *types):
+        if old is None or old["artifacts"] == ent["artifacts"] or (ent.get("qtype") or None) not in (None, *types):
             continue
         if _arguments(old) != _arguments(ent) or "cubin" not in old["artifacts"]:
             kept.append(f"{ename}: {'no cubin' if 'cubin' not in old['artifacts'] else 'arguments differ'}")
