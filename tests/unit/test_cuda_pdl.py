@@ -165,3 +165,39 @@ def test_verify_compares_the_pdl_graph_with_a_plain_one_bit_for_bit(tiny, monkey
     assert not check.ok and check.detail == "1 of 4 steps differ, first at step 2"
     be.kernels.disable_pdl("test")
     assert pdl_checks(tiny, be, ids, 4) == []  # nothing to compare where PDL is off
+
+
+def test_the_real_bindings_carry_the_attribute_to_the_driver(tmp_path):
+    """cuda-python marshals the launch config; the stub libcuda's C reads the attribute out of
+    it (tests/cuda_stub): with it on, the stand-in counts a PDL launch; off, a plain one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "tests" / "cuda_stub"))
+    from libcuda_stub import build
+
+    build(tmp_path)
+    code = """
+import sys
+sys.path.insert(0, 'tests/cuda_stub')
+from libcuda_stub import install
+stub = install()
+from ukgpu.gpu.cuda.arena import DeviceArena
+from ukgpu.gpu.cuda.driver import open_device
+from ukgpu.gpu.cuda.modules import KernelSet
+ks = KernelSet(open_device(0))
+arena = DeviceArena(ks.cu, 1 << 20)
+a, b, out = (arena.alloc(4096) for _ in range(3))
+ks.launch('add_f32', {'a': a, 'b': b, 'out': out, 'n': 1000})
+ks.ctx.sync()
+print(ks.pdl, stub.fake.pdl_launches, stub.fake.launches, stub.fake.unsafe_pdl)
+"""
+    for pdl, want in (("1", "True 1 ['add_f32'] []"), ("0", "False 0 ['add_f32'] []")):
+        env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), UKGPU_CUDA_STUB=str(tmp_path), UKGPU_PDL=pdl)
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want, out.stdout + out.stderr
