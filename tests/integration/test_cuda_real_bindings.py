@@ -96,8 +96,11 @@ def test_verify_passes_and_decodes_through_a_captured_graph(stub_env, smollm2_pa
     calls = _calls(out.stderr)
     # cubins (exact arch) and the PTX JIT path (forced by verify) both went through the bindings
     assert calls["cuModuleLoadData"] > 0 and calls["cuModuleLoadDataEx"] > 0
-    assert calls["cuStreamBeginCapture"] == calls["cuStreamEndCapture"] == 1
-    assert calls["cuGraphLaunch"] >= 8
+    # three graphs: the greedy continuation's, then the PDL comparison's (PDL on, then plain)
+    assert calls["cuStreamBeginCapture"] == calls["cuStreamEndCapture"] == 3
+    assert calls["cuGraphLaunch"] >= 8 and calls["cuLaunchKernelEx"] > 0
+    pdl = [c for c in report["checks"] if c["name"].startswith("graph decode with PDL")]
+    assert len(pdl) == 1 and pdl[0]["ok"] and pdl[0]["detail"] == "every logit equal"
 
 
 def _generate(env: dict, backend: str, **extra: str) -> subprocess.CompletedProcess:
