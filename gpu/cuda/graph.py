@@ -12,7 +12,8 @@ What a backend and `Model.forward` must keep true for this to be valid (no host 
 while recording, no shape or branch that depends on the token or position) is the capture
 contract in `ukgpu.llama_core.backend`.  This module imports nothing of the backend: it drives
 the `CudaBackend` through its `ctx`, `cu`, `capturing`, `captured_output`, `step` (the
-`StepBuffers` defined here), `argmax` and `to_host`.
+`StepBuffers` defined here), `argmax`, `to_host` and `kernels` (a capture refused for its
+programmatic dependent launches is recorded again with plain ones).
 
 A capture the driver or the backend refuses (a non-sticky `CudaError`, or a `UkgpuError` such as
 `CudaUnsupported` raised while recording) is ended and any graph it produced destroyed; decode
@@ -161,20 +162,18 @@ class DecodeGraphs:
         """After a refused capture of PDL launches: record again without PDL.  When that works
         the attribute was the cause and PDL stays off; when it fails too it was not: PDL stays
         on and the refusal without it is the one reported."""
-        kernels = getattr(self.be, "kernels", None)
-        if kernels is None or not kernels.pdl or exc.call not in PDL_REFUSALS:
+        kernels = self.be.kernels
+        if not kernels.pdl or exc.call not in PDL_REFUSALS:
             return None, exc
-        kernels.pdl_off = "suspended for a capture"
         try:
-            graph = record()
+            with kernels.plain_launches("suspended for a capture"):
+                graph = record()
         except CudaError as again:
             if again.sticky:
                 raise
             return None, again
         except UkgpuError:
             return None, exc
-        finally:
-            kernels.pdl_off = ""
         kernels.disable_pdl(f"decode graph capture refused: {exc}")
         return graph, exc
 

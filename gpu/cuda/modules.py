@@ -28,6 +28,7 @@ the launch is made again without it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
@@ -131,6 +132,16 @@ class KernelSet:
         if not hasattr(self.cu, "cuLaunchKernelEx"):
             return "the driver bindings lack cuLaunchKernelEx"
         return ""
+
+    @contextlib.contextmanager
+    def plain_launches(self, reason: str) -> Any:
+        """Every launch inside the block is plain (`pdl_off` says `reason`); PDL is as it was
+        after it."""
+        before, self.pdl_off = self.pdl_off, self.pdl_off or reason
+        try:
+            yield
+        finally:
+            self.pdl_off = before
 
     def disable_pdl(self, reason: str) -> None:
         """Launch every kernel plainly from now on (a driver refused the attribute)."""

@@ -190,11 +190,8 @@ def pdl_checks(gguf: Any, backend: Any, ids: np.ndarray, n_generate: int) -> lis
         return np.stack(rows)
 
     with_pdl = decode_rows()
-    ks.pdl_off = "plain launches for verify's comparison"
-    try:
+    with ks.plain_launches("plain launches for verify's comparison"):
         plain = decode_rows()
-    finally:
-        ks.pdl_off = ""
     differ = np.flatnonzero((with_pdl != plain).any(axis=1))
     detail = ("every logit equal" if not len(differ) else
               f"{len(differ)} of {len(plain)} steps differ, first at step {differ[0]}")
